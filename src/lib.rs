@@ -1,0 +1,22 @@
+//! RingMQ: a thread-per-core message broker on io_uring whose acks say exactly how durable a
+//! message is.
+//!
+//! # Layout
+//! - [`protocol`]: the wire protocol, sans-io (frame preamble, FlatBuffers headers, codec,
+//!   stable error codes). Never imports glommio.
+//! - [`message`]: the message batch format a producer sends and storage keeps as it is.
+//! - [`storage`]: per-shard CommitLog on O_DIRECT with group-committed fdatasync, ConsumeQueues,
+//!   key index, recovery.
+//! - [`shard`]: one pinned glommio executor per core, the routing function and the channel mesh
+//!   between shards.
+//! - [`server`]: listeners, the per-connection loop and the request handlers.
+//! - [`client`]: a blocking client library (plain threads, no runtime needed).
+//! - [`config`]: the typed broker configuration with documented defaults and validation.
+
+pub mod client;
+pub mod config;
+pub mod message;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod storage;
