@@ -1,1 +1,72 @@
-//! (being built)
+//! The RingMQ client library: blocking, thread-safe, no async runtime required.
+//!
+//! # Layout
+//! - [`connection`]: one pipelined connection to one broker port (a reader thread matches
+//!   responses to requests by id).
+//! - [`admin`]: control requests (ping, topics, routes, broker info, queue stats).
+//! - [`producer`]: SYNC / ASYNC / ONEWAY sends, routing to the owning shard, idempotent
+//!   retries with backoff, batching by linger time and bytes.
+//! - [`consumer`]: pull with long polling from (queue, offset), or as an iterator.
+//!
+//! Use it from a plain Rust program:
+//! ```no_run
+//! let admin = ringmq::client::Admin::connect("127.0.0.1:10911").unwrap();
+//! admin.create_topic("orders", 8).unwrap();
+//! println!("{:?}", admin.route("orders").unwrap());
+//! ```
+
+pub mod admin;
+pub mod connection;
+pub mod consumer;
+pub mod producer;
+
+pub use admin::Admin;
+pub use consumer::{ConsumedMessage, Consumer, StartFrom};
+pub use producer::{Producer, ProducerConfig, QueueSelector, SendResult};
+pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
+
+use std::time::Duration;
+
+use crate::protocol::{ErrorCode, RemoteError, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection closed: {0}")]
+    ConnectionClosed(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("broker answered {}: {}", .0.code, .0.message)]
+    Remote(RemoteError),
+    #[error("cannot decode the broker's response: {0}")]
+    Wire(#[from] WireError),
+    #[error("unexpected response: {0}")]
+    Unexpected(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ClientError {
+    /// Whether sending the same request again may succeed (busy, timeouts, lost connections).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::ConnectionClosed(_)
+            | ClientError::Timeout(_) => true,
+            ClientError::Remote(r) => r.code.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// The broker's error code, when the broker answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote(r) => Some(r.code),
+            _ => None,
+        }
+    }
+}

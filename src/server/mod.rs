@@ -1,1 +1,14 @@
-//! (being built)
+//! The network side of a shard.
+//!
+//! # Layout
+//! - [`listener`]: the accept loop of one shard's port.
+//! - [`connection`]: one client connection: a short loop around the sans-io codec, pipelined
+//!   requests under an in-flight budget, responses batched into one write.
+//! - [`handlers`]: what each request does, including forwarding to the owning shard.
+//! - [`error`]: `HandlerError`, the server's error type, and how each lower-layer error maps to
+//!   a stable wire `ErrorCode`.
+
+pub mod connection;
+pub mod error;
+pub mod handlers;
+pub mod listener;

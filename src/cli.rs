@@ -1,0 +1,247 @@
+//! The client-side subcommands of `ringmq`: admin, produce, consume.
+
+use std::io::{BufRead, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use ringmq::client::{Admin, Consumer, Producer, QueueSelector, SendResult, StartFrom};
+use ringmq::message::Message;
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Create or list topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Which shard and address serve each queue of a topic.
+    Route { topic: String },
+    /// Broker version, shards, flush mode and effective config.
+    Info,
+    /// Per-queue offsets and bytes of a topic.
+    QueueStats { topic: String },
+}
+
+#[derive(Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic (idempotent for the same queue count).
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 8)]
+        queues: u32,
+    },
+    /// List topics.
+    List,
+}
+
+/// How `produce` sends.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendMode {
+    /// Wait for each message's ack before sending the next.
+    Sync,
+    /// Pipelined and batched; acks arrive as they come.
+    Async,
+    /// No acks at all.
+    Oneway,
+}
+
+#[derive(Args)]
+pub struct ProduceArgs {
+    #[arg(long, default_value = "127.0.0.1:10911")]
+    pub broker: String,
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, value_enum, default_value = "sync")]
+    pub mode: SendMode,
+    /// Use each line as its message key (same line, same queue) instead of round robin.
+    #[arg(long)]
+    pub key_by_line: bool,
+    /// Send every message to this queue.
+    #[arg(long)]
+    pub queue: Option<u32>,
+    /// Print `ack line=<N> queue=<Q> offset=<O>` for every acknowledged message (N counts
+    /// input lines from 1). Stable format, one line per ack, in ack order.
+    #[arg(long)]
+    pub print_acks: bool,
+}
+
+#[derive(Args)]
+pub struct ConsumeArgs {
+    #[arg(long, default_value = "127.0.0.1:10911")]
+    pub broker: String,
+    #[arg(long)]
+    pub topic: String,
+    /// Only this queue (default: every queue of the topic).
+    #[arg(long)]
+    pub queue: Option<u32>,
+    /// `beginning`, `end`, or an offset (applies to every queue read).
+    #[arg(long, default_value = "beginning")]
+    pub from: StartFrom,
+    /// Stop once every queue read is at its end, instead of waiting for more.
+    #[arg(long)]
+    pub exit_at_end: bool,
+    /// Prefix each body with `<queue> <offset>` and a tab.
+    #[arg(long)]
+    pub print_offsets: bool,
+}
+
+pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
+    let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
+    let e = |e: ringmq::client::ClientError| e.to_string();
+    match command {
+        AdminCommand::Topic {
+            command: TopicCommand::Create { name, queues },
+        } => {
+            admin.create_topic(&name, queues).map_err(e)?;
+            println!("topic {name} ready with {queues} queue(s)");
+        }
+        AdminCommand::Topic {
+            command: TopicCommand::List,
+        } => {
+            let topics = admin.list_topics().map_err(e)?;
+            println!("{:<40} {:>6}", "TOPIC", "QUEUES");
+            for t in topics {
+                println!("{:<40} {:>6}", t.name, t.queues);
+            }
+        }
+        AdminCommand::Route { topic } => {
+            let route = admin.route(&topic).map_err(e)?;
+            println!("{:>5} {:>5}  ADDRESS", "QUEUE", "SHARD");
+            for q in route.queues {
+                println!("{:>5} {:>5}  {}", q.queue, q.shard, q.address);
+            }
+        }
+        AdminCommand::Info => {
+            let info = admin.broker_info().map_err(e)?;
+            println!("version     {}", info.version);
+            println!("shards      {}", info.shards);
+            println!("flush mode  {}", info.flush_mode);
+            println!("role        {}", info.role);
+            println!("-- effective config --\n{}", info.config_toml);
+        }
+        AdminCommand::QueueStats { topic } => {
+            let stats = admin.queue_stats(&topic).map_err(e)?;
+            println!("{:>5} {:>14} {:>14} {:>14}", "QUEUE", "MIN_OFFSET", "END_OFFSET", "BYTES");
+            for s in stats {
+                println!(
+                    "{:>5} {:>14} {:>14} {:>14}",
+                    s.queue, s.min_offset, s.end_offset, s.bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn produce(args: ProduceArgs) -> Result<(), String> {
+    let producer = Producer::connect(&args.broker).map_err(|e| e.to_string())?;
+    let stdout = Arc::new(Mutex::new(std::io::stdout()));
+    let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let print_ack = |out: &Mutex<std::io::Stdout>, line: u64, r: &SendResult| {
+        let mut out = out.lock().expect("stdout lock");
+        let _ = writeln!(out, "ack line={line} queue={} offset={}", r.queue, r.offset);
+    };
+    let stdin = std::io::stdin();
+    let mut sent = 0u64;
+    for (i, line) in stdin.lock().lines().enumerate() {
+        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+        let line_no = i as u64 + 1;
+        let message = Message::new(line.clone().into_bytes());
+        let selector = match (args.queue, args.key_by_line) {
+            (Some(q), _) => QueueSelector::Queue(q),
+            (None, true) => QueueSelector::KeyHash(line.as_bytes()),
+            (None, false) => QueueSelector::RoundRobin,
+        };
+        let message = if args.key_by_line {
+            message.with_key(line.clone().into_bytes())
+        } else {
+            message
+        };
+        match args.mode {
+            SendMode::Sync => match producer.send(&args.topic, selector, &message) {
+                Ok(r) => {
+                    if args.print_acks {
+                        print_ack(&stdout, line_no, &r);
+                    }
+                }
+                Err(e) => return Err(format!("line {line_no}: {e}")),
+            },
+            SendMode::Oneway => producer
+                .send_oneway(&args.topic, selector, &message)
+                .map_err(|e| format!("line {line_no}: {e}"))?,
+            SendMode::Async => {
+                let out = stdout.clone();
+                let failed = failed.clone();
+                let print = args.print_acks;
+                producer
+                    .send_async(&args.topic, selector, &message, move |r| match r {
+                        Ok(r) if print => print_ack(&out, line_no, &r),
+                        Ok(_) => {}
+                        Err(e) => {
+                            failed
+                                .lock()
+                                .expect("failed lock")
+                                .get_or_insert(format!("line {line_no}: {e}"));
+                        }
+                    })
+                    .map_err(|e| format!("line {line_no}: {e}"))?;
+            }
+        }
+        sent += 1;
+    }
+    producer.flush();
+    let _ = stdout.lock().expect("stdout lock").flush();
+    if let Some(e) = failed.lock().expect("failed lock").take() {
+        return Err(e);
+    }
+    eprintln!("sent {sent} message(s)");
+    Ok(())
+}
+
+pub fn consume(args: ConsumeArgs) -> Result<(), String> {
+    let e = |e: ringmq::client::ClientError| e.to_string();
+    let consumer = Consumer::connect(&args.broker).map_err(e)?;
+    let route = consumer.route(&args.topic).map_err(e)?;
+    let queues: Vec<u32> = match args.queue {
+        Some(q) => vec![q],
+        None => route.queues.iter().map(|r| r.queue).collect(),
+    };
+    let mut offsets = Vec::with_capacity(queues.len());
+    for q in &queues {
+        offsets.push(consumer.resolve(&args.topic, *q, args.from).map_err(e)?);
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    // Round robin over the queues; a single queue long-polls, several poll briefly each.
+    let wait = if queues.len() == 1 {
+        Duration::from_millis(1000)
+    } else {
+        Duration::from_millis(50)
+    };
+    loop {
+        let mut all_at_end = true;
+        for (i, q) in queues.iter().enumerate() {
+            let fetch_wait = if args.exit_at_end { Duration::ZERO } else { wait };
+            let f = consumer
+                .fetch(&args.topic, *q, offsets[i], fetch_wait)
+                .map_err(e)?;
+            for m in &f.messages {
+                if args.print_offsets {
+                    let _ = write!(out, "{} {}\t", m.queue, m.offset);
+                }
+                let _ = out.write_all(&m.payload);
+                let _ = out.write_all(b"\n");
+            }
+            offsets[i] = f.next_offset;
+            if offsets[i] < f.end_offset {
+                all_at_end = false;
+            }
+        }
+        let _ = out.flush();
+        if args.exit_at_end && all_at_end {
+            return Ok(());
+        }
+    }
+}

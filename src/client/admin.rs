@@ -1,0 +1,88 @@
+//! Control requests: ping, topics, routes, broker info, queue statistics.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
+use crate::client::ClientError;
+use crate::protocol::{BrokerInfo, QueueStat, Request, Response, RouteTable, TopicInfo};
+
+/// A control client over one connection (any shard's port works: the broker forwards).
+pub struct Admin {
+    conn: Connection,
+    timeout: Duration,
+}
+
+fn unexpected(r: Response) -> ClientError {
+    ClientError::Unexpected(format!("{r:?}"))
+}
+
+impl Admin {
+    pub fn connect(addr: &str) -> Result<Admin, ClientError> {
+        Ok(Admin {
+            conn: Connection::connect(addr)?,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    fn call(&self, request: Request) -> Result<Response, ClientError> {
+        Ok(self.conn.call(&request, Bytes::new(), self.timeout)?.0)
+    }
+
+    /// Round-trip time of one ping.
+    pub fn ping(&self) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        match self.call(Request::Ping)? {
+            Response::Pong => Ok(start.elapsed()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Creates a topic; creating an existing topic with the same queue count succeeds.
+    pub fn create_topic(&self, name: &str, queues: u32) -> Result<(), ClientError> {
+        match self.call(Request::CreateTopic {
+            name: name.to_string(),
+            queues,
+        })? {
+            Response::TopicCreated { .. } => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        match self.call(Request::ListTopics)? {
+            Response::Topics(t) => Ok(t),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn route(&self, topic: &str) -> Result<RouteTable, ClientError> {
+        match self.call(Request::GetRoute {
+            topic: topic.to_string(),
+        })? {
+            Response::Route(r) => Ok(r),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn broker_info(&self) -> Result<BrokerInfo, ClientError> {
+        match self.call(Request::BrokerInfo)? {
+            Response::BrokerInfo(i) => Ok(i),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn queue_stats(&self, topic: &str) -> Result<Vec<QueueStat>, ClientError> {
+        match self.call(Request::QueueStats {
+            topic: topic.to_string(),
+        })? {
+            Response::QueueStats(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

@@ -1,0 +1,261 @@
+//! One pipelined connection to one broker port, usable from any thread.
+//!
+//! Plain blocking I/O and one reader thread per connection: no async runtime is needed, so a
+//! plain Rust program (or a test) can use it directly. Requests are written under a mutex and
+//! may be in flight many at a time; the reader thread matches each response to its request by
+//! id and hands it to whoever waits (a blocking [`Pending::wait`] or a callback).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::client::ClientError;
+use crate::protocol::{Frame, FrameFlags, Opcode, RemoteError, Request, Response};
+
+/// Default time to wait for a response: above the broker's default flush timeout (5 s), so a
+/// slow flush reaches the client as FLUSH_DISK_TIMEOUT rather than a client-side timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a response is delivered to.
+type Callback = Box<dyn FnOnce(Result<(Response, Bytes), ClientError>) + Send>;
+
+enum Waiter {
+    Channel(u16, mpsc::SyncSender<Result<(Response, Bytes), ClientError>>),
+    Callback(u16, Callback),
+}
+
+impl Waiter {
+    fn complete(self, outcome: Result<Frame, ClientError>) {
+        let (opcode, deliver): (u16, Box<dyn FnOnce(Result<(Response, Bytes), ClientError>)>) =
+            match self {
+                Waiter::Channel(op, tx) => (
+                    op,
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                ),
+                Waiter::Callback(op, cb) => (op, Box::new(cb)),
+            };
+        deliver(outcome.and_then(|frame| decode_response(opcode, frame)))
+    }
+}
+
+fn decode_response(opcode: u16, frame: Frame) -> Result<(Response, Bytes), ClientError> {
+    if let Some(remote) = RemoteError::from_frame(&frame) {
+        return Err(ClientError::Remote(remote));
+    }
+    let opcode = Opcode::from_u16(opcode).expect("requests are sent with known opcodes");
+    let response = Response::from_frame(opcode, &frame)?;
+    Ok((response, frame.body))
+}
+
+struct Shared {
+    pending: Mutex<Pendings>,
+}
+
+struct Pendings {
+    waiters: HashMap<u64, Waiter>,
+    /// Set once the reader has stopped; later requests fail at once with this reason.
+    closed: Option<String>,
+}
+
+/// A pipelined connection. Cheap to share by reference across threads.
+pub struct Connection {
+    writer: Mutex<TcpStream>,
+    shared: Arc<Shared>,
+    next_request_id: AtomicU64,
+    peer: String,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A request in flight; [`Pending::wait`] blocks for its response.
+pub struct Pending {
+    rx: mpsc::Receiver<Result<(Response, Bytes), ClientError>>,
+}
+
+impl Pending {
+    pub fn wait(self, timeout: Duration) -> Result<(Response, Bytes), ClientError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ClientError::Timeout(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(ClientError::ConnectionClosed("response channel dropped".into()))
+            }
+        }
+    }
+}
+
+impl Connection {
+    pub fn connect(addr: &str) -> Result<Connection, ClientError> {
+        Self::connect_timeout(addr, DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Connection, ClientError> {
+        let io = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let sockaddr = addr
+            .to_socket_addrs()
+            .map_err(io)?
+            .next()
+            .ok_or_else(|| io(std::io::Error::other("address resolves to nothing")))?;
+        let stream = TcpStream::connect_timeout(&sockaddr, timeout).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let read_half = stream.try_clone().map_err(io)?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pendings {
+                waiters: HashMap::new(),
+                closed: None,
+            }),
+        });
+        let reader_shared = shared.clone();
+        let reader = std::thread::Builder::new()
+            .name(format!("ringmq-client-{addr}"))
+            .spawn(move || read_loop(read_half, reader_shared))
+            .map_err(io)?;
+        Ok(Connection {
+            writer: Mutex::new(stream),
+            shared,
+            next_request_id: AtomicU64::new(1),
+            peer: addr.to_string(),
+            reader: Some(reader),
+        })
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Sends a request and returns a handle to wait for its response.
+    pub fn send(&self, request: &Request, body: Bytes) -> Result<Pending, ClientError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send_with(request, body, Waiter::Channel(request.opcode().as_u16(), tx))?;
+        Ok(Pending { rx })
+    }
+
+    /// Sends a request; `callback` runs on the connection's reader thread with the outcome
+    /// (a connection loss also completes it, with an error). Keep it short.
+    pub fn send_callback(
+        &self,
+        request: &Request,
+        body: Bytes,
+        callback: impl FnOnce(Result<(Response, Bytes), ClientError>) + Send + 'static,
+    ) -> Result<(), ClientError> {
+        let waiter = Waiter::Callback(request.opcode().as_u16(), Box::new(callback));
+        self.send_with(request, body, waiter)
+    }
+
+    /// Sends a request the broker will not answer.
+    pub fn send_oneway(&self, request: &Request, body: Bytes) -> Result<(), ClientError> {
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = request.to_frame(id, body);
+        frame.flags = FrameFlags::ONEWAY;
+        self.write_frame(&frame)
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn call(
+        &self,
+        request: &Request,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(Response, Bytes), ClientError> {
+        self.send(request, body)?.wait(timeout)
+    }
+
+    fn send_with(&self, request: &Request, body: Bytes, waiter: Waiter) -> Result<(), ClientError> {
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = self.shared.pending.lock().expect("pending lock");
+            if let Some(reason) = &p.closed {
+                return Err(ClientError::ConnectionClosed(reason.clone()));
+            }
+            p.waiters.insert(id, waiter);
+        }
+        let frame = request.to_frame(id, body);
+        if let Err(e) = self.write_frame(&frame) {
+            let w = self.shared.pending.lock().expect("pending lock").waiters.remove(&id);
+            // The reader may already have failed it; either way it completes exactly once.
+            if let Some(w) = w {
+                w.complete(Err(ClientError::ConnectionClosed(e.to_string())));
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn write_frame(&self, frame: &Frame) -> Result<(), ClientError> {
+        let mut buf = BytesMut::with_capacity(frame.encoded_len());
+        frame.encode(&mut buf);
+        let mut w = self.writer.lock().expect("writer lock");
+        w.write_all(&buf)
+            .map_err(|e| ClientError::ConnectionClosed(format!("write to {}: {e}", self.peer)))
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.pending.lock().expect("pending lock").waiters.len()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Ok(w) = self.writer.lock() {
+            let _ = w.shutdown(Shutdown::Both);
+        }
+        if let Some(r) = self.reader.take() {
+            // The last reference can be dropped from a response callback, on the reader
+            // thread itself: it must not wait for itself.
+            if r.thread().id() != std::thread::current().id() {
+                let _ = r.join();
+            }
+        }
+    }
+}
+
+fn read_loop(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut chunk = vec![0u8; 64 << 10];
+    let reason = 'outer: loop {
+        loop {
+            match Frame::decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    let waiter = shared
+                        .pending
+                        .lock()
+                        .expect("pending lock")
+                        .waiters
+                        .remove(&frame.request_id);
+                    // A response nobody waits for (a timed-out request) is dropped.
+                    if let Some(w) = waiter {
+                        w.complete(Ok(frame));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'outer format!("broker sent a bad frame: {e}"),
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break "the broker closed the connection".to_string(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break format!("read: {e}"),
+        }
+    };
+    let waiters: Vec<Waiter> = {
+        let mut p = shared.pending.lock().expect("pending lock");
+        p.closed = Some(reason.clone());
+        p.waiters.drain().map(|(_, w)| w).collect()
+    };
+    for w in waiters {
+        w.complete(Err(ClientError::ConnectionClosed(reason.clone())));
+    }
+}

@@ -1,0 +1,254 @@
+//! The consumer: pull from (queue, offset) with long polling, as calls or as an iterator.
+//!
+//! Fetches go straight to the shard that owns the queue (from the route table). The broker
+//! returns whole stored records; a record may start before the requested offset (a batch is
+//! one record), so messages below the requested offset are skipped here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
+use crate::client::ClientError;
+use crate::message::BatchIter;
+use crate::protocol::{FetchRequest, Request, Response, RouteTable};
+use crate::storage::record::RecordIter;
+
+/// Default cap on one fetch response.
+pub const DEFAULT_FETCH_MAX_BYTES: u32 = 1 << 20;
+/// Default long-poll wait.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(1000);
+
+/// Where to start reading a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    Beginning,
+    End,
+    Offset(u64),
+}
+
+impl std::str::FromStr for StartFrom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "beginning" => Ok(StartFrom::Beginning),
+            "end" => Ok(StartFrom::End),
+            n => n
+                .parse()
+                .map(StartFrom::Offset)
+                .map_err(|_| format!("{s:?} is not `beginning`, `end` or an offset")),
+        }
+    }
+}
+
+/// One consumed message (owned: payloads are slices of the fetch response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedMessage {
+    pub queue: u32,
+    pub offset: u64,
+    pub key: Option<Bytes>,
+    pub tag: Option<Bytes>,
+    pub payload: Bytes,
+    pub born_timestamp_ms: u64,
+    pub store_timestamp_ms: u64,
+}
+
+/// What one fetch returned.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    pub messages: Vec<ConsumedMessage>,
+    /// Offset to ask for next.
+    pub next_offset: u64,
+    pub min_offset: u64,
+    /// One past the newest visible offset when the broker answered.
+    pub end_offset: u64,
+}
+
+pub struct Consumer {
+    bootstrap: String,
+    routes: Mutex<HashMap<String, Arc<RouteTable>>>,
+    connections: Mutex<HashMap<String, Arc<Connection>>>,
+    pub max_bytes: u32,
+    pub max_wait: Duration,
+}
+
+impl Consumer {
+    pub fn connect(broker: &str) -> Result<Consumer, ClientError> {
+        let c = Consumer {
+            bootstrap: broker.to_string(),
+            routes: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            max_bytes: DEFAULT_FETCH_MAX_BYTES,
+            max_wait: DEFAULT_MAX_WAIT,
+        };
+        c.connection(broker)?;
+        Ok(c)
+    }
+
+    fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
+        if let Some(c) = self.connections.lock().expect("conn lock").get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Connection::connect(addr)?);
+        self.connections
+            .lock()
+            .expect("conn lock")
+            .insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    pub fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
+        if let Some(r) = self.routes.lock().expect("routes lock").get(topic) {
+            return Ok(r.clone());
+        }
+        let conn = self.connection(&self.bootstrap)?;
+        let request = Request::GetRoute {
+            topic: topic.to_string(),
+        };
+        let route = match conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)?.0 {
+            Response::Route(r) => Arc::new(r),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(topic.to_string(), route.clone());
+        Ok(route)
+    }
+
+    /// One fetch: waits up to `max_wait` for data at `offset`.
+    pub fn fetch(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        max_wait: Duration,
+    ) -> Result<Fetched, ClientError> {
+        let route = self.route(topic)?;
+        let addr = &route
+            .queues
+            .iter()
+            .find(|r| r.queue == queue)
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!(
+                    "topic {topic} has {} queue(s); there is no queue {queue}",
+                    route.queues.len()
+                ))
+            })?
+            .address;
+        let conn = self.connection(addr)?;
+        let request = Request::Fetch(FetchRequest {
+            topic: topic.to_string(),
+            queue,
+            offset,
+            max_bytes: self.max_bytes,
+            max_wait_ms: max_wait.as_millis().min(u32::MAX as u128) as u32,
+        });
+        let outcome = conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT + max_wait);
+        if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
+            self.connections.lock().expect("conn lock").remove(addr.as_str());
+        }
+        let (response, body) = outcome?;
+        let Response::Fetched(header) = response else {
+            return Err(ClientError::Unexpected(format!("{response:?}")));
+        };
+        let mut messages = Vec::new();
+        for record in RecordIter::new(&body) {
+            let record = record.map_err(|e| {
+                ClientError::Unexpected(format!("the broker sent a record that does not parse: {e}"))
+            })?;
+            // Zero-copy: the batch and every payload are views into the response body.
+            let batch = body.slice_ref(record.body);
+            for (i, m) in BatchIter::new(&batch).enumerate() {
+                let m = m.map_err(|e| ClientError::Unexpected(format!("bad stored batch: {e}")))?;
+                let msg_offset = record.header.base_queue_offset + i as u64;
+                if msg_offset < offset {
+                    continue;
+                }
+                let sub = |s: &[u8]| batch.slice_ref(s);
+                messages.push(ConsumedMessage {
+                    queue,
+                    offset: msg_offset,
+                    key: m.key.map(sub),
+                    tag: m.tag.map(sub),
+                    payload: sub(m.payload),
+                    born_timestamp_ms: m.born_timestamp_ms,
+                    store_timestamp_ms: record.header.store_timestamp_ms,
+                });
+            }
+        }
+        Ok(Fetched {
+            messages,
+            next_offset: header.next_offset.max(offset),
+            min_offset: header.min_offset,
+            end_offset: header.end_offset,
+        })
+    }
+
+    /// The first offset `from` stands for.
+    pub fn resolve(&self, topic: &str, queue: u32, from: StartFrom) -> Result<u64, ClientError> {
+        match from {
+            StartFrom::Offset(o) => Ok(o),
+            StartFrom::Beginning | StartFrom::End => {
+                let probe = self.fetch(topic, queue, 0, Duration::ZERO);
+                let (min, end) = match probe {
+                    Ok(f) => (f.min_offset, f.end_offset),
+                    // Offset 0 may be gone (retention): the error names the range.
+                    Err(e) => return Err(e),
+                };
+                Ok(if from == StartFrom::Beginning { min } else { end })
+            }
+        }
+    }
+
+    /// Messages of one queue from `from` on; each `next` long-polls until a message arrives.
+    pub fn iter(&self, topic: &str, queue: u32, from: StartFrom) -> Result<QueueIter<'_>, ClientError> {
+        let offset = self.resolve(topic, queue, from)?;
+        Ok(QueueIter {
+            consumer: self,
+            topic: topic.to_string(),
+            queue,
+            offset,
+            buffered: std::collections::VecDeque::new(),
+        })
+    }
+}
+
+pub struct QueueIter<'a> {
+    consumer: &'a Consumer,
+    topic: String,
+    queue: u32,
+    offset: u64,
+    buffered: std::collections::VecDeque<ConsumedMessage>,
+}
+
+impl QueueIter<'_> {
+    /// The offset the next fetch starts from.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Iterator for QueueIter<'_> {
+    type Item = Result<ConsumedMessage, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Some(Ok(m));
+            }
+            match self
+                .consumer
+                .fetch(&self.topic, self.queue, self.offset, self.consumer.max_wait)
+            {
+                Ok(f) => {
+                    self.offset = f.next_offset;
+                    self.buffered.extend(f.messages);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}

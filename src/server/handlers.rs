@@ -1,0 +1,341 @@
+//! What each request does.
+//!
+//! [`handle`] turns one request frame into one response frame and never fails: every error
+//! becomes an error frame with a stable code. Requests for a queue owned by another shard, and
+//! control-plane writes (owned by shard 0), are forwarded over the mesh as the original frame;
+//! the owner runs the same [`handle`] and its response goes back unchanged.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_lite::future;
+
+use crate::message;
+use crate::protocol::{
+    BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck, ProduceRequest,
+    QueueRoute, QueueStat, Request, Response, RouteTable, TopicInfo,
+};
+use crate::server::error::HandlerError;
+use crate::shard::mesh::{MeshReply, MeshRequest};
+use crate::shard::ShardContext;
+use crate::storage::{AppendRequest, FlushMode, ProducerSeq, QueueOffset};
+
+/// Longest a fetch may wait for data; a client asking for more is capped, not refused.
+pub const MAX_LONG_POLL_MS: u32 = 30_000;
+/// Messages in one produce batch: bounds per-record index work and de-dup windows.
+pub const MAX_BATCH_MESSAGES: u32 = 65_536;
+
+type Result<T> = std::result::Result<T, HandlerError>;
+
+/// Handles one request frame and returns its response frame.
+pub async fn handle(ctx: &Rc<ShardContext>, frame: Frame) -> Frame {
+    match Request::from_frame(&frame) {
+        Ok(request) => handle_request(ctx, frame, request).await,
+        Err(e) => HandlerError::from(e).to_frame(frame.opcode, frame.request_id),
+    }
+}
+
+/// Handles a request already parsed from `frame` (the frame is kept for forwarding).
+pub async fn handle_request(ctx: &Rc<ShardContext>, frame: Frame, request: Request) -> Frame {
+    let opcode = frame.opcode;
+    let request_id = frame.request_id;
+    match handle_inner(ctx, frame, request).await {
+        Ok(response) => response,
+        Err(e) => e.to_frame(opcode, request_id),
+    }
+}
+
+async fn handle_inner(ctx: &Rc<ShardContext>, frame: Frame, request: Request) -> Result<Frame> {
+    if ctx.is_shutting_down() {
+        return Err(HandlerError::new(
+            ErrorCode::ShuttingDown,
+            "the broker is shutting down",
+        ));
+    }
+    if let Some(owner) = owner(ctx, &request) {
+        if owner != ctx.shard {
+            return forward(ctx, owner, frame).await;
+        }
+    }
+    let opcode = frame.opcode;
+    let request_id = frame.request_id;
+    let (response, body) = execute(ctx, request, frame.body).await?;
+    Ok(response.to_frame(opcode, request_id, body))
+}
+
+/// The shard that must execute `request`, when it is not "whichever shard received it".
+fn owner(ctx: &ShardContext, request: &Request) -> Option<usize> {
+    match request {
+        Request::CreateTopic { .. } => Some(0),
+        Request::Produce(p) => p.queue.map(|q| ctx.owner_of(&p.topic, q)),
+        Request::Fetch(f) => Some(ctx.owner_of(&f.topic, f.queue)),
+        _ => None,
+    }
+}
+
+async fn forward(ctx: &Rc<ShardContext>, owner: usize, frame: Frame) -> Result<Frame> {
+    match ctx.mesh.call(owner, MeshRequest::Frame(frame)).await? {
+        MeshReply::Frame(f) => Ok(f),
+        other => Err(HandlerError::new(
+            ErrorCode::Internal,
+            format!("shard {owner} answered a forwarded request with {other:?}"),
+        )),
+    }
+}
+
+/// Requests from other shards.
+pub async fn on_mesh_request(ctx: &Rc<ShardContext>, request: MeshRequest) -> MeshReply {
+    match request {
+        MeshRequest::Frame(frame) => MeshReply::Frame(handle(ctx, frame).await),
+        MeshRequest::ApplyTopics(table) => {
+            ctx.set_topics(table);
+            MeshReply::Applied
+        }
+        MeshRequest::LocalQueueStats { topic } => MeshReply::QueueStats(local_queue_stats(ctx, &topic)),
+    }
+}
+
+async fn execute(
+    ctx: &Rc<ShardContext>,
+    request: Request,
+    body: Bytes,
+) -> Result<(Response, Bytes)> {
+    let empty = Bytes::new();
+    Ok(match request {
+        Request::Ping => (Response::Pong, empty),
+        Request::CreateTopic { name, queues } => (create_topic(ctx, &name, queues).await?, empty),
+        Request::ListTopics => (list_topics(ctx), empty),
+        Request::GetRoute { topic } => (route(ctx, &topic)?, empty),
+        Request::BrokerInfo => (broker_info(ctx), empty),
+        Request::Produce(p) => (produce(ctx, p, body).await?, empty),
+        Request::Fetch(f) => fetch(ctx, f).await?,
+        Request::QueueStats { topic } => (queue_stats(ctx, &topic).await?, empty),
+    })
+}
+
+fn topic_not_found(topic: &str) -> HandlerError {
+    HandlerError::new(
+        ErrorCode::TopicNotFound,
+        format!("topic {topic:?} does not exist (create it with `ringmq admin topic create`)"),
+    )
+}
+
+fn queue_count(ctx: &ShardContext, topic: &str) -> Result<u32> {
+    ctx.topic(topic)
+        .map(|m| m.queues)
+        .ok_or_else(|| topic_not_found(topic))
+}
+
+fn check_queue(ctx: &ShardContext, topic: &str, queue: u32) -> Result<()> {
+    let queues = queue_count(ctx, topic)?;
+    if queue >= queues {
+        return Err(HandlerError::new(
+            ErrorCode::QueueNotFound,
+            format!("topic {topic:?} has queues 0..{queues}; there is no queue {queue}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs on shard 0 only: persist the new table, push it to every shard, then answer.
+async fn create_topic(ctx: &Rc<ShardContext>, name: &str, queues: u32) -> Result<Response> {
+    debug_assert_eq!(ctx.shard, 0, "shard 0 is the topic table's only writer");
+    let current = ctx.topics();
+    let next = current.with_topic(name, queues)?;
+    if next != *current {
+        next.save(&ctx.config.data_dir)?;
+        let next = Arc::new(next);
+        ctx.set_topics(next.clone());
+        for shard in 1..ctx.shards {
+            ctx.mesh
+                .call(shard, MeshRequest::ApplyTopics(next.clone()))
+                .await?;
+        }
+        log::info!("created topic {name:?} with {queues} queue(s)");
+    }
+    Ok(Response::TopicCreated {
+        name: name.to_string(),
+        queues,
+    })
+}
+
+fn list_topics(ctx: &ShardContext) -> Response {
+    Response::Topics(
+        ctx.topics()
+            .iter()
+            .map(|(name, meta)| TopicInfo {
+                name: name.to_string(),
+                queues: meta.queues,
+            })
+            .collect(),
+    )
+}
+
+fn route(ctx: &ShardContext, topic: &str) -> Result<Response> {
+    let queues = queue_count(ctx, topic)?;
+    Ok(Response::Route(RouteTable {
+        topic: topic.to_string(),
+        queues: (0..queues)
+            .map(|queue| {
+                let shard = ctx.owner_of(topic, queue);
+                QueueRoute {
+                    queue,
+                    shard: shard as u32,
+                    address: ctx.addresses[shard].clone(),
+                }
+            })
+            .collect(),
+    }))
+}
+
+fn broker_info(ctx: &ShardContext) -> Response {
+    Response::BrokerInfo(BrokerInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        shards: ctx.shards as u32,
+        flush_mode: ctx.config.flush_mode.to_string(),
+        role: "master".to_string(),
+        config_toml: ctx.config.to_toml(),
+    })
+}
+
+async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Result<Response> {
+    let queues = queue_count(ctx, &p.topic)?;
+    let queue = match p.queue {
+        Some(q) => {
+            check_queue(ctx, &p.topic, q)?;
+            q
+        }
+        None => ctx.pick_local_queue(&p.topic, queues),
+    };
+    let count = message::validate_batch(&body, MAX_BATCH_MESSAGES)
+        .map_err(|e| HandlerError::new(ErrorCode::InvalidBatch, e.to_string()))?;
+    if count != p.message_count {
+        return Err(HandlerError::new(
+            ErrorCode::InvalidBatch,
+            format!(
+                "the header says {} message(s) but the body holds {count}",
+                p.message_count
+            ),
+        ));
+    }
+    let producer = (p.producer_id != 0).then_some(ProducerSeq {
+        producer_id: p.producer_id,
+        epoch: p.producer_epoch,
+        base_sequence: p.base_sequence,
+    });
+    let appended = ctx
+        .store
+        .append(AppendRequest {
+            topic: &p.topic,
+            queue_id: queue,
+            message_count: count,
+            producer,
+            body: &body,
+        })
+        .await?;
+    if ctx.config.flush_mode == FlushMode::SyncFlush {
+        let deadline = Duration::from_millis(ctx.config.flush_timeout_ms);
+        match glommio::timer::timeout(deadline, async {
+            Ok(ctx.store.wait_durable(appended.end).await)
+        })
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(HandlerError::new(
+                    ErrorCode::FlushDiskTimeout,
+                    format!(
+                        "stored at queue {queue} offset {} but not durable within {} ms",
+                        appended.base_offset, ctx.config.flush_timeout_ms
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(Response::Produced(ProduceAck {
+        queue,
+        base_offset: appended.base_offset.0,
+        count: appended.count,
+        duplicate: appended.duplicate,
+    }))
+}
+
+async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Bytes)> {
+    check_queue(ctx, &f.topic, f.queue)?;
+    let stats = ctx.store.queue_stats(&f.topic, f.queue);
+    let wait_ms = f.max_wait_ms.min(MAX_LONG_POLL_MS);
+    if f.offset >= stats.end_offset.0 && wait_ms > 0 {
+        let wait = async {
+            let _ = glommio::timer::timeout(Duration::from_millis(u64::from(wait_ms)), async {
+                ctx.store
+                    .wait_visible_beyond(&f.topic, f.queue, QueueOffset(f.offset))
+                    .await;
+                Ok(())
+            })
+            .await;
+        };
+        future::or(wait, ctx.shutdown_requested()).await;
+    }
+    let stats = ctx.store.queue_stats(&f.topic, f.queue);
+    if f.offset == stats.end_offset.0 {
+        return Ok((
+            Response::Fetched(FetchHeader {
+                queue: f.queue,
+                next_offset: f.offset,
+                min_offset: stats.min_offset.0,
+                end_offset: stats.end_offset.0,
+            }),
+            Bytes::new(),
+        ));
+    }
+    let batch = ctx
+        .store
+        .read(&f.topic, f.queue, QueueOffset(f.offset), f.max_bytes)
+        .await?;
+    Ok((
+        Response::Fetched(FetchHeader {
+            queue: f.queue,
+            next_offset: batch.next_offset.0,
+            min_offset: batch.min_offset.0,
+            end_offset: batch.end_offset.0,
+        }),
+        batch.records,
+    ))
+}
+
+fn local_queue_stats(ctx: &ShardContext, topic: &str) -> Vec<QueueStat> {
+    let Some(meta) = ctx.topic(topic) else {
+        return Vec::new();
+    };
+    (0..meta.queues)
+        .filter(|q| ctx.owner_of(topic, *q) == ctx.shard)
+        .map(|queue| {
+            let s = ctx.store.queue_stats(topic, queue);
+            QueueStat {
+                queue,
+                min_offset: s.min_offset.0,
+                end_offset: s.end_offset.0,
+                bytes: s.bytes,
+            }
+        })
+        .collect()
+}
+
+/// Gathers the statistics of every queue of `topic` from the shards that own them.
+async fn queue_stats(ctx: &Rc<ShardContext>, topic: &str) -> Result<Response> {
+    queue_count(ctx, topic)?;
+    let mut all = local_queue_stats(ctx, topic);
+    for shard in (0..ctx.shards).filter(|s| *s != ctx.shard) {
+        let request = MeshRequest::LocalQueueStats {
+            topic: topic.to_string(),
+        };
+        if let MeshReply::QueueStats(stats) = ctx.mesh.call(shard, request).await? {
+            all.extend(stats);
+        }
+    }
+    all.sort_by_key(|s| s.queue);
+    Ok(Response::QueueStats(all))
+}

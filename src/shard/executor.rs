@@ -1,0 +1,346 @@
+//! Starting, pinning and stopping the shards.
+//!
+//! [`Broker::start`] is the whole life of a broker up to "serving": validate the config, run
+//! the preflight checks, bind one listener per shard (in the calling thread, so a busy port is
+//! reported at once), then start one glommio `LocalExecutor` per selected core, pinned with
+//! `Placement::Fixed`. Each shard joins the channel mesh, opens its store (recovering it) and
+//! reports ready; `start` returns once every shard is ready, or stops them all and returns the
+//! first error. The same handle embeds a broker in tests and in `ringmq-bench`.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, ConfigError};
+use crate::shard::context::ShardContext;
+use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
+use crate::shard::preflight::{self, PreflightError};
+use crate::shard::topics::{TopicError, TopicTable};
+use crate::storage::ShardStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("cores: {0}")]
+    Cores(String),
+    #[error(transparent)]
+    Topics(#[from] TopicError),
+    #[error("cannot listen on {addr}: {source} (is another broker running? pick another --port)")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the executor for shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+    #[error("shard {shard} failed: {reason}")]
+    Shard { shard: usize, reason: String },
+}
+
+/// Time a stopping shard gives its connections to finish in-flight requests.
+const DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Pending connections per listener before the kernel refuses more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// A running broker: one pinned executor per shard.
+pub struct Broker {
+    handles: Vec<ExecutorJoinHandle<Result<(), String>>>,
+    shutdown: Arc<AtomicBool>,
+    addresses: Vec<SocketAddr>,
+    data_dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker and returns once every shard serves.
+    pub fn start(config: Config) -> Result<Broker, BrokerError> {
+        Self::start_with_shutdown(config, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Like [`Broker::start`], stopping when `shutdown` becomes true (a signal handler's flag).
+    pub fn start_with_shutdown(
+        config: Config,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Broker, BrokerError> {
+        config.validate()?;
+        let available: Vec<usize> = core_affinity::get_core_ids()
+            .ok_or_else(|| BrokerError::Cores("cannot list the cores of this process".into()))?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let cores = config.cores.resolve(&available).map_err(BrokerError::Cores)?;
+        let shards = cores.len();
+        let report = preflight::check(
+            &config.data_dir,
+            shards,
+            config.io_memory_bytes,
+            config.allow_non_direct_io,
+        )?;
+        for w in &report.warnings {
+            log::warn!("{w}");
+        }
+        let topics = Arc::new(TopicTable::load(&config.data_dir)?);
+
+        let mut listeners = Vec::with_capacity(shards);
+        let mut addresses = Vec::with_capacity(shards);
+        for shard in 0..shards {
+            let port = if config.port == 0 {
+                0
+            } else {
+                config.port.checked_add(shard as u16).ok_or_else(|| {
+                    BrokerError::Cores(format!("port {} + shard {shard} overflows", config.port))
+                })?
+            };
+            let l = bind(&config.listen_host, port)?;
+            addresses.push(l.local_addr().expect("a bound listener has an address"));
+            listeners.push(l);
+        }
+        let advertised: Arc<Vec<String>> = Arc::new(
+            addresses
+                .iter()
+                .map(|a| format!("{}:{}", config.advertised_host(), a.port()))
+                .collect(),
+        );
+        log::info!(
+            "starting {shards} shard(s) on cores {cores:?}, kernel {}, listening on {:?}",
+            report.kernel,
+            advertised
+        );
+        log::info!("effective config:\n{}", config.to_toml());
+
+        let config = Arc::new(config);
+        let mesh = MeshBuilder::<MeshMsg, _>::full(shards, MESH_CHANNEL_CAPACITY);
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+        let mut handles = Vec::with_capacity(shards);
+        for (shard, (core, listener)) in cores.iter().zip(listeners).enumerate() {
+            let args = ShardArgs {
+                shard,
+                shards,
+                config: config.clone(),
+                mesh: mesh.clone(),
+                listener_fd: listener.into_raw_fd(),
+                addresses: advertised.clone(),
+                shutdown: shutdown.clone(),
+                topics: topics.clone(),
+                ready: ready_tx.clone(),
+            };
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(*core))
+                .name(&format!("shard-{shard}"));
+            if config.io_memory_bytes > 0 {
+                builder = builder.io_memory(config.io_memory_bytes as usize);
+            }
+            match builder.spawn(move || run_shard(args)) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    shutdown.store(true, Ordering::Release);
+                    join_all(handles);
+                    return Err(BrokerError::Executor {
+                        shard,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        drop(ready_tx);
+
+        let mut first_error = None;
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(reason))) => {
+                    first_error.get_or_insert(BrokerError::Shard { shard, reason });
+                    break;
+                }
+                Err(_) => {
+                    first_error.get_or_insert(BrokerError::Shard {
+                        shard: usize::MAX,
+                        reason: "a shard exited before reporting ready".into(),
+                    });
+                    break;
+                }
+            }
+        }
+        let broker = Broker {
+            handles,
+            shutdown,
+            addresses,
+            data_dir: config.data_dir.clone(),
+        };
+        if let Some(e) = first_error {
+            let _ = broker.stop();
+            return Err(e);
+        }
+        log::info!("broker ready");
+        Ok(broker)
+    }
+
+    /// The address of each shard's listener, by shard index.
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
+    }
+
+    /// Shard 0's address: the one a plain client dials.
+    pub fn address(&self) -> SocketAddr {
+        self.addresses[0]
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the shutdown flag is set (by a signal) and every shard has stopped.
+    pub fn wait(self) -> Result<(), BrokerError> {
+        join_all(self.handles)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, closes the stores, joins the shards.
+    pub fn stop(self) -> Result<(), BrokerError> {
+        self.shutdown.store(true, Ordering::Release);
+        self.wait()
+    }
+}
+
+fn join_all(handles: Vec<ExecutorJoinHandle<Result<(), String>>>) -> Result<(), BrokerError> {
+    let mut first = Ok(());
+    for (shard, h) in handles.into_iter().enumerate() {
+        let outcome = match h.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(BrokerError::Shard { shard, reason }),
+            Err(e) => Err(BrokerError::Shard {
+                shard,
+                reason: format!("executor panicked or failed: {e}"),
+            }),
+        };
+        if first.is_ok() {
+            first = outcome;
+        }
+    }
+    first
+}
+
+/// An exclusive listener. glommio's own `bind` sets SO_REUSEPORT, which would let a second
+/// broker silently share our port; socket2 gives us SO_REUSEADDR only.
+fn bind(host: &str, port: u16) -> Result<StdTcpListener, BrokerError> {
+    let addr_text = format!("{host}:{port}");
+    let err = |source| BrokerError::Bind {
+        addr: addr_text.clone(),
+        source,
+    };
+    let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr_text)
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("no address")))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}
+
+struct ShardArgs {
+    shard: usize,
+    shards: usize,
+    config: Arc<Config>,
+    mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
+    listener_fd: RawFd,
+    addresses: Arc<Vec<String>>,
+    shutdown: Arc<AtomicBool>,
+    topics: Arc<TopicTable>,
+    ready: mpsc::Sender<(usize, Result<(), String>)>,
+}
+
+async fn run_shard(args: ShardArgs) -> Result<(), String> {
+    let shard = args.shard;
+    // SAFETY: the fd came from a listener we bound and gave up with into_raw_fd.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(args.listener_fd) };
+    let (senders, receivers) = args
+        .mesh
+        .join()
+        .await
+        .map_err(|_| "cannot join the shard mesh".to_string())?;
+    let dir = args.config.data_dir.join(format!("shard-{shard}"));
+    let store = match ShardStore::open(&dir, args.config.storage()).await {
+        Ok((store, report)) => {
+            log::info!("shard {shard}: opened {}: {report}", dir.display());
+            store
+        }
+        Err(e) => {
+            let reason = format!("cannot open the store in {}: {e}", dir.display());
+            let _ = args.ready.send((shard, Err(reason.clone())));
+            return Err(reason);
+        }
+    };
+    let ctx = Rc::new(ShardContext::new(
+        shard,
+        args.shards,
+        args.config.clone(),
+        store,
+        Mesh::new(shard, senders),
+        args.addresses,
+        args.shutdown,
+        args.topics,
+    ));
+    spawn_mesh_receivers(&ctx, receivers);
+    let _ = args.ready.send((shard, Ok(())));
+
+    crate::server::listener::serve(ctx.clone(), listener).await;
+
+    // Drain: connections stop reading at shutdown and finish what they have in flight.
+    let mut waited_ms = 0;
+    while ctx.open_connections() > 0 && waited_ms < DRAIN_TIMEOUT_MS {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        waited_ms += 10;
+    }
+    if ctx.open_connections() > 0 {
+        log::warn!(
+            "shard {shard}: {} connection(s) still open after {DRAIN_TIMEOUT_MS} ms; closing anyway",
+            ctx.open_connections()
+        );
+    }
+    let closed = ctx.store.close().await;
+    ctx.mesh.close();
+    closed.map_err(|e| format!("closing the store: {e}"))?;
+    log::info!("shard {shard}: stopped");
+    Ok(())
+}
+
+fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg>) {
+    for (_peer, rx) in receivers.streams() {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    MeshMsg::Request {
+                        from,
+                        call_id,
+                        request,
+                    } => {
+                        let ctx = ctx.clone();
+                        glommio::spawn_local(async move {
+                            let reply = crate::server::handlers::on_mesh_request(&ctx, request).await;
+                            ctx.mesh.reply(from, call_id, reply).await;
+                        })
+                        .detach();
+                    }
+                    MeshMsg::Reply { call_id, reply } => ctx.mesh.on_reply(call_id, reply),
+                }
+            }
+        })
+        .detach();
+    }
+}

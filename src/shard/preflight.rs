@@ -1,0 +1,253 @@
+//! Start-up checks: each failure is one actionable line, found before any executor starts.
+//!
+//! io_uring setup failures inside glommio surface as panics or opaque errors deep in the
+//! reactor; these checks look at the same things first (kernel, io_uring availability,
+//! memlock, the data dir and whether it honours O_DIRECT) and say what to do.
+
+use std::ffi::CString;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// glommio 0.9 needs io_uring features from Linux 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// glommio's default registered buffer memory per executor (`io_memory`).
+pub const GLOMMIO_DEFAULT_IO_MEMORY_BYTES: u64 = 10 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("kernel {found} is too old: RingMQ needs Linux {}.{} or newer for io_uring", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error("io_uring is disabled by sysctl kernel.io_uring_disabled={0}: run `sysctl -w kernel.io_uring_disabled=0` (or run as root / in the io_uring group)")]
+    IoUringDisabled(u32),
+    #[error("io_uring is not available ({0}): RingMQ needs io_uring; check seccomp/container policy and the kernel config")]
+    IoUringUnavailable(std::io::Error),
+    #[error("memlock limit is {limit_bytes} bytes but {shards} shards need {needed_bytes}: raise `ulimit -l`, run as root, or lower io_memory_bytes / the shard count")]
+    MemlockTooSmall {
+        limit_bytes: u64,
+        needed_bytes: u64,
+        shards: usize,
+    },
+    #[error("data dir {path}: {what}: {source}")]
+    DataDir {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("data dir {path} is on a file system without O_DIRECT (tmpfs?), so an fdatasync would not make anything durable: use a disk-backed directory, or set allow_non_direct_io (--allow-non-direct-io) to run anyway")]
+    NoDirectIo { path: String },
+}
+
+/// What the checks found that is worth a warning but not a refusal.
+#[derive(Debug, Default)]
+pub struct PreflightReport {
+    pub kernel: String,
+    pub direct_io: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Runs every check for a broker with `shards` shards on `data_dir`.
+pub fn check(
+    data_dir: &Path,
+    shards: usize,
+    io_memory_bytes: u64,
+    allow_non_direct_io: bool,
+) -> Result<PreflightReport, PreflightError> {
+    let mut report = PreflightReport {
+        kernel: kernel_release(),
+        ..Default::default()
+    };
+    check_kernel(&report.kernel)?;
+    check_io_uring()?;
+    check_memlock(shards, io_memory_bytes)?;
+    report.direct_io = check_data_dir(data_dir)?;
+    if !report.direct_io {
+        if !allow_non_direct_io {
+            return Err(PreflightError::NoDirectIo {
+                path: data_dir.display().to_string(),
+            });
+        }
+        report.warnings.push(format!(
+            "DATA DIR {} DOES NOT SUPPORT O_DIRECT: acks claim durability that this file system cannot give (allow_non_direct_io is set)",
+            data_dir.display()
+        ));
+    }
+    Ok(report)
+}
+
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Parses "6.18.44-fc" into (6, 18).
+fn parse_kernel(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn check_kernel(release: &str) -> Result<(), PreflightError> {
+    match parse_kernel(release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        // An unparseable release string is not worth refusing to start over.
+        None => Ok(()),
+        Some(_) => Err(PreflightError::KernelTooOld {
+            found: release.to_string(),
+        }),
+    }
+}
+
+fn check_io_uring() -> Result<(), PreflightError> {
+    if let Ok(s) = fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        let v: u32 = s.trim().parse().unwrap_or(0);
+        // 1 = only privileged users or the io_uring group; 2 = nobody.
+        if v == 2 || (v == 1 && !is_root()) {
+            return Err(PreflightError::IoUringDisabled(v));
+        }
+    }
+    // Set up (and close) a tiny ring: the direct way to know io_uring works here.
+    let mut params = [0u8; 120]; // struct io_uring_params
+    // SAFETY: io_uring_setup reads and writes `params`, which is large enough for the struct.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(PreflightError::IoUringUnavailable(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned by the kernel and is owned here.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn check_memlock(shards: usize, io_memory_bytes: u64) -> Result<(), PreflightError> {
+    if is_root() {
+        // Root has CAP_IPC_LOCK: registered buffers are not limited by RLIMIT_MEMLOCK.
+        return Ok(());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return Ok(());
+    }
+    let per_shard = if io_memory_bytes == 0 {
+        GLOMMIO_DEFAULT_IO_MEMORY_BYTES
+    } else {
+        io_memory_bytes
+    };
+    // Rings themselves take some locked memory too; keep a margin.
+    let needed = per_shard * shards as u64 + (1 << 20);
+    if needed > lim.rlim_cur {
+        return Err(PreflightError::MemlockTooSmall {
+            limit_bytes: lim.rlim_cur,
+            needed_bytes: needed,
+            shards,
+        });
+    }
+    Ok(())
+}
+
+/// Creates the data dir if needed, proves it is writable, and tells whether it honours
+/// O_DIRECT (by writing one aligned block through it, the only test that cannot lie).
+fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
+    let err = |what, source| PreflightError::DataDir {
+        path: data_dir.display().to_string(),
+        what,
+        source,
+    };
+    fs::create_dir_all(data_dir).map_err(|e| err("cannot create it", e))?;
+    let probe = data_dir.join(".preflight-write-test");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map_err(|e| err("is not writable", e))?;
+        f.write_all(b"ok").map_err(|e| err("is not writable", e))?;
+    }
+    let direct = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+    {
+        Ok(f) => write_aligned_block(&f).is_ok(),
+        Err(_) => false,
+    };
+    let _ = fs::remove_file(&probe);
+    Ok(direct)
+}
+
+fn write_aligned_block(f: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    const BLOCK: usize = 4096;
+    let layout = std::alloc::Layout::from_size_align(BLOCK, BLOCK).expect("valid layout");
+    // SAFETY: layout is non-zero sized; the buffer is freed below on every path.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    if buf.is_null() {
+        return Err(std::io::Error::other("out of memory"));
+    }
+    // SAFETY: buf points to BLOCK initialized bytes, aligned for O_DIRECT.
+    let n = unsafe { libc::pwrite(f.as_raw_fd(), buf as *const libc::c_void, BLOCK, 0) };
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    if n == BLOCK as isize {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether `path`'s file system is tmpfs (informational, for `admin info`).
+pub fn is_tmpfs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into `s`; `c` is a valid NUL-terminated path.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_are_compared_numerically() {
+        assert_eq!(parse_kernel("6.18.44-fc-v669"), Some((6, 18)));
+        assert!(check_kernel("5.10.0").is_ok());
+        assert!(check_kernel("5.4.0-generic").is_err());
+        assert!(check_kernel("garbage").is_ok());
+    }
+
+    #[test]
+    fn disk_backed_data_dir_passes_and_tmpfs_is_refused() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let report = check(dir.path(), 2, 0, false).unwrap();
+        assert!(report.direct_io);
+        let shm = Path::new("/dev/shm");
+        if shm.exists() && is_tmpfs(shm) {
+            let d = tempfile::tempdir_in(shm).unwrap();
+            assert!(matches!(
+                check(d.path(), 1, 0, false),
+                Err(PreflightError::NoDirectIo { .. })
+            ));
+            let r = check(d.path(), 1, 0, true).unwrap();
+            assert!(!r.direct_io && !r.warnings.is_empty());
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: an embedded broker on a temp dir on the real disk.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use ringmq::config::{Config, CoreSelection};
+use ringmq::shard::Broker;
+
+/// A temp dir under cargo's target dir: on the project's disk, never tmpfs.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ringmq-test-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir")
+}
+
+/// A config for tests: free ports, two shards, small segments, short timeouts.
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        port: 0,
+        cores: CoreSelection::Count(available_cores().min(2)),
+        segment_bytes: 32 << 20,
+        partial_frame_timeout_ms: 300,
+        ..Config::default()
+    }
+}
+
+pub fn available_cores() -> usize {
+    core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1)
+}
+
+pub struct TestBroker {
+    pub broker: Option<Broker>,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestBroker {
+    pub fn start() -> TestBroker {
+        let tmp = data_dir();
+        let dir = tmp.path().to_path_buf();
+        let broker = Broker::start(test_config(&dir)).expect("broker starts");
+        TestBroker {
+            broker: Some(broker),
+            dir,
+            _tmp: Some(tmp),
+        }
+    }
+
+    pub fn start_with(cfg: Config, tmp: tempfile::TempDir) -> TestBroker {
+        let dir = cfg.data_dir.clone();
+        let broker = Broker::start(cfg).expect("broker starts");
+        TestBroker {
+            broker: Some(broker),
+            dir,
+            _tmp: Some(tmp),
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.broker.as_ref().unwrap().address().to_string()
+    }
+
+    pub fn shard_addrs(&self) -> Vec<String> {
+        self.broker
+            .as_ref()
+            .unwrap()
+            .addresses()
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    /// Stops the broker, keeping the data dir, and starts a new one on it.
+    pub fn restart(&mut self) {
+        self.broker.take().unwrap().stop().expect("clean stop");
+        let broker = Broker::start(test_config(&self.dir)).expect("broker restarts");
+        self.broker = Some(broker);
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            let _ = b.stop();
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Produce and consume end to end over 127.0.0.1 with an in-process broker.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::TestBroker;
+use ringmq::client::{Admin, Connection, Consumer, Producer, QueueSelector, StartFrom};
+use ringmq::message::{BatchBuilder, Message};
+use ringmq::protocol::{ErrorCode, FetchRequest, ProduceRequest, Request, Response};
+
+fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u64), Bytes> {
+    let mut seen = BTreeMap::new();
+    for q in 0..queues {
+        let mut offset = 0;
+        loop {
+            let f = consumer.fetch(topic, q, offset, Duration::ZERO).unwrap();
+            for m in f.messages {
+                assert_eq!(m.offset, offset, "queue {q}: gap or reorder");
+                assert!(seen.insert((q, m.offset), m.payload).is_none());
+                offset += 1;
+            }
+            if offset >= f.end_offset {
+                break;
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn sync_send_is_readable_at_its_acked_offset() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 4).unwrap();
+    let p = Producer::connect(&b.addr()).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let r = p
+            .send("t", QueueSelector::RoundRobin, &Message::new(format!("m{i}")))
+            .unwrap();
+        assert!(!r.duplicate);
+        acked.push((r.queue, r.offset, format!("m{i}")));
+    }
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let seen = drain_all(&c, "t", 4);
+    assert_eq!(seen.len(), 50);
+    for (q, o, payload) in acked {
+        assert_eq!(seen[&(q, o)], payload.as_bytes());
+    }
+}
+
+#[test]
+fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 8).unwrap();
+    let p = Producer::connect(&b.addr()).unwrap();
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..10_000u32 {
+        let (acks, errors) = (acks.clone(), errors.clone());
+        p.send_async(
+            "t",
+            QueueSelector::RoundRobin,
+            &Message::new(format!("{i}")),
+            move |r| match r {
+                Ok(r) => acks.lock().unwrap().push((r.queue, r.offset, i)),
+                Err(e) => errors.lock().unwrap().push(e.to_string()),
+            },
+        )
+        .unwrap();
+    }
+    p.flush();
+    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 10_000);
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let seen = drain_all(&c, "t", 8);
+    assert_eq!(seen.len(), 10_000);
+    for (q, o, i) in acks {
+        assert_eq!(seen[&(q, o)], i.to_string().as_bytes());
+    }
+    // In order per queue: the payload numbers on each queue only grow (round robin).
+    for q in 0..8 {
+        let nums: Vec<u32> = seen
+            .range((q, 0)..(q + 1, 0))
+            .map(|(_, v)| std::str::from_utf8(v).unwrap().parse().unwrap())
+            .collect();
+        assert!(nums.windows(2).all(|w| w[0] < w[1]), "queue {q} out of order");
+    }
+}
+
+#[test]
+fn oneway_sends_arrive() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    let p = Producer::connect(&b.addr()).unwrap();
+    for i in 0..100 {
+        p.send_oneway("t", QueueSelector::Queue(0), &Message::new(format!("{i}")))
+            .unwrap();
+    }
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = 0;
+    let mut offset = 0;
+    while got < 100 && Instant::now() < deadline {
+        let f = c.fetch("t", 0, offset, Duration::from_millis(200)).unwrap();
+        got += f.messages.len();
+        offset = f.next_offset;
+    }
+    assert_eq!(got, 100);
+}
+
+/// Sends one batch with explicit idempotence fields over a raw connection.
+fn produce_raw(conn: &Connection, producer_id: u64, seq: u32, payload: &str) -> Result<(u32, u64, bool), ringmq::client::ClientError> {
+    let mut buf = bytes::BytesMut::new();
+    let mut bb = BatchBuilder::new(&mut buf);
+    bb.push(&Message::new(payload.to_string())).unwrap();
+    let req = Request::Produce(ProduceRequest {
+        topic: "t".into(),
+        queue: Some(0),
+        producer_id,
+        producer_epoch: 0,
+        base_sequence: seq,
+        message_count: 1,
+        timeout_ms: 5000,
+    });
+    match conn.call(&req, buf.freeze(), Duration::from_secs(10))?.0 {
+        Response::Produced(a) => Ok((a.queue, a.base_offset, a.duplicate)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retried_batch_is_stored_once_even_after_a_restart() {
+    let mut b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    let owner = Admin::connect(&b.addr()).unwrap().route("t").unwrap().queues[0]
+        .address
+        .clone();
+    let first = {
+        let conn = Connection::connect(&owner).unwrap();
+        let first = produce_raw(&conn, 42, 0, "a").unwrap();
+        assert!(!first.2);
+        let again = produce_raw(&conn, 42, 0, "a").unwrap();
+        assert_eq!((again.0, again.1, again.2), (first.0, first.1, true));
+        first
+    };
+    b.restart();
+    let owner = Admin::connect(&b.addr()).unwrap().route("t").unwrap().queues[0]
+        .address
+        .clone();
+    let conn = Connection::connect(&owner).unwrap();
+    let after = produce_raw(&conn, 42, 0, "a").unwrap();
+    assert_eq!((after.1, after.2), (first.1, true), "de-dup window rebuilt from the log");
+    // A gap in the sequence is refused clearly.
+    let gap = produce_raw(&conn, 42, 5, "b").unwrap_err();
+    assert_eq!(gap.code(), Some(ErrorCode::OutOfOrderSequence));
+    let next = produce_raw(&conn, 42, 1, "b").unwrap();
+    assert_eq!(next.1, first.1 + 1);
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let seen = drain_all(&c, "t", 1);
+    assert_eq!(seen.values().cloned().collect::<Vec<_>>(), vec![Bytes::from("a"), Bytes::from("b")]);
+}
+
+#[test]
+fn long_poll_wakes_on_new_data_well_before_its_deadline() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    let addr = b.addr();
+    let producer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let p = Producer::connect(&addr).unwrap();
+        p.send("t", QueueSelector::Queue(0), &Message::new("late")).unwrap();
+    });
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let start = Instant::now();
+    let f = c.fetch("t", 0, 0, Duration::from_secs(10)).unwrap();
+    let waited = start.elapsed();
+    producer.join().unwrap();
+    assert_eq!(f.messages.len(), 1);
+    assert!(waited >= Duration::from_millis(250), "returned before the data existed: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "did not wake on new data: {waited:?}");
+}
+
+#[test]
+fn fetch_past_the_end_waits_and_then_returns_empty() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let start = Instant::now();
+    let f = c.fetch("t", 0, 0, Duration::from_millis(300)).unwrap();
+    assert!(f.messages.is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn offsets_out_of_range_and_unknown_queues_error_clearly() {
+    let b = TestBroker::start();
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.create_topic("t", 2).unwrap();
+    let p = Producer::connect(&b.addr()).unwrap();
+    p.send("t", QueueSelector::Queue(0), &Message::new("x")).unwrap();
+    let conn = Connection::connect(&b.addr()).unwrap();
+    let fetch = |queue, offset| {
+        conn.call(
+            &Request::Fetch(FetchRequest {
+                topic: "t".into(),
+                queue,
+                offset,
+                max_bytes: 1 << 20,
+                max_wait_ms: 0,
+            }),
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+    };
+    let err = fetch(0, 1000).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::OffsetOutOfRange), "{err}");
+    assert!(err.to_string().contains('1'), "names the valid range: {err}");
+    assert_eq!(fetch(7, 0).unwrap_err().code(), Some(ErrorCode::QueueNotFound));
+    let stats = admin.queue_stats("t").unwrap();
+    assert_eq!(stats.len(), 2);
+    assert_eq!((stats[0].end_offset, stats[1].end_offset), (1, 0));
+}
+
+#[test]
+fn a_malformed_batch_is_refused_and_nothing_is_stored() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
+    let req = Request::Produce(ProduceRequest {
+        topic: "t".into(),
+        queue: Some(0),
+        producer_id: 0,
+        producer_epoch: 0,
+        base_sequence: 0,
+        message_count: 1,
+        timeout_ms: 5000,
+    });
+    let err = conn
+        .call(&req, Bytes::from_static(&[9, 0, 0, 0, 1]), Duration::from_secs(10))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidBatch));
+    let stats = Admin::connect(&b.addr()).unwrap().queue_stats("t").unwrap();
+    assert_eq!(stats[0].end_offset, 0);
+}
+
+#[test]
+fn a_plain_client_on_one_port_reaches_every_queue() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr()).unwrap().create_topic("t", 8).unwrap();
+    // Raw produce through shard 0's port to every queue: half of them are forwarded.
+    let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
+    for q in 0..8u32 {
+        let mut buf = bytes::BytesMut::new();
+        BatchBuilder::new(&mut buf).push(&Message::new(format!("q{q}"))).unwrap();
+        let req = Request::Produce(ProduceRequest {
+            topic: "t".into(),
+            queue: Some(q),
+            producer_id: 0,
+            producer_epoch: 0,
+            base_sequence: 0,
+            message_count: 1,
+            timeout_ms: 5000,
+        });
+        match conn.call(&req, buf.freeze(), Duration::from_secs(10)).unwrap().0 {
+            Response::Produced(a) => assert_eq!((a.queue, a.base_offset), (q, 0)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let seen = drain_all(&c, "t", 8);
+    let queues: HashSet<u32> = seen.keys().map(|(q, _)| *q).collect();
+    assert_eq!(queues.len(), 8);
+    let _ = c.iter("t", 0, StartFrom::Beginning).unwrap();
+}
