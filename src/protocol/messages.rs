@@ -790,6 +790,53 @@ mod tests {
     }
 
     #[test]
+    fn a_header_that_fans_out_through_shared_offsets_is_rejected() {
+        // 12 000 vector entries all pointing at one table: 48 KB on the wire, under
+        // MAX_HEADER_BYTES, but 12 001 tables to the verifier.
+        let mut fbb = FlatBufferBuilder::new();
+        let name = fbb.create_string("t");
+        let one = fb::TopicInfo::create(
+            &mut fbb,
+            &fb::TopicInfoArgs {
+                name: Some(name),
+                queues: 1,
+            },
+        );
+        let topics = fbb.create_vector(&vec![one; 12_000]);
+        let args = fb::ListTopicsResponseArgs {
+            topics: Some(topics),
+        };
+        let root = fb::ListTopicsResponse::create(&mut fbb, &args);
+        let header = finish(fbb, root);
+        assert!(header.len() <= crate::protocol::limits::MAX_HEADER_BYTES as usize);
+        let mut frame = Response::Topics(vec![]).to_frame(1, Bytes::new());
+        frame.header = header;
+        let err = Response::from_frame(Opcode::ListTopics, &frame).unwrap_err();
+        assert!(matches!(err, WireError::BadHeader { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_largest_honest_topic_list_passes_the_verifier_limits() {
+        let topics: Vec<TopicInfo> = (0..1_500)
+            .map(|i| TopicInfo {
+                name: format!("topic-{i:010}"),
+                queues: 8,
+            })
+            .collect();
+        let resp = Response::Topics(topics);
+        let frame = resp.to_frame(1, Bytes::new());
+        assert!(frame.header.len() <= crate::protocol::limits::MAX_HEADER_BYTES as usize);
+        assert!(
+            frame.header.len() > 48 * 1024,
+            "test should fill most of the header limit"
+        );
+        assert_eq!(
+            Response::from_frame(Opcode::ListTopics, &frame).unwrap(),
+            resp
+        );
+    }
+
+    #[test]
     fn a_response_with_another_opcode_is_rejected() {
         let frame = Response::Pong.to_frame(3, Bytes::new());
         assert!(matches!(
