@@ -1,0 +1,442 @@
+//! Errors of the wire layer.
+//!
+//! Two types live here:
+//! - [`WireError`]: what went wrong decoding or interpreting a frame, on either side. Structured,
+//!   so a caller can log exact numbers and, where the preamble was intact, still answer the
+//!   sender ([`WireError::request_id`], [`WireError::code`]).
+//! - [`ErrorCode`]: the stable numeric status a broker puts in a response preamble. Numbers are a
+//!   public contract: a code is never renumbered and a retired number is never reused (list it in
+//!   the retired comment below instead).
+
+use std::fmt;
+
+/// Stable numeric status carried in the `status` field of a response preamble.
+///
+/// Numbers are grouped by decade: 1–9 framing, 20s metadata, 30s broker resources, 40s data,
+/// 50s replication, 60s lifecycle. `0` is success and only ever appears in successful responses.
+///
+/// Retired numbers (never reuse): none yet.
+///
+/// A number this build does not know (a newer peer) becomes [`ErrorCode::Unknown`] carrying the
+/// raw value; it is never sent by this build and it is not retriable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Success.
+    Ok = 0,
+    /// The frame could not be parsed (bad magic, reserved bits set, inconsistent flags ...).
+    MalformedFrame = 1,
+    /// The preamble's version is not one this broker speaks.
+    UnsupportedVersion = 2,
+    /// The CRC over header and body did not match.
+    CrcMismatch = 3,
+    /// Header or body length over the broker's limits.
+    FrameTooLarge = 4,
+    /// The opcode is not one this broker knows.
+    UnknownOpcode = 5,
+    /// The FlatBuffers header failed verification or lacks a required field.
+    BadHeader = 6,
+    /// A bug or an unexpected state in the broker.
+    Internal = 7,
+    /// The topic does not exist.
+    TopicNotFound = 20,
+    /// CreateTopic for a topic that already exists with a different queue count.
+    TopicExists = 21,
+    /// The topic name is empty, too long or has forbidden characters.
+    InvalidTopic = 22,
+    /// The queue id is outside the topic's queues.
+    QueueNotFound = 23,
+    /// A request field is out of range.
+    InvalidArgument = 24,
+    /// Flow control: the shard's in-flight budget is exhausted. Retry later.
+    SystemBusy = 30,
+    /// SYNC_FLUSH: the batch was written but the fdatasync did not complete before the deadline.
+    /// It may be stored; an idempotent producer can retry safely.
+    FlushDiskTimeout = 31,
+    /// The storage layer failed (for example a poisoned segment after an fdatasync error).
+    StorageError = 32,
+    /// Disk usage over the reject ratio; writes resume once retention frees space.
+    DiskFull = 33,
+    /// Fetch offset outside `[min_offset, end_offset]`.
+    OffsetOutOfRange = 40,
+    /// Idempotent producer: the sequence number is not the next one expected.
+    OutOfOrderSequence = 41,
+    /// A message or batch over the broker's size limits.
+    MessageTooLarge = 42,
+    /// The produce body is not a valid message batch (see `crate::message`).
+    InvalidBatch = 43,
+    /// SYNC_MASTER: the slave did not acknowledge before the deadline. Stored on the master.
+    FlushSlaveTimeout = 50,
+    /// SYNC_MASTER: no slave is connected. Stored on the master.
+    SlaveNotAvailable = 51,
+    /// A write reached a broker that is not (or no longer) the master.
+    NotMaster = 52,
+    /// The broker is shutting down; retry on another broker or after restart.
+    ShuttingDown = 60,
+    /// A number this build does not know, kept as received. The discriminant is a placeholder:
+    /// use [`ErrorCode::as_u16`], which returns the carried value.
+    Unknown(u16) = u16::MAX,
+}
+
+impl ErrorCode {
+    /// Every known code, in numeric order. Used by tests to pin the numbers.
+    pub const ALL: [ErrorCode; 25] = [
+        ErrorCode::Ok,
+        ErrorCode::MalformedFrame,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::CrcMismatch,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnknownOpcode,
+        ErrorCode::BadHeader,
+        ErrorCode::Internal,
+        ErrorCode::TopicNotFound,
+        ErrorCode::TopicExists,
+        ErrorCode::InvalidTopic,
+        ErrorCode::QueueNotFound,
+        ErrorCode::InvalidArgument,
+        ErrorCode::SystemBusy,
+        ErrorCode::FlushDiskTimeout,
+        ErrorCode::StorageError,
+        ErrorCode::DiskFull,
+        ErrorCode::OffsetOutOfRange,
+        ErrorCode::OutOfOrderSequence,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::InvalidBatch,
+        ErrorCode::FlushSlaveTimeout,
+        ErrorCode::SlaveNotAvailable,
+        ErrorCode::NotMaster,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The number sent on the wire.
+    pub const fn as_u16(self) -> u16 {
+        match self {
+            ErrorCode::Ok => 0,
+            ErrorCode::MalformedFrame => 1,
+            ErrorCode::UnsupportedVersion => 2,
+            ErrorCode::CrcMismatch => 3,
+            ErrorCode::FrameTooLarge => 4,
+            ErrorCode::UnknownOpcode => 5,
+            ErrorCode::BadHeader => 6,
+            ErrorCode::Internal => 7,
+            ErrorCode::TopicNotFound => 20,
+            ErrorCode::TopicExists => 21,
+            ErrorCode::InvalidTopic => 22,
+            ErrorCode::QueueNotFound => 23,
+            ErrorCode::InvalidArgument => 24,
+            ErrorCode::SystemBusy => 30,
+            ErrorCode::FlushDiskTimeout => 31,
+            ErrorCode::StorageError => 32,
+            ErrorCode::DiskFull => 33,
+            ErrorCode::OffsetOutOfRange => 40,
+            ErrorCode::OutOfOrderSequence => 41,
+            ErrorCode::MessageTooLarge => 42,
+            ErrorCode::InvalidBatch => 43,
+            ErrorCode::FlushSlaveTimeout => 50,
+            ErrorCode::SlaveNotAvailable => 51,
+            ErrorCode::NotMaster => 52,
+            ErrorCode::ShuttingDown => 60,
+            ErrorCode::Unknown(n) => n,
+        }
+    }
+
+    /// Maps a received number; never fails: unknown numbers become [`ErrorCode::Unknown`].
+    pub const fn from_u16(n: u16) -> ErrorCode {
+        match n {
+            0 => ErrorCode::Ok,
+            1 => ErrorCode::MalformedFrame,
+            2 => ErrorCode::UnsupportedVersion,
+            3 => ErrorCode::CrcMismatch,
+            4 => ErrorCode::FrameTooLarge,
+            5 => ErrorCode::UnknownOpcode,
+            6 => ErrorCode::BadHeader,
+            7 => ErrorCode::Internal,
+            20 => ErrorCode::TopicNotFound,
+            21 => ErrorCode::TopicExists,
+            22 => ErrorCode::InvalidTopic,
+            23 => ErrorCode::QueueNotFound,
+            24 => ErrorCode::InvalidArgument,
+            30 => ErrorCode::SystemBusy,
+            31 => ErrorCode::FlushDiskTimeout,
+            32 => ErrorCode::StorageError,
+            33 => ErrorCode::DiskFull,
+            40 => ErrorCode::OffsetOutOfRange,
+            41 => ErrorCode::OutOfOrderSequence,
+            42 => ErrorCode::MessageTooLarge,
+            43 => ErrorCode::InvalidBatch,
+            50 => ErrorCode::FlushSlaveTimeout,
+            51 => ErrorCode::SlaveNotAvailable,
+            52 => ErrorCode::NotMaster,
+            60 => ErrorCode::ShuttingDown,
+            n => ErrorCode::Unknown(n),
+        }
+    }
+
+    /// Whether a client may resend the same request (with the same producer sequence, so an
+    /// idempotent producer is not stored twice) and expect it can succeed.
+    pub const fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::SystemBusy
+                | ErrorCode::FlushDiskTimeout
+                | ErrorCode::DiskFull
+                | ErrorCode::FlushSlaveTimeout
+                | ErrorCode::SlaveNotAvailable
+                | ErrorCode::ShuttingDown
+        )
+    }
+
+    /// The SCREAMING_SNAKE name used in logs and by `Display`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Ok => "OK",
+            ErrorCode::MalformedFrame => "MALFORMED_FRAME",
+            ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
+            ErrorCode::CrcMismatch => "CRC_MISMATCH",
+            ErrorCode::FrameTooLarge => "FRAME_TOO_LARGE",
+            ErrorCode::UnknownOpcode => "UNKNOWN_OPCODE",
+            ErrorCode::BadHeader => "BAD_HEADER",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::TopicNotFound => "TOPIC_NOT_FOUND",
+            ErrorCode::TopicExists => "TOPIC_EXISTS",
+            ErrorCode::InvalidTopic => "INVALID_TOPIC",
+            ErrorCode::QueueNotFound => "QUEUE_NOT_FOUND",
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::SystemBusy => "SYSTEM_BUSY",
+            ErrorCode::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
+            ErrorCode::StorageError => "STORAGE_ERROR",
+            ErrorCode::DiskFull => "DISK_FULL",
+            ErrorCode::OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
+            ErrorCode::OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
+            ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            ErrorCode::InvalidBatch => "INVALID_BATCH",
+            ErrorCode::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
+            ErrorCode::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
+            ErrorCode::NotMaster => "NOT_MASTER",
+            ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            ErrorCode::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Unknown(n) => write!(f, "UNKNOWN({n})"),
+            code => f.write_str(code.name()),
+        }
+    }
+}
+
+/// An error status received from the broker: the response preamble's `status` and the UTF-8
+/// message in its body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct RemoteError {
+    /// The status from the response preamble (never [`ErrorCode::Ok`]).
+    pub code: ErrorCode,
+    /// Human-readable detail from the response body (lossily decoded if not UTF-8).
+    pub message: String,
+}
+
+impl RemoteError {
+    /// Whether resending the request may succeed; see [`ErrorCode::is_retriable`].
+    pub fn is_retriable(&self) -> bool {
+        self.code.is_retriable()
+    }
+}
+
+/// Something wrong with a frame or its header.
+///
+/// Variants with a `request_id` were detected after the preamble parsed (magic and version
+/// good), so the caller can answer that request with [`WireError::code`] before closing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The first four bytes are not the RingMQ magic: not our protocol, or a desynchronised
+    /// stream. Nothing else in the buffer can be trusted.
+    #[error("bad magic {found:#010x}, expected {expected:#010x}", expected = super::frame::MAGIC)]
+    BadMagic { found: u32 },
+
+    /// A protocol version this build does not speak.
+    #[error("unsupported protocol version {found}, this build speaks {supported}", supported = super::frame::VERSION)]
+    UnsupportedVersion { found: u8 },
+
+    /// The reserved preamble field is not zero.
+    #[error("request {request_id}: reserved preamble field is {found:#06x}, must be 0")]
+    ReservedNotZero { request_id: u64, found: u16 },
+
+    /// Flag bits this version does not define, or RESPONSE and ONEWAY together.
+    #[error("request {request_id}: invalid flags {flags:#04x}")]
+    InvalidFlags { request_id: u64, flags: u8 },
+
+    /// A request (RESPONSE flag clear) with a non-zero status.
+    #[error("request {request_id}: status {status} set on a request")]
+    StatusInRequest { request_id: u64, status: u16 },
+
+    /// Header length over [`MAX_HEADER_BYTES`](super::limits::MAX_HEADER_BYTES); detected from
+    /// the preamble alone.
+    #[error("request {request_id}: header of {len} bytes exceeds the limit of {max}")]
+    HeaderTooLarge { request_id: u64, len: u32, max: u32 },
+
+    /// Body length over [`MAX_BODY_BYTES`](super::limits::MAX_BODY_BYTES); detected from the
+    /// preamble alone.
+    #[error("request {request_id}: body of {len} bytes exceeds the limit of {max}")]
+    BodyTooLarge { request_id: u64, len: u32, max: u32 },
+
+    /// The CRC32 over header and body does not match the preamble.
+    #[error("request {request_id}: crc mismatch, preamble says {expected:#010x}, computed {actual:#010x}")]
+    CrcMismatch {
+        request_id: u64,
+        expected: u32,
+        actual: u32,
+    },
+
+    /// An opcode this build does not know.
+    #[error("request {request_id}: unknown opcode {opcode}")]
+    UnknownOpcode { request_id: u64, opcode: u16 },
+
+    /// The FlatBuffers header failed verification or does not fit the opcode.
+    #[error("request {request_id}: bad header for opcode {opcode}: {reason}")]
+    BadHeader {
+        request_id: u64,
+        opcode: u16,
+        reason: String,
+    },
+
+    /// A request where a response was expected, or the other way round.
+    #[error("request {request_id}: expected a {expected} frame")]
+    WrongDirection {
+        request_id: u64,
+        expected: &'static str,
+    },
+
+    /// A response whose opcode is not the one of the request it answers.
+    #[error("request {request_id}: response opcode {found}, expected {expected}")]
+    OpcodeMismatch {
+        request_id: u64,
+        expected: u16,
+        found: u16,
+    },
+
+    /// The broker answered with an error status.
+    #[error("request {request_id}: broker error {error}")]
+    Remote { request_id: u64, error: RemoteError },
+}
+
+impl WireError {
+    /// The request id from the preamble, when it was read before the error was found.
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            WireError::BadMagic { .. } | WireError::UnsupportedVersion { .. } => None,
+            WireError::ReservedNotZero { request_id, .. }
+            | WireError::InvalidFlags { request_id, .. }
+            | WireError::StatusInRequest { request_id, .. }
+            | WireError::HeaderTooLarge { request_id, .. }
+            | WireError::BodyTooLarge { request_id, .. }
+            | WireError::CrcMismatch { request_id, .. }
+            | WireError::UnknownOpcode { request_id, .. }
+            | WireError::BadHeader { request_id, .. }
+            | WireError::WrongDirection { request_id, .. }
+            | WireError::OpcodeMismatch { request_id, .. }
+            | WireError::Remote { request_id, .. } => Some(*request_id),
+        }
+    }
+
+    /// The status a broker sends back for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::BadMagic { .. }
+            | WireError::ReservedNotZero { .. }
+            | WireError::InvalidFlags { .. }
+            | WireError::StatusInRequest { .. }
+            | WireError::WrongDirection { .. }
+            | WireError::OpcodeMismatch { .. } => ErrorCode::MalformedFrame,
+            WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            WireError::HeaderTooLarge { .. } | WireError::BodyTooLarge { .. } => {
+                ErrorCode::FrameTooLarge
+            }
+            WireError::CrcMismatch { .. } => ErrorCode::CrcMismatch,
+            WireError::UnknownOpcode { .. } => ErrorCode::UnknownOpcode,
+            WireError::BadHeader { .. } => ErrorCode::BadHeader,
+            WireError::Remote { error, .. } => error.code,
+        }
+    }
+
+    /// The broker's error, if this is one.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        match self {
+            WireError::Remote { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_code_numbers_are_pinned() {
+        let expected: [u16; 25] = [
+            0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24, 30, 31, 32, 33, 40, 41, 42, 43, 50, 51, 52,
+            60,
+        ];
+        let got: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn every_number_round_trips_and_unknown_numbers_are_kept() {
+        for n in 0..=u16::MAX {
+            assert_eq!(ErrorCode::from_u16(n).as_u16(), n);
+        }
+        assert_eq!(ErrorCode::from_u16(8), ErrorCode::Unknown(8));
+        assert_eq!(ErrorCode::from_u16(999).to_string(), "UNKNOWN(999)");
+        assert!(!ErrorCode::Unknown(999).is_retriable());
+    }
+
+    #[test]
+    fn retriable_codes_are_exactly_the_transient_ones() {
+        let retriable: Vec<ErrorCode> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| c.is_retriable())
+            .collect();
+        assert_eq!(
+            retriable,
+            [
+                ErrorCode::SystemBusy,
+                ErrorCode::FlushDiskTimeout,
+                ErrorCode::DiskFull,
+                ErrorCode::FlushSlaveTimeout,
+                ErrorCode::SlaveNotAvailable,
+                ErrorCode::ShuttingDown,
+            ]
+        );
+    }
+
+    #[test]
+    fn display_is_the_screaming_snake_name() {
+        assert_eq!(
+            ErrorCode::FlushSlaveTimeout.to_string(),
+            "FLUSH_SLAVE_TIMEOUT"
+        );
+        assert_eq!(ErrorCode::Ok.to_string(), "OK");
+        let e = RemoteError {
+            code: ErrorCode::TopicNotFound,
+            message: "no topic t".into(),
+        };
+        assert_eq!(e.to_string(), "TOPIC_NOT_FOUND: no topic t");
+    }
+
+    #[test]
+    fn errors_after_the_preamble_carry_the_request_id() {
+        let e = WireError::CrcMismatch {
+            request_id: 7,
+            expected: 1,
+            actual: 2,
+        };
+        assert_eq!(e.request_id(), Some(7));
+        assert_eq!(e.code(), ErrorCode::CrcMismatch);
+        assert_eq!(WireError::BadMagic { found: 0 }.request_id(), None);
+    }
+}

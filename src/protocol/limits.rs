@@ -1,0 +1,52 @@
+//! Named limits of the wire protocol. Each is checked before anything is allocated or waited
+//! for: a peer can make us hold at most one preamble's worth of bytes before we know whether
+//! its frame is acceptable.
+
+use flatbuffers::VerifierOptions;
+
+/// Fixed size of the frame preamble, in bytes.
+pub const PREAMBLE_BYTES: usize = 32;
+
+/// Largest FlatBuffers header accepted. Headers carry metadata only (topic names, offsets, a
+/// route table, the broker's config); the largest honest one, a ListTopics or BrokerInfo
+/// response, stays well under this. The bound keeps header verification cheap and means a
+/// header can never be the reason a connection buffers megabytes.
+pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
+
+/// Largest frame body accepted: a produce batch or a fetch response. It bounds the read buffer
+/// of every connection (connections × this is the worst case a broker must survive) and is 4×
+/// RocketMQ's default `maxMessageSize`, so large batches still fit. A fetch handler caps its
+/// `max_bytes` to this.
+pub const MAX_BODY_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Largest whole frame: preamble, header and body at their limits.
+pub const MAX_FRAME_BYTES: usize =
+    PREAMBLE_BYTES + MAX_HEADER_BYTES as usize + MAX_BODY_BYTES as usize;
+
+/// Largest number of messages in one produce batch. Each message gets its own queue offset
+/// and index work; the bound keeps a single batch's indexing bounded (a 16 MiB body of minimal
+/// 24-byte messages would otherwise be ~700 000 messages).
+pub const MAX_BATCH_MESSAGES: u32 = 65_536;
+
+/// Longest error message put in an error response body. Error text is for humans; cutting it
+/// keeps a pathological error (say, one quoting user input) from producing a large frame.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4 * 1024;
+
+/// Deepest table nesting in any header. The deepest schema path is root → vector → table, so 3
+/// would do; 8 leaves room for additive schema changes without a new release.
+pub const MAX_HEADER_DEPTH: usize = 8;
+
+/// Most tables in one header: one per entry of the longest list (topics, routes) plus the root.
+/// A 64 KiB header cannot honestly hold more than a few thousand tables.
+pub const MAX_HEADER_TABLES: usize = 8 * 1024;
+
+/// Verifier options for every header read from the network. The apparent size counts shared
+/// vtables once per table that uses them, so it is allowed to exceed the header length, but
+/// only by a small factor: this stops a header of a few KiB that fans out into gigabytes of
+/// "apparent" data through shared offsets.
+pub const HEADER_VERIFIER: VerifierOptions = VerifierOptions {
+    max_depth: MAX_HEADER_DEPTH,
+    max_tables: MAX_HEADER_TABLES,
+    max_apparent_size: 4 * MAX_HEADER_BYTES as usize,
+    ignore_missing_null_terminator: false,
+};

@@ -1,0 +1,619 @@
+//! Codec tests over the public API: round trips of every request and response, incremental
+//! decoding, every preamble and header rejection, and seeded fuzz loops proving bad input is an
+//! error and never a panic.
+
+use bytes::{Bytes, BytesMut};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ringmq::message::{validate_batch, BatchBuilder, BatchError, BatchIter, Message};
+use ringmq::protocol::{
+    error_frame, error_frame_for, BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame,
+    FrameFlags, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, Request, Response,
+    RouteTable, TopicInfo, WireError, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_HEADER_BYTES,
+    PREAMBLE_BYTES,
+};
+
+fn all_requests() -> Vec<Request> {
+    vec![
+        Request::Ping,
+        Request::CreateTopic {
+            name: "orders".into(),
+            queues: 8,
+        },
+        Request::ListTopics,
+        Request::GetRoute {
+            topic: "orders".into(),
+        },
+        Request::BrokerInfo,
+        Request::Produce(ProduceRequest {
+            topic: "orders".into(),
+            queue: Some(3),
+            producer_id: 0xdead_beef,
+            producer_epoch: 2,
+            base_sequence: 41,
+            message_count: 2,
+            timeout_ms: 5000,
+        }),
+        Request::Produce(ProduceRequest {
+            topic: "t".into(),
+            queue: None,
+            producer_id: 0,
+            producer_epoch: 0,
+            base_sequence: 0,
+            message_count: 1,
+            timeout_ms: 0,
+        }),
+        Request::Fetch(FetchRequest {
+            topic: "orders".into(),
+            queue: 3,
+            offset: u64::MAX - 1,
+            max_bytes: 1 << 20,
+            max_wait_ms: 500,
+        }),
+        Request::QueueStats {
+            topic: "ünïcödé".into(),
+        },
+    ]
+}
+
+fn all_responses() -> Vec<Response> {
+    vec![
+        Response::Pong,
+        Response::TopicCreated {
+            name: "orders".into(),
+            queues: 8,
+        },
+        Response::Topics(vec![]),
+        Response::Topics(vec![
+            TopicInfo {
+                name: "a".into(),
+                queues: 1,
+            },
+            TopicInfo {
+                name: "b".into(),
+                queues: 16,
+            },
+        ]),
+        Response::Route(RouteTable {
+            topic: "orders".into(),
+            queues: (0..4)
+                .map(|q| QueueRoute {
+                    queue: q,
+                    shard: q % 2,
+                    address: format!("10.0.0.1:{}", 9000 + q),
+                })
+                .collect(),
+        }),
+        Response::BrokerInfo(BrokerInfo {
+            version: "0.1.0".into(),
+            shards: 4,
+            flush_mode: "SYNC_FLUSH".into(),
+            role: "master".into(),
+            config_toml: "[broker]\ncores = 4\n".into(),
+        }),
+        Response::Produced(ProduceAck {
+            queue: 3,
+            base_offset: 1000,
+            count: 2,
+            duplicate: true,
+        }),
+        Response::Fetched(FetchHeader {
+            queue: 3,
+            next_offset: 12,
+            min_offset: 0,
+            end_offset: 20,
+        }),
+        Response::QueueStats(vec![
+            QueueStat {
+                queue: 0,
+                min_offset: 0,
+                end_offset: 10,
+                bytes: 4096,
+            },
+            QueueStat {
+                queue: 1,
+                min_offset: 5,
+                end_offset: u64::MAX,
+                bytes: 1,
+            },
+        ]),
+    ]
+}
+
+fn encode(frame: &Frame) -> BytesMut {
+    let mut out = BytesMut::new();
+    frame.encode(&mut out);
+    assert_eq!(out.len(), frame.encoded_len());
+    out
+}
+
+/// A preamble with the given fields (CRC 0, status 0, reserved 0), for rejection tests.
+fn preamble(flags: u8, opcode: u16, request_id: u64, header_len: u32, body_len: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(PREAMBLE_BYTES);
+    p.extend_from_slice(b"RQMW");
+    p.push(1);
+    p.push(flags);
+    p.extend_from_slice(&opcode.to_le_bytes());
+    p.extend_from_slice(&request_id.to_le_bytes());
+    p.extend_from_slice(&header_len.to_le_bytes());
+    p.extend_from_slice(&body_len.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&0u16.to_le_bytes());
+    p.extend_from_slice(&0u16.to_le_bytes());
+    assert_eq!(p.len(), PREAMBLE_BYTES);
+    p
+}
+
+/// Re-encodes `frame` after replacing its header, so the CRC is right and only the header is bad.
+fn with_header(mut frame: Frame, header: &[u8]) -> Frame {
+    frame.header = Bytes::copy_from_slice(header);
+    let mut bytes = encode(&frame);
+    Frame::decode(&mut bytes).unwrap().unwrap()
+}
+
+fn sample_batch() -> Bytes {
+    let mut out = BytesMut::new();
+    let mut b = BatchBuilder::new(&mut out);
+    b.push(
+        &Message::new(&b"first"[..])
+            .with_key(&b"k1"[..])
+            .with_born_timestamp_ms(1),
+    )
+    .unwrap();
+    b.push(
+        &Message::new(&b"second"[..])
+            .with_tag(&b"T"[..])
+            .with_property(&b"p"[..], &b"v"[..]),
+    )
+    .unwrap();
+    out.freeze()
+}
+
+#[test]
+fn every_request_round_trips_through_bytes() {
+    for (i, req) in all_requests().into_iter().enumerate() {
+        let body = if req.opcode() == Opcode::Produce {
+            sample_batch()
+        } else {
+            Bytes::new()
+        };
+        let frame = req.to_frame(i as u64 + 100, body.clone());
+        let mut bytes = encode(&frame);
+        let decoded = Frame::decode(&mut bytes).unwrap().unwrap();
+        assert!(bytes.is_empty());
+        assert_eq!(decoded, frame);
+        assert_eq!(decoded.request_id, i as u64 + 100);
+        assert!(!decoded.flags.is_response());
+        assert_eq!(Request::from_frame(&decoded).unwrap(), req);
+        assert_eq!(decoded.body, body);
+    }
+}
+
+#[test]
+fn every_response_round_trips_through_bytes() {
+    for (i, resp) in all_responses().into_iter().enumerate() {
+        let body = if resp.opcode() == Opcode::Fetch {
+            sample_batch()
+        } else {
+            Bytes::new()
+        };
+        let frame = resp.to_frame(i as u64, body.clone());
+        let (decoded, used) = Frame::decode_slice(&encode(&frame)).unwrap().unwrap();
+        assert_eq!(used, frame.encoded_len());
+        assert!(decoded.flags.is_response());
+        assert_eq!(Response::from_frame(resp.opcode(), &decoded).unwrap(), resp);
+        assert_eq!(decoded.body, body);
+    }
+}
+
+#[test]
+fn a_produce_body_is_a_valid_batch_after_the_trip() {
+    let req = &all_requests()[5];
+    let mut bytes = encode(&req.to_frame(1, sample_batch()));
+    let frame = Frame::decode(&mut bytes).unwrap().unwrap();
+    let Request::Produce(p) = Request::from_frame(&frame).unwrap() else {
+        panic!("not a produce request")
+    };
+    assert_eq!(
+        validate_batch(&frame.body, MAX_BATCH_MESSAGES),
+        Ok(p.message_count)
+    );
+    let payloads: Vec<&[u8]> = BatchIter::new(&frame.body)
+        .map(|m| m.unwrap().payload)
+        .collect();
+    assert_eq!(payloads, [&b"first"[..], &b"second"[..]]);
+}
+
+#[test]
+fn error_frames_round_trip_to_remote_errors() {
+    for code in ErrorCode::ALL.into_iter().filter(|c| *c != ErrorCode::Ok) {
+        let frame = error_frame(Opcode::Fetch.as_u16(), 5, code, "why");
+        let (decoded, _) = Frame::decode_slice(&encode(&frame)).unwrap().unwrap();
+        let err = Response::from_frame(Opcode::Fetch, &decoded).unwrap_err();
+        let remote = err.remote().expect("remote error");
+        assert_eq!((remote.code, remote.message.as_str()), (code, "why"));
+        assert_eq!(err.code(), code);
+    }
+    // A code from a newer broker is kept, not a panic.
+    let mut frame = error_frame(1, 5, ErrorCode::Internal, "new");
+    frame.status = 999;
+    let err = Response::from_frame(Opcode::Ping, &frame).unwrap_err();
+    assert_eq!(err.remote().unwrap().code, ErrorCode::Unknown(999));
+}
+
+#[test]
+fn decoding_byte_by_byte_yields_none_until_the_frame_is_complete() {
+    let frames: Vec<Frame> = all_requests()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.to_frame(i as u64, Bytes::from_static(b"body")))
+        .collect();
+    let mut wire = BytesMut::new();
+    for f in &frames {
+        f.encode(&mut wire);
+    }
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for &byte in wire.iter() {
+        buf.extend_from_slice(&[byte]);
+        if let Some(frame) = Frame::decode(&mut buf).unwrap() {
+            got.push(frame);
+            assert!(buf.is_empty(), "a frame was returned before its last byte");
+        }
+        assert_eq!(Frame::decode_slice(&buf).unwrap(), None);
+    }
+    assert_eq!(got, frames);
+}
+
+#[test]
+fn wrong_magic_is_rejected() {
+    let mut bytes = encode(&Request::Ping.to_frame(1, Bytes::new()));
+    bytes[0] = b'X';
+    let len = bytes.len();
+    assert!(matches!(
+        Frame::decode(&mut bytes),
+        Err(WireError::BadMagic { .. })
+    ));
+    assert_eq!(bytes.len(), len, "buffer untouched on error");
+    let mut http = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+    let err = Frame::decode(&mut http).unwrap_err();
+    assert_eq!(
+        (err.request_id(), err.code()),
+        (None, ErrorCode::MalformedFrame)
+    );
+}
+
+#[test]
+fn unsupported_version_is_rejected_after_five_bytes() {
+    let mut bytes = BytesMut::from(&b"RQMW\x02"[..]);
+    assert_eq!(
+        Frame::decode(&mut bytes),
+        Err(WireError::UnsupportedVersion { found: 2 })
+    );
+    assert_eq!(
+        WireError::UnsupportedVersion { found: 2 }.code(),
+        ErrorCode::UnsupportedVersion
+    );
+}
+
+#[test]
+fn a_four_gib_header_is_rejected_from_the_preamble_alone() {
+    let mut buf = BytesMut::from(&preamble(0, 1, 77, u32::MAX, 0)[..]);
+    let capacity = buf.capacity();
+    let err = Frame::decode(&mut buf).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::HeaderTooLarge {
+            request_id: 77,
+            len: u32::MAX,
+            max: MAX_HEADER_BYTES
+        }
+    );
+    assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+    assert_eq!(
+        buf.capacity(),
+        capacity,
+        "nothing reserved for a rejected frame"
+    );
+    let mut one_over = BytesMut::from(&preamble(0, 1, 77, MAX_HEADER_BYTES + 1, 0)[..]);
+    assert!(matches!(
+        Frame::decode(&mut one_over),
+        Err(WireError::HeaderTooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_four_gib_body_is_rejected_from_the_preamble_alone() {
+    let p = preamble(0, 10, 78, 0, u32::MAX);
+    let mut buf = BytesMut::from(&p[..]);
+    let capacity = buf.capacity();
+    assert_eq!(
+        Frame::decode(&mut buf),
+        Err(WireError::BodyTooLarge {
+            request_id: 78,
+            len: u32::MAX,
+            max: MAX_BODY_BYTES
+        })
+    );
+    assert_eq!(buf.capacity(), capacity);
+    assert!(matches!(
+        Frame::decode_slice(&p),
+        Err(WireError::BodyTooLarge { .. })
+    ));
+    // Exactly at the limit is fine: it just needs more bytes.
+    let at_limit = preamble(0, 10, 78, 0, MAX_BODY_BYTES);
+    assert_eq!(Frame::decode_slice(&at_limit), Ok(None));
+}
+
+#[test]
+fn crc_mismatch_still_reports_the_request_id() {
+    let frame = Request::GetRoute { topic: "t".into() }.to_frame(4242, Bytes::from_static(b"xy"));
+    let mut bytes = encode(&frame);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let err = Frame::decode(&mut bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WireError::CrcMismatch {
+                request_id: 4242,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.request_id(), Some(4242));
+    let reply = error_frame_for(frame.opcode, &err).unwrap();
+    assert_eq!(
+        (reply.request_id, reply.status),
+        (4242, ErrorCode::CrcMismatch.as_u16())
+    );
+}
+
+#[test]
+fn unknown_opcode_is_reported_with_the_request_id() {
+    let mut frame = Request::Ping.to_frame(9, Bytes::new());
+    frame.opcode = 777;
+    let (decoded, _) = Frame::decode_slice(&encode(&frame)).unwrap().unwrap();
+    let err = Request::from_frame(&decoded).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::UnknownOpcode {
+            request_id: 9,
+            opcode: 777
+        }
+    );
+    let reply = error_frame_for(777, &err).unwrap();
+    assert_eq!(reply.opcode, 777);
+    assert_eq!(ErrorCode::from_u16(reply.status), ErrorCode::UnknownOpcode);
+}
+
+#[test]
+fn reserved_not_zero_is_rejected() {
+    let mut bytes = encode(&Request::Ping.to_frame(3, Bytes::new()));
+    bytes[30] = 1;
+    assert_eq!(
+        Frame::decode(&mut bytes),
+        Err(WireError::ReservedNotZero {
+            request_id: 3,
+            found: 1
+        })
+    );
+}
+
+#[test]
+fn a_response_frame_is_not_a_request_and_vice_versa() {
+    let resp = Response::Pong.to_frame(1, Bytes::new());
+    assert!(matches!(
+        Request::from_frame(&resp),
+        Err(WireError::WrongDirection { .. })
+    ));
+    let req = Request::Ping.to_frame(1, Bytes::new());
+    assert!(matches!(
+        Response::from_frame(Opcode::Ping, &req),
+        Err(WireError::WrongDirection { .. })
+    ));
+    let mut oneway = req.clone();
+    oneway.flags = FrameFlags::ONEWAY;
+    let (decoded, _) = Frame::decode_slice(&encode(&oneway)).unwrap().unwrap();
+    assert!(decoded.flags.is_oneway());
+    assert_eq!(Request::from_frame(&decoded).unwrap(), Request::Ping);
+}
+
+#[test]
+fn a_truncated_flatbuffers_header_is_a_bad_header() {
+    for req in all_requests() {
+        let frame = req.to_frame(11, Bytes::new());
+        let header = frame.header.clone();
+        for cut in 1..header.len() {
+            let bad = with_header(frame.clone(), &header[..cut]);
+            // Cutting only the zero padding after the last string's terminator leaves a
+            // valid header; any other cut must be caught.
+            let only_padding_cut = header[cut..].iter().all(|b| *b == 0);
+            match Request::from_frame(&bad) {
+                Err(WireError::BadHeader { request_id: 11, .. }) => {}
+                Ok(same) if only_padding_cut && same == req => {}
+                other => panic!("{req:?} header cut at {cut}: {other:?}"),
+            }
+        }
+    }
+    for resp in all_responses() {
+        let frame = resp.to_frame(12, Bytes::new());
+        let header = frame.header.clone();
+        for cut in 1..header.len() {
+            let bad = with_header(frame.clone(), &header[..cut]);
+            let only_padding_cut = header[cut..].iter().all(|b| *b == 0);
+            match Response::from_frame(resp.opcode(), &bad) {
+                Err(WireError::BadHeader { request_id: 12, .. }) => {}
+                Ok(same) if only_padding_cut && same == resp => {}
+                other => panic!("{resp:?} header cut at {cut}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_garbage_header_is_a_bad_header_or_harmless_never_a_panic() {
+    let mut rng = StdRng::seed_from_u64(0x5eed_0001);
+    for opcode in Opcode::ALL {
+        for _ in 0..2_000 {
+            let len = rng.gen_range(0..256);
+            let garbage: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            let frame = Frame {
+                opcode: opcode.as_u16(),
+                flags: FrameFlags::EMPTY,
+                request_id: 1,
+                status: 0,
+                header: Bytes::from(garbage),
+                body: Bytes::new(),
+            };
+            if let Err(e) = Request::from_frame(&frame) {
+                assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+            }
+            let frame = Frame {
+                flags: FrameFlags::RESPONSE,
+                ..frame
+            };
+            if let Err(e) = Response::from_frame(opcode, &frame) {
+                assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+            }
+        }
+    }
+    // All-zero and all-0xff headers of every small size.
+    for len in 1..64 {
+        for fill in [0x00u8, 0xff] {
+            let frame = Frame {
+                opcode: Opcode::Produce.as_u16(),
+                flags: FrameFlags::EMPTY,
+                request_id: 1,
+                status: 0,
+                header: Bytes::from(vec![fill; len]),
+                body: Bytes::new(),
+            };
+            assert!(
+                matches!(
+                    Request::from_frame(&frame),
+                    Err(WireError::BadHeader { .. })
+                ),
+                "{len} x {fill:#x}"
+            );
+        }
+    }
+}
+
+/// Decodes everything it can from `bytes` and interprets each frame; any panic fails the test.
+fn decode_all(bytes: &[u8]) {
+    let mut buf = BytesMut::from(bytes);
+    while let Ok(Some(frame)) = Frame::decode(&mut buf) {
+        let _ = Request::from_frame(&frame);
+        if let Some(opcode) = Opcode::from_u16(frame.opcode) {
+            let _ = Response::from_frame(opcode, &frame);
+        }
+        let _ = validate_batch(&frame.body, MAX_BATCH_MESSAGES);
+    }
+    let _ = Frame::decode_slice(bytes);
+}
+
+#[test]
+fn random_bytes_never_panic_the_decoder() {
+    let mut rng = StdRng::seed_from_u64(0x5eed_0002);
+    let mut valid = BytesMut::new();
+    for (i, r) in all_requests().iter().enumerate() {
+        r.to_frame(i as u64, sample_batch()).encode(&mut valid);
+    }
+    for (i, r) in all_responses().iter().enumerate() {
+        r.to_frame(i as u64, Bytes::new()).encode(&mut valid);
+    }
+    let valid = valid.freeze();
+    let requests = all_requests();
+    for i in 0..300_000u32 {
+        match i % 3 {
+            // Pure noise, half of it behind a good magic and version so the rest gets parsed.
+            0 => {
+                let len = rng.gen_range(0..96);
+                let mut bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                if rng.gen_bool(0.5) && bytes.len() >= 5 {
+                    bytes[..5].copy_from_slice(b"RQMW\x01");
+                }
+                decode_all(&bytes);
+            }
+            // A stream of valid frames with a few bytes changed, cut at a random point.
+            1 => {
+                let mut bytes = valid.to_vec();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..bytes.len());
+                    bytes[at] = rng.gen();
+                }
+                let cut = rng.gen_range(0..=bytes.len());
+                decode_all(&bytes[..cut]);
+            }
+            // One valid frame whose header is mutated with the CRC fixed, so header
+            // verification is what gets exercised.
+            _ => {
+                let req = &requests[rng.gen_range(0..requests.len())];
+                let mut frame = req.to_frame(1, Bytes::new());
+                let mut header = frame.header.to_vec();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..header.len());
+                    header[at] = rng.gen();
+                }
+                frame.header = Bytes::from(header);
+                decode_all(&encode(&frame));
+            }
+        }
+    }
+}
+
+#[test]
+fn random_batches_never_panic_the_validator() {
+    let mut rng = StdRng::seed_from_u64(0x5eed_0003);
+    let good = sample_batch();
+    for _ in 0..200_000 {
+        let mut bytes = good.to_vec();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..bytes.len());
+            bytes[at] = rng.gen();
+        }
+        let cut = rng.gen_range(0..=bytes.len());
+        let bytes = &bytes[..cut];
+        let validated = validate_batch(bytes, MAX_BATCH_MESSAGES);
+        let iterated: Result<Vec<_>, BatchError> = BatchIter::new(bytes).collect();
+        // The validator and the iterator agree on what is valid.
+        match (&validated, &iterated) {
+            (Ok(n), Ok(v)) => assert_eq!(*n as usize, v.len()),
+            (Err(BatchError::Empty), Ok(v)) => assert!(v.is_empty()),
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            other => panic!("validator and iterator disagree: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn truncated_and_overlong_messages_fail_batch_validation() {
+    let body = sample_batch();
+    let first_len = u32::from_le_bytes(body[0..4].try_into().unwrap()) as usize + 4;
+    // Truncated inside the second message.
+    assert!(matches!(
+        validate_batch(&body[..body.len() - 1], 100),
+        Err(BatchError::Truncated { offset, .. }) if offset == first_len
+    ));
+    // The first message claims more bytes than the batch has.
+    let mut overlong = body.to_vec();
+    overlong[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        validate_batch(&overlong, 100),
+        Err(BatchError::Truncated { offset: 0, .. })
+    ));
+    // A payload length larger than what is left of its message.
+    let mut bad_payload = body.to_vec();
+    let payload_len_at = first_len - 4 - b"first".len();
+    bad_payload[payload_len_at..payload_len_at + 4].copy_from_slice(&100u32.to_le_bytes());
+    assert!(matches!(
+        validate_batch(&bad_payload, 100),
+        Err(BatchError::FieldOverrun {
+            offset: 0,
+            field: "payload",
+            ..
+        })
+    ));
+}
