@@ -123,7 +123,10 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
         }
         AdminCommand::QueueStats { topic } => {
             let stats = admin.queue_stats(&topic).map_err(e)?;
-            println!("{:>5} {:>14} {:>14} {:>14}", "QUEUE", "MIN_OFFSET", "END_OFFSET", "BYTES");
+            println!(
+                "{:>5} {:>14} {:>14} {:>14}",
+                "QUEUE", "MIN_OFFSET", "END_OFFSET", "BYTES"
+            );
             for s in stats {
                 println!(
                     "{:>5} {:>14} {:>14} {:>14}",
@@ -223,7 +226,11 @@ pub fn consume(args: ConsumeArgs) -> Result<(), String> {
     loop {
         let mut all_at_end = true;
         for (i, q) in queues.iter().enumerate() {
-            let fetch_wait = if args.exit_at_end { Duration::ZERO } else { wait };
+            let fetch_wait = if args.exit_at_end {
+                Duration::ZERO
+            } else {
+                wait
+            };
             let f = consumer
                 .fetch(&args.topic, *q, offsets[i], fetch_wait)
                 .map_err(e)?;

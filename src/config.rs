@@ -309,7 +309,10 @@ mod tests {
     #[test]
     fn core_selection_parses_all_count_and_list() {
         assert_eq!("all".parse::<CoreSelection>().unwrap(), CoreSelection::All);
-        assert_eq!("2".parse::<CoreSelection>().unwrap(), CoreSelection::Count(2));
+        assert_eq!(
+            "2".parse::<CoreSelection>().unwrap(),
+            CoreSelection::Count(2)
+        );
         assert_eq!(
             "0, 1".parse::<CoreSelection>().unwrap(),
             CoreSelection::List(vec![0, 1])

@@ -15,7 +15,11 @@ use ringmq::storage::FlushMode;
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "ringmq", version, about = "RingMQ: a thread-per-core message broker with honest acks")]
+#[command(
+    name = "ringmq",
+    version,
+    about = "RingMQ: a thread-per-core message broker with honest acks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

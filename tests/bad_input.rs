@@ -81,7 +81,7 @@ fn a_length_of_4_gib_is_refused_from_the_preamble_alone() {
     let mut s = connect(&b);
     let mut bytes = encoded(&Request::Ping, 9);
     bytes[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // body_len
-    // Only the preamble: the broker must not wait for (or allocate) 4 GiB.
+                                                            // Only the preamble: the broker must not wait for (or allocate) 4 GiB.
     s.write_all(&bytes[..PREAMBLE_BYTES]).unwrap();
     let frames = read_until_closed(&mut s);
     assert_eq!(frames.len(), 1);
@@ -109,7 +109,11 @@ fn a_crc_mismatch_is_answered_with_the_request_id_and_closed() {
     assert_eq!(status(&frames[0]), ErrorCode::CrcMismatch);
     assert_eq!(frames[0].request_id, 11);
     // Nothing was created from the corrupt frame.
-    assert!(Admin::connect(&b.addr()).unwrap().list_topics().unwrap().is_empty());
+    assert!(Admin::connect(&b.addr())
+        .unwrap()
+        .list_topics()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -153,7 +157,11 @@ fn a_frame_cut_in_half_and_left_open_is_closed_after_the_timeout() {
     let frames = read_until_closed(&mut s);
     assert!(frames.is_empty());
     // test_config sets partial_frame_timeout_ms = 300.
-    assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
     assert_alive(&b);
 }
 

@@ -57,12 +57,24 @@ fn control_errors_have_stable_codes() {
     let b = TestBroker::start();
     let admin = Admin::connect(&b.addr()).unwrap();
     let code = |r: Result<_, ringmq::client::ClientError>| r.unwrap_err().code();
-    assert_eq!(code(admin.route("nope").map(|_| ())), Some(ErrorCode::TopicNotFound));
-    assert_eq!(code(admin.create_topic("bad name", 1)), Some(ErrorCode::InvalidTopic));
-    assert_eq!(code(admin.create_topic("zero", 0)), Some(ErrorCode::InvalidArgument));
+    assert_eq!(
+        code(admin.route("nope").map(|_| ())),
+        Some(ErrorCode::TopicNotFound)
+    );
+    assert_eq!(
+        code(admin.create_topic("bad name", 1)),
+        Some(ErrorCode::InvalidTopic)
+    );
+    assert_eq!(
+        code(admin.create_topic("zero", 0)),
+        Some(ErrorCode::InvalidArgument)
+    );
     admin.create_topic("x", 2).unwrap();
     admin.create_topic("x", 2).unwrap();
-    assert_eq!(code(admin.create_topic("x", 3)), Some(ErrorCode::TopicExists));
+    assert_eq!(
+        code(admin.create_topic("x", 3)),
+        Some(ErrorCode::TopicExists)
+    );
 }
 
 #[test]

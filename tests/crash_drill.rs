@@ -91,7 +91,10 @@ fn produce_until_killed(
     let mut acks = Vec::new();
     let mut broker = Some(broker);
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        let mut it = line.split(' ').skip(1).map(|kv| kv.split('=').nth(1).unwrap().parse::<u64>().unwrap());
+        let mut it = line
+            .split(' ')
+            .skip(1)
+            .map(|kv| kv.split('=').nth(1).unwrap().parse::<u64>().unwrap());
         let (l, q, o) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
         acks.push((l, q as u32, o));
         if acks.len() == kill_after {
@@ -103,7 +106,10 @@ fn produce_until_killed(
         b.stop();
         panic!("the producer finished before {kill_after} acks");
     }
-    assert!(!status.success(), "the producer must report the lost broker");
+    assert!(
+        !status.success(),
+        "the producer must report the lost broker"
+    );
     let _ = feeder.join();
     acks
 }
@@ -111,7 +117,12 @@ fn produce_until_killed(
 fn check_every_ack_is_stored_once(dir: &Path, acks: &[(u64, u32, u64)]) {
     let broker = BrokerProcess::start(dir, "sync_flush");
     let consumer = Consumer::connect(&broker.addrs[0]).unwrap();
-    let queues = Admin::connect(&broker.addrs[0]).unwrap().route("t").unwrap().queues.len() as u32;
+    let queues = Admin::connect(&broker.addrs[0])
+        .unwrap()
+        .route("t")
+        .unwrap()
+        .queues
+        .len() as u32;
     let mut stored: BTreeMap<(u32, u64), String> = BTreeMap::new();
     let mut payload_count: BTreeMap<String, usize> = BTreeMap::new();
     for q in 0..queues {
@@ -132,8 +143,15 @@ fn check_every_ack_is_stored_once(dir: &Path, acks: &[(u64, u32, u64)]) {
     }
     for (line, q, o) in acks {
         let expected = format!("message-{line}");
-        assert_eq!(stored.get(&(*q, *o)), Some(&expected), "acked line {line} at {q}/{o}");
-        assert_eq!(payload_count[&expected], 1, "line {line} stored more than once");
+        assert_eq!(
+            stored.get(&(*q, *o)),
+            Some(&expected),
+            "acked line {line} at {q}/{o}"
+        );
+        assert_eq!(
+            payload_count[&expected], 1,
+            "line {line} stored more than once"
+        );
     }
     broker.stop();
 }
@@ -141,7 +159,10 @@ fn check_every_ack_is_stored_once(dir: &Path, acks: &[(u64, u32, u64)]) {
 fn drill(flush_mode: &str, produce_mode: &str) {
     let tmp = common::data_dir();
     let broker = BrokerProcess::start(tmp.path(), flush_mode);
-    Admin::connect(&broker.addrs[0]).unwrap().create_topic("t", 4).unwrap();
+    Admin::connect(&broker.addrs[0])
+        .unwrap()
+        .create_topic("t", 4)
+        .unwrap();
     let acks = produce_until_killed(broker, produce_mode, 2000);
     assert!(acks.len() >= 2000);
     check_every_ack_is_stored_once(tmp.path(), &acks);

@@ -34,12 +34,19 @@ fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u6
 #[test]
 fn sync_send_is_readable_at_its_acked_offset() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 4).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 4)
+        .unwrap();
     let p = Producer::connect(&b.addr()).unwrap();
     let mut acked = Vec::new();
     for i in 0..50 {
         let r = p
-            .send("t", QueueSelector::RoundRobin, &Message::new(format!("m{i}")))
+            .send(
+                "t",
+                QueueSelector::RoundRobin,
+                &Message::new(format!("m{i}")),
+            )
             .unwrap();
         assert!(!r.duplicate);
         acked.push((r.queue, r.offset, format!("m{i}")));
@@ -55,7 +62,10 @@ fn sync_send_is_readable_at_its_acked_offset() {
 #[test]
 fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 8).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 8)
+        .unwrap();
     let p = Producer::connect(&b.addr()).unwrap();
     let acks = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -73,7 +83,11 @@ fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
         .unwrap();
     }
     p.flush();
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
     let acks = acks.lock().unwrap().clone();
     assert_eq!(acks.len(), 10_000);
     let c = Consumer::connect(&b.addr()).unwrap();
@@ -88,14 +102,20 @@ fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
             .range((q, 0)..(q + 1, 0))
             .map(|(_, v)| std::str::from_utf8(v).unwrap().parse().unwrap())
             .collect();
-        assert!(nums.windows(2).all(|w| w[0] < w[1]), "queue {q} out of order");
+        assert!(
+            nums.windows(2).all(|w| w[0] < w[1]),
+            "queue {q} out of order"
+        );
     }
 }
 
 #[test]
 fn oneway_sends_arrive() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
     let p = Producer::connect(&b.addr()).unwrap();
     for i in 0..100 {
         p.send_oneway("t", QueueSelector::Queue(0), &Message::new(format!("{i}")))
@@ -114,7 +134,12 @@ fn oneway_sends_arrive() {
 }
 
 /// Sends one batch with explicit idempotence fields over a raw connection.
-fn produce_raw(conn: &Connection, producer_id: u64, seq: u32, payload: &str) -> Result<(u32, u64, bool), ringmq::client::ClientError> {
+fn produce_raw(
+    conn: &Connection,
+    producer_id: u64,
+    seq: u32,
+    payload: &str,
+) -> Result<(u32, u64, bool), ringmq::client::ClientError> {
     let mut buf = bytes::BytesMut::new();
     let mut bb = BatchBuilder::new(&mut buf);
     bb.push(&Message::new(payload.to_string())).unwrap();
@@ -136,8 +161,15 @@ fn produce_raw(conn: &Connection, producer_id: u64, seq: u32, payload: &str) -> 
 #[test]
 fn a_retried_batch_is_stored_once_even_after_a_restart() {
     let mut b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
-    let owner = Admin::connect(&b.addr()).unwrap().route("t").unwrap().queues[0]
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
+    let owner = Admin::connect(&b.addr())
+        .unwrap()
+        .route("t")
+        .unwrap()
+        .queues[0]
         .address
         .clone();
     let first = {
@@ -149,12 +181,20 @@ fn a_retried_batch_is_stored_once_even_after_a_restart() {
         first
     };
     b.restart();
-    let owner = Admin::connect(&b.addr()).unwrap().route("t").unwrap().queues[0]
+    let owner = Admin::connect(&b.addr())
+        .unwrap()
+        .route("t")
+        .unwrap()
+        .queues[0]
         .address
         .clone();
     let conn = Connection::connect(&owner).unwrap();
     let after = produce_raw(&conn, 42, 0, "a").unwrap();
-    assert_eq!((after.1, after.2), (first.1, true), "de-dup window rebuilt from the log");
+    assert_eq!(
+        (after.1, after.2),
+        (first.1, true),
+        "de-dup window rebuilt from the log"
+    );
     // A gap in the sequence is refused clearly.
     let gap = produce_raw(&conn, 42, 5, "b").unwrap_err();
     assert_eq!(gap.code(), Some(ErrorCode::OutOfOrderSequence));
@@ -162,18 +202,25 @@ fn a_retried_batch_is_stored_once_even_after_a_restart() {
     assert_eq!(next.1, first.1 + 1);
     let c = Consumer::connect(&b.addr()).unwrap();
     let seen = drain_all(&c, "t", 1);
-    assert_eq!(seen.values().cloned().collect::<Vec<_>>(), vec![Bytes::from("a"), Bytes::from("b")]);
+    assert_eq!(
+        seen.values().cloned().collect::<Vec<_>>(),
+        vec![Bytes::from("a"), Bytes::from("b")]
+    );
 }
 
 #[test]
 fn long_poll_wakes_on_new_data_well_before_its_deadline() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
     let addr = b.addr();
     let producer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         let p = Producer::connect(&addr).unwrap();
-        p.send("t", QueueSelector::Queue(0), &Message::new("late")).unwrap();
+        p.send("t", QueueSelector::Queue(0), &Message::new("late"))
+            .unwrap();
     });
     let c = Consumer::connect(&b.addr()).unwrap();
     let start = Instant::now();
@@ -181,14 +228,23 @@ fn long_poll_wakes_on_new_data_well_before_its_deadline() {
     let waited = start.elapsed();
     producer.join().unwrap();
     assert_eq!(f.messages.len(), 1);
-    assert!(waited >= Duration::from_millis(250), "returned before the data existed: {waited:?}");
-    assert!(waited < Duration::from_secs(5), "did not wake on new data: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "returned before the data existed: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "did not wake on new data: {waited:?}"
+    );
 }
 
 #[test]
 fn fetch_past_the_end_waits_and_then_returns_empty() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
     let c = Consumer::connect(&b.addr()).unwrap();
     let start = Instant::now();
     let f = c.fetch("t", 0, 0, Duration::from_millis(300)).unwrap();
@@ -202,7 +258,8 @@ fn offsets_out_of_range_and_unknown_queues_error_clearly() {
     let admin = Admin::connect(&b.addr()).unwrap();
     admin.create_topic("t", 2).unwrap();
     let p = Producer::connect(&b.addr()).unwrap();
-    p.send("t", QueueSelector::Queue(0), &Message::new("x")).unwrap();
+    p.send("t", QueueSelector::Queue(0), &Message::new("x"))
+        .unwrap();
     let conn = Connection::connect(&b.addr()).unwrap();
     let fetch = |queue, offset| {
         conn.call(
@@ -219,8 +276,14 @@ fn offsets_out_of_range_and_unknown_queues_error_clearly() {
     };
     let err = fetch(0, 1000).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::OffsetOutOfRange), "{err}");
-    assert!(err.to_string().contains('1'), "names the valid range: {err}");
-    assert_eq!(fetch(7, 0).unwrap_err().code(), Some(ErrorCode::QueueNotFound));
+    assert!(
+        err.to_string().contains('1'),
+        "names the valid range: {err}"
+    );
+    assert_eq!(
+        fetch(7, 0).unwrap_err().code(),
+        Some(ErrorCode::QueueNotFound)
+    );
     let stats = admin.queue_stats("t").unwrap();
     assert_eq!(stats.len(), 2);
     assert_eq!((stats[0].end_offset, stats[1].end_offset), (1, 0));
@@ -229,7 +292,10 @@ fn offsets_out_of_range_and_unknown_queues_error_clearly() {
 #[test]
 fn a_malformed_batch_is_refused_and_nothing_is_stored() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 1).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
     let req = Request::Produce(ProduceRequest {
         topic: "t".into(),
@@ -241,7 +307,11 @@ fn a_malformed_batch_is_refused_and_nothing_is_stored() {
         timeout_ms: 5000,
     });
     let err = conn
-        .call(&req, Bytes::from_static(&[9, 0, 0, 0, 1]), Duration::from_secs(10))
+        .call(
+            &req,
+            Bytes::from_static(&[9, 0, 0, 0, 1]),
+            Duration::from_secs(10),
+        )
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidBatch));
     let stats = Admin::connect(&b.addr()).unwrap().queue_stats("t").unwrap();
@@ -251,12 +321,17 @@ fn a_malformed_batch_is_refused_and_nothing_is_stored() {
 #[test]
 fn a_plain_client_on_one_port_reaches_every_queue() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr()).unwrap().create_topic("t", 8).unwrap();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 8)
+        .unwrap();
     // Raw produce through shard 0's port to every queue: half of them are forwarded.
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
     for q in 0..8u32 {
         let mut buf = bytes::BytesMut::new();
-        BatchBuilder::new(&mut buf).push(&Message::new(format!("q{q}"))).unwrap();
+        BatchBuilder::new(&mut buf)
+            .push(&Message::new(format!("q{q}")))
+            .unwrap();
         let req = Request::Produce(ProduceRequest {
             topic: "t".into(),
             queue: Some(q),
@@ -266,7 +341,11 @@ fn a_plain_client_on_one_port_reaches_every_queue() {
             message_count: 1,
             timeout_ms: 5000,
         });
-        match conn.call(&req, buf.freeze(), Duration::from_secs(10)).unwrap().0 {
+        match conn
+            .call(&req, buf.freeze(), Duration::from_secs(10))
+            .unwrap()
+            .0
+        {
             Response::Produced(a) => assert_eq!((a.queue, a.base_offset), (q, 0)),
             other => panic!("{other:?}"),
         }

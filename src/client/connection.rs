@@ -27,7 +27,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 type Callback = Box<dyn FnOnce(Result<(Response, Bytes), ClientError>) + Send>;
 
 enum Waiter {
-    Channel(u16, mpsc::SyncSender<Result<(Response, Bytes), ClientError>>),
+    Channel(
+        u16,
+        mpsc::SyncSender<Result<(Response, Bytes), ClientError>>,
+    ),
     Callback(u16, Callback),
 }
 
@@ -85,9 +88,9 @@ impl Pending {
         match self.rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ClientError::Timeout(timeout)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                Err(ClientError::ConnectionClosed("response channel dropped".into()))
-            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::ConnectionClosed(
+                "response channel dropped".into(),
+            )),
         }
     }
 }
@@ -137,7 +140,11 @@ impl Connection {
     /// Sends a request and returns a handle to wait for its response.
     pub fn send(&self, request: &Request, body: Bytes) -> Result<Pending, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send_with(request, body, Waiter::Channel(request.opcode().as_u16(), tx))?;
+        self.send_with(
+            request,
+            body,
+            Waiter::Channel(request.opcode().as_u16(), tx),
+        )?;
         Ok(Pending { rx })
     }
 
@@ -182,7 +189,13 @@ impl Connection {
         }
         let frame = request.to_frame(id, body);
         if let Err(e) = self.write_frame(&frame) {
-            let w = self.shared.pending.lock().expect("pending lock").waiters.remove(&id);
+            let w = self
+                .shared
+                .pending
+                .lock()
+                .expect("pending lock")
+                .waiters
+                .remove(&id);
             // The reader may already have failed it; either way it completes exactly once.
             if let Some(w) = w {
                 w.complete(Err(ClientError::ConnectionClosed(e.to_string())));
@@ -202,7 +215,12 @@ impl Connection {
 
     /// Requests sent and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.shared.pending.lock().expect("pending lock").waiters.len()
+        self.shared
+            .pending
+            .lock()
+            .expect("pending lock")
+            .waiters
+            .len()
     }
 }
 

@@ -107,7 +107,10 @@ impl Consumer {
         let request = Request::GetRoute {
             topic: topic.to_string(),
         };
-        let route = match conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)?.0 {
+        let route = match conn
+            .call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)?
+            .0
+        {
             Response::Route(r) => Arc::new(r),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
@@ -148,7 +151,10 @@ impl Consumer {
         });
         let outcome = conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT + max_wait);
         if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
-            self.connections.lock().expect("conn lock").remove(addr.as_str());
+            self.connections
+                .lock()
+                .expect("conn lock")
+                .remove(addr.as_str());
         }
         let (response, body) = outcome?;
         let Response::Fetched(header) = response else {
@@ -157,7 +163,9 @@ impl Consumer {
         let mut messages = Vec::new();
         for record in RecordIter::new(&body) {
             let record = record.map_err(|e| {
-                ClientError::Unexpected(format!("the broker sent a record that does not parse: {e}"))
+                ClientError::Unexpected(format!(
+                    "the broker sent a record that does not parse: {e}"
+                ))
             })?;
             // Zero-copy: the batch and every payload are views into the response body.
             let batch = body.slice_ref(record.body);
@@ -198,13 +206,22 @@ impl Consumer {
                     // Offset 0 may be gone (retention): the error names the range.
                     Err(e) => return Err(e),
                 };
-                Ok(if from == StartFrom::Beginning { min } else { end })
+                Ok(if from == StartFrom::Beginning {
+                    min
+                } else {
+                    end
+                })
             }
         }
     }
 
     /// Messages of one queue from `from` on; each `next` long-polls until a message arrives.
-    pub fn iter(&self, topic: &str, queue: u32, from: StartFrom) -> Result<QueueIter<'_>, ClientError> {
+    pub fn iter(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: StartFrom,
+    ) -> Result<QueueIter<'_>, ClientError> {
         let offset = self.resolve(topic, queue, from)?;
         Ok(QueueIter {
             consumer: self,

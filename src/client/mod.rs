@@ -21,9 +21,9 @@ pub mod consumer;
 pub mod producer;
 
 pub use admin::Admin;
+pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 pub use consumer::{ConsumedMessage, Consumer, StartFrom};
 pub use producer::{Producer, ProducerConfig, QueueSelector, SendResult};
-pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 
 use std::time::Duration;
 

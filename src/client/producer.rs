@@ -212,7 +212,9 @@ impl Producer {
         selector: QueueSelector<'_>,
         message: &Message,
     ) -> Result<(), ClientError> {
-        let send = self.inner.prepare(topic, selector, std::slice::from_ref(message))?;
+        let send = self
+            .inner
+            .prepare(topic, selector, std::slice::from_ref(message))?;
         let conn = self.inner.connection_for(&send.topic, send.queue)?;
         conn.send_oneway(&self.inner.request(&send), send.body.clone())
     }
@@ -312,7 +314,10 @@ impl Inner {
         let request = Request::GetRoute {
             topic: topic.to_string(),
         };
-        let route = match bootstrap.call(&request, Bytes::new(), self.config.request_timeout)?.0 {
+        let route = match bootstrap
+            .call(&request, Bytes::new(), self.config.request_timeout)?
+            .0
+        {
             Response::Route(r) => Arc::new(r),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
@@ -326,7 +331,10 @@ impl Inner {
     fn select(&self, route: &RouteTable, selector: QueueSelector<'_>) -> Result<u32, ClientError> {
         let n = route.queues.len() as u32;
         if n == 0 {
-            return Err(ClientError::Unexpected(format!("topic {} has no queues", route.topic)));
+            return Err(ClientError::Unexpected(format!(
+                "topic {} has no queues",
+                route.topic
+            )));
         }
         Ok(match selector {
             QueueSelector::RoundRobin => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
@@ -410,13 +418,21 @@ impl Inner {
             producer_epoch: 0,
             base_sequence: send.base_sequence,
             message_count: send.count,
-            timeout_ms: self.config.request_timeout.as_millis().min(u32::MAX as u128) as u32,
+            timeout_ms: self
+                .config
+                .request_timeout
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
         })
     }
 
     fn attempt_sync(&self, send: &PreparedSend) -> Result<ProduceAck, ClientError> {
         let conn = self.connection_for(&send.topic, send.queue)?;
-        let outcome = conn.call(&self.request(send), send.body.clone(), self.config.request_timeout);
+        let outcome = conn.call(
+            &self.request(send),
+            send.body.clone(),
+            self.config.request_timeout,
+        );
         self.after_attempt(conn.peer(), outcome)
     }
 
@@ -429,7 +445,10 @@ impl Inner {
             Ok((Response::Produced(ack), _)) => Ok(ack),
             Ok((other, _)) => Err(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => {
-                if matches!(e, ClientError::ConnectionClosed(_) | ClientError::Connect { .. }) {
+                if matches!(
+                    e,
+                    ClientError::ConnectionClosed(_) | ClientError::Connect { .. }
+                ) {
                     self.forget_connection(peer);
                 }
                 Err(e)
@@ -473,12 +492,15 @@ impl Inner {
         let me = self.clone();
         let peer = conn.peer().to_string();
         let retry_copy = send.clone();
-        let sent = conn.send_callback(&self.request(&send), send.body.clone(), move |outcome| {
-            match me.after_attempt(&peer, outcome) {
-                Ok(ack) => on_done(Ok(ack)),
-                Err(e) => me.retry_or_finish(retry_copy, attempt, e, on_done),
-            }
-        });
+        let sent =
+            conn.send_callback(
+                &self.request(&send),
+                send.body.clone(),
+                move |outcome| match me.after_attempt(&peer, outcome) {
+                    Ok(ack) => on_done(Ok(ack)),
+                    Err(e) => me.retry_or_finish(retry_copy, attempt, e, on_done),
+                },
+            );
         // On a failed write the callback has already run with the error.
         let _ = sent;
     }
@@ -497,12 +519,17 @@ impl Inner {
                 send,
                 on_done,
             };
-            if let Some(tx) = self.retry_tx.lock().expect("retry lock").as_ref() {
-                if let Err(mpsc::SendError(job)) = tx.send(job) {
-                    (job.on_done)(Err(e));
-                }
-                return;
-            }
+            let tx = self.retry_tx.lock().expect("retry lock").clone();
+            // No retry thread (the producer is being dropped): fail now.
+            let job = match tx {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(job)) => job,
+                },
+                None => job,
+            };
+            (job.on_done)(Err(e));
+            return;
         }
         on_done(Err(e));
     }
@@ -590,7 +617,9 @@ fn retry_loop(inner: std::sync::Weak<Inner>, rx: mpsc::Receiver<RetryJob>) {
         }
         match inner.upgrade() {
             Some(inner) => inner.send_async_attempt(job.send, job.attempt, job.on_done),
-            None => (job.on_done)(Err(ClientError::ConnectionClosed("producer dropped".into()))),
+            None => (job.on_done)(Err(ClientError::ConnectionClosed(
+                "producer dropped".into(),
+            ))),
         }
     }
 }

@@ -113,7 +113,12 @@ async fn read_loop(
                     // Without a readable preamble there is no request id: answer with 0 so
                     // the client still learns why it is being disconnected.
                     let request_id = e.request_id().unwrap_or(0);
-                    outbox.push(&protocol::error_frame(0, request_id, e.code(), &e.to_string()));
+                    outbox.push(&protocol::error_frame(
+                        0,
+                        request_id,
+                        e.code(),
+                        &e.to_string(),
+                    ));
                     return Err(Closed::BadFrame(e));
                 }
             }

@@ -59,10 +59,9 @@ async fn handle_inner(ctx: &Rc<ShardContext>, frame: Frame, request: Request) ->
             return forward(ctx, owner, frame).await;
         }
     }
-    let opcode = frame.opcode;
     let request_id = frame.request_id;
     let (response, body) = execute(ctx, request, frame.body).await?;
-    Ok(response.to_frame(opcode, request_id, body))
+    Ok(response.to_frame(request_id, body))
 }
 
 /// The shard that must execute `request`, when it is not "whichever shard received it".
@@ -93,7 +92,9 @@ pub async fn on_mesh_request(ctx: &Rc<ShardContext>, request: MeshRequest) -> Me
             ctx.set_topics(table);
             MeshReply::Applied
         }
-        MeshRequest::LocalQueueStats { topic } => MeshReply::QueueStats(local_queue_stats(ctx, &topic)),
+        MeshRequest::LocalQueueStats { topic } => {
+            MeshReply::QueueStats(local_queue_stats(ctx, &topic))
+        }
     }
 }
 

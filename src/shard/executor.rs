@@ -78,7 +78,10 @@ impl Broker {
             .into_iter()
             .map(|c| c.id)
             .collect();
-        let cores = config.cores.resolve(&available).map_err(BrokerError::Cores)?;
+        let cores = config
+            .cores
+            .resolve(&available)
+            .map_err(BrokerError::Cores)?;
         let shards = cores.len();
         let report = preflight::check(
             &config.data_dir,
@@ -134,8 +137,8 @@ impl Broker {
                 topics: topics.clone(),
                 ready: ready_tx.clone(),
             };
-            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(*core))
-                .name(&format!("shard-{shard}"));
+            let mut builder =
+                LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
             if config.io_memory_bytes > 0 {
                 builder = builder.io_memory(config.io_memory_bytes as usize);
             }
@@ -143,7 +146,7 @@ impl Broker {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     shutdown.store(true, Ordering::Release);
-                    join_all(handles);
+                    let _ = join_all(handles);
                     return Err(BrokerError::Executor {
                         shard,
                         reason: e.to_string(),
@@ -244,8 +247,8 @@ fn bind(host: &str, port: u16) -> Result<StdTcpListener, BrokerError> {
         .map_err(err)?
         .next()
         .ok_or_else(|| err(std::io::Error::other("no address")))?;
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)?;
@@ -332,7 +335,8 @@ fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg
                     } => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {
-                            let reply = crate::server::handlers::on_mesh_request(&ctx, request).await;
+                            let reply =
+                                crate::server::handlers::on_mesh_request(&ctx, request).await;
                             ctx.mesh.reply(from, call_id, reply).await;
                         })
                         .detach();

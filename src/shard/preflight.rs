@@ -112,7 +112,7 @@ fn check_io_uring() -> Result<(), PreflightError> {
     }
     // Set up (and close) a tiny ring: the direct way to know io_uring works here.
     let mut params = [0u8; 120]; // struct io_uring_params
-    // SAFETY: io_uring_setup reads and writes `params`, which is large enough for the struct.
+                                 // SAFETY: io_uring_setup reads and writes `params`, which is large enough for the struct.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
     if fd < 0 {
         return Err(PreflightError::IoUringUnavailable(

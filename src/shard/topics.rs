@@ -196,7 +196,10 @@ mod tests {
     fn recreating_with_same_queue_count_is_idempotent_but_different_count_is_refused() {
         let t = TopicTable::default().with_topic("a", 4).unwrap();
         assert_eq!(t.with_topic("a", 4).unwrap(), t);
-        assert!(matches!(t.with_topic("a", 5), Err(TopicError::Exists { queues: 4, .. })));
+        assert!(matches!(
+            t.with_topic("a", 5),
+            Err(TopicError::Exists { queues: 4, .. })
+        ));
     }
 
     #[test]

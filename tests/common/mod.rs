@@ -27,7 +27,10 @@ pub fn test_config(dir: &Path) -> Config {
 }
 
 pub fn available_cores() -> usize {
-    core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1)
+    core_affinity::get_core_ids()
+        .map(|c| c.len())
+        .unwrap_or(1)
+        .max(1)
 }
 
 pub struct TestBroker {
