@@ -13,6 +13,7 @@
 //! | 10 Produce | `ProduceRequest` | `ProduceResponse` | message batch | – |
 //! | 11 Fetch | `FetchRequest` | `FetchResponse` | – | stored batches |
 //! | 12 QueueStats | `QueueStatsRequest` | `QueueStatsResponse` | – | – |
+//! | 6 BrokerStats | `BrokerStatsRequest` | `BrokerStatsResponse` | – | – |
 //!
 //! A response with a non-zero status is an error response: empty header, UTF-8 message as body
 //! (see [`error_frame`] and [`RemoteError::from_frame`]). Headers from the network are read with
@@ -42,11 +43,12 @@ pub enum Opcode {
     Produce = 10,
     Fetch = 11,
     QueueStats = 12,
+    BrokerStats = 6,
 }
 
 impl Opcode {
     /// Every opcode, in numeric order.
-    pub const ALL: [Opcode; 8] = [
+    pub const ALL: [Opcode; 9] = [
         Opcode::Ping,
         Opcode::CreateTopic,
         Opcode::ListTopics,
@@ -55,6 +57,7 @@ impl Opcode {
         Opcode::Produce,
         Opcode::Fetch,
         Opcode::QueueStats,
+        Opcode::BrokerStats,
     ];
 
     /// The number sent on the wire.
@@ -73,6 +76,7 @@ impl Opcode {
             10 => Opcode::Produce,
             11 => Opcode::Fetch,
             12 => Opcode::QueueStats,
+            6 => Opcode::BrokerStats,
             _ => return None,
         })
     }
@@ -88,6 +92,7 @@ impl Opcode {
             Opcode::Produce => "PRODUCE",
             Opcode::Fetch => "FETCH",
             Opcode::QueueStats => "QUEUE_STATS",
+            Opcode::BrokerStats => "BROKER_STATS",
         }
     }
 }
@@ -139,6 +144,7 @@ pub enum Request {
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     QueueStats { topic: String },
+    BrokerStats,
 }
 
 /// One topic in a ListTopics response.
@@ -220,6 +226,23 @@ pub enum Response {
     Produced(ProduceAck),
     Fetched(FetchHeader),
     QueueStats(Vec<QueueStat>),
+    BrokerStats(Vec<ShardStats>),
+}
+
+/// Counters and watermarks of one shard; log positions are bytes into its CommitLog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShardStats {
+    pub shard: u32,
+    pub written: u64,
+    pub durable: u64,
+    pub visible: u64,
+    pub fsyncs: u64,
+    pub appends: u64,
+    pub unflushed_bytes: u64,
+    pub unflushed_bytes_max: u64,
+    pub flush_latency_us_total: u64,
+    pub connections: u32,
+    pub poisoned: bool,
 }
 
 fn finish<T>(mut fbb: FlatBufferBuilder<'_>, root: WIPOffset<T>) -> Bytes {
@@ -264,6 +287,7 @@ impl Request {
             Request::Produce(_) => Opcode::Produce,
             Request::Fetch(_) => Opcode::Fetch,
             Request::QueueStats { .. } => Opcode::QueueStats,
+            Request::BrokerStats => Opcode::BrokerStats,
         }
     }
 
@@ -296,6 +320,11 @@ impl Request {
             }
             Request::BrokerInfo => {
                 let root = fb::BrokerInfoRequest::create(&mut fbb, &fb::BrokerInfoRequestArgs {});
+                finish(fbb, root)
+            }
+            Request::BrokerStats => {
+                let root =
+                    fb::BrokerStatsRequest::create(&mut fbb, &fb::BrokerStatsRequestArgs {});
                 finish(fbb, root)
             }
             Request::Produce(p) => {
@@ -385,6 +414,10 @@ impl Request {
                 verify_empty::<fb::BrokerInfoRequest>(frame)?;
                 Request::BrokerInfo
             }
+            Opcode::BrokerStats => {
+                verify_empty::<fb::BrokerStatsRequest>(frame)?;
+                Request::BrokerStats
+            }
             Opcode::Produce => {
                 let h = verify::<fb::ProduceRequest>(frame)?;
                 Request::Produce(ProduceRequest {
@@ -429,6 +462,7 @@ impl Response {
             Response::Produced(_) => Opcode::Produce,
             Response::Fetched(_) => Opcode::Fetch,
             Response::QueueStats(_) => Opcode::QueueStats,
+            Response::BrokerStats(_) => Opcode::BrokerStats,
         }
     }
 
@@ -534,6 +568,32 @@ impl Response {
                 let stats = fbb.create_vector(&items);
                 let args = fb::QueueStatsResponseArgs { stats: Some(stats) };
                 let root = fb::QueueStatsResponse::create(&mut fbb, &args);
+                finish(fbb, root)
+            }
+            Response::BrokerStats(shards) => {
+                let items: Vec<fb::ShardStats> = shards
+                    .iter()
+                    .map(|s| {
+                        fb::ShardStats::new(
+                            s.shard,
+                            s.written,
+                            s.durable,
+                            s.visible,
+                            s.fsyncs,
+                            s.appends,
+                            s.unflushed_bytes,
+                            s.unflushed_bytes_max,
+                            s.flush_latency_us_total,
+                            s.connections,
+                            s.poisoned,
+                        )
+                    })
+                    .collect();
+                let shards = fbb.create_vector(&items);
+                let args = fb::BrokerStatsResponseArgs {
+                    shards: Some(shards),
+                };
+                let root = fb::BrokerStatsResponse::create(&mut fbb, &args);
                 finish(fbb, root)
             }
         }
@@ -661,6 +721,30 @@ impl Response {
                     })
                     .unwrap_or_default();
                 Response::QueueStats(stats)
+            }
+            Opcode::BrokerStats => {
+                let h = verify::<fb::BrokerStatsResponse>(frame)?;
+                let shards = h
+                    .shards()
+                    .map(|v| {
+                        v.iter()
+                            .map(|s| ShardStats {
+                                shard: s.shard(),
+                                written: s.written(),
+                                durable: s.durable(),
+                                visible: s.visible(),
+                                fsyncs: s.fsyncs(),
+                                appends: s.appends(),
+                                unflushed_bytes: s.unflushed_bytes(),
+                                unflushed_bytes_max: s.unflushed_bytes_max(),
+                                flush_latency_us_total: s.flush_latency_us_total(),
+                                connections: s.connections(),
+                                poisoned: s.poisoned(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Response::BrokerStats(shards)
             }
         })
     }

@@ -36,5 +36,5 @@ pub use limits::{
 };
 pub use messages::{
     error_frame, error_frame_for, BrokerInfo, FetchHeader, FetchRequest, Opcode, ProduceAck,
-    ProduceRequest, QueueRoute, QueueStat, Request, Response, RouteTable, TopicInfo,
+    ProduceRequest, QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
