@@ -1,51 +1,104 @@
-//! TEMPORARY in-memory stand-in for the storage engine, replaced by the real one on merge.
-#![allow(dead_code, clippy::all)]
+//! Per-shard storage: a CommitLog on O_DIRECT files with group-committed fdatasync, derived
+//! ConsumeQueues and key index, idempotent-producer de-duplication and crash recovery.
+//!
+//! # Layout
+//! - [`record`]: the on-disk record format (byte diagram), pure: no I/O, used by clients too.
+//! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
+//!   [`sim::SimBackend`] (a disk with written/durable images that can crash).
+//! - `segment`: segment files named by their 20-digit base position, prepared by writing zeros.
+//! - `commitlog`: the append/write path (aligned chunks, writes in flight, the partial tail
+//!   block rewritten as it grows) and the watermarks `appended >= written >= durable >= visible`.
+//! - `flush`: the flush leader (group commit for [`FlushMode::SyncFlush`], timer/bytes for
+//!   [`FlushMode::AsyncFlush`]), counters.
+//! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
+//! - `key_index`: message key -> log positions (in memory, rebuilt at open).
+//! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
+//! - [`recovery`]: the recovery decision table, one test per row.
+//! - [`ShardStore`] (`store`): the API the server calls.
+//! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
+//!
+//! # Durability contract
+//! [`ShardStore::append`] only copies the record into memory and assigns offsets.
+//! [`ShardStore::wait_durable`] resolves once an fdatasync issued after the record's bytes were
+//! written has completed. Readers never see past the visible watermark (= durable, optionally
+//! capped lower by replication), so a consumer never reads what a crash could take back. After
+//! any write or fdatasync error the log is poisoned: appends and waits fail with
+//! [`StorageError::Poisoned`] and nothing more becomes durable.
+
+pub mod backend;
+pub mod batch;
+mod commitlog;
+pub mod consume_queue;
+pub mod error;
+mod flush;
+mod key_index;
+pub mod probe;
+mod producer;
 pub mod record;
+pub mod recovery;
+mod segment;
+pub mod sim;
+mod store;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::path::Path;
-use std::rc::Rc;
+use std::fmt;
+use std::str::FromStr;
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+pub use backend::{DmaBackend, StorageBackend};
+pub use error::StorageError;
+pub use probe::prime_dma_probe;
+pub use recovery::RecoveryReport;
+pub use store::ShardStore;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// When an append counts as stored (see DESIGN.md, "Flush modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlushMode {
-    #[default]
+    /// Acked after an fdatasync that covers the record (group commit).
     SyncFlush,
+    /// Acked when in the shard's buffer; flushed every `flush_interval_ms` or `flush_bytes`.
     AsyncFlush,
 }
-impl std::fmt::Display for FlushMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}",
-            match self {
-                FlushMode::SyncFlush => "sync_flush",
-                FlushMode::AsyncFlush => "async_flush",
-            }
-        )
+
+impl fmt::Display for FlushMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FlushMode::SyncFlush => "sync_flush",
+            FlushMode::AsyncFlush => "async_flush",
+        })
     }
 }
-impl std::str::FromStr for FlushMode {
+
+impl FromStr for FlushMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sync_flush" => Ok(Self::SyncFlush),
-            "async_flush" => Ok(Self::AsyncFlush),
-            _ => Err(format!("bad flush mode {s}")),
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "sync_flush" | "sync" => Ok(FlushMode::SyncFlush),
+            "async_flush" | "async" => Ok(FlushMode::AsyncFlush),
+            _ => Err(format!("unknown flush mode {s:?} (sync_flush | async_flush)")),
         }
     }
 }
-#[derive(Debug, Clone)]
+
+/// Storage configuration of one shard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StorageConfig {
+    /// Size of each CommitLog segment file; a multiple of 4 KiB. Default 1 GiB (RocketMQ's).
     pub segment_bytes: u64,
+    /// When an append is acknowledged. Default `sync_flush`: an ack means on disk.
     pub flush_mode: FlushMode,
+    /// ASYNC_FLUSH: flush at least this often. Default 500 ms (RocketMQ's).
     pub flush_interval_ms: u64,
+    /// ASYNC_FLUSH: flush as soon as this many bytes are pending. Default 4 MiB.
     pub flush_bytes: u64,
+    /// Size of each aligned write buffer (chunk); 1 MiB writes reach full disk bandwidth.
+    pub write_buffer_bytes: u64,
+    /// Writes in flight before appends wait (bounds memory). Default 8.
+    pub max_writes_in_flight: usize,
+    /// Largest record (header + topic + body). Default 8 MiB.
+    pub max_record_bytes: u64,
 }
+
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
@@ -53,181 +106,158 @@ impl Default for StorageConfig {
             flush_mode: FlushMode::SyncFlush,
             flush_interval_ms: 500,
             flush_bytes: 4 << 20,
+            write_buffer_bytes: 1 << 20,
+            max_writes_in_flight: 8,
+            max_record_bytes: 8 << 20,
         }
     }
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+
+impl StorageConfig {
+    /// Reports every problem at once.
+    pub fn validate(&self) -> Result<(), StorageError> {
+        let mut errs = Vec::new();
+        let b = backend::BLOCK_BYTES;
+        if self.segment_bytes < 64 * 1024 || self.segment_bytes % b != 0 {
+            errs.push(format!("segment_bytes {} must be >= 64 KiB and a multiple of 4 KiB", self.segment_bytes));
+        }
+        if self.write_buffer_bytes < b || self.write_buffer_bytes % b != 0 {
+            errs.push(format!("write_buffer_bytes {} must be a positive multiple of 4 KiB", self.write_buffer_bytes));
+        }
+        if self.max_writes_in_flight == 0 {
+            errs.push("max_writes_in_flight must be >= 1".into());
+        }
+        if self.flush_interval_ms == 0 {
+            errs.push("flush_interval_ms must be >= 1".into());
+        }
+        if self.flush_bytes == 0 {
+            errs.push("flush_bytes must be >= 1".into());
+        }
+        if self.max_record_bytes < 1024 || self.max_record_bytes > u64::from(record::MAX_RECORD_BYTES) {
+            errs.push(format!(
+                "max_record_bytes {} must be in 1 KiB..={} bytes",
+                self.max_record_bytes,
+                record::MAX_RECORD_BYTES
+            ));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::Config(errs))
+        }
+    }
+}
+
+/// A byte position in a shard's CommitLog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct LogPosition(pub u64);
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+
+/// A logical message offset within one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct QueueOffset(pub u64);
-impl std::fmt::Display for QueueOffset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+
+impl fmt::Display for LogPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
 }
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("offset {requested} out of range {min}..{end}")]
-    OffsetOutOfRange { requested: u64, min: u64, end: u64 },
-    #[error("out of order")]
-    OutOfOrderSequence { expected: u32, got: u32 },
-    #[error("too large")]
-    RecordTooLarge { size: u64, max: u64 },
-    #[error("io")]
-    Other,
+
+impl fmt::Display for QueueOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
-pub struct AppendRequest<'a> {
-    pub topic: &'a str,
-    pub queue_id: u32,
-    pub message_count: u32,
-    pub producer: Option<ProducerSeq>,
-    pub body: &'a [u8],
-}
-#[derive(Clone, Copy)]
+
+/// Idempotent producer fields of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerSeq {
     pub producer_id: u64,
     pub epoch: u16,
     pub base_sequence: u32,
 }
+
+/// One batch to append.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendRequest<'a> {
+    pub topic: &'a str,
+    pub queue_id: u32,
+    pub message_count: u32,
+    pub producer: Option<ProducerSeq>,
+    /// The message batch as the producer sent it.
+    pub body: &'a [u8],
+}
+
+/// Where a batch went. `end` is what to pass to `wait_durable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
     pub base_offset: QueueOffset,
     pub count: u32,
     pub position: LogPosition,
     pub end: LogPosition,
+    /// A retry of a batch already stored: these are the original offsets.
     pub duplicate: bool,
 }
+
+/// Whole records of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBatch {
-    pub records: Bytes,
+    /// Concatenated records (parse with [`record::RecordIter`]).
+    pub records: bytes::Bytes,
+    /// Offset to ask for next.
     pub next_offset: QueueOffset,
     pub min_offset: QueueOffset,
+    /// Visible end offset of the queue.
     pub end_offset: QueueOffset,
 }
+
+impl ReadBatch {
+    fn empty(next: QueueOffset, min: QueueOffset, end: QueueOffset) -> Self {
+        ReadBatch {
+            records: bytes::Bytes::new(),
+            next_offset: next,
+            min_offset: min,
+            end_offset: end,
+        }
+    }
+}
+
+/// Offsets and size of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueStats {
     pub min_offset: QueueOffset,
-    pub end_offset: QueueOffset,
+    pub visible_end_offset: QueueOffset,
+    pub written_end_offset: QueueOffset,
     pub bytes: u64,
+    pub records: u64,
 }
-pub struct RecoveryReport;
-impl std::fmt::Display for RecoveryReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stub")
-    }
+
+/// The shard's watermarks: `appended >= written >= durable >= visible`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    pub appended: LogPosition,
+    pub written: LogPosition,
+    pub durable: LogPosition,
+    pub visible: LogPosition,
 }
-#[derive(Clone, Default)]
-pub struct ShardStore {
-    q: Rc<RefCell<HashMap<(String, u32), Vec<(u64, u32, Bytes)>>>>,
-    seqs: Rc<RefCell<HashMap<(u64, String, u32), (u32, u64)>>>,
+
+/// Counters of one shard's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageMetrics {
+    pub appends: u64,
+    pub fsyncs: u64,
+    pub flush_cycles: u64,
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub unflushed_bytes: u64,
+    pub unflushed_hwm_bytes: u64,
+    pub flush_latency_sum_us: u64,
+    pub flush_latency_count: u64,
+    pub poisoned: bool,
 }
-impl ShardStore {
-    pub async fn open(
-        _dir: &Path,
-        _cfg: StorageConfig,
-    ) -> Result<(ShardStore, RecoveryReport), StorageError> {
-        Ok((ShardStore::default(), RecoveryReport))
-    }
-    pub async fn append(&self, req: AppendRequest<'_>) -> Result<Appended, StorageError> {
-        let key = (req.topic.to_string(), req.queue_id);
-        if let Some(p) = req.producer {
-            let k = (p.producer_id, req.topic.to_string(), req.queue_id);
-            if let Some((next, off)) = self.seqs.borrow().get(&k).copied() {
-                if p.base_sequence < next {
-                    return Ok(Appended {
-                        base_offset: QueueOffset(off),
-                        count: req.message_count,
-                        position: LogPosition(0),
-                        end: LogPosition(0),
-                        duplicate: true,
-                    });
-                }
-                if p.base_sequence > next {
-                    return Err(StorageError::OutOfOrderSequence {
-                        expected: next,
-                        got: p.base_sequence,
-                    });
-                }
-            }
-        }
-        let mut q = self.q.borrow_mut();
-        let v = q.entry(key).or_default();
-        let base = v.last().map(|(b, c, _)| b + *c as u64).unwrap_or(0);
-        let h = record::RecordHeader {
-            queue_id: req.queue_id,
-            base_queue_offset: base,
-            message_count: req.message_count,
-            ..Default::default()
-        };
-        v.push((
-            base,
-            req.message_count,
-            Bytes::from(record::encode_record(h, req.topic, req.body)),
-        ));
-        if let Some(p) = req.producer {
-            self.seqs.borrow_mut().insert(
-                (p.producer_id, req.topic.to_string(), req.queue_id),
-                (p.base_sequence + req.message_count, base),
-            );
-        }
-        Ok(Appended {
-            base_offset: QueueOffset(base),
-            count: req.message_count,
-            position: LogPosition(0),
-            end: LogPosition(0),
-            duplicate: false,
-        })
-    }
-    pub async fn wait_durable(&self, _end: LogPosition) -> Result<(), StorageError> {
-        Ok(())
-    }
-    pub async fn read(
-        &self,
-        topic: &str,
-        queue_id: u32,
-        offset: QueueOffset,
-        _max: u32,
-    ) -> Result<ReadBatch, StorageError> {
-        let s = self.queue_stats(topic, queue_id);
-        if offset.0 >= s.end_offset.0 {
-            return Err(StorageError::OffsetOutOfRange {
-                requested: offset.0,
-                min: 0,
-                end: s.end_offset.0,
-            });
-        }
-        let q = self.q.borrow();
-        let v = &q[&(topic.to_string(), queue_id)];
-        let mut out = Vec::new();
-        let mut next = offset.0;
-        for (b, c, r) in v {
-            if b + *c as u64 > offset.0 {
-                out.extend_from_slice(r);
-                next = b + *c as u64;
-            }
-        }
-        Ok(ReadBatch {
-            records: Bytes::from(out),
-            next_offset: QueueOffset(next),
-            min_offset: QueueOffset(0),
-            end_offset: s.end_offset,
-        })
-    }
-    pub async fn wait_visible_beyond(&self, topic: &str, queue_id: u32, offset: QueueOffset) {
-        while self.queue_stats(topic, queue_id).end_offset.0 <= offset.0 {
-            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
-    pub fn queue_stats(&self, topic: &str, queue_id: u32) -> QueueStats {
-        let q = self.q.borrow();
-        let end = q
-            .get(&(topic.to_string(), queue_id))
-            .and_then(|v| v.last().map(|(b, c, _)| b + *c as u64))
-            .unwrap_or(0);
-        QueueStats {
-            min_offset: QueueOffset(0),
-            end_offset: QueueOffset(end),
-            bytes: 0,
-        }
-    }
-    pub async fn close(&self) -> Result<(), StorageError> {
-        Ok(())
+
+impl StorageMetrics {
+    /// Appends per fdatasync so far.
+    pub fn appends_per_fsync(&self) -> f64 {
+        self.appends as f64 / self.fsyncs.max(1) as f64
     }
 }

@@ -1,0 +1,480 @@
+//! The per-shard CommitLog: the append/write path and the watermarks.
+//!
+//! # Write path
+//! Records are copied once into the *active chunk*, an aligned buffer (`write_buffer_bytes`)
+//! whose first byte is the log position `chunk.base` (block aligned). A chunk is handed off to
+//! a spawned write task when it is full (no copy; several such writes are in flight, at most
+//! `max_writes_in_flight`), when the flusher needs the bytes on disk (the partial tail block is
+//! copied into a fresh chunk and rewritten by the next write as it grows), or when the segment
+//! rolls.
+//!
+//! Two writes that share a block must land in order, or an older image of the tail block could
+//! overwrite a newer one: a write that starts in the block where the previous write ended
+//! waits for it. Writes of full chunks do not share blocks and run in parallel.
+//!
+//! # Watermarks (`LogPosition`s, bytes)
+//! - `append_pos`: end of the last appended record (in memory).
+//! - `written`: every byte below it has been written to its file (completed writes, advanced
+//!   only over contiguous completed ranges; an out-of-order completion never skips a hole).
+//! - `durable`: every byte below it was written and then covered by a completed fdatasync.
+//! - `visible`: `min(durable, visible_cap)`; what readers may see.
+//!
+//! `append_pos >= written >= durable >= visible` is asserted wherever one of them changes.
+//! After a write or fdatasync error the log is *poisoned*: nothing advances any more.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
+use crate::storage::error::StorageError;
+use crate::storage::flush::{Counters, Signal};
+use crate::storage::record::{build_header, RecordHeader, HEADER_BYTES};
+use crate::storage::segment::{segment_path, Segment};
+use crate::storage::{FlushMode, StorageConfig};
+
+pub(crate) type Seg<B> = Rc<Segment<<B as StorageBackend>::File>>;
+type BufOf<B> = <<B as StorageBackend>::File as BackendFile>::Buf;
+
+struct Chunk<B: StorageBackend> {
+    seg: Seg<B>,
+    /// Log position of `buf[0]`; block aligned.
+    base: u64,
+    buf: BufOf<B>,
+    used: usize,
+    /// Usable bytes: the buffer size, or less at the end of the segment.
+    cap: usize,
+}
+
+/// A one-shot completion flag (waited on through [`CommitLog::changed`]).
+type Done = Rc<Cell<bool>>;
+
+pub(crate) struct LogState<B: StorageBackend> {
+    pub segments: BTreeMap<u64, Seg<B>>,
+    pub active: Seg<B>,
+    chunk: Option<Chunk<B>>,
+    pub append_pos: u64,
+    /// Start of the bytes not yet handed to a write.
+    write_from: u64,
+    pub written: u64,
+    pub durable: u64,
+    pub visible_cap: Option<u64>,
+    /// Completed write ranges above `written` (start -> end).
+    completed: BTreeMap<u64, u64>,
+    /// Segments with writes completed since the last fdatasync.
+    dirty: Vec<Seg<B>>,
+    /// The last write if it ended inside a block: (segment base, that block, its completion).
+    last_partial: Option<(u64, u64, Done)>,
+    pub inflight_writes: usize,
+    pub poisoned: Option<String>,
+    spare: Option<Seg<B>>,
+    preparing: bool,
+    /// Highest position a `wait_durable` caller asked for.
+    pub sync_requested: u64,
+    pub closing: bool,
+    pub counters: Counters,
+}
+
+impl<B: StorageBackend> LogState<B> {
+    pub fn visible(&self) -> u64 {
+        self.durable.min(self.visible_cap.unwrap_or(u64::MAX))
+    }
+
+    fn check_watermarks(&self) {
+        assert!(
+            self.append_pos >= self.written
+                && self.written >= self.durable
+                && self.durable >= self.visible(),
+            "watermarks out of order: append {} written {} durable {} visible {}",
+            self.append_pos,
+            self.written,
+            self.durable,
+            self.visible()
+        );
+    }
+
+    fn poison(&mut self, cause: String) {
+        if self.poisoned.is_none() {
+            log::error!("storage: poisoning the commit log: {cause}");
+            self.poisoned = Some(cause);
+        }
+    }
+
+    pub fn poisoned_error(&self) -> Option<StorageError> {
+        self.poisoned.as_ref().map(|c| StorageError::Poisoned { cause: c.clone() })
+    }
+
+    fn complete(&mut self, from: u64, to: u64, seg: Option<Seg<B>>) {
+        self.completed.insert(from, to);
+        while let Some(end) = self.completed.remove(&self.written) {
+            self.written = end;
+        }
+        if let Some(seg) = seg {
+            if !self.dirty.iter().any(|s| s.base == seg.base) {
+                self.dirty.push(seg);
+            }
+        }
+        self.check_watermarks();
+    }
+}
+
+pub(crate) struct CommitLog<B: StorageBackend> {
+    pub backend: B,
+    pub dir: PathBuf,
+    pub cfg: StorageConfig,
+    pub st: RefCell<LogState<B>>,
+    /// Written watermark, write completions, spare segment, in-flight count, poison.
+    pub changed: Signal,
+    /// Durable/visible watermark or poison (append waiters, readers).
+    pub durable_changed: Signal,
+    /// Work for the flusher (sync requested, bytes pending, closing, poison).
+    pub flusher_wake: Signal,
+}
+
+impl<B: StorageBackend> CommitLog<B> {
+    /// A log whose recovered end is `end` in the segment `active`; `tail` holds the bytes of
+    /// the partial block `[align_down(end), end)`.
+    pub fn new(
+        backend: B,
+        dir: PathBuf,
+        cfg: StorageConfig,
+        segments: BTreeMap<u64, Seg<B>>,
+        active: Seg<B>,
+        end: u64,
+        tail: &[u8],
+        spare: Option<Seg<B>>,
+    ) -> Rc<Self> {
+        let mut st = LogState {
+            segments,
+            active: active.clone(),
+            chunk: None,
+            append_pos: end,
+            write_from: end,
+            written: end,
+            durable: end,
+            visible_cap: None,
+            completed: BTreeMap::new(),
+            dirty: Vec::new(),
+            last_partial: None,
+            inflight_writes: 0,
+            poisoned: None,
+            spare,
+            preparing: false,
+            sync_requested: end,
+            closing: false,
+            counters: Counters::default(),
+        };
+        let base = align_down(end);
+        if base != end {
+            let mut chunk = Self::alloc_chunk(&cfg, &active, base);
+            chunk.buf.bytes_mut()[..tail.len()].copy_from_slice(tail);
+            chunk.used = (end - base) as usize;
+            st.chunk = Some(chunk);
+        }
+        Rc::new(CommitLog {
+            backend,
+            dir,
+            cfg,
+            st: RefCell::new(st),
+            changed: Signal::default(),
+            durable_changed: Signal::default(),
+            flusher_wake: Signal::default(),
+        })
+    }
+
+    fn alloc_chunk(cfg: &StorageConfig, seg: &Seg<B>, base: u64) -> Chunk<B> {
+        let cap = (cfg.write_buffer_bytes).min(seg.end() - base) as usize;
+        Chunk {
+            seg: seg.clone(),
+            base,
+            buf: seg.file.alloc_buf(cap),
+            used: 0,
+            cap,
+        }
+    }
+
+    fn notify_all(&self) {
+        self.changed.notify_all();
+        self.durable_changed.notify_all();
+        self.flusher_wake.notify_all();
+    }
+
+    pub fn poison(&self, cause: String) {
+        self.st.borrow_mut().poison(cause);
+        self.notify_all();
+    }
+
+    /// Starts preparing the segment after the active one unless one is ready or under way.
+    pub fn ensure_spare(self: &Rc<Self>) {
+        let base = {
+            let mut st = self.st.borrow_mut();
+            if st.spare.is_some() || st.preparing || st.poisoned.is_some() {
+                return;
+            }
+            st.preparing = true;
+            st.active.end()
+        };
+        let log = self.clone();
+        glommio::spawn_local(async move {
+            let path = segment_path(&log.dir, base);
+            let r = async {
+                log.backend
+                    .create_zeroed(&path, log.cfg.segment_bytes)
+                    .await
+                    .map_err(|e| format!("preparing segment {}: {e}", path.display()))?;
+                log.backend
+                    .open(&path)
+                    .await
+                    .map_err(|e| format!("opening segment {}: {e}", path.display()))
+            }
+            .await;
+            {
+                let mut st = log.st.borrow_mut();
+                st.preparing = false;
+                match r {
+                    Ok(file) => {
+                        st.spare = Some(Rc::new(Segment {
+                            base,
+                            bytes: log.cfg.segment_bytes,
+                            file,
+                            path,
+                        }))
+                    }
+                    Err(e) => st.poison(e),
+                }
+            }
+            log.notify_all();
+        })
+        .detach();
+    }
+
+    /// Waits until a record of `total` bytes can be appended synchronously: room in the active
+    /// segment (rolling to the spare if needed) and a free write slot.
+    pub async fn ensure_room(self: &Rc<Self>, total: u64) -> Result<(), StorageError> {
+        loop {
+            {
+                let mut st = self.st.borrow_mut();
+                if let Some(e) = st.poisoned_error() {
+                    return Err(e);
+                }
+                if st.closing {
+                    return Err(StorageError::Closed);
+                }
+                if st.inflight_writes < self.cfg.max_writes_in_flight {
+                    if st.append_pos + total <= st.active.end() {
+                        return Ok(());
+                    }
+                    if st.spare.is_some() {
+                        self.roll(&mut st);
+                        drop(st);
+                        self.ensure_spare();
+                        continue;
+                    }
+                }
+            }
+            self.ensure_spare();
+            self.changed
+                .wait_until(|| {
+                    let st = self.st.borrow();
+                    st.poisoned.is_some()
+                        || st.closing
+                        || (st.inflight_writes < self.cfg.max_writes_in_flight
+                            && (st.append_pos + total <= st.active.end() || st.spare.is_some()))
+                })
+                .await;
+        }
+    }
+
+    /// Moves to the spare segment; the rest of the active segment stays zero.
+    fn roll(self: &Rc<Self>, st: &mut LogState<B>) {
+        let seg_end = st.active.end();
+        match st.chunk.take() {
+            Some(chunk) if chunk.used > 0 => self.hand_off(st, chunk, seg_end),
+            _ => {
+                let from = st.write_from;
+                st.write_from = seg_end;
+                st.complete(from, seg_end, None);
+            }
+        }
+        let next = st.spare.take().expect("roll needs a spare");
+        assert_eq!(next.base, seg_end, "spare segment must follow the active one");
+        st.segments.insert(next.base, next.clone());
+        st.active = next;
+        st.append_pos = seg_end;
+        st.write_from = seg_end;
+        st.check_watermarks();
+        log::debug!("storage: rolled to segment {}", seg_end);
+    }
+
+    /// Appends one record synchronously (after [`Self::ensure_room`] in the same task turn).
+    /// Returns `(position, end)`.
+    pub fn append_record(
+        self: &Rc<Self>,
+        mut header: RecordHeader,
+        topic: &[u8],
+        body: &[u8],
+    ) -> (u64, u64) {
+        let mut st = self.st.borrow_mut();
+        let total = (HEADER_BYTES + topic.len() + body.len()) as u64;
+        let pos = st.append_pos;
+        assert!(pos + total <= st.active.end(), "ensure_room not called");
+        header.log_position = pos;
+        let enc = build_header(header, topic, body);
+        self.copy_in(&mut st, &enc);
+        self.copy_in(&mut st, topic);
+        self.copy_in(&mut st, body);
+        st.append_pos = pos + total;
+        st.counters.appends += 1;
+        let unflushed = st.append_pos - st.durable;
+        st.counters.unflushed_hwm_bytes = st.counters.unflushed_hwm_bytes.max(unflushed);
+        let wake = self.cfg.flush_mode == FlushMode::AsyncFlush && unflushed >= self.cfg.flush_bytes;
+        drop(st);
+        if wake {
+            self.flusher_wake.notify_all();
+        }
+        (pos, pos + total)
+    }
+
+    fn copy_in(self: &Rc<Self>, st: &mut LogState<B>, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if st.chunk.is_none() {
+                let at = st.chunk_cursor();
+                assert_eq!(at, align_down(at), "a fresh chunk starts on a block");
+                st.chunk = Some(Self::alloc_chunk(&self.cfg, &st.active, at));
+            }
+            let chunk = st.chunk.as_mut().expect("just ensured");
+            let n = bytes.len().min(chunk.cap - chunk.used);
+            chunk.buf.bytes_mut()[chunk.used..chunk.used + n].copy_from_slice(&bytes[..n]);
+            chunk.used += n;
+            bytes = &bytes[n..];
+            if chunk.used == chunk.cap {
+                let chunk = st.chunk.take().expect("present");
+                let to = chunk.base + chunk.cap as u64;
+                self.hand_off(st, chunk, to);
+            }
+        }
+    }
+
+    /// Hands the dirty part of the active chunk to a write, keeping the partial tail block in a
+    /// fresh chunk. Returns the position everything below which will be written.
+    pub fn hand_off_partial(self: &Rc<Self>) -> u64 {
+        let mut st = self.st.borrow_mut();
+        let end = st.append_pos;
+        if st.write_from >= end {
+            return end;
+        }
+        let chunk = st.chunk.take().expect("dirty bytes live in a chunk");
+        let tail_base = align_down(end);
+        let tail_len = (end - tail_base) as usize;
+        if tail_len > 0 && tail_base < chunk.seg.end() {
+            let mut fresh = Self::alloc_chunk(&self.cfg, &chunk.seg, tail_base);
+            let from = (tail_base - chunk.base) as usize;
+            fresh.buf.bytes_mut()[..tail_len]
+                .copy_from_slice(&chunk.buf.bytes()[from..from + tail_len]);
+            fresh.used = tail_len;
+            st.chunk = Some(fresh);
+        }
+        self.hand_off(&mut st, chunk, end);
+        end
+    }
+
+    /// Spawns the write of `chunk`, which covers the log range `[write_from, to)`.
+    fn hand_off(self: &Rc<Self>, st: &mut LogState<B>, mut chunk: Chunk<B>, to: u64) {
+        let from = st.write_from;
+        st.write_from = to;
+        let phys_len = align_up(chunk.used as u64) as usize;
+        chunk.buf.trim(phys_len);
+        let seg = chunk.seg.clone();
+        let file_pos = chunk.base - seg.base;
+        let wait_for = match st.last_partial.take() {
+            Some((seg_base, block, done)) if seg_base == seg.base && block == chunk.base => Some(done),
+            _ => None,
+        };
+        let done: Done = Rc::new(Cell::new(false));
+        if chunk.used as u64 % crate::storage::backend::BLOCK_BYTES != 0 {
+            st.last_partial = Some((seg.base, chunk.base + align_down(chunk.used as u64), done.clone()));
+        }
+        st.inflight_writes += 1;
+        st.counters.writes += 1;
+        st.counters.written_bytes += phys_len as u64;
+        let log = self.clone();
+        let buf = chunk.buf;
+        glommio::spawn_local(async move {
+            if let Some(prev) = wait_for {
+                log.changed.wait_until(|| prev.get()).await;
+            }
+            let poisoned = log.st.borrow().poisoned.is_some();
+            let r = if poisoned {
+                Err(std::io::Error::other("log already poisoned"))
+            } else {
+                seg.file.write_at(buf, file_pos).await
+            };
+            {
+                let mut st = log.st.borrow_mut();
+                st.inflight_writes -= 1;
+                match r {
+                    Ok(()) => st.complete(from, to, Some(seg)),
+                    Err(e) => st.poison(format!(
+                        "write of {phys_len} bytes at {file_pos} in segment {}: {e}",
+                        seg.base
+                    )),
+                }
+            }
+            done.set(true);
+            log.notify_all();
+        })
+        .detach();
+    }
+
+    /// Takes the segments to fdatasync so that everything below the returned position is
+    /// durable once their syncs complete.
+    pub fn take_dirty(&self) -> (Vec<Seg<B>>, u64) {
+        let mut st = self.st.borrow_mut();
+        (std::mem::take(&mut st.dirty), st.written)
+    }
+
+    pub fn set_durable(&self, upto: u64) {
+        let mut st = self.st.borrow_mut();
+        assert!(upto <= st.written, "durable {upto} beyond written {}", st.written);
+        if upto > st.durable {
+            st.durable = upto;
+        }
+        st.check_watermarks();
+        drop(st);
+        self.durable_changed.notify_all();
+    }
+
+    /// Reads `len` bytes at log position `pos` (must lie in one segment).
+    pub async fn read_range(&self, pos: u64, len: u32) -> Result<Vec<u8>, StorageError> {
+        let seg = {
+            let st = self.st.borrow();
+            st.segments.range(..=pos).next_back().map(|(_, s)| s.clone())
+        };
+        let Some(seg) = seg.filter(|s| pos + u64::from(len) <= s.end()) else {
+            return Err(StorageError::Corrupt {
+                position: pos,
+                detail: format!("{len} bytes at {pos} are not inside a segment"),
+            });
+        };
+        let mut out = Vec::with_capacity(len as usize);
+        seg.file
+            .read_into(pos - seg.base, len as usize, &mut out)
+            .await
+            .map_err(|e| StorageError::io("read", seg.path.clone(), e))?;
+        if out.len() != len as usize {
+            return Err(StorageError::Corrupt {
+                position: pos,
+                detail: format!("short read: {} of {len} bytes", out.len()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl<B: StorageBackend> LogState<B> {
+    /// Where the next byte goes when there is no chunk.
+    fn chunk_cursor(&self) -> u64 {
+        self.append_pos.max(self.write_from)
+    }
+}

@@ -1,0 +1,69 @@
+//! Errors of the storage layer. Bad input is reported, never panics.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::storage::record::RecordError;
+
+/// Everything that can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A system call on a file failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An earlier write or fdatasync failed. After that, nothing more is accepted and nothing
+    /// beyond the last successful fdatasync is reported durable: the data on disk past it is
+    /// unknown. The store must be reopened (recovery decides what survived).
+    #[error("commit log is poisoned by an earlier I/O failure ({cause}); reopen the store")]
+    Poisoned { cause: String },
+    /// The record (header + topic + body) is larger than the configured maximum or a segment.
+    #[error("record of {size} bytes exceeds the maximum of {max} bytes")]
+    RecordTooLarge { size: u64, max: u64 },
+    /// A read asked for a queue offset outside `[min, end]`.
+    #[error("offset {requested} is out of range [{min}, {end}]")]
+    OffsetOutOfRange { requested: u64, min: u64, end: u64 },
+    /// An idempotent producer skipped sequence numbers or resent a batch that no longer matches.
+    #[error("producer {producer_id}: out-of-order sequence, expected {expected}, got {got}")]
+    OutOfOrderSequence {
+        producer_id: u64,
+        expected: u32,
+        got: u32,
+    },
+    /// An idempotent producer used an epoch older than the one already seen.
+    #[error("producer {producer_id}: epoch {epoch} is fenced by epoch {current_epoch}")]
+    ProducerFenced {
+        producer_id: u64,
+        epoch: u16,
+        current_epoch: u16,
+    },
+    /// Stored bytes failed validation where they must be valid (a read of visible data).
+    #[error("corrupt record at log position {position}: {detail}")]
+    Corrupt { position: u64, detail: String },
+    /// A record failed to parse.
+    #[error("bad record: {0}")]
+    Record(#[from] RecordError),
+    /// The caller passed something invalid (empty topic, zero message count, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The configuration is invalid; every problem is listed.
+    #[error("invalid storage config: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The store was closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StorageError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        StorageError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Flush policy: the per-shard flush leader (group commit), the waiting primitive and the
+//! counters.
+//!
+//! One flusher task per shard. Each cycle it hands the dirty tail to a write, waits until
+//! everything up to that point is written, takes the set of segments with completed writes,
+//! fdatasyncs them and only then advances `durable` to the written watermark taken before the
+//! syncs were issued. Every append waiter whose bytes were written before the sync is completed
+//! by that one fdatasync. Appends (and writes of full chunks) go on while a sync is in flight.
+//!
+//! - `SyncFlush`: a cycle starts when a `wait_durable` caller asks for a position beyond
+//!   `durable`.
+//! - `AsyncFlush`: a cycle starts every `flush_interval_ms`, or as soon as `flush_bytes` are
+//!   pending (or when someone calls `wait_durable`). Always O_DIRECT, never the page cache.
+//!
+//! An fdatasync error poisons the log; `durable` never moves past what a completed fdatasync
+//! covered.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::storage::backend::{BackendFile, StorageBackend};
+use crate::storage::commitlog::CommitLog;
+use crate::storage::FlushMode;
+
+/// Wakes every waiting task; waiters re-check their condition. Cancel-safe: a dropped waiter
+/// leaves only a stale waker that is discarded on the next notify.
+#[derive(Default)]
+pub(crate) struct Signal {
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    pub fn notify_all(&self) {
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Resolves once `cond` holds (checked now and after every notify).
+    pub async fn wait_until(&self, mut cond: impl FnMut() -> bool) {
+        poll_fn(|cx| {
+            if cond() {
+                Poll::Ready(())
+            } else {
+                let mut w = self.wakers.borrow_mut();
+                if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                    w.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Raw counters kept by the log.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counters {
+    pub appends: u64,
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub fsyncs: u64,
+    pub flush_cycles: u64,
+    pub unflushed_hwm_bytes: u64,
+    pub flush_latency_sum_us: u64,
+    pub flush_latency_count: u64,
+}
+
+/// Runs the flush leader until the log is closed (everything flushed) or poisoned.
+/// `after_durable(durable)` runs after each advance (persists derived indexes).
+pub(crate) async fn run_flusher<B: StorageBackend>(
+    log: Rc<CommitLog<B>>,
+    mut after_durable: impl FnMut(u64),
+) {
+    let interval = Duration::from_millis(log.cfg.flush_interval_ms.max(1));
+    loop {
+        let work = || {
+            let st = log.st.borrow();
+            st.poisoned.is_some()
+                || st.closing
+                || st.sync_requested > st.durable
+                || (log.cfg.flush_mode == FlushMode::AsyncFlush
+                    && st.append_pos - st.durable >= log.cfg.flush_bytes)
+        };
+        match log.cfg.flush_mode {
+            FlushMode::SyncFlush => log.flusher_wake.wait_until(work).await,
+            FlushMode::AsyncFlush => {
+                futures_lite::future::or(log.flusher_wake.wait_until(work), async {
+                    glommio::timer::sleep(interval).await;
+                })
+                .await
+            }
+        }
+        {
+            let st = log.st.borrow();
+            if st.poisoned.is_some() {
+                break;
+            }
+            if st.append_pos == st.durable {
+                if st.closing {
+                    break;
+                }
+                continue;
+            }
+        }
+        let started = Instant::now();
+        let target = log.hand_off_partial();
+        log.changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.poisoned.is_some() || st.written >= target
+            })
+            .await;
+        if log.st.borrow().poisoned.is_some() {
+            break;
+        }
+        let (segs, upto) = log.take_dirty();
+        let results = futures::future::join_all(segs.iter().map(|s| s.file.sync())).await;
+        let mut failed = None;
+        for (s, r) in segs.iter().zip(results) {
+            if let Err(e) = r {
+                failed = Some(format!("fdatasync of segment {}: {e}", s.path.display()));
+            }
+        }
+        if let Some(cause) = failed {
+            log.poison(cause);
+            break;
+        }
+        {
+            let mut st = log.st.borrow_mut();
+            st.counters.fsyncs += segs.len() as u64;
+            st.counters.flush_cycles += 1;
+            st.counters.flush_latency_sum_us += started.elapsed().as_micros() as u64;
+            st.counters.flush_latency_count += 1;
+        }
+        log.set_durable(upto);
+        after_durable(upto);
+    }
+    log.changed.notify_all();
+    log.durable_changed.notify_all();
+}

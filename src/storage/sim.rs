@@ -1,0 +1,259 @@
+//! A simulated disk for crash tests. Every file has a *written* image (what reads see) and a
+//! *durable* image (what survives a crash). `sync` copies written to durable. [`SimBackend::crash`]
+//! models a power loss: each 4 KiB block written since the last sync independently keeps its old
+//! content, its new content, a torn prefix of the new content, or garbage — disks with a write
+//! cache persist unsynced writes in any order. Handles opened before a crash fail afterwards, so
+//! the old store instance poisons itself and stops.
+//!
+//! Faults can be injected: the next write or the next sync fails.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::storage::backend::{BackendFile, StorageBackend, BLOCK_BYTES};
+
+#[derive(Default)]
+struct Image {
+    written: Vec<u8>,
+    durable: Vec<u8>,
+    dirty_blocks: BTreeSet<u64>,
+}
+
+#[derive(Default)]
+struct Disk {
+    files: HashMap<PathBuf, Image>,
+    generation: u64,
+    fail_next_write: bool,
+    fail_next_sync: bool,
+    writes: u64,
+    syncs: u64,
+}
+
+/// The simulated disk; clones share it.
+#[derive(Clone, Default)]
+pub struct SimBackend {
+    disk: Rc<RefCell<Disk>>,
+}
+
+/// A file handle on the simulated disk.
+pub struct SimFile {
+    disk: Rc<RefCell<Disk>>,
+    path: PathBuf,
+    generation: u64,
+}
+
+/// Small deterministic generator (xorshift64*), so the library needs no `rand`.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("simulated disk crashed; handle is stale")
+}
+
+impl SimBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next write fails with EIO.
+    pub fn fail_next_write(&self) {
+        self.disk.borrow_mut().fail_next_write = true;
+    }
+
+    /// The next fdatasync fails with EIO.
+    pub fn fail_next_sync(&self) {
+        self.disk.borrow_mut().fail_next_sync = true;
+    }
+
+    /// Number of completed syncs and writes so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let d = self.disk.borrow();
+        (d.writes, d.syncs)
+    }
+
+    /// Power loss: unsynced blocks keep old, new, torn or garbage content (seeded). All open
+    /// handles become stale.
+    pub fn crash(&self, seed: u64) {
+        let mut rng = XorShift(seed | 1);
+        let mut d = self.disk.borrow_mut();
+        d.generation += 1;
+        d.fail_next_sync = false;
+        d.fail_next_write = false;
+        let mut paths: Vec<PathBuf> = d.files.keys().cloned().collect();
+        paths.sort();
+        for p in paths {
+            let img = d.files.get_mut(&p).expect("listed");
+            let mut result = img.durable.clone();
+            result.resize(img.written.len(), 0);
+            for &blk in &img.dirty_blocks {
+                let start = (blk * BLOCK_BYTES) as usize;
+                let end = (start + BLOCK_BYTES as usize).min(img.written.len());
+                if start >= end {
+                    continue;
+                }
+                match rng.next() % 10 {
+                    0..=3 => {} // old content
+                    4..=6 => result[start..end].copy_from_slice(&img.written[start..end]),
+                    7..=8 => {
+                        let cut = start + (rng.next() as usize % (end - start));
+                        result[start..cut].copy_from_slice(&img.written[start..cut]);
+                    }
+                    _ => {
+                        for b in &mut result[start..end] {
+                            *b = rng.next() as u8;
+                        }
+                    }
+                }
+            }
+            img.written = result.clone();
+            img.durable = result;
+            img.dirty_blocks.clear();
+        }
+    }
+
+    /// Reads a file's written image (tests).
+    pub fn file_bytes(&self, path: &Path) -> Option<Vec<u8>> {
+        self.disk.borrow().files.get(path).map(|i| i.written.clone())
+    }
+
+    /// Overwrites bytes of a file durably (tests that plant corruption).
+    pub fn poke(&self, path: &Path, pos: u64, bytes: &[u8]) {
+        let mut d = self.disk.borrow_mut();
+        let img = d.files.get_mut(path).expect("file exists");
+        let end = pos as usize + bytes.len();
+        if img.written.len() < end {
+            img.written.resize(end, 0);
+        }
+        img.written[pos as usize..end].copy_from_slice(bytes);
+        img.durable = img.written.clone();
+    }
+}
+
+impl SimFile {
+    fn check(&self, d: &Disk) -> io::Result<()> {
+        if d.generation != self.generation || !d.files.contains_key(&self.path) {
+            return Err(crashed());
+        }
+        Ok(())
+    }
+}
+
+impl BackendFile for SimFile {
+    type Buf = Vec<u8>;
+
+    fn alloc_buf(&self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+
+    async fn write_at(&self, buf: Vec<u8>, pos: u64) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        let mut d = self.disk.borrow_mut();
+        self.check(&d)?;
+        assert_eq!(pos % BLOCK_BYTES, 0, "unaligned write position");
+        assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0, "unaligned write length");
+        if std::mem::take(&mut d.fail_next_write) {
+            return Err(io::Error::other("injected write error (EIO)"));
+        }
+        d.writes += 1;
+        let img = d.files.get_mut(&self.path).expect("checked");
+        let end = pos as usize + buf.len();
+        if img.written.len() < end {
+            img.written.resize(end, 0);
+        }
+        img.written[pos as usize..end].copy_from_slice(&buf);
+        for blk in pos / BLOCK_BYTES..(end as u64).div_ceil(BLOCK_BYTES) {
+            img.dirty_blocks.insert(blk);
+        }
+        Ok(())
+    }
+
+    async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let d = self.disk.borrow();
+        self.check(&d)?;
+        let img = &d.files[&self.path];
+        let start = (pos as usize).min(img.written.len());
+        let end = (pos as usize + len).min(img.written.len());
+        out.extend_from_slice(&img.written[start..end]);
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        let mut d = self.disk.borrow_mut();
+        self.check(&d)?;
+        if std::mem::take(&mut d.fail_next_sync) {
+            return Err(io::Error::other("injected fdatasync error (EIO)"));
+        }
+        d.syncs += 1;
+        let img = d.files.get_mut(&self.path).expect("checked");
+        img.durable = img.written.clone();
+        img.dirty_blocks.clear();
+        Ok(())
+    }
+
+    async fn len(&self) -> io::Result<u64> {
+        let d = self.disk.borrow();
+        self.check(&d)?;
+        Ok(d.files[&self.path].written.len() as u64)
+    }
+}
+
+impl StorageBackend for SimBackend {
+    type File = SimFile;
+
+    async fn open(&self, path: &Path) -> io::Result<SimFile> {
+        let d = self.disk.borrow();
+        if !d.files.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no such sim file"));
+        }
+        Ok(SimFile {
+            disk: self.disk.clone(),
+            path: path.to_path_buf(),
+            generation: d.generation,
+        })
+    }
+
+    async fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        let mut d = self.disk.borrow_mut();
+        d.files.insert(
+            path.to_path_buf(),
+            Image {
+                written: vec![0; len as usize],
+                durable: vec![0; len as usize],
+                dirty_blocks: BTreeSet::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let d = self.disk.borrow();
+        Ok(d.files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.disk.borrow_mut().files.remove(path);
+        Ok(())
+    }
+
+    fn create_dir_all(&self, _path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,609 @@
+//! `ShardStore`: one shard's storage — the CommitLog, its flusher, the consume queues, the key
+//! index and the idempotent-producer table — behind the API the server calls. Everything runs
+//! inside one glommio executor; state is `Rc<RefCell<_>>` and no borrow is held across `.await`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::storage::backend::{DmaBackend, StorageBackend};
+use crate::storage::batch::scan_body;
+use crate::storage::commitlog::CommitLog;
+use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
+use crate::storage::error::StorageError;
+use crate::storage::flush::run_flusher;
+use crate::storage::key_index::KeyIndex;
+use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
+use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
+use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
+use crate::storage::{
+    AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, StorageConfig,
+    StorageMetrics, Watermarks,
+};
+
+/// Longest topic name accepted (it is stored in every record with a u16 length).
+pub const MAX_TOPIC_BYTES: usize = 255;
+
+#[derive(Default)]
+struct Indexes {
+    topics: HashMap<String, HashMap<u32, QueueIndex>>,
+    next_uid: u32,
+    keys: KeyIndex,
+    producers: ProducerTable,
+}
+
+impl Indexes {
+    fn queue_mut(&mut self, topic: &str, queue_id: u32) -> &mut QueueIndex {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_string(), HashMap::new());
+        }
+        let uid = &mut self.next_uid;
+        self.topics
+            .get_mut(topic)
+            .expect("inserted")
+            .entry(queue_id)
+            .or_insert_with(|| {
+                *uid += 1;
+                QueueIndex::new(*uid)
+            })
+    }
+
+    fn queue(&self, topic: &str, queue_id: u32) -> Option<&QueueIndex> {
+        self.topics.get(topic)?.get(&queue_id)
+    }
+
+    fn apply(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
+        let pos = h.log_position;
+        let keys = &mut self.keys;
+        let tag_hash = scan_body(body, |k| keys.insert(topic.as_bytes(), k, pos));
+        let q = self.queue_mut(topic, h.queue_id);
+        let uid = q.uid;
+        q.push(CqEntry {
+            position: pos,
+            size: h.total_len,
+            base_offset: h.base_queue_offset,
+            count: h.message_count,
+            tag_hash,
+        });
+        if let Some((pid, epoch, seq)) = h.producer() {
+            self.producers.record(
+                pid,
+                uid,
+                epoch,
+                BatchMeta {
+                    base_seq: seq,
+                    count: h.message_count,
+                    base_offset: h.base_queue_offset,
+                    position: pos,
+                    end: pos + u64::from(h.total_len),
+                },
+            );
+        }
+    }
+}
+
+struct Inner<B: StorageBackend> {
+    log: Rc<CommitLog<B>>,
+    dir: PathBuf,
+    idx: RefCell<Indexes>,
+    flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
+}
+
+/// One shard's storage. Cheap to clone (an `Rc` inside); not `Send`.
+pub struct ShardStore<B: StorageBackend = DmaBackend> {
+    inner: Rc<Inner<B>>,
+}
+
+impl<B: StorageBackend> Clone for ShardStore<B> {
+    fn clone(&self) -> Self {
+        ShardStore {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl ShardStore<DmaBackend> {
+    /// Opens (recovering) the shard's storage in `dir` on real O_DIRECT files.
+    pub async fn open(
+        dir: &Path,
+        cfg: StorageConfig,
+    ) -> Result<(ShardStore<DmaBackend>, RecoveryReport), StorageError> {
+        crate::storage::probe::prime_dma_probe(dir).await?;
+        Self::open_with(DmaBackend, dir, cfg).await
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn validate_topic(topic: &str) -> Result<(), StorageError> {
+    let ok = !topic.is_empty()
+        && topic.len() <= MAX_TOPIC_BYTES
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'%' | b'|'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidArgument(format!(
+            "topic {topic:?}: 1..={MAX_TOPIC_BYTES} bytes of [A-Za-z0-9_.%|-], not . or .."
+        )))
+    }
+}
+
+impl<B: StorageBackend> ShardStore<B> {
+    /// Opens the storage in `dir` on `backend`: recovery (see `recovery.rs`), index
+    /// reconciliation, then the flusher starts. The commit log lives in `<dir>/commitlog`.
+    pub async fn open_with(
+        backend: B,
+        dir: &Path,
+        cfg: StorageConfig,
+    ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
+        cfg.validate()?;
+        let log_dir = dir.join("commitlog");
+        let mut idx = Indexes::default();
+        let rec = recover_log(&backend, &log_dir, &cfg, |v: &RecordView<'_>| {
+            idx.apply(v.topic, &v.header, v.body)
+        })
+        .await?;
+        let mut report = rec.report;
+        reconcile_index_files(dir, &mut idx, &mut report)?;
+        report.producers = idx.producers.len() as u64;
+        let log = CommitLog::new(
+            backend,
+            log_dir,
+            cfg,
+            rec.segments,
+            rec.active,
+            rec.end,
+            &rec.tail,
+            rec.spare,
+        );
+        log.ensure_spare();
+        let inner = Rc::new(Inner {
+            log: log.clone(),
+            dir: dir.to_path_buf(),
+            idx: RefCell::new(idx),
+            flusher: RefCell::new(None),
+        });
+        let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
+        let handle = glommio::spawn_local(run_flusher(log, move |durable| {
+            if let Some(inner) = weak.upgrade() {
+                inner.persist_indexes(durable);
+            }
+        }))
+        .detach();
+        *inner.flusher.borrow_mut() = Some(handle);
+        log::info!("storage: opened {}: {report}", dir.display());
+        Ok((ShardStore { inner }, report))
+    }
+
+    /// Copies the record into the log buffer and assigns queue offsets. Does NOT wait for
+    /// durability (see [`Self::wait_durable`]).
+    pub async fn append(&self, req: AppendRequest<'_>) -> Result<Appended, StorageError> {
+        validate_topic(req.topic)?;
+        if req.message_count == 0 {
+            return Err(StorageError::InvalidArgument("message_count is 0".into()));
+        }
+        let log = &self.inner.log;
+        let total = (HEADER_BYTES + req.topic.len() + req.body.len()) as u64;
+        let max = log.cfg.max_record_bytes.min(log.cfg.segment_bytes);
+        if total > max {
+            return Err(StorageError::RecordTooLarge { size: total, max });
+        }
+        log.ensure_room(total).await?;
+        // From here on no await: offsets and the log position are assigned together.
+        let mut idx = self.inner.idx.borrow_mut();
+        let q = idx.queue_mut(req.topic, req.queue_id);
+        let (uid, base_offset) = (q.uid, q.next_offset);
+        if let Some(p) = &req.producer {
+            match idx
+                .producers
+                .check(p.producer_id, uid, p.epoch, p.base_sequence, req.message_count)?
+            {
+                SeqCheck::Duplicate(m) => {
+                    return Ok(Appended {
+                        base_offset: QueueOffset(m.base_offset),
+                        count: m.count,
+                        position: LogPosition(m.position),
+                        end: LogPosition(m.end),
+                        duplicate: true,
+                    })
+                }
+                SeqCheck::Accept => {}
+            }
+        }
+        let mut h = RecordHeader {
+            queue_id: req.queue_id,
+            base_queue_offset: base_offset,
+            message_count: req.message_count,
+            store_timestamp_ms: now_ms(),
+            ..Default::default()
+        };
+        if let Some(p) = &req.producer {
+            h.flags |= FLAG_IDEMPOTENT;
+            h.producer_id = p.producer_id;
+            h.producer_epoch = p.epoch;
+            h.base_sequence = p.base_sequence;
+        }
+        let (pos, end) = log.append_record(h, req.topic.as_bytes(), req.body);
+        h.log_position = pos;
+        h.total_len = total as u32;
+        h.topic_len = req.topic.len() as u16;
+        idx.apply(req.topic, &h, req.body);
+        Ok(Appended {
+            base_offset: QueueOffset(base_offset),
+            count: req.message_count,
+            position: LogPosition(pos),
+            end: LogPosition(end),
+            duplicate: false,
+        })
+    }
+
+    /// Resolves once everything below `end` is durable: written, then covered by a completed
+    /// fdatasync. Cancel-safe: dropping it only drops the wait.
+    pub async fn wait_durable(&self, end: LogPosition) -> Result<(), StorageError> {
+        let log = &self.inner.log;
+        let target = {
+            let mut st = log.st.borrow_mut();
+            if st.durable >= end.0 {
+                return Ok(());
+            }
+            if let Some(e) = st.poisoned_error() {
+                return Err(e);
+            }
+            let target = end.0.min(st.append_pos);
+            if st.durable >= target {
+                return Ok(());
+            }
+            st.sync_requested = st.sync_requested.max(target);
+            target
+        };
+        log.flusher_wake.notify_all();
+        log.durable_changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.durable >= target || st.poisoned.is_some()
+            })
+            .await;
+        let st = log.st.borrow();
+        if st.durable >= target {
+            Ok(())
+        } else {
+            Err(st.poisoned_error().unwrap_or(StorageError::Closed))
+        }
+    }
+
+    /// Whole records starting at the one containing `offset`, up to `max_bytes` (at least one
+    /// record), never past the visible watermark. `offset == end` gives an empty batch.
+    pub async fn read(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: QueueOffset,
+        max_bytes: u32,
+    ) -> Result<ReadBatch, StorageError> {
+        let visible = self.inner.log.st.borrow().visible();
+        let (ranges, min, end) = {
+            let idx = self.inner.idx.borrow();
+            let Some(q) = idx.queue(topic, queue_id) else {
+                if offset.0 == 0 {
+                    return Ok(ReadBatch::empty(QueueOffset(0), QueueOffset(0), QueueOffset(0)));
+                }
+                return Err(StorageError::OffsetOutOfRange {
+                    requested: offset.0,
+                    min: 0,
+                    end: 0,
+                });
+            };
+            let (min, end) = (q.min_offset(), q.visible_end(visible));
+            if offset.0 < min || offset.0 > end {
+                return Err(StorageError::OffsetOutOfRange {
+                    requested: offset.0,
+                    min,
+                    end,
+                });
+            }
+            let nvis = q.visible_count(visible);
+            let mut ranges: Vec<(u64, u32, u64)> = Vec::new(); // (position, len, end_offset)
+            let mut total = 0u64;
+            for e in &q.entries[q.find(offset.0)..nvis] {
+                if !ranges.is_empty() && total + u64::from(e.size) > u64::from(max_bytes) {
+                    break;
+                }
+                total += u64::from(e.size);
+                match ranges.last_mut() {
+                    Some(r) if r.0 + u64::from(r.1) == e.position && self.same_segment(r.0, e.position) => {
+                        r.1 += e.size;
+                        r.2 = e.end_offset();
+                    }
+                    _ => ranges.push((e.position, e.size, e.end_offset())),
+                }
+            }
+            (ranges, min, end)
+        };
+        let mut out = Vec::new();
+        let mut next = offset.0;
+        for (pos, len, end_off) in ranges {
+            let bytes = self.inner.log.read_range(pos, len).await?;
+            let mut at = 0usize;
+            let mut p = pos;
+            while at < bytes.len() {
+                let v = RecordView::parse_at(&bytes[at..], p).map_err(|e| StorageError::Corrupt {
+                    position: p,
+                    detail: e.to_string(),
+                })?;
+                at += v.bytes.len();
+                p += v.bytes.len() as u64;
+            }
+            if out.is_empty() {
+                out = bytes;
+            } else {
+                out.extend_from_slice(&bytes);
+            }
+            next = end_off;
+        }
+        Ok(ReadBatch {
+            records: Bytes::from(out),
+            next_offset: QueueOffset(next),
+            min_offset: QueueOffset(min),
+            end_offset: QueueOffset(end),
+        })
+    }
+
+    fn same_segment(&self, a: u64, b: u64) -> bool {
+        let st = self.inner.log.st.borrow();
+        let seg_of = |p: u64| st.segments.range(..=p).next_back().map(|(b, _)| *b);
+        seg_of(a) == seg_of(b)
+    }
+
+    fn visible_end(&self, topic: &str, queue_id: u32) -> u64 {
+        let visible = self.inner.log.st.borrow().visible();
+        self.inner
+            .idx
+            .borrow()
+            .queue(topic, queue_id)
+            .map_or(0, |q| q.visible_end(visible))
+    }
+
+    /// Resolves when the queue's visible end offset is beyond `offset` (or the log is poisoned
+    /// or closed). Cancel-safe.
+    pub async fn wait_visible_beyond(&self, topic: &str, queue_id: u32, offset: QueueOffset) {
+        let log = &self.inner.log;
+        log.durable_changed
+            .wait_until(|| {
+                {
+                    let st = log.st.borrow();
+                    if st.poisoned.is_some() || st.closing {
+                        return true;
+                    }
+                }
+                self.visible_end(topic, queue_id) > offset.0
+            })
+            .await
+    }
+
+    pub fn queue_stats(&self, topic: &str, queue_id: u32) -> QueueStats {
+        let visible = self.inner.log.st.borrow().visible();
+        let idx = self.inner.idx.borrow();
+        match idx.queue(topic, queue_id) {
+            None => QueueStats::default(),
+            Some(q) => QueueStats {
+                min_offset: QueueOffset(q.min_offset()),
+                visible_end_offset: QueueOffset(q.visible_end(visible)),
+                written_end_offset: QueueOffset(q.next_offset),
+                bytes: q.bytes,
+                records: q.entries.len() as u64,
+            },
+        }
+    }
+
+    pub fn watermarks(&self) -> Watermarks {
+        let st = self.inner.log.st.borrow();
+        Watermarks {
+            appended: LogPosition(st.append_pos),
+            written: LogPosition(st.written),
+            durable: LogPosition(st.durable),
+            visible: LogPosition(st.visible()),
+        }
+    }
+
+    /// Caps the visible watermark (for a replication layer); `None` removes the cap.
+    pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
+        self.inner.log.st.borrow_mut().visible_cap = cap.map(|c| c.0);
+        self.inner.log.durable_changed.notify_all();
+    }
+
+    pub fn metrics(&self) -> StorageMetrics {
+        let st = self.inner.log.st.borrow();
+        let c = st.counters;
+        StorageMetrics {
+            appends: c.appends,
+            fsyncs: c.fsyncs,
+            flush_cycles: c.flush_cycles,
+            writes: c.writes,
+            written_bytes: c.written_bytes,
+            unflushed_bytes: st.append_pos - st.durable,
+            unflushed_hwm_bytes: c.unflushed_hwm_bytes,
+            flush_latency_sum_us: c.flush_latency_sum_us,
+            flush_latency_count: c.flush_latency_count,
+            poisoned: st.poisoned.is_some(),
+        }
+    }
+
+    /// Log positions of visible records of `topic` holding `key` (may include rare hash false
+    /// positives: check the key in the record).
+    pub fn lookup_key(&self, topic: &str, key: &[u8]) -> Vec<LogPosition> {
+        let visible = self.inner.log.st.borrow().visible();
+        self.inner
+            .idx
+            .borrow()
+            .keys
+            .lookup(topic.as_bytes(), key)
+            .iter()
+            .filter(|&&p| p < visible)
+            .map(|&p| LogPosition(p))
+            .collect()
+    }
+
+    /// Deletes every segment that ends at or below `position` (never the active one) and drops
+    /// their index entries. Returns how many segments were removed.
+    pub fn drop_segments_before(&self, position: LogPosition) -> Result<u64, StorageError> {
+        let log = &self.inner.log;
+        let victims: Vec<_> = {
+            let st = log.st.borrow();
+            st.segments
+                .values()
+                .filter(|s| s.end() <= position.0 && s.base < st.active.base)
+                .cloned()
+                .collect()
+        };
+        let mut first_kept = 0;
+        for s in &victims {
+            log.backend
+                .remove(&s.path)
+                .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
+            log.st.borrow_mut().segments.remove(&s.base);
+            first_kept = s.end();
+        }
+        if !victims.is_empty() {
+            let mut idx = self.inner.idx.borrow_mut();
+            for qs in idx.topics.values_mut() {
+                for q in qs.values_mut() {
+                    q.prune_below(first_kept);
+                }
+            }
+            idx.keys.prune_below(first_kept);
+        }
+        Ok(victims.len() as u64)
+    }
+
+    /// Flushes everything, stops the flusher and persists the indexes.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        let log = &self.inner.log;
+        log.st.borrow_mut().closing = true;
+        log.flusher_wake.notify_all();
+        let handle = self.inner.flusher.borrow_mut().take();
+        if let Some(h) = handle {
+            h.await;
+        }
+        log.changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.inflight_writes == 0
+            })
+            .await;
+        let st = log.st.borrow();
+        if let Some(e) = st.poisoned_error() {
+            return Err(e);
+        }
+        let durable = st.durable;
+        drop(st);
+        self.inner.persist_indexes(durable);
+        Ok(())
+    }
+
+    /// The storage directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+impl<B: StorageBackend> Inner<B> {
+    fn persist_indexes(&self, durable: u64) {
+        let mut idx = self.idx.borrow_mut();
+        for (topic, qs) in idx.topics.iter_mut() {
+            for (qid, q) in qs.iter_mut() {
+                if let Err(e) = q.persist(&cq_path(&self.dir, topic, *qid), durable) {
+                    log::warn!("storage: persisting consume queue {topic}/{qid}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Makes every consume-queue file match the log (the log is the truth).
+fn reconcile_index_files(
+    dir: &Path,
+    idx: &mut Indexes,
+    report: &mut RecoveryReport,
+) -> Result<(), StorageError> {
+    let cq_dir = dir.join("consumequeue");
+    // Files of queues the log no longer has anything for are ahead of it.
+    if let Ok(topics) = std::fs::read_dir(&cq_dir) {
+        for t in topics.flatten() {
+            let topic = t.file_name().to_string_lossy().into_owned();
+            for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+                let Ok(qid) = f.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if idx.queue(&topic, qid).is_none() {
+                    let n = f.metadata().map_or(0, |m| m.len()) / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
+                    if decide(Observation::IndexAhead) == Action::TruncateIndex {
+                        rewrite_cq_file(&f.path(), 0, &[])
+                            .map_err(|e| StorageError::io("truncate index", f.path(), e))?;
+                        report.index_entries_truncated += n;
+                    }
+                }
+            }
+        }
+    }
+    for (topic, qs) in idx.topics.iter_mut() {
+        for (qid, q) in qs.iter_mut() {
+            let path = cq_path(dir, topic, *qid);
+            let file = read_cq_file(&path).map_err(|e| StorageError::io("read index", &path, e))?;
+            let mut keep = 0usize;
+            let mut observations = Vec::new();
+            match &file {
+                None => observations.push(Observation::IndexMissing),
+                Some(f) => {
+                    keep = f.iter().zip(&q.entries).take_while(|(a, b)| a == b).count();
+                    if f.len() > keep {
+                        observations.push(Observation::IndexAhead);
+                    }
+                    if q.entries.len() > keep {
+                        observations.push(Observation::IndexBehind);
+                    }
+                    if observations.is_empty() {
+                        observations.push(Observation::IndexConsistent);
+                    }
+                }
+            }
+            let mut rewrite = false;
+            for o in observations {
+                match decide(o) {
+                    Action::TruncateIndex => {
+                        report.index_entries_truncated += (file.as_ref().map_or(0, |f| f.len()) - keep) as u64;
+                        rewrite = true;
+                    }
+                    Action::ExtendIndex => {
+                        report.index_entries_rebuilt += (q.entries.len() - keep) as u64;
+                        rewrite = true;
+                    }
+                    Action::RebuildIndex => {
+                        report.index_files_rebuilt += 1;
+                        report.index_entries_rebuilt += q.entries.len() as u64;
+                        rewrite = true;
+                    }
+                    Action::Keep => {}
+                    a => unreachable!("index reconciliation got log action {a:?}"),
+                }
+            }
+            if rewrite {
+                rewrite_cq_file(&path, keep, &q.entries[keep..])
+                    .map_err(|e| StorageError::io("rewrite index", &path, e))?;
+            }
+            q.persisted = q.entries.len();
+        }
+    }
+    Ok(())
+}
