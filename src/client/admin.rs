@@ -6,7 +6,9 @@ use bytes::Bytes;
 
 use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
 use crate::client::ClientError;
-use crate::protocol::{BrokerInfo, QueueStat, Request, Response, RouteTable, TopicInfo};
+use crate::protocol::{
+    BrokerInfo, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
+};
 
 /// A control client over one connection (any shard's port works: the broker forwards).
 pub struct Admin {
@@ -78,6 +80,14 @@ impl Admin {
             topic: topic.to_string(),
         })? {
             Response::QueueStats(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Counters and watermarks of every shard.
+    pub fn broker_stats(&self) -> Result<Vec<ShardStats>, ClientError> {
+        match self.call(Request::BrokerStats)? {
+            Response::BrokerStats(s) => Ok(s),
             r => Err(unexpected(r)),
         }
     }

@@ -15,7 +15,7 @@ use futures_lite::future;
 use crate::message;
 use crate::protocol::{
     BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck, ProduceRequest,
-    QueueRoute, QueueStat, Request, Response, RouteTable, TopicInfo,
+    QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
 use crate::server::error::HandlerError;
 use crate::shard::mesh::{MeshReply, MeshRequest};
@@ -95,6 +95,7 @@ pub async fn on_mesh_request(ctx: &Rc<ShardContext>, request: MeshRequest) -> Me
         MeshRequest::LocalQueueStats { topic } => {
             MeshReply::QueueStats(local_queue_stats(ctx, &topic))
         }
+        MeshRequest::LocalShardStats => MeshReply::ShardStats(local_shard_stats(ctx)),
     }
 }
 
@@ -113,6 +114,7 @@ async fn execute(
         Request::Produce(p) => (produce(ctx, p, body).await?, empty),
         Request::Fetch(f) => fetch(ctx, f).await?,
         Request::QueueStats { topic } => (queue_stats(ctx, &topic).await?, empty),
+        Request::BrokerStats => (broker_stats(ctx).await?, empty),
     })
 }
 
@@ -268,7 +270,7 @@ async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Byt
     check_queue(ctx, &f.topic, f.queue)?;
     let stats = ctx.store.queue_stats(&f.topic, f.queue);
     let wait_ms = f.max_wait_ms.min(MAX_LONG_POLL_MS);
-    if f.offset >= stats.end_offset.0 && wait_ms > 0 {
+    if f.offset >= stats.visible_end_offset.0 && wait_ms > 0 {
         let wait = async {
             let _ = glommio::timer::timeout(Duration::from_millis(u64::from(wait_ms)), async {
                 ctx.store
@@ -281,13 +283,13 @@ async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Byt
         future::or(wait, ctx.shutdown_requested()).await;
     }
     let stats = ctx.store.queue_stats(&f.topic, f.queue);
-    if f.offset == stats.end_offset.0 {
+    if f.offset == stats.visible_end_offset.0 {
         return Ok((
             Response::Fetched(FetchHeader {
                 queue: f.queue,
                 next_offset: f.offset,
                 min_offset: stats.min_offset.0,
-                end_offset: stats.end_offset.0,
+                end_offset: stats.visible_end_offset.0,
             }),
             Bytes::new(),
         ));
@@ -318,7 +320,7 @@ fn local_queue_stats(ctx: &ShardContext, topic: &str) -> Vec<QueueStat> {
             QueueStat {
                 queue,
                 min_offset: s.min_offset.0,
-                end_offset: s.end_offset.0,
+                end_offset: s.visible_end_offset.0,
                 bytes: s.bytes,
             }
         })
@@ -339,4 +341,34 @@ async fn queue_stats(ctx: &Rc<ShardContext>, topic: &str) -> Result<Response> {
     }
     all.sort_by_key(|s| s.queue);
     Ok(Response::QueueStats(all))
+}
+
+fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
+    let w = ctx.store.watermarks();
+    let m = ctx.store.metrics();
+    ShardStats {
+        shard: ctx.shard as u32,
+        written: w.written.0,
+        durable: w.durable.0,
+        visible: w.visible.0,
+        fsyncs: m.fsyncs,
+        appends: m.appends,
+        unflushed_bytes: m.unflushed_bytes,
+        unflushed_bytes_max: m.unflushed_hwm_bytes,
+        flush_latency_us_total: m.flush_latency_sum_us,
+        connections: ctx.open_connections() as u32,
+        poisoned: m.poisoned,
+    }
+}
+
+/// Counters of every shard, gathered over the mesh.
+async fn broker_stats(ctx: &Rc<ShardContext>) -> Result<Response> {
+    let mut all = vec![local_shard_stats(ctx)];
+    for shard in (0..ctx.shards).filter(|s| *s != ctx.shard) {
+        if let MeshReply::ShardStats(s) = ctx.mesh.call(shard, MeshRequest::LocalShardStats).await? {
+            all.push(s);
+        }
+    }
+    all.sort_by_key(|s| s.shard);
+    Ok(Response::BrokerStats(all))
 }

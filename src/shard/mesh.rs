@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
-use crate::protocol::{Frame, QueueStat};
+use crate::protocol::{Frame, QueueStat, ShardStats};
 use crate::shard::topics::TopicTable;
 
 /// Messages in flight per pair of shards before a sender waits: enough to keep a pipelined
@@ -30,6 +30,8 @@ pub enum MeshRequest {
     ApplyTopics(Arc<TopicTable>),
     /// Statistics of the queues of `topic` that the receiving shard owns.
     LocalQueueStats { topic: String },
+    /// The receiving shard's counters and watermarks.
+    LocalShardStats,
 }
 
 #[derive(Debug)]
@@ -37,6 +39,7 @@ pub enum MeshReply {
     Frame(Frame),
     Applied,
     QueueStats(Vec<QueueStat>),
+    ShardStats(ShardStats),
 }
 
 /// The one message type on the mesh.
