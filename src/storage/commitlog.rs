@@ -401,6 +401,8 @@ impl<B: StorageBackend> CommitLog<B> {
         let log = self.clone();
         let buf = chunk.buf;
         glommio::spawn_local(async move {
+            // glommio may poll a new task right away, while our caller still holds `st`.
+            futures_lite::future::yield_now().await;
             if let Some(prev) = wait_for {
                 log.changed.wait_until(|| prev.get()).await;
             }
