@@ -565,11 +565,13 @@ async fn crash_iteration(seed: u64) {
                     .unwrap();
                 assert_eq!(a.base_offset.0, next[qi], "seed {seed}");
                 next[qi] += u64::from(count);
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("append q{qi} pos {} end {} len {}", a.position, a.end, body.len()); }
                 model[qi].push(Batch { base: a.base_offset.0, body, end: a.end, acked: false });
             }
             60..=79 => {
                 let upto = s.watermarks().appended;
                 s.wait_durable(upto).await.unwrap();
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("durable {:?}", s.watermarks()); }
                 for q in &mut model {
                     for b in q.iter_mut().filter(|b| b.end <= upto) {
                         b.acked = true;
@@ -592,10 +594,12 @@ async fn crash_iteration(seed: u64) {
                         q.iter_mut().for_each(|b| b.acked = true);
                     }
                 } else {
+                    if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("crash at {:?}", s.watermarks()); }
                     sim.crash(rng.gen());
                 }
                 drop(s);
-                let (s2, _rep) = open(&sim, dir.path(), mode).await;
+                let (s2, rep) = open(&sim, dir.path(), mode).await;
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("reopen clean={clean}: {rep}"); }
                 s = s2;
                 for qi in 0..4 {
                     let got = read_all(&s, TOPICS[qi / 2], (qi % 2) as u32).await;

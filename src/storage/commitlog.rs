@@ -289,12 +289,19 @@ impl<B: StorageBackend> CommitLog<B> {
     /// Moves to the spare segment; the rest of the active segment stays zero.
     fn roll(self: &Rc<Self>, st: &mut LogState<B>) {
         let seg_end = st.active.end();
+        let has_new_bytes = st.write_from < st.append_pos;
+        // The rest of the segment is skipped: it stays zero.
+        st.append_pos = seg_end;
         match st.chunk.take() {
-            Some(chunk) if chunk.used > 0 => self.hand_off(st, chunk, seg_end),
+            // Only when it holds bytes not yet handed to a write: rewriting an already written
+            // tail block for nothing would just widen the window a crash can tear.
+            Some(chunk) if has_new_bytes => self.hand_off(st, chunk, seg_end),
             _ => {
                 let from = st.write_from;
                 st.write_from = seg_end;
-                st.complete(from, seg_end, None);
+                if from < seg_end {
+                    st.complete(from, seg_end, None);
+                }
             }
         }
         let next = st.spare.take().expect("roll needs a spare");
