@@ -61,7 +61,10 @@ fn dma_reads_work_after_priming_even_when_the_first_data_file_is_empty() {
         buf.as_bytes_mut().fill(0x5A);
         f.write_at(buf, 0).await.unwrap();
         f.fdatasync().await.unwrap();
-        let r = f.read_at_aligned(0, 4096).await.expect("DMA read must not fail with EOPNOTSUPP");
+        let r = f
+            .read_at_aligned(0, 4096)
+            .await
+            .expect("DMA read must not fail with EOPNOTSUPP");
         assert!(r.iter().all(|&b| b == 0x5A));
         f.close().await.unwrap();
     });
@@ -72,7 +75,9 @@ fn store_on_a_fresh_dir_writes_and_reads_back_with_dma() {
     let dir = disk_dir();
     let path = dir.path().join("shard-0");
     run(move || async move {
-        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush)).await.unwrap();
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
         assert_eq!(rep.records_scanned, 0);
         let a = s
             .append(AppendRequest {
@@ -86,7 +91,9 @@ fn store_on_a_fresh_dir_writes_and_reads_back_with_dma() {
             .unwrap();
         s.wait_durable(a.end).await.unwrap();
         let b = s.read("t", 0, QueueOffset(0), 4096).await.unwrap();
-        let r: Vec<_> = RecordIter::new(&b.records).map(|r| r.unwrap().body.to_vec()).collect();
+        let r: Vec<_> = RecordIter::new(&b.records)
+            .map(|r| r.unwrap().body.to_vec())
+            .collect();
         assert_eq!(r, vec![b"hello disk".to_vec()]);
         s.close().await.unwrap();
     });
@@ -137,7 +144,9 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
     let dir = disk_dir();
     let path = dir.path().join("shard-0");
     run(move || async move {
-        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush)).await.unwrap();
+        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
         let mut expect = append_many(&s, 1, 40, 8).await; // ~5 MiB: several 1 MiB segments
         let m = s.metrics();
         assert!(m.fsyncs > 0 && m.appends == 320 && !m.poisoned);
@@ -145,7 +154,9 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
         s.close().await.unwrap();
         drop(s);
 
-        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::AsyncFlush)).await.unwrap();
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::AsyncFlush))
+            .await
+            .unwrap();
         assert_eq!(rep.records_scanned, 320, "{rep}");
         assert_eq!(rep.truncated_at, None);
         check_all(&s, &expect).await;
@@ -174,11 +185,16 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
             }
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
-        assert!(s.watermarks().durable >= end, "the background flusher made ASYNC appends durable");
+        assert!(
+            s.watermarks().durable >= end,
+            "the background flusher made ASYNC appends durable"
+        );
         s.close().await.unwrap();
         drop(s);
 
-        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush)).await.unwrap();
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
         assert_eq!(rep.records_scanned, 370, "{rep}");
         check_all(&s, &expect).await;
         s.close().await.unwrap();

@@ -41,7 +41,9 @@ fn cfg(mode: FlushMode) -> StorageConfig {
 }
 
 async fn open(sim: &SimBackend, dir: &Path, mode: FlushMode) -> (Store, RecoveryReport) {
-    ShardStore::open_with(sim.clone(), dir, cfg(mode)).await.unwrap()
+    ShardStore::open_with(sim.clone(), dir, cfg(mode))
+        .await
+        .unwrap()
 }
 
 fn req<'a>(topic: &'a str, queue_id: u32, count: u32, body: &'a [u8]) -> AppendRequest<'a> {
@@ -128,7 +130,11 @@ fn group_commit_serves_many_waiters_with_few_fsyncs() {
         }
         let m = s.metrics();
         assert_eq!(m.appends, 64);
-        assert!(m.fsyncs < 16, "expected group commit, got {} fsyncs", m.fsyncs);
+        assert!(
+            m.fsyncs < 16,
+            "expected group commit, got {} fsyncs",
+            m.fsyncs
+        );
         s.close().await.unwrap();
     });
 }
@@ -176,11 +182,20 @@ fn read_never_passes_the_visible_watermark() {
         s.wait_durable(a.end).await.unwrap();
         let b = s.read("v", 0, QueueOffset(1), 1000).await.unwrap();
         let recs: Vec<_> = RecordIter::new(&b.records).collect();
-        assert_eq!(recs.len(), 1, "the record containing offset 1 is returned whole");
+        assert_eq!(
+            recs.len(),
+            1,
+            "the record containing offset 1 is returned whole"
+        );
         assert_eq!(b.next_offset, QueueOffset(3));
         // A replication layer can hold visibility back.
         s.set_visible_cap(Some(LogPosition(0)));
-        assert!(s.read("v", 0, QueueOffset(0), 1000).await.unwrap().records.is_empty());
+        assert!(s
+            .read("v", 0, QueueOffset(0), 1000)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
         s.set_visible_cap(None);
         s.close().await.unwrap();
     });
@@ -194,12 +209,29 @@ fn offsets_out_of_range_are_errors() {
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         append_durable(&s, "o", 0, b"x").await;
         let e = s.read("o", 0, QueueOffset(5), 100).await.unwrap_err();
-        assert!(matches!(e, StorageError::OffsetOutOfRange { requested: 5, min: 0, end: 1 }));
+        assert!(matches!(
+            e,
+            StorageError::OffsetOutOfRange {
+                requested: 5,
+                min: 0,
+                end: 1
+            }
+        ));
         let e = s.read("nope", 0, QueueOffset(1), 100).await.unwrap_err();
         assert!(matches!(e, StorageError::OffsetOutOfRange { .. }));
-        assert!(s.read("nope", 0, QueueOffset(0), 100).await.unwrap().records.is_empty());
+        assert!(s
+            .read("nope", 0, QueueOffset(0), 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
         // The end offset itself is an empty read (long polling), not an error.
-        assert!(s.read("o", 0, QueueOffset(1), 100).await.unwrap().records.is_empty());
+        assert!(s
+            .read("o", 0, QueueOffset(1), 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
         let e = s.append(req("../x", 0, 1, b"x")).await.unwrap_err();
         assert!(matches!(e, StorageError::InvalidArgument(_)));
         let big = vec![0u8; 40 * 1024];
@@ -275,7 +307,10 @@ fn fdatasync_error_poisons_the_log() {
         let a = s.append(req("p", 0, 1, b"lost")).await.unwrap();
         let e = s.wait_durable(a.end).await.unwrap_err();
         assert!(matches!(e, StorageError::Poisoned { .. }), "{e}");
-        assert!(s.watermarks().durable < a.end, "nothing unsynced is reported durable");
+        assert!(
+            s.watermarks().durable < a.end,
+            "nothing unsynced is reported durable"
+        );
         assert!(s.watermarks().durable >= ok.end);
         let e = s.append(req("p", 0, 1, b"later")).await.unwrap_err();
         assert!(matches!(e, StorageError::Poisoned { .. }));
@@ -322,15 +357,38 @@ fn idempotent_retries_return_original_offsets_also_after_reopen() {
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         let a0 = s.append(preq(9, 1, 0, 2, b"b0")).await.unwrap();
         let a1 = s.append(preq(9, 1, 2, 3, b"b1")).await.unwrap();
-        assert_eq!((a0.base_offset, a1.base_offset), (QueueOffset(0), QueueOffset(2)));
+        assert_eq!(
+            (a0.base_offset, a1.base_offset),
+            (QueueOffset(0), QueueOffset(2))
+        );
         let dup = s.append(preq(9, 1, 0, 2, b"b0")).await.unwrap();
         assert!(dup.duplicate);
-        assert_eq!((dup.base_offset, dup.position, dup.end), (a0.base_offset, a0.position, a0.end));
+        assert_eq!(
+            (dup.base_offset, dup.position, dup.end),
+            (a0.base_offset, a0.position, a0.end)
+        );
         s.wait_durable(a1.end).await.unwrap();
         let e = s.append(preq(9, 1, 7, 1, b"gap")).await.unwrap_err();
-        assert!(matches!(e, StorageError::OutOfOrderSequence { expected: 5, got: 7, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                StorageError::OutOfOrderSequence {
+                    expected: 5,
+                    got: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = s.append(preq(9, 0, 5, 1, b"old")).await.unwrap_err();
-        assert!(matches!(e, StorageError::ProducerFenced { epoch: 0, current_epoch: 1, .. }));
+        assert!(matches!(
+            e,
+            StorageError::ProducerFenced {
+                epoch: 0,
+                current_epoch: 1,
+                ..
+            }
+        ));
         // Another producer is independent.
         assert!(!s.append(preq(10, 0, 0, 1, b"x")).await.unwrap().duplicate);
         s.close().await.unwrap();
@@ -364,7 +422,10 @@ fn recovery_clean_tail_keeps_everything() {
         drop(s);
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         assert_eq!(rep.tail, Some(Observation::CleanTail));
-        assert_eq!((rep.records_scanned, rep.end_position, rep.truncated_at), (1, a.end.0, None));
+        assert_eq!(
+            (rep.records_scanned, rep.end_position, rep.truncated_at),
+            (1, a.end.0, None)
+        );
         assert!(rep.to_string().contains("recovered 1 records"));
         s.close().await.unwrap();
     });
@@ -428,7 +489,10 @@ fn recovery_crc_mismatch_followed_by_valid_records_truncates_and_reports() {
         drop(s);
         sim.poke(&seg_path(dir.path(), 0), b.end.0 - 1, b"X");
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
-        assert_eq!(rep.tail, Some(Observation::CrcMismatchThenValid { valid_after: 2 }));
+        assert_eq!(
+            rep.tail,
+            Some(Observation::CrcMismatchThenValid { valid_after: 2 })
+        );
         assert_eq!(rep.truncated_at, Some(a.end.0));
         assert_eq!(rep.valid_records_discarded, 2);
         assert!(rep.to_string().contains("WARNING"));
@@ -460,7 +524,12 @@ fn recovery_index_ahead_of_the_log_is_truncated() {
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         assert_eq!(rep.index_entries_truncated, 3);
         assert_eq!(std::fs::read(&p).unwrap().len(), 28);
-        assert_eq!(std::fs::read(cq_file(dir.path(), "ghost", 3)).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(cq_file(dir.path(), "ghost", 3))
+                .unwrap()
+                .len(),
+            0
+        );
         assert_eq!(read_all(&s, "r", 0).await.len(), 1);
         s.close().await.unwrap();
     });
@@ -500,7 +569,10 @@ fn recovery_missing_index_files_are_rebuilt() {
         std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         assert_eq!((rep.index_files_rebuilt, rep.index_entries_rebuilt), (2, 2));
-        assert_eq!(std::fs::read(cq_file(dir.path(), "r", 1)).unwrap().len(), 28);
+        assert_eq!(
+            std::fs::read(cq_file(dir.path(), "r", 1)).unwrap().len(),
+            28
+        );
         s.close().await.unwrap();
     });
 }
@@ -548,7 +620,11 @@ async fn crash_iteration(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let sim = SimBackend::new();
-    let mode = if rng.gen_bool(0.7) { FlushMode::SyncFlush } else { FlushMode::AsyncFlush };
+    let mode = if rng.gen_bool(0.7) {
+        FlushMode::SyncFlush
+    } else {
+        FlushMode::AsyncFlush
+    };
     let (mut s, _) = open(&sim, dir.path(), mode).await;
     let mut model: Vec<Vec<Batch>> = vec![Vec::new(); 4];
     let mut next: Vec<u64> = vec![0; 4];
@@ -556,7 +632,11 @@ async fn crash_iteration(seed: u64) {
         match rng.gen_range(0..100) {
             0..=59 => {
                 let qi = rng.gen_range(0..4);
-                let len = if rng.gen_bool(0.1) { rng.gen_range(5000..20000) } else { rng.gen_range(1..1500) };
+                let len = if rng.gen_bool(0.1) {
+                    rng.gen_range(5000..20000)
+                } else {
+                    rng.gen_range(1..1500)
+                };
                 let body: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 let count = rng.gen_range(1..4);
                 let a = s
@@ -565,13 +645,27 @@ async fn crash_iteration(seed: u64) {
                     .unwrap();
                 assert_eq!(a.base_offset.0, next[qi], "seed {seed}");
                 next[qi] += u64::from(count);
-                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("append q{qi} pos {} end {} len {}", a.position, a.end, body.len()); }
-                model[qi].push(Batch { base: a.base_offset.0, body, end: a.end, acked: false });
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!(
+                        "append q{qi} pos {} end {} len {}",
+                        a.position,
+                        a.end,
+                        body.len()
+                    );
+                }
+                model[qi].push(Batch {
+                    base: a.base_offset.0,
+                    body,
+                    end: a.end,
+                    acked: false,
+                });
             }
             60..=79 => {
                 let upto = s.watermarks().appended;
                 s.wait_durable(upto).await.unwrap();
-                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("durable {:?}", s.watermarks()); }
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!("durable {:?}", s.watermarks());
+                }
                 for q in &mut model {
                     for b in q.iter_mut().filter(|b| b.end <= upto) {
                         b.acked = true;
@@ -584,7 +678,10 @@ async fn crash_iteration(seed: u64) {
                 for (g, m) in got.iter().zip(&model[qi]) {
                     assert_eq!((g.0, &g.1), (m.base, &m.body), "seed {seed}");
                 }
-                assert!(got.len() >= model[qi].iter().filter(|b| b.acked).count(), "seed {seed}");
+                assert!(
+                    got.len() >= model[qi].iter().filter(|b| b.acked).count(),
+                    "seed {seed}"
+                );
             }
             _ => {
                 let clean = rng.gen_bool(0.2);
@@ -594,30 +691,55 @@ async fn crash_iteration(seed: u64) {
                         q.iter_mut().for_each(|b| b.acked = true);
                     }
                 } else {
-                    if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("crash at {:?}", s.watermarks()); }
+                    if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                        eprintln!("crash at {:?}", s.watermarks());
+                    }
                     sim.crash(rng.gen());
                 }
                 drop(s);
                 let (s2, rep) = open(&sim, dir.path(), mode).await;
-                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() { eprintln!("reopen clean={clean}: {rep}"); }
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!("reopen clean={clean}: {rep}");
+                }
                 s = s2;
                 for qi in 0..4 {
                     let got = read_all(&s, TOPICS[qi / 2], (qi % 2) as u32).await;
-                    assert!(got.len() <= model[qi].len(), "seed {seed}: records appeared");
+                    assert!(
+                        got.len() <= model[qi].len(),
+                        "seed {seed}: records appeared"
+                    );
                     for (g, m) in got.iter().zip(&model[qi]) {
-                        assert_eq!((g.0, &g.1), (m.base, &m.body), "seed {seed}: record differs");
+                        assert_eq!(
+                            (g.0, &g.1),
+                            (m.base, &m.body),
+                            "seed {seed}: record differs"
+                        );
                     }
                     let acked = model[qi].iter().filter(|b| b.acked).count();
-                    assert!(got.len() >= acked, "seed {seed}: lost acked records in queue {qi} ({} < {acked})", got.len());
+                    assert!(
+                        got.len() >= acked,
+                        "seed {seed}: lost acked records in queue {qi} ({} < {acked})",
+                        got.len()
+                    );
                     model[qi].truncate(got.len());
                     model[qi].iter_mut().for_each(|b| b.acked = true);
-                    next[qi] = s.queue_stats(TOPICS[qi / 2], (qi % 2) as u32).written_end_offset.0;
-                    assert_eq!(next[qi], model[qi].last().map_or(0, |b| {
-                        // offsets continue after the last recovered batch
-                        let v = got.last().map(|g| g.0).unwrap_or(0);
-                        let _ = b;
-                        v
-                    }).max(next[qi]), "seed {seed}");
+                    next[qi] = s
+                        .queue_stats(TOPICS[qi / 2], (qi % 2) as u32)
+                        .written_end_offset
+                        .0;
+                    assert_eq!(
+                        next[qi],
+                        model[qi]
+                            .last()
+                            .map_or(0, |b| {
+                                // offsets continue after the last recovered batch
+                                let v = got.last().map(|g| g.0).unwrap_or(0);
+                                let _ = b;
+                                v
+                            })
+                            .max(next[qi]),
+                        "seed {seed}"
+                    );
                 }
             }
         }
@@ -640,8 +762,14 @@ impl Drop for SeedGuard {
 
 #[test]
 fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
-    let base: u64 = std::env::var("RINGMQ_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5EED);
-    let iterations: u64 = std::env::var("RINGMQ_CRASH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let base: u64 = std::env::var("RINGMQ_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED);
+    let iterations: u64 = std::env::var("RINGMQ_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     run(move || async move {
         for i in 0..iterations {
             let seed = base + i;

@@ -127,9 +127,18 @@ impl SimBackend {
                         // Garbage, but only in bytes the write was changing: a sector is old or
                         // new, so rewriting a partial tail block never damages its unchanged
                         // (already durable) prefix.
-                        for i in start..end {
-                            if img.written[i] != img.durable.get(i).copied().unwrap_or(0) {
-                                result[i] = rng.next() as u8;
+                        let old = img
+                            .durable
+                            .iter()
+                            .chain(std::iter::repeat(&0u8))
+                            .skip(start);
+                        for ((r, &new), &old) in result[start..end]
+                            .iter_mut()
+                            .zip(&img.written[start..end])
+                            .zip(old)
+                        {
+                            if new != old {
+                                *r = rng.next() as u8;
                             }
                         }
                     }
@@ -143,7 +152,11 @@ impl SimBackend {
 
     /// Reads a file's written image (tests).
     pub fn file_bytes(&self, path: &Path) -> Option<Vec<u8>> {
-        self.disk.borrow().files.get(path).map(|i| i.written.clone())
+        self.disk
+            .borrow()
+            .files
+            .get(path)
+            .map(|i| i.written.clone())
     }
 
     /// Overwrites bytes of a file durably (tests that plant corruption).
@@ -221,7 +234,7 @@ impl BackendFile for SimFile {
         Ok(())
     }
 
-    async fn len(&self) -> io::Result<u64> {
+    async fn file_len(&self) -> io::Result<u64> {
         let d = self.disk.borrow();
         self.check(&d)?;
         Ok(d.files[&self.path].written.len() as u64)
