@@ -55,7 +55,11 @@ fn hist() -> Histogram<u64> {
 }
 
 pub fn run(args: StorageArgs) -> Result<(), String> {
-    let secs = if args.quick { 1 } else { args.duration_secs.max(1) };
+    let secs = if args.quick {
+        1
+    } else {
+        args.duration_secs.max(1)
+    };
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::current_dir()
@@ -78,7 +82,9 @@ pub fn run(args: StorageArgs) -> Result<(), String> {
 }
 
 async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, String> {
-    ringmq::storage::prime_dma_probe(dir).await.map_err(|e| e.to_string())?;
+    ringmq::storage::prime_dma_probe(dir)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     eprintln!("raw floor: 4 KiB write + fdatasync ...");
     rows.push(raw_floor(dir, dur).await?);
@@ -191,7 +197,9 @@ async fn raw_seq(dir: &Path, dur: Duration) -> Result<Row, String> {
                 b.as_bytes_mut().fill(1);
                 let t = Instant::now();
                 f.write_at(b, pos).await.map_err(|e| e.to_string())?;
-                h.borrow_mut().record(t.elapsed().as_micros().max(1) as u64).ok();
+                h.borrow_mut()
+                    .record(t.elapsed().as_micros().max(1) as u64)
+                    .ok();
                 *written.borrow_mut() += SEQ_WRITE_BYTES as u64;
             }
             Ok::<(), String>(())
@@ -221,7 +229,12 @@ async fn raw_seq(dir: &Path, dur: Duration) -> Result<Row, String> {
 fn body_for(record_bytes: usize) -> Vec<u8> {
     let overhead = HEADER_BYTES + TOPIC.len() + 4 + 8 + 2 + 2 + 2 + 2 + 4;
     let mut b = Vec::with_capacity(record_bytes);
-    encode_message(&mut b, b"", b"", &vec![0xAB; record_bytes.saturating_sub(overhead)]);
+    encode_message(
+        &mut b,
+        b"",
+        b"",
+        &vec![0xAB; record_bytes.saturating_sub(overhead)],
+    );
     b
 }
 
@@ -237,7 +250,11 @@ async fn appends(
         flush_mode: mode,
         ..StorageConfig::default()
     };
-    let (store, _) = ShardStore::open(&case_dir, cfg).await.map_err(|e| e.to_string())?;
+    let (store, _) = ShardStore::open(&case_dir, cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Steady state: the next segment was prepared long ago; do not measure its preparation.
+    store.wait_spare_segment().await;
     let body = Rc::new(body_for(record_bytes));
     let h = Rc::new(RefCell::new(hist()));
     let count = Rc::new(RefCell::new(0u64));
@@ -264,7 +281,9 @@ async fn appends(
                 } else if i % 256 == 0 {
                     glommio::yield_if_needed().await;
                 }
-                h.borrow_mut().record(t.elapsed().as_micros().max(1) as u64).ok();
+                h.borrow_mut()
+                    .record(t.elapsed().as_micros().max(1) as u64)
+                    .ok();
                 *count.borrow_mut() += 1;
                 i += 1;
             }

@@ -501,6 +501,10 @@ impl<B: StorageBackend> CommitLog<B> {
 }
 
 impl<B: StorageBackend> LogState<B> {
+    pub fn has_spare(&self) -> bool {
+        self.spare.is_some()
+    }
+
     /// Where the next byte goes when there is no chunk.
     fn chunk_cursor(&self) -> u64 {
         self.append_pos.max(self.write_from)

@@ -515,6 +515,19 @@ impl<B: StorageBackend> ShardStore<B> {
         Ok(())
     }
 
+    /// Resolves once the next segment is prepared (zero-written) in the background, so the
+    /// next roll does not wait. Preparing writes a whole segment, which competes with the log
+    /// for the disk: a broker may wait for it at start before taking traffic.
+    pub async fn wait_spare_segment(&self) {
+        let log = &self.inner.log;
+        log.changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.has_spare() || st.poisoned.is_some() || st.closing
+            })
+            .await
+    }
+
     /// The storage directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
