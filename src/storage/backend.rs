@@ -68,7 +68,7 @@ pub trait BackendFile: 'static {
     async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()>;
     /// fdatasync.
     async fn sync(&self) -> io::Result<()>;
-    async fn len(&self) -> io::Result<u64>;
+    async fn file_len(&self) -> io::Result<u64>;
 }
 
 /// A directory of files.
@@ -110,7 +110,11 @@ impl BackendFile for DmaBackendFile {
 
     async fn write_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<()> {
         let want = buf.len();
-        let n = self.file.write_at(buf, pos).await.map_err(io::Error::from)?;
+        let n = self
+            .file
+            .write_at(buf, pos)
+            .await
+            .map_err(io::Error::from)?;
         if n != want {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -130,7 +134,7 @@ impl BackendFile for DmaBackendFile {
         self.file.fdatasync().await.map_err(io::Error::from)
     }
 
-    async fn len(&self) -> io::Result<u64> {
+    async fn file_len(&self) -> io::Result<u64> {
         self.file.file_size().await.map_err(io::Error::from)
     }
 }

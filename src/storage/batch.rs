@@ -11,7 +11,10 @@
 pub(crate) fn for_each_message(body: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> bool {
     let mut rest = body;
     while !rest.is_empty() {
-        let Some(len) = rest.get(0..4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) else {
+        let Some(len) = rest
+            .get(0..4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        else {
             return false;
         };
         let Some(msg) = rest.get(4..4 + len as usize) else {
@@ -57,7 +60,8 @@ impl<'a> Cursor<'a> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     }
 }
 
@@ -131,7 +135,12 @@ mod tests {
 
     #[test]
     fn garbage_body_gives_no_tag_and_no_panic() {
-        for body in [&b""[..], b"\xff\xff\xff\xff", b"\x03\x00\x00\x00abc", &[7u8; 40]] {
+        for body in [
+            &b""[..],
+            b"\xff\xff\xff\xff",
+            b"\x03\x00\x00\x00abc",
+            &[7u8; 40],
+        ] {
             let t = scan_body(body, |_| {});
             assert_eq!(t, 0);
         }

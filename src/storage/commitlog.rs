@@ -31,6 +31,7 @@ use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageB
 use crate::storage::error::StorageError;
 use crate::storage::flush::{Counters, Signal};
 use crate::storage::record::{build_header, RecordHeader, HEADER_BYTES};
+use crate::storage::recovery::RecoveredLog;
 use crate::storage::segment::{segment_path, Segment};
 use crate::storage::{FlushMode, StorageConfig};
 
@@ -102,7 +103,9 @@ impl<B: StorageBackend> LogState<B> {
     }
 
     pub fn poisoned_error(&self) -> Option<StorageError> {
-        self.poisoned.as_ref().map(|c| StorageError::Poisoned { cause: c.clone() })
+        self.poisoned
+            .as_ref()
+            .map(|c| StorageError::Poisoned { cause: c.clone() })
     }
 
     fn complete(&mut self, from: u64, to: u64, seg: Option<Seg<B>>) {
@@ -133,18 +136,17 @@ pub(crate) struct CommitLog<B: StorageBackend> {
 }
 
 impl<B: StorageBackend> CommitLog<B> {
-    /// A log whose recovered end is `end` in the segment `active`; `tail` holds the bytes of
-    /// the partial block `[align_down(end), end)`.
-    pub fn new(
-        backend: B,
-        dir: PathBuf,
-        cfg: StorageConfig,
-        segments: BTreeMap<u64, Seg<B>>,
-        active: Seg<B>,
-        end: u64,
-        tail: &[u8],
-        spare: Option<Seg<B>>,
-    ) -> Rc<Self> {
+    /// A log continuing a recovered one: it ends at `rec.end` in `rec.active`, and `rec.tail`
+    /// holds the bytes of the partial block `[align_down(end), end)`.
+    pub fn new(backend: B, dir: PathBuf, cfg: StorageConfig, rec: RecoveredLog<B>) -> Rc<Self> {
+        let RecoveredLog {
+            segments,
+            active,
+            end,
+            tail,
+            spare,
+            ..
+        } = rec;
         let mut st = LogState {
             segments,
             active: active.clone(),
@@ -168,7 +170,7 @@ impl<B: StorageBackend> CommitLog<B> {
         let base = align_down(end);
         if base != end {
             let mut chunk = Self::alloc_chunk(&cfg, &active, base);
-            chunk.buf.bytes_mut()[..tail.len()].copy_from_slice(tail);
+            chunk.buf.bytes_mut()[..tail.len()].copy_from_slice(&tail);
             chunk.used = (end - base) as usize;
             st.chunk = Some(chunk);
         }
@@ -289,16 +291,26 @@ impl<B: StorageBackend> CommitLog<B> {
     /// Moves to the spare segment; the rest of the active segment stays zero.
     fn roll(self: &Rc<Self>, st: &mut LogState<B>) {
         let seg_end = st.active.end();
+        let has_new_bytes = st.write_from < st.append_pos;
+        // The rest of the segment is skipped: it stays zero.
+        st.append_pos = seg_end;
         match st.chunk.take() {
-            Some(chunk) if chunk.used > 0 => self.hand_off(st, chunk, seg_end),
+            // Only when it holds bytes not yet handed to a write: rewriting an already written
+            // tail block for nothing would just widen the window a crash can tear.
+            Some(chunk) if has_new_bytes => self.hand_off(st, chunk, seg_end),
             _ => {
                 let from = st.write_from;
                 st.write_from = seg_end;
-                st.complete(from, seg_end, None);
+                if from < seg_end {
+                    st.complete(from, seg_end, None);
+                }
             }
         }
         let next = st.spare.take().expect("roll needs a spare");
-        assert_eq!(next.base, seg_end, "spare segment must follow the active one");
+        assert_eq!(
+            next.base, seg_end,
+            "spare segment must follow the active one"
+        );
         st.segments.insert(next.base, next.clone());
         st.active = next;
         st.append_pos = seg_end;
@@ -328,7 +340,8 @@ impl<B: StorageBackend> CommitLog<B> {
         st.counters.appends += 1;
         let unflushed = st.append_pos - st.durable;
         st.counters.unflushed_hwm_bytes = st.counters.unflushed_hwm_bytes.max(unflushed);
-        let wake = self.cfg.flush_mode == FlushMode::AsyncFlush && unflushed >= self.cfg.flush_bytes;
+        let wake =
+            self.cfg.flush_mode == FlushMode::AsyncFlush && unflushed >= self.cfg.flush_bytes;
         drop(st);
         if wake {
             self.flusher_wake.notify_all();
@@ -388,12 +401,18 @@ impl<B: StorageBackend> CommitLog<B> {
         let seg = chunk.seg.clone();
         let file_pos = chunk.base - seg.base;
         let wait_for = match st.last_partial.take() {
-            Some((seg_base, block, done)) if seg_base == seg.base && block == chunk.base => Some(done),
+            Some((seg_base, block, done)) if seg_base == seg.base && block == chunk.base => {
+                Some(done)
+            }
             _ => None,
         };
         let done: Done = Rc::new(Cell::new(false));
         if chunk.used as u64 % crate::storage::backend::BLOCK_BYTES != 0 {
-            st.last_partial = Some((seg.base, chunk.base + align_down(chunk.used as u64), done.clone()));
+            st.last_partial = Some((
+                seg.base,
+                chunk.base + align_down(chunk.used as u64),
+                done.clone(),
+            ));
         }
         st.inflight_writes += 1;
         st.counters.writes += 1;
@@ -401,6 +420,8 @@ impl<B: StorageBackend> CommitLog<B> {
         let log = self.clone();
         let buf = chunk.buf;
         glommio::spawn_local(async move {
+            // glommio may poll a new task right away, while our caller still holds `st`.
+            futures_lite::future::yield_now().await;
             if let Some(prev) = wait_for {
                 log.changed.wait_until(|| prev.get()).await;
             }
@@ -436,7 +457,11 @@ impl<B: StorageBackend> CommitLog<B> {
 
     pub fn set_durable(&self, upto: u64) {
         let mut st = self.st.borrow_mut();
-        assert!(upto <= st.written, "durable {upto} beyond written {}", st.written);
+        assert!(
+            upto <= st.written,
+            "durable {upto} beyond written {}",
+            st.written
+        );
         if upto > st.durable {
             st.durable = upto;
         }
@@ -449,7 +474,10 @@ impl<B: StorageBackend> CommitLog<B> {
     pub async fn read_range(&self, pos: u64, len: u32) -> Result<Vec<u8>, StorageError> {
         let seg = {
             let st = self.st.borrow();
-            st.segments.range(..=pos).next_back().map(|(_, s)| s.clone())
+            st.segments
+                .range(..=pos)
+                .next_back()
+                .map(|(_, s)| s.clone())
         };
         let Some(seg) = seg.filter(|s| pos + u64::from(len) <= s.end()) else {
             return Err(StorageError::Corrupt {
@@ -473,6 +501,10 @@ impl<B: StorageBackend> CommitLog<B> {
 }
 
 impl<B: StorageBackend> LogState<B> {
+    pub fn has_spare(&self) -> bool {
+        self.spare.is_some()
+    }
+
     /// Where the next byte goes when there is no chunk.
     fn chunk_cursor(&self) -> u64 {
         self.append_pos.max(self.write_from)

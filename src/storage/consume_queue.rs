@@ -59,7 +59,9 @@ impl CqEntry {
 
 /// Path of a queue's index file.
 pub fn cq_path(dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
-    dir.join("consumequeue").join(topic).join(queue_id.to_string())
+    dir.join("consumequeue")
+        .join(topic)
+        .join(queue_id.to_string())
 }
 
 /// In-memory index of one queue.
@@ -87,19 +89,25 @@ impl QueueIndex {
     }
 
     pub fn push(&mut self, e: CqEntry) {
-        debug_assert!(self.entries.last().is_none_or(|l| l.end_position() <= e.position));
+        debug_assert!(self
+            .entries
+            .last()
+            .map_or(true, |l| l.end_position() <= e.position));
         self.next_offset = e.end_offset();
         self.bytes += u64::from(e.size);
         self.entries.push(e);
     }
 
     pub fn min_offset(&self) -> u64 {
-        self.entries.first().map_or(self.next_offset, |e| e.base_offset)
+        self.entries
+            .first()
+            .map_or(self.next_offset, |e| e.base_offset)
     }
 
     /// Number of entries wholly below `visible`.
     pub fn visible_count(&self, visible: u64) -> usize {
-        self.entries.partition_point(|e| e.end_position() <= visible)
+        self.entries
+            .partition_point(|e| e.end_position() <= visible)
     }
 
     pub fn visible_end(&self, visible: u64) -> u64 {
@@ -163,7 +171,11 @@ pub fn rewrite_cq_file(path: &Path, keep: usize, append: &[CqEntry]) -> std::io:
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let f = OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
     f.set_len((keep * CQ_ENTRY_BYTES) as u64)?;
     let mut f = OpenOptions::new().append(true).open(path)?;
     let mut buf = Vec::with_capacity(append.len() * CQ_ENTRY_BYTES);

@@ -20,7 +20,9 @@ impl KeyIndex {
     }
 
     pub fn lookup(&self, topic: &[u8], key: &[u8]) -> &[u64] {
-        self.map.get(&key_hash(topic, key)).map_or(&[], |v| v.as_slice())
+        self.map
+            .get(&key_hash(topic, key))
+            .map_or(&[], |v| v.as_slice())
     }
 
     pub fn prune_below(&mut self, position: u64) {

@@ -74,7 +74,9 @@ impl FromStr for FlushMode {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
             "sync_flush" | "sync" => Ok(FlushMode::SyncFlush),
             "async_flush" | "async" => Ok(FlushMode::AsyncFlush),
-            _ => Err(format!("unknown flush mode {s:?} (sync_flush | async_flush)")),
+            _ => Err(format!(
+                "unknown flush mode {s:?} (sync_flush | async_flush)"
+            )),
         }
     }
 }
@@ -119,10 +121,16 @@ impl StorageConfig {
         let mut errs = Vec::new();
         let b = backend::BLOCK_BYTES;
         if self.segment_bytes < 64 * 1024 || self.segment_bytes % b != 0 {
-            errs.push(format!("segment_bytes {} must be >= 64 KiB and a multiple of 4 KiB", self.segment_bytes));
+            errs.push(format!(
+                "segment_bytes {} must be >= 64 KiB and a multiple of 4 KiB",
+                self.segment_bytes
+            ));
         }
         if self.write_buffer_bytes < b || self.write_buffer_bytes % b != 0 {
-            errs.push(format!("write_buffer_bytes {} must be a positive multiple of 4 KiB", self.write_buffer_bytes));
+            errs.push(format!(
+                "write_buffer_bytes {} must be a positive multiple of 4 KiB",
+                self.write_buffer_bytes
+            ));
         }
         if self.max_writes_in_flight == 0 {
             errs.push("max_writes_in_flight must be >= 1".into());
@@ -133,7 +141,9 @@ impl StorageConfig {
         if self.flush_bytes == 0 {
             errs.push("flush_bytes must be >= 1".into());
         }
-        if self.max_record_bytes < 1024 || self.max_record_bytes > u64::from(record::MAX_RECORD_BYTES) {
+        if self.max_record_bytes < 1024
+            || self.max_record_bytes > u64::from(record::MAX_RECORD_BYTES)
+        {
             errs.push(format!(
                 "max_record_bytes {} must be in 1 KiB..={} bytes",
                 self.max_record_bytes,

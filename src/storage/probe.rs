@@ -33,9 +33,12 @@ pub async fn prime_dma_probe(dir: &Path) -> Result<(), StorageError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create dir", dir, e))?;
     let path = dir.join(PROBE_FILE);
-    let ok = std::fs::metadata(&path).map(|m| m.len() >= PROBE_BYTES as u64).unwrap_or(false);
+    let ok = std::fs::metadata(&path)
+        .map(|m| m.len() >= PROBE_BYTES as u64)
+        .unwrap_or(false);
     if !ok {
-        let mut f = std::fs::File::create(&path).map_err(|e| StorageError::io("create", &path, e))?;
+        let mut f =
+            std::fs::File::create(&path).map_err(|e| StorageError::io("create", &path, e))?;
         f.write_all(&[0xA5u8; PROBE_BYTES])
             .and_then(|_| f.sync_all())
             .map_err(|e| StorageError::io("write", &path, e))?;

@@ -64,7 +64,11 @@ impl ProducerTable {
         if epoch > s.epoch {
             return Ok(SeqCheck::Accept);
         }
-        if let Some(b) = s.batches.iter().find(|b| b.base_seq == base_seq && b.count == count) {
+        if let Some(b) = s
+            .batches
+            .iter()
+            .find(|b| b.base_seq == base_seq && b.count == count)
+        {
             return Ok(SeqCheck::Duplicate(*b));
         }
         let last = s.batches.back().expect("state has a batch");

@@ -240,8 +240,8 @@ impl<'a> RecordView<'a> {
             });
         }
         let topic_end = HEADER_BYTES + header.topic_len as usize;
-        let topic =
-            std::str::from_utf8(&b[HEADER_BYTES..topic_end]).map_err(|_| RecordError::TopicNotUtf8)?;
+        let topic = std::str::from_utf8(&b[HEADER_BYTES..topic_end])
+            .map_err(|_| RecordError::TopicNotUtf8)?;
         Ok(RecordView {
             header,
             topic,
@@ -337,7 +337,10 @@ mod tests {
         for i in 0..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x40;
-            assert!(RecordView::parse_at(&c, 0).is_err(), "flip at {i} not detected");
+            assert!(
+                RecordView::parse_at(&c, 0).is_err(),
+                "flip at {i} not detected"
+            );
         }
     }
 

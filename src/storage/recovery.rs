@@ -116,7 +116,11 @@ impl fmt::Display for RecoveryReport {
             write!(f, " ({t:?})")?;
         }
         if let Some(p) = self.truncated_at {
-            write!(f, "; truncated {} bytes at position {p}", self.truncated_bytes)?;
+            write!(
+                f,
+                "; truncated {} bytes at position {p}",
+                self.truncated_bytes
+            )?;
         }
         if self.segments_removed > 0 {
             write!(f, "; removed {} later segments", self.segments_removed)?;
@@ -170,9 +174,12 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
     /// Up to `len` bytes at log position `pos` (fewer at the segment end).
     async fn bytes(&mut self, pos: u64, len: usize) -> Result<&[u8], StorageError> {
         let len = len.min((self.seg.end() - pos) as usize);
-        let have = pos >= self.win_start && pos + len as u64 <= self.win_start + self.win.len() as u64;
+        let have =
+            pos >= self.win_start && pos + len as u64 <= self.win_start + self.win.len() as u64;
         if !have {
-            let want = len.max(SCAN_WINDOW_BYTES).min((self.seg.end() - pos) as usize);
+            let want = len
+                .max(SCAN_WINDOW_BYTES)
+                .min((self.seg.end() - pos) as usize);
             self.win.clear();
             self.win_start = pos;
             self.seg
@@ -270,7 +277,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
             .await
             .map_err(|e| StorageError::io("open segment", &p, e))?;
         let bytes = file
-            .len()
+            .file_len()
             .await
             .map_err(|e| StorageError::io("stat segment", &p, e))?;
         if let Some(prev) = segs.last() {
@@ -375,7 +382,10 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         report.truncated_at = Some(pos);
         report.truncated_bytes = last.saturating_sub(pos);
         zero_range(&active, pos, last).await?;
-        log::warn!("storage: truncated {} bytes at log position {pos}", report.truncated_bytes);
+        log::warn!(
+            "storage: truncated {} bytes at log position {pos}",
+            report.truncated_bytes
+        );
     }
     // Segments after the active one: delete those that hold anything; keep the first as the
     // spare only when it is untouched (all zeros).
@@ -408,7 +418,11 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     if tail_base < pos {
         active
             .file
-            .read_into(tail_base - active.base, (pos - tail_base) as usize, &mut tail)
+            .read_into(
+                tail_base - active.base,
+                (pos - tail_base) as usize,
+                &mut tail,
+            )
             .await
             .map_err(|e| StorageError::io("read tail", &active.path, e))?;
     }
@@ -440,7 +454,11 @@ async fn next_continues<F: BackendFile>(
 }
 
 /// Overwrites `[from, to)` of the log with zeros, keeping the bytes before `from` in its block.
-async fn zero_range<F: BackendFile>(seg: &Segment<F>, from: u64, to: u64) -> Result<(), StorageError> {
+async fn zero_range<F: BackendFile>(
+    seg: &Segment<F>,
+    from: u64,
+    to: u64,
+) -> Result<(), StorageError> {
     if to <= from {
         return Ok(());
     }

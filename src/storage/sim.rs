@@ -1,13 +1,14 @@
 //! A simulated disk for crash tests. Every file has a *written* image (what reads see) and a
 //! *durable* image (what survives a crash). `sync` copies written to durable. [`SimBackend::crash`]
 //! models a power loss: each 4 KiB block written since the last sync independently keeps its old
-//! content, its new content, a torn prefix of the new content, or garbage — disks with a write
-//! cache persist unsynced writes in any order. Handles opened before a crash fail afterwards, so
+//! content, its new content, a torn prefix of the new content, or garbage in the bytes the write
+//! was changing — disks with a write cache persist unsynced writes in any order. (Bytes a write
+//! rewrites with the same value stay intact: sectors are old or new, never random.) Handles opened before a crash fail afterwards, so
 //! the old store instance poisons itself and stops.
 //!
 //! Faults can be injected: the next write or the next sync fails.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,22 @@ struct Disk {
     syncs: u64,
 }
 
-/// The simulated disk; clones share it.
-#[derive(Clone, Default)]
+/// The simulated disk; clones share it. A clone binds to the disk's current generation on its
+/// first use, and fails every operation after a crash (the old process is dead): pass a fresh
+/// clone to each store instance.
+#[derive(Default)]
 pub struct SimBackend {
     disk: Rc<RefCell<Disk>>,
+    bound: Cell<Option<u64>>,
+}
+
+impl Clone for SimBackend {
+    fn clone(&self) -> Self {
+        SimBackend {
+            disk: self.disk.clone(),
+            bound: Cell::new(None),
+        }
+    }
 }
 
 /// A file handle on the simulated disk.
@@ -111,8 +124,22 @@ impl SimBackend {
                         result[start..cut].copy_from_slice(&img.written[start..cut]);
                     }
                     _ => {
-                        for b in &mut result[start..end] {
-                            *b = rng.next() as u8;
+                        // Garbage, but only in bytes the write was changing: a sector is old or
+                        // new, so rewriting a partial tail block never damages its unchanged
+                        // (already durable) prefix.
+                        let old = img
+                            .durable
+                            .iter()
+                            .chain(std::iter::repeat(&0u8))
+                            .skip(start);
+                        for ((r, &new), &old) in result[start..end]
+                            .iter_mut()
+                            .zip(&img.written[start..end])
+                            .zip(old)
+                        {
+                            if new != old {
+                                *r = rng.next() as u8;
+                            }
                         }
                     }
                 }
@@ -125,7 +152,11 @@ impl SimBackend {
 
     /// Reads a file's written image (tests).
     pub fn file_bytes(&self, path: &Path) -> Option<Vec<u8>> {
-        self.disk.borrow().files.get(path).map(|i| i.written.clone())
+        self.disk
+            .borrow()
+            .files
+            .get(path)
+            .map(|i| i.written.clone())
     }
 
     /// Overwrites bytes of a file durably (tests that plant corruption).
@@ -203,10 +234,24 @@ impl BackendFile for SimFile {
         Ok(())
     }
 
-    async fn len(&self) -> io::Result<u64> {
+    async fn file_len(&self) -> io::Result<u64> {
         let d = self.disk.borrow();
         self.check(&d)?;
         Ok(d.files[&self.path].written.len() as u64)
+    }
+}
+
+impl SimBackend {
+    fn check_generation(&self) -> io::Result<()> {
+        let g = self.disk.borrow().generation;
+        match self.bound.get() {
+            None => {
+                self.bound.set(Some(g));
+                Ok(())
+            }
+            Some(b) if b != g => Err(crashed()),
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -214,6 +259,7 @@ impl StorageBackend for SimBackend {
     type File = SimFile;
 
     async fn open(&self, path: &Path) -> io::Result<SimFile> {
+        self.check_generation()?;
         let d = self.disk.borrow();
         if !d.files.contains_key(path) {
             return Err(io::Error::new(io::ErrorKind::NotFound, "no such sim file"));
@@ -227,6 +273,7 @@ impl StorageBackend for SimBackend {
 
     async fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<()> {
         futures_lite::future::yield_now().await;
+        self.check_generation()?;
         let mut d = self.disk.borrow_mut();
         d.files.insert(
             path.to_path_buf(),
@@ -249,6 +296,7 @@ impl StorageBackend for SimBackend {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
+        self.check_generation()?;
         self.disk.borrow_mut().files.remove(path);
         Ok(())
     }

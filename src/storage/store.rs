@@ -155,19 +155,11 @@ impl<B: StorageBackend> ShardStore<B> {
             idx.apply(v.topic, &v.header, v.body)
         })
         .await?;
-        let mut report = rec.report;
+        let mut rec = rec;
+        let mut report = std::mem::take(&mut rec.report);
         reconcile_index_files(dir, &mut idx, &mut report)?;
         report.producers = idx.producers.len() as u64;
-        let log = CommitLog::new(
-            backend,
-            log_dir,
-            cfg,
-            rec.segments,
-            rec.active,
-            rec.end,
-            &rec.tail,
-            rec.spare,
-        );
+        let log = CommitLog::new(backend, log_dir, cfg, rec);
         log.ensure_spare();
         let inner = Rc::new(Inner {
             log: log.clone(),
@@ -206,10 +198,13 @@ impl<B: StorageBackend> ShardStore<B> {
         let q = idx.queue_mut(req.topic, req.queue_id);
         let (uid, base_offset) = (q.uid, q.next_offset);
         if let Some(p) = &req.producer {
-            match idx
-                .producers
-                .check(p.producer_id, uid, p.epoch, p.base_sequence, req.message_count)?
-            {
+            match idx.producers.check(
+                p.producer_id,
+                uid,
+                p.epoch,
+                p.base_sequence,
+                req.message_count,
+            )? {
                 SeqCheck::Duplicate(m) => {
                     return Ok(Appended {
                         base_offset: QueueOffset(m.base_offset),
@@ -297,7 +292,11 @@ impl<B: StorageBackend> ShardStore<B> {
             let idx = self.inner.idx.borrow();
             let Some(q) = idx.queue(topic, queue_id) else {
                 if offset.0 == 0 {
-                    return Ok(ReadBatch::empty(QueueOffset(0), QueueOffset(0), QueueOffset(0)));
+                    return Ok(ReadBatch::empty(
+                        QueueOffset(0),
+                        QueueOffset(0),
+                        QueueOffset(0),
+                    ));
                 }
                 return Err(StorageError::OffsetOutOfRange {
                     requested: offset.0,
@@ -322,7 +321,10 @@ impl<B: StorageBackend> ShardStore<B> {
                 }
                 total += u64::from(e.size);
                 match ranges.last_mut() {
-                    Some(r) if r.0 + u64::from(r.1) == e.position && self.same_segment(r.0, e.position) => {
+                    Some(r)
+                        if r.0 + u64::from(r.1) == e.position
+                            && self.same_segment(r.0, e.position) =>
+                    {
                         r.1 += e.size;
                         r.2 = e.end_offset();
                     }
@@ -338,10 +340,11 @@ impl<B: StorageBackend> ShardStore<B> {
             let mut at = 0usize;
             let mut p = pos;
             while at < bytes.len() {
-                let v = RecordView::parse_at(&bytes[at..], p).map_err(|e| StorageError::Corrupt {
-                    position: p,
-                    detail: e.to_string(),
-                })?;
+                let v =
+                    RecordView::parse_at(&bytes[at..], p).map_err(|e| StorageError::Corrupt {
+                        position: p,
+                        detail: e.to_string(),
+                    })?;
                 at += v.bytes.len();
                 p += v.bytes.len() as u64;
             }
@@ -512,6 +515,19 @@ impl<B: StorageBackend> ShardStore<B> {
         Ok(())
     }
 
+    /// Resolves once the next segment is prepared (zero-written) in the background, so the
+    /// next roll does not wait. Preparing writes a whole segment, which competes with the log
+    /// for the disk: a broker may wait for it at start before taking traffic.
+    pub async fn wait_spare_segment(&self) {
+        let log = &self.inner.log;
+        log.changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.has_spare() || st.poisoned.is_some() || st.closing
+            })
+            .await
+    }
+
     /// The storage directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
@@ -547,7 +563,8 @@ fn reconcile_index_files(
                     continue;
                 };
                 if idx.queue(&topic, qid).is_none() {
-                    let n = f.metadata().map_or(0, |m| m.len()) / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
+                    let n = f.metadata().map_or(0, |m| m.len())
+                        / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
                     if decide(Observation::IndexAhead) == Action::TruncateIndex {
                         rewrite_cq_file(&f.path(), 0, &[])
                             .map_err(|e| StorageError::io("truncate index", f.path(), e))?;
@@ -582,7 +599,8 @@ fn reconcile_index_files(
             for o in observations {
                 match decide(o) {
                     Action::TruncateIndex => {
-                        report.index_entries_truncated += (file.as_ref().map_or(0, |f| f.len()) - keep) as u64;
+                        report.index_entries_truncated +=
+                            (file.as_ref().map_or(0, |f| f.len()) - keep) as u64;
                         rewrite = true;
                     }
                     Action::ExtendIndex => {

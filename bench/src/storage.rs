@@ -1,0 +1,343 @@
+//! `ringmq-bench storage`: the storage engine alone against the raw disk floor, in one run on
+//! the same file system, all inside one glommio executor pinned to CPU 0 (load generator and
+//! storage share that core).
+//!
+//! Cases: (a) raw floor — 4 KiB O_DIRECT pwrite + fdatasync into an already written file, and
+//! 1 MiB O_DIRECT sequential writes with several in flight; (b) SYNC_FLUSH appends of 256 B and
+//! 1 KiB records with 1/8/64/256 concurrent appenders (append + wait_durable, closed loop);
+//! (c) ASYNC_FLUSH 1 KiB appends. Latencies in µs with HdrHistogram.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use glommio::io::{DmaFile, OpenOptions};
+use hdrhistogram::Histogram;
+use ringmq::storage::batch::encode_message;
+use ringmq::storage::record::HEADER_BYTES;
+use ringmq::storage::{AppendRequest, FlushMode, ShardStore, StorageConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// Directory for the bench files (default: a new directory under the current one; it must
+    /// not be tmpfs). Removed afterwards.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seconds per case.
+    #[arg(long, default_value_t = 3)]
+    pub duration_secs: u64,
+    /// Short run: 1 s per case, fewer cases.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+const TOPIC: &str = "bench";
+const FLOOR_FILE_BYTES: u64 = 64 << 20;
+const SEQ_FILE_BYTES: u64 = 1 << 30;
+const SEQ_WRITE_BYTES: usize = 1 << 20;
+const SEQ_IN_FLIGHT: usize = 16;
+
+struct Row {
+    case: String,
+    appends_per_s: f64,
+    mb_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    fsyncs_per_s: f64,
+    appends_per_fsync: f64,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+pub fn run(args: StorageArgs) -> Result<(), String> {
+    let secs = if args.quick {
+        1
+    } else {
+        args.duration_secs.max(1)
+    };
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()
+            .map_err(|e| e.to_string())?
+            .join(format!("ringmq-bench-storage-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let quick = args.quick;
+    let d2 = dir.clone();
+    let result = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
+        .name("bench-storage")
+        .spawn(move || async move { run_cases(&d2, Duration::from_secs(secs), quick).await })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+    print_table(&rows, secs);
+    Ok(())
+}
+
+async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, String> {
+    ringmq::storage::prime_dma_probe(dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    eprintln!("raw floor: 4 KiB write + fdatasync ...");
+    rows.push(raw_floor(dir, dur).await?);
+    eprintln!("raw sequential 1 MiB x {SEQ_IN_FLIGHT} in flight ...");
+    rows.push(raw_seq(dir, dur).await?);
+    let sizes: &[usize] = if quick { &[1024] } else { &[256, 1024] };
+    let concs: &[u32] = if quick { &[1, 64] } else { &[1, 8, 64, 256] };
+    for &size in sizes {
+        for &c in concs {
+            eprintln!("SYNC_FLUSH {size} B x {c} appenders ...");
+            rows.push(appends(dir, FlushMode::SyncFlush, size, c, dur).await?);
+        }
+    }
+    eprintln!("ASYNC_FLUSH 1 KiB ...");
+    rows.push(appends(dir, FlushMode::AsyncFlush, 1024, 1, dur).await?);
+    Ok(rows)
+}
+
+async fn prepared_file(path: &Path, bytes: u64) -> Result<Rc<DmaFile>, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let f = Rc::new(f);
+    let mut pos = 0;
+    while pos < bytes {
+        let mut batch = Vec::new();
+        for _ in 0..SEQ_IN_FLIGHT {
+            if pos >= bytes {
+                break;
+            }
+            let mut b = f.alloc_dma_buffer(SEQ_WRITE_BYTES);
+            b.as_bytes_mut().fill(0);
+            let f = f.clone();
+            let at = pos;
+            batch.push(async move { f.write_at(b, at).await });
+            pos += SEQ_WRITE_BYTES as u64;
+        }
+        for r in futures::future::join_all(batch).await {
+            r.map_err(|e| e.to_string())?;
+        }
+    }
+    f.fdatasync().await.map_err(|e| e.to_string())?;
+    Ok(f)
+}
+
+async fn raw_floor(dir: &Path, dur: Duration) -> Result<Row, String> {
+    let path = dir.join("floor");
+    let f = prepared_file(&path, FLOOR_FILE_BYTES).await?;
+    let mut h = hist();
+    let start = Instant::now();
+    let mut pos = 0u64;
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        let mut b = f.alloc_dma_buffer(4096);
+        b.as_bytes_mut().fill(n as u8);
+        f.write_at(b, pos).await.map_err(|e| e.to_string())?;
+        f.fdatasync().await.map_err(|e| e.to_string())?;
+        h.record(t.elapsed().as_micros().max(1) as u64).ok();
+        pos = (pos + 4096) % FLOOR_FILE_BYTES;
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    Ok(Row {
+        case: "raw 4 KiB pwrite+fdatasync (floor)".into(),
+        appends_per_s: n as f64 / secs,
+        mb_per_s: n as f64 * 4096.0 / secs / 1e6,
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        fsyncs_per_s: n as f64 / secs,
+        appends_per_fsync: 1.0,
+    })
+}
+
+async fn raw_seq(dir: &Path, dur: Duration) -> Result<Row, String> {
+    let path = dir.join("seq");
+    let f = Rc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let written = Rc::new(RefCell::new(0u64));
+    let next = Rc::new(RefCell::new(0u64));
+    let h = Rc::new(RefCell::new(hist()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..SEQ_IN_FLIGHT {
+        let (f, written, next, h) = (f.clone(), written.clone(), next.clone(), h.clone());
+        tasks.push(glommio::spawn_local(async move {
+            while start.elapsed() < dur {
+                let pos = {
+                    let mut n = next.borrow_mut();
+                    let p = *n;
+                    *n = (p + SEQ_WRITE_BYTES as u64) % SEQ_FILE_BYTES;
+                    p
+                };
+                let mut b = f.alloc_dma_buffer(SEQ_WRITE_BYTES);
+                b.as_bytes_mut().fill(1);
+                let t = Instant::now();
+                f.write_at(b, pos).await.map_err(|e| e.to_string())?;
+                h.borrow_mut()
+                    .record(t.elapsed().as_micros().max(1) as u64)
+                    .ok();
+                *written.borrow_mut() += SEQ_WRITE_BYTES as u64;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    f.fdatasync().await.map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = *written.borrow() as f64;
+    let h = h.borrow();
+    let _ = std::fs::remove_file(&path);
+    Ok(Row {
+        case: format!("raw O_DIRECT 1 MiB seq write x{SEQ_IN_FLIGHT} (bandwidth floor)"),
+        appends_per_s: bytes / SEQ_WRITE_BYTES as f64 / secs,
+        mb_per_s: bytes / secs / 1e6,
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        fsyncs_per_s: 1.0 / secs,
+        appends_per_fsync: 0.0,
+    })
+}
+
+/// A batch body of one message sized so that the whole record is `record_bytes`.
+fn body_for(record_bytes: usize) -> Vec<u8> {
+    let overhead = HEADER_BYTES + TOPIC.len() + 4 + 8 + 2 + 2 + 2 + 2 + 4;
+    let mut b = Vec::with_capacity(record_bytes);
+    encode_message(
+        &mut b,
+        b"",
+        b"",
+        &vec![0xAB; record_bytes.saturating_sub(overhead)],
+    );
+    b
+}
+
+async fn appends(
+    dir: &Path,
+    mode: FlushMode,
+    record_bytes: usize,
+    appenders: u32,
+    dur: Duration,
+) -> Result<Row, String> {
+    let case_dir = dir.join(format!("{mode}-{record_bytes}-{appenders}"));
+    let cfg = StorageConfig {
+        flush_mode: mode,
+        ..StorageConfig::default()
+    };
+    let (store, _) = ShardStore::open(&case_dir, cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Steady state: the next segment was prepared long ago; do not measure its preparation.
+    store.wait_spare_segment().await;
+    let body = Rc::new(body_for(record_bytes));
+    let h = Rc::new(RefCell::new(hist()));
+    let count = Rc::new(RefCell::new(0u64));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for q in 0..appenders {
+        let (s, body, h, count) = (store.clone(), body.clone(), h.clone(), count.clone());
+        tasks.push(glommio::spawn_local(async move {
+            let mut i = 0u64;
+            while start.elapsed() < dur {
+                let t = Instant::now();
+                let a = s
+                    .append(AppendRequest {
+                        topic: TOPIC,
+                        queue_id: q % 8,
+                        message_count: 1,
+                        producer: None,
+                        body: &body,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if mode == FlushMode::SyncFlush {
+                    s.wait_durable(a.end).await.map_err(|e| e.to_string())?;
+                } else if i % 256 == 0 {
+                    glommio::yield_if_needed().await;
+                }
+                h.borrow_mut()
+                    .record(t.elapsed().as_micros().max(1) as u64)
+                    .ok();
+                *count.borrow_mut() += 1;
+                i += 1;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    // ASYNC: the bytes count once they are durable, so the final flush is inside the timing.
+    store.close().await.map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    let m = store.metrics();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&case_dir);
+    let n = *count.borrow() as f64;
+    let h = h.borrow();
+    let label = match mode {
+        FlushMode::SyncFlush => format!("SYNC_FLUSH {record_bytes} B x {appenders} appenders"),
+        FlushMode::AsyncFlush => format!("ASYNC_FLUSH {record_bytes} B x {appenders} appender"),
+    };
+    Ok(Row {
+        case: label,
+        appends_per_s: n / secs,
+        mb_per_s: n * record_bytes as f64 / secs / 1e6,
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        fsyncs_per_s: m.fsyncs as f64 / secs,
+        appends_per_fsync: m.appends_per_fsync(),
+    })
+}
+
+fn print_table(rows: &[Row], secs: u64) {
+    let floor = &rows[0];
+    let seq = &rows[1];
+    println!(
+        "\nstorage bench: {secs} s per case, one glommio executor pinned to CPU 0 (appenders and storage share it)\n"
+    );
+    println!("| case | appends/s | MB/s | p50 µs | p99 µs | p99.9 µs | fsyncs/s | appends/fsync | p50 / floor p50 | MB/s / raw seq |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {:.1} | {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.2} |",
+            r.case,
+            r.appends_per_s,
+            r.mb_per_s,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.fsyncs_per_s,
+            r.appends_per_fsync,
+            r.p50_us as f64 / floor.p50_us.max(1) as f64,
+            r.mb_per_s / seq.mb_per_s.max(1e-9),
+        );
+    }
+}

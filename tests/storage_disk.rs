@@ -1,0 +1,202 @@
+//! Storage on the real disk (ext4 on virtio here; never tmpfs): the glommio io-poll probe
+//! work-around, SYNC and ASYNC appends, reopen.
+
+use std::future::Future;
+use std::time::Duration;
+
+use glommio::io::OpenOptions;
+use ringmq::storage::record::RecordIter;
+use ringmq::storage::{
+    prime_dma_probe, AppendRequest, FlushMode, QueueOffset, ShardStore, StorageConfig,
+};
+
+fn run<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// A fresh directory on the project's disk (not tmpfs).
+fn disk_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ringmq-storage-test")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+fn cfg(mode: FlushMode) -> StorageConfig {
+    StorageConfig {
+        segment_bytes: 1 << 20,
+        flush_mode: mode,
+        flush_interval_ms: 20,
+        write_buffer_bytes: 64 * 1024,
+        ..StorageConfig::default()
+    }
+}
+
+#[test]
+fn dma_reads_work_after_priming_even_when_the_first_data_file_is_empty() {
+    let dir = disk_dir();
+    let path = dir.path().to_path_buf();
+    // A fresh thread: glommio caches the probe result per thread.
+    run(move || async move {
+        prime_dma_probe(&path).await.unwrap();
+        prime_dma_probe(&path).await.unwrap(); // idempotent
+        let seg = path.join("00000000000000000000");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .dma_open(&seg)
+            .await
+            .unwrap();
+        assert_eq!(f.file_size().await.unwrap(), 0, "the segment starts empty");
+        let mut buf = f.alloc_dma_buffer(4096);
+        buf.as_bytes_mut().fill(0x5A);
+        f.write_at(buf, 0).await.unwrap();
+        f.fdatasync().await.unwrap();
+        let r = f
+            .read_at_aligned(0, 4096)
+            .await
+            .expect("DMA read must not fail with EOPNOTSUPP");
+        assert!(r.iter().all(|&b| b == 0x5A));
+        f.close().await.unwrap();
+    });
+}
+
+#[test]
+fn store_on_a_fresh_dir_writes_and_reads_back_with_dma() {
+    let dir = disk_dir();
+    let path = dir.path().join("shard-0");
+    run(move || async move {
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        assert_eq!(rep.records_scanned, 0);
+        let a = s
+            .append(AppendRequest {
+                topic: "t",
+                queue_id: 0,
+                message_count: 1,
+                producer: None,
+                body: b"hello disk",
+            })
+            .await
+            .unwrap();
+        s.wait_durable(a.end).await.unwrap();
+        let b = s.read("t", 0, QueueOffset(0), 4096).await.unwrap();
+        let r: Vec<_> = RecordIter::new(&b.records)
+            .map(|r| r.unwrap().body.to_vec())
+            .collect();
+        assert_eq!(r, vec![b"hello disk".to_vec()]);
+        s.close().await.unwrap();
+    });
+}
+
+async fn append_many(s: &ShardStore, tag: u8, n: u32, concurrent: u32) -> Vec<(u32, u64, usize)> {
+    let mut tasks = Vec::new();
+    for t in 0..concurrent {
+        let s = s.clone();
+        tasks.push(glommio::spawn_local(async move {
+            let mut out = Vec::new();
+            for i in 0..n {
+                let len = 100 + ((i * 7919 + t * 131) % 30_000) as usize;
+                let body = vec![tag ^ (i as u8); len];
+                let a = s
+                    .append(AppendRequest {
+                        topic: "disk",
+                        queue_id: t,
+                        message_count: 1,
+                        producer: None,
+                        body: &body,
+                    })
+                    .await
+                    .unwrap();
+                s.wait_durable(a.end).await.unwrap();
+                out.push((t, a.base_offset.0, len));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await);
+    }
+    all
+}
+
+async fn check_all(s: &ShardStore, expect: &[(u32, u64, usize)]) {
+    for &(q, off, len) in expect {
+        let b = s.read("disk", q, QueueOffset(off), 1).await.unwrap();
+        let r = RecordIter::new(&b.records).next().unwrap().unwrap();
+        assert_eq!((r.header.base_queue_offset, r.body.len()), (off, len));
+    }
+}
+
+#[test]
+fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
+    let dir = disk_dir();
+    let path = dir.path().join("shard-0");
+    run(move || async move {
+        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        let mut expect = append_many(&s, 1, 40, 8).await; // ~5 MiB: several 1 MiB segments
+        let m = s.metrics();
+        assert!(m.fsyncs > 0 && m.appends == 320 && !m.poisoned);
+        check_all(&s, &expect).await;
+        s.close().await.unwrap();
+        drop(s);
+
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::AsyncFlush))
+            .await
+            .unwrap();
+        assert_eq!(rep.records_scanned, 320, "{rep}");
+        assert_eq!(rep.truncated_at, None);
+        check_all(&s, &expect).await;
+        // ASYNC: appends resolve without waiting; the flusher makes them durable on its own.
+        let mut last = None;
+        for i in 0..50u32 {
+            let body = vec![9u8; 1000];
+            let a = s
+                .append(AppendRequest {
+                    topic: "disk",
+                    queue_id: 100,
+                    message_count: 1,
+                    producer: None,
+                    body: &body,
+                })
+                .await
+                .unwrap();
+            assert_eq!(a.base_offset, QueueOffset(u64::from(i)));
+            expect.push((100, u64::from(i), 1000));
+            last = Some(a.end);
+        }
+        let end = last.unwrap();
+        for _ in 0..100 {
+            if s.watermarks().durable >= end {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            s.watermarks().durable >= end,
+            "the background flusher made ASYNC appends durable"
+        );
+        s.close().await.unwrap();
+        drop(s);
+
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        assert_eq!(rep.records_scanned, 370, "{rep}");
+        check_all(&s, &expect).await;
+        s.close().await.unwrap();
+    });
+}

@@ -1,0 +1,787 @@
+//! Storage tests on the simulated disk: functional behaviour, one test per recovery row,
+//! poisoning, idempotent producers, and a seeded random crash test against a model.
+
+use std::future::Future;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ringmq::storage::record::{RecordIter, RecordView};
+use ringmq::storage::recovery::Observation;
+use ringmq::storage::sim::SimBackend;
+use ringmq::storage::{
+    AppendRequest, Appended, FlushMode, LogPosition, ProducerSeq, QueueOffset, RecoveryReport,
+    ShardStore, StorageConfig, StorageError,
+};
+
+type Store = ShardStore<SimBackend>;
+
+fn run<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn cfg(mode: FlushMode) -> StorageConfig {
+    StorageConfig {
+        segment_bytes: 64 * 1024,
+        write_buffer_bytes: 8 * 1024,
+        flush_mode: mode,
+        flush_interval_ms: 5,
+        flush_bytes: 16 * 1024,
+        max_writes_in_flight: 4,
+        max_record_bytes: 32 * 1024,
+    }
+}
+
+async fn open(sim: &SimBackend, dir: &Path, mode: FlushMode) -> (Store, RecoveryReport) {
+    ShardStore::open_with(sim.clone(), dir, cfg(mode))
+        .await
+        .unwrap()
+}
+
+fn req<'a>(topic: &'a str, queue_id: u32, count: u32, body: &'a [u8]) -> AppendRequest<'a> {
+    AppendRequest {
+        topic,
+        queue_id,
+        message_count: count,
+        producer: None,
+        body,
+    }
+}
+
+async fn append_durable(s: &Store, topic: &str, q: u32, body: &[u8]) -> Appended {
+    let a = s.append(req(topic, q, 1, body)).await.unwrap();
+    s.wait_durable(a.end).await.unwrap();
+    a
+}
+
+/// Reads every visible record of a queue: (base offset, body).
+async fn read_all(s: &Store, topic: &str, q: u32) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let stats = s.queue_stats(topic, q);
+    let mut off = stats.min_offset;
+    loop {
+        let b = s.read(topic, q, off, 10_000).await.unwrap();
+        if b.records.is_empty() {
+            break;
+        }
+        for r in RecordIter::new(&b.records) {
+            let r = r.unwrap();
+            assert_eq!(r.topic, topic);
+            assert_eq!(r.header.queue_id, q);
+            out.push((r.header.base_queue_offset, r.body.to_vec()));
+        }
+        off = b.next_offset;
+    }
+    out
+}
+
+fn seg_path(dir: &Path, base: u64) -> std::path::PathBuf {
+    dir.join("commitlog").join(format!("{base:020}"))
+}
+
+#[test]
+fn sync_appends_are_durable_and_read_back_in_order() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for i in 0..20u32 {
+            let a = append_durable(&s, "t", 0, &vec![i as u8; 100 + i as usize]).await;
+            assert_eq!(a.base_offset, QueueOffset(u64::from(i)));
+            assert!(s.watermarks().durable >= a.end);
+        }
+        let all = read_all(&s, "t", 0).await;
+        assert_eq!(all.len(), 20);
+        for (i, (off, body)) in all.iter().enumerate() {
+            assert_eq!(*off, i as u64);
+            assert_eq!(body, &vec![i as u8; 100 + i]);
+        }
+        let m = s.metrics();
+        assert_eq!(m.appends, 20);
+        assert!(m.fsyncs >= 1 && !m.poisoned);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn group_commit_serves_many_waiters_with_few_fsyncs() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let mut tasks = Vec::new();
+        for i in 0..64u32 {
+            let s = s.clone();
+            tasks.push(glommio::spawn_local(async move {
+                let a = s.append(req("g", i % 4, 1, &[7u8; 200])).await.unwrap();
+                s.wait_durable(a.end).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+        let m = s.metrics();
+        assert_eq!(m.appends, 64);
+        assert!(
+            m.fsyncs < 16,
+            "expected group commit, got {} fsyncs",
+            m.fsyncs
+        );
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn reads_cross_segment_boundaries_and_survive_reopen() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let mut ends = Vec::new();
+        for i in 0..40u32 {
+            // ~10 KiB each: 6 per 64 KiB segment, so several rolls.
+            let a = append_durable(&s, "big", 1, &vec![i as u8; 10_000]).await;
+            ends.push(a);
+        }
+        assert!(ends.last().unwrap().position.0 > 4 * 64 * 1024);
+        let all = read_all(&s, "big", 1).await;
+        assert_eq!(all.len(), 40);
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.records_scanned, 40);
+        assert_eq!(rep.truncated_at, None);
+        let again = read_all(&s, "big", 1).await;
+        assert_eq!(all, again);
+        let a = append_durable(&s, "big", 1, b"after").await;
+        assert_eq!(a.base_offset, QueueOffset(40));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn read_never_passes_the_visible_watermark() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let a = s.append(req("v", 0, 3, b"not yet durable")).await.unwrap();
+        // Nothing asked for a flush, so nothing is durable or visible.
+        let b = s.read("v", 0, QueueOffset(0), 1000).await.unwrap();
+        assert!(b.records.is_empty());
+        assert_eq!(b.end_offset, QueueOffset(0));
+        assert_eq!(s.queue_stats("v", 0).written_end_offset, QueueOffset(3));
+        s.wait_durable(a.end).await.unwrap();
+        let b = s.read("v", 0, QueueOffset(1), 1000).await.unwrap();
+        let recs: Vec<_> = RecordIter::new(&b.records).collect();
+        assert_eq!(
+            recs.len(),
+            1,
+            "the record containing offset 1 is returned whole"
+        );
+        assert_eq!(b.next_offset, QueueOffset(3));
+        // A replication layer can hold visibility back.
+        s.set_visible_cap(Some(LogPosition(0)));
+        assert!(s
+            .read("v", 0, QueueOffset(0), 1000)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
+        s.set_visible_cap(None);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn offsets_out_of_range_are_errors() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        append_durable(&s, "o", 0, b"x").await;
+        let e = s.read("o", 0, QueueOffset(5), 100).await.unwrap_err();
+        assert!(matches!(
+            e,
+            StorageError::OffsetOutOfRange {
+                requested: 5,
+                min: 0,
+                end: 1
+            }
+        ));
+        let e = s.read("nope", 0, QueueOffset(1), 100).await.unwrap_err();
+        assert!(matches!(e, StorageError::OffsetOutOfRange { .. }));
+        assert!(s
+            .read("nope", 0, QueueOffset(0), 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
+        // The end offset itself is an empty read (long polling), not an error.
+        assert!(s
+            .read("o", 0, QueueOffset(1), 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
+        let e = s.append(req("../x", 0, 1, b"x")).await.unwrap_err();
+        assert!(matches!(e, StorageError::InvalidArgument(_)));
+        let big = vec![0u8; 40 * 1024];
+        let e = s.append(req("o", 0, 1, &big)).await.unwrap_err();
+        assert!(matches!(e, StorageError::RecordTooLarge { .. }));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn max_bytes_limits_a_read_but_returns_at_least_one_record() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for _ in 0..5 {
+            append_durable(&s, "m", 0, &[1u8; 500]).await;
+        }
+        let b = s.read("m", 0, QueueOffset(0), 10).await.unwrap();
+        assert_eq!(RecordIter::new(&b.records).count(), 1);
+        let b = s.read("m", 0, QueueOffset(0), 1200).await.unwrap();
+        assert_eq!(RecordIter::new(&b.records).count(), 2);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn wait_visible_beyond_wakes_on_durable_append() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let s2 = s.clone();
+        let waiter = glommio::spawn_local(async move {
+            s2.wait_visible_beyond("w", 0, QueueOffset(0)).await;
+            s2.queue_stats("w", 0).visible_end_offset
+        });
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        append_durable(&s, "w", 0, b"hello").await;
+        assert_eq!(waiter.await, QueueOffset(1));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn key_index_finds_visible_records_by_key() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let mut body = Vec::new();
+        ringmq::storage::batch::encode_message(&mut body, b"order-1", b"tagA", b"payload");
+        let a = append_durable(&s, "k", 0, &body).await;
+        assert_eq!(s.lookup_key("k", b"order-1"), vec![a.position]);
+        assert!(s.lookup_key("k", b"order-2").is_empty());
+        assert!(s.lookup_key("other", b"order-1").is_empty());
+        s.close().await.unwrap();
+        drop(s);
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(s.lookup_key("k", b"order-1"), vec![a.position]);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn fdatasync_error_poisons_the_log() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let ok = append_durable(&s, "p", 0, b"ok").await;
+        sim.fail_next_sync();
+        let a = s.append(req("p", 0, 1, b"lost")).await.unwrap();
+        let e = s.wait_durable(a.end).await.unwrap_err();
+        assert!(matches!(e, StorageError::Poisoned { .. }), "{e}");
+        assert!(
+            s.watermarks().durable < a.end,
+            "nothing unsynced is reported durable"
+        );
+        assert!(s.watermarks().durable >= ok.end);
+        let e = s.append(req("p", 0, 1, b"later")).await.unwrap_err();
+        assert!(matches!(e, StorageError::Poisoned { .. }));
+        assert!(s.metrics().poisoned);
+        assert!(s.close().await.is_err());
+    });
+}
+
+#[test]
+fn write_error_poisons_the_log() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        append_durable(&s, "p", 0, b"ok").await;
+        sim.fail_next_write();
+        let a = s.append(req("p", 0, 1, b"lost")).await.unwrap();
+        let e = s.wait_durable(a.end).await.unwrap_err();
+        assert!(matches!(e, StorageError::Poisoned { .. }), "{e}");
+        let e = s.append(req("p", 0, 1, b"later")).await.unwrap_err();
+        assert!(matches!(e, StorageError::Poisoned { .. }));
+    });
+}
+
+fn preq<'a>(pid: u64, epoch: u16, seq: u32, count: u32, body: &'a [u8]) -> AppendRequest<'a> {
+    AppendRequest {
+        topic: "idem",
+        queue_id: 0,
+        message_count: count,
+        producer: Some(ProducerSeq {
+            producer_id: pid,
+            epoch,
+            base_sequence: seq,
+        }),
+        body,
+    }
+}
+
+#[test]
+fn idempotent_retries_return_original_offsets_also_after_reopen() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let a0 = s.append(preq(9, 1, 0, 2, b"b0")).await.unwrap();
+        let a1 = s.append(preq(9, 1, 2, 3, b"b1")).await.unwrap();
+        assert_eq!(
+            (a0.base_offset, a1.base_offset),
+            (QueueOffset(0), QueueOffset(2))
+        );
+        let dup = s.append(preq(9, 1, 0, 2, b"b0")).await.unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(
+            (dup.base_offset, dup.position, dup.end),
+            (a0.base_offset, a0.position, a0.end)
+        );
+        s.wait_durable(a1.end).await.unwrap();
+        let e = s.append(preq(9, 1, 7, 1, b"gap")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StorageError::OutOfOrderSequence {
+                    expected: 5,
+                    got: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = s.append(preq(9, 0, 5, 1, b"old")).await.unwrap_err();
+        assert!(matches!(
+            e,
+            StorageError::ProducerFenced {
+                epoch: 0,
+                current_epoch: 1,
+                ..
+            }
+        ));
+        // Another producer is independent.
+        assert!(!s.append(preq(10, 0, 0, 1, b"x")).await.unwrap().duplicate);
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.producers, 2);
+        let dup = s.append(preq(9, 1, 2, 3, b"b1")).await.unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(dup.base_offset, a1.base_offset);
+        let next = s.append(preq(9, 1, 5, 1, b"b2")).await.unwrap();
+        assert!(!next.duplicate);
+        assert_eq!(next.base_offset, QueueOffset(6));
+        // A new epoch restarts the sequence.
+        assert!(!s.append(preq(9, 2, 0, 1, b"e2")).await.unwrap().duplicate);
+        assert_eq!(read_all(&s, "idem", 0).await.len(), 3);
+        s.close().await.unwrap();
+    });
+}
+
+// ---- Recovery decision table: one test per row ----
+
+#[test]
+fn recovery_clean_tail_keeps_everything() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.records_scanned, 0);
+        let a = append_durable(&s, "r", 0, b"one").await;
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.tail, Some(Observation::CleanTail));
+        assert_eq!(
+            (rep.records_scanned, rep.end_position, rep.truncated_at),
+            (1, a.end.0, None)
+        );
+        assert!(rep.to_string().contains("recovered 1 records"));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_zero_filled_prepared_tail_after_crash_stops_cleanly() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let a = append_durable(&s, "r", 0, b"one").await;
+        sim.crash(1);
+        drop(s);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.tail, Some(Observation::CleanTail));
+        assert_eq!((rep.end_position, rep.truncated_at), (a.end.0, None));
+        assert_eq!(read_all(&s, "r", 0).await.len(), 1);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_torn_record_is_truncated() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let a = append_durable(&s, "r", 0, b"one").await;
+        let b = append_durable(&s, "r", 0, &[5u8; 3000]).await;
+        s.close().await.unwrap();
+        drop(s);
+        // Tear the second record: keep its first 1000 bytes, the rest never reached the disk.
+        let zeros = vec![0u8; (b.end.0 - b.position.0 - 1000) as usize];
+        sim.poke(&seg_path(dir.path(), 0), b.position.0 + 1000, &zeros);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.tail, Some(Observation::TornRecord));
+        assert_eq!(rep.truncated_at, Some(a.end.0));
+        assert_eq!(rep.truncated_bytes, 1000);
+        assert_eq!(read_all(&s, "r", 0).await, vec![(0, b"one".to_vec())]);
+        // The torn bytes are gone from the file, and appends continue at the cut.
+        let bytes = sim.file_bytes(&seg_path(dir.path(), 0)).unwrap();
+        assert!(bytes[a.end.0 as usize..].iter().all(|&x| x == 0));
+        let c = append_durable(&s, "r", 0, b"two").await;
+        assert_eq!((c.position, c.base_offset), (a.end, QueueOffset(1)));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_crc_mismatch_followed_by_valid_records_truncates_and_reports() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let a = append_durable(&s, "r", 0, b"first").await;
+        let b = append_durable(&s, "r", 0, b"second").await;
+        append_durable(&s, "r", 0, b"third").await;
+        append_durable(&s, "r", 0, b"fourth").await;
+        s.close().await.unwrap();
+        drop(s);
+        sim.poke(&seg_path(dir.path(), 0), b.end.0 - 1, b"X");
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(
+            rep.tail,
+            Some(Observation::CrcMismatchThenValid { valid_after: 2 })
+        );
+        assert_eq!(rep.truncated_at, Some(a.end.0));
+        assert_eq!(rep.valid_records_discarded, 2);
+        assert!(rep.to_string().contains("WARNING"));
+        assert_eq!(read_all(&s, "r", 0).await, vec![(0, b"first".to_vec())]);
+        s.close().await.unwrap();
+    });
+}
+
+fn cq_file(dir: &Path, topic: &str, q: u32) -> std::path::PathBuf {
+    dir.join("consumequeue").join(topic).join(q.to_string())
+}
+
+#[test]
+fn recovery_index_ahead_of_the_log_is_truncated() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        append_durable(&s, "r", 0, b"one").await;
+        s.close().await.unwrap();
+        drop(s);
+        let p = cq_file(dir.path(), "r", 0);
+        let mut f = std::fs::read(&p).unwrap();
+        assert_eq!(f.len(), 28);
+        f.extend_from_slice(&[9u8; 56]); // two entries pointing past the log
+        std::fs::write(&p, &f).unwrap();
+        std::fs::create_dir_all(dir.path().join("consumequeue/ghost")).unwrap();
+        std::fs::write(cq_file(dir.path(), "ghost", 3), [1u8; 28]).unwrap();
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.index_entries_truncated, 3);
+        assert_eq!(std::fs::read(&p).unwrap().len(), 28);
+        assert_eq!(
+            std::fs::read(cq_file(dir.path(), "ghost", 3))
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(read_all(&s, "r", 0).await.len(), 1);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_index_behind_the_log_is_rebuilt() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for i in 0..5u8 {
+            append_durable(&s, "r", 0, &[i; 10]).await;
+        }
+        s.close().await.unwrap();
+        drop(s);
+        let p = cq_file(dir.path(), "r", 0);
+        let f = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &f[..28 * 2 + 5]).unwrap(); // two entries and a torn third
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(rep.index_entries_rebuilt, 3);
+        assert_eq!(std::fs::read(&p).unwrap(), f);
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_missing_index_files_are_rebuilt() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        append_durable(&s, "r", 0, b"a").await;
+        append_durable(&s, "r", 1, b"b").await;
+        s.close().await.unwrap();
+        drop(s);
+        std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!((rep.index_files_rebuilt, rep.index_entries_rebuilt), (2, 2));
+        assert_eq!(
+            std::fs::read(cq_file(dir.path(), "r", 1)).unwrap().len(),
+            28
+        );
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn drop_segments_before_removes_old_segments_and_their_offsets() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for i in 0..20u32 {
+            append_durable(&s, "d", 0, &vec![i as u8; 10_000]).await;
+        }
+        let n = s.drop_segments_before(LogPosition(2 * 64 * 1024)).unwrap();
+        assert_eq!(n, 2);
+        assert!(sim.file_bytes(&seg_path(dir.path(), 0)).is_none());
+        let st = s.queue_stats("d", 0);
+        assert!(st.min_offset.0 >= 12);
+        let e = s.read("d", 0, QueueOffset(0), 100).await.unwrap_err();
+        assert!(matches!(e, StorageError::OffsetOutOfRange { .. }));
+        let all = read_all(&s, "d", 0).await;
+        assert_eq!(all.first().unwrap().0, st.min_offset.0);
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(s.queue_stats("d", 0).min_offset, st.min_offset);
+        assert!(rep.truncated_at.is_none());
+        s.close().await.unwrap();
+    });
+}
+
+// ---- Seeded random crash test against a model ----
+
+#[derive(Clone, Debug)]
+struct Batch {
+    base: u64,
+    body: Vec<u8>,
+    end: LogPosition,
+    acked: bool,
+}
+
+const TOPICS: [&str; 2] = ["alpha", "beta"];
+
+async fn crash_iteration(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimBackend::new();
+    let mode = if rng.gen_bool(0.7) {
+        FlushMode::SyncFlush
+    } else {
+        FlushMode::AsyncFlush
+    };
+    let (mut s, _) = open(&sim, dir.path(), mode).await;
+    let mut model: Vec<Vec<Batch>> = vec![Vec::new(); 4];
+    let mut next: Vec<u64> = vec![0; 4];
+    for _step in 0..60 {
+        match rng.gen_range(0..100) {
+            0..=59 => {
+                let qi = rng.gen_range(0..4);
+                let len = if rng.gen_bool(0.1) {
+                    rng.gen_range(5000..20000)
+                } else {
+                    rng.gen_range(1..1500)
+                };
+                let body: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let count = rng.gen_range(1..4);
+                let a = s
+                    .append(req(TOPICS[qi / 2], (qi % 2) as u32, count, &body))
+                    .await
+                    .unwrap();
+                assert_eq!(a.base_offset.0, next[qi], "seed {seed}");
+                next[qi] += u64::from(count);
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!(
+                        "append q{qi} pos {} end {} len {}",
+                        a.position,
+                        a.end,
+                        body.len()
+                    );
+                }
+                model[qi].push(Batch {
+                    base: a.base_offset.0,
+                    body,
+                    end: a.end,
+                    acked: false,
+                });
+            }
+            60..=79 => {
+                let upto = s.watermarks().appended;
+                s.wait_durable(upto).await.unwrap();
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!("durable {:?}", s.watermarks());
+                }
+                for q in &mut model {
+                    for b in q.iter_mut().filter(|b| b.end <= upto) {
+                        b.acked = true;
+                    }
+                }
+            }
+            80..=89 => {
+                let qi = rng.gen_range(0..4);
+                let got = read_all(&s, TOPICS[qi / 2], (qi % 2) as u32).await;
+                for (g, m) in got.iter().zip(&model[qi]) {
+                    assert_eq!((g.0, &g.1), (m.base, &m.body), "seed {seed}");
+                }
+                assert!(
+                    got.len() >= model[qi].iter().filter(|b| b.acked).count(),
+                    "seed {seed}"
+                );
+            }
+            _ => {
+                let clean = rng.gen_bool(0.2);
+                if clean {
+                    s.close().await.unwrap();
+                    for q in &mut model {
+                        q.iter_mut().for_each(|b| b.acked = true);
+                    }
+                } else {
+                    if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                        eprintln!("crash at {:?}", s.watermarks());
+                    }
+                    sim.crash(rng.gen());
+                }
+                drop(s);
+                let (s2, rep) = open(&sim, dir.path(), mode).await;
+                if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
+                    eprintln!("reopen clean={clean}: {rep}");
+                }
+                s = s2;
+                for qi in 0..4 {
+                    let got = read_all(&s, TOPICS[qi / 2], (qi % 2) as u32).await;
+                    assert!(
+                        got.len() <= model[qi].len(),
+                        "seed {seed}: records appeared"
+                    );
+                    for (g, m) in got.iter().zip(&model[qi]) {
+                        assert_eq!(
+                            (g.0, &g.1),
+                            (m.base, &m.body),
+                            "seed {seed}: record differs"
+                        );
+                    }
+                    let acked = model[qi].iter().filter(|b| b.acked).count();
+                    assert!(
+                        got.len() >= acked,
+                        "seed {seed}: lost acked records in queue {qi} ({} < {acked})",
+                        got.len()
+                    );
+                    model[qi].truncate(got.len());
+                    model[qi].iter_mut().for_each(|b| b.acked = true);
+                    next[qi] = s
+                        .queue_stats(TOPICS[qi / 2], (qi % 2) as u32)
+                        .written_end_offset
+                        .0;
+                    assert_eq!(
+                        next[qi],
+                        model[qi]
+                            .last()
+                            .map_or(0, |b| {
+                                // offsets continue after the last recovered batch
+                                let v = got.last().map(|g| g.0).unwrap_or(0);
+                                let _ = b;
+                                v
+                            })
+                            .max(next[qi]),
+                        "seed {seed}"
+                    );
+                }
+            }
+        }
+    }
+    s.close().await.unwrap();
+}
+
+/// Prints the seed if the iteration panics.
+struct SeedGuard(u64);
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "crash test failed with seed {0} (rerun: RINGMQ_CRASH_SEED={0} RINGMQ_CRASH_ITERS=1)",
+                self.0
+            );
+        }
+    }
+}
+
+#[test]
+fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
+    let base: u64 = std::env::var("RINGMQ_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED);
+    let iterations: u64 = std::env::var("RINGMQ_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    run(move || async move {
+        for i in 0..iterations {
+            let seed = base + i;
+            let _guard = SeedGuard(seed);
+            crash_iteration(seed).await;
+        }
+    });
+}
+
+#[test]
+fn record_view_rejects_what_the_store_never_returns() {
+    // A fetch response is parsed with the same pure code.
+    let rec = ringmq::storage::record::encode_record(Default::default(), "t", b"body");
+    assert!(RecordView::parse(&rec).is_ok());
+}
