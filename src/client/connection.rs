@@ -36,17 +36,12 @@ enum Waiter {
 
 impl Waiter {
     fn complete(self, outcome: Result<Frame, ClientError>) {
-        let (opcode, deliver): (u16, Box<dyn FnOnce(Result<(Response, Bytes), ClientError>)>) =
-            match self {
-                Waiter::Channel(op, tx) => (
-                    op,
-                    Box::new(move |r| {
-                        let _ = tx.send(r);
-                    }),
-                ),
-                Waiter::Callback(op, cb) => (op, Box::new(cb)),
-            };
-        deliver(outcome.and_then(|frame| decode_response(opcode, frame)))
+        match self {
+            Waiter::Channel(op, tx) => {
+                let _ = tx.send(outcome.and_then(|f| decode_response(op, f)));
+            }
+            Waiter::Callback(op, cb) => cb(outcome.and_then(|f| decode_response(op, f))),
+        }
     }
 }
 

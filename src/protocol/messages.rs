@@ -323,8 +323,7 @@ impl Request {
                 finish(fbb, root)
             }
             Request::BrokerStats => {
-                let root =
-                    fb::BrokerStatsRequest::create(&mut fbb, &fb::BrokerStatsRequestArgs {});
+                let root = fb::BrokerStatsRequest::create(&mut fbb, &fb::BrokerStatsRequestArgs {});
                 finish(fbb, root)
             }
             Request::Produce(p) => {

@@ -76,7 +76,7 @@ impl Budget {
 /// Why a connection was closed by the broker.
 #[derive(Debug)]
 enum Closed {
-    PeerClosed,
+    ByPeer,
     Io(std::io::Error),
     BadFrame(WireError),
     PartialFrameTimeout,
@@ -86,7 +86,7 @@ enum Closed {
 impl std::fmt::Display for Closed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Closed::PeerClosed => write!(f, "peer closed"),
+            Closed::ByPeer => write!(f, "peer closed"),
             Closed::Io(e) => write!(f, "read error: {e}"),
             Closed::BadFrame(e) => write!(f, "bad frame: {e}"),
             Closed::PartialFrameTimeout => write!(f, "frame left half-sent"),
@@ -141,7 +141,7 @@ async fn read_loop(
         match future::or(async { Some(read.await) }, shutdown).await {
             None => return Err(Closed::Shutdown),
             Some(None) => return Err(Closed::PartialFrameTimeout),
-            Some(Some(Ok(0))) => return Err(Closed::PeerClosed),
+            Some(Some(Ok(0))) => return Err(Closed::ByPeer),
             Some(Some(Ok(n))) => buf.extend_from_slice(&chunk[..n]),
             Some(Some(Err(e))) => return Err(Closed::Io(e)),
         }

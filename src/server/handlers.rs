@@ -365,7 +365,8 @@ fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
 async fn broker_stats(ctx: &Rc<ShardContext>) -> Result<Response> {
     let mut all = vec![local_shard_stats(ctx)];
     for shard in (0..ctx.shards).filter(|s| *s != ctx.shard) {
-        if let MeshReply::ShardStats(s) = ctx.mesh.call(shard, MeshRequest::LocalShardStats).await? {
+        if let MeshReply::ShardStats(s) = ctx.mesh.call(shard, MeshRequest::LocalShardStats).await?
+        {
             all.push(s);
         }
     }
