@@ -36,7 +36,7 @@ pub enum PreflightError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("data dir {path} is on a file system without O_DIRECT (tmpfs?), so an fdatasync would not make anything durable: use a disk-backed directory, or set allow_non_direct_io (--allow-non-direct-io) to run anyway")]
+    #[error("data dir {path} is in memory (tmpfs/ramfs) or has no O_DIRECT, so an fdatasync would not make anything durable: use a disk-backed directory, or set allow_non_direct_io (--allow-non-direct-io) to run anyway")]
     NoDirectIo { path: String },
 }
 
@@ -189,7 +189,8 @@ fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
         Err(_) => false,
     };
     let _ = fs::remove_file(&probe);
-    Ok(direct)
+    // Since Linux 6.6 tmpfs accepts O_DIRECT, but its fdatasync makes nothing durable.
+    Ok(direct && !is_memory_fs(data_dir))
 }
 
 fn write_aligned_block(f: &fs::File) -> std::io::Result<()> {
@@ -212,14 +213,20 @@ fn write_aligned_block(f: &fs::File) -> std::io::Result<()> {
     }
 }
 
-/// Whether `path`'s file system is tmpfs (informational, for `admin info`).
-pub fn is_tmpfs(path: &Path) -> bool {
+/// ramfs (libc does not name it).
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+
+/// Whether `path` lives in memory (tmpfs, ramfs): nothing there survives a crash.
+pub fn is_memory_fs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
     // SAFETY: statfs writes into `s`; `c` is a valid NUL-terminated path.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC }
+    unsafe {
+        libc::statfs(c.as_ptr(), &mut s) == 0
+            && (s.f_type == libc::TMPFS_MAGIC || s.f_type == RAMFS_MAGIC)
+    }
 }
 
 #[cfg(test)]
@@ -240,7 +247,7 @@ mod tests {
         let report = check(dir.path(), 2, 0, false).unwrap();
         assert!(report.direct_io);
         let shm = Path::new("/dev/shm");
-        if shm.exists() && is_tmpfs(shm) {
+        if shm.exists() && is_memory_fs(shm) {
             let d = tempfile::tempdir_in(shm).unwrap();
             assert!(matches!(
                 check(d.path(), 1, 0, false),
