@@ -321,13 +321,20 @@ mod tests {
         assert!((95..=105).contains(&late), "late sends: {late}");
         // ... by 100 ms, 99 ms, ... 1 ms: about half of them by at least 50 ms.
         let very_late = h.count_between(50_000, MAX_US);
-        assert!((45..=55).contains(&very_late), "sends >= 50 ms: {very_late}");
+        assert!(
+            (45..=55).contains(&very_late),
+            "sends >= 50 ms: {very_late}"
+        );
         assert!(h.max() >= 99_000, "max {}", h.max());
         // 100 of 2000 samples are late, so p99 (sample 1980) shows the stall; p90 does not.
         assert!(h.value_at_quantile(0.99) >= 10_000);
         assert!(h.value_at_quantile(0.90) < 1_000);
         // The schedule caught up: the run ends near 2 s, not 2.1 s.
-        assert!(clock.now() < Duration::from_millis(2010), "{:?}", clock.now());
+        assert!(
+            clock.now() < Duration::from_millis(2010),
+            "{:?}",
+            clock.now()
+        );
     }
 
     #[test]

@@ -149,7 +149,11 @@ impl Report {
         let mut splits: Vec<String> = self.modes.iter().map(|m| m.core_split.describe()).collect();
         splits.dedup();
         for split in splits {
-            let _ = writeln!(s, "Cores: {split} ({} cores on this machine)", self.machine.cores);
+            let _ = writeln!(
+                s,
+                "Cores: {split} ({} cores on this machine)",
+                self.machine.cores
+            );
         }
         for n in &self.notes {
             let _ = writeln!(s, "Note: {n}");
@@ -275,7 +279,11 @@ pub fn hgrm(h: &Hist, scale: f64) -> String {
     };
     let sub_buckets = 1u64 << ((2.0 * 10f64.powi(i32::from(h.sigfig()))).log2().ceil() as u32);
     let _ = writeln!(s, "#[Mean    = {mean:12.3}, StdDeviation   = {stdev:12.3}]");
-    let _ = writeln!(s, "#[Max     = {max:12.3}, Total count    = {:12}]", h.len());
+    let _ = writeln!(
+        s,
+        "#[Max     = {max:12.3}, Total count    = {:12}]",
+        h.len()
+    );
     let _ = writeln!(
         s,
         "#[Buckets = {:12}, SubBuckets     = {:12}]",
@@ -288,7 +296,13 @@ pub fn hgrm(h: &Hist, scale: f64) -> String {
 /// A file name for a mode label.
 fn file_stem(mode: &str) -> String {
     mode.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -418,8 +432,14 @@ pub(crate) mod tests {
         let footer: Vec<&&str> = lines.iter().filter(|l| l.starts_with("#[")).collect();
         assert_eq!(footer.len(), 3);
         assert!(footer[0].starts_with("#[Mean    = ") && footer[0].contains("StdDeviation   = "));
-        assert!(footer[1].contains("Total count    = ") && footer[1].ends_with(&format!("{:12}]", h.len())));
-        assert!(footer[2].starts_with("#[Buckets = ") && footer[2].contains("SubBuckets     =         2048]"));
+        assert!(
+            footer[1].contains("Total count    = ")
+                && footer[1].ends_with(&format!("{:12}]", h.len()))
+        );
+        assert!(
+            footer[2].starts_with("#[Buckets = ")
+                && footer[2].contains("SubBuckets     =         2048]")
+        );
         let rows: Vec<&&str> = lines[2..].iter().filter(|l| !l.starts_with('#')).collect();
         assert!(rows.len() > 50, "{} rows", rows.len());
         let mut last_q = -1.0;
@@ -467,8 +487,18 @@ pub(crate) mod tests {
             sample_run("async-flush", 1, true),
         ];
         let t = sample_report(&runs).table();
-        assert_eq!(t.lines().filter(|l| l.starts_with("| sync-flush |")).count(), 2);
-        assert_eq!(t.lines().filter(|l| l.starts_with("| async-flush |")).count(), 3);
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.starts_with("| sync-flush |"))
+                .count(),
+            2
+        );
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.starts_with("| async-flush |"))
+                .count(),
+            3
+        );
         assert!(t.contains("| n/a | n/a | n/a |"));
         assert!(t.contains("2 (Timeout 2)"));
         assert!(t.contains("Relative to sync-flush"));
@@ -477,7 +507,7 @@ pub(crate) mod tests {
 
     #[test]
     fn ratios_divide_by_the_first_mode() {
-        let runs = vec![sample_run("a", 4, false), sample_run("b", 1, false)];
+        let runs = [sample_run("a", 4, false), sample_run("b", 1, false)];
         let modes: Vec<ModeResult> = runs.iter().map(|r| r.result.clone()).collect();
         let r = ratios(&modes);
         assert_eq!(r.len(), 1);

@@ -16,8 +16,7 @@ use ringmq::shard::Broker;
 
 use crate::broker_stats::{self, BrokerCounters, BrokerStats};
 use crate::hist::{
-    as_us, merge_all, Clock, Hist, LatencySummary, Pacer, RealClock, SharedStats,
-    ThreadStats,
+    as_us, merge_all, Clock, Hist, LatencySummary, Pacer, RealClock, SharedStats, ThreadStats,
 };
 use crate::machine::{self, CoreSplit};
 use crate::report::{fmt_us, ModeResult, TimelinePoint};
@@ -201,7 +200,11 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
         abort: AtomicBool::new(false),
         received: AtomicU64::new(0),
     });
-    eprintln!("[{label}] {} against {addr}; {}", w.describe(), split.describe());
+    eprintln!(
+        "[{label}] {} against {addr}; {}",
+        w.describe(),
+        split.describe()
+    );
 
     let consumer_stats: Vec<SharedStats> = (0..consumers).map(|_| ThreadStats::shared()).collect();
     let consumer_threads: Vec<JoinHandle<Result<(), String>>> = assignments
@@ -244,7 +247,11 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
 
     let mut failures: Vec<String> = producer_threads
         .into_iter()
-        .filter_map(|t| t.join().unwrap_or_else(|_| Err("a producer panicked".into())).err())
+        .filter_map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err("a producer panicked".into()))
+                .err()
+        })
         .collect();
     let acked: u64 = producer_stats.iter().map(|s| lock(s).ok_msgs).sum();
     let drain_until = Instant::now() + CONSUMER_DRAIN;
@@ -255,11 +262,11 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
         std::thread::sleep(Duration::from_millis(20));
     }
     ctx.stop_consumers.store(true, Ordering::Relaxed);
-    failures.extend(
-        consumer_threads
-            .into_iter()
-            .filter_map(|t| t.join().unwrap_or_else(|_| Err("a consumer panicked".into())).err()),
-    );
+    failures.extend(consumer_threads.into_iter().filter_map(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err("a consumer panicked".into()))
+            .err()
+    }));
     done.store(true, Ordering::Relaxed);
     let (timeline, stats_before) = progress.join().expect("progress thread");
     let stats_after = broker_stats::snapshot(&admin);
@@ -289,7 +296,13 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
         }
     }
     let e2e_hist = (consumers > 0).then(|| merge_all(c.iter().map(|s| &s.total)));
-    let rate = |n: f64| if measured_secs > 0.0 { n / measured_secs } else { 0.0 };
+    let rate = |n: f64| {
+        if measured_secs > 0.0 {
+            n / measured_secs
+        } else {
+            0.0
+        }
+    };
     let result = ModeResult {
         mode: label.to_string(),
         broker_flush_mode: info.flush_mode.clone(),
@@ -354,10 +367,7 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
             let per_producer = rate as f64 / w.producers as f64;
             let interval = Duration::from_secs_f64(unit as f64 / per_producer);
             // Spread the producers' schedules over one interval.
-            Pacer::open(
-                interval,
-                interval.mul_f64(idx as f64 / w.producers as f64),
-            )
+            Pacer::open(interval, interval.mul_f64(idx as f64 / w.producers as f64))
         }
     };
     let producers = w.producers as u64;
@@ -386,7 +396,8 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
         let bytes = n * w.message_bytes as u64;
         let outcome = match w.send_mode {
             SendMode::Sync => {
-                let batch: Vec<Message> = (0..n).map(|_| make_message(&template, intended)).collect();
+                let batch: Vec<Message> =
+                    (0..n).map(|_| make_message(&template, intended)).collect();
                 let r = producer.send_batch(&ctx.topic, selector, &batch);
                 let latency = as_us(clock.now().saturating_sub(intended));
                 r.map(|_| lock(stats).record(latency, n, bytes, measured))

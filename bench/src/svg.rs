@@ -12,7 +12,7 @@ const WIDTH: f64 = 980.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 230.0;
 const PLOT_W: f64 = WIDTH - LEFT - RIGHT;
-const P1_TOP: f64 = 70.0;
+const P1_TOP: f64 = 90.0;
 const P1_H: f64 = 360.0;
 const P2_TOP: f64 = P1_TOP + P1_H + 80.0;
 const P2_H: f64 = 220.0;
@@ -46,7 +46,10 @@ fn percentile_points(h: &Hist) -> Vec<(f64, f64)> {
         .filter(|v| v.quantile_iterated_to() < 1.0)
         .map(|v| {
             let q = v.quantile_iterated_to();
-            ((1.0 / (1.0 - q)).log10(), v.value_iterated_to().max(1) as f64)
+            (
+                (1.0 / (1.0 - q)).log10(),
+                v.value_iterated_to().max(1) as f64,
+            )
         })
         .collect()
 }
@@ -59,6 +62,14 @@ fn percent_label(decade: u32) -> String {
             format!("{nines:.*}%", (d as usize).saturating_sub(2))
         }
     }
+}
+
+/// `1 µs`, `10 µs`, ... `1 ms`, ... `1 s` for 10^e microseconds.
+fn decade_label(e: i32) -> String {
+    let units = ["µs", "ms", "s"];
+    let e = e.max(0) as usize;
+    let unit = (e / 3).min(2);
+    format!("{} {}", 10u64.pow((e - unit * 3) as u32), units[unit])
 }
 
 /// 1, 2 or 5 times a power of ten, at least `x`.
@@ -138,7 +149,14 @@ pub fn chart(report: &Report, runs: &[ModeRun]) -> String {
         15,
         &format!("RingMQ: {}", modes.join(" vs ")),
     );
-    text(&mut s, WIDTH / 2.0, 40.0, "middle", 11, &report.workload_description);
+    text(
+        &mut s,
+        WIDTH / 2.0,
+        40.0,
+        "middle",
+        11,
+        &report.workload_description,
+    );
     if let Some(m) = runs.first() {
         text(
             &mut s,
@@ -193,7 +211,11 @@ fn latency_panel(s: &mut String, runs: &[ModeRun]) {
         .clamp(2.0, 6.0) as u32;
     let values = curves.iter().flat_map(|c| c.3.iter().map(|p| p.1));
     let (lo, hi) = values.fold((f64::MAX, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let y_lo = if lo == f64::MAX { 0.0 } else { lo.log10().floor() };
+    let y_lo = if lo == f64::MAX {
+        0.0
+    } else {
+        lo.log10().floor()
+    };
     let y_hi = hi.log10().ceil().max(y_lo + 1.0);
     let px = |x: f64| LEFT + x / f64::from(decades) * PLOT_W;
     let py = |us: f64| P1_TOP + P1_H - (us.log10() - y_lo) / (y_hi - y_lo) * P1_H;
@@ -227,7 +249,7 @@ fn latency_panel(s: &mut String, runs: &[ModeRun]) {
     while f64::from(e) <= y_hi {
         let y = py(10f64.powi(e));
         line(s, LEFT, y, LEFT + PLOT_W, y, r##"stroke="#ddd""##);
-        text(s, LEFT - 6.0, y + 4.0, "end", 11, &fmt_us(10u64.pow(e.max(0) as u32)));
+        text(s, LEFT - 6.0, y + 4.0, "end", 11, &decade_label(e));
         e += 1;
     }
     let _ = writeln!(
@@ -259,7 +281,14 @@ fn latency_panel(s: &mut String, runs: &[ModeRun]) {
             &format!(r#"stroke="{color}" stroke-width="2"{dash}"#),
         );
         text(s, lx + 32.0, ly + 4.0, "start", 12, label);
-        text(s, lx + 32.0, ly + 18.0, "start", 10, &format!("max {}", fmt_us(*max)));
+        text(
+            s,
+            lx + 32.0,
+            ly + 18.0,
+            "start",
+            10,
+            &format!("max {}", fmt_us(*max)),
+        );
     }
 }
 
@@ -281,7 +310,13 @@ fn throughput_panel(s: &mut String, runs: &[ModeRun]) {
 
     let warm = runs
         .iter()
-        .flat_map(|r| r.result.timeline.iter().filter(|p| p.warmup).map(|p| p.second))
+        .flat_map(|r| {
+            r.result
+                .timeline
+                .iter()
+                .filter(|p| p.warmup)
+                .map(|p| p.second)
+        })
         .max()
         .unwrap_or(0) as f64;
     if warm > 0.0 {
@@ -314,7 +349,14 @@ fn throughput_panel(s: &mut String, runs: &[ModeRun]) {
     let x_step = nice(last_second / 10.0).max(1.0);
     let mut t = 0.0;
     while t <= last_second + 1e-9 {
-        text(s, px(t), P2_TOP + P2_H + 16.0, "middle", 11, &format!("{t:.0}"));
+        text(
+            s,
+            px(t),
+            P2_TOP + P2_H + 16.0,
+            "middle",
+            11,
+            &format!("{t:.0}"),
+        );
         t += x_step;
     }
     text(
@@ -431,6 +473,11 @@ mod tests {
         let l: Vec<String> = (0..=5).map(percent_label).collect();
         assert_eq!(l, ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]);
         assert_eq!(nice(3.0), 5.0);
+        let d: Vec<String> = (0..=7).map(decade_label).collect();
+        assert_eq!(
+            d,
+            ["1 µs", "10 µs", "100 µs", "1 ms", "10 ms", "100 ms", "1 s", "10 s"]
+        );
         assert_eq!(nice(120.0), 200.0);
     }
 }

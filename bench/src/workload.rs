@@ -192,7 +192,10 @@ impl Workload {
             problems.push("--queues must be at least 1".to_string());
         }
         if self.message_bytes < 8 {
-            problems.push("--message-bytes must be at least 8 (the payload carries the send timestamp)".to_string());
+            problems.push(
+                "--message-bytes must be at least 8 (the payload carries the send timestamp)"
+                    .to_string(),
+            );
         }
         if self.batch == 0 {
             problems.push("--batch must be at least 1".to_string());
