@@ -129,6 +129,7 @@ fn main() -> ExitCode {
 
 fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Result<(), String> {
     w.validate()?;
+    runner::install_interrupt_handler();
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -153,9 +154,19 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
         }
         None => {
             for &mode in modes {
+                if runner::interrupted() {
+                    break;
+                }
                 runs.push(runner::run_embedded(mode, &w)?);
             }
         }
+    }
+    if runner::interrupted() {
+        let note = "interrupted (Ctrl-C): the figures are partial and modes after the \
+                    interrupted one were not run"
+            .to_string();
+        eprintln!("note: {note}");
+        notes.push(note);
     }
     let results: Vec<_> = runs.iter().map(|r| r.result.clone()).collect();
     let mut report = Report {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +26,25 @@ use crate::workload::{Mode, SendMode, Workload};
 const CONSUMER_DRAIN: Duration = Duration::from_secs(5);
 /// A producer that fails this many sends in a row gives up (the broker is not serving).
 const MAX_CONSECUTIVE_ERRORS: u32 = 1000;
+
+static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Ctrl-C (SIGINT/SIGTERM) ends the load early instead of killing the process, so the embedded
+/// broker is stopped, its data dir removed and the partial figures reported. A second Ctrl-C
+/// exits at once.
+pub fn install_interrupt_handler() {
+    let flag = INTERRUPTED.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The conditional shutdown must come first: it sees the flag before this signal sets it.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+}
+
+/// Whether the user asked to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.get().is_some_and(|f| f.load(Ordering::Relaxed))
+}
 
 /// One measured mode: the figures and the merged histograms.
 pub struct ModeRun {
@@ -379,7 +398,7 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
     let mut measured_sent = 0u64;
     let mut consecutive_errors = 0u32;
     let mut last_error = String::new();
-    while !ctx.abort.load(Ordering::Relaxed) {
+    while !ctx.abort.load(Ordering::Relaxed) && !interrupted() {
         let intended = pacer.intended(&clock);
         if ctx.end.is_some_and(|end| intended >= end) {
             break;
