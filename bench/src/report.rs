@@ -220,22 +220,28 @@ impl Report {
             }
         }
         if !self.ratios.is_empty() {
+            let e2e = self.ratios.iter().any(|r| r.e2e_p99.is_some());
             let _ = writeln!(s, "\nRelative to {}:\n", self.ratios[0].baseline);
             let _ = writeln!(
                 s,
-                "| mode | throughput | p50 | p99 | p99.9 | e2e p99 |\n|---|---:|---:|---:|---:|---:|"
+                "| mode | throughput | p50 | p99 | p99.9 |{}\n|---|---:|---:|---:|---:|{}",
+                if e2e { " e2e p99 |" } else { "" },
+                if e2e { "---:|" } else { "" }
             );
             for r in &self.ratios {
-                let _ = writeln!(
+                let _ = write!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     r.mode,
                     fmt_ratio(r.throughput),
                     fmt_ratio(r.p50),
                     fmt_ratio(r.p99),
-                    fmt_ratio(r.p999),
-                    fmt_ratio(r.e2e_p99)
+                    fmt_ratio(r.p999)
                 );
+                if e2e {
+                    let _ = write!(s, " {} |", fmt_ratio(r.e2e_p99));
+                }
+                s.push('\n');
             }
         }
         s
