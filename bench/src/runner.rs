@@ -375,7 +375,8 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
     let w = &ctx.w;
     let mut config = ProducerConfig::new(ctx.addr.clone());
     config.linger = Duration::from_millis(w.linger_ms);
-    config.batch_bytes = (w.batch * (w.message_bytes + 32)).max(1);
+    // Full after `batch` messages: each encodes to more than its payload bytes.
+    config.batch_bytes = (w.batch * w.message_bytes).max(1);
     let producer =
         Producer::with_config(config).map_err(|e| format!("producer {idx} cannot start: {e}"))?;
     let clock = RealClock { base: ctx.base };
@@ -471,17 +472,22 @@ fn consumer_thread(
     machine::pin_current_thread(&ctx.load_cores)?;
     let consumer =
         Consumer::connect(&ctx.addr).map_err(|e| format!("consumer {idx} cannot start: {e}"))?;
-    // Long-poll a single queue; with several, poll briefly so no queue waits on another.
-    let wait = if queues.len() == 1 {
-        Duration::from_millis(200)
-    } else {
-        Duration::from_millis(20)
-    };
+    // Long-poll a single queue. With several, a long poll on one would delay the others: poll
+    // them without waiting, and wait briefly only after a round that found nothing.
+    let single = queues.len() == 1;
+    let mut idle_round = true;
     let warmup_us = ctx.warmup.as_micros() as u64;
     while !ctx.stop_consumers.load(Ordering::Relaxed) {
+        let wait = match (single, idle_round) {
+            (true, _) => Duration::from_millis(200),
+            (false, true) => Duration::from_millis(2),
+            (false, false) => Duration::ZERO,
+        };
+        idle_round = true;
         for (queue, offset) in queues.iter_mut() {
             match consumer.fetch(&ctx.topic, *queue, *offset, wait) {
                 Ok(f) => {
+                    idle_round &= f.messages.is_empty();
                     let now_us = ctx.base.elapsed().as_micros() as u64;
                     let mut s = lock(stats);
                     for m in &f.messages {

@@ -111,7 +111,8 @@ pub struct Workload {
     pub producers: usize,
 
     /// Consumer threads, long-polling; with consumers the report adds end-to-end latency
-    /// (producer's intended send time -> consumer receive).
+    /// (producer's intended send time -> consumer receive). Queues are dealt round-robin; one
+    /// queue per consumer (--consumers = --queues) gives the cleanest end-to-end figures.
     #[arg(long, default_value_t = 0)]
     pub consumers: usize,
 
