@@ -1,11 +1,50 @@
-//! `ringmq-bench`: load generator and flush-mode comparison for RingMQ.
+//! `ringmq-bench`: RingMQ's load generator and flush-mode comparison.
+//!
+//! - `run --mode sync-flush [workload]`: one mode on a fresh embedded broker (or `--broker`).
+//! - `compare [--modes sync-flush,async-flush] [workload]`: the same workload against each mode
+//!   in turn, each on a fresh embedded broker, and one table with the ratios between them.
+//!
+//! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
+//! DIR` a JSON report, one `.hgrm` file per mode and an SVG chart.
+//!
+//! # Layout
+//! - [`workload`]: the flags shared by every load subcommand, the modes.
+//! - [`runner`]: embedded broker, producer/consumer threads, progress, gathering.
+//! - [`hist`]: HdrHistograms, per-thread stats, the open-loop pacer.
+//! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the chart.
+//! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...), "n/a" until the wire has them.
+//! - [`machine`]: machine facts, core split and pinning.
 
-use clap::{Parser, Subcommand};
-
+mod broker_stats;
+mod hist;
+mod machine;
+mod report;
+mod runner;
+mod svg;
+mod workload;
 mod storage;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::machine::MachineFacts;
+use crate::report::Report;
+use crate::workload::{parse_modes, Mode, Workload};
+
 #[derive(Parser)]
-#[command(name = "ringmq-bench", about = "RingMQ benchmarks")]
+#[command(
+    name = "ringmq-bench",
+    version,
+    about = "Load generator and flush-mode comparison for RingMQ",
+    long_about = "Load generator and flush-mode comparison for RingMQ.\n\n\
+        Without --broker, each mode runs on a fresh embedded broker whose data dir \
+        (.ringmq-bench-<pid>-<mode>) is created under --data-root (default: the current \
+        directory; must be a real disk, not tmpfs) and removed afterwards. The embedded broker \
+        gets --broker-cores shards on the first cores; the load threads get the other cores."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,17 +52,140 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Storage engine alone: raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
+    /// Run the workload against one mode.
+    Run(RunArgs),
+    /// Run the same workload against each mode in turn (each on a fresh embedded broker) and
+    /// print one table with a row per mode and the ratios to the first mode.
+    Compare(CompareArgs),
+    /// Storage engine alone (no network): raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
     Storage(storage::StorageArgs),
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Storage(args) => storage::run(args),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+#[derive(Args)]
+struct OutputArgs {
+    /// Write report.json, report.md, one .hgrm per mode and latency.svg into DIR.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// sync-flush or async-flush (with --broker: the broker's own mode is measured).
+    #[arg(long, default_value = "sync-flush", value_parser = clap::value_parser!(ModeArg))]
+    mode: ModeArg,
+    #[command(flatten)]
+    workload: Workload,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Modes to compare, in order; ratios are relative to the first.
+    #[arg(long, default_value = "sync-flush,async-flush", value_parser = clap::value_parser!(ModeList))]
+    modes: ModeList,
+    #[command(flatten)]
+    workload: Workload,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Clone)]
+struct ModeArg(Mode);
+
+impl std::str::FromStr for ModeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(ModeArg)
     }
+}
+
+#[derive(Clone)]
+struct ModeList(Vec<Mode>);
+
+impl std::str::FromStr for ModeList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_modes(s).map(ModeList)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
+        Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Result<(), String> {
+    w.validate()?;
+    runner::install_interrupt_handler();
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut notes = Vec::new();
+    let mut runs = Vec::new();
+    match &w.broker {
+        Some(addr) => {
+            let (reported, mode) = runner::remote_mode(addr)?;
+            let label = mode.map_or_else(|| reported.to_lowercase(), |m| m.label().to_string());
+            if mode.map(|m| vec![m]).as_deref() != Some(modes) {
+                let asked: Vec<&str> = modes.iter().map(|m| m.label()).collect();
+                let note = format!(
+                    "--broker {addr} runs {reported}: a running broker can only be measured in \
+                     its own mode, so only {label} was measured (asked for {}); drop --broker to \
+                     compare modes on embedded brokers",
+                    asked.join(", ")
+                );
+                eprintln!("note: {note}");
+                notes.push(note);
+            }
+            runs.push(runner::run_remote(&label, addr, &w)?);
+        }
+        None => {
+            for &mode in modes {
+                if runner::interrupted() {
+                    break;
+                }
+                runs.push(runner::run_embedded(mode, &w)?);
+            }
+        }
+    }
+    if runner::interrupted() {
+        let note = "interrupted (Ctrl-C): the figures are partial and modes after the \
+                    interrupted one were not run"
+            .to_string();
+        eprintln!("note: {note}");
+        notes.push(note);
+    }
+    let results: Vec<_> = runs.iter().map(|r| r.result.clone()).collect();
+    let mut report = Report {
+        tool: format!("ringmq-bench {}", env!("CARGO_PKG_VERSION")),
+        command: command.to_string(),
+        started_unix_ms,
+        git_commit: machine::git_commit(),
+        machine: MachineFacts::collect(w.broker.is_none().then_some(w.data_root.as_path())),
+        workload_description: w.describe(),
+        workload: w,
+        notes,
+        ratios: report::ratios(&results),
+        modes: results,
+    };
+    println!("{}", report.table());
+    if let Some(dir) = out {
+        let files = report::write_outputs(&dir, &mut report, &runs)
+            .map_err(|e| format!("cannot write the report into {}: {e}", dir.display()))?;
+        for f in files {
+            eprintln!("wrote {}", f.display());
+        }
+    }
+    Ok(())
 }

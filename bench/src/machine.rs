@@ -1,0 +1,238 @@
+//! Facts about the machine for the report, and pinning load threads to cores.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MachineFacts {
+    /// `std::thread::available_parallelism` (what `nproc` says).
+    pub cores: usize,
+    /// Cores this process may run on (its affinity mask).
+    pub allowed_cores: Vec<usize>,
+    /// /proc/sys/kernel/osrelease
+    pub kernel: String,
+    /// File system of the embedded broker's data dir (statfs f_type); None for a remote broker.
+    pub data_fs: Option<String>,
+}
+
+impl MachineFacts {
+    pub fn collect(data_root: Option<&Path>) -> MachineFacts {
+        MachineFacts {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            allowed_cores: allowed_cores(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            data_fs: data_root.map(fs_type),
+        }
+    }
+}
+
+/// `git rev-parse HEAD` in the current directory, if git and a repository are there.
+pub fn git_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// The file system type of `path` by statfs magic number.
+pub fn fs_type(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
+    // SAFETY: statfs fills the zeroed struct; `c` is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "unknown".into();
+    }
+    let magic = st.f_type as u64;
+    match magic {
+        0xEF53 => "ext2/ext3/ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x6969 => "nfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        0xF2F5_2010 => "f2fs".into(),
+        0x6573_5546 => "fuse".into(),
+        m => format!("unknown (f_type 0x{m:x})"),
+    }
+}
+
+/// Cores in this thread's affinity mask.
+pub fn allowed_cores() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        return (0..n).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Restricts the calling thread (and every thread it spawns later) to `cores`.
+pub fn pin_current_thread(cores: &[usize]) -> Result<(), String> {
+    if cores.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the set is zeroed, then filled with valid indices; sched_setaffinity reads it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cores {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(format!("core {c} is out of range"));
+        }
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(format!(
+            "cannot pin to cores {cores:?}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `1`, `1,2` or `all` into a core list, checked against `allowed`.
+pub fn parse_core_list(s: &str, allowed: &[usize]) -> Result<Vec<usize>, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(allowed.to_vec());
+    }
+    let list = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| format!("--load-cores {s:?} is not `all` or a list like 1,2"))?;
+    for c in &list {
+        if !allowed.contains(c) {
+            return Err(format!(
+                "--load-cores: core {c} is not available (available: {allowed:?})"
+            ));
+        }
+    }
+    Ok(list)
+}
+
+/// How the cores were split between the broker and the load generator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CoreSplit {
+    /// Cores running broker shards (None: remote broker, unknown).
+    pub broker_cores: Option<Vec<usize>>,
+    pub load_cores: Vec<usize>,
+    /// Load threads share cores with the broker.
+    pub shared: bool,
+}
+
+impl CoreSplit {
+    /// `broker_shards` cores go to an embedded broker (the first ones, as
+    /// `CoreSelection::Count` picks them), the load gets the rest or `load_override`.
+    pub fn plan(
+        allowed: &[usize],
+        broker_shards: Option<usize>,
+        load_override: Option<&str>,
+    ) -> Result<CoreSplit, String> {
+        let broker_cores = match broker_shards {
+            Some(n) if n > allowed.len() => {
+                return Err(format!(
+                    "--broker-cores {n}: only {} cores are available ({allowed:?})",
+                    allowed.len()
+                ))
+            }
+            Some(n) => Some(allowed[..n].to_vec()),
+            None => None,
+        };
+        let load_cores = match load_override {
+            Some(s) => parse_core_list(s, allowed)?,
+            None => {
+                let rest: Vec<usize> = allowed
+                    .iter()
+                    .copied()
+                    .filter(|c| !matches!(&broker_cores, Some(b) if b.contains(c)))
+                    .collect();
+                if rest.is_empty() {
+                    allowed.to_vec()
+                } else {
+                    rest
+                }
+            }
+        };
+        let shared = broker_cores
+            .as_ref()
+            .is_some_and(|b| load_cores.iter().any(|c| b.contains(c)));
+        Ok(CoreSplit {
+            broker_cores,
+            load_cores,
+            shared,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let broker = match &self.broker_cores {
+            Some(b) => format!("broker shards on cores {b:?}"),
+            None => "remote broker".to_string(),
+        };
+        format!(
+            "{broker}; load threads on cores {:?}{}",
+            self.load_cores,
+            if self.shared {
+                " (shared with the broker)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_gives_the_load_the_cores_the_broker_leaves() {
+        let s = CoreSplit::plan(&[0, 1], Some(1), None).unwrap();
+        assert_eq!(s.broker_cores, Some(vec![0]));
+        assert_eq!(s.load_cores, vec![1]);
+        assert!(!s.shared);
+        let s = CoreSplit::plan(&[0, 1], Some(2), None).unwrap();
+        assert_eq!(s.load_cores, vec![0, 1]);
+        assert!(s.shared);
+        let s = CoreSplit::plan(&[0, 1], None, None).unwrap();
+        assert_eq!(s.load_cores, vec![0, 1]);
+        assert!(!s.shared);
+        assert!(CoreSplit::plan(&[0, 1], Some(3), None).is_err());
+        assert!(CoreSplit::plan(&[0, 1], Some(1), Some("7")).is_err());
+        assert_eq!(
+            CoreSplit::plan(&[0, 1], Some(1), Some("all"))
+                .unwrap()
+                .load_cores,
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn facts_are_collected() {
+        let f = MachineFacts::collect(Some(Path::new(".")));
+        assert!(f.cores >= 1);
+        assert!(!f.allowed_cores.is_empty());
+        assert!(!f.kernel.is_empty());
+        assert!(f.data_fs.is_some());
+    }
+}

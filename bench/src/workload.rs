@@ -1,0 +1,281 @@
+//! The workload flags shared by `run` and `compare`, and the modes a run can measure.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, ValueEnum};
+use ringmq::storage::FlushMode;
+use serde::{Deserialize, Serialize};
+
+/// A broker configuration the bench can measure (each on a fresh embedded broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    SyncFlush,
+    AsyncFlush,
+}
+
+impl Mode {
+    pub fn flush_mode(self) -> FlushMode {
+        match self {
+            Mode::SyncFlush => FlushMode::SyncFlush,
+            Mode::AsyncFlush => FlushMode::AsyncFlush,
+        }
+    }
+
+    /// The mode a remote broker reports in `BrokerInfo::flush_mode` (`SYNC_FLUSH`, ...).
+    pub fn from_broker_info(s: &str) -> Option<Mode> {
+        s.parse().ok()
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::SyncFlush => "sync-flush",
+            Mode::AsyncFlush => "async-flush",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    /// `sync-flush`, `sync_flush`, `SYNC_FLUSH`, `sync`; the same for async.
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "sync-flush" | "sync" => Ok(Mode::SyncFlush),
+            "async-flush" | "async" => Ok(Mode::AsyncFlush),
+            _ => Err(format!(
+                "{s:?} is not a mode (expected sync-flush or async-flush)"
+            )),
+        }
+    }
+}
+
+/// A comma-separated list of modes, e.g. `sync-flush,async-flush`.
+pub fn parse_modes(s: &str) -> Result<Vec<Mode>, String> {
+    let modes = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(Mode::from_str)
+        .collect::<Result<Vec<_>, _>>()?;
+    if modes.is_empty() {
+        return Err("--modes is empty".into());
+    }
+    for (i, m) in modes.iter().enumerate() {
+        if modes[..i].contains(m) {
+            return Err(format!("--modes names {m} twice"));
+        }
+    }
+    Ok(modes)
+}
+
+/// How producers send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendMode {
+    /// `Producer::send_batch`: wait for each ack (latency = send -> ack).
+    Sync,
+    /// `Producer::send_async`: pipelined, batched by linger time and bytes (latency = send -> ack).
+    Async,
+    /// `Producer::send_oneway`: no ack (latency = time to hand the message to the socket).
+    Oneway,
+}
+
+impl fmt::Display for SendMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SendMode::Sync => "sync",
+            SendMode::Async => "async",
+            SendMode::Oneway => "oneway",
+        })
+    }
+}
+
+/// The workload: the same settings are used for every mode of a `compare`.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct Workload {
+    /// Drive a running broker at ADDR (host:port of any shard) instead of starting an embedded
+    /// one. Only the flush mode that broker runs can then be measured.
+    #[arg(long, value_name = "ADDR")]
+    pub broker: Option<String>,
+
+    /// Producer threads (each with its own `Producer` and connections).
+    #[arg(long, default_value_t = 8)]
+    pub producers: usize,
+
+    /// Consumer threads, long-polling; with consumers the report adds end-to-end latency
+    /// (producer's intended send time -> consumer receive). Queues are dealt round-robin; one
+    /// queue per consumer (--consumers = --queues) gives the cleanest end-to-end figures.
+    #[arg(long, default_value_t = 0)]
+    pub consumers: usize,
+
+    /// Queues of the bench topic (created by the bench).
+    #[arg(long, default_value_t = 4)]
+    pub queues: u32,
+
+    /// Payload bytes per message (at least 8: the send timestamp travels in the payload).
+    #[arg(long, default_value_t = 1024)]
+    pub message_bytes: usize,
+
+    /// Messages per send (sync: one batch of N messages per request; async: the client's batch
+    /// size is N messages' worth of bytes; oneway: ignored, one message per send).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+
+    /// Async sends: how long the client lets a batch wait for more messages.
+    #[arg(long, default_value_t = 2)]
+    pub linger_ms: u64,
+
+    #[arg(long, value_enum, default_value_t = SendMode::Sync)]
+    pub send_mode: SendMode,
+
+    /// Measured time in seconds (after the warm-up). Ignored when --messages is given.
+    #[arg(long, default_value_t = 8)]
+    pub duration_secs: u64,
+
+    /// Send this many messages (all producers together) after the warm-up, then stop.
+    #[arg(long)]
+    pub messages: Option<u64>,
+
+    /// Seconds of load before measuring starts; excluded from every figure except the
+    /// throughput timeline, where they are shaded.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+
+    /// Open loop: offer this many messages per second in total (split evenly over the
+    /// producers, each on its own fixed schedule). Latency is then measured from each send's
+    /// intended time, so a stall counts against every send it delays. Without --rate the load
+    /// is closed-loop: as fast as acks allow.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub rate: Option<u64>,
+
+    /// Topic to use (default: `ringmq-bench-<pid>-<mode>`, created fresh).
+    #[arg(long)]
+    pub topic: Option<String>,
+
+    /// Embedded broker: number of shards (cores 0..N-1 of this process' cores).
+    #[arg(long, default_value_t = 1)]
+    pub broker_cores: usize,
+
+    /// Cores for the load threads, e.g. `1` or `1,2` (default: the cores the embedded broker
+    /// does not use, or all cores when none are left or the broker is remote).
+    #[arg(long, value_name = "LIST")]
+    pub load_cores: Option<String>,
+
+    /// Embedded broker: ASYNC_FLUSH flush interval.
+    #[arg(long, default_value_t = 500)]
+    pub flush_interval_ms: u64,
+
+    /// Embedded broker: CommitLog segment size in MiB (at least 32).
+    #[arg(long, default_value_t = 64)]
+    pub segment_mib: u64,
+
+    /// Embedded broker: the temporary data dir `.ringmq-bench-<pid>-<mode>` is created in this
+    /// directory (must be on a real disk with O_DIRECT, not tmpfs) and removed afterwards.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub data_root: PathBuf,
+}
+
+impl Workload {
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.producers == 0 {
+            problems.push("--producers must be at least 1".to_string());
+        }
+        if self.queues == 0 {
+            problems.push("--queues must be at least 1".to_string());
+        }
+        if self.message_bytes < 8 {
+            problems.push(
+                "--message-bytes must be at least 8 (the payload carries the send timestamp)"
+                    .to_string(),
+            );
+        }
+        if self.batch == 0 {
+            problems.push("--batch must be at least 1".to_string());
+        }
+        if self.messages.is_none() && self.duration_secs == 0 {
+            problems.push("--duration-secs must be at least 1 (or give --messages)".to_string());
+        }
+        if self.messages == Some(0) {
+            problems.push("--messages must be at least 1".to_string());
+        }
+        if self.rate == Some(0) {
+            problems.push("--rate must be at least 1".to_string());
+        }
+        if self.broker_cores == 0 {
+            problems.push("--broker-cores must be at least 1".to_string());
+        }
+        if self.segment_mib < 32 {
+            problems.push("--segment-mib must be at least 32".to_string());
+        }
+        if self.flush_interval_ms == 0 {
+            problems.push("--flush-interval-ms must be at least 1".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    /// Messages per send call.
+    pub fn unit(&self) -> usize {
+        match self.send_mode {
+            SendMode::Sync => self.batch,
+            SendMode::Async | SendMode::Oneway => 1,
+        }
+    }
+
+    /// One line describing the workload, for the console and the chart title.
+    pub fn describe(&self) -> String {
+        let load = match self.rate {
+            Some(r) => format!("open loop {r} msg/s"),
+            None => "closed loop".to_string(),
+        };
+        let length = match self.messages {
+            Some(n) => format!("{n} msgs"),
+            None => format!("{} s", self.duration_secs),
+        };
+        let batching = match self.send_mode {
+            SendMode::Sync => format!("batch {}", self.batch),
+            SendMode::Async => format!("batch {} / linger {} ms", self.batch, self.linger_ms),
+            SendMode::Oneway => "no batching".to_string(),
+        };
+        format!(
+            "{} sends, {load}, {} producers, {} consumers, {} queues, {} B msgs, {batching}, {} s warm-up + {length}",
+            self.send_mode,
+            self.producers,
+            self.consumers,
+            self.queues,
+            self.message_bytes,
+            self.warmup_secs
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_in_several_spellings() {
+        assert_eq!("sync-flush".parse::<Mode>().unwrap(), Mode::SyncFlush);
+        assert_eq!("SYNC_FLUSH".parse::<Mode>().unwrap(), Mode::SyncFlush);
+        assert_eq!("async".parse::<Mode>().unwrap(), Mode::AsyncFlush);
+        assert!("fast".parse::<Mode>().is_err());
+        assert_eq!(
+            parse_modes("sync-flush, async-flush").unwrap(),
+            vec![Mode::SyncFlush, Mode::AsyncFlush]
+        );
+        assert!(parse_modes("sync,sync").is_err());
+        assert!(parse_modes("").is_err());
+    }
+}
