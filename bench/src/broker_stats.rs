@@ -20,11 +20,15 @@ pub struct BrokerCounters {
 /// Reads the broker's counters, summed over its shards.
 pub fn snapshot(admin: &Admin) -> Option<BrokerCounters> {
     let shards = admin.broker_stats().ok()?;
-    Some(shards.iter().fold(BrokerCounters::default(), |acc, s| BrokerCounters {
-        fsyncs: acc.fsyncs + s.fsyncs,
-        acks: acc.acks + s.appends,
-        unflushed_bytes_hwm: acc.unflushed_bytes_hwm.max(s.unflushed_bytes_max),
-    }))
+    Some(
+        shards
+            .iter()
+            .fold(BrokerCounters::default(), |acc, s| BrokerCounters {
+                fsyncs: acc.fsyncs + s.fsyncs,
+                acks: acc.acks + s.appends,
+                unflushed_bytes_hwm: acc.unflushed_bytes_hwm.max(s.unflushed_bytes_max),
+            }),
+    )
 }
 
 /// The figures of the measured window. `None` = "n/a".

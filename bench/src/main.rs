@@ -20,9 +20,9 @@ mod hist;
 mod machine;
 mod report;
 mod runner;
+mod storage;
 mod svg;
 mod workload;
-mod storage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,6 +115,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
+        Command::Storage(a) => storage::run(a),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
