@@ -4,13 +4,13 @@
 //! returns whole stored records; a record may start before the requested offset (a batch is
 //! one record), so messages below the requested offset are skipped here.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
+use crate::client::cluster::Cluster;
+use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::message::BatchIter;
 use crate::protocol::{FetchRequest, Request, Response, RouteTable};
@@ -67,58 +67,22 @@ pub struct Fetched {
 }
 
 pub struct Consumer {
-    bootstrap: String,
-    routes: Mutex<HashMap<String, Arc<RouteTable>>>,
-    connections: Mutex<HashMap<String, Arc<Connection>>>,
+    cluster: Cluster,
     pub max_bytes: u32,
     pub max_wait: Duration,
 }
 
 impl Consumer {
     pub fn connect(broker: &str) -> Result<Consumer, ClientError> {
-        let c = Consumer {
-            bootstrap: broker.to_string(),
-            routes: Mutex::new(HashMap::new()),
-            connections: Mutex::new(HashMap::new()),
+        Ok(Consumer {
+            cluster: Cluster::connect(broker, DEFAULT_REQUEST_TIMEOUT)?,
             max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_wait: DEFAULT_MAX_WAIT,
-        };
-        c.connection(broker)?;
-        Ok(c)
-    }
-
-    fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
-        if let Some(c) = self.connections.lock().expect("conn lock").get(addr) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(Connection::connect(addr)?);
-        self.connections
-            .lock()
-            .expect("conn lock")
-            .insert(addr.to_string(), c.clone());
-        Ok(c)
+        })
     }
 
     pub fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
-        if let Some(r) = self.routes.lock().expect("routes lock").get(topic) {
-            return Ok(r.clone());
-        }
-        let conn = self.connection(&self.bootstrap)?;
-        let request = Request::GetRoute {
-            topic: topic.to_string(),
-        };
-        let route = match conn
-            .call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)?
-            .0
-        {
-            Response::Route(r) => Arc::new(r),
-            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
-        };
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .insert(topic.to_string(), route.clone());
-        Ok(route)
+        self.cluster.route(topic)
     }
 
     /// One fetch: waits up to `max_wait` for data at `offset`.
@@ -129,19 +93,7 @@ impl Consumer {
         offset: u64,
         max_wait: Duration,
     ) -> Result<Fetched, ClientError> {
-        let route = self.route(topic)?;
-        let addr = &route
-            .queues
-            .iter()
-            .find(|r| r.queue == queue)
-            .ok_or_else(|| {
-                ClientError::InvalidArgument(format!(
-                    "topic {topic} has {} queue(s); there is no queue {queue}",
-                    route.queues.len()
-                ))
-            })?
-            .address;
-        let conn = self.connection(addr)?;
+        let conn = self.cluster.connection_for(topic, queue)?;
         let request = Request::Fetch(FetchRequest {
             topic: topic.to_string(),
             queue,
@@ -151,10 +103,7 @@ impl Consumer {
         });
         let outcome = conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT + max_wait);
         if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
-            self.connections
-                .lock()
-                .expect("conn lock")
-                .remove(addr.as_str());
+            self.cluster.forget(conn.peer());
         }
         let (response, body) = outcome?;
         let Response::Fetched(header) = response else {

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`connection`]: one pipelined connection to one broker port (a reader thread matches
 //!   responses to requests by id).
+//! - [`cluster`]: routes and one connection per shard, shared by producers and consumers.
 //! - [`admin`]: control requests (ping, topics, routes, broker info, queue stats).
 //! - [`producer`]: SYNC / ASYNC / ONEWAY sends, routing to the owning shard, idempotent
 //!   retries with backoff, batching by linger time and bytes.
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod admin;
+pub mod cluster;
 pub mod connection;
 pub mod consumer;
 pub mod producer;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
+use crate::client::cluster::Cluster;
+use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::message::{BatchBuilder, Message};
 use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Request, Response, RouteTable};
@@ -93,8 +94,7 @@ struct OpenBatch {
 struct Inner {
     config: ProducerConfig,
     producer_id: u64,
-    routes: Mutex<HashMap<String, Arc<RouteTable>>>,
-    connections: Mutex<HashMap<String, Arc<Connection>>>,
+    cluster: Cluster,
     sequences: Mutex<HashMap<(String, u32), u32>>,
     round_robin: AtomicU32,
     batches: Mutex<HashMap<(String, u32), OpenBatch>>,
@@ -102,6 +102,11 @@ struct Inner {
     retry_tx: Mutex<Option<mpsc::Sender<RetryJob>>>,
     /// Set when the producer is dropped; the linger thread ends.
     stopping: AtomicBool,
+    /// Held from reserving a batch's sequence numbers until its first attempt is written, so
+    /// two threads (a sender and the linger thread) cannot put sequences of one queue on the
+    /// wire out of order: a broker that sees a new producer's later batch first would take its
+    /// sequence as the start.
+    send_order: Mutex<()>,
 }
 
 /// A batch whose attempt failed retriably, waiting for its backoff.
@@ -135,20 +140,19 @@ impl Producer {
     pub fn with_config(config: ProducerConfig) -> Result<Producer, ClientError> {
         let producer_id = random_u64() | 1; // 0 means "not idempotent" on the wire
         let (retry_tx, retry_rx) = mpsc::channel();
+        let cluster = Cluster::connect(&config.broker, config.request_timeout)?;
         let inner = Arc::new(Inner {
             config,
+            cluster,
             producer_id,
-            routes: Mutex::new(HashMap::new()),
-            connections: Mutex::new(HashMap::new()),
             sequences: Mutex::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
             batches: Mutex::new(HashMap::new()),
             in_flight: (Mutex::new(0), Condvar::new()),
             retry_tx: Mutex::new(Some(retry_tx)),
             stopping: AtomicBool::new(false),
+            send_order: Mutex::new(()),
         });
-        // Fail fast on a wrong address.
-        inner.connection(&inner.config.broker)?;
         let linger = {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
@@ -190,14 +194,29 @@ impl Producer {
         selector: QueueSelector<'_>,
         messages: &[Message],
     ) -> Result<SendResult, ClientError> {
-        let send = self.inner.prepare(topic, selector, messages)?;
+        let inner = &self.inner;
+        // Reserve the sequence and put the first attempt on the wire in one step, so batches
+        // of one queue reach the broker in sequence order (see `send_order`).
+        let (send, first) = {
+            let _order = inner.send_order.lock().expect("send order lock");
+            let send = inner.prepare(topic, selector, messages)?;
+            let first = inner
+                .cluster
+                .connection_for(&send.topic, send.queue)
+                .and_then(|c| Ok((c.send(&inner.request(&send), send.body.clone())?, c)));
+            (send, first)
+        };
+        let mut outcome = first.and_then(|(pending, conn)| {
+            inner.after_attempt(conn.peer(), pending.wait(inner.config.request_timeout))
+        });
         let mut attempt = 0;
         loop {
-            match self.inner.attempt_sync(&send) {
+            match outcome {
                 Ok(ack) => return Ok(to_result(ack)),
-                Err(e) if self.inner.should_retry(&e, attempt) => {
-                    std::thread::sleep(self.inner.backoff(attempt));
+                Err(e) if inner.should_retry(&e, attempt) => {
+                    std::thread::sleep(inner.backoff(attempt));
                     attempt += 1;
+                    outcome = inner.attempt_sync(&send);
                 }
                 Err(e) => return Err(e),
             }
@@ -215,7 +234,7 @@ impl Producer {
         let send = self
             .inner
             .prepare(topic, selector, std::slice::from_ref(message))?;
-        let conn = self.inner.connection_for(&send.topic, send.queue)?;
+        let conn = self.inner.cluster.connection_for(&send.topic, send.queue)?;
         conn.send_oneway(&self.inner.request(&send), send.body.clone())
     }
 
@@ -246,14 +265,10 @@ impl Producer {
                 .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
             batch.count += 1;
             batch.callbacks.push(Box::new(callback));
-            if batch.buf.len() >= self.inner.config.batch_bytes {
-                batches.remove(&key)
-            } else {
-                None
-            }
+            batch.buf.len() >= self.inner.config.batch_bytes
         };
-        if let Some(batch) = full {
-            Inner::dispatch_batch(&self.inner, key, batch);
+        if full {
+            Inner::flush_key(&self.inner, &key);
         }
         Ok(())
     }
@@ -290,42 +305,8 @@ fn to_result(ack: ProduceAck) -> SendResult {
 }
 
 impl Inner {
-    fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
-        if let Some(c) = self.connections.lock().expect("conn lock").get(addr) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(Connection::connect(addr)?);
-        self.connections
-            .lock()
-            .expect("conn lock")
-            .insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
-    fn forget_connection(&self, addr: &str) {
-        self.connections.lock().expect("conn lock").remove(addr);
-    }
-
     fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
-        if let Some(r) = self.routes.lock().expect("routes lock").get(topic) {
-            return Ok(r.clone());
-        }
-        let bootstrap = self.connection(&self.config.broker)?;
-        let request = Request::GetRoute {
-            topic: topic.to_string(),
-        };
-        let route = match bootstrap
-            .call(&request, Bytes::new(), self.config.request_timeout)?
-            .0
-        {
-            Response::Route(r) => Arc::new(r),
-            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
-        };
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .insert(topic.to_string(), route.clone());
-        Ok(route)
+        self.cluster.route(topic)
     }
 
     fn select(&self, route: &RouteTable, selector: QueueSelector<'_>) -> Result<u32, ClientError> {
@@ -351,17 +332,6 @@ impl Inner {
                 )))
             }
         })
-    }
-
-    fn connection_for(&self, topic: &str, queue: u32) -> Result<Arc<Connection>, ClientError> {
-        let route = self.route(topic)?;
-        let addr = &route
-            .queues
-            .iter()
-            .find(|r| r.queue == queue)
-            .ok_or_else(|| ClientError::Unexpected(format!("no route for queue {queue}")))?
-            .address;
-        self.connection(addr)
     }
 
     /// Encodes the batch and reserves its sequence numbers.
@@ -427,7 +397,7 @@ impl Inner {
     }
 
     fn attempt_sync(&self, send: &PreparedSend) -> Result<ProduceAck, ClientError> {
-        let conn = self.connection_for(&send.topic, send.queue)?;
+        let conn = self.cluster.connection_for(&send.topic, send.queue)?;
         let outcome = conn.call(
             &self.request(send),
             send.body.clone(),
@@ -449,7 +419,7 @@ impl Inner {
                     e,
                     ClientError::ConnectionClosed(_) | ClientError::Connect { .. }
                 ) {
-                    self.forget_connection(peer);
+                    self.cluster.forget(peer);
                 }
                 Err(e)
             }
@@ -485,7 +455,7 @@ impl Inner {
         attempt: u32,
         on_done: Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>,
     ) {
-        let conn = match self.connection_for(&send.topic, send.queue) {
+        let conn = match self.cluster.connection_for(&send.topic, send.queue) {
             Ok(c) => c,
             Err(e) => return self.retry_or_finish(send, attempt, e, on_done),
         };
@@ -534,6 +504,9 @@ impl Inner {
         on_done(Err(e));
     }
 
+    /// Reserves the batch's sequences and writes its first attempt. The caller holds
+    /// `send_order` from taking the batch out of `batches` until here, so batches of a queue
+    /// leave in the order they were filled, with increasing sequences.
     fn dispatch_batch(inner: &Arc<Inner>, key: (String, u32), batch: OpenBatch) {
         {
             let (lock, cv) = &inner.in_flight;
@@ -568,7 +541,17 @@ impl Inner {
         );
     }
 
+    /// Sends the open batch of `key`, if any (another thread may have sent it already).
+    fn flush_key(inner: &Arc<Inner>, key: &(String, u32)) {
+        let _order = inner.send_order.lock().expect("send order lock");
+        let batch = inner.batches.lock().expect("batches lock").remove(key);
+        if let Some(batch) = batch {
+            Inner::dispatch_batch(inner, key.clone(), batch);
+        }
+    }
+
     fn flush_open_batches(inner: &Arc<Inner>, older_than: Duration) {
+        let _order = inner.send_order.lock().expect("send order lock");
         let due: Vec<((String, u32), OpenBatch)> = {
             let mut batches = inner.batches.lock().expect("batches lock");
             let keys: Vec<(String, u32)> = batches

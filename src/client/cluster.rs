@@ -1,0 +1,87 @@
+//! What producers and consumers share: the bootstrap address, cached routes, and one
+//! connection per shard address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::client::connection::Connection;
+use crate::client::ClientError;
+use crate::protocol::{Request, Response, RouteTable};
+
+pub struct Cluster {
+    bootstrap: String,
+    request_timeout: Duration,
+    routes: Mutex<HashMap<String, Arc<RouteTable>>>,
+    connections: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl Cluster {
+    /// Connects to `bootstrap` at once, so a wrong address fails fast.
+    pub fn connect(bootstrap: &str, request_timeout: Duration) -> Result<Cluster, ClientError> {
+        let c = Cluster {
+            bootstrap: bootstrap.to_string(),
+            request_timeout,
+            routes: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+        };
+        c.connection(bootstrap)?;
+        Ok(c)
+    }
+
+    /// The connection to `addr`, opened on first use.
+    pub fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
+        if let Some(c) = self.connections.lock().expect("conn lock").get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Connection::connect(addr)?);
+        self.connections
+            .lock()
+            .expect("conn lock")
+            .insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops a connection that failed, so the next use reconnects.
+    pub fn forget(&self, addr: &str) {
+        self.connections.lock().expect("conn lock").remove(addr);
+    }
+
+    /// The route table of `topic`, asked of the bootstrap broker once and cached.
+    pub fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
+        if let Some(r) = self.routes.lock().expect("routes lock").get(topic) {
+            return Ok(r.clone());
+        }
+        let conn = self.connection(&self.bootstrap)?;
+        let request = Request::GetRoute {
+            topic: topic.to_string(),
+        };
+        let route = match conn.call(&request, Bytes::new(), self.request_timeout)?.0 {
+            Response::Route(r) => Arc::new(r),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(topic.to_string(), route.clone());
+        Ok(route)
+    }
+
+    /// The connection to the shard that owns `queue` of `topic`.
+    pub fn connection_for(&self, topic: &str, queue: u32) -> Result<Arc<Connection>, ClientError> {
+        let route = self.route(topic)?;
+        let owner = route
+            .queues
+            .iter()
+            .find(|r| r.queue == queue)
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!(
+                    "topic {topic} has {} queue(s); there is no queue {queue}",
+                    route.queues.len()
+                ))
+            })?;
+        self.connection(&owner.address)
+    }
+}
