@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: an embedded broker on a temp dir on the real disk.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 
 use ringmq::config::{Config, CoreSelection};

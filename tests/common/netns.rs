@@ -1,0 +1,488 @@
+//! Two hosts on one machine: a pair of network namespaces joined by a veth pair, and broker
+//! processes started inside them. For replication tests (master on one host, slave on the
+//! other) and partitions.
+//!
+//! ```text
+//!   netns rq-<pid>-<n>-a                      netns rq-<pid>-<n>-b
+//!   lo, rq0 10.77.<s>.1/24  <==== veth ====>  rq0 10.77.<s>.2/24, lo
+//! ```
+//!
+//! Usage:
+//! ```ignore
+//! let Some(net) = TwoHosts::create() else { return }; // skips when not root
+//! let dir = common::data_dir();
+//! let master = NsBroker::start(net.ns_a(), net.addr_a(), dir.path(), &[]);
+//! let addr = master.addr().to_string();
+//! let admin = in_ns(net.ns_b(), move || Admin::connect(&addr).unwrap());
+//! admin.ping().unwrap(); // the socket lives in ns b, used from the test thread
+//! net.link_down(); /* partitioned */ net.link_up(); /* healed */
+//! ```
+//!
+//! Contracts:
+//! - Each host has its own port space, so every broker listens on [`BROKER_PORT`].
+//! - The test process stays in the root namespace. Reach a broker only through [`in_ns`]:
+//!   on the project's VMs the root namespace routes every unknown address to a transparent
+//!   proxy that *accepts* any TCP connection (and answers HTTP 400), so a client there does
+//!   not get "connection refused" but a peer that speaks the wrong protocol.
+//! - Dropping a [`TwoHosts`] deletes both namespaces (and so the veth); it kills nothing.
+//!   Dropping an [`NsBroker`] that still runs kills it with SIGKILL, so a failing test never
+//!   leaves a broker behind, and prints its stderr tail if the test is panicking. The order
+//!   of the two drops does not matter: a namespace lives on until its last process exits.
+//! - A test process killed from outside leaves its namespaces behind; the next
+//!   [`TwoHosts::create`] deletes those whose creator pid no longer exists.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where `ip netns add` puts its namespace handles (iproute2's NETNS_RUN_DIR).
+const NETNS_DIR: &str = "/var/run/netns";
+/// Every broker listens here: each namespace has its own port space. RocketMQ's port.
+pub const BROKER_PORT: u16 = 10911;
+/// The veth end's name inside both namespaces. The pair is created directly inside the
+/// namespaces, so it never exists in the root namespace and cannot clash with other tests.
+const VETH: &str = "rq0";
+/// How long a broker may take to print its addresses (glommio start, segment preparation).
+const BROKER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop` waits after SIGTERM before SIGKILL.
+const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `link_up` waits for the path to carry a TCP handshake again.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stderr lines an `NsBroker` keeps for diagnostics.
+const STDERR_TAIL_LINES: usize = 200;
+/// Attempts at fresh namespace names before giving up (names taken by stale leftovers).
+const CREATE_ATTEMPTS: u32 = 64;
+
+static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip args...`; on failure returns its stderr.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ip_or_panic(args: &[&str]) {
+    if let Err(e) = ip(args) {
+        panic!("{e}");
+    }
+}
+
+/// Two network namespaces ("hosts") joined by a veth pair. See the module doc.
+pub struct TwoHosts {
+    ns_a: String,
+    ns_b: String,
+    addr_a: String,
+    addr_b: String,
+}
+
+impl TwoHosts {
+    /// Creates the two hosts, or prints why not and returns None when this machine cannot
+    /// (not root, no iproute2, namespaces not permitted). Panics on any other failure.
+    pub fn create() -> Option<TwoHosts> {
+        const SKIP: &str = "skipping: two-host tests need root and iproute2 (ip netns)";
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("{SKIP}: not running as root");
+            return None;
+        }
+        if ip(&["-V"]).is_err() {
+            eprintln!("{SKIP}: `ip` is not installed");
+            return None;
+        }
+        remove_stale_namespaces();
+        let pid = std::process::id();
+        for _ in 0..CREATE_ATTEMPTS {
+            let n = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
+            let ns_a = format!("rq-{pid}-{n}-a");
+            let ns_b = format!("rq-{pid}-{n}-b");
+            match ip(&["netns", "add", &ns_a]) {
+                Ok(()) => {}
+                // A leftover of an earlier process with our pid: take the next n.
+                Err(e) if e.contains("File exists") => continue,
+                Err(e) if e.contains("Operation not permitted") => {
+                    eprintln!("{SKIP}: {e}");
+                    return None;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            if let Err(e) = ip(&["netns", "add", &ns_b]) {
+                let _ = ip(&["netns", "delete", &ns_a]);
+                if e.contains("File exists") {
+                    continue;
+                }
+                panic!("{e}");
+            }
+            // The subnet need not be unique (each pair's routes are private to it); a
+            // distinct one per pair only keeps logs of parallel tests apart.
+            let subnet = pid.wrapping_add(n) % 254 + 1;
+            // From here on Drop cleans up if a step panics.
+            let hosts = TwoHosts {
+                addr_a: format!("10.77.{subnet}.1"),
+                addr_b: format!("10.77.{subnet}.2"),
+                ns_a,
+                ns_b,
+            };
+            hosts.wire();
+            return Some(hosts);
+        }
+        panic!("no free namespace names after {CREATE_ATTEMPTS} attempts (see `ip netns list`)");
+    }
+
+    fn wire(&self) {
+        #[rustfmt::skip]
+        ip_or_panic(&[
+            "link", "add", VETH, "netns", &self.ns_a, "type", "veth",
+            "peer", "name", VETH, "netns", &self.ns_b,
+        ]);
+        for (ns, addr) in [(&self.ns_a, &self.addr_a), (&self.ns_b, &self.addr_b)] {
+            ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
+            ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
+            ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+        }
+        self.wait_until_connected();
+    }
+
+    /// Name of host a's namespace (for `in_ns`, `NsBroker::start`, `ip -n`).
+    pub fn ns_a(&self) -> &str {
+        &self.ns_a
+    }
+
+    pub fn ns_b(&self) -> &str {
+        &self.ns_b
+    }
+
+    /// Host a's IP address, e.g. "10.77.3.1".
+    pub fn addr_a(&self) -> &str {
+        &self.addr_a
+    }
+
+    pub fn addr_b(&self) -> &str {
+        &self.addr_b
+    }
+
+    /// Partitions the hosts: both veth ends go down. New connects then fail at once on both
+    /// sides ("Network is unreachable": the route goes with the link); established TCP
+    /// connections stay open but carry nothing (their retransmissions are dropped).
+    pub fn link_down(&self) {
+        for ns in [&self.ns_a, &self.ns_b] {
+            ip_or_panic(&["-n", ns, "link", "set", VETH, "down"]);
+        }
+    }
+
+    /// Heals a partition and returns once a TCP handshake from b to a gets through.
+    /// Established connections resume at their next retransmission (backoff may make that
+    /// seconds after a long partition); a new request on an idle connection goes at once.
+    pub fn link_up(&self) {
+        for ns in [&self.ns_a, &self.ns_b] {
+            ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+        }
+        self.wait_until_connected();
+    }
+
+    /// Waits until a connect from b to a port of a gets an answer. "Connection refused" is an
+    /// answer: it proves the path both ways without needing a listener.
+    fn wait_until_connected(&self) {
+        let target: SocketAddr = format!("{}:9", self.addr_a)
+            .parse()
+            .expect("an IPv4 address");
+        let ns_b = self.ns_b.clone();
+        let connected = in_ns(&ns_b, move || {
+            let deadline = Instant::now() + LINK_UP_TIMEOUT;
+            let mut last = None;
+            while Instant::now() < deadline {
+                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(last)
+        });
+        if let Err(e) = connected {
+            panic!(
+                "{} cannot reach {} within {LINK_UP_TIMEOUT:?}: {e:?}",
+                self.ns_b, target
+            );
+        }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.ns_a, &self.ns_b] {
+            // Deleting a namespace deletes its veth end, and the peer goes with it.
+            if let Err(e) = ip(&["netns", "delete", ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// Deletes namespaces named by this harness whose creating process is gone (a test binary
+/// killed from outside never runs Drop). Live creators' namespaces are never touched.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = name.split('-').collect();
+        let ours = parts.len() == 4
+            && parts[0] == "rq"
+            && parts[1].parse::<u32>().is_ok()
+            && parts[2].parse::<u32>().is_ok()
+            && (parts[3] == "a" || parts[3] == "b");
+        if ours && !Path::new(&format!("/proc/{}", parts[1])).exists() {
+            eprintln!(
+                "removing namespace {name}: its test process {} is gone",
+                parts[1]
+            );
+            let _ = ip(&["netns", "delete", &name]);
+        }
+    }
+}
+
+/// Runs `f` inside network namespace `ns` (on a fresh thread that joins it with setns) and
+/// returns its result; a panic in `f` is re-raised here.
+///
+/// Sockets created inside `f` belong to `ns` for their whole life: return a client
+/// (`Admin`, `Producer`, `Consumer`, a `TcpStream`) from `f` and use it from any thread
+/// afterwards; that is how the test process talks to a broker inside a namespace. Threads
+/// spawned inside `f` (such as the client's reader thread) inherit the namespace. The calling
+/// thread itself never changes namespace.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("{NETNS_DIR}/{ns}");
+    let thread = std::thread::Builder::new()
+        .name(format!("in-{ns}"))
+        .spawn(move || {
+            let handle = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+            let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                panic!("setns({path}): {}", std::io::Error::last_os_error());
+            }
+            drop(handle);
+            f()
+        })
+        .expect("spawn a thread");
+    match thread.join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// A `ringmq broker` process inside a namespace, listening on `<host_ip>:10911`.
+///
+/// It runs under `ip netns exec`, which execs the broker in place (checked at start: the
+/// child's `/proc/<pid>/comm` is `ringmq`), so [`NsBroker::pid`] is the broker's pid and
+/// signals reach it directly.
+pub struct NsBroker {
+    ns: String,
+    child: Option<Child>,
+    addrs: Vec<String>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl NsBroker {
+    /// Starts a broker and waits for its addresses; panics with its stderr if it exits or
+    /// stays silent for 30 s. `extra_args` go last on its command line.
+    pub fn start(ns: &str, host_ip: &str, data_dir: &Path, extra_args: &[&str]) -> NsBroker {
+        Self::try_start(ns, host_ip, data_dir, extra_args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start`, but a broker that fails to start is an `Err` with the reason and its
+    /// stderr tail, for tests that expect a refusal.
+    pub fn try_start(
+        ns: &str,
+        host_ip: &str,
+        data_dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<NsBroker, String> {
+        let port = BROKER_PORT.to_string();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ringmq"), "broker"])
+            .args(["--listen-host", host_ip, "--port", &port, "--cores", "1"])
+            .args(["--segment-bytes", "33554432", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot spawn `ip netns exec {ns} ringmq broker`: {e}"))?;
+        let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let tail = stderr.clone();
+        std::thread::Builder::new()
+            .name(format!("stderr-{ns}"))
+            .spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    {
+                        let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                        if t.len() == STDERR_TAIL_LINES {
+                            t.pop_front();
+                        }
+                        t.push_back(line.clone());
+                    }
+                    // Nobody listens after start: the lines only feed the tail then.
+                    let _ = tx.send(line);
+                }
+            })
+            .expect("spawn a thread");
+        let mut broker = NsBroker {
+            ns: ns.to_string(),
+            child: Some(child),
+            addrs: Vec::new(),
+            stderr,
+        };
+        // The executor logs "starting N shard(s) ..." before main prints one
+        // "shard i listening on ADDR" line per shard.
+        let mut shards = 1;
+        let deadline = Instant::now() + BROKER_START_TIMEOUT;
+        while broker.addrs.len() < shards {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(line) => {
+                    if let Some(n) = line.split("starting ").nth(1) {
+                        if let Some(Ok(n)) = n.split(" shard(s)").next().map(str::parse) {
+                            shards = n;
+                        }
+                    }
+                    if line.starts_with("shard ") {
+                        if let Some(addr) = line.split(" listening on ").nth(1) {
+                            broker.addrs.push(addr.trim().to_string());
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(broker.failure(&format!(
+                        "printed no address within {BROKER_START_TIMEOUT:?}; killed"
+                    )));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let child = broker.child.as_mut().expect("running");
+                    let status = child.wait().map(|s| s.to_string());
+                    broker.child = None;
+                    return Err(broker.failure(&format!(
+                        "exited ({}) before printing its addresses",
+                        status.unwrap_or_else(|e| e.to_string())
+                    )));
+                }
+            }
+        }
+        let pid = broker.pid();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm != "ringmq" {
+            return Err(broker.failure(&format!(
+                "has pid {pid}, which is {comm:?}, not ringmq: `ip netns exec` forked instead \
+                 of exec'ing, so signals to this pid would miss the broker"
+            )));
+        }
+        Ok(broker)
+    }
+
+    /// Kills what is left (Drop) and describes the failure with the stderr tail.
+    fn failure(self, what: &str) -> String {
+        format!(
+            "broker in {} {what}; its stderr:\n{}",
+            self.ns,
+            self.stderr_tail()
+        )
+    }
+
+    /// Shard addresses as "ip:port", shard 0 first.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Shard 0's address, e.g. "10.77.3.1:10911".
+    pub fn addr(&self) -> &str {
+        &self.addrs[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The last 200 lines the broker wrote to stderr (its log).
+    pub fn stderr_tail(&self) -> String {
+        let t = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    /// SIGKILL, then reaps it: on return the pid is gone.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM (a clean shutdown), SIGKILL if it is still running after 15 s; returns how it
+    /// exited.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + BROKER_STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "broker {} in {} ignored SIGTERM for {BROKER_STOP_TIMEOUT:?}; SIGKILL",
+            child.id(),
+            self.ns
+        );
+        signal(&child, libc::SIGKILL);
+        child.wait().expect("wait for the broker")
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill has no memory preconditions; the pid is our unreaped child, so it cannot
+    // have been reused by another process.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+impl Drop for NsBroker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!(
+                    "broker {} in {} killed; its stderr:\n{}",
+                    child.id(),
+                    self.ns,
+                    self.stderr_tail()
+                );
+            }
+        }
+    }
+}
