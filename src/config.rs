@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::replication::{ReplicaAck, ReplicationMode, Role};
 use crate::storage::{FlushMode, StorageConfig};
 
 /// Errors from loading or validating a [`Config`].
@@ -171,6 +172,22 @@ pub struct Config {
     /// Bytes of io_uring registered buffer memory per shard. Default 0 = glommio's default
     /// (10 MiB); when not root, memlock (often 8 MiB) must cover all shards together.
     pub io_memory_bytes: u64,
+    /// `master` (default) or `slave`. A slave follows `master`, serves fetches and refuses
+    /// produce with NOT_MASTER until promoted (`ringmq admin promote`).
+    pub role: Role,
+    /// Slave: the master's address (`host:port` of its shard 0).
+    pub master: Option<String>,
+    /// Master: the other broker of the pair (optional). At start a master asks it and refuses
+    /// to start if the peer is a master of a newer epoch (this broker was superseded).
+    pub peer: Option<String>,
+    /// `async_master` (default: acks do not wait for the slave) or `sync_master`.
+    pub replication: ReplicationMode,
+    /// SYNC_MASTER: the slave has `received` the record (appended to its log) or made it
+    /// `durable` (its fdatasync covered it, the default).
+    pub replica_ack: ReplicaAck,
+    /// SYNC_MASTER: a produce the slave has not acknowledged in this time gets
+    /// FLUSH_SLAVE_TIMEOUT. Default 3000.
+    pub replica_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -191,6 +208,12 @@ impl Default for Config {
             partial_frame_timeout_ms: 10_000,
             allow_non_direct_io: false,
             io_memory_bytes: 0,
+            role: Role::Master,
+            master: None,
+            peer: None,
+            replication: ReplicationMode::AsyncMaster,
+            replica_ack: ReplicaAck::Durable,
+            replica_timeout_ms: 3000,
         }
     }
 }
@@ -250,6 +273,19 @@ impl Config {
                 self.max_inflight_bytes_per_connection,
                 crate::protocol::MAX_BODY_BYTES
             ));
+        }
+        if self.role == Role::Slave && self.master.as_deref().is_none_or(|m| m.trim().is_empty()) {
+            problems.push("role is slave but no master is set (--master HOST:PORT)".to_string());
+        }
+        if self.role == Role::Master && self.master.is_some() {
+            problems.push(
+                "master is set but role is master; --master is for --role slave (use --peer to \
+                 name the other broker of a pair)"
+                    .to_string(),
+            );
+        }
+        if self.replica_timeout_ms == 0 {
+            problems.push("replica_timeout_ms must be at least 1".to_string());
         }
         if let CoreSelection::Count(0) = self.cores {
             problems.push("cores: a count must be at least 1".to_string());

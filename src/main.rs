@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ringmq::client::Admin;
 use ringmq::config::{Config, CoreSelection};
+use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 use ringmq::shard::Broker;
 use ringmq::storage::FlushMode;
 
@@ -101,6 +102,24 @@ struct BrokerArgs {
     /// io_uring registered memory per shard, 0 = glommio default [default: 0]
     #[arg(long)]
     io_memory_bytes: Option<u64>,
+    /// master or slave [default: master]
+    #[arg(long)]
+    role: Option<Role>,
+    /// Slave: the master's shard-0 address, HOST:PORT
+    #[arg(long)]
+    master: Option<String>,
+    /// Master: the other broker of the pair; refuse to start if it is a newer master
+    #[arg(long)]
+    peer: Option<String>,
+    /// async_master or sync_master [default: async_master]
+    #[arg(long)]
+    replication: Option<ReplicationMode>,
+    /// SYNC_MASTER: received or durable [default: durable]
+    #[arg(long)]
+    replica_ack: Option<ReplicaAck>,
+    /// SYNC_MASTER: FLUSH_SLAVE_TIMEOUT deadline [default: 3000]
+    #[arg(long)]
+    replica_timeout_ms: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -125,8 +144,18 @@ impl BrokerArgs {
             max_inflight_requests_per_connection,
             max_inflight_bytes_per_connection,
             partial_frame_timeout_ms,
-            io_memory_bytes
+            io_memory_bytes,
+            role,
+            replication,
+            replica_ack,
+            replica_timeout_ms
         );
+        if self.master.is_some() {
+            c.master = self.master;
+        }
+        if self.peer.is_some() {
+            c.peer = self.peer;
+        }
         if self.advertised_host.is_some() {
             c.advertised_host = self.advertised_host;
         }

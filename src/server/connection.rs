@@ -33,16 +33,40 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
     ctx.connection_opened();
     let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.split();
+    let (mut reader, writer) = stream.split();
     let outbox = Rc::new(Outbox::new());
     let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
     let budget = Budget::new(&ctx);
-    if let Err(reason) = read_loop(&ctx, reader, &outbox, &budget).await {
-        log::debug!("shard {}: closing connection: {reason}", ctx.shard);
-    }
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let handoff = match read_loop(&ctx, &mut reader, &mut buf, &outbox, &budget).await {
+        Err(Closed::Replication(request_id, req)) => Some((request_id, req)),
+        Err(reason) => {
+            log::debug!("shard {}: closing connection: {reason}", ctx.shard);
+            None
+        }
+        Ok(()) => None,
+    };
     budget.drain().await;
     outbox.close();
-    writer_task.await;
+    let writer = writer_task.await;
+    match (handoff, writer) {
+        (Some((request_id, req)), Some(writer)) => {
+        // The connection becomes a replication stream (see replication/master.rs).
+        crate::replication::master::serve_follower(
+            ctx.clone(),
+            request_id,
+            *req,
+            reader,
+            writer,
+            buf,
+        )
+        .await;
+        }
+        (None, Some(mut writer)) => {
+            let _ = writer.close().await;
+        }
+        _ => {}
+    }
     ctx.connection_closed();
 }
 
@@ -81,6 +105,8 @@ enum Closed {
     BadFrame(WireError),
     PartialFrameTimeout,
     Shutdown,
+    /// The first frame was `ReplFollow`: hand the connection to the replication layer.
+    Replication(u64, Box<protocol::ReplFollowRequest>),
 }
 
 impl std::fmt::Display for Closed {
@@ -91,23 +117,28 @@ impl std::fmt::Display for Closed {
             Closed::BadFrame(e) => write!(f, "bad frame: {e}"),
             Closed::PartialFrameTimeout => write!(f, "frame left half-sent"),
             Closed::Shutdown => write!(f, "broker shutting down"),
+            Closed::Replication(..) => write!(f, "handed to replication"),
         }
     }
 }
 
 async fn read_loop(
     ctx: &Rc<ShardContext>,
-    mut reader: ReadHalf<TcpStream>,
+    reader: &mut ReadHalf<TcpStream>,
+    buf: &mut BytesMut,
     outbox: &Rc<Outbox>,
     budget: &Budget,
 ) -> Result<(), Closed> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut first = true;
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     let partial_timeout = Duration::from_millis(ctx.config.partial_frame_timeout_ms);
     loop {
         loop {
-            match Frame::decode(&mut buf) {
-                Ok(Some(frame)) => dispatch(ctx, frame, outbox, budget).await?,
+            match Frame::decode(buf) {
+                Ok(Some(frame)) => {
+                    dispatch(ctx, frame, first, outbox, budget).await?;
+                    first = false;
+                }
                 Ok(None) => break,
                 Err(e) => {
                     // Without a readable preamble there is no request id: answer with 0 so
@@ -152,10 +183,14 @@ async fn read_loop(
 async fn dispatch(
     ctx: &Rc<ShardContext>,
     frame: Frame,
+    first: bool,
     outbox: &Rc<Outbox>,
     budget: &Budget,
 ) -> Result<(), Closed> {
     let request = match Request::from_frame(&frame) {
+        Ok(Request::ReplFollow(req)) if first => {
+            return Err(Closed::Replication(frame.request_id, Box::new(req)))
+        }
         Ok(r) => r,
         Err(e) => {
             // Unknown opcode or a header that does not verify: the client speaks something
@@ -227,13 +262,18 @@ impl Outbox {
     }
 }
 
-async fn write_loop(mut writer: WriteHalf<TcpStream>, outbox: Rc<Outbox>) {
+/// Writes responses until the outbox closes; returns the write half unless the peer is gone.
+async fn write_loop(
+    mut writer: WriteHalf<TcpStream>,
+    outbox: Rc<Outbox>,
+) -> Option<WriteHalf<TcpStream>> {
     loop {
         let pending = outbox.buf.borrow_mut().split();
         if !pending.is_empty() {
             if writer.write_all(&pending).await.is_err() {
                 // The peer is gone; responses still produced are dropped with the outbox.
-                break;
+                let _ = writer.close().await;
+                return None;
             }
             continue;
         }
@@ -245,5 +285,5 @@ async fn write_loop(mut writer: WriteHalf<TcpStream>, outbox: Rc<Outbox>) {
         }
     }
     let _ = writer.flush().await;
-    let _ = writer.close().await;
+    Some(writer)
 }

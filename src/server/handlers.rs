@@ -17,6 +17,8 @@ use crate::protocol::{
     BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck, ProduceRequest,
     QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
+use crate::replication::master::ReplicaWaitError;
+use crate::replication::{ReplicationMode, Role};
 use crate::server::error::HandlerError;
 use crate::shard::mesh::{MeshReply, MeshRequest};
 use crate::shard::ShardContext;
@@ -96,6 +98,7 @@ pub async fn on_mesh_request(ctx: &Rc<ShardContext>, request: MeshRequest) -> Me
             MeshReply::QueueStats(local_queue_stats(ctx, &topic))
         }
         MeshRequest::LocalShardStats => MeshReply::ShardStats(local_shard_stats(ctx)),
+        MeshRequest::Promote => MeshReply::Promoted(promote_local(ctx).await),
     }
 }
 
@@ -115,6 +118,13 @@ async fn execute(
         Request::Fetch(f) => fetch(ctx, f).await?,
         Request::QueueStats { topic } => (queue_stats(ctx, &topic).await?, empty),
         Request::BrokerStats => (broker_stats(ctx).await?, empty),
+        Request::Promote => (promote(ctx).await?, empty),
+        Request::ReplFollow(_) => {
+            return Err(HandlerError::new(
+                ErrorCode::InvalidArgument,
+                "ReplFollow must be the first frame of a connection of its own",
+            ))
+        }
     })
 }
 
@@ -143,7 +153,7 @@ fn check_queue(ctx: &ShardContext, topic: &str, queue: u32) -> Result<()> {
 }
 
 /// Runs on shard 0 only: persist the new table, push it to every shard, then answer.
-async fn create_topic(ctx: &Rc<ShardContext>, name: &str, queues: u32) -> Result<Response> {
+pub(crate) async fn create_topic(ctx: &Rc<ShardContext>, name: &str, queues: u32) -> Result<Response> {
     debug_assert_eq!(ctx.shard, 0, "shard 0 is the topic table's only writer");
     let current = ctx.topics();
     let next = current.with_topic(name, queues)?;
@@ -194,16 +204,78 @@ fn route(ctx: &ShardContext, topic: &str) -> Result<Response> {
 }
 
 fn broker_info(ctx: &ShardContext) -> Response {
+    let replication = match ctx.config.replication {
+        ReplicationMode::AsyncMaster => "ASYNC_MASTER".to_string(),
+        ReplicationMode::SyncMaster => format!("SYNC_MASTER/{}", ctx.config.replica_ack),
+    };
     Response::BrokerInfo(BrokerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         shards: ctx.shards as u32,
         flush_mode: ctx.config.flush_mode.to_string(),
-        role: "master".to_string(),
+        role: ctx.role().to_string(),
         config_toml: ctx.config.to_toml(),
+        epoch: ctx.epochs().current(),
+        master_address: match ctx.role() {
+            Role::Slave => ctx.config.master.clone().unwrap_or_default(),
+            Role::Master => String::new(),
+        },
+        replication,
+        shard_addresses: ctx.addresses.to_vec(),
     })
 }
 
+/// `ringmq admin promote`: every shard stops following and starts a new epoch; answered with
+/// the new epoch once all shards are masters.
+async fn promote(ctx: &Rc<ShardContext>) -> Result<Response> {
+    let mut epoch = promote_local(ctx)
+        .await
+        .map_err(|e| HandlerError::new(ErrorCode::Internal, e))?;
+    for shard in (0..ctx.shards).filter(|s| *s != ctx.shard) {
+        match ctx.mesh.call(shard, MeshRequest::Promote).await? {
+            MeshReply::Promoted(Ok(e)) => epoch = epoch.max(e),
+            MeshReply::Promoted(Err(e)) => {
+                return Err(HandlerError::new(
+                    ErrorCode::Internal,
+                    format!("shard {shard}: {e}"),
+                ))
+            }
+            other => {
+                return Err(HandlerError::new(
+                    ErrorCode::Internal,
+                    format!("shard {shard} answered Promote with {other:?}"),
+                ))
+            }
+        }
+    }
+    log::warn!("promoted to master: epoch {epoch}");
+    Ok(Response::Promoted { epoch })
+}
+
+/// Promotes this shard: stop the follower (so nothing more is appended from the old master),
+/// then start a new epoch at the log end. A master stays as it is.
+async fn promote_local(ctx: &Rc<ShardContext>) -> std::result::Result<u64, String> {
+    if ctx.role() == Role::Master {
+        return Ok(ctx.epochs().current());
+    }
+    ctx.stop_following();
+    let follower = ctx.follower.borrow_mut().take();
+    if let Some(f) = follower {
+        f.await;
+    }
+    ctx.become_master()
+        .map_err(|e| format!("cannot record the new epoch: {e}"))
+}
+
 async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Result<Response> {
+    if ctx.role() != Role::Master {
+        return Err(HandlerError::new(
+            ErrorCode::NotMaster,
+            format!(
+                "this broker is a slave{}; produce to the master",
+                ctx.master_hint()
+            ),
+        ));
+    }
     let queues = queue_count(ctx, &p.topic)?;
     let queue = match p.queue {
         Some(q) => {
@@ -228,8 +300,8 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
         epoch: p.producer_epoch,
         base_sequence: p.base_sequence,
     });
-    let appended = ctx
-        .store
+    let store = ctx.store();
+    let appended = store
         .append(AppendRequest {
             topic: &p.topic,
             queue_id: queue,
@@ -238,26 +310,60 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
             body: &body,
         })
         .await?;
-    if ctx.config.flush_mode == FlushMode::SyncFlush {
+    let tracker = ctx.tracker();
+    tracker.note_end(appended.end.0);
+    // The local flush rule and the slave's acknowledgement are awaited together: the record
+    // travels to the slave while our own write and fdatasync are under way.
+    let local = async {
+        if ctx.config.flush_mode != FlushMode::SyncFlush {
+            return Ok(());
+        }
         let deadline = Duration::from_millis(ctx.config.flush_timeout_ms);
         match glommio::timer::timeout(deadline, async {
-            Ok(ctx.store.wait_durable(appended.end).await)
+            Ok(store.wait_durable(appended.end).await)
         })
         .await
         {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(HandlerError::new(
-                    ErrorCode::FlushDiskTimeout,
-                    format!(
-                        "stored at queue {queue} offset {} but not durable within {} ms",
-                        appended.base_offset, ctx.config.flush_timeout_ms
-                    ),
-                ))
-            }
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(HandlerError::new(
+                ErrorCode::FlushDiskTimeout,
+                format!(
+                    "stored at queue {queue} offset {} but not durable within {} ms",
+                    appended.base_offset, ctx.config.flush_timeout_ms
+                ),
+            )),
         }
-    }
+    };
+    let replica = async {
+        if ctx.config.replication != ReplicationMode::SyncMaster {
+            return Ok(());
+        }
+        let deadline = Duration::from_millis(ctx.config.replica_timeout_ms);
+        tracker
+            .wait_replicated(appended.end, ctx.config.replica_ack, deadline)
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    ReplicaWaitError::NotAvailable => "no slave is connected".to_string(),
+                    ReplicaWaitError::Timeout => format!(
+                        "the slave did not acknowledge ({}) within {} ms",
+                        ctx.config.replica_ack, ctx.config.replica_timeout_ms
+                    ),
+                };
+                HandlerError::new(
+                    e.code(),
+                    format!(
+                        "stored on the master at queue {queue} offset {} but {why}; an \
+                         idempotent producer may retry",
+                        appended.base_offset
+                    ),
+                )
+            })
+    };
+    let (local, replica) = futures::join!(local, replica);
+    local?;
+    replica?;
     Ok(Response::Produced(ProduceAck {
         queue,
         base_offset: appended.base_offset.0,
@@ -268,12 +374,12 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
 
 async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Bytes)> {
     check_queue(ctx, &f.topic, f.queue)?;
-    let stats = ctx.store.queue_stats(&f.topic, f.queue);
+    let stats = ctx.store().queue_stats(&f.topic, f.queue);
     let wait_ms = f.max_wait_ms.min(MAX_LONG_POLL_MS);
     if f.offset >= stats.visible_end_offset.0 && wait_ms > 0 {
         let wait = async {
             let _ = glommio::timer::timeout(Duration::from_millis(u64::from(wait_ms)), async {
-                ctx.store
+                ctx.store()
                     .wait_visible_beyond(&f.topic, f.queue, QueueOffset(f.offset))
                     .await;
                 Ok(())
@@ -282,7 +388,7 @@ async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Byt
         };
         future::or(wait, ctx.shutdown_requested()).await;
     }
-    let stats = ctx.store.queue_stats(&f.topic, f.queue);
+    let stats = ctx.store().queue_stats(&f.topic, f.queue);
     if f.offset == stats.visible_end_offset.0 {
         return Ok((
             Response::Fetched(FetchHeader {
@@ -295,7 +401,7 @@ async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Byt
         ));
     }
     let batch = ctx
-        .store
+        .store()
         .read(&f.topic, f.queue, QueueOffset(f.offset), f.max_bytes)
         .await?;
     Ok((
@@ -316,7 +422,7 @@ fn local_queue_stats(ctx: &ShardContext, topic: &str) -> Vec<QueueStat> {
     (0..meta.queues)
         .filter(|q| ctx.owner_of(topic, *q) == ctx.shard)
         .map(|queue| {
-            let s = ctx.store.queue_stats(topic, queue);
+            let s = ctx.store().queue_stats(topic, queue);
             QueueStat {
                 queue,
                 min_offset: s.min_offset.0,
@@ -344,8 +450,8 @@ async fn queue_stats(ctx: &Rc<ShardContext>, topic: &str) -> Result<Response> {
 }
 
 fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
-    let w = ctx.store.watermarks();
-    let m = ctx.store.metrics();
+    let w = ctx.store().watermarks();
+    let m = ctx.store().metrics();
     ShardStats {
         shard: ctx.shard as u32,
         written: w.written.0,
@@ -358,6 +464,9 @@ fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
         flush_latency_us_total: m.flush_latency_sum_us,
         connections: ctx.open_connections() as u32,
         poisoned: m.poisoned,
+        replication: ctx
+            .tracker()
+            .stats(ctx.role(), ctx.epochs().current(), w.appended.0),
     }
 }
 

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::replication::epoch::EpochHistory;
+use crate::replication::master::ReplicaTracker;
+use crate::replication::{ReplicationMode, Role};
 use crate::shard::mesh::Mesh;
 use crate::shard::router::shard_of;
 use crate::shard::topics::{TopicMeta, TopicTable};
@@ -17,8 +20,23 @@ pub struct ShardContext {
     /// Shards in this broker.
     pub shards: usize,
     pub config: Arc<Config>,
-    pub store: ShardStore,
+    /// Replaced only when a replica truncates its log (close, truncate, reopen).
+    store: RefCell<ShardStore>,
     pub mesh: Mesh,
+    /// Master or slave; a promotion turns a slave into a master at run time.
+    role: Cell<Role>,
+    /// This shard's log history (see `replication/epoch.rs`).
+    epochs: RefCell<EpochHistory>,
+    /// Replication progress (master: the follower's acks; slave: the link to the master).
+    tracker: ReplicaTracker,
+    /// SYNC_MASTER: consumers see at least the log as it was when this shard became master
+    /// (what it had then was acknowledged under the previous term), and beyond that only what
+    /// the slave has.
+    visible_floor: Cell<u64>,
+    /// Set by a promotion: the follower stops before the new epoch starts.
+    stop_following: Cell<bool>,
+    /// Slave: the task following the master.
+    pub follower: RefCell<Option<glommio::task::JoinHandle<()>>>,
     /// `host:port` clients should dial for each shard, by shard index.
     pub addresses: Arc<Vec<String>>,
     /// Set by a signal handler or `Broker::stop`; every shard polls it.
@@ -50,14 +68,103 @@ impl ShardContext {
         ShardContext {
             shard,
             shards,
+            role: Cell::new(config.role),
             config,
-            store,
+            store: RefCell::new(store),
             mesh,
+            epochs: RefCell::new(EpochHistory::default()),
+            tracker: ReplicaTracker::default(),
+            visible_floor: Cell::new(0),
+            stop_following: Cell::new(false),
+            follower: RefCell::new(None),
             addresses,
             shutdown,
             topics: RefCell::new(topics),
             next_queue: Cell::new(shard as u32),
             connections: Cell::new(0),
+        }
+    }
+
+    /// The shard's store (a cheap handle).
+    pub fn store(&self) -> ShardStore {
+        self.store.borrow().clone()
+    }
+
+    pub fn set_store(&self, store: ShardStore) {
+        *self.store.borrow_mut() = store;
+    }
+
+    /// `<data>/shard-<n>`.
+    pub fn shard_dir(&self) -> std::path::PathBuf {
+        self.config.data_dir.join(format!("shard-{}", self.shard))
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.get()
+    }
+
+    pub fn epochs(&self) -> EpochHistory {
+        self.epochs.borrow().clone()
+    }
+
+    /// The history read from disk at start.
+    pub fn load_epochs(&self, epochs: EpochHistory) {
+        *self.epochs.borrow_mut() = epochs;
+    }
+
+    /// Saves `epochs` to the shard's epoch file, then uses it.
+    pub fn set_epochs(
+        &self,
+        epochs: EpochHistory,
+    ) -> Result<(), crate::replication::epoch::EpochError> {
+        epochs.save(&self.shard_dir())?;
+        *self.epochs.borrow_mut() = epochs;
+        Ok(())
+    }
+
+    /// Whether the follower should go on (a slave not being promoted).
+    pub fn following(&self) -> bool {
+        self.role.get() == Role::Slave && !self.stop_following.get() && !self.is_shutting_down()
+    }
+
+    pub fn stop_following(&self) {
+        self.stop_following.set(true);
+    }
+
+    pub fn tracker(&self) -> &ReplicaTracker {
+        &self.tracker
+    }
+
+    /// Becomes master: a new epoch starting at the log end is made durable first, then writes
+    /// are taken. Returns the new epoch.
+    pub fn become_master(&self) -> Result<u64, crate::replication::epoch::EpochError> {
+        let store = self.store();
+        let end = store.watermarks().appended.0;
+        let mut epochs = self.epochs();
+        let epoch = epochs.begin(end);
+        self.set_epochs(epochs)?;
+        self.visible_floor.set(end);
+        self.role.set(Role::Master);
+        if self.config.replication == ReplicationMode::SyncMaster {
+            self.raise_visible_cap();
+        } else {
+            store.set_visible_cap(None);
+        }
+        Ok(epoch)
+    }
+
+    /// SYNC_MASTER: let consumers see what the slave has acknowledged.
+    pub fn raise_visible_cap(&self) {
+        let acked = self.tracker.acked(self.config.replica_ack);
+        let cap = acked.max(self.visible_floor.get());
+        self.store().set_visible_cap(Some(crate::storage::LogPosition(cap)));
+    }
+
+    /// " (its master is ADDR)" on a slave with a configured master, for error messages.
+    pub fn master_hint(&self) -> String {
+        match &self.config.master {
+            Some(m) if self.role() == Role::Slave => format!(" (its master is {m})"),
+            _ => String::new(),
         }
     }
 

@@ -21,6 +21,8 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, ConfigError};
+use crate::replication::epoch::EpochHistory;
+use crate::replication::Role;
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
 use crate::shard::preflight::{self, PreflightError};
@@ -46,6 +48,8 @@ pub enum BrokerError {
     Executor { shard: usize, reason: String },
     #[error("shard {shard} failed: {reason}")]
     Shard { shard: usize, reason: String },
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// Time a stopping shard gives its connections to finish in-flight requests.
@@ -93,6 +97,7 @@ impl Broker {
             log::warn!("{w}");
         }
         let topics = Arc::new(TopicTable::load(&config.data_dir)?);
+        check_peer(&config, shards)?;
 
         let mut listeners = Vec::with_capacity(shards);
         let mut addresses = Vec::with_capacity(shards);
@@ -255,6 +260,44 @@ fn bind(host: &str, port: u16) -> Result<StdTcpListener, BrokerError> {
     Ok(socket.into())
 }
 
+/// Before taking traffic: a slave's master must have our shard count; a master must not have
+/// been superseded by its peer (a newer epoch there). An unreachable peer is not an error: the
+/// slave retries, and a master cannot tell.
+fn check_peer(config: &Config, shards: usize) -> Result<(), BrokerError> {
+    let (peer, role) = match (&config.master, &config.peer) {
+        (Some(m), _) if config.role == Role::Slave => (m, Role::Slave),
+        (_, Some(p)) if config.role == Role::Master => (p, Role::Master),
+        _ => return Ok(()),
+    };
+    let info = match crate::client::Admin::connect(peer).and_then(|a| a.broker_info()) {
+        Ok(info) => info,
+        Err(e) => {
+            log::warn!("replication: peer {peer} does not answer ({e}); starting anyway");
+            return Ok(());
+        }
+    };
+    if role == Role::Slave && info.shards as usize != shards {
+        return Err(BrokerError::Replication(format!(
+            "the master {peer} has {} shards and this slave would have {shards}: shard i \
+             follows shard i, so run both with the same --cores",
+            info.shards
+        )));
+    }
+    if role == Role::Master && info.role == "master" {
+        let ours = EpochHistory::load(&config.data_dir.join("shard-0"))
+            .map_err(|e| BrokerError::Replication(e.to_string()))?
+            .current();
+        if info.epoch > ours {
+            return Err(BrokerError::Replication(format!(
+                "the peer {peer} is a master with epoch {} and ours is {ours}: this broker was \
+                 superseded by a promotion; restart it with --role slave --master {peer}",
+                info.epoch
+            )));
+        }
+    }
+    Ok(())
+}
+
 struct ShardArgs {
     shard: usize,
     shards: usize,
@@ -288,6 +331,14 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
+    let epochs = match EpochHistory::load(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            let reason = format!("cannot read the epoch history: {e}");
+            let _ = args.ready.send((shard, Err(reason.clone())));
+            return Err(reason);
+        }
+    };
     let ctx = Rc::new(ShardContext::new(
         shard,
         args.shards,
@@ -298,6 +349,21 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
         args.shutdown,
         args.topics,
     ));
+    ctx.load_epochs(epochs);
+    match ctx.role() {
+        Role::Master => match ctx.become_master() {
+            Ok(epoch) => log::info!("shard {shard}: master, epoch {epoch}"),
+            Err(e) => {
+                let reason = format!("cannot record a new epoch: {e}");
+                let _ = args.ready.send((shard, Err(reason.clone())));
+                return Err(reason);
+            }
+        },
+        Role::Slave => {
+            let handle = glommio::spawn_local(crate::replication::follower::follow(ctx.clone()));
+            *ctx.follower.borrow_mut() = Some(handle);
+        }
+    }
     spawn_mesh_receivers(&ctx, receivers);
     let _ = args.ready.send((shard, Ok(())));
 
@@ -315,7 +381,11 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             ctx.open_connections()
         );
     }
-    let closed = ctx.store.close().await;
+    let follower = ctx.follower.borrow_mut().take();
+    if let Some(f) = follower {
+        f.await;
+    }
+    let closed = ctx.store().close().await;
     ctx.mesh.close();
     closed.map_err(|e| format!("closing the store: {e}"))?;
     log::info!("shard {shard}: stopped");

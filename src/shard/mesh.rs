@@ -32,6 +32,8 @@ pub enum MeshRequest {
     LocalQueueStats { topic: String },
     /// The receiving shard's counters and watermarks.
     LocalShardStats,
+    /// Turn the receiving shard from slave into master (see `handlers::promote`).
+    Promote,
 }
 
 #[derive(Debug)]
@@ -40,6 +42,8 @@ pub enum MeshReply {
     Applied,
     QueueStats(Vec<QueueStat>),
     ShardStats(ShardStats),
+    /// The shard's epoch after a promotion, or why it failed.
+    Promoted(Result<u64, String>),
 }
 
 /// The one message type on the mesh.

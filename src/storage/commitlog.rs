@@ -320,13 +320,13 @@ impl<B: StorageBackend> CommitLog<B> {
     }
 
     /// Appends one record synchronously (after [`Self::ensure_room`] in the same task turn).
-    /// Returns `(position, end)`.
+    /// Returns `(position, end, encoded header)`.
     pub fn append_record(
         self: &Rc<Self>,
         mut header: RecordHeader,
         topic: &[u8],
         body: &[u8],
-    ) -> (u64, u64) {
+    ) -> (u64, u64, [u8; HEADER_BYTES]) {
         let mut st = self.st.borrow_mut();
         let total = (HEADER_BYTES + topic.len() + body.len()) as u64;
         let pos = st.append_pos;
@@ -336,7 +336,27 @@ impl<B: StorageBackend> CommitLog<B> {
         self.copy_in(&mut st, &enc);
         self.copy_in(&mut st, topic);
         self.copy_in(&mut st, body);
-        st.append_pos = pos + total;
+        drop(st);
+        self.finish_append(pos + total);
+        (pos, pos + total, enc)
+    }
+
+    /// Appends one already-encoded record (a replica copying its master) at the append
+    /// position, which the caller has checked is the record's own position. Returns its end.
+    pub fn append_encoded(self: &Rc<Self>, record: &[u8]) -> u64 {
+        let mut st = self.st.borrow_mut();
+        let pos = st.append_pos;
+        let end = pos + record.len() as u64;
+        assert!(end <= st.active.end(), "ensure_room not called");
+        self.copy_in(&mut st, record);
+        drop(st);
+        self.finish_append(end);
+        end
+    }
+
+    fn finish_append(self: &Rc<Self>, end: u64) {
+        let mut st = self.st.borrow_mut();
+        st.append_pos = end;
         st.counters.appends += 1;
         let unflushed = st.append_pos - st.durable;
         st.counters.unflushed_hwm_bytes = st.counters.unflushed_hwm_bytes.max(unflushed);
@@ -346,7 +366,6 @@ impl<B: StorageBackend> CommitLog<B> {
         if wake {
             self.flusher_wake.notify_all();
         }
-        (pos, pos + total)
     }
 
     fn copy_in(self: &Rc<Self>, st: &mut LogState<B>, mut bytes: &[u8]) {

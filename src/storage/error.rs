@@ -53,6 +53,10 @@ pub enum StorageError {
     /// The configuration is invalid; every problem is listed.
     #[error("invalid storage config: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// A replicated record does not continue this log where it claims to (its position or its
+    /// queue offsets disagree): the histories diverged and the replica must resynchronise.
+    #[error("replicated record at log position {position} does not fit this log: {detail}")]
+    Diverged { position: u64, detail: String },
     /// The store was closed.
     #[error("store is closed")]
     Closed,

@@ -28,7 +28,7 @@ use crate::storage::FlushMode;
 /// Wakes every waiting task; waiters re-check their condition. Cancel-safe: a dropped waiter
 /// leaves only a stale waker that is discarded on the next notify.
 #[derive(Default)]
-pub(crate) struct Signal {
+pub struct Signal {
     wakers: RefCell<Vec<Waker>>,
 }
 

@@ -31,6 +31,7 @@ mod commitlog;
 pub mod consume_queue;
 pub mod error;
 mod flush;
+pub use flush::Signal;
 mod key_index;
 pub mod probe;
 mod producer;
@@ -39,6 +40,7 @@ pub mod recovery;
 mod segment;
 pub mod sim;
 mod store;
+mod stream;
 
 use std::fmt;
 use std::str::FromStr;
@@ -48,6 +50,7 @@ pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
 pub use store::ShardStore;
+pub use stream::LogChunk;
 
 /// When an append counts as stored (see DESIGN.md, "Flush modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -12,6 +12,7 @@
 //! | clean tail: only zeros (a prepared segment) or nothing follows | end here, nothing to truncate |
 //! | torn record: bad header, short or invalid record, or non-zero bytes after the zeros | truncate here |
 //! | CRC mismatch followed by valid records | truncate here, and warn |
+//! | the scan reached the caller's truncation limit (a replica whose history diverged) | truncate here |
 //! | index file ahead of the log (or diverging) | truncate the index file to the matching prefix |
 //! | index file behind the log | append the missing entries rebuilt from the log |
 //! | index file missing | rebuild it from the log |
@@ -50,6 +51,8 @@ pub enum Observation {
     CleanTail,
     TornRecord,
     CrcMismatchThenValid { valid_after: u64 },
+    /// The next record would end past the limit the caller asked to truncate to.
+    BeyondLimit,
     IndexAhead,
     IndexBehind,
     IndexMissing,
@@ -77,6 +80,7 @@ pub fn decide(o: Observation) -> Action {
         Observation::CleanTail => Action::EndHere,
         Observation::TornRecord => Action::TruncateLog,
         Observation::CrcMismatchThenValid { .. } => Action::TruncateLog,
+        Observation::BeyondLimit => Action::TruncateLog,
         Observation::IndexAhead => Action::TruncateIndex,
         Observation::IndexBehind => Action::ExtendIndex,
         Observation::IndexMissing => Action::RebuildIndex,
@@ -242,11 +246,12 @@ enum Slot {
 }
 
 /// Scans, truncates and prepares the log in `dir`. `on_record(view)` is called for every record
-/// kept, in log order.
+/// kept, in log order. With `limit`, nothing that ends past it is kept.
 pub(crate) async fn recover_log<B: StorageBackend>(
     backend: &B,
     dir: &Path,
     cfg: &StorageConfig,
+    limit: Option<u64>,
     mut on_record: impl FnMut(&RecordView<'_>),
 ) -> Result<RecoveredLog<B>, StorageError> {
     backend
@@ -310,6 +315,9 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         loop {
             let slot = sc.record_at(pos).await?;
             let obs = match slot {
+                Slot::Valid { len } if limit.is_some_and(|l| pos + len > l) => {
+                    Observation::BeyondLimit
+                }
                 Slot::Valid { len } => {
                     let b = sc.bytes(pos, len as usize).await?;
                     let v = RecordView::parse_at(b, pos).expect("validated");
@@ -324,6 +332,10 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                     let stale = sc.last_nonzero(pos).await? > pos;
                     if stale {
                         Observation::TornRecord
+                    } else if limit.is_some_and(|l| segs.get(idx + 1).is_some_and(|n| n.base >= l))
+                    {
+                        // Whatever the next segment holds lies past the limit.
+                        Observation::CleanTail
                     } else if next_continues(&segs, idx, pos).await? {
                         Observation::RolledToNextSegment
                     } else {
@@ -356,6 +368,9 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                     break 'segments;
                 }
                 Action::TruncateLog => {
+                    if obs == Observation::BeyondLimit {
+                        log::warn!("storage: truncating the log to {pos} as asked (replica resync)");
+                    }
                     if let Observation::CrcMismatchThenValid { valid_after } = obs {
                         report.valid_records_discarded = valid_after;
                         log::warn!(
@@ -503,6 +518,7 @@ mod tests {
             (CleanTail, EndHere),
             (TornRecord, TruncateLog),
             (CrcMismatchThenValid { valid_after: 3 }, TruncateLog),
+            (BeyondLimit, TruncateLog),
             (IndexAhead, TruncateIndex),
             (IndexBehind, ExtendIndex),
             (IndexMissing, RebuildIndex),

@@ -15,7 +15,8 @@ use crate::storage::batch::scan_body;
 use crate::storage::commitlog::CommitLog;
 use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
 use crate::storage::error::StorageError;
-use crate::storage::flush::run_flusher;
+use crate::storage::flush::{run_flusher, Signal};
+use crate::storage::stream::TailFeed;
 use crate::storage::key_index::KeyIndex;
 use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
@@ -29,7 +30,7 @@ use crate::storage::{
 pub const MAX_TOPIC_BYTES: usize = 255;
 
 #[derive(Default)]
-struct Indexes {
+pub(super) struct Indexes {
     topics: HashMap<String, HashMap<u32, QueueIndex>>,
     next_uid: u32,
     keys: KeyIndex,
@@ -37,7 +38,7 @@ struct Indexes {
 }
 
 impl Indexes {
-    fn queue_mut(&mut self, topic: &str, queue_id: u32) -> &mut QueueIndex {
+    pub(super) fn queue_mut(&mut self, topic: &str, queue_id: u32) -> &mut QueueIndex {
         if !self.topics.contains_key(topic) {
             self.topics.insert(topic.to_string(), HashMap::new());
         }
@@ -56,7 +57,7 @@ impl Indexes {
         self.topics.get(topic)?.get(&queue_id)
     }
 
-    fn apply(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
+    pub(super) fn apply(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
         let pos = h.log_position;
         let keys = &mut self.keys;
         let tag_hash = scan_body(body, |k| keys.insert(topic.as_bytes(), k, pos));
@@ -86,16 +87,20 @@ impl Indexes {
     }
 }
 
-struct Inner<B: StorageBackend> {
-    log: Rc<CommitLog<B>>,
+pub(super) struct Inner<B: StorageBackend> {
+    pub(super) log: Rc<CommitLog<B>>,
     dir: PathBuf,
-    idx: RefCell<Indexes>,
+    pub(super) idx: RefCell<Indexes>,
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    /// Recently appended records kept in memory for a replication stream (see `stream.rs`).
+    pub(super) feed: RefCell<TailFeed>,
+    /// Notified after every append.
+    pub(super) appended: Signal,
 }
 
 /// One shard's storage. Cheap to clone (an `Rc` inside); not `Send`.
 pub struct ShardStore<B: StorageBackend = DmaBackend> {
-    inner: Rc<Inner<B>>,
+    pub(super) inner: Rc<Inner<B>>,
 }
 
 impl<B: StorageBackend> Clone for ShardStore<B> {
@@ -114,6 +119,18 @@ impl ShardStore<DmaBackend> {
     ) -> Result<(ShardStore<DmaBackend>, RecoveryReport), StorageError> {
         crate::storage::probe::prime_dma_probe(dir).await?;
         Self::open_with(DmaBackend, dir, cfg).await
+    }
+
+    /// Like [`Self::open`], but first truncates the log to `limit` (a record boundary): what a
+    /// replica does when its history diverged from its master's there. Everything derived
+    /// from the log is rebuilt from what is kept.
+    pub async fn open_truncated(
+        dir: &Path,
+        cfg: StorageConfig,
+        limit: LogPosition,
+    ) -> Result<(ShardStore<DmaBackend>, RecoveryReport), StorageError> {
+        crate::storage::probe::prime_dma_probe(dir).await?;
+        Self::open_limited(DmaBackend, dir, cfg, Some(limit.0)).await
     }
 }
 
@@ -148,10 +165,20 @@ impl<B: StorageBackend> ShardStore<B> {
         dir: &Path,
         cfg: StorageConfig,
     ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
+        Self::open_limited(backend, dir, cfg, None).await
+    }
+
+    /// [`Self::open_with`], truncating the log to `limit` when given.
+    pub async fn open_limited(
+        backend: B,
+        dir: &Path,
+        cfg: StorageConfig,
+        limit: Option<u64>,
+    ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
         cfg.validate()?;
         let log_dir = dir.join("commitlog");
         let mut idx = Indexes::default();
-        let rec = recover_log(&backend, &log_dir, &cfg, |v: &RecordView<'_>| {
+        let rec = recover_log(&backend, &log_dir, &cfg, limit, |v: &RecordView<'_>| {
             idx.apply(v.topic, &v.header, v.body)
         })
         .await?;
@@ -166,6 +193,8 @@ impl<B: StorageBackend> ShardStore<B> {
             dir: dir.to_path_buf(),
             idx: RefCell::new(idx),
             flusher: RefCell::new(None),
+            feed: RefCell::new(TailFeed::default()),
+            appended: Signal::default(),
         });
         let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
         let handle = glommio::spawn_local(run_flusher(log, move |durable| {
@@ -230,7 +259,12 @@ impl<B: StorageBackend> ShardStore<B> {
             h.producer_epoch = p.epoch;
             h.base_sequence = p.base_sequence;
         }
-        let (pos, end) = log.append_record(h, req.topic.as_bytes(), req.body);
+        let (pos, end, enc) = log.append_record(h, req.topic.as_bytes(), req.body);
+        self.inner
+            .feed
+            .borrow_mut()
+            .push(pos, &[&enc, req.topic.as_bytes(), req.body]);
+        self.inner.appended.notify_all();
         h.log_position = pos;
         h.total_len = total as u32;
         h.topic_len = req.topic.len() as u16;

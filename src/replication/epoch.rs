@@ -1,0 +1,233 @@
+//! Epochs: the history of master terms of one shard's log.
+//!
+//! Every time a shard becomes master — at every start as master and at every promotion — it
+//! begins a new epoch at its current log end and records `(epoch, start)` in
+//! `<shard dir>/epochs` before taking a write. One epoch therefore has one writer, so two logs
+//! whose histories say the same epoch for a byte hold the same byte there. A slave adopts its
+//! master's history as it follows.
+//!
+//! Starting a new epoch at every start (not only at promotions) matters: a master that crashes
+//! after streaming bytes it had not yet written durably may come back without them and write
+//! different bytes at the same positions; the new epoch makes the slave's copy of the lost
+//! bytes show up as divergent, and it is truncated.
+//!
+//! [`divergence`] is pure: where two histories, with their log ends, stop agreeing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::protocol::EpochEntry;
+
+/// Errors reading or writing the epoch file.
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {detail}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
+}
+
+/// `(epoch, start)` entries, epochs strictly increasing, starts non-decreasing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EpochHistory {
+    entries: Vec<EpochEntry>,
+}
+
+impl EpochHistory {
+    /// A history from entries received from a peer; `None` unless epochs strictly increase and
+    /// starts never decrease.
+    pub fn from_entries(entries: Vec<EpochEntry>) -> Option<EpochHistory> {
+        let ok = entries
+            .windows(2)
+            .all(|w| w[1].epoch > w[0].epoch && w[1].start >= w[0].start);
+        ok.then_some(EpochHistory { entries })
+    }
+
+    pub fn entries(&self) -> &[EpochEntry] {
+        &self.entries
+    }
+
+    /// The current (last) epoch; 0 for a log that never had a master.
+    pub fn current(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.epoch)
+    }
+
+    /// Starts epoch `current + 1` at `start` and returns it.
+    pub fn begin(&mut self, start: u64) -> u64 {
+        let last = self.entries.last().map_or(0, |e| e.start);
+        let epoch = self.current() + 1;
+        self.entries.push(EpochEntry {
+            epoch,
+            start: start.max(last),
+        });
+        epoch
+    }
+
+    /// The epoch that wrote the byte at `pos`, if any.
+    fn epoch_at(&self, pos: u64) -> Option<u64> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.start <= pos)
+            .map(|e| e.epoch)
+    }
+
+    /// The file in a shard directory.
+    pub fn path(shard_dir: &Path) -> PathBuf {
+        shard_dir.join("epochs")
+    }
+
+    /// Loads `<shard_dir>/epochs`; a missing file is an empty history.
+    pub fn load(shard_dir: &Path) -> Result<EpochHistory, EpochError> {
+        let path = Self::path(shard_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(EpochError::Io { path, source }),
+        };
+        let mut entries = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |detail: &str| EpochError::Parse {
+                path: path.clone(),
+                line: i + 1,
+                detail: detail.to_string(),
+            };
+            let mut parts = line.split_whitespace();
+            let (Some(e), Some(s), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(bad("expected `<epoch> <start position>`"));
+            };
+            let epoch = e.parse().map_err(|_| bad("epoch is not a number"))?;
+            let start = s.parse().map_err(|_| bad("start is not a number"))?;
+            entries.push(EpochEntry { epoch, start });
+        }
+        Self::from_entries(entries).ok_or_else(|| EpochError::Parse {
+            path: path.clone(),
+            line: 0,
+            detail: "epochs must increase and starts must not decrease".into(),
+        })
+    }
+
+    /// Writes the history atomically (tmp + fsync + rename + directory fsync): after a crash
+    /// the file is the old or the new history, never a torn one.
+    pub fn save(&self, shard_dir: &Path) -> Result<(), EpochError> {
+        let path = Self::path(shard_dir);
+        let tmp = shard_dir.join("epochs.tmp");
+        let io = |source| EpochError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut text = String::from("# epoch start_position (written by ringmq; see replication/epoch.rs)\n");
+        for e in &self.entries {
+            text.push_str(&format!("{} {}\n", e.epoch, e.start));
+        }
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(shard_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+/// The end of the longest common prefix of two logs, given their histories and ends: the first
+/// position where the epochs that wrote the byte differ, or the shorter end.
+pub fn divergence(a: &EpochHistory, a_end: u64, b: &EpochHistory, b_end: u64) -> u64 {
+    let end = a_end.min(b_end);
+    let mut bounds: Vec<u64> = a
+        .entries
+        .iter()
+        .chain(&b.entries)
+        .map(|e| e.start)
+        .chain([0])
+        .filter(|&p| p < end)
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    // Each epoch covers an interval, so the two "epoch at position" step functions can only
+    // start to differ at one of the starts.
+    bounds
+        .into_iter()
+        .find(|&p| a.epoch_at(p) != b.epoch_at(p))
+        .unwrap_or(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(entries: &[(u64, u64)]) -> EpochHistory {
+        EpochHistory::from_entries(
+            entries
+                .iter()
+                .map(|&(epoch, start)| EpochEntry { epoch, start })
+                .collect(),
+        )
+        .expect("valid history")
+    }
+
+    #[test]
+    fn same_history_diverges_at_the_shorter_end() {
+        let m = h(&[(1, 0), (2, 100)]);
+        assert_eq!(divergence(&m, 500, &m, 300), 300);
+        assert_eq!(divergence(&m, 200, &m, 300), 200);
+    }
+
+    #[test]
+    fn a_restarted_master_makes_the_slaves_unsynced_tail_diverge() {
+        // The slave got [0, 400) in epoch 1; the master crashed having kept only [0, 250) and
+        // started epoch 2 there.
+        let slave = h(&[(1, 0)]);
+        let master = h(&[(1, 0), (2, 250)]);
+        assert_eq!(divergence(&master, 900, &slave, 400), 250);
+        // A slave that had only 200 bytes keeps them all.
+        assert_eq!(divergence(&master, 900, &slave, 200), 200);
+    }
+
+    #[test]
+    fn an_old_master_rejoining_truncates_to_the_promotion_point() {
+        // Old master wrote epoch 1 to 1000; the slave had 800 when promoted (epoch 2 at 800).
+        let old = h(&[(1, 0)]);
+        let new = h(&[(1, 0), (2, 800)]);
+        assert_eq!(divergence(&new, 1500, &old, 1000), 800);
+    }
+
+    #[test]
+    fn unrelated_or_empty_histories_share_nothing() {
+        let a = h(&[(1, 0)]);
+        let b = h(&[(3, 0)]);
+        assert_eq!(divergence(&a, 100, &b, 100), 0);
+        assert_eq!(divergence(&a, 100, &EpochHistory::default(), 0), 0);
+        // An empty slave log has nothing to keep, whatever its history says.
+        assert_eq!(divergence(&a, 100, &a, 0), 0);
+    }
+
+    #[test]
+    fn begin_numbers_epochs_and_the_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hist = EpochHistory::load(dir.path()).unwrap();
+        assert_eq!(hist.current(), 0);
+        assert_eq!(hist.begin(0), 1);
+        assert_eq!(hist.begin(4096), 2);
+        hist.save(dir.path()).unwrap();
+        assert_eq!(EpochHistory::load(dir.path()).unwrap(), hist);
+        std::fs::write(EpochHistory::path(dir.path()), "2 0\n1 5\n").unwrap();
+        assert!(EpochHistory::load(dir.path()).is_err());
+        assert!(EpochHistory::from_entries(vec![
+            EpochEntry { epoch: 2, start: 10 },
+            EpochEntry { epoch: 3, start: 5 },
+        ])
+        .is_none());
+    }
+}

@@ -1,0 +1,459 @@
+//! The slave side: each shard of a slave follows the same shard of its master.
+//!
+//! [`follow`] runs for as long as the shard is a slave. Each round:
+//! 1. Ask the master's shard 0 (`--master`) for its layout (`BrokerInfo`): the shard count
+//!    must match ours; the answer names the address of our shard on the master. Shard 0 also
+//!    copies the master's topic table, so fetches on the slave know the topics.
+//! 2. Send `ReplFollow` (our log end and epoch history) to that shard. The master answers with
+//!    where our logs stop agreeing; if that is before our end we close the store, truncate the
+//!    log there (recovery zeroes the tail and rebuilds the indexes) and reopen it. Only then is
+//!    the master's epoch history adopted: the other order could leave a diverged tail that
+//!    claims the master's epochs after a crash.
+//! 3. Append every `ReplData` with [`ShardStore::append_replicated`] (CRCs and positions
+//!    checked) and acknowledge `received` (appended) and `durable` (fdatasync covered it). When
+//!    the master wants durable acks, a syncer requests an fdatasync of what arrived (one group
+//!    commit covers many batches), whatever our own flush mode.
+//!
+//! A failed round is retried with backoff (100 ms doubling to 2 s); a refusal (layout
+//! mismatch, fencing) is logged as an error and retried slowly, since only an operator can fix
+//! it. A promotion ends the loop (see `server::handlers::promote`).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures_lite::future;
+use glommio::net::TcpStream;
+
+use crate::protocol::{
+    ErrorCode, Frame, Opcode, RemoteError, ReplAck, ReplData, ReplFollowRequest, Request,
+    Response,
+};
+use crate::replication::epoch::EpochHistory;
+use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
+use crate::replication::ReplicationError;
+use crate::shard::ShardContext;
+use crate::storage::{LogPosition, ShardStore};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const TOPIC_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Follows the master until this shard is promoted or the broker shuts down.
+pub async fn follow(ctx: Rc<ShardContext>) {
+    let Some(master) = ctx.config.master.clone() else {
+        log::error!("shard {}: role slave without a master address", ctx.shard);
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    while ctx.following() {
+        let id = ctx.tracker().begin_session(1);
+        let outcome = follow_once(&ctx, id, &master).await;
+        ctx.tracker().end_session(id);
+        if !ctx.following() {
+            break;
+        }
+        match outcome {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                let msg = e.to_string();
+                // A master that stays down would otherwise fill the log.
+                if msg != last_error {
+                    match e {
+                        ReplicationError::Refused { .. } => {
+                            log::error!("shard {}: {msg}", ctx.shard)
+                        }
+                        _ => log::warn!("shard {}: {msg}; retrying", ctx.shard),
+                    }
+                    last_error = msg;
+                }
+                if matches!(e, ReplicationError::Refused { .. }) {
+                    backoff = Duration::from_secs(5);
+                }
+            }
+        }
+        let wait = glommio::timer::sleep(backoff);
+        future::or(wait, async {
+            while ctx.following() {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        backoff = (backoff * 2).min(Duration::from_secs(2)).max(backoff);
+    }
+    log::info!("shard {}: stopped following {master}", ctx.shard);
+}
+
+/// A framed connection to one address of the master.
+struct Link {
+    peer: String,
+    reader: ReadHalf<TcpStream>,
+    writer: WriteHalf<TcpStream>,
+    buf: BytesMut,
+    next_id: u64,
+}
+
+impl Link {
+    async fn connect(peer: &str) -> Result<Link, ReplicationError> {
+        let io = |source| ReplicationError::Io {
+            peer: peer.to_string(),
+            source,
+        };
+        let stream = glommio::timer::timeout(CONNECT_TIMEOUT, async {
+            TcpStream::connect(peer).await.map_err(|e| {
+                glommio::GlommioError::IoError(std::io::Error::other(e.to_string()))
+            })
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.split();
+        Ok(Link {
+            peer: peer.to_string(),
+            reader,
+            writer,
+            buf: BytesMut::with_capacity(64 << 10),
+            next_id: 1,
+        })
+    }
+
+    fn protocol(&self, detail: impl Into<String>) -> ReplicationError {
+        ReplicationError::Protocol {
+            peer: self.peer.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    async fn send(&mut self, frame: &Frame) -> Result<(), ReplicationError> {
+        let mut out = BytesMut::new();
+        frame.encode(&mut out);
+        self.writer
+            .write_all(&out)
+            .await
+            .map_err(|source| ReplicationError::Io {
+                peer: self.peer.clone(),
+                source,
+            })
+    }
+
+    /// The next frame, waiting at most `timeout`.
+    async fn recv(&mut self, timeout: Duration) -> Result<Frame, ReplicationError> {
+        let mut chunk = vec![0u8; 256 << 10];
+        loop {
+            if let Some(f) = Frame::decode(&mut self.buf).map_err(|e| self.protocol(e.to_string()))? {
+                return Ok(f);
+            }
+            let n = glommio::timer::timeout(timeout, async {
+                Ok(self.reader.read(&mut chunk).await)
+            })
+            .await
+            .map_err(|_| self.protocol(format!("nothing heard for {timeout:?}")))?
+            .map_err(|source| ReplicationError::Io {
+                peer: self.peer.clone(),
+                source,
+            })?;
+            if n == 0 {
+                return Err(self.protocol("the master closed the connection"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// One request, one response (errors from the master become `Refused` or `Protocol`).
+    async fn call(&mut self, request: Request) -> Result<(Response, Bytes), ReplicationError> {
+        let opcode = request.opcode();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&request.to_frame(id, Bytes::new())).await?;
+        let frame = self.recv(CONNECT_TIMEOUT * 2).await?;
+        if frame.status != 0 {
+            let e = RemoteError::from_frame(&frame);
+            let refused = matches!(
+                e.code,
+                ErrorCode::ReplicationRefused | ErrorCode::NotMaster
+            );
+            let detail = format!("{opcode}: {e}");
+            return Err(if refused {
+                ReplicationError::Refused {
+                    peer: self.peer.clone(),
+                    detail,
+                }
+            } else {
+                self.protocol(detail)
+            });
+        }
+        let response =
+            Response::from_frame(opcode, &frame).map_err(|e| self.protocol(e.to_string()))?;
+        Ok((response, frame.body))
+    }
+}
+
+async fn follow_once(ctx: &Rc<ShardContext>, id: u64, master: &str) -> Result<(), ReplicationError> {
+    // 1. The master's layout (and, on shard 0, its topics).
+    let mut control = Link::connect(master).await?;
+    let info = match control.call(Request::BrokerInfo).await? {
+        (Response::BrokerInfo(info), _) => info,
+        (other, _) => return Err(control.protocol(format!("BrokerInfo answered with {other:?}"))),
+    };
+    if info.shards as usize != ctx.shards {
+        return Err(ReplicationError::Refused {
+            peer: master.to_string(),
+            detail: format!(
+                "the master has {} shards and this slave {}; run both with the same --cores",
+                info.shards, ctx.shards
+            ),
+        });
+    }
+    let Some(address) = info.shard_addresses.get(ctx.shard).cloned() else {
+        return Err(control.protocol("BrokerInfo lists no address for our shard"));
+    };
+    if ctx.shard == 0 {
+        sync_topics(ctx, &mut control).await?;
+    }
+
+    // 2. Agree on where to start.
+    let store = ctx.store();
+    let our_end = store.watermarks().appended.0;
+    let mut link = Link::connect(&address).await?;
+    let request = Request::ReplFollow(ReplFollowRequest {
+        shard: ctx.shard as u32,
+        shards: ctx.shards as u32,
+        segment_bytes: ctx.config.segment_bytes,
+        log_end: our_end,
+        epochs: ctx.epochs().entries().to_vec(),
+    });
+    let answer = match link.call(request).await? {
+        (Response::ReplFollowing(a), _) => a,
+        (other, _) => return Err(link.protocol(format!("ReplFollow answered with {other:?}"))),
+    };
+    let Some(history) = EpochHistory::from_entries(answer.epochs.clone()) else {
+        return Err(link.protocol("the master's epoch history is not ordered"));
+    };
+    if answer.start > our_end {
+        return Err(link.protocol(format!(
+            "the master would stream from {} but our log ends at {our_end}",
+            answer.start
+        )));
+    }
+    if history.current() < ctx.epochs().current() {
+        return Err(ReplicationError::Refused {
+            peer: address,
+            detail: format!(
+                "the master's epoch {} is older than ours {}: it was superseded",
+                history.current(),
+                ctx.epochs().current()
+            ),
+        });
+    }
+    if answer.start < our_end {
+        log::warn!(
+            "shard {}: our log diverged from the master's at {}; truncating {} bytes",
+            ctx.shard,
+            answer.start,
+            our_end - answer.start
+        );
+        truncate_store(ctx, answer.start).await?;
+    }
+    ctx.set_epochs(history)?;
+    let store = ctx.store();
+    let start = store.watermarks().appended.0;
+    ctx.tracker().streaming(id, start, answer.master_end);
+    ctx.tracker().note_end(answer.master_end);
+    log::info!(
+        "shard {}: following {address} from {start} (master log ends at {}, epoch {})",
+        ctx.shard,
+        answer.master_end,
+        ctx.epochs().current()
+    );
+
+    // 3. Stream.
+    let Link {
+        peer,
+        mut reader,
+        writer,
+        buf,
+        ..
+    } = link;
+    let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, answer.want_durable));
+    let topics = (ctx.shard == 0).then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
+    let result = receive(ctx, id, &peer, &mut reader, buf).await;
+    ctx.tracker().end_session(id);
+    let _ = acks.await;
+    if let Some(t) = topics {
+        let _ = t.await;
+    }
+    result
+}
+
+/// Appends what the master sends until the link fails or the session ends.
+async fn receive(
+    ctx: &Rc<ShardContext>,
+    id: u64,
+    peer: &str,
+    reader: &mut ReadHalf<TcpStream>,
+    mut buf: BytesMut,
+) -> Result<(), ReplicationError> {
+    let protocol = |detail: String| ReplicationError::Protocol {
+        peer: peer.to_string(),
+        detail,
+    };
+    let tracker = ctx.tracker();
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        while let Some(frame) = Frame::decode(&mut buf).map_err(|e| protocol(e.to_string()))? {
+            if frame.opcode != Opcode::ReplData.as_u16() {
+                return Err(protocol(format!("unexpected opcode {} on the stream", frame.opcode)));
+            }
+            let data = ReplData::from_frame(&frame).map_err(|e| protocol(e.to_string()))?;
+            tracker.note_end(data.master_end);
+            if !frame.body.is_empty() {
+                let store = ctx.store();
+                let end = store
+                    .append_replicated(LogPosition(data.position), &frame.body)
+                    .await?;
+                tracker.note_end(end.0.max(data.master_end));
+                tracker.on_progress(id, end.0, store.watermarks().durable.0);
+            }
+        }
+        if !tracker.is_current(id) || !ctx.following() {
+            return Ok(());
+        }
+        let read = async {
+            glommio::timer::timeout(LINK_TIMEOUT, async { Ok(reader.read(&mut chunk).await) })
+                .await
+                .map(Some)
+        };
+        // Wake up for a promotion or shutdown without waiting for the master.
+        let stop = async {
+            while tracker.is_current(id) && ctx.following() {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(None)
+        };
+        match future::or(read, stop).await {
+            Ok(None) => return Ok(()),
+            Err(_) => return Err(protocol(format!("nothing heard for {LINK_TIMEOUT:?}"))),
+            Ok(Some(Ok(0))) => return Err(protocol("the master closed the link".into())),
+            Ok(Some(Ok(n))) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Some(Err(source))) => {
+                return Err(ReplicationError::Io {
+                    peer: peer.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Acknowledges progress as it happens (and at least every heartbeat); with `want_durable`,
+/// also asks our flusher to make what arrived durable.
+async fn send_acks(
+    ctx: Rc<ShardContext>,
+    id: u64,
+    mut writer: WriteHalf<TcpStream>,
+    want_durable: bool,
+) {
+    let tracker = ctx.tracker();
+    let mut sent = (u64::MAX, u64::MAX);
+    let mut out = BytesMut::new();
+    let syncer = want_durable.then(|| {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            while ctx.tracker().is_current(id) {
+                let store = ctx.store();
+                let w = store.watermarks();
+                if w.durable < w.appended {
+                    if store.wait_durable(w.appended).await.is_err() {
+                        break;
+                    }
+                } else {
+                    let _ = glommio::timer::timeout(HEARTBEAT, async {
+                        store.wait_appended_beyond(w.appended).await;
+                        Ok(())
+                    })
+                    .await;
+                }
+            }
+        })
+    });
+    while tracker.is_current(id) {
+        let store = ctx.store();
+        let w = store.watermarks();
+        let now = (w.appended.0, w.durable.0);
+        tracker.on_progress(id, now.0, now.1);
+        if now != sent {
+            out.clear();
+            ReplAck {
+                received: now.0,
+                durable: now.1,
+            }
+            .to_frame(0)
+            .encode(&mut out);
+            if writer.write_all(&out).await.is_err() {
+                break;
+            }
+            sent = now;
+        }
+        let _ = glommio::timer::timeout(HEARTBEAT, async {
+            store
+                .wait_progress_beyond(LogPosition(now.0), LogPosition(now.1))
+                .await;
+            Ok(())
+        })
+        .await;
+        if sent == now {
+            // Heartbeat: say it again so the master knows we are alive.
+            sent = (u64::MAX, u64::MAX);
+        }
+    }
+    tracker.end_session(id);
+    let _ = writer.close().await;
+    if let Some(s) = syncer {
+        let _ = s.await;
+    }
+}
+
+/// Closes the store, truncates its log to `at` and reopens it.
+async fn truncate_store(ctx: &Rc<ShardContext>, at: u64) -> Result<(), ReplicationError> {
+    let old = ctx.store();
+    old.close().await?;
+    let (store, report) =
+        ShardStore::open_truncated(&ctx.shard_dir(), ctx.config.storage(), LogPosition(at)).await?;
+    log::warn!("shard {}: reopened after truncation: {report}", ctx.shard);
+    ctx.set_store(store);
+    Ok(())
+}
+
+/// Creates locally every topic the master has (shard 0 is the topic table's writer).
+async fn sync_topics(ctx: &Rc<ShardContext>, control: &mut Link) -> Result<(), ReplicationError> {
+    let topics = match control.call(Request::ListTopics).await? {
+        (Response::Topics(t), _) => t,
+        (other, _) => return Err(control.protocol(format!("ListTopics answered with {other:?}"))),
+    };
+    for t in topics {
+        if ctx.topic(&t.name).map(|m| m.queues) != Some(t.queues) {
+            crate::server::handlers::create_topic(ctx, &t.name, t.queues)
+                .await
+                .map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
+        }
+    }
+    Ok(())
+}
+
+async fn keep_topics_synced(ctx: Rc<ShardContext>, id: u64, mut control: Link) {
+    while ctx.tracker().is_current(id) {
+        glommio::timer::sleep(TOPIC_SYNC_INTERVAL).await;
+        if !ctx.tracker().is_current(id) {
+            break;
+        }
+        if let Err(e) = sync_topics(&ctx, &mut control).await {
+            log::debug!("shard 0: topic sync: {e}");
+            // The stream decides whether the master is gone; reconnect the control link.
+            match Link::connect(&control.peer).await {
+                Ok(l) => control = l,
+                Err(_) => continue,
+            }
+        }
+    }
+}

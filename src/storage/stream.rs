@@ -1,0 +1,297 @@
+//! The log as a stream of raw records, for replication.
+//!
+//! Master side: [`ShardStore::tail_take`] hands out records appended since the stream caught up,
+//! straight from memory (a [`TailFeed`] filled by `append`), so a caught-up replica receives a
+//! record while the master's own write and fdatasync are still under way; a replica that is
+//! behind reads the log with [`ShardStore::read_log`], in large reads, below `written`.
+//!
+//! Replica side: [`ShardStore::append_replicated`] appends records exactly as the master wrote
+//! them, at the same log positions, after checking their CRCs and that they continue this log.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::storage::backend::StorageBackend;
+use crate::storage::error::StorageError;
+use crate::storage::record::{RecordHeader, RecordView, HEADER_BYTES};
+use crate::storage::store::ShardStore;
+use crate::storage::LogPosition;
+
+/// Whole records starting at `position` (empty when nothing is available there yet).
+#[derive(Debug, Clone)]
+pub struct LogChunk {
+    pub position: LogPosition,
+    pub bytes: Bytes,
+    /// Where the next read starts (past this chunk, or past a segment's unused tail).
+    pub next: LogPosition,
+}
+
+/// Records appended while a replication stream is caught up, in order, in runs of contiguous
+/// positions of at most [`FEED_CHUNK_BYTES`] (a new run starts where the log rolled to a new
+/// segment). When more than `max_bytes` pile up (the replica stopped reading) the feed is
+/// dropped and the stream goes back to reading the log from disk.
+#[derive(Default)]
+pub(crate) struct TailFeed {
+    active: bool,
+    /// Every record appended at or after `from` is in `runs` (while active).
+    from: u64,
+    runs: VecDeque<(u64, BytesMut)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// Largest run handed out at once (a single larger record still goes whole).
+const FEED_CHUNK_BYTES: usize = 1 << 20;
+
+impl TailFeed {
+    pub(crate) fn push(&mut self, position: u64, parts: &[&[u8]]) {
+        if !self.active {
+            return;
+        }
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.bytes + len > self.max_bytes {
+            log::info!(
+                "replication: tail feed over {} bytes; the stream reads from disk",
+                self.max_bytes
+            );
+            *self = TailFeed::default();
+            return;
+        }
+        let extend = matches!(self.runs.back(), Some((p, b))
+            if p + b.len() as u64 == position && b.len() + len <= FEED_CHUNK_BYTES);
+        if !extend {
+            self.runs.push_back((position, BytesMut::with_capacity(len.max(64 << 10))));
+        }
+        let run = &mut self.runs.back_mut().expect("just ensured").1;
+        for p in parts {
+            run.extend_from_slice(p);
+        }
+        self.bytes += len;
+    }
+}
+
+impl<B: StorageBackend> ShardStore<B> {
+    /// Starts keeping appended records in memory for a stream that has sent everything below
+    /// `at`, if `at` is the append position now (returns false otherwise: the stream must read
+    /// the log first). At most `max_bytes` are kept.
+    pub fn tail_feed_start(&self, at: LogPosition, max_bytes: usize) -> bool {
+        if self.inner.log.st.borrow().append_pos != at.0 {
+            return false;
+        }
+        *self.inner.feed.borrow_mut() = TailFeed {
+            active: true,
+            from: at.0,
+            runs: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        };
+        true
+    }
+
+    pub fn tail_feed_stop(&self) {
+        *self.inner.feed.borrow_mut() = TailFeed::default();
+    }
+
+    /// Whether the feed holds every record from `from` on.
+    pub fn tail_feed_covers(&self, from: LogPosition) -> bool {
+        let f = self.inner.feed.borrow();
+        f.active && from.0 >= f.from
+    }
+
+    /// The next run of records at or after `from` from memory, if the feed covers `from` and has
+    /// one.
+    pub fn tail_take(&self, from: LogPosition) -> Option<LogChunk> {
+        let mut f = self.inner.feed.borrow_mut();
+        if !f.active || from.0 < f.from {
+            return None;
+        }
+        let (position, run) = f.runs.pop_front()?;
+        debug_assert!(position >= from.0, "feed run {position} below the stream at {}", from.0);
+        f.bytes -= run.len();
+        let next = position + run.len() as u64;
+        f.from = next;
+        Some(LogChunk {
+            position: LogPosition(position),
+            bytes: run.freeze(),
+            next: LogPosition(next),
+        })
+    }
+
+    /// Resolves once something is appended at or beyond `pos` (or the log is closing).
+    pub async fn wait_appended_beyond(&self, pos: LogPosition) {
+        let log = &self.inner.log;
+        self.inner
+            .appended
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.append_pos > pos.0 || st.closing || st.poisoned.is_some()
+            })
+            .await
+    }
+
+    /// Resolves once bytes beyond `pos` are written to the log files (starting the write of
+    /// buffered bytes now rather than at the next flush), or the log is closing.
+    pub async fn wait_written_beyond(&self, pos: LogPosition) {
+        let log = &self.inner.log;
+        if log.st.borrow().written <= pos.0 {
+            log.hand_off_partial();
+        }
+        log.changed
+            .wait_until(|| {
+                let st = log.st.borrow();
+                st.written > pos.0 || st.closing || st.poisoned.is_some()
+            })
+            .await
+    }
+
+    /// Whole records starting at `from`, read from the log files, at most `max_bytes` (but at
+    /// least one record), never past `written`. At the unused tail of a segment the chunk is
+    /// empty and `next` is the next segment's start.
+    pub async fn read_log(
+        &self,
+        from: LogPosition,
+        max_bytes: usize,
+    ) -> Result<LogChunk, StorageError> {
+        let log = &self.inner.log;
+        let (seg_base, seg_end, written) = {
+            let st = log.st.borrow();
+            if let Some(e) = st.poisoned_error() {
+                return Err(e);
+            }
+            let Some((_, seg)) = st.segments.range(..=from.0).next_back() else {
+                return Err(StorageError::OffsetOutOfRange {
+                    requested: from.0,
+                    min: st.segments.keys().next().copied().unwrap_or(0),
+                    end: st.append_pos,
+                });
+            };
+            (seg.base, seg.end(), st.written)
+        };
+        debug_assert!(from.0 >= seg_base);
+        let empty = |next: u64| LogChunk {
+            position: from,
+            bytes: Bytes::new(),
+            next: LogPosition(next),
+        };
+        let limit = written.min(seg_end);
+        if from.0 >= limit {
+            // At the end of a finished segment the stream moves to the next one.
+            let next = if from.0 == seg_end { seg_end } else { from.0 };
+            return Ok(empty(next));
+        }
+        let mut len = ((limit - from.0) as usize).min(max_bytes.max(HEADER_BYTES));
+        loop {
+            let bytes = log.read_range(from.0, len as u32).await?;
+            let mut at = 0usize;
+            let mut pos = from.0;
+            while at < bytes.len() {
+                match RecordView::parse_at(&bytes[at..], pos) {
+                    Ok(v) => {
+                        at += v.bytes.len();
+                        pos += v.bytes.len() as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if at > 0 {
+                let mut bytes = bytes;
+                bytes.truncate(at);
+                return Ok(LogChunk {
+                    position: from,
+                    bytes: Bytes::from(bytes),
+                    next: LogPosition(pos),
+                });
+            }
+            // No whole record at `from`: a record longer than this read, or the zero tail of
+            // a segment the log has rolled past.
+            match RecordHeader::decode(&bytes) {
+                Ok(h) if (h.total_len as usize) > len && from.0 + u64::from(h.total_len) <= limit => {
+                    len = h.total_len as usize;
+                }
+                _ if bytes.iter().all(|&b| b == 0) && written >= seg_end => {
+                    return Ok(empty(seg_end));
+                }
+                Ok(_) | Err(_) => {
+                    return Err(StorageError::Corrupt {
+                        position: from.0,
+                        detail: "no valid record where the replication stream continues".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Appends records a master sent, starting at `position`, exactly as they are (same log
+    /// positions, same queue offsets). Checks every CRC, that each record claims the position
+    /// it lands on (rolling to the next segment where the master rolled), and that its queue
+    /// offsets continue the queue. Returns the new append position. Nothing of a batch that
+    /// fails a check is appended from that record on.
+    pub async fn append_replicated(
+        &self,
+        position: LogPosition,
+        bytes: &[u8],
+    ) -> Result<LogPosition, StorageError> {
+        let log = &self.inner.log;
+        let mut at = 0usize;
+        let mut expect = position.0;
+        while at < bytes.len() {
+            let h = RecordHeader::decode(&bytes[at..])?;
+            let claimed = h.log_position;
+            let v = RecordView::parse_at(&bytes[at..], claimed)?;
+            let total = v.bytes.len() as u64;
+            if claimed < expect {
+                return Err(StorageError::Diverged {
+                    position: claimed,
+                    detail: format!("records out of order: expected {expect} or later"),
+                });
+            }
+            log.ensure_room(total).await?;
+            let append_pos = log.st.borrow().append_pos;
+            if append_pos != claimed {
+                return Err(StorageError::Diverged {
+                    position: claimed,
+                    detail: format!("this log continues at {append_pos}"),
+                });
+            }
+            {
+                let mut idx = self.inner.idx.borrow_mut();
+                let q = idx.queue_mut(v.topic, h.queue_id);
+                if q.next_offset != h.base_queue_offset {
+                    return Err(StorageError::Diverged {
+                        position: claimed,
+                        detail: format!(
+                            "queue {}/{} continues at offset {}, the record starts at {}",
+                            v.topic, h.queue_id, q.next_offset, h.base_queue_offset
+                        ),
+                    });
+                }
+                log.append_encoded(v.bytes);
+                idx.apply(v.topic, &h, v.body);
+            }
+            self.inner.appended.notify_all();
+            at += total as usize;
+            expect = claimed + total;
+        }
+        Ok(LogPosition(log.st.borrow().append_pos))
+    }
+}
+
+impl<B: StorageBackend> ShardStore<B> {
+    /// Resolves once the append position passes `appended` or the durable one passes
+    /// `durable` (or the log is closing): a replica's reason to acknowledge again.
+    pub async fn wait_progress_beyond(&self, appended: LogPosition, durable: LogPosition) {
+        let log = &self.inner.log;
+        let stop = || {
+            let st = log.st.borrow();
+            st.closing || st.poisoned.is_some()
+        };
+        let by_append = self.inner.appended.wait_until(|| {
+            stop() || log.st.borrow().append_pos > appended.0
+        });
+        let by_sync = log
+            .durable_changed
+            .wait_until(|| stop() || log.st.borrow().durable > durable.0);
+        futures_lite::future::or(by_append, by_sync).await
+    }
+}

@@ -1,0 +1,214 @@
+//! Replication on one host (loopback): a master and a slave embedded in this process, one shard
+//! each on its own core. The two-host drills (kill -9, partitions, rejoin) are in
+//! `replication_two_hosts.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
+use ringmq::config::CoreSelection;
+use ringmq::message::Message;
+use ringmq::protocol::ErrorCode;
+use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
+
+use common::{data_dir, test_config, TestBroker};
+
+fn core_for_slave() -> usize {
+    common::available_cores().min(2) - 1
+}
+
+fn master(mode: ReplicationMode) -> TestBroker {
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.cores = CoreSelection::List(vec![0]);
+    cfg.replication = mode;
+    cfg.replica_ack = ReplicaAck::Durable;
+    cfg.replica_timeout_ms = 2000;
+    TestBroker::start_with(cfg, tmp)
+}
+
+fn slave_of(master: &TestBroker) -> TestBroker {
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.cores = CoreSelection::List(vec![core_for_slave()]);
+    cfg.role = Role::Slave;
+    cfg.master = Some(master.addr());
+    TestBroker::start_with(cfg, tmp)
+}
+
+/// Waits until every shard of `master` streams to a slave that has all of its log.
+fn wait_caught_up(master: &TestBroker) {
+    let admin = Admin::connect(&master.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = admin.broker_stats().unwrap();
+        if stats
+            .iter()
+            .all(|s| s.replication.link == 2 && s.replication.lag_bytes == 0)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slave never caught up: {stats:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every message of `topic` (all queues), in queue then offset order.
+fn read_all(addr: &str, topic: &str, queues: u32) -> Vec<(u32, u64, Vec<u8>)> {
+    let consumer = Consumer::connect(addr).unwrap();
+    let mut out = Vec::new();
+    for q in 0..queues {
+        let mut offset = 0;
+        loop {
+            let f = consumer.fetch(topic, q, offset, Duration::ZERO).unwrap();
+            if f.messages.is_empty() {
+                break;
+            }
+            for m in f.messages {
+                out.push((q, m.offset, m.payload.to_vec()));
+            }
+            offset = f.next_offset;
+        }
+    }
+    out
+}
+
+fn remote_code(e: &ClientError) -> Option<ErrorCode> {
+    match e {
+        ClientError::Remote(r) => Some(r.code),
+        _ => None,
+    }
+}
+
+fn no_retries(addr: &str) -> Producer {
+    let mut cfg = ProducerConfig::new(addr);
+    cfg.retries = 0;
+    Producer::with_config(cfg).unwrap()
+}
+
+#[test]
+fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
+    let m = master(ReplicationMode::SyncMaster);
+    let s = slave_of(&m);
+    Admin::connect(&m.addr()).unwrap().create_topic("orders", 4).unwrap();
+    wait_caught_up(&m);
+    let producer = Producer::connect(&m.addr()).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..300u32 {
+        let body = format!("order-{i}").into_bytes();
+        let r = producer
+            .send("orders", QueueSelector::Queue(i % 4), &Message::new(body.clone()))
+            .unwrap();
+        acked.push((r.queue, r.offset, body));
+    }
+    // SYNC_MASTER with durable acks: whatever was acked is already on the slave, durable and
+    // readable there, with no waiting.
+    acked.sort();
+    let on_slave = read_all(&s.addr(), "orders", 4);
+    assert_eq!(on_slave, acked);
+    assert_eq!(read_all(&m.addr(), "orders", 4), acked);
+
+    let err = no_retries(&s.addr())
+        .send("orders", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    assert!(err.to_string().contains(&m.addr()), "names the master: {err}");
+    let info = Admin::connect(&s.addr()).unwrap().broker_info().unwrap();
+    assert_eq!(info.role, "slave");
+    assert_eq!(info.master_address, m.addr());
+}
+
+#[test]
+fn sync_master_without_a_slave_refuses_to_ack_and_hides_the_record() {
+    let m = master(ReplicationMode::SyncMaster);
+    Admin::connect(&m.addr()).unwrap().create_topic("t", 1).unwrap();
+    let err = no_retries(&m.addr())
+        .send("t", QueueSelector::Queue(0), &Message::new(&b"lonely"[..]))
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::SlaveNotAvailable), "{err}");
+    // Stored on the master, but consumers only see what the slave has.
+    assert!(read_all(&m.addr(), "t", 1).is_empty());
+
+    let s = slave_of(&m);
+    wait_caught_up(&m);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read_all(&m.addr(), "t", 1).is_empty() {
+        assert!(Instant::now() < deadline, "record never became visible");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_all(&s.addr(), "t", 1), vec![(0, 0, b"lonely".to_vec())]);
+}
+
+#[test]
+fn async_master_streams_a_backlog_to_a_new_empty_slave() {
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr()).unwrap().create_topic("bulk", 2).unwrap();
+    let producer = Producer::connect(&m.addr()).unwrap();
+    let payload = vec![7u8; 4000];
+    for i in 0..5000u32 {
+        producer
+            .send_async("bulk", QueueSelector::Queue(i % 2), &Message::new(payload.clone()), |r| {
+                r.expect("acked");
+            })
+            .unwrap();
+    }
+    producer.flush();
+    let s = slave_of(&m);
+    wait_caught_up(&m);
+    let on_master = read_all(&m.addr(), "bulk", 2);
+    assert_eq!(on_master.len(), 5000);
+    // The slave's visible end follows its own durability; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let on_slave = read_all(&s.addr(), "bulk", 2);
+        if on_slave == on_master {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slave has {} of 5000", on_slave.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = Admin::connect(&s.addr()).unwrap().broker_stats().unwrap();
+    assert_eq!(stats[0].replication.role, 1);
+    assert_eq!(stats[0].replication.lag_bytes, 0, "{stats:?}");
+}
+
+#[test]
+fn promote_turns_the_slave_into_a_master_with_a_new_epoch() {
+    let m = master(ReplicationMode::AsyncMaster);
+    let s = slave_of(&m);
+    Admin::connect(&m.addr()).unwrap().create_topic("p", 1).unwrap();
+    Producer::connect(&m.addr())
+        .unwrap()
+        .send("p", QueueSelector::Queue(0), &Message::new(&b"before"[..]))
+        .unwrap();
+    wait_caught_up(&m);
+    let master_epoch = Admin::connect(&m.addr()).unwrap().broker_info().unwrap().epoch;
+    let admin = Admin::connect(&s.addr()).unwrap();
+    let epoch = admin.promote().unwrap();
+    assert!(epoch > master_epoch, "new epoch {epoch} after {master_epoch}");
+    assert_eq!(admin.broker_info().unwrap().role, "master");
+    assert_eq!(admin.promote().unwrap(), epoch, "promoting a master changes nothing");
+    Producer::connect(&s.addr())
+        .unwrap()
+        .send("p", QueueSelector::Queue(0), &Message::new(&b"after"[..]))
+        .unwrap();
+    let got: Vec<Vec<u8>> = read_all(&s.addr(), "p", 1).into_iter().map(|m| m.2).collect();
+    assert_eq!(got, vec![b"before".to_vec(), b"after".to_vec()]);
+}
+
+#[test]
+fn a_slave_with_another_shard_count_is_refused_at_start() {
+    if common::available_cores() < 2 {
+        eprintln!("skipping: needs 2 cores");
+        return;
+    }
+    let m = master(ReplicationMode::AsyncMaster);
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.cores = CoreSelection::Count(2);
+    cfg.role = Role::Slave;
+    cfg.master = Some(m.addr());
+    let err = ringmq::shard::Broker::start(cfg).err().expect("refused");
+    assert!(err.to_string().contains("same --cores"), "{err}");
+}
