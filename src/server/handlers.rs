@@ -115,6 +115,12 @@ async fn execute(
         Request::Fetch(f) => fetch(ctx, f).await?,
         Request::QueueStats { topic } => (queue_stats(ctx, &topic).await?, empty),
         Request::BrokerStats => (broker_stats(ctx).await?, empty),
+        Request::Promote | Request::ReplFollow(_) => {
+            return Err(HandlerError::new(
+                ErrorCode::Internal,
+                "replication is not built yet",
+            ))
+        }
     })
 }
 
@@ -200,6 +206,9 @@ fn broker_info(ctx: &ShardContext) -> Response {
         flush_mode: ctx.config.flush_mode.to_string(),
         role: "master".to_string(),
         config_toml: ctx.config.to_toml(),
+        epoch: 0,
+        master_address: String::new(),
+        replication: String::new(),
     })
 }
 
@@ -358,6 +367,7 @@ fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
         flush_latency_us_total: m.flush_latency_sum_us,
         connections: ctx.open_connections() as u32,
         poisoned: m.poisoned,
+        replication: Default::default(),
     }
 }
 
