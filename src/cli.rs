@@ -18,10 +18,17 @@ pub enum AdminCommand {
     },
     /// Which shard and address serve each queue of a topic.
     Route { topic: String },
-    /// Broker version, shards, flush mode and effective config.
+    /// Broker version, shards, flush mode, replication and effective config.
     Info,
     /// Per-queue offsets and bytes of a topic.
     QueueStats { topic: String },
+    /// Make the broker (a slave) a master; prints `promoted: epoch <N>`.
+    Promote,
+    /// Replication state of every shard, one line each in a stable key=value format:
+    /// `shard=<i> role=<master|slave> epoch=<e> link=<none|connecting|streaming>
+    /// peer_received=<n> peer_durable=<n> log_end=<n> lag_bytes=<n> lag_ms=<n> catchup_bps=<n>
+    /// connects=<n>`.
+    Replication,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +94,15 @@ pub struct ConsumeArgs {
     pub print_offsets: bool,
 }
 
+/// `-` for an empty field: a broker with no master, or one that predates the field, sends "".
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
 pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
     let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
     let e = |e: ringmq::client::ClientError| e.to_string();
@@ -119,6 +135,9 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
             println!("shards      {}", info.shards);
             println!("flush mode  {}", info.flush_mode);
             println!("role        {}", info.role);
+            println!("epoch       {}", info.epoch);
+            println!("master      {}", or_dash(&info.master_address));
+            println!("replication {}", or_dash(&info.replication));
             println!("-- effective config --\n{}", info.config_toml);
         }
         AdminCommand::QueueStats { topic } => {
@@ -131,6 +150,30 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
                 println!(
                     "{:>5} {:>14} {:>14} {:>14}",
                     s.queue, s.min_offset, s.end_offset, s.bytes
+                );
+            }
+        }
+        AdminCommand::Promote => {
+            let epoch = admin.promote().map_err(e)?;
+            println!("promoted: epoch {epoch}");
+        }
+        AdminCommand::Replication => {
+            for s in admin.broker_stats().map_err(e)? {
+                let r = s.replication;
+                println!(
+                    "shard={} role={} epoch={} link={} peer_received={} peer_durable={} \
+                     log_end={} lag_bytes={} lag_ms={} catchup_bps={} connects={}",
+                    s.shard,
+                    r.role_name(),
+                    r.epoch,
+                    r.link_name(),
+                    r.peer_received,
+                    r.peer_durable,
+                    r.log_end,
+                    r.lag_bytes,
+                    r.lag_ms,
+                    r.catchup_bytes_per_sec,
+                    r.connects
                 );
             }
         }

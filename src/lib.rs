@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod message;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod storage;

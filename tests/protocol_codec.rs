@@ -1,17 +1,67 @@
-//! Codec tests over the public API: round trips of every request and response, incremental
-//! decoding, every preamble and header rejection, and seeded fuzz loops proving bad input is an
-//! error and never a panic.
+//! Codec tests over the public API: round trips of every request and response (and of the
+//! replication stream frames), incremental decoding, every preamble and header rejection,
+//! compatibility with headers from brokers that predate a field, and seeded fuzz loops proving
+//! bad input is an error and never a panic.
 
 use bytes::{Bytes, BytesMut};
+use flatbuffers::FlatBufferBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ringmq::message::{validate_batch, BatchBuilder, BatchError, BatchIter, Message};
+use ringmq::protocol::generated as fb;
 use ringmq::protocol::{
-    error_frame, error_frame_for, BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame,
-    FrameFlags, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, Request, Response,
-    RouteTable, TopicInfo, WireError, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_HEADER_BYTES,
-    PREAMBLE_BYTES,
+    error_frame, error_frame_for, BrokerInfo, EpochEntry, ErrorCode, FetchHeader, FetchRequest,
+    Frame, FrameFlags, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck,
+    ReplData, ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response, RouteTable,
+    ShardStats, TopicInfo, WireError, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_EPOCH_ENTRIES,
+    MAX_HEADER_BYTES, PREAMBLE_BYTES,
 };
+
+fn history() -> Vec<EpochEntry> {
+    vec![
+        EpochEntry { epoch: 1, start: 0 },
+        EpochEntry {
+            epoch: 2,
+            start: 1 << 30,
+        },
+        EpochEntry {
+            epoch: 5,
+            start: u64::MAX - 1,
+        },
+    ]
+}
+
+fn shard_stats(shard: u32, replication: ReplicaStats) -> ShardStats {
+    ShardStats {
+        shard,
+        written: 4096 * u64::from(shard + 1),
+        durable: 4096,
+        visible: 4096,
+        fsyncs: 3,
+        appends: 9,
+        unflushed_bytes: 0,
+        unflushed_bytes_max: 8192,
+        flush_latency_us_total: 1234,
+        connections: 2,
+        poisoned: shard == 1,
+        replication,
+    }
+}
+
+fn streaming_slave() -> ReplicaStats {
+    ReplicaStats {
+        role: ReplicaStats::ROLE_SLAVE,
+        epoch: 7,
+        link: ReplicaStats::LINK_STREAMING,
+        peer_received: 1 << 20,
+        peer_durable: 1 << 19,
+        log_end: (1 << 20) + 512,
+        lag_bytes: 512,
+        lag_ms: 3,
+        catchup_bytes_per_sec: 250_000_000,
+        connects: 2,
+    }
+}
 
 fn all_requests() -> Vec<Request> {
     vec![
@@ -53,6 +103,23 @@ fn all_requests() -> Vec<Request> {
         Request::QueueStats {
             topic: "ünïcödé".into(),
         },
+        Request::BrokerStats,
+        Request::Promote,
+        Request::ReplFollow(ReplFollowRequest {
+            shard: 3,
+            shards: 4,
+            segment_bytes: 1 << 30,
+            log_end: 123_456_789,
+            epochs: history(),
+        }),
+        // A follower that has never been written to.
+        Request::ReplFollow(ReplFollowRequest {
+            shard: 0,
+            shards: 1,
+            segment_bytes: 64 << 20,
+            log_end: 0,
+            epochs: vec![],
+        }),
     ]
 }
 
@@ -90,6 +157,21 @@ fn all_responses() -> Vec<Response> {
             flush_mode: "SYNC_FLUSH".into(),
             role: "master".into(),
             config_toml: "[broker]\ncores = 4\n".into(),
+            epoch: 0,
+            master_address: String::new(),
+            replication: String::new(),
+            shard_addresses: Vec::new(),
+        }),
+        Response::BrokerInfo(BrokerInfo {
+            version: "0.2.0".into(),
+            shards: 2,
+            flush_mode: "ASYNC_FLUSH".into(),
+            role: "slave".into(),
+            config_toml: String::new(),
+            epoch: 9,
+            master_address: "10.0.0.1:10911".into(),
+            replication: "SYNC_MASTER/durable".into(),
+            shard_addresses: vec!["10.0.0.2:10911".into(), "10.0.0.2:10912".into()],
         }),
         Response::Produced(ProduceAck {
             queue: 3,
@@ -117,6 +199,24 @@ fn all_responses() -> Vec<Response> {
                 bytes: 1,
             },
         ]),
+        Response::BrokerStats(vec![]),
+        Response::BrokerStats(vec![
+            shard_stats(0, ReplicaStats::default()),
+            shard_stats(1, streaming_slave()),
+        ]),
+        Response::Promoted { epoch: 8 },
+        Response::ReplFollowing(ReplFollowResponse {
+            start: 4096,
+            master_end: 1 << 40,
+            want_durable: true,
+            epochs: history(),
+        }),
+        Response::ReplFollowing(ReplFollowResponse {
+            start: 0,
+            master_end: 0,
+            want_durable: false,
+            epochs: vec![],
+        }),
     ]
 }
 
@@ -467,15 +567,33 @@ fn a_garbage_header_is_a_bad_header_or_harmless_never_a_panic() {
                 header: Bytes::from(garbage),
                 body: Bytes::new(),
             };
+            // Stream-only opcodes are refused before their header is looked at.
+            let expected_error = |e: &WireError| match e {
+                WireError::ReplicationStreamOnly { opcode: o, .. } => {
+                    opcode.is_replication_stream() && *o == opcode.as_u16()
+                }
+                WireError::BadHeader { .. } => !opcode.is_replication_stream(),
+                _ => false,
+            };
             if let Err(e) = Request::from_frame(&frame) {
-                assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+                assert!(expected_error(&e), "{e}");
+            }
+            if opcode == Opcode::ReplData {
+                if let Err(e) = ReplData::from_frame(&frame) {
+                    assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+                }
+            }
+            if opcode == Opcode::ReplAck {
+                if let Err(e) = ReplAck::from_frame(&frame) {
+                    assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+                }
             }
             let frame = Frame {
                 flags: FrameFlags::RESPONSE,
                 ..frame
             };
             if let Err(e) = Response::from_frame(opcode, &frame) {
-                assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+                assert!(expected_error(&e), "{e}");
             }
         }
     }
@@ -509,6 +627,8 @@ fn decode_all(bytes: &[u8]) {
         if let Some(opcode) = Opcode::from_u16(frame.opcode) {
             let _ = Response::from_frame(opcode, &frame);
         }
+        let _ = ReplData::from_frame(&frame);
+        let _ = ReplAck::from_frame(&frame);
         let _ = validate_batch(&frame.body, MAX_BATCH_MESSAGES);
     }
     let _ = Frame::decode_slice(bytes);
@@ -524,6 +644,10 @@ fn random_bytes_never_panic_the_decoder() {
     for (i, r) in all_responses().iter().enumerate() {
         r.to_frame(i as u64, Bytes::new()).encode(&mut valid);
     }
+    sample_repl_data()
+        .to_frame(1, sample_batch())
+        .encode(&mut valid);
+    sample_repl_ack().to_frame(2).encode(&mut valid);
     let valid = valid.freeze();
     let requests = all_requests();
     for i in 0..300_000u32 {
@@ -616,4 +740,455 @@ fn truncated_and_overlong_messages_fail_batch_validation() {
             ..
         })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication: the handshake, the stream frames, and headers from older brokers.
+// ---------------------------------------------------------------------------------------------
+
+fn sample_repl_data() -> ReplData {
+    ReplData {
+        position: 1 << 33,
+        master_end: (1 << 33) + 4096,
+        master_time_ms: 1_760_000_000_123,
+    }
+}
+
+fn sample_repl_ack() -> ReplAck {
+    ReplAck {
+        received: 1 << 33,
+        durable: (1 << 33) - 4096,
+    }
+}
+
+/// Encodes and decodes `frame` through bytes, as a peer would see it.
+fn through_bytes(frame: &Frame) -> Frame {
+    let mut bytes = encode(frame);
+    let decoded = Frame::decode(&mut bytes).unwrap().unwrap();
+    assert!(bytes.is_empty());
+    decoded
+}
+
+#[test]
+fn new_opcodes_and_error_code_have_their_pinned_numbers_and_names() {
+    let pinned = [
+        (Opcode::Promote, 7, "PROMOTE"),
+        (Opcode::ReplFollow, 20, "REPL_FOLLOW"),
+        (Opcode::ReplData, 21, "REPL_DATA"),
+        (Opcode::ReplAck, 22, "REPL_ACK"),
+    ];
+    for (opcode, n, name) in pinned {
+        assert_eq!(opcode.as_u16(), n);
+        assert_eq!(Opcode::from_u16(n), Some(opcode));
+        assert_eq!(opcode.to_string(), name);
+    }
+    let nums: Vec<u16> = Opcode::ALL.iter().map(|o| o.as_u16()).collect();
+    assert!(nums.windows(2).all(|w| w[0] < w[1]), "ALL in numeric order");
+    assert_eq!(ErrorCode::ReplicationRefused.as_u16(), 53);
+    assert_eq!(ErrorCode::from_u16(53), ErrorCode::ReplicationRefused);
+    assert_eq!(
+        ErrorCode::ReplicationRefused.to_string(),
+        "REPLICATION_REFUSED"
+    );
+    assert!(!ErrorCode::ReplicationRefused.is_retriable());
+}
+
+#[test]
+fn repl_data_with_a_body_round_trips_through_bytes() {
+    let data = sample_repl_data();
+    let body = sample_batch();
+    let decoded = through_bytes(&data.to_frame(77, body.clone()));
+    assert!(decoded.flags.is_oneway());
+    assert!(!decoded.flags.is_response());
+    assert_eq!(decoded.opcode, Opcode::ReplData.as_u16());
+    assert_eq!(decoded.request_id, 77);
+    assert_eq!(ReplData::from_frame(&decoded).unwrap(), data);
+    assert_eq!(decoded.body, body);
+}
+
+#[test]
+fn a_heartbeat_is_repl_data_with_an_empty_body() {
+    let heartbeat = ReplData {
+        position: 0,
+        master_end: 0,
+        master_time_ms: 0,
+    };
+    let decoded = through_bytes(&heartbeat.to_frame(0, Bytes::new()));
+    assert_eq!(ReplData::from_frame(&decoded).unwrap(), heartbeat);
+    assert!(decoded.body.is_empty());
+}
+
+#[test]
+fn repl_ack_round_trips_through_bytes() {
+    for ack in [
+        sample_repl_ack(),
+        ReplAck {
+            received: 0,
+            durable: 0,
+        },
+        ReplAck {
+            received: u64::MAX,
+            durable: u64::MAX,
+        },
+    ] {
+        let decoded = through_bytes(&ack.to_frame(5));
+        assert!(decoded.flags.is_oneway());
+        assert_eq!(decoded.opcode, Opcode::ReplAck.as_u16());
+        assert!(decoded.body.is_empty());
+        assert_eq!(ReplAck::from_frame(&decoded).unwrap(), ack);
+    }
+}
+
+#[test]
+fn stream_frames_are_not_read_as_each_other() {
+    let data = sample_repl_data().to_frame(1, Bytes::new());
+    let ack = sample_repl_ack().to_frame(2);
+    assert!(matches!(
+        ReplAck::from_frame(&data),
+        Err(WireError::OpcodeMismatch {
+            request_id: 1,
+            expected: 22,
+            found: 21
+        })
+    ));
+    assert!(matches!(
+        ReplData::from_frame(&ack),
+        Err(WireError::OpcodeMismatch {
+            request_id: 2,
+            expected: 21,
+            found: 22
+        })
+    ));
+    let ping = Request::Ping.to_frame(3, Bytes::new());
+    assert!(matches!(
+        ReplData::from_frame(&ping),
+        Err(WireError::OpcodeMismatch { found: 1, .. })
+    ));
+}
+
+#[test]
+fn an_error_frame_on_the_stream_is_the_peers_error() {
+    let frame = error_frame(
+        Opcode::ReplData.as_u16(),
+        4,
+        ErrorCode::ReplicationRefused,
+        "fenced",
+    );
+    let err = ReplData::from_frame(&through_bytes(&frame)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::ReplicationRefused);
+    assert_eq!(err.remote().unwrap().message, "fenced");
+}
+
+#[test]
+fn a_repl_data_frame_with_a_garbage_header_is_an_error_not_a_panic() {
+    let good = sample_repl_data().to_frame(6, sample_batch());
+    let must_fail = |header: &[u8]| match ReplData::from_frame(&with_header(good.clone(), header)) {
+        Err(WireError::BadHeader {
+            request_id: 6,
+            opcode: 21,
+            ..
+        }) => {}
+        other => panic!("header {header:?}: {other:?}"),
+    };
+    must_fail(&[]);
+    for len in 1..64 {
+        must_fail(&vec![0xff; len]);
+    }
+    // Cut at every length: caught, unless only the trailing zero padding went.
+    for cut in 1..good.header.len() {
+        if good.header[cut..].iter().any(|b| *b != 0) {
+            must_fail(&good.header[..cut]);
+        }
+    }
+    // Zeros are the one harmless garbage: from 4 bytes on they verify as a table whose vtable
+    // lists no fields, so every field reads as its default (FlatBuffers cannot make a scalar
+    // required). That is a heartbeat at position 0, not a panic or an out-of-range read.
+    for len in 1..64 {
+        match ReplData::from_frame(&with_header(good.clone(), &vec![0; len])) {
+            Err(WireError::BadHeader { .. }) => {}
+            Ok(ReplData {
+                position: 0,
+                master_end: 0,
+                master_time_ms: 0,
+            }) => {}
+            other => panic!("{len} zero bytes: {other:?}"),
+        }
+    }
+    // Seeded random headers and random mutations of the good one.
+    let mut rng = StdRng::seed_from_u64(0x5eed_0021);
+    for _ in 0..20_000 {
+        let header: Vec<u8> = if rng.gen_bool(0.5) {
+            let len = rng.gen_range(0..128);
+            (0..len).map(|_| rng.gen()).collect()
+        } else {
+            let mut h = good.header.to_vec();
+            for _ in 0..rng.gen_range(1..4) {
+                let at = rng.gen_range(0..h.len());
+                h[at] = rng.gen();
+            }
+            h
+        };
+        let frame = with_header(good.clone(), &header);
+        if let Err(e) = ReplData::from_frame(&frame) {
+            assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+        }
+        if let Err(e) = ReplAck::from_frame(&Frame {
+            opcode: Opcode::ReplAck.as_u16(),
+            ..frame
+        }) {
+            assert!(matches!(e, WireError::BadHeader { .. }), "{e}");
+        }
+    }
+}
+
+#[test]
+fn a_repl_ack_frame_is_not_an_ordinary_request() {
+    let frame = through_bytes(&sample_repl_ack().to_frame(31));
+    let err = Request::from_frame(&frame).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::ReplicationStreamOnly {
+            request_id: 31,
+            opcode: 22
+        }
+    );
+    // The broker can answer it like any other bad frame before closing.
+    let reply = error_frame_for(frame.opcode, &err).unwrap();
+    assert_eq!((reply.request_id, reply.opcode), (31, 22));
+    assert_eq!(ErrorCode::from_u16(reply.status), ErrorCode::MalformedFrame);
+
+    let data = through_bytes(&sample_repl_data().to_frame(32, sample_batch()));
+    assert!(matches!(
+        Request::from_frame(&data),
+        Err(WireError::ReplicationStreamOnly {
+            request_id: 32,
+            opcode: 21
+        })
+    ));
+    let mut as_response = data;
+    as_response.flags = FrameFlags::RESPONSE;
+    assert!(matches!(
+        Response::from_frame(Opcode::ReplData, &as_response),
+        Err(WireError::ReplicationStreamOnly { .. })
+    ));
+}
+
+#[test]
+fn the_longest_epoch_history_round_trips_and_a_longer_one_is_refused() {
+    let epochs: Vec<EpochEntry> = (0..MAX_EPOCH_ENTRIES as u64)
+        .map(|i| EpochEntry {
+            epoch: i + 1,
+            start: i << 20,
+        })
+        .collect();
+    let req = Request::ReplFollow(ReplFollowRequest {
+        shard: 1,
+        shards: 2,
+        segment_bytes: 1 << 30,
+        log_end: u64::MAX,
+        epochs: epochs.clone(),
+    });
+    let frame = through_bytes(&req.to_frame(8, Bytes::new()));
+    assert!(frame.header.len() <= MAX_HEADER_BYTES as usize);
+    assert_eq!(Request::from_frame(&frame).unwrap(), req);
+
+    // One more entry, written by hand since the encoder refuses it in debug builds.
+    let mut fbb = FlatBufferBuilder::new();
+    let items: Vec<fb::EpochEntry> = (0..=MAX_EPOCH_ENTRIES as u64)
+        .map(|i| fb::EpochEntry::new(i + 1, i))
+        .collect();
+    let items = fbb.create_vector(&items);
+    let args = fb::ReplFollowResponseArgs {
+        start: 0,
+        master_end: 0,
+        want_durable: false,
+        epochs: Some(items),
+    };
+    let root = fb::ReplFollowResponse::create(&mut fbb, &args);
+    fbb.finish_minimal(root);
+    let resp = Response::ReplFollowing(ReplFollowResponse {
+        start: 0,
+        master_end: 0,
+        want_durable: false,
+        epochs: vec![],
+    });
+    let frame = with_header(resp.to_frame(9, Bytes::new()), fbb.finished_data());
+    let err = Response::from_frame(Opcode::ReplFollow, &frame).unwrap_err();
+    assert!(
+        matches!(err, WireError::BadHeader { request_id: 9, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn promote_round_trips_and_accepts_an_empty_header() {
+    let frame = through_bytes(&Request::Promote.to_frame(1, Bytes::new()));
+    assert_eq!(Request::from_frame(&frame).unwrap(), Request::Promote);
+    let empty = with_header(frame, &[]);
+    assert_eq!(Request::from_frame(&empty).unwrap(), Request::Promote);
+    let resp = Response::Promoted { epoch: u64::MAX };
+    let frame = through_bytes(&resp.to_frame(1, Bytes::new()));
+    assert_eq!(Response::from_frame(Opcode::Promote, &frame).unwrap(), resp);
+}
+
+#[test]
+fn broker_stats_with_replicas_round_trip_by_shard_index() {
+    let mut master = streaming_slave();
+    master.role = ReplicaStats::ROLE_MASTER;
+    master.link = ReplicaStats::LINK_CONNECTING;
+    let shards = vec![
+        shard_stats(0, master),
+        shard_stats(1, streaming_slave()),
+        shard_stats(2, ReplicaStats::default()),
+    ];
+    let resp = Response::BrokerStats(shards.clone());
+    let frame = through_bytes(&resp.to_frame(2, Bytes::new()));
+    let Response::BrokerStats(got) = Response::from_frame(Opcode::BrokerStats, &frame).unwrap()
+    else {
+        panic!("not broker stats")
+    };
+    assert_eq!(got, shards);
+    assert_eq!(
+        (
+            got[0].replication.role_name(),
+            got[0].replication.link_name()
+        ),
+        ("master", "connecting")
+    );
+    assert_eq!(
+        (
+            got[1].replication.role_name(),
+            got[1].replication.link_name()
+        ),
+        ("slave", "streaming")
+    );
+    assert_eq!(got[2].replication.link_name(), "none");
+}
+
+#[test]
+fn replica_numbers_from_a_newer_broker_have_a_name_too() {
+    let r = ReplicaStats {
+        role: 9,
+        link: 200,
+        ..ReplicaStats::default()
+    };
+    assert_eq!((r.role_name(), r.link_name()), ("unknown", "unknown"));
+}
+
+/// A BrokerStats header as a broker from before replication writes it: no `replicas`.
+fn old_broker_stats_header(shards: &[ShardStats]) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::new();
+    let items: Vec<fb::ShardStats> = shards
+        .iter()
+        .map(|s| {
+            fb::ShardStats::new(
+                s.shard,
+                s.written,
+                s.durable,
+                s.visible,
+                s.fsyncs,
+                s.appends,
+                s.unflushed_bytes,
+                s.unflushed_bytes_max,
+                s.flush_latency_us_total,
+                s.connections,
+                s.poisoned,
+            )
+        })
+        .collect();
+    let items = fbb.create_vector(&items);
+    let args = fb::BrokerStatsResponseArgs {
+        shards: Some(items),
+        replicas: None,
+    };
+    let root = fb::BrokerStatsResponse::create(&mut fbb, &args);
+    fbb.finish_minimal(root);
+    fbb.finished_data().to_vec()
+}
+
+#[test]
+fn broker_stats_from_an_older_broker_read_default_replicas() {
+    let shards = vec![
+        shard_stats(0, ReplicaStats::default()),
+        shard_stats(1, ReplicaStats::default()),
+    ];
+    let frame = with_header(
+        Response::BrokerStats(vec![]).to_frame(3, Bytes::new()),
+        &old_broker_stats_header(&shards),
+    );
+    assert_eq!(
+        Response::from_frame(Opcode::BrokerStats, &frame).unwrap(),
+        Response::BrokerStats(shards)
+    );
+}
+
+#[test]
+fn fewer_replicas_than_shards_leave_the_rest_at_defaults() {
+    let mut fbb = FlatBufferBuilder::new();
+    let shards: Vec<fb::ShardStats> = (0..3)
+        .map(|i| fb::ShardStats::new(i, 0, 0, 0, 0, 0, 0, 0, 0, 0, false))
+        .collect();
+    let shards = fbb.create_vector(&shards);
+    let replicas = fbb.create_vector(&[fb::ReplicaStats::new(1, 2, 7, 0, 0, 0, 0, 0, 0, 1)]);
+    let args = fb::BrokerStatsResponseArgs {
+        shards: Some(shards),
+        replicas: Some(replicas),
+    };
+    let root = fb::BrokerStatsResponse::create(&mut fbb, &args);
+    fbb.finish_minimal(root);
+    let frame = with_header(
+        Response::BrokerStats(vec![]).to_frame(3, Bytes::new()),
+        fbb.finished_data(),
+    );
+    let Response::BrokerStats(got) = Response::from_frame(Opcode::BrokerStats, &frame).unwrap()
+    else {
+        panic!("not broker stats")
+    };
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        (got[0].replication.epoch, got[0].replication.link_name()),
+        (7, "streaming")
+    );
+    assert_eq!(got[1].replication, ReplicaStats::default());
+    assert_eq!(got[2].replication, ReplicaStats::default());
+}
+
+#[test]
+fn broker_info_from_an_older_broker_reads_empty_replication_fields() {
+    let mut fbb = FlatBufferBuilder::new();
+    let version = fbb.create_string("0.1.0");
+    let flush_mode = fbb.create_string("ASYNC_FLUSH");
+    let role = fbb.create_string("master");
+    let config_toml = fbb.create_string("");
+    let args = fb::BrokerInfoResponseArgs {
+        version: Some(version),
+        shards: 2,
+        flush_mode: Some(flush_mode),
+        role: Some(role),
+        config_toml: Some(config_toml),
+        ..Default::default()
+    };
+    let root = fb::BrokerInfoResponse::create(&mut fbb, &args);
+    fbb.finish_minimal(root);
+    let frame = with_header(
+        Response::Pong.to_frame(4, Bytes::new()),
+        fbb.finished_data(),
+    );
+    let frame = Frame {
+        opcode: Opcode::BrokerInfo.as_u16(),
+        ..frame
+    };
+    let Response::BrokerInfo(info) = Response::from_frame(Opcode::BrokerInfo, &frame).unwrap()
+    else {
+        panic!("not broker info")
+    };
+    assert_eq!(
+        (
+            info.epoch,
+            info.master_address.as_str(),
+            info.replication.as_str()
+        ),
+        (0, "", "")
+    );
+    assert_eq!((info.shards, info.role.as_str()), (2, "master"));
 }

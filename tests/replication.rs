@@ -49,7 +49,10 @@ fn wait_caught_up(master: &TestBroker) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "slave never caught up: {stats:?}");
+        assert!(
+            Instant::now() < deadline,
+            "slave never caught up: {stats:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -91,14 +94,21 @@ fn no_retries(addr: &str) -> Producer {
 fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
     let m = master(ReplicationMode::SyncMaster);
     let s = slave_of(&m);
-    Admin::connect(&m.addr()).unwrap().create_topic("orders", 4).unwrap();
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("orders", 4)
+        .unwrap();
     wait_caught_up(&m);
     let producer = Producer::connect(&m.addr()).unwrap();
     let mut acked = Vec::new();
     for i in 0..300u32 {
         let body = format!("order-{i}").into_bytes();
         let r = producer
-            .send("orders", QueueSelector::Queue(i % 4), &Message::new(body.clone()))
+            .send(
+                "orders",
+                QueueSelector::Queue(i % 4),
+                &Message::new(body.clone()),
+            )
             .unwrap();
         acked.push((r.queue, r.offset, body));
     }
@@ -113,7 +123,10 @@ fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
         .send("orders", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
         .unwrap_err();
     assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
-    assert!(err.to_string().contains(&m.addr()), "names the master: {err}");
+    assert!(
+        err.to_string().contains(&m.addr()),
+        "names the master: {err}"
+    );
     let info = Admin::connect(&s.addr()).unwrap().broker_info().unwrap();
     assert_eq!(info.role, "slave");
     assert_eq!(info.master_address, m.addr());
@@ -122,11 +135,18 @@ fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
 #[test]
 fn sync_master_without_a_slave_refuses_to_ack_and_hides_the_record() {
     let m = master(ReplicationMode::SyncMaster);
-    Admin::connect(&m.addr()).unwrap().create_topic("t", 1).unwrap();
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
     let err = no_retries(&m.addr())
         .send("t", QueueSelector::Queue(0), &Message::new(&b"lonely"[..]))
         .unwrap_err();
-    assert_eq!(remote_code(&err), Some(ErrorCode::SlaveNotAvailable), "{err}");
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::SlaveNotAvailable),
+        "{err}"
+    );
     // Stored on the master, but consumers only see what the slave has.
     assert!(read_all(&m.addr(), "t", 1).is_empty());
 
@@ -137,20 +157,31 @@ fn sync_master_without_a_slave_refuses_to_ack_and_hides_the_record() {
         assert!(Instant::now() < deadline, "record never became visible");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(read_all(&s.addr(), "t", 1), vec![(0, 0, b"lonely".to_vec())]);
+    assert_eq!(
+        read_all(&s.addr(), "t", 1),
+        vec![(0, 0, b"lonely".to_vec())]
+    );
 }
 
 #[test]
 fn async_master_streams_a_backlog_to_a_new_empty_slave() {
     let m = master(ReplicationMode::AsyncMaster);
-    Admin::connect(&m.addr()).unwrap().create_topic("bulk", 2).unwrap();
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("bulk", 2)
+        .unwrap();
     let producer = Producer::connect(&m.addr()).unwrap();
     let payload = vec![7u8; 4000];
     for i in 0..5000u32 {
         producer
-            .send_async("bulk", QueueSelector::Queue(i % 2), &Message::new(payload.clone()), |r| {
-                r.expect("acked");
-            })
+            .send_async(
+                "bulk",
+                QueueSelector::Queue(i % 2),
+                &Message::new(payload.clone()),
+                |r| {
+                    r.expect("acked");
+                },
+            )
             .unwrap();
     }
     producer.flush();
@@ -165,7 +196,11 @@ fn async_master_streams_a_backlog_to_a_new_empty_slave() {
         if on_slave == on_master {
             break;
         }
-        assert!(Instant::now() < deadline, "slave has {} of 5000", on_slave.len());
+        assert!(
+            Instant::now() < deadline,
+            "slave has {} of 5000",
+            on_slave.len()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let stats = Admin::connect(&s.addr()).unwrap().broker_stats().unwrap();
@@ -177,23 +212,40 @@ fn async_master_streams_a_backlog_to_a_new_empty_slave() {
 fn promote_turns_the_slave_into_a_master_with_a_new_epoch() {
     let m = master(ReplicationMode::AsyncMaster);
     let s = slave_of(&m);
-    Admin::connect(&m.addr()).unwrap().create_topic("p", 1).unwrap();
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("p", 1)
+        .unwrap();
     Producer::connect(&m.addr())
         .unwrap()
         .send("p", QueueSelector::Queue(0), &Message::new(&b"before"[..]))
         .unwrap();
     wait_caught_up(&m);
-    let master_epoch = Admin::connect(&m.addr()).unwrap().broker_info().unwrap().epoch;
+    let master_epoch = Admin::connect(&m.addr())
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
     let admin = Admin::connect(&s.addr()).unwrap();
     let epoch = admin.promote().unwrap();
-    assert!(epoch > master_epoch, "new epoch {epoch} after {master_epoch}");
+    assert!(
+        epoch > master_epoch,
+        "new epoch {epoch} after {master_epoch}"
+    );
     assert_eq!(admin.broker_info().unwrap().role, "master");
-    assert_eq!(admin.promote().unwrap(), epoch, "promoting a master changes nothing");
+    assert_eq!(
+        admin.promote().unwrap(),
+        epoch,
+        "promoting a master changes nothing"
+    );
     Producer::connect(&s.addr())
         .unwrap()
         .send("p", QueueSelector::Queue(0), &Message::new(&b"after"[..]))
         .unwrap();
-    let got: Vec<Vec<u8>> = read_all(&s.addr(), "p", 1).into_iter().map(|m| m.2).collect();
+    let got: Vec<Vec<u8>> = read_all(&s.addr(), "p", 1)
+        .into_iter()
+        .map(|m| m.2)
+        .collect();
     assert_eq!(got, vec![b"before".to_vec(), b"after".to_vec()]);
 }
 

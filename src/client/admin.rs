@@ -1,4 +1,5 @@
-//! Control requests: ping, topics, routes, broker info, queue statistics.
+//! Control requests: ping, topics, routes, broker info, queue and broker statistics,
+//! promotion.
 
 use std::time::{Duration, Instant};
 
@@ -84,10 +85,20 @@ impl Admin {
         }
     }
 
-    /// Counters and watermarks of every shard.
+    /// Counters, watermarks and replication state ([`ShardStats::replication`]) of every
+    /// shard.
     pub fn broker_stats(&self) -> Result<Vec<ShardStats>, ClientError> {
         match self.call(Request::BrokerStats)? {
             Response::BrokerStats(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Makes the connected broker a master and returns the epoch it entered. Promotion is per
+    /// broker, so this goes to the broker at the address connected to, not to a shard owner.
+    pub fn promote(&self) -> Result<u64, ClientError> {
+        match self.call(Request::Promote)? {
+            Response::Promoted { epoch } => Ok(epoch),
             r => Err(unexpected(r)),
         }
     }

@@ -71,6 +71,10 @@ pub enum ErrorCode {
     SlaveNotAvailable = 51,
     /// A write reached a broker that is not (or no longer) the master.
     NotMaster = 52,
+    /// A follow request was refused (shard count or segment size mismatch, or the follower's
+    /// epoch is newer: the master is fenced). Retrying the same request cannot help: the
+    /// configuration or the roles must change first.
+    ReplicationRefused = 53,
     /// The broker is shutting down; retry on another broker or after restart.
     ShuttingDown = 60,
     /// A number this build does not know, kept as received. The discriminant is a placeholder:
@@ -80,7 +84,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, in numeric order. Used by tests to pin the numbers.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::Ok,
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
@@ -105,6 +109,7 @@ impl ErrorCode {
         ErrorCode::FlushSlaveTimeout,
         ErrorCode::SlaveNotAvailable,
         ErrorCode::NotMaster,
+        ErrorCode::ReplicationRefused,
         ErrorCode::ShuttingDown,
     ];
 
@@ -135,6 +140,7 @@ impl ErrorCode {
             ErrorCode::FlushSlaveTimeout => 50,
             ErrorCode::SlaveNotAvailable => 51,
             ErrorCode::NotMaster => 52,
+            ErrorCode::ReplicationRefused => 53,
             ErrorCode::ShuttingDown => 60,
             ErrorCode::Unknown(n) => n,
         }
@@ -167,6 +173,7 @@ impl ErrorCode {
             50 => ErrorCode::FlushSlaveTimeout,
             51 => ErrorCode::SlaveNotAvailable,
             52 => ErrorCode::NotMaster,
+            53 => ErrorCode::ReplicationRefused,
             60 => ErrorCode::ShuttingDown,
             n => ErrorCode::Unknown(n),
         }
@@ -213,6 +220,7 @@ impl ErrorCode {
             ErrorCode::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
             ErrorCode::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
             ErrorCode::NotMaster => "NOT_MASTER",
+            ErrorCode::ReplicationRefused => "REPLICATION_REFUSED",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Unknown(_) => "UNKNOWN",
         }
@@ -310,13 +318,21 @@ pub enum WireError {
         expected: &'static str,
     },
 
-    /// A response whose opcode is not the one of the request it answers.
-    #[error("request {request_id}: response opcode {found}, expected {expected}")]
+    /// A response whose opcode is not the one of the request it answers, or a replication
+    /// stream frame of the other kind (a ReplAck where a ReplData was expected).
+    #[error("request {request_id}: opcode {found}, expected {expected}")]
     OpcodeMismatch {
         request_id: u64,
         expected: u16,
         found: u16,
     },
+
+    /// A replication stream opcode (ReplData, ReplAck) read as an ordinary request or
+    /// response. Those frames only follow a ReplFollow handshake and are read with
+    /// `ReplData::from_frame` / `ReplAck::from_frame`; on any other connection they mean a
+    /// confused or hostile peer.
+    #[error("request {request_id}: opcode {opcode} is only valid on a replication stream")]
+    ReplicationStreamOnly { request_id: u64, opcode: u16 },
 
     /// The broker answered with an error status.
     #[error("request {request_id}: broker error {error}")]
@@ -338,6 +354,7 @@ impl WireError {
             | WireError::BadHeader { request_id, .. }
             | WireError::WrongDirection { request_id, .. }
             | WireError::OpcodeMismatch { request_id, .. }
+            | WireError::ReplicationStreamOnly { request_id, .. }
             | WireError::Remote { request_id, .. } => Some(*request_id),
         }
     }
@@ -350,7 +367,8 @@ impl WireError {
             | WireError::InvalidFlags { .. }
             | WireError::StatusInRequest { .. }
             | WireError::WrongDirection { .. }
-            | WireError::OpcodeMismatch { .. } => ErrorCode::MalformedFrame,
+            | WireError::OpcodeMismatch { .. }
+            | WireError::ReplicationStreamOnly { .. } => ErrorCode::MalformedFrame,
             WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             WireError::HeaderTooLarge { .. } | WireError::BodyTooLarge { .. } => {
                 ErrorCode::FrameTooLarge
@@ -377,9 +395,9 @@ mod tests {
 
     #[test]
     fn error_code_numbers_are_pinned() {
-        let expected: [u16; 25] = [
+        let expected: [u16; 26] = [
             0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24, 30, 31, 32, 33, 40, 41, 42, 43, 50, 51, 52,
-            60,
+            53, 60,
         ];
         let got: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
         assert_eq!(got, expected);

@@ -28,6 +28,12 @@ pub const MAX_FRAME_BYTES: usize =
 /// 24-byte messages would otherwise be ~700 000 messages).
 pub const MAX_BATCH_MESSAGES: u32 = 65_536;
 
+/// Most entries in an epoch history (ReplFollow request and response). A shard gains one entry
+/// per promotion, so a thousand is decades of failovers; at 16 bytes each the history stays at
+/// 16 KiB, a quarter of [`MAX_HEADER_BYTES`], leaving room for the rest of the header. Checked
+/// before the entries are copied out of the header.
+pub const MAX_EPOCH_ENTRIES: usize = 1024;
+
 /// Longest error message put in an error response body. Error text is for humans; cutting it
 /// keeps a pathological error (say, one quoting user input) from producing a large frame.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4 * 1024;

@@ -10,16 +10,24 @@
 //! | 3 ListTopics | `ListTopicsRequest` | `ListTopicsResponse` | – | – |
 //! | 4 GetRoute | `GetRouteRequest` | `RouteResponse` | – | – |
 //! | 5 BrokerInfo | `BrokerInfoRequest` | `BrokerInfoResponse` | – | – |
+//! | 6 BrokerStats | `BrokerStatsRequest` | `BrokerStatsResponse` | – | – |
+//! | 7 Promote | `PromoteRequest` | `PromoteResponse` | – | – |
 //! | 10 Produce | `ProduceRequest` | `ProduceResponse` | message batch | – |
 //! | 11 Fetch | `FetchRequest` | `FetchResponse` | – | stored batches |
 //! | 12 QueueStats | `QueueStatsRequest` | `QueueStatsResponse` | – | – |
-//! | 6 BrokerStats | `BrokerStatsRequest` | `BrokerStatsResponse` | – | – |
+//! | 20 ReplFollow | `ReplFollowRequest` | `ReplFollowResponse` | – | – |
+//! | 21 ReplData | `ReplData` (ONEWAY, stream only) | – | CommitLog bytes | – |
+//! | 22 ReplAck | `ReplAck` (ONEWAY, stream only) | – | – | – |
 //!
 //! A response with a non-zero status is an error response: empty header, UTF-8 message as body
 //! (see [`error_frame`] and [`RemoteError::from_frame`]). Headers from the network are read with
 //! [`HEADER_VERIFIER`]'s limits; a header that fails is a [`WireError::BadHeader`], never a panic.
-//! Field-less tables (Ping, ListTopics, BrokerInfo requests and Pong) may also be sent as an
-//! empty header.
+//! Field-less tables (Ping, ListTopics, BrokerInfo, BrokerStats, Promote requests and Pong) may
+//! also be sent as an empty header.
+//!
+//! ReplData and ReplAck belong to a replication connection (see [`super::replication`]) and are
+//! read only there: [`Request::from_frame`] and [`Response::from_frame`] refuse them with
+//! [`WireError::ReplicationStreamOnly`].
 
 use std::fmt;
 
@@ -30,6 +38,7 @@ use super::error::{ErrorCode, RemoteError, WireError};
 use super::frame::{Frame, FrameFlags};
 use super::generated as fb;
 use super::limits::{HEADER_VERIFIER, MAX_ERROR_MESSAGE_BYTES};
+use super::replication::{ReplFollowRequest, ReplFollowResponse};
 
 /// What a frame asks for. Numbers are stable; a retired opcode is never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,24 +49,36 @@ pub enum Opcode {
     ListTopics = 3,
     GetRoute = 4,
     BrokerInfo = 5,
+    BrokerStats = 6,
+    /// Admin: turn this broker (a slave) into a master in a new epoch.
+    Promote = 7,
     Produce = 10,
     Fetch = 11,
     QueueStats = 12,
-    BrokerStats = 6,
+    /// Slave to master, the first frame of a replication connection.
+    ReplFollow = 20,
+    /// Master to slave on a replication connection: raw CommitLog bytes as the body.
+    ReplData = 21,
+    /// Slave to master on a replication connection: received and durable positions.
+    ReplAck = 22,
 }
 
 impl Opcode {
     /// Every opcode, in numeric order.
-    pub const ALL: [Opcode; 9] = [
+    pub const ALL: [Opcode; 13] = [
         Opcode::Ping,
         Opcode::CreateTopic,
         Opcode::ListTopics,
         Opcode::GetRoute,
         Opcode::BrokerInfo,
+        Opcode::BrokerStats,
+        Opcode::Promote,
         Opcode::Produce,
         Opcode::Fetch,
         Opcode::QueueStats,
-        Opcode::BrokerStats,
+        Opcode::ReplFollow,
+        Opcode::ReplData,
+        Opcode::ReplAck,
     ];
 
     /// The number sent on the wire.
@@ -73,10 +94,14 @@ impl Opcode {
             3 => Opcode::ListTopics,
             4 => Opcode::GetRoute,
             5 => Opcode::BrokerInfo,
+            6 => Opcode::BrokerStats,
+            7 => Opcode::Promote,
             10 => Opcode::Produce,
             11 => Opcode::Fetch,
             12 => Opcode::QueueStats,
-            6 => Opcode::BrokerStats,
+            20 => Opcode::ReplFollow,
+            21 => Opcode::ReplData,
+            22 => Opcode::ReplAck,
             _ => return None,
         })
     }
@@ -89,11 +114,21 @@ impl Opcode {
             Opcode::ListTopics => "LIST_TOPICS",
             Opcode::GetRoute => "GET_ROUTE",
             Opcode::BrokerInfo => "BROKER_INFO",
+            Opcode::BrokerStats => "BROKER_STATS",
+            Opcode::Promote => "PROMOTE",
             Opcode::Produce => "PRODUCE",
             Opcode::Fetch => "FETCH",
             Opcode::QueueStats => "QUEUE_STATS",
-            Opcode::BrokerStats => "BROKER_STATS",
+            Opcode::ReplFollow => "REPL_FOLLOW",
+            Opcode::ReplData => "REPL_DATA",
+            Opcode::ReplAck => "REPL_ACK",
         }
+    }
+
+    /// Whether frames with this opcode only travel on a replication connection after the
+    /// ReplFollow handshake, never as ordinary requests or responses.
+    pub const fn is_replication_stream(self) -> bool {
+        matches!(self, Opcode::ReplData | Opcode::ReplAck)
     }
 }
 
@@ -134,6 +169,10 @@ pub struct FetchRequest {
 }
 
 /// A request, as a client sends it and a broker handles it.
+///
+/// `Promote` makes the broker that receives it a master and is answered with
+/// [`Response::Promoted`]. `ReplFollow` opens a replication connection and is answered with
+/// [`Response::ReplFollowing`] or an error (REPLICATION_REFUSED); see [`super::replication`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Ping,
@@ -145,6 +184,8 @@ pub enum Request {
     Fetch(FetchRequest),
     QueueStats { topic: String },
     BrokerStats,
+    Promote,
+    ReplFollow(ReplFollowRequest),
 }
 
 /// One topic in a ListTopics response.
@@ -177,10 +218,19 @@ pub struct BrokerInfo {
     pub shards: u32,
     /// `SYNC_FLUSH` or `ASYNC_FLUSH`.
     pub flush_mode: String,
-    /// `master` or `slave` (and the replication mode, as the broker reports it).
+    /// `master` or `slave`.
     pub role: String,
     /// The effective configuration.
     pub config_toml: String,
+    /// The broker's current epoch (0 from a broker that predates replication).
+    pub epoch: u64,
+    /// `host:port` of the master this broker follows; empty when it follows none.
+    pub master_address: String,
+    /// The replication mode, e.g. `ASYNC_MASTER` or `SYNC_MASTER/durable`; empty from a broker
+    /// that predates replication.
+    pub replication: String,
+    /// `host:port` of each shard's listener, by shard index.
+    pub shard_addresses: Vec<String>,
 }
 
 /// The ack of a Produce request.
@@ -216,6 +266,9 @@ pub struct QueueStat {
 }
 
 /// A successful response. Errors travel as [`error_frame`]s instead.
+///
+/// `Promoted` carries the epoch the broker entered as a master. `ReplFollowing` accepts a
+/// follower; the ReplData stream follows on the same connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     Pong,
@@ -227,6 +280,8 @@ pub enum Response {
     Fetched(FetchHeader),
     QueueStats(Vec<QueueStat>),
     BrokerStats(Vec<ShardStats>),
+    Promoted { epoch: u64 },
+    ReplFollowing(ReplFollowResponse),
 }
 
 /// Counters and watermarks of one shard; log positions are bytes into its CommitLog.
@@ -243,15 +298,68 @@ pub struct ShardStats {
     pub flush_latency_us_total: u64,
     pub connections: u32,
     pub poisoned: bool,
+    /// Replication state of the shard; defaults when the broker predates replication.
+    pub replication: ReplicaStats,
 }
 
-fn finish<T>(mut fbb: FlatBufferBuilder<'_>, root: WIPOffset<T>) -> Bytes {
+/// Replication state of one shard, from its own point of view. Travels next to
+/// [`ShardStats`] (the wire struct of which has a fixed layout) as a separate struct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaStats {
+    /// 0 = master, 1 = slave.
+    pub role: u8,
+    /// Current epoch of this shard's log history.
+    pub epoch: u64,
+    /// 0 = no peer, 1 = connecting / handshaking, 2 = streaming.
+    pub link: u8,
+    /// Master: the slave's acknowledged received / durable positions. Slave: its own
+    /// appended / durable.
+    pub peer_received: u64,
+    pub peer_durable: u64,
+    /// Master: its own log end. Slave: the master's log end as last heard.
+    pub log_end: u64,
+    pub lag_bytes: u64,
+    pub lag_ms: u64,
+    pub catchup_bytes_per_sec: u64,
+    /// Times the replication link (re)connected since start.
+    pub connects: u64,
+}
+
+impl ReplicaStats {
+    pub const ROLE_MASTER: u8 = 0;
+    pub const ROLE_SLAVE: u8 = 1;
+    pub const LINK_NONE: u8 = 0;
+    pub const LINK_CONNECTING: u8 = 1;
+    pub const LINK_STREAMING: u8 = 2;
+
+    /// `master` or `slave`; `unknown` for a number from a newer broker, so a report never
+    /// fails on it.
+    pub const fn role_name(self) -> &'static str {
+        match self.role {
+            Self::ROLE_MASTER => "master",
+            Self::ROLE_SLAVE => "slave",
+            _ => "unknown",
+        }
+    }
+
+    /// `none`, `connecting` or `streaming`; `unknown` for a number from a newer broker.
+    pub const fn link_name(self) -> &'static str {
+        match self.link {
+            Self::LINK_NONE => "none",
+            Self::LINK_CONNECTING => "connecting",
+            Self::LINK_STREAMING => "streaming",
+            _ => "unknown",
+        }
+    }
+}
+
+pub(super) fn finish<T>(mut fbb: FlatBufferBuilder<'_>, root: WIPOffset<T>) -> Bytes {
     fbb.finish_minimal(root);
     Bytes::copy_from_slice(fbb.finished_data())
 }
 
 /// Verifies `frame.header` as a `T` with the network limits.
-fn verify<'a, T>(frame: &'a Frame) -> Result<T::Inner, WireError>
+pub(super) fn verify<'a, T>(frame: &'a Frame) -> Result<T::Inner, WireError>
 where
     T: Follow<'a> + Verifiable + 'a,
 {
@@ -288,6 +396,8 @@ impl Request {
             Request::Fetch(_) => Opcode::Fetch,
             Request::QueueStats { .. } => Opcode::QueueStats,
             Request::BrokerStats => Opcode::BrokerStats,
+            Request::Promote => Opcode::Promote,
+            Request::ReplFollow(_) => Opcode::ReplFollow,
         }
     }
 
@@ -326,6 +436,11 @@ impl Request {
                 let root = fb::BrokerStatsRequest::create(&mut fbb, &fb::BrokerStatsRequestArgs {});
                 finish(fbb, root)
             }
+            Request::Promote => {
+                let root = fb::PromoteRequest::create(&mut fbb, &fb::PromoteRequestArgs {});
+                finish(fbb, root)
+            }
+            Request::ReplFollow(f) => f.encode_header(),
             Request::Produce(p) => {
                 let topic = fbb.create_string(&p.topic);
                 let args = fb::ProduceRequestArgs {
@@ -417,6 +532,17 @@ impl Request {
                 verify_empty::<fb::BrokerStatsRequest>(frame)?;
                 Request::BrokerStats
             }
+            Opcode::Promote => {
+                verify_empty::<fb::PromoteRequest>(frame)?;
+                Request::Promote
+            }
+            Opcode::ReplFollow => Request::ReplFollow(ReplFollowRequest::from_header(frame)?),
+            Opcode::ReplData | Opcode::ReplAck => {
+                return Err(WireError::ReplicationStreamOnly {
+                    request_id,
+                    opcode: frame.opcode,
+                })
+            }
             Opcode::Produce => {
                 let h = verify::<fb::ProduceRequest>(frame)?;
                 Request::Produce(ProduceRequest {
@@ -462,6 +588,8 @@ impl Response {
             Response::Fetched(_) => Opcode::Fetch,
             Response::QueueStats(_) => Opcode::QueueStats,
             Response::BrokerStats(_) => Opcode::BrokerStats,
+            Response::Promoted { .. } => Opcode::Promote,
+            Response::ReplFollowing(_) => Opcode::ReplFollow,
         }
     }
 
@@ -529,12 +657,24 @@ impl Response {
                 let flush_mode = fbb.create_string(&info.flush_mode);
                 let role = fbb.create_string(&info.role);
                 let config_toml = fbb.create_string(&info.config_toml);
+                let master_address = fbb.create_string(&info.master_address);
+                let replication = fbb.create_string(&info.replication);
+                let addrs: Vec<_> = info
+                    .shard_addresses
+                    .iter()
+                    .map(|a| fbb.create_string(a))
+                    .collect();
+                let shard_addresses = fbb.create_vector(&addrs);
                 let args = fb::BrokerInfoResponseArgs {
                     version: Some(version),
                     shards: info.shards,
                     flush_mode: Some(flush_mode),
                     role: Some(role),
                     config_toml: Some(config_toml),
+                    epoch: info.epoch,
+                    master_address: Some(master_address),
+                    replication: Some(replication),
+                    shard_addresses: Some(shard_addresses),
                 };
                 let root = fb::BrokerInfoResponse::create(&mut fbb, &args);
                 finish(fbb, root)
@@ -588,13 +728,40 @@ impl Response {
                         )
                     })
                     .collect();
+                // Entry i of `replicas` describes `shards[i]`; ShardStats' wire layout is fixed.
+                let replicas: Vec<fb::ReplicaStats> = shards
+                    .iter()
+                    .map(|s| {
+                        let r = &s.replication;
+                        fb::ReplicaStats::new(
+                            r.role,
+                            r.link,
+                            r.epoch,
+                            r.peer_received,
+                            r.peer_durable,
+                            r.log_end,
+                            r.lag_bytes,
+                            r.lag_ms,
+                            r.catchup_bytes_per_sec,
+                            r.connects,
+                        )
+                    })
+                    .collect();
                 let shards = fbb.create_vector(&items);
+                let replicas = fbb.create_vector(&replicas);
                 let args = fb::BrokerStatsResponseArgs {
                     shards: Some(shards),
+                    replicas: Some(replicas),
                 };
                 let root = fb::BrokerStatsResponse::create(&mut fbb, &args);
                 finish(fbb, root)
             }
+            Response::Promoted { epoch } => {
+                let args = fb::PromoteResponseArgs { epoch: *epoch };
+                let root = fb::PromoteResponse::create(&mut fbb, &args);
+                finish(fbb, root)
+            }
+            Response::ReplFollowing(f) => f.encode_header(),
         }
     }
 
@@ -684,6 +851,13 @@ impl Response {
                     flush_mode: h.flush_mode().to_owned(),
                     role: h.role().to_owned(),
                     config_toml: h.config_toml().to_owned(),
+                    epoch: h.epoch(),
+                    master_address: h.master_address().unwrap_or_default().to_owned(),
+                    replication: h.replication().unwrap_or_default().to_owned(),
+                    shard_addresses: h
+                        .shard_addresses()
+                        .map(|v| v.iter().map(str::to_owned).collect())
+                        .unwrap_or_default(),
                 })
             }
             Opcode::Produce => {
@@ -723,7 +897,7 @@ impl Response {
             }
             Opcode::BrokerStats => {
                 let h = verify::<fb::BrokerStatsResponse>(frame)?;
-                let shards = h
+                let mut shards: Vec<ShardStats> = h
                     .shards()
                     .map(|v| {
                         v.iter()
@@ -739,11 +913,41 @@ impl Response {
                                 flush_latency_us_total: s.flush_latency_us_total(),
                                 connections: s.connections(),
                                 poisoned: s.poisoned(),
+                                replication: ReplicaStats::default(),
                             })
                             .collect()
                     })
                     .unwrap_or_default();
+                // Matched by index; an older broker sends no `replicas`, so the defaults stay,
+                // and entries beyond the shards describe nothing and are ignored.
+                if let Some(replicas) = h.replicas() {
+                    for (s, r) in shards.iter_mut().zip(replicas.iter()) {
+                        s.replication = ReplicaStats {
+                            role: r.role(),
+                            epoch: r.epoch(),
+                            link: r.link(),
+                            peer_received: r.peer_received(),
+                            peer_durable: r.peer_durable(),
+                            log_end: r.log_end(),
+                            lag_bytes: r.lag_bytes(),
+                            lag_ms: r.lag_ms(),
+                            catchup_bytes_per_sec: r.catchup_bytes_per_sec(),
+                            connects: r.connects(),
+                        };
+                    }
+                }
                 Response::BrokerStats(shards)
+            }
+            Opcode::Promote => {
+                let h = verify::<fb::PromoteResponse>(frame)?;
+                Response::Promoted { epoch: h.epoch() }
+            }
+            Opcode::ReplFollow => Response::ReplFollowing(ReplFollowResponse::from_header(frame)?),
+            Opcode::ReplData | Opcode::ReplAck => {
+                return Err(WireError::ReplicationStreamOnly {
+                    request_id,
+                    opcode: frame.opcode,
+                })
             }
         })
     }
@@ -800,11 +1004,13 @@ mod tests {
     #[test]
     fn opcode_numbers_are_pinned() {
         let nums: Vec<u16> = Opcode::ALL.iter().map(|o| o.as_u16()).collect();
-        assert_eq!(nums, [1, 2, 3, 4, 5, 10, 11, 12, 6]);
+        assert_eq!(nums, [1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 20, 21, 22]);
         for o in Opcode::ALL {
             assert_eq!(Opcode::from_u16(o.as_u16()), Some(o));
         }
-        assert_eq!(Opcode::from_u16(7), None);
+        for n in [0, 8, 9, 13, 19, 23, u16::MAX] {
+            assert_eq!(Opcode::from_u16(n), None);
+        }
     }
 
     #[test]
@@ -827,7 +1033,13 @@ mod tests {
 
     #[test]
     fn field_less_requests_accept_an_empty_header() {
-        for req in [Request::Ping, Request::ListTopics, Request::BrokerInfo] {
+        for req in [
+            Request::Ping,
+            Request::ListTopics,
+            Request::BrokerInfo,
+            Request::BrokerStats,
+            Request::Promote,
+        ] {
             let mut frame = req.to_frame(1, Bytes::new());
             frame.header = Bytes::new();
             assert_eq!(Request::from_frame(&frame).unwrap(), req);

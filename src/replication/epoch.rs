@@ -127,7 +127,8 @@ impl EpochHistory {
             path: path.clone(),
             source,
         };
-        let mut text = String::from("# epoch start_position (written by ringmq; see replication/epoch.rs)\n");
+        let mut text =
+            String::from("# epoch start_position (written by ringmq; see replication/epoch.rs)\n");
         for e in &self.entries {
             text.push_str(&format!("{} {}\n", e.epoch, e.start));
         }
@@ -225,7 +226,10 @@ mod tests {
         std::fs::write(EpochHistory::path(dir.path()), "2 0\n1 5\n").unwrap();
         assert!(EpochHistory::load(dir.path()).is_err());
         assert!(EpochHistory::from_entries(vec![
-            EpochEntry { epoch: 2, start: 10 },
+            EpochEntry {
+                epoch: 2,
+                start: 10
+            },
             EpochEntry { epoch: 3, start: 5 },
         ])
         .is_none());

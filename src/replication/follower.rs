@@ -27,8 +27,7 @@ use futures_lite::future;
 use glommio::net::TcpStream;
 
 use crate::protocol::{
-    ErrorCode, Frame, Opcode, RemoteError, ReplAck, ReplData, ReplFollowRequest, Request,
-    Response,
+    ErrorCode, Frame, Opcode, RemoteError, ReplAck, ReplData, ReplFollowRequest, Request, Response,
 };
 use crate::replication::epoch::EpochHistory;
 use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
@@ -101,9 +100,9 @@ impl Link {
             source,
         };
         let stream = glommio::timer::timeout(CONNECT_TIMEOUT, async {
-            TcpStream::connect(peer).await.map_err(|e| {
-                glommio::GlommioError::IoError(std::io::Error::other(e.to_string()))
-            })
+            TcpStream::connect(peer)
+                .await
+                .map_err(|e| glommio::GlommioError::IoError(std::io::Error::other(e.to_string())))
         })
         .await
         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
@@ -141,18 +140,19 @@ impl Link {
     async fn recv(&mut self, timeout: Duration) -> Result<Frame, ReplicationError> {
         let mut chunk = vec![0u8; 256 << 10];
         loop {
-            if let Some(f) = Frame::decode(&mut self.buf).map_err(|e| self.protocol(e.to_string()))? {
+            if let Some(f) =
+                Frame::decode(&mut self.buf).map_err(|e| self.protocol(e.to_string()))?
+            {
                 return Ok(f);
             }
-            let n = glommio::timer::timeout(timeout, async {
-                Ok(self.reader.read(&mut chunk).await)
-            })
-            .await
-            .map_err(|_| self.protocol(format!("nothing heard for {timeout:?}")))?
-            .map_err(|source| ReplicationError::Io {
-                peer: self.peer.clone(),
-                source,
-            })?;
+            let n =
+                glommio::timer::timeout(timeout, async { Ok(self.reader.read(&mut chunk).await) })
+                    .await
+                    .map_err(|_| self.protocol(format!("nothing heard for {timeout:?}")))?
+                    .map_err(|source| ReplicationError::Io {
+                        peer: self.peer.clone(),
+                        source,
+                    })?;
             if n == 0 {
                 return Err(self.protocol("the master closed the connection"));
             }
@@ -168,11 +168,10 @@ impl Link {
         self.send(&request.to_frame(id, Bytes::new())).await?;
         let frame = self.recv(CONNECT_TIMEOUT * 2).await?;
         if frame.status != 0 {
-            let e = RemoteError::from_frame(&frame);
-            let refused = matches!(
-                e.code,
-                ErrorCode::ReplicationRefused | ErrorCode::NotMaster
-            );
+            let Some(e) = RemoteError::from_frame(&frame) else {
+                return Err(self.protocol(format!("{opcode}: unreadable error response")));
+            };
+            let refused = matches!(e.code, ErrorCode::ReplicationRefused | ErrorCode::NotMaster);
             let detail = format!("{opcode}: {e}");
             return Err(if refused {
                 ReplicationError::Refused {
@@ -189,7 +188,11 @@ impl Link {
     }
 }
 
-async fn follow_once(ctx: &Rc<ShardContext>, id: u64, master: &str) -> Result<(), ReplicationError> {
+async fn follow_once(
+    ctx: &Rc<ShardContext>,
+    id: u64,
+    master: &str,
+) -> Result<(), ReplicationError> {
     // 1. The master's layout (and, on shard 0, its topics).
     let mut control = Link::connect(master).await?;
     let info = match control.call(Request::BrokerInfo).await? {
@@ -276,7 +279,8 @@ async fn follow_once(ctx: &Rc<ShardContext>, id: u64, master: &str) -> Result<()
         ..
     } = link;
     let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, answer.want_durable));
-    let topics = (ctx.shard == 0).then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
+    let topics = (ctx.shard == 0)
+        .then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
     let result = receive(ctx, id, &peer, &mut reader, buf).await;
     ctx.tracker().end_session(id);
     let _ = acks.await;
@@ -303,7 +307,10 @@ async fn receive(
     loop {
         while let Some(frame) = Frame::decode(&mut buf).map_err(|e| protocol(e.to_string()))? {
             if frame.opcode != Opcode::ReplData.as_u16() {
-                return Err(protocol(format!("unexpected opcode {} on the stream", frame.opcode)));
+                return Err(protocol(format!(
+                    "unexpected opcode {} on the stream",
+                    frame.opcode
+                )));
             }
             let data = ReplData::from_frame(&frame).map_err(|e| protocol(e.to_string()))?;
             tracker.note_end(data.master_end);

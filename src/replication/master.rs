@@ -31,8 +31,8 @@ use futures_lite::future;
 use glommio::net::TcpStream;
 
 use crate::protocol::{
-    self, ErrorCode, Frame, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse,
-    ReplicaStats, Response,
+    self, ErrorCode, Frame, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse, ReplicaStats,
+    Response,
 };
 use crate::replication::epoch::{divergence, EpochHistory};
 use crate::replication::{ReplicaAck, ReplicationMode, Role};
@@ -105,15 +105,12 @@ struct TrackerState {
 impl TrackerState {
     fn sample(&mut self, end: u64) {
         let now = Instant::now();
+        let full = self.samples.len() >= MAX_LAG_SAMPLES;
         match self.samples.back_mut() {
-            Some((e, t)) if now.duration_since(*t) < Duration::from_millis(1) => *e = end.max(*e),
             Some((e, _)) if *e >= end => {}
-            _ if self.samples.len() >= MAX_LAG_SAMPLES => {
-                // Keep the oldest samples: they are the ones that say how old the lag is.
-                if let Some((e, _)) = self.samples.back_mut() {
-                    *e = end;
-                }
-            }
+            // Within a millisecond of the last sample, or out of room: extend the last one (the
+            // oldest samples are the ones that say how old the lag is).
+            Some((e, t)) if full || now.duration_since(*t) < Duration::from_millis(1) => *e = end,
             _ => self.samples.push_back((end, now)),
         }
     }
@@ -121,7 +118,11 @@ impl TrackerState {
     fn progress(&mut self, received: u64, durable: u64) {
         self.received = self.received.max(received);
         self.durable = self.durable.max(durable);
-        while self.samples.front().is_some_and(|(e, _)| *e <= self.received) {
+        while self
+            .samples
+            .front()
+            .is_some_and(|(e, _)| *e <= self.received)
+        {
             self.samples.pop_front();
         }
         let now = Instant::now();
@@ -359,8 +360,13 @@ pub async fn serve_follower(
     let mut out = BytesMut::new();
     if let Err((code, msg)) = check_follower(&ctx, &req) {
         log::warn!("shard {}: refusing a follower: {msg}", ctx.shard);
-        protocol::error_frame(protocol::Opcode::ReplFollow.as_u16(), request_id, code, &msg)
-            .encode(&mut out);
+        protocol::error_frame(
+            protocol::Opcode::ReplFollow.as_u16(),
+            request_id,
+            code,
+            &msg,
+        )
+        .encode(&mut out);
         let _ = writer.write_all(&out).await;
         let _ = writer.close().await;
         return;
@@ -530,7 +536,12 @@ async fn send_heartbeat(
 
 /// Reads the follower's acknowledgements until the link fails, goes quiet for
 /// [`LINK_TIMEOUT`], or the session is superseded.
-async fn read_acks(ctx: Rc<ShardContext>, id: u64, mut reader: ReadHalf<TcpStream>, mut buf: BytesMut) {
+async fn read_acks(
+    ctx: Rc<ShardContext>,
+    id: u64,
+    mut reader: ReadHalf<TcpStream>,
+    mut buf: BytesMut,
+) {
     let tracker = ctx.tracker();
     let mut chunk = vec![0u8; 16 << 10];
     let outcome: Result<(), String> = async {
@@ -546,10 +557,9 @@ async fn read_acks(ctx: Rc<ShardContext>, id: u64, mut reader: ReadHalf<TcpStrea
                 return Err(format!("no word from the follower for {LINK_TIMEOUT:?}"));
             }
             // Short reads so a superseded session or a shutdown is noticed quickly.
-            let read = glommio::timer::timeout(HEARTBEAT, async {
-                Ok(reader.read(&mut chunk).await)
-            })
-            .await;
+            let read =
+                glommio::timer::timeout(HEARTBEAT, async { Ok(reader.read(&mut chunk).await) })
+                    .await;
             match read {
                 Err(_) => {}
                 Ok(Ok(0)) => return Err("the follower closed the link".into()),
@@ -571,7 +581,8 @@ async fn read_acks(ctx: Rc<ShardContext>, id: u64, mut reader: ReadHalf<TcpStrea
 }
 
 fn on_follower_frame(ctx: &ShardContext, id: u64, frame: &Frame) -> Result<(), String> {
-    let ack = ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
+    let ack =
+        ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
     let tracker = ctx.tracker();
     tracker.on_progress(id, ack.received, ack.durable);
     if ctx.config.replication == ReplicationMode::SyncMaster {

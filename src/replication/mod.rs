@@ -109,11 +109,23 @@ mod tests {
 
     #[test]
     fn modes_parse_with_aliases_and_print_canonically() {
-        assert_eq!("sync-master".parse::<ReplicationMode>().unwrap(), ReplicationMode::SyncMaster);
-        assert_eq!("ASYNC".parse::<ReplicationMode>().unwrap(), ReplicationMode::AsyncMaster);
+        assert_eq!(
+            "sync-master".parse::<ReplicationMode>().unwrap(),
+            ReplicationMode::SyncMaster
+        );
+        assert_eq!(
+            "ASYNC".parse::<ReplicationMode>().unwrap(),
+            ReplicationMode::AsyncMaster
+        );
         assert_eq!(ReplicationMode::SyncMaster.to_string(), "sync_master");
         assert_eq!("slave".parse::<Role>().unwrap(), Role::Slave);
-        assert!("leader".parse::<Role>().unwrap_err().contains("master | slave"));
-        assert_eq!("received".parse::<ReplicaAck>().unwrap(), ReplicaAck::Received);
+        assert!("leader"
+            .parse::<Role>()
+            .unwrap_err()
+            .contains("master | slave"));
+        assert_eq!(
+            "received".parse::<ReplicaAck>().unwrap(),
+            ReplicaAck::Received
+        );
     }
 }

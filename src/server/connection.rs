@@ -51,16 +51,16 @@ pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
     let writer = writer_task.await;
     match (handoff, writer) {
         (Some((request_id, req)), Some(writer)) => {
-        // The connection becomes a replication stream (see replication/master.rs).
-        crate::replication::master::serve_follower(
-            ctx.clone(),
-            request_id,
-            *req,
-            reader,
-            writer,
-            buf,
-        )
-        .await;
+            // The connection becomes a replication stream (see replication/master.rs).
+            crate::replication::master::serve_follower(
+                ctx.clone(),
+                request_id,
+                *req,
+                reader,
+                writer,
+                buf,
+            )
+            .await;
         }
         (None, Some(mut writer)) => {
             let _ = writer.close().await;

@@ -153,7 +153,11 @@ fn check_queue(ctx: &ShardContext, topic: &str, queue: u32) -> Result<()> {
 }
 
 /// Runs on shard 0 only: persist the new table, push it to every shard, then answer.
-pub(crate) async fn create_topic(ctx: &Rc<ShardContext>, name: &str, queues: u32) -> Result<Response> {
+pub(crate) async fn create_topic(
+    ctx: &Rc<ShardContext>,
+    name: &str,
+    queues: u32,
+) -> Result<Response> {
     debug_assert_eq!(ctx.shard, 0, "shard 0 is the topic table's only writer");
     let current = ctx.topics();
     let next = current.with_topic(name, queues)?;

@@ -157,7 +157,8 @@ impl ShardContext {
     pub fn raise_visible_cap(&self) {
         let acked = self.tracker.acked(self.config.replica_ack);
         let cap = acked.max(self.visible_floor.get());
-        self.store().set_visible_cap(Some(crate::storage::LogPosition(cap)));
+        self.store()
+            .set_visible_cap(Some(crate::storage::LogPosition(cap)));
     }
 
     /// " (its master is ADDR)" on a slave with a configured master, for error messages.

@@ -360,7 +360,8 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             }
         },
         Role::Slave => {
-            let handle = glommio::spawn_local(crate::replication::follower::follow(ctx.clone()));
+            let handle =
+                glommio::spawn_local(crate::replication::follower::follow(ctx.clone())).detach();
             *ctx.follower.borrow_mut() = Some(handle);
         }
     }

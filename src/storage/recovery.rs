@@ -50,7 +50,9 @@ pub enum Observation {
     RolledToNextSegment,
     CleanTail,
     TornRecord,
-    CrcMismatchThenValid { valid_after: u64 },
+    CrcMismatchThenValid {
+        valid_after: u64,
+    },
     /// The next record would end past the limit the caller asked to truncate to.
     BeyondLimit,
     IndexAhead,
@@ -369,7 +371,9 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                 }
                 Action::TruncateLog => {
                     if obs == Observation::BeyondLimit {
-                        log::warn!("storage: truncating the log to {pos} as asked (replica resync)");
+                        log::warn!(
+                            "storage: truncating the log to {pos} as asked (replica resync)"
+                        );
                     }
                     if let Observation::CrcMismatchThenValid { valid_after } = obs {
                         report.valid_records_discarded = valid_after;

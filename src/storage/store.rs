@@ -16,11 +16,11 @@ use crate::storage::commitlog::CommitLog;
 use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
 use crate::storage::error::StorageError;
 use crate::storage::flush::{run_flusher, Signal};
-use crate::storage::stream::TailFeed;
 use crate::storage::key_index::KeyIndex;
 use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
+use crate::storage::stream::TailFeed;
 use crate::storage::{
     AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, StorageConfig,
     StorageMetrics, Watermarks,

@@ -61,7 +61,8 @@ impl TailFeed {
         let extend = matches!(self.runs.back(), Some((p, b))
             if p + b.len() as u64 == position && b.len() + len <= FEED_CHUNK_BYTES);
         if !extend {
-            self.runs.push_back((position, BytesMut::with_capacity(len.max(64 << 10))));
+            self.runs
+                .push_back((position, BytesMut::with_capacity(len.max(64 << 10))));
         }
         let run = &mut self.runs.back_mut().expect("just ensured").1;
         for p in parts {
@@ -107,7 +108,11 @@ impl<B: StorageBackend> ShardStore<B> {
             return None;
         }
         let (position, run) = f.runs.pop_front()?;
-        debug_assert!(position >= from.0, "feed run {position} below the stream at {}", from.0);
+        debug_assert!(
+            position >= from.0,
+            "feed run {position} below the stream at {}",
+            from.0
+        );
         f.bytes -= run.len();
         let next = position + run.len() as u64;
         f.from = next;
@@ -206,7 +211,9 @@ impl<B: StorageBackend> ShardStore<B> {
             // No whole record at `from`: a record longer than this read, or the zero tail of
             // a segment the log has rolled past.
             match RecordHeader::decode(&bytes) {
-                Ok(h) if (h.total_len as usize) > len && from.0 + u64::from(h.total_len) <= limit => {
+                Ok(h)
+                    if (h.total_len as usize) > len && from.0 + u64::from(h.total_len) <= limit =>
+                {
                     len = h.total_len as usize;
                 }
                 _ if bytes.iter().all(|&b| b == 0) && written >= seg_end => {
@@ -286,9 +293,10 @@ impl<B: StorageBackend> ShardStore<B> {
             let st = log.st.borrow();
             st.closing || st.poisoned.is_some()
         };
-        let by_append = self.inner.appended.wait_until(|| {
-            stop() || log.st.borrow().append_pos > appended.0
-        });
+        let by_append = self
+            .inner
+            .appended
+            .wait_until(|| stop() || log.st.borrow().append_pos > appended.0);
         let by_sync = log
             .durable_changed
             .wait_until(|| stop() || log.st.borrow().durable > durable.0);

@@ -10,6 +10,135 @@ pub mod ringmq {
 pub mod wire {
 
 
+/// One entry of a shard's epoch history: `epoch` began at CommitLog byte `start`. A history is
+/// listed oldest first; an epoch ends where the next one starts.
+// struct EpochEntry, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct EpochEntry(pub [u8; 16]);
+impl Default for EpochEntry { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for EpochEntry {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("EpochEntry")
+      .field("epoch", &self.epoch())
+      .field("start", &self.start())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for EpochEntry {}
+impl<'a> ::flatbuffers::Follow<'a> for EpochEntry {
+  type Inner = &'a EpochEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a EpochEntry>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a EpochEntry {
+  type Inner = &'a EpochEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<EpochEntry>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for EpochEntry {
+    type Output = EpochEntry;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const EpochEntry as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for EpochEntry {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> EpochEntry {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    epoch: u64,
+    start: u64,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_epoch(epoch);
+    s.set_start(start);
+    s
+  }
+
+  pub fn epoch(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_epoch(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn start(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_start(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 /// Counters and watermarks of one shard (log positions are bytes into the shard's CommitLog).
 // struct ShardStats, aligned to 8
 #[repr(transparent)]
@@ -422,6 +551,396 @@ impl<'a> ShardStats {
         &x_le as *const _ as *const u8,
         self.0[76..].as_mut_ptr(),
         ::core::mem::size_of::<<bool as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// Replication state of one shard. Kept apart from ShardStats, whose layout is fixed on the
+/// wire; the narrow fields come first so the struct has a single padding gap.
+// struct ReplicaStats, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct ReplicaStats(pub [u8; 72]);
+impl Default for ReplicaStats { 
+  fn default() -> Self { 
+    Self([0; 72])
+  }
+}
+impl ::core::fmt::Debug for ReplicaStats {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("ReplicaStats")
+      .field("role", &self.role())
+      .field("link", &self.link())
+      .field("epoch", &self.epoch())
+      .field("peer_received", &self.peer_received())
+      .field("peer_durable", &self.peer_durable())
+      .field("log_end", &self.log_end())
+      .field("lag_bytes", &self.lag_bytes())
+      .field("lag_ms", &self.lag_ms())
+      .field("catchup_bytes_per_sec", &self.catchup_bytes_per_sec())
+      .field("connects", &self.connects())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ReplicaStats {}
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaStats {
+  type Inner = &'a ReplicaStats;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a ReplicaStats>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a ReplicaStats {
+  type Inner = &'a ReplicaStats;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<ReplicaStats>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for ReplicaStats {
+    type Output = ReplicaStats;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const ReplicaStats as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ReplicaStats {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> ReplicaStats {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    role: u8,
+    link: u8,
+    epoch: u64,
+    peer_received: u64,
+    peer_durable: u64,
+    log_end: u64,
+    lag_bytes: u64,
+    lag_ms: u64,
+    catchup_bytes_per_sec: u64,
+    connects: u64,
+  ) -> Self {
+    let mut s = Self([0; 72]);
+    s.set_role(role);
+    s.set_link(link);
+    s.set_epoch(epoch);
+    s.set_peer_received(peer_received);
+    s.set_peer_durable(peer_durable);
+    s.set_log_end(log_end);
+    s.set_lag_bytes(lag_bytes);
+    s.set_lag_ms(lag_ms);
+    s.set_catchup_bytes_per_sec(catchup_bytes_per_sec);
+    s.set_connects(connects);
+    s
+  }
+
+  /// 0 master, 1 slave.
+  pub fn role(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_role(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// 0 no peer, 1 connecting or handshaking, 2 streaming.
+  pub fn link(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[1..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_link(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[1..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn epoch(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_epoch(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// Master: the slave's acknowledged positions. Slave: its own appended and durable ends.
+  pub fn peer_received(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_peer_received(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn peer_durable(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_peer_durable(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// Master: its own log end. Slave: the master's log end as last heard.
+  pub fn log_end(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[32..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_log_end(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[32..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn lag_bytes(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[40..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_lag_bytes(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[40..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn lag_ms(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[48..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_lag_ms(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[48..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn catchup_bytes_per_sec(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[56..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_catchup_bytes_per_sec(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[56..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// Times the replication link (re)connected since start.
+  pub fn connects(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[64..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_connects(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[64..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
   }
@@ -1148,6 +1667,85 @@ impl ::core::fmt::Debug for BrokerStatsRequest<'_> {
       ds.finish()
   }
 }
+pub enum PromoteRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 7: make this broker a master. No fields; an empty header is accepted too.
+pub struct PromoteRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PromoteRequest<'a> {
+  type Inner = PromoteRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PromoteRequest<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PromoteRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args PromoteRequestArgs
+  ) -> ::flatbuffers::WIPOffset<PromoteRequest<'bldr>> {
+    let mut builder = PromoteRequestBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for PromoteRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PromoteRequestArgs {
+}
+impl<'a> Default for PromoteRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    PromoteRequestArgs {
+    }
+  }
+}
+
+pub struct PromoteRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PromoteRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PromoteRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PromoteRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PromoteRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PromoteRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PromoteRequest");
+      ds.finish()
+  }
+}
 pub enum ProduceRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1611,6 +2209,175 @@ impl ::core::fmt::Debug for QueueStatsRequest<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("QueueStatsRequest");
       ds.field("topic", &self.topic());
+      ds.finish()
+  }
+}
+pub enum ReplFollowRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 20: the first frame of a replication connection, slave to master, one per shard.
+pub struct ReplFollowRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplFollowRequest<'a> {
+  type Inner = ReplFollowRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplFollowRequest<'a> {
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOG_END: ::flatbuffers::VOffsetT = 10;
+  pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplFollowRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplFollowRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplFollowRequest<'bldr>> {
+    let mut builder = ReplFollowRequestBuilder::new(_fbb);
+    builder.add_log_end(args.log_end);
+    builder.add_segment_bytes(args.segment_bytes);
+    if let Some(x) = args.epochs { builder.add_epochs(x); }
+    builder.add_shards(args.shards);
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+
+  /// The follower's shard; it follows the master's shard of the same index.
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReplFollowRequest::VT_SHARD, Some(0)).unwrap()}
+  }
+  /// The follower's shard count and segment size; both must match the master's.
+  #[inline]
+  pub fn shards(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReplFollowRequest::VT_SHARDS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn segment_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplFollowRequest::VT_SEGMENT_BYTES, Some(0)).unwrap()}
+  }
+  /// One past the last byte of the follower's CommitLog.
+  #[inline]
+  pub fn log_end(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplFollowRequest::VT_LOG_END, Some(0)).unwrap()}
+  }
+  /// The follower's epoch history, oldest first.
+  #[inline]
+  pub fn epochs(&self) -> Option<::flatbuffers::Vector<'a, EpochEntry>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochEntry>>>(ReplFollowRequest::VT_EPOCHS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplFollowRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u32>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<u64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
+     .visit_field::<u64>("log_end", Self::VT_LOG_END, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochEntry>>>("epochs", Self::VT_EPOCHS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplFollowRequestArgs<'a> {
+    pub shard: u32,
+    pub shards: u32,
+    pub segment_bytes: u64,
+    pub log_end: u64,
+    pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochEntry>>>,
+}
+impl<'a> Default for ReplFollowRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplFollowRequestArgs {
+      shard: 0,
+      shards: 0,
+      segment_bytes: 0,
+      log_end: 0,
+      epochs: None,
+    }
+  }
+}
+
+pub struct ReplFollowRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplFollowRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(ReplFollowRequest::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_shards(&mut self, shards: u32) {
+    self.fbb_.push_slot::<u32>(ReplFollowRequest::VT_SHARDS, shards, 0);
+  }
+  #[inline]
+  pub fn add_segment_bytes(&mut self, segment_bytes: u64) {
+    self.fbb_.push_slot::<u64>(ReplFollowRequest::VT_SEGMENT_BYTES, segment_bytes, 0);
+  }
+  #[inline]
+  pub fn add_log_end(&mut self, log_end: u64) {
+    self.fbb_.push_slot::<u64>(ReplFollowRequest::VT_LOG_END, log_end, 0);
+  }
+  #[inline]
+  pub fn add_epochs(&mut self, epochs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , EpochEntry>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplFollowRequest::VT_EPOCHS, epochs);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplFollowRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplFollowRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplFollowRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplFollowRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplFollowRequest");
+      ds.field("shard", &self.shard());
+      ds.field("shards", &self.shards());
+      ds.field("segment_bytes", &self.segment_bytes());
+      ds.field("log_end", &self.log_end());
+      ds.field("epochs", &self.epochs());
       ds.finish()
   }
 }
@@ -2288,6 +3055,10 @@ impl<'a> BrokerInfoResponse<'a> {
   pub const VT_FLUSH_MODE: ::flatbuffers::VOffsetT = 8;
   pub const VT_ROLE: ::flatbuffers::VOffsetT = 10;
   pub const VT_CONFIG_TOML: ::flatbuffers::VOffsetT = 12;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 14;
+  pub const VT_MASTER_ADDRESS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_REPLICATION: ::flatbuffers::VOffsetT = 18;
+  pub const VT_SHARD_ADDRESSES: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2299,6 +3070,10 @@ impl<'a> BrokerInfoResponse<'a> {
     args: &'args BrokerInfoResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<BrokerInfoResponse<'bldr>> {
     let mut builder = BrokerInfoResponseBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.shard_addresses { builder.add_shard_addresses(x); }
+    if let Some(x) = args.replication { builder.add_replication(x); }
+    if let Some(x) = args.master_address { builder.add_master_address(x); }
     if let Some(x) = args.config_toml { builder.add_config_toml(x); }
     if let Some(x) = args.role { builder.add_role(x); }
     if let Some(x) = args.flush_mode { builder.add_flush_mode(x); }
@@ -2343,6 +3118,39 @@ impl<'a> BrokerInfoResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfoResponse::VT_CONFIG_TOML, None).unwrap()}
   }
+  /// Added with replication; optional so a response from an older broker still verifies.
+  /// The broker's current epoch.
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BrokerInfoResponse::VT_EPOCH, Some(0)).unwrap()}
+  }
+  /// host:port of the master this broker follows; absent or empty when it follows none.
+  #[inline]
+  pub fn master_address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfoResponse::VT_MASTER_ADDRESS, None)}
+  }
+  /// The replication mode, e.g. ASYNC_MASTER or SYNC_MASTER/durable.
+  #[inline]
+  pub fn replication(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfoResponse::VT_REPLICATION, None)}
+  }
+  /// host:port of each shard's listener, by shard index (a slave's shard i dials entry i).
+  #[inline]
+  pub fn shard_addresses(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(BrokerInfoResponse::VT_SHARD_ADDRESSES, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BrokerInfoResponse<'_> {
@@ -2356,6 +3164,10 @@ impl ::flatbuffers::Verifiable for BrokerInfoResponse<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("flush_mode", Self::VT_FLUSH_MODE, true)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("role", Self::VT_ROLE, true)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("config_toml", Self::VT_CONFIG_TOML, true)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("master_address", Self::VT_MASTER_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("replication", Self::VT_REPLICATION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("shard_addresses", Self::VT_SHARD_ADDRESSES, false)?
      .finish();
     Ok(())
   }
@@ -2366,6 +3178,10 @@ pub struct BrokerInfoResponseArgs<'a> {
     pub flush_mode: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub role: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub config_toml: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub epoch: u64,
+    pub master_address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub replication: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shard_addresses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for BrokerInfoResponseArgs<'a> {
   #[inline]
@@ -2376,6 +3192,10 @@ impl<'a> Default for BrokerInfoResponseArgs<'a> {
       flush_mode: None, // required field
       role: None, // required field
       config_toml: None, // required field
+      epoch: 0,
+      master_address: None,
+      replication: None,
+      shard_addresses: None,
     }
   }
 }
@@ -2406,6 +3226,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BrokerInfoResponseBuilder<'a,
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfoResponse::VT_CONFIG_TOML, config_toml);
   }
   #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(BrokerInfoResponse::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_master_address(&mut self, master_address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfoResponse::VT_MASTER_ADDRESS, master_address);
+  }
+  #[inline]
+  pub fn add_replication(&mut self, replication: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfoResponse::VT_REPLICATION, replication);
+  }
+  #[inline]
+  pub fn add_shard_addresses(&mut self, shard_addresses: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfoResponse::VT_SHARD_ADDRESSES, shard_addresses);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BrokerInfoResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BrokerInfoResponseBuilder {
@@ -2432,6 +3268,10 @@ impl ::core::fmt::Debug for BrokerInfoResponse<'_> {
       ds.field("flush_mode", &self.flush_mode());
       ds.field("role", &self.role());
       ds.field("config_toml", &self.config_toml());
+      ds.field("epoch", &self.epoch());
+      ds.field("master_address", &self.master_address());
+      ds.field("replication", &self.replication());
+      ds.field("shard_addresses", &self.shard_addresses());
       ds.finish()
   }
 }
@@ -2453,6 +3293,7 @@ impl<'a> ::flatbuffers::Follow<'a> for BrokerStatsResponse<'a> {
 
 impl<'a> BrokerStatsResponse<'a> {
   pub const VT_SHARDS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 6;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2464,6 +3305,7 @@ impl<'a> BrokerStatsResponse<'a> {
     args: &'args BrokerStatsResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<BrokerStatsResponse<'bldr>> {
     let mut builder = BrokerStatsResponseBuilder::new(_fbb);
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
     if let Some(x) = args.shards { builder.add_shards(x); }
     builder.finish()
   }
@@ -2476,6 +3318,15 @@ impl<'a> BrokerStatsResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ShardStats>>>(BrokerStatsResponse::VT_SHARDS, None)}
   }
+  /// Added with replication: entry i describes shards[i]. Absent (an older broker) or shorter
+  /// than shards: the missing entries read as defaults.
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, ReplicaStats>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ReplicaStats>>>(BrokerStatsResponse::VT_REPLICAS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BrokerStatsResponse<'_> {
@@ -2485,18 +3336,21 @@ impl ::flatbuffers::Verifiable for BrokerStatsResponse<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ShardStats>>>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ReplicaStats>>>("replicas", Self::VT_REPLICAS, false)?
      .finish();
     Ok(())
   }
 }
 pub struct BrokerStatsResponseArgs<'a> {
     pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ShardStats>>>,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ReplicaStats>>>,
 }
 impl<'a> Default for BrokerStatsResponseArgs<'a> {
   #[inline]
   fn default() -> Self {
     BrokerStatsResponseArgs {
       shards: None,
+      replicas: None,
     }
   }
 }
@@ -2509,6 +3363,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BrokerStatsResponseBuilder<'a
   #[inline]
   pub fn add_shards(&mut self, shards: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ShardStats>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerStatsResponse::VT_SHARDS, shards);
+  }
+  #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ReplicaStats>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerStatsResponse::VT_REPLICAS, replicas);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BrokerStatsResponseBuilder<'a, 'b, A> {
@@ -2529,6 +3387,105 @@ impl ::core::fmt::Debug for BrokerStatsResponse<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("BrokerStatsResponse");
       ds.field("shards", &self.shards());
+      ds.field("replicas", &self.replicas());
+      ds.finish()
+  }
+}
+pub enum PromoteResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 7.
+pub struct PromoteResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PromoteResponse<'a> {
+  type Inner = PromoteResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PromoteResponse<'a> {
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PromoteResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PromoteResponseArgs
+  ) -> ::flatbuffers::WIPOffset<PromoteResponse<'bldr>> {
+    let mut builder = PromoteResponseBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
+    builder.finish()
+  }
+
+
+  /// The epoch the broker entered by being promoted.
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PromoteResponse::VT_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PromoteResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PromoteResponseArgs {
+    pub epoch: u64,
+}
+impl<'a> Default for PromoteResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    PromoteResponseArgs {
+      epoch: 0,
+    }
+  }
+}
+
+pub struct PromoteResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PromoteResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(PromoteResponse::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PromoteResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PromoteResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PromoteResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PromoteResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PromoteResponse");
+      ds.field("epoch", &self.epoch());
       ds.finish()
   }
 }
@@ -2923,6 +3880,407 @@ impl ::core::fmt::Debug for QueueStatsResponse<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("QueueStatsResponse");
       ds.field("stats", &self.stats());
+      ds.finish()
+  }
+}
+pub enum ReplFollowResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 20.
+pub struct ReplFollowResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplFollowResponse<'a> {
+  type Inner = ReplFollowResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplFollowResponse<'a> {
+  pub const VT_START: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MASTER_END: ::flatbuffers::VOffsetT = 6;
+  pub const VT_WANT_DURABLE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplFollowResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplFollowResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplFollowResponse<'bldr>> {
+    let mut builder = ReplFollowResponseBuilder::new(_fbb);
+    builder.add_master_end(args.master_end);
+    builder.add_start(args.start);
+    if let Some(x) = args.epochs { builder.add_epochs(x); }
+    builder.add_want_durable(args.want_durable);
+    builder.finish()
+  }
+
+
+  /// Where the master starts streaming; the follower truncates its CommitLog to here first.
+  #[inline]
+  pub fn start(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplFollowResponse::VT_START, Some(0)).unwrap()}
+  }
+  /// One past the last byte of the master's CommitLog when it answered.
+  #[inline]
+  pub fn master_end(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplFollowResponse::VT_MASTER_END, Some(0)).unwrap()}
+  }
+  /// Whether the master wants the follower's durable position in acks (SYNC_MASTER/durable).
+  #[inline]
+  pub fn want_durable(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ReplFollowResponse::VT_WANT_DURABLE, Some(false)).unwrap()}
+  }
+  /// The master's epoch history, oldest first.
+  #[inline]
+  pub fn epochs(&self) -> Option<::flatbuffers::Vector<'a, EpochEntry>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochEntry>>>(ReplFollowResponse::VT_EPOCHS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplFollowResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("start", Self::VT_START, false)?
+     .visit_field::<u64>("master_end", Self::VT_MASTER_END, false)?
+     .visit_field::<bool>("want_durable", Self::VT_WANT_DURABLE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochEntry>>>("epochs", Self::VT_EPOCHS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplFollowResponseArgs<'a> {
+    pub start: u64,
+    pub master_end: u64,
+    pub want_durable: bool,
+    pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochEntry>>>,
+}
+impl<'a> Default for ReplFollowResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplFollowResponseArgs {
+      start: 0,
+      master_end: 0,
+      want_durable: false,
+      epochs: None,
+    }
+  }
+}
+
+pub struct ReplFollowResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplFollowResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_start(&mut self, start: u64) {
+    self.fbb_.push_slot::<u64>(ReplFollowResponse::VT_START, start, 0);
+  }
+  #[inline]
+  pub fn add_master_end(&mut self, master_end: u64) {
+    self.fbb_.push_slot::<u64>(ReplFollowResponse::VT_MASTER_END, master_end, 0);
+  }
+  #[inline]
+  pub fn add_want_durable(&mut self, want_durable: bool) {
+    self.fbb_.push_slot::<bool>(ReplFollowResponse::VT_WANT_DURABLE, want_durable, false);
+  }
+  #[inline]
+  pub fn add_epochs(&mut self, epochs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , EpochEntry>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplFollowResponse::VT_EPOCHS, epochs);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplFollowResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplFollowResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplFollowResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplFollowResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplFollowResponse");
+      ds.field("start", &self.start());
+      ds.field("master_end", &self.master_end());
+      ds.field("want_durable", &self.want_durable());
+      ds.field("epochs", &self.epochs());
+      ds.finish()
+  }
+}
+pub enum ReplDataOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 21, master to slave. The body is raw CommitLog bytes starting at `position`; an
+/// empty body is a heartbeat.
+pub struct ReplData<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplData<'a> {
+  type Inner = ReplData<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplData<'a> {
+  pub const VT_POSITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MASTER_END: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MASTER_TIME_MS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplData { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplDataArgs
+  ) -> ::flatbuffers::WIPOffset<ReplData<'bldr>> {
+    let mut builder = ReplDataBuilder::new(_fbb);
+    builder.add_master_time_ms(args.master_time_ms);
+    builder.add_master_end(args.master_end);
+    builder.add_position(args.position);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn position(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplData::VT_POSITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn master_end(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplData::VT_MASTER_END, Some(0)).unwrap()}
+  }
+  /// The master's wall clock when it sent the frame, for the slave's lag in milliseconds.
+  #[inline]
+  pub fn master_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplData::VT_MASTER_TIME_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplData<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("position", Self::VT_POSITION, false)?
+     .visit_field::<u64>("master_end", Self::VT_MASTER_END, false)?
+     .visit_field::<u64>("master_time_ms", Self::VT_MASTER_TIME_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplDataArgs {
+    pub position: u64,
+    pub master_end: u64,
+    pub master_time_ms: u64,
+}
+impl<'a> Default for ReplDataArgs {
+  #[inline]
+  fn default() -> Self {
+    ReplDataArgs {
+      position: 0,
+      master_end: 0,
+      master_time_ms: 0,
+    }
+  }
+}
+
+pub struct ReplDataBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplDataBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_position(&mut self, position: u64) {
+    self.fbb_.push_slot::<u64>(ReplData::VT_POSITION, position, 0);
+  }
+  #[inline]
+  pub fn add_master_end(&mut self, master_end: u64) {
+    self.fbb_.push_slot::<u64>(ReplData::VT_MASTER_END, master_end, 0);
+  }
+  #[inline]
+  pub fn add_master_time_ms(&mut self, master_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(ReplData::VT_MASTER_TIME_MS, master_time_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplDataBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplDataBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplData<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplData<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplData");
+      ds.field("position", &self.position());
+      ds.field("master_end", &self.master_end());
+      ds.field("master_time_ms", &self.master_time_ms());
+      ds.finish()
+  }
+}
+pub enum ReplAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 22, slave to master.
+pub struct ReplAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplAck<'a> {
+  type Inner = ReplAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplAck<'a> {
+  pub const VT_RECEIVED: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DURABLE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplAckArgs
+  ) -> ::flatbuffers::WIPOffset<ReplAck<'bldr>> {
+    let mut builder = ReplAckBuilder::new(_fbb);
+    builder.add_durable(args.durable);
+    builder.add_received(args.received);
+    builder.finish()
+  }
+
+
+  /// One past the last byte the slave has appended.
+  #[inline]
+  pub fn received(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplAck::VT_RECEIVED, Some(0)).unwrap()}
+  }
+  /// One past the last byte the slave has made durable.
+  #[inline]
+  pub fn durable(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplAck::VT_DURABLE, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("received", Self::VT_RECEIVED, false)?
+     .visit_field::<u64>("durable", Self::VT_DURABLE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplAckArgs {
+    pub received: u64,
+    pub durable: u64,
+}
+impl<'a> Default for ReplAckArgs {
+  #[inline]
+  fn default() -> Self {
+    ReplAckArgs {
+      received: 0,
+      durable: 0,
+    }
+  }
+}
+
+pub struct ReplAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_received(&mut self, received: u64) {
+    self.fbb_.push_slot::<u64>(ReplAck::VT_RECEIVED, received, 0);
+  }
+  #[inline]
+  pub fn add_durable(&mut self, durable: u64) {
+    self.fbb_.push_slot::<u64>(ReplAck::VT_DURABLE, durable, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplAck");
+      ds.field("received", &self.received());
+      ds.field("durable", &self.durable());
       ds.finish()
   }
 }
