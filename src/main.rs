@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker (one pinned shard per core) until SIGINT/SIGTERM.
-    Broker(BrokerArgs),
+    Broker(Box<BrokerArgs>),
     /// Check that a broker answers, and how fast.
     Ping {
         #[arg(long, default_value = "127.0.0.1:10911")]
@@ -195,7 +195,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Broker(args) => run_broker(args),
+        Command::Broker(args) => run_broker(*args),
         Command::Ping { broker, count } => ping(&broker, count),
         Command::Admin { broker, command } => cli::admin(&broker, command),
         Command::Produce(args) => cli::produce(args),

@@ -316,9 +316,14 @@ async fn receive(
             tracker.note_end(data.master_end);
             if !frame.body.is_empty() {
                 let store = ctx.store();
-                let end = store
+                let (end, topics) = store
                     .append_replicated(LogPosition(data.position), &frame.body)
                     .await?;
+                if topics.iter().any(|t| ctx.topic(t).is_none()) {
+                    // Before acknowledging, so a caught-up slave always knows its topics (and
+                    // a promoted one can serve them).
+                    request_topic_sync(ctx).await;
+                }
                 tracker.note_end(end.0.max(data.master_end));
                 tracker.on_progress(id, end.0, store.watermarks().durable.0);
             }
@@ -446,6 +451,36 @@ async fn sync_topics(ctx: &Rc<ShardContext>, control: &mut Link) -> Result<(), R
         }
     }
     Ok(())
+}
+
+/// Has shard 0 copy the master's topic table now; waits until it did (or failed).
+async fn request_topic_sync(ctx: &Rc<ShardContext>) {
+    if ctx.shard == 0 {
+        sync_topics_now(ctx).await;
+        return;
+    }
+    if let Err(e) = ctx
+        .mesh
+        .call(0, crate::shard::mesh::MeshRequest::SyncTopics)
+        .await
+    {
+        log::warn!("shard {}: asking shard 0 for a topic sync: {e}", ctx.shard);
+    }
+}
+
+/// Shard 0: copies the master's topic table over a fresh control connection.
+pub async fn sync_topics_now(ctx: &Rc<ShardContext>) {
+    let Some(master) = ctx.config.master.clone() else {
+        return;
+    };
+    let r = async {
+        let mut link = Link::connect(&master).await?;
+        sync_topics(ctx, &mut link).await
+    }
+    .await;
+    if let Err(e) = r {
+        log::warn!("shard 0: copying the master's topics: {e}");
+    }
 }
 
 async fn keep_topics_synced(ctx: Rc<ShardContext>, id: u64, mut control: Link) {

@@ -259,7 +259,9 @@ impl ReplicaTracker {
             Role::Master => (log_end, st.received),
             Role::Slave => (st.peer_end.max(log_end), log_end),
         };
-        let lag_bytes = if st.session.is_some() || role == Role::Slave {
+        // A master that never had a slave has no lag to speak of; once one was seen, the lag is
+        // what it lacks, connected or not.
+        let lag_bytes = if st.connects > 0 || role == Role::Slave {
             end.saturating_sub(have)
         } else {
             0
@@ -373,10 +375,8 @@ pub async fn serve_follower(
     }
     let store = ctx.store();
     let master_end = store.watermarks().appended.0;
-    let theirs = match EpochHistory::from_entries(req.epochs.clone()) {
-        Some(h) => h,
-        None => EpochHistory::default(),
-    };
+    // A history out of order shares nothing with ours: the follower re-syncs from 0.
+    let theirs = EpochHistory::from_entries(req.epochs.clone()).unwrap_or_default();
     let epochs = ctx.epochs();
     let start = divergence(&epochs, master_end, &theirs, req.log_end);
     let tracker = ctx.tracker();

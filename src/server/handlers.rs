@@ -99,6 +99,10 @@ pub async fn on_mesh_request(ctx: &Rc<ShardContext>, request: MeshRequest) -> Me
         }
         MeshRequest::LocalShardStats => MeshReply::ShardStats(local_shard_stats(ctx)),
         MeshRequest::Promote => MeshReply::Promoted(promote_local(ctx).await),
+        MeshRequest::SyncTopics => {
+            crate::replication::follower::sync_topics_now(ctx).await;
+            MeshReply::Applied
+        }
     }
 }
 

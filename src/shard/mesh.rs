@@ -34,6 +34,9 @@ pub enum MeshRequest {
     LocalShardStats,
     /// Turn the receiving shard from slave into master (see `handlers::promote`).
     Promote,
+    /// Slave, to shard 0: copy the master's topic table now (a replicated record named a topic
+    /// this broker does not know yet).
+    SyncTopics,
 }
 
 #[derive(Debug)]

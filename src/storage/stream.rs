@@ -232,14 +232,15 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Appends records a master sent, starting at `position`, exactly as they are (same log
     /// positions, same queue offsets). Checks every CRC, that each record claims the position
     /// it lands on (rolling to the next segment where the master rolled), and that its queue
-    /// offsets continue the queue. Returns the new append position. Nothing of a batch that
-    /// fails a check is appended from that record on.
+    /// offsets continue the queue. Returns the new append position and the topics the records
+    /// belong to. Nothing of a batch that fails a check is appended from that record on.
     pub async fn append_replicated(
         &self,
         position: LogPosition,
         bytes: &[u8],
-    ) -> Result<LogPosition, StorageError> {
+    ) -> Result<(LogPosition, Vec<String>), StorageError> {
         let log = &self.inner.log;
+        let mut topics: Vec<String> = Vec::new();
         let mut at = 0usize;
         let mut expect = position.0;
         while at < bytes.len() {
@@ -276,11 +277,14 @@ impl<B: StorageBackend> ShardStore<B> {
                 log.append_encoded(v.bytes);
                 idx.apply(v.topic, &h, v.body);
             }
+            if !topics.iter().any(|t| t == v.topic) {
+                topics.push(v.topic.to_string());
+            }
             self.inner.appended.notify_all();
             at += total as usize;
             expect = claimed + total;
         }
-        Ok(LogPosition(log.st.borrow().append_pos))
+        Ok((LogPosition(log.st.borrow().append_pos), topics))
     }
 }
 
