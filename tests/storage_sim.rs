@@ -785,3 +785,175 @@ fn record_view_rejects_what_the_store_never_returns() {
     let rec = ringmq::storage::record::encode_record(Default::default(), "t", b"body");
     assert!(RecordView::parse(&rec).is_ok());
 }
+
+// ---- The log as a replication stream (storage/stream.rs) ----
+
+/// Copies `master`'s log into `replica` the way a follower does, from disk reads.
+async fn copy_log(master: &Store, replica: &Store, read_bytes: usize) -> u64 {
+    let mut next = replica.watermarks().appended;
+    let mut chunks = 0;
+    loop {
+        let c = master.read_log(next, read_bytes).await.unwrap();
+        if c.bytes.is_empty() && c.next == next {
+            return chunks;
+        }
+        if !c.bytes.is_empty() {
+            let (end, _) = replica
+                .append_replicated(c.position, &c.bytes)
+                .await
+                .unwrap();
+            assert_eq!(end, c.next);
+            chunks += 1;
+        }
+        next = c.next;
+    }
+}
+
+#[test]
+fn a_replica_copies_the_log_at_the_same_positions_across_segment_rolls() {
+    run(|| async {
+        let (dm, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sim = SimBackend::new();
+        let (m, _) = open(&sim, dm.path(), FlushMode::SyncFlush).await;
+        let (r, _) = open(&sim, dr.path(), FlushMode::AsyncFlush).await;
+        // ~3 KiB records in 64 KiB segments: several rolls, each leaving an unused tail.
+        for i in 0..100u32 {
+            let topic = if i % 3 == 0 { "a" } else { "b" };
+            append_durable(&m, topic, i % 2, &vec![i as u8; 3000 + i as usize]).await;
+        }
+        assert!(copy_log(&m, &r, 16 * 1024).await > 5);
+        assert_eq!(r.watermarks().appended, m.watermarks().appended);
+        r.wait_durable(r.watermarks().appended).await.unwrap();
+        for (t, q) in [("a", 0), ("a", 1), ("b", 0), ("b", 1)] {
+            assert_eq!(
+                read_all(&r, t, q).await,
+                read_all(&m, t, q).await,
+                "{t}/{q}"
+            );
+            assert_eq!(r.queue_stats(t, q), m.queue_stats(t, q));
+        }
+        // The copy is a log like any other: it survives a reopen, and appends continue it.
+        let end = r.watermarks().appended;
+        r.close().await.unwrap();
+        drop(r);
+        let (r, rep) = open(&sim, dr.path(), FlushMode::SyncFlush).await;
+        assert_eq!((rep.end_position, rep.truncated_at), (end.0, None));
+        let a = append_durable(&r, "a", 0, b"after").await;
+        assert_eq!(a.base_offset, m.queue_stats("a", 0).written_end_offset);
+        r.close().await.unwrap();
+        m.close().await.unwrap();
+    });
+}
+
+#[test]
+fn the_tail_feed_hands_out_appends_from_memory_in_order() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::AsyncFlush).await;
+        append_durable(&s, "t", 0, b"before").await;
+        let at = s.watermarks().appended;
+        assert!(
+            !s.tail_feed_start(LogPosition(at.0 - 1), 1 << 20),
+            "only at the end"
+        );
+        assert!(s.tail_feed_start(at, 1 << 20));
+        assert!(s.tail_take(at).is_none(), "nothing appended yet");
+        let a = s.append(req("t", 0, 1, b"one")).await.unwrap();
+        let b = s.append(req("t", 1, 1, b"two")).await.unwrap();
+        // Not written yet (async flush), but the feed has both records.
+        let c = s.tail_take(at).expect("a run");
+        assert_eq!((c.position, c.next), (a.position, b.end));
+        let bodies: Vec<Vec<u8>> = RecordIter::new(&c.bytes)
+            .map(|r| r.unwrap().body.to_vec())
+            .collect();
+        assert_eq!(bodies.len(), 2);
+        assert!(s.tail_take(c.next).is_none());
+        assert!(s.tail_feed_covers(c.next));
+        s.tail_feed_stop();
+        assert!(!s.tail_feed_covers(c.next));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn append_replicated_refuses_corrupt_or_diverging_records_and_keeps_the_log() {
+    run(|| async {
+        let (dm, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sim = SimBackend::new();
+        let (m, _) = open(&sim, dm.path(), FlushMode::SyncFlush).await;
+        let (r, _) = open(&sim, dr.path(), FlushMode::SyncFlush).await;
+        for i in 0..4u8 {
+            append_durable(&m, "t", 0, &[i; 100]).await;
+        }
+        let chunk = m.read_log(LogPosition(0), 1 << 20).await.unwrap();
+        let first = RecordView::parse(&chunk.bytes).unwrap().bytes.len();
+
+        let mut flipped = chunk.bytes.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let e = r
+            .append_replicated(chunk.position, &flipped)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StorageError::Record(_)), "{e}");
+        // Records before the bad one went in whole; nothing of the bad one did.
+        let kept = r.watermarks().appended;
+        assert_eq!(
+            kept.0 as usize,
+            3 * first,
+            "three whole records of equal size"
+        );
+        r.wait_durable(kept).await.unwrap();
+        assert_eq!(read_all(&r, "t", 0).await.len(), 3);
+
+        // The same records again: they claim positions this log already has.
+        let e = r
+            .append_replicated(chunk.position, &chunk.bytes[..first])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StorageError::Diverged { .. }), "{e}");
+        assert_eq!(r.watermarks().appended, kept);
+        r.close().await.unwrap();
+        m.close().await.unwrap();
+    });
+}
+
+#[test]
+fn opening_with_a_limit_truncates_the_log_and_rebuilds_what_derives_from_it() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let mut ends = Vec::new();
+        for i in 0..40u32 {
+            ends.push(append_durable(&s, "t", 0, &vec![i as u8; 2500]).await.end);
+        }
+        s.close().await.unwrap();
+        drop(s);
+        // Cut after record 25 (in a later segment than the first).
+        let limit = ends[25];
+        let (s, rep) = ShardStore::open_limited(
+            sim.clone(),
+            dir.path(),
+            cfg(FlushMode::SyncFlush),
+            Some(limit.0),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rep.tail, Some(Observation::BeyondLimit));
+        assert_eq!(rep.truncated_at, Some(limit.0));
+        assert_eq!(s.watermarks().appended, limit);
+        assert_eq!(read_all(&s, "t", 0).await.len(), 26);
+        let a = append_durable(&s, "t", 0, b"new").await;
+        assert_eq!(a.base_offset, QueueOffset(26));
+        s.close().await.unwrap();
+        drop(s);
+        // The truncated records never come back.
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let all = read_all(&s, "t", 0).await;
+        assert_eq!(all.len(), 27);
+        assert_eq!(all[26].1, b"new".to_vec());
+        s.close().await.unwrap();
+    });
+}
