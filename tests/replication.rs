@@ -264,3 +264,97 @@ fn a_slave_with_another_shard_count_is_refused_at_start() {
     let err = ringmq::shard::Broker::start(cfg).err().expect("refused");
     assert!(err.to_string().contains("same --cores"), "{err}");
 }
+
+fn follow_request(shards: u32, segment_bytes: u64, epoch: u64) -> ringmq::protocol::Request {
+    ringmq::protocol::Request::ReplFollow(ringmq::protocol::ReplFollowRequest {
+        shard: 0,
+        shards,
+        segment_bytes,
+        log_end: 0,
+        epochs: vec![ringmq::protocol::EpochEntry { epoch, start: 0 }],
+    })
+}
+
+#[test]
+fn follow_requests_that_cannot_work_are_refused_with_a_reason() {
+    use ringmq::client::connection::Connection;
+    let m = master(ReplicationMode::AsyncMaster);
+    let seg = 32 << 20;
+    let cases = [
+        (follow_request(3, seg, 1), "shard layout differs"),
+        (follow_request(1, seg * 2, 1), "segment_bytes differ"),
+        (follow_request(1, seg, 99), "superseded"),
+    ];
+    for (request, why) in cases {
+        let conn = Connection::connect_timeout(&m.addr(), Duration::from_secs(2)).unwrap();
+        let err = conn
+            .call(&request, bytes::Bytes::new(), Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(
+            remote_code(&err),
+            Some(ErrorCode::ReplicationRefused),
+            "{err}"
+        );
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    // ReplFollow in the middle of a client connection is refused too; the broker goes on.
+    let admin = Admin::connect(&m.addr()).unwrap();
+    admin.ping().unwrap();
+    let err = admin
+        .connection()
+        .call(
+            &follow_request(1, seg, 1),
+            bytes::Bytes::new(),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::InvalidArgument), "{err}");
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("still", 1)
+        .unwrap();
+}
+
+#[test]
+fn garbage_on_a_replication_stream_ends_that_session_only() {
+    use std::io::{Read, Write};
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("g", 1)
+        .unwrap();
+    Producer::connect(&m.addr())
+        .unwrap()
+        .send("g", QueueSelector::Queue(0), &Message::new(&b"kept"[..]))
+        .unwrap();
+    let mut sock = std::net::TcpStream::connect(m.addr()).unwrap();
+    let mut out = bytes::BytesMut::new();
+    follow_request(1, 32 << 20, 1)
+        .to_frame(1, bytes::Bytes::new())
+        .encode(&mut out);
+    sock.write_all(&out).unwrap();
+    // The answer, then the log streams; a few reads are enough to see it is a session.
+    let mut buf = [0u8; 4096];
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(sock.read(&mut buf).unwrap() > 0);
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin.broker_stats().unwrap()[0].replication.link != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the fake follower never streamed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sock.write_all(&[0xAB; 64]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin.broker_stats().unwrap()[0].replication.link != 0 {
+        assert!(Instant::now() < deadline, "garbage did not end the session");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(read_all(&m.addr(), "g", 1).len(), 1);
+    Producer::connect(&m.addr())
+        .unwrap()
+        .send("g", QueueSelector::Queue(0), &Message::new(&b"more"[..]))
+        .unwrap();
+}
