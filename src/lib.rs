@@ -9,6 +9,8 @@
 //!   key index, recovery.
 //! - [`shard`]: one pinned glommio executor per core, the routing function and the channel mesh
 //!   between shards.
+//! - [`replication`]: a slave's shard follows its master's shard: epochs, the master's follower
+//!   session and replica tracker, the slave's follower loop.
 //! - [`server`]: listeners, the per-connection loop and the request handlers.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
 //! - [`config`]: the typed broker configuration with documented defaults and validation.
