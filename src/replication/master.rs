@@ -407,7 +407,24 @@ pub async fn serve_follower(
     );
     tracker.streaming(id, start, master_end);
     let acks = glommio::spawn_local(read_acks(ctx.clone(), id, reader, buf));
-    let streamed = stream_log(&ctx, id, start, &mut writer).await;
+    let session = {
+        let ctx = ctx.clone();
+        async move {
+            let r = stream_log(&ctx, id, start, &mut writer).await;
+            (r, writer)
+        }
+    };
+    let (streamed, mut writer) = match glommio::spawn_local_into(session, ctx.replication_queue) {
+        Ok(task) => task.await,
+        Err(e) => {
+            tracker.end_session(id);
+            log::error!(
+                "shard {}: cannot start the follower session: {e}",
+                ctx.shard
+            );
+            return;
+        }
+    };
     tracker.end_session(id);
     store.tail_feed_stop();
     let _ = writer.close().await;

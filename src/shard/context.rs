@@ -37,6 +37,10 @@ pub struct ShardContext {
     stop_following: Cell<bool>,
     /// Slave: the task following the master.
     pub follower: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    /// Where a master streams its log to a follower: a task queue with a quarter of the
+    /// default queue's shares, so a follower catching up a large backlog gets at most about a
+    /// fifth of the core while produce requests are waiting.
+    pub replication_queue: glommio::TaskQueueHandle,
     /// `host:port` clients should dial for each shard, by shard index.
     pub addresses: Arc<Vec<String>>,
     /// Set by a signal handler or `Broker::stop`; every shard polls it.
@@ -77,6 +81,11 @@ impl ShardContext {
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
             follower: RefCell::new(None),
+            replication_queue: glommio::executor().create_task_queue(
+                glommio::Shares::Static(250),
+                glommio::Latency::Matters(Duration::from_millis(5)),
+                "replication",
+            ),
             addresses,
             shutdown,
             topics: RefCell::new(topics),
