@@ -45,7 +45,9 @@ impl CoreSelection {
     pub fn resolve(&self, available: &[usize]) -> Result<Vec<usize>, String> {
         match self {
             CoreSelection::All => Ok(available.to_vec()),
-            CoreSelection::Count(n) if *n == 0 => Err("cores: a count must be at least 1".into()),
+            CoreSelection::Count(n) if *n == 0 => {
+                Err("cores: a count must be at least 1 (to name core 0 alone, write `0,`)".into())
+            }
             CoreSelection::Count(n) if *n > available.len() => Err(format!(
                 "cores: asked for {n} cores but only {} are available ({available:?})",
                 available.len()
@@ -84,8 +86,10 @@ impl FromStr for CoreSelection {
             return Ok(CoreSelection::All);
         }
         if s.contains(',') {
+            // `1,` names core 1 alone (a bare `1` is a count).
             let list = s
                 .split(',')
+                .filter(|p| !p.trim().is_empty())
                 .map(|p| p.trim().parse::<usize>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| format!("cores: {s:?} is not a list of core ids like 0,1"))?;
@@ -289,7 +293,9 @@ impl Config {
             problems.push("replica_timeout_ms must be at least 1".to_string());
         }
         if let CoreSelection::Count(0) = self.cores {
-            problems.push("cores: a count must be at least 1".to_string());
+            problems.push(
+                "cores: a count must be at least 1 (to name core 0 alone, write `0,`)".to_string(),
+            );
         }
         if problems.is_empty() {
             Ok(())
@@ -353,6 +359,10 @@ mod tests {
         assert_eq!(
             "0, 1".parse::<CoreSelection>().unwrap(),
             CoreSelection::List(vec![0, 1])
+        );
+        assert_eq!(
+            "1,".parse::<CoreSelection>().unwrap(),
+            CoreSelection::List(vec![1])
         );
         assert!("x".parse::<CoreSelection>().is_err());
         assert!("0,x".parse::<CoreSelection>().is_err());

@@ -69,7 +69,7 @@ struct BrokerArgs {
     /// Shard i listens on port+i [default: 10911]
     #[arg(long)]
     port: Option<u16>,
-    /// `all`, a count, or a list like 0,1 [default: all]
+    /// `all`, a count, or a list like 0,1 (`1,` = core 1 alone) [default: all]
     #[arg(long)]
     cores: Option<CoreSelection>,
     /// sync_flush or async_flush [default: sync_flush]

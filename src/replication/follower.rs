@@ -99,13 +99,18 @@ impl Link {
             peer: peer.to_string(),
             source,
         };
-        let stream = glommio::timer::timeout(CONNECT_TIMEOUT, async {
-            TcpStream::connect(peer)
-                .await
-                .map_err(|e| glommio::GlommioError::IoError(std::io::Error::other(e.to_string())))
-        })
-        .await
-        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        let stream = glommio::timer::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+            .await
+            .map_err(|e| {
+                io(match e {
+                    glommio::GlommioError::IoError(e) => e,
+                    glommio::GlommioError::TimedOut(d) => std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {d:?}"),
+                    ),
+                    other => std::io::Error::other(other.to_string()),
+                })
+            })?;
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.split();
         Ok(Link {

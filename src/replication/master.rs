@@ -275,6 +275,7 @@ impl ReplicaTracker {
                 .map_or(0, |(_, t)| t.elapsed().as_millis() as u64)
         };
         let rate = match st.rate_window {
+            _ if st.session.is_none() => 0,
             Some((t, at)) if t.elapsed() >= Duration::from_secs(2) => {
                 ((st.received - at) as f64 / t.elapsed().as_secs_f64()) as u64
             }
