@@ -37,44 +37,15 @@ fn slave_of(master: &TestBroker) -> TestBroker {
     TestBroker::start_with(cfg, tmp)
 }
 
-/// Waits until every shard of `master` streams to a slave that has all of its log.
 fn wait_caught_up(master: &TestBroker) {
-    let admin = Admin::connect(&master.addr()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = admin.broker_stats().unwrap();
-        if stats
-            .iter()
-            .all(|s| s.replication.link == 2 && s.replication.lag_bytes == 0)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slave never caught up: {stats:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_caught_up(
+        &Admin::connect(&master.addr()).unwrap(),
+        Duration::from_secs(20),
+    );
 }
 
-/// Every message of `topic` (all queues), in queue then offset order.
 fn read_all(addr: &str, topic: &str, queues: u32) -> Vec<(u32, u64, Vec<u8>)> {
-    let consumer = Consumer::connect(addr).unwrap();
-    let mut out = Vec::new();
-    for q in 0..queues {
-        let mut offset = 0;
-        loop {
-            let f = consumer.fetch(topic, q, offset, Duration::ZERO).unwrap();
-            if f.messages.is_empty() {
-                break;
-            }
-            for m in f.messages {
-                out.push((q, m.offset, m.payload.to_vec()));
-            }
-            offset = f.next_offset;
-        }
-    }
-    out
+    common::read_all(&Consumer::connect(addr).unwrap(), topic, queues)
 }
 
 fn remote_code(e: &ClientError) -> Option<ErrorCode> {

@@ -8,11 +8,13 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::{in_ns, NsBroker, TwoHosts};
+use common::wait_caught_up;
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::message::Message;
 use ringmq::protocol::ErrorCode;
@@ -31,48 +33,27 @@ fn producer(ns: &str, addr: &str, retries: u32) -> Producer {
     })
 }
 
-/// Every message of `topic` on the broker at `addr`: (queue, offset, payload).
+/// Every message of `topic` on the broker at `addr`, read from host `ns`.
 fn read_all(ns: &str, addr: &str, topic: &str, queues: u32) -> Vec<(u32, u64, Vec<u8>)> {
     let addr = addr.to_string();
     let consumer = in_ns(ns, move || {
         Consumer::connect(&addr).expect("consumer connects")
     });
-    let mut out = Vec::new();
-    for q in 0..queues {
-        let mut offset = 0;
-        loop {
-            let f = consumer
-                .fetch(topic, q, offset, Duration::ZERO)
-                .expect("fetch");
-            if f.messages.is_empty() {
-                break;
-            }
-            for m in f.messages {
-                out.push((q, m.offset, m.payload.to_vec()));
-            }
-            offset = f.next_offset;
-        }
-    }
-    out
+    common::read_all(&consumer, topic, queues)
 }
 
-/// Waits until the master streams to its slave and the slave has the whole log.
-fn wait_caught_up(master_admin: &Admin, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let stats = master_admin.broker_stats().expect("stats");
-        if stats
-            .iter()
-            .all(|s| s.replication.link == 2 && s.replication.lag_bytes == 0)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slave never caught up: {stats:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A master on host a with `master_args`, a slave of it on host b with `slave_args`.
+fn start_pair(
+    net: &TwoHosts,
+    dirs: (&Path, &Path),
+    master_args: &[&str],
+    slave_args: &[&str],
+) -> (NsBroker, NsBroker) {
+    let master = NsBroker::start(net.ns_a(), net.addr_a(), dirs.0, master_args);
+    let mut args = vec!["--role", "slave", "--master", master.addr()];
+    args.extend(slave_args);
+    let slave = NsBroker::start(net.ns_b(), net.addr_b(), dirs.1, &args);
+    (master, slave)
 }
 
 fn code(e: &ClientError) -> Option<ErrorCode> {
@@ -97,19 +78,13 @@ fn sync_master_killed_under_load_then_slave_promoted_has_every_acked_message_onc
         return;
     };
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
-    let master = NsBroker::start(
-        net.ns_a(),
-        net.addr_a(),
-        dir_a.path(),
+    let (master, slave) = start_pair(
+        &net,
+        (dir_a.path(), dir_b.path()),
         &["--replication", "sync_master", "--replica-ack", "durable"],
+        &[],
     );
     let maddr = master.addr().to_string();
-    let slave = NsBroker::start(
-        net.ns_b(),
-        net.addr_b(),
-        dir_b.path(),
-        &["--role", "slave", "--master", &maddr],
-    );
     let madmin = admin(net.ns_a(), &maddr);
     madmin.create_topic("drill", 4).unwrap();
     wait_caught_up(&madmin, Duration::from_secs(20));
@@ -194,24 +169,18 @@ fn partition_gives_sync_master_producers_a_timeout_status_then_the_slave_catches
         return;
     };
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
-    let master = NsBroker::start(
-        net.ns_a(),
-        net.addr_a(),
-        dir_a.path(),
+    let (master, slave) = start_pair(
+        &net,
+        (dir_a.path(), dir_b.path()),
         &[
             "--replication",
             "sync_master",
             "--replica-timeout-ms",
             "1000",
         ],
+        &[],
     );
     let maddr = master.addr().to_string();
-    let slave = NsBroker::start(
-        net.ns_b(),
-        net.addr_b(),
-        dir_b.path(),
-        &["--role", "slave", "--master", &maddr],
-    );
     let madmin = admin(net.ns_a(), &maddr);
     madmin.create_topic("p", 1).unwrap();
     wait_caught_up(&madmin, Duration::from_secs(20));
@@ -333,12 +302,9 @@ fn the_old_master_is_refused_as_master_and_rejoins_as_slave_without_its_unreplic
         "--replica-timeout-ms",
         "500",
     ];
-    let master = NsBroker::start(net.ns_a(), net.addr_a(), dir_a.path(), &sync);
-    let maddr = master.addr().to_string();
     // The same replication settings on both: they apply to whichever is master.
-    let mut slave_args = vec!["--role", "slave", "--master", maddr.as_str()];
-    slave_args.extend(sync);
-    let slave = NsBroker::start(net.ns_b(), net.addr_b(), dir_b.path(), &slave_args);
+    let (master, slave) = start_pair(&net, (dir_a.path(), dir_b.path()), &sync, &sync);
+    let maddr = master.addr().to_string();
     let saddr = slave.addr().to_string();
     let madmin = admin(net.ns_a(), &maddr);
     madmin.create_topic("r", 1).unwrap();

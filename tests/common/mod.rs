@@ -5,6 +5,9 @@ pub mod netns;
 
 use std::path::{Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
+use ringmq::client::{Admin, Consumer};
 use ringmq::config::{Config, CoreSelection};
 use ringmq::shard::Broker;
 
@@ -90,5 +93,46 @@ impl Drop for TestBroker {
         if let Some(b) = self.broker.take() {
             let _ = b.stop();
         }
+    }
+}
+
+/// Every visible message of `topic` (all `queues`) as (queue, offset, payload), queue by queue.
+pub fn read_all(consumer: &Consumer, topic: &str, queues: u32) -> Vec<(u32, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    for q in 0..queues {
+        let mut offset = 0;
+        loop {
+            let f = consumer
+                .fetch(topic, q, offset, Duration::ZERO)
+                .expect("fetch");
+            if f.messages.is_empty() {
+                break;
+            }
+            for m in f.messages {
+                out.push((q, m.offset, m.payload.to_vec()));
+            }
+            offset = f.next_offset;
+        }
+    }
+    out
+}
+
+/// Waits until every shard of the master behind `master` streams to a slave that has its
+/// whole log.
+pub fn wait_caught_up(master: &Admin, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = master.broker_stats().expect("broker stats");
+        if stats
+            .iter()
+            .all(|s| s.replication.link == 2 && s.replication.lag_bytes == 0)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slave never caught up: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
