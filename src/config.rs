@@ -274,7 +274,8 @@ impl Config {
                 crate::protocol::MAX_BODY_BYTES
             ));
         }
-        if self.role == Role::Slave && self.master.as_deref().is_none_or(|m| m.trim().is_empty()) {
+        if self.role == Role::Slave && self.master.as_deref().map_or(true, |m| m.trim().is_empty())
+        {
             problems.push("role is slave but no master is set (--master HOST:PORT)".to_string());
         }
         if self.role == Role::Master && self.master.is_some() {

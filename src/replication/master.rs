@@ -373,10 +373,7 @@ pub async fn serve_follower(
     }
     let store = ctx.store();
     let master_end = store.watermarks().appended.0;
-    let theirs = match EpochHistory::from_entries(req.epochs.clone()) {
-        Some(h) => h,
-        None => EpochHistory::default(),
-    };
+    let theirs = EpochHistory::from_entries(req.epochs.clone()).unwrap_or_default();
     let epochs = ctx.epochs();
     let start = divergence(&epochs, master_end, &theirs, req.log_end);
     let tracker = ctx.tracker();
