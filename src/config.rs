@@ -106,6 +106,8 @@ impl fmt::Display for CoreSelection {
         match self {
             CoreSelection::All => write!(f, "all"),
             CoreSelection::Count(n) => write!(f, "{n}"),
+            // One core is written `1,`: a bare `1` would read back as a count.
+            CoreSelection::List(l) if l.len() == 1 => write!(f, "{},", l[0]),
             CoreSelection::List(l) => {
                 let parts: Vec<String> = l.iter().map(|c| c.to_string()).collect();
                 write!(f, "{}", parts.join(","))
@@ -364,6 +366,14 @@ mod tests {
             "1,".parse::<CoreSelection>().unwrap(),
             CoreSelection::List(vec![1])
         );
+        for sel in [
+            CoreSelection::All,
+            CoreSelection::Count(1),
+            CoreSelection::List(vec![1]),
+            CoreSelection::List(vec![0, 1]),
+        ] {
+            assert_eq!(sel.to_string().parse::<CoreSelection>().unwrap(), sel);
+        }
         assert!("x".parse::<CoreSelection>().is_err());
         assert!("0,x".parse::<CoreSelection>().is_err());
     }

@@ -26,6 +26,7 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of the broker's flags does not matter.
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker (one pinned shard per core) until SIGINT/SIGTERM.

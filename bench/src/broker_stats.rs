@@ -1,10 +1,26 @@
-//! Broker-side flush figures: fsyncs/s, acks per fsync, unflushed-bytes high-water mark.
+//! Broker-side figures: fsyncs/s, acks per fsync, unflushed-bytes high-water mark, and in the
+//! replication modes the slave's lag as the master sees it.
 //!
 //! [`snapshot`] reads the broker's counters with the BrokerStats request (summed over shards);
 //! a broker that cannot answer gives "n/a" figures rather than failing the run.
+//! [`ReplicationWatch`] polls the master's BrokerStats every [`LAG_POLL_INTERVAL`] during the
+//! load: lag is a gauge, so its maximum can only be seen by sampling it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ringmq::client::Admin;
+use ringmq::protocol::{ReplicaStats, ShardStats};
 use serde::{Deserialize, Serialize};
+
+use crate::machine;
+
+/// How often the replication watch asks the master for its stats: often enough to catch a
+/// lag spike of a few hundred milliseconds, rarely enough (one small request on the master's
+/// core) not to move the figures.
+pub const LAG_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Cumulative counters as the broker would report them (summed over shards).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -59,6 +75,111 @@ impl BrokerStats {
     }
 }
 
+/// The slave's lag and link as the master reported them during a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationFigures {
+    /// Largest `lag_bytes` (master's log end minus what the slave acknowledged as received)
+    /// seen by any poll in the measured window, over all shards. None: no poll answered.
+    pub max_lag_bytes: Option<u64>,
+    /// Largest `lag_ms` (age of the oldest byte the slave does not have) in the same polls.
+    pub max_lag_ms: Option<u64>,
+    /// Lag at the last poll, taken after the load stopped and before the slave was stopped.
+    pub end_lag_bytes: Option<u64>,
+    /// Every answered poll from the start of the load to its end saw every shard's link
+    /// streaming, and the link never reconnected.
+    pub link_stayed_up: bool,
+    /// Polls answered, and among them those where some shard was not streaming.
+    pub polls: u64,
+    pub polls_not_streaming: u64,
+    /// Polls the master did not answer (not counted as a link failure).
+    pub polls_failed: u64,
+    /// Times the link reconnected during the run (growth of the master's `connects`).
+    pub reconnects: u64,
+}
+
+/// Accumulates polls into [`ReplicationFigures`]; pure, so it is tested without a broker.
+#[derive(Debug, Default)]
+pub struct LagTracker {
+    figures: ReplicationFigures,
+    first_connects: Option<u64>,
+}
+
+impl LagTracker {
+    /// One answered poll; `measured` = inside the measured window (lag maxima count).
+    pub fn on_poll(&mut self, shards: &[ShardStats], measured: bool) {
+        let f = &mut self.figures;
+        f.polls += 1;
+        let r: Vec<&ReplicaStats> = shards.iter().map(|s| &s.replication).collect();
+        if r.is_empty() || r.iter().any(|r| r.link != ReplicaStats::LINK_STREAMING) {
+            f.polls_not_streaming += 1;
+        }
+        let connects: u64 = r.iter().map(|r| r.connects).sum();
+        let first = *self.first_connects.get_or_insert(connects);
+        f.reconnects = f.reconnects.max(connects.saturating_sub(first));
+        let lag_bytes = r.iter().map(|r| r.lag_bytes).max().unwrap_or(0);
+        let lag_ms = r.iter().map(|r| r.lag_ms).max().unwrap_or(0);
+        if measured {
+            f.max_lag_bytes = Some(f.max_lag_bytes.unwrap_or(0).max(lag_bytes));
+            f.max_lag_ms = Some(f.max_lag_ms.unwrap_or(0).max(lag_ms));
+        }
+        f.end_lag_bytes = Some(lag_bytes);
+    }
+
+    pub fn on_failed_poll(&mut self) {
+        self.figures.polls_failed += 1;
+    }
+
+    pub fn figures(&self) -> ReplicationFigures {
+        let mut f = self.figures.clone();
+        f.link_stayed_up = f.polls > 0 && f.polls_not_streaming == 0 && f.reconnects == 0;
+        f
+    }
+}
+
+/// A thread polling the master's BrokerStats until [`ReplicationWatch::finish`].
+pub struct ReplicationWatch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<LagTracker>,
+}
+
+impl ReplicationWatch {
+    /// Starts polling the master at `addr`; lag maxima count from `measure_from` on. The
+    /// thread runs on `cores` (the load's), never on the master's.
+    pub fn start(addr: &str, measure_from: Instant, cores: &[usize]) -> Result<Self, String> {
+        let admin = Admin::connect(addr)
+            .map_err(|e| format!("replication watch: cannot reach {addr}: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, cores) = (stop.clone(), cores.to_vec());
+        let thread = std::thread::Builder::new()
+            .name("bench-lag-watch".into())
+            .spawn(move || {
+                let _ = machine::pin_current_thread(&cores);
+                let mut t = LagTracker::default();
+                let poll = |t: &mut LagTracker| match admin.broker_stats() {
+                    Ok(s) => t.on_poll(&s, Instant::now() >= measure_from),
+                    Err(_) => t.on_failed_poll(),
+                };
+                while !flag.load(Ordering::Relaxed) {
+                    poll(&mut t);
+                    let next = Instant::now() + LAG_POLL_INTERVAL;
+                    while !flag.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                // The state when the load stopped, before anything is torn down.
+                poll(&mut t);
+                t
+            })
+            .map_err(|e| format!("cannot spawn the replication watch: {e}"))?;
+        Ok(ReplicationWatch { stop, thread })
+    }
+
+    pub fn finish(self) -> ReplicationFigures {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map(|t| t.figures()).unwrap_or_default()
+    }
+}
+
 /// "n/a" for a missing figure, else the value with `decimals` decimals.
 pub fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
     match v {
@@ -93,5 +214,56 @@ mod tests {
         );
         assert_eq!(fmt_opt(None, 1), "n/a");
         assert_eq!(fmt_opt(Some(2.26), 1), "2.3");
+    }
+
+    fn shard(link: u8, lag_bytes: u64, lag_ms: u64, connects: u64) -> ShardStats {
+        ShardStats {
+            replication: ReplicaStats {
+                link,
+                lag_bytes,
+                lag_ms,
+                connects,
+                ..ReplicaStats::default()
+            },
+            ..ShardStats::default()
+        }
+    }
+
+    #[test]
+    fn lag_maxima_count_only_in_the_measured_window() {
+        let mut t = LagTracker::default();
+        t.on_poll(&[shard(2, 9_999_999, 9_999, 1), shard(2, 0, 0, 1)], false);
+        t.on_poll(&[shard(2, 4096, 3, 1), shard(2, 100, 7, 1)], true);
+        t.on_poll(&[shard(2, 0, 0, 1), shard(2, 0, 0, 1)], true);
+        t.on_failed_poll();
+        let f = t.figures();
+        assert_eq!(f.max_lag_bytes, Some(4096));
+        assert_eq!(f.max_lag_ms, Some(7));
+        assert_eq!(f.end_lag_bytes, Some(0));
+        assert_eq!((f.polls, f.polls_failed), (3, 1));
+        assert!(f.link_stayed_up);
+    }
+
+    #[test]
+    fn a_link_that_drops_or_reconnects_did_not_stay_up() {
+        let mut t = LagTracker::default();
+        t.on_poll(&[shard(2, 0, 0, 1)], true);
+        t.on_poll(&[shard(1, 0, 0, 1)], true);
+        let f = t.figures();
+        assert_eq!(f.polls_not_streaming, 1);
+        assert!(!f.link_stayed_up);
+
+        // Down between two polls: only the connects counter tells.
+        let mut t = LagTracker::default();
+        t.on_poll(&[shard(2, 0, 0, 1)], true);
+        t.on_poll(&[shard(2, 0, 0, 2)], true);
+        assert_eq!(t.figures().reconnects, 1);
+        assert!(!t.figures().link_stayed_up);
+
+        // Nothing answered: nothing is known, so the link is not claimed up.
+        let mut t = LagTracker::default();
+        t.on_failed_poll();
+        assert!(!t.figures().link_stayed_up);
+        assert_eq!(t.figures().max_lag_bytes, None);
     }
 }

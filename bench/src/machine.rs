@@ -1,5 +1,6 @@
 //! Facts about the machine for the report, and pinning load threads to cores.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -131,14 +132,20 @@ pub fn parse_core_list(s: &str, allowed: &[usize]) -> Result<Vec<usize>, String>
     Ok(list)
 }
 
-/// How the cores were split between the broker and the load generator.
+/// How the cores were split between the broker (and its slave) and the load generator.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CoreSplit {
-    /// Cores running broker shards (None: remote broker, unknown).
+    /// Cores running broker shards (None: remote broker, unknown). With a slave: the master's.
     pub broker_cores: Option<Vec<usize>>,
+    /// Replication modes: cores of the slave's shards (a separate process).
+    #[serde(default)]
+    pub slave_cores: Option<Vec<usize>>,
     pub load_cores: Vec<usize>,
-    /// Load threads share cores with the broker.
+    /// Load threads share cores with the broker (the master).
     pub shared: bool,
+    /// Load threads share cores with the slave.
+    #[serde(default)]
+    pub shared_with_slave: bool,
 }
 
 impl CoreSplit {
@@ -179,25 +186,86 @@ impl CoreSplit {
             .is_some_and(|b| load_cores.iter().any(|c| b.contains(c)));
         Ok(CoreSplit {
             broker_cores,
+            slave_cores: None,
             load_cores,
             shared,
+            shared_with_slave: false,
+        })
+    }
+
+    /// A master with `shards` shards on the first cores, its slave (as many shards) on the
+    /// cores after them (wrapping around when there are too few, so on 2 cores: master 0,
+    /// slave 1), and the load on the cores neither uses, else on those the master leaves,
+    /// else on all; or on `load_override`.
+    pub fn plan_with_slave(
+        allowed: &[usize],
+        shards: usize,
+        load_override: Option<&str>,
+    ) -> Result<CoreSplit, String> {
+        if shards == 0 || shards > allowed.len() {
+            return Err(format!(
+                "--broker-cores {shards}: only {} cores are available ({allowed:?})",
+                allowed.len()
+            ));
+        }
+        let master = allowed[..shards].to_vec();
+        let slave: Vec<usize> = (0..shards)
+            .map(|i| allowed[(shards + i) % allowed.len()])
+            .collect();
+        let load_cores = match load_override {
+            Some(s) => parse_core_list(s, allowed)?,
+            None => {
+                let free = |skip_slave: bool| -> Vec<usize> {
+                    allowed
+                        .iter()
+                        .copied()
+                        .filter(|c| !(master.contains(c) || skip_slave && slave.contains(c)))
+                        .collect()
+                };
+                [free(true), free(false), allowed.to_vec()]
+                    .into_iter()
+                    .find(|l| !l.is_empty())
+                    .expect("allowed is not empty")
+            }
+        };
+        Ok(CoreSplit {
+            shared: load_cores.iter().any(|c| master.contains(c)),
+            shared_with_slave: load_cores.iter().any(|c| slave.contains(c)),
+            broker_cores: Some(master),
+            slave_cores: Some(slave),
+            load_cores,
         })
     }
 
     pub fn describe(&self) -> String {
-        let broker = match &self.broker_cores {
-            Some(b) => format!("broker shards on cores {b:?}"),
-            None => "remote broker".to_string(),
-        };
-        format!(
-            "{broker}; load threads on cores {:?}{}",
-            self.load_cores,
-            if self.shared {
-                " (shared with the broker)"
-            } else {
-                ""
+        let mut s = match (&self.broker_cores, &self.slave_cores) {
+            (Some(b), None) => format!("broker shards on cores {b:?}"),
+            (Some(b), Some(sl)) => {
+                let with_master = sl.iter().any(|c| b.contains(c));
+                format!(
+                    "master shards on cores {b:?}; slave (separate process) on cores {sl:?}{}",
+                    if with_master {
+                        " (shared with the master)"
+                    } else {
+                        ""
+                    }
+                )
             }
-        )
+            (None, _) => "remote broker".to_string(),
+        };
+        let shared_with = match (self.shared, self.shared_with_slave, &self.slave_cores) {
+            (true, true, _) => " (shared with the master and the slave)",
+            (true, false, None) => " (shared with the broker)",
+            (true, false, Some(_)) => " (shared with the master)",
+            (false, true, _) => " (shared with the slave)",
+            (false, false, _) => "",
+        };
+        let _ = write!(
+            s,
+            "; load threads on cores {:?}{shared_with}",
+            self.load_cores
+        );
+        s
     }
 }
 
@@ -225,6 +293,29 @@ mod tests {
                 .load_cores,
             vec![0, 1]
         );
+    }
+
+    #[test]
+    fn a_slave_gets_the_core_after_the_master() {
+        let s = CoreSplit::plan_with_slave(&[0, 1], 1, None).unwrap();
+        assert_eq!(s.broker_cores, Some(vec![0]));
+        assert_eq!(s.slave_cores, Some(vec![1]));
+        assert_eq!(s.load_cores, vec![1]);
+        assert!(!s.shared && s.shared_with_slave);
+        assert_eq!(
+            s.describe(),
+            "master shards on cores [0]; slave (separate process) on cores [1]; load threads \
+             on cores [1] (shared with the slave)"
+        );
+        let s = CoreSplit::plan_with_slave(&[0, 1, 2, 3], 1, None).unwrap();
+        assert_eq!(s.slave_cores, Some(vec![1]));
+        assert_eq!(s.load_cores, vec![2, 3]);
+        assert!(!s.shared && !s.shared_with_slave);
+        let s = CoreSplit::plan_with_slave(&[0], 1, None).unwrap();
+        assert_eq!(s.slave_cores, Some(vec![0]));
+        assert!(s.shared && s.shared_with_slave);
+        assert!(s.describe().contains("(shared with the master)"));
+        assert!(CoreSplit::plan_with_slave(&[0, 1], 3, None).is_err());
     }
 
     #[test]

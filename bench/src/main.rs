@@ -1,8 +1,11 @@
-//! `ringmq-bench`: RingMQ's load generator and flush-mode comparison.
+//! `ringmq-bench`: RingMQ's load generator and flush/replication-mode comparison.
 //!
 //! - `run --mode sync-flush [workload]`: one mode on a fresh embedded broker (or `--broker`).
-//! - `compare [--modes sync-flush,async-flush] [workload]`: the same workload against each mode
-//!   in turn, each on a fresh embedded broker, and one table with the ratios between them.
+//! - `compare [--modes sync-flush,async-flush,...] [workload]`: the same workload against each
+//!   mode in turn, each on a fresh embedded broker, and one table with the ratios between them.
+//!   The replication modes (`async-master`, `sync-master-received`, `sync-master-durable`) add
+//!   a slave in a separate process, in its own network namespace when possible.
+//! - `serve-broker --config FILE` (hidden): that slave process.
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
 //! DIR` a JSON report, one `.hgrm` file per mode and an SVG chart.
@@ -12,7 +15,8 @@
 //! - [`runner`]: embedded broker, producer/consumer threads, progress, gathering.
 //! - [`hist`]: HdrHistograms, per-thread stats, the open-loop pacer.
 //! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the chart.
-//! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...), "n/a" until the wire has them.
+//! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...) and the slave's lag.
+//! - [`slave`]: the slave process of the replication modes, its network namespace.
 //! - [`machine`]: machine facts, core split and pinning.
 
 mod broker_stats;
@@ -20,6 +24,7 @@ mod hist;
 mod machine;
 mod report;
 mod runner;
+mod slave;
 mod storage;
 mod svg;
 mod workload;
@@ -32,18 +37,23 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::machine::MachineFacts;
 use crate::report::Report;
-use crate::workload::{parse_modes, Mode, Workload};
+use crate::workload::{parse_modes, Mode, Workload, DEFAULT_COMPARE_MODES};
 
 #[derive(Parser)]
 #[command(
     name = "ringmq-bench",
     version,
-    about = "Load generator and flush-mode comparison for RingMQ",
-    long_about = "Load generator and flush-mode comparison for RingMQ.\n\n\
+    about = "Load generator and flush/replication-mode comparison for RingMQ",
+    long_about = "Load generator and flush/replication-mode comparison for RingMQ.\n\n\
         Without --broker, each mode runs on a fresh embedded broker whose data dir \
         (.ringmq-bench-<pid>-<mode>) is created under --data-root (default: the current \
         directory; must be a real disk, not tmpfs) and removed afterwards. The embedded broker \
-        gets --broker-cores shards on the first cores; the load threads get the other cores."
+        gets --broker-cores shards on the first cores; the load threads get the other cores.\n\n\
+        The replication modes (async-master, sync-master-received, sync-master-durable) run \
+        the embedded broker as a master and start a slave as a separate process of this \
+        executable, on the next cores, in its own network namespace when running as root \
+        with iproute2 (--slave-net), else on loopback; it is stopped and its data dir and \
+        namespace removed after the mode."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,6 +69,10 @@ enum Command {
     Compare(CompareArgs),
     /// Storage engine alone (no network): raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
     Storage(storage::StorageArgs),
+    /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
+    /// modes).
+    #[command(hide = true)]
+    ServeBroker(slave::ServeArgs),
 }
 
 #[derive(Args)]
@@ -70,7 +84,8 @@ struct OutputArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// sync-flush or async-flush (with --broker: the broker's own mode is measured).
+    /// sync-flush, async-flush, async-master, sync-master-received or sync-master-durable
+    /// (with --broker: the broker's own flush mode is measured).
     #[arg(long, default_value = "sync-flush", value_parser = clap::value_parser!(ModeArg))]
     mode: ModeArg,
     #[command(flatten)]
@@ -82,7 +97,7 @@ struct RunArgs {
 #[derive(Args)]
 struct CompareArgs {
     /// Modes to compare, in order; ratios are relative to the first.
-    #[arg(long, default_value = "sync-flush,async-flush", value_parser = clap::value_parser!(ModeList))]
+    #[arg(long, default_value = DEFAULT_COMPARE_MODES, value_parser = clap::value_parser!(ModeList))]
     modes: ModeList,
     #[command(flatten)]
     workload: Workload,
@@ -116,6 +131,7 @@ fn main() -> ExitCode {
         Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
         Command::Storage(a) => storage::run(a),
+        Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,7 +172,15 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
                 if runner::interrupted() {
                     break;
                 }
-                runs.push(runner::run_embedded(mode, &w)?);
+                match runner::run_embedded(mode, &w) {
+                    Ok(run) => runs.push(run),
+                    // Interrupted while a mode was starting: report the modes before it.
+                    Err(e) if runner::interrupted() => {
+                        eprintln!("note: {mode}: {e}");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker_stats::{fmt_opt, BrokerStats};
+use crate::broker_stats::{fmt_opt, BrokerStats, ReplicationFigures, LAG_POLL_INTERVAL};
 use crate::hist::{Hist, LatencySummary};
 use crate::machine::{CoreSplit, MachineFacts};
 use crate::runner::ModeRun;
+use crate::slave::SlaveInfo;
 use crate::svg;
 use crate::workload::Workload;
 
@@ -57,6 +58,19 @@ pub struct ModeResult {
     /// Failed messages by kind (broker error code name or client error variant).
     pub errors: BTreeMap<String, u64>,
     pub broker_stats: BrokerStats,
+    /// `none` (no slave), `async_master`, `sync_master/received`, `sync_master/durable`; for
+    /// a remote broker what it reports.
+    #[serde(default)]
+    pub replication: String,
+    /// The replication mode the broker itself reported (BrokerInfo), e.g. `SYNC_MASTER/durable`.
+    #[serde(default)]
+    pub broker_replication: String,
+    /// Replication modes: the slave process.
+    #[serde(default)]
+    pub slave: Option<SlaveInfo>,
+    /// Replication modes: the slave's lag and link as the master reported them.
+    #[serde(default)]
+    pub replica_lag: Option<ReplicationFigures>,
     pub timeline: Vec<TimelinePoint>,
     /// Files written next to report.json (with --out).
     pub hgrm_file: Option<String>,
@@ -137,6 +151,28 @@ fn fmt_errors(e: &BTreeMap<String, u64>) -> String {
     format!("{total} ({})", parts.join(", "))
 }
 
+/// The replication columns: max lag bytes, max lag ms, link; `-` without a slave.
+fn fmt_replica(r: Option<&ReplicationFigures>) -> [String; 3] {
+    let Some(r) = r else {
+        return ["-".into(), "-".into(), "-".into()];
+    };
+    let link = if r.polls == 0 {
+        "n/a".to_string()
+    } else if r.link_stayed_up {
+        "up".to_string()
+    } else {
+        format!(
+            "DOWN ({} of {} polls, {} reconnects)",
+            r.polls_not_streaming, r.polls, r.reconnects
+        )
+    };
+    [
+        r.max_lag_bytes.map_or("n/a".into(), |v| v.to_string()),
+        r.max_lag_ms.map_or("n/a".into(), |v| v.to_string()),
+        link,
+    ]
+}
+
 fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or("n/a".into(), |r| format!("{r:.2}×"))
 }
@@ -155,6 +191,11 @@ impl Report {
                 self.machine.cores
             );
         }
+        for m in &self.modes {
+            if let Some(slave) = &m.slave {
+                let _ = writeln!(s, "Slave of {}: {}", m.mode, slave.describe());
+            }
+        }
         for n in &self.notes {
             let _ = writeln!(s, "Note: {n}");
         }
@@ -162,21 +203,31 @@ impl Report {
             .modes
             .first()
             .map_or("send -> ack", |m| m.latency_kind.as_str());
-        let _ = writeln!(s, "\nLatency: {kind}, microseconds; warm-up excluded.\n");
+        let _ = writeln!(s, "\nLatency: {kind}, microseconds; warm-up excluded.");
+        if self.modes.iter().any(|m| m.replica_lag.is_some()) {
+            let _ = writeln!(
+                s,
+                "Slave lag: the master's BrokerStats every {} ms in the measured window, the \
+                 largest lag_bytes (master log end - slave received) and lag_ms (age of the \
+                 oldest byte the slave lacks); link: streaming at every poll, no reconnect.",
+                LAG_POLL_INTERVAL.as_millis()
+            );
+        }
         let _ = writeln!(
             s,
-            "| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | fsyncs/s | acks/fsync | unflushed HWM bytes |"
+            "\n| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | fsyncs/s | acks/fsync | unflushed HWM bytes | replication | slave max lag bytes | slave max lag ms | link |"
         );
         let _ = writeln!(
             s,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|"
         );
         for m in &self.modes {
             let l = &m.latency;
             let b = &m.broker_stats;
+            let [lag_bytes, lag_ms, link] = fmt_replica(m.replica_lag.as_ref());
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.mode,
                 m.msgs_per_sec,
                 m.mb_per_sec,
@@ -190,6 +241,10 @@ impl Report {
                 fmt_opt(b.fsyncs_per_sec, 0),
                 fmt_opt(b.acks_per_fsync, 1),
                 fmt_opt(b.unflushed_bytes_hwm, 0),
+                m.replication,
+                lag_bytes,
+                lag_ms,
+                link,
             );
         }
         if self.modes.iter().any(|m| m.e2e_latency.is_some()) {
@@ -405,6 +460,10 @@ pub(crate) mod tests {
             e2e_latency: e2e.then(|| LatencySummary::from_hist(&h)),
             errors: [("Timeout".to_string(), 2u64)].into_iter().collect(),
             broker_stats: BrokerStats::default(),
+            replication: "none".into(),
+            broker_replication: "ASYNC_MASTER".into(),
+            slave: None,
+            replica_lag: None,
             timeline: (1..=10)
                 .map(|s| TimelinePoint {
                     second: s,
@@ -505,10 +564,61 @@ pub(crate) mod tests {
                 .count(),
             3
         );
-        assert!(t.contains("| n/a | n/a | n/a |"));
+        assert!(t.contains("| n/a | n/a | n/a | none | - | - | - |"));
         assert!(t.contains("2 (Timeout 2)"));
         assert!(t.contains("Relative to sync-flush"));
         assert!(t.contains("Note: a note"));
+    }
+
+    #[test]
+    fn replication_rows_show_the_slave_lag_and_link() {
+        let mut up = sample_run("sync-master-durable", 2, false);
+        up.result.replication = "sync_master/durable".into();
+        up.result.slave = Some(SlaveInfo {
+            net: "netns".into(),
+            netns: Some("rqbench-1-0".into()),
+            pid: 4242,
+            address: "10.78.1.2:40000".into(),
+            master_address: "10.78.1.1:40001".into(),
+            data_dir: "/x-slave".into(),
+        });
+        up.result.replica_lag = Some(ReplicationFigures {
+            max_lag_bytes: Some(65536),
+            max_lag_ms: Some(3),
+            end_lag_bytes: Some(0),
+            link_stayed_up: true,
+            polls: 80,
+            ..ReplicationFigures::default()
+        });
+        let mut down = sample_run("async-master", 1, false);
+        down.result.replication = "async_master".into();
+        down.result.replica_lag = Some(ReplicationFigures {
+            max_lag_bytes: Some(1),
+            max_lag_ms: Some(1),
+            polls: 10,
+            polls_not_streaming: 2,
+            reconnects: 1,
+            ..ReplicationFigures::default()
+        });
+        let runs = [sample_run("sync-flush", 4, false), up, down];
+        let report = sample_report(&runs);
+        let t = report.table();
+        assert!(
+            t.contains("| sync_master/durable | 65536 | 3 | up |"),
+            "{t}"
+        );
+        assert!(t.contains("| async_master | 1 | 1 | DOWN (2 of 10 polls, 1 reconnects) |"));
+        assert!(t.contains(
+            "Slave of sync-master-durable: separate process (pid 4242) in network namespace \
+             rqbench-1-0, 10.78.1.2:40000 following 10.78.1.1:40001"
+        ));
+        assert!(t.contains("Slave lag: "));
+        let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(v["modes"][0]["replication"], "none");
+        assert!(v["modes"][0]["replica_lag"].is_null());
+        assert_eq!(v["modes"][1]["replica_lag"]["max_lag_bytes"], 65536);
+        assert_eq!(v["modes"][1]["replica_lag"]["link_stayed_up"], true);
+        assert_eq!(v["modes"][1]["slave"]["pid"], 4242);
     }
 
     #[test]

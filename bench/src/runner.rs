@@ -2,7 +2,7 @@
 //! producer and consumer threads with a progress line per second, and gather the figures.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -12,14 +12,16 @@ use bytes::{BufMut, BytesMut};
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection};
 use ringmq::message::Message;
+use ringmq::replication::Role;
 use ringmq::shard::Broker;
 
-use crate::broker_stats::{self, BrokerCounters, BrokerStats};
+use crate::broker_stats::{self, BrokerCounters, BrokerStats, ReplicationWatch};
 use crate::hist::{
     as_us, merge_all, Clock, Hist, LatencySummary, Pacer, RealClock, SharedStats, ThreadStats,
 };
 use crate::machine::{self, CoreSplit};
 use crate::report::{fmt_us, ModeResult, TimelinePoint};
+use crate::slave::{SlaveHost, SlaveInfo, SlaveProcess};
 use crate::workload::{Mode, SendMode, Workload};
 
 /// How long consumers may take, after the last producer finished, to read what was acked.
@@ -89,48 +91,181 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Runs `mode` on a fresh embedded broker (started and stopped here).
+/// A fresh, empty `root/name`, removed on drop.
+fn fresh_dir(root: &Path, name: &str) -> Result<TempDataDir, String> {
+    let dir = root.join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(TempDataDir(dir))
+}
+
+/// Registered io memory per shard: glommio's default as root; as non-root it counts against
+/// memlock (often 8 MiB for all shards of all brokers), so keep it small.
+fn io_memory_bytes() -> u64 {
+    if is_root() {
+        0
+    } else {
+        2 << 20
+    }
+}
+
+/// A replication mode's slave. Fields drop in order: the process first (it runs in the
+/// namespace and writes into the dir), then the namespace, then the dir.
+struct Slave {
+    process: SlaveProcess,
+    host: SlaveHost,
+    dir: TempDataDir,
+}
+
+impl Slave {
+    /// Starts the slave of `master` (on `host`, on the split's slave cores) and waits until it
+    /// streams.
+    fn start(
+        mode: Mode,
+        w: &Workload,
+        root: &Path,
+        host: SlaveHost,
+        master: &str,
+        split: &CoreSplit,
+    ) -> Result<Slave, String> {
+        let dir = fresh_dir(
+            root,
+            &format!(
+                ".ringmq-bench-{}-{}-slave",
+                std::process::id(),
+                mode.label()
+            ),
+        )?;
+        let data_dir = dir.0.join("data");
+        std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let cores = split.slave_cores.clone().unwrap_or_default();
+        let config = Config {
+            data_dir,
+            listen_host: host.slave_host().to_string(),
+            port: 0,
+            // The process is confined to `cores` before it starts, so a count picks exactly
+            // them (a one-core `CoreSelection::List` would not survive the TOML file).
+            cores: CoreSelection::Count(cores.len().max(1)),
+            // Same as the master, as a slave that may be promoted would run.
+            flush_mode: mode.flush_mode(),
+            flush_interval_ms: w.flush_interval_ms,
+            // Replicas must place every record at the same position.
+            segment_bytes: w.segment_mib << 20,
+            io_memory_bytes: io_memory_bytes(),
+            role: Role::Slave,
+            master: Some(master.to_string()),
+            ..Config::default()
+        };
+        let path = dir.0.join("config.toml");
+        std::fs::write(&path, config.to_toml()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut process = SlaveProcess::spawn(&path, &host, &cores)?;
+        process.wait_streaming(master, interrupted)?;
+        Ok(Slave { process, host, dir })
+    }
+
+    fn info(&self, master: &str) -> SlaveInfo {
+        SlaveInfo {
+            net: if self.host.netns().is_some() {
+                "netns"
+            } else {
+                "loopback"
+            }
+            .to_string(),
+            netns: self.host.netns().map(str::to_string),
+            pid: self.process.pid(),
+            address: self.process.address().to_string(),
+            master_address: master.to_string(),
+            data_dir: self.dir.0.display().to_string(),
+        }
+    }
+
+    /// Stops the process (SIGTERM, SIGKILL after a timeout), then drops the namespace and the
+    /// data dir.
+    fn stop(self) {
+        let Slave { process, host, dir } = self;
+        let pid = process.pid();
+        match process.stop() {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("warning: the slave {pid} exited with {s}"),
+            Err(e) => eprintln!("warning: {e}"),
+        }
+        drop(host);
+        drop(dir);
+    }
+}
+
+/// Runs `mode` on a fresh embedded broker (started and stopped here); a replication mode adds a
+/// slave in a separate process, started after the master and stopped before it.
 pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
     let allowed = machine::allowed_cores();
-    let split = CoreSplit::plan(&allowed, Some(w.broker_cores), w.load_cores.as_deref())?;
+    let split = match mode.replication() {
+        None => CoreSplit::plan(&allowed, Some(w.broker_cores), w.load_cores.as_deref())?,
+        Some(_) => CoreSplit::plan_with_slave(&allowed, w.broker_cores, w.load_cores.as_deref())?,
+    };
     std::fs::create_dir_all(&w.data_root)
         .map_err(|e| format!("cannot create {}: {e}", w.data_root.display()))?;
     let root = w
         .data_root
         .canonicalize()
         .map_err(|e| format!("{}: {e}", w.data_root.display()))?;
-    let dir = root.join(format!(
-        ".ringmq-bench-{}-{}",
-        std::process::id(),
-        mode.label()
-    ));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let guard = TempDataDir(dir.clone());
+    let guard = fresh_dir(
+        &root,
+        &format!(".ringmq-bench-{}-{}", std::process::id(), mode.label()),
+    )?;
+    let dir = guard.0.clone();
+    let host = match mode.replication() {
+        Some(_) => Some(SlaveHost::choose(w.slave_net)?),
+        None => None,
+    };
+    let (replication, replica_ack) = mode.replication().unwrap_or_default();
     let config = Config {
         data_dir: dir.clone(),
+        // With a slave in a namespace: the root side of its veth, which it can dial.
+        listen_host: host
+            .as_ref()
+            .map_or("127.0.0.1", SlaveHost::master_host)
+            .to_string(),
         port: 0,
         cores: CoreSelection::Count(w.broker_cores),
         flush_mode: mode.flush_mode(),
         flush_interval_ms: w.flush_interval_ms,
         segment_bytes: w.segment_mib << 20,
-        // Not root: registered io memory counts against memlock (often 8 MiB for all shards).
-        io_memory_bytes: if is_root() { 0 } else { 2 << 20 },
+        io_memory_bytes: io_memory_bytes(),
+        replication,
+        replica_ack,
         ..Config::default()
     };
     let broker = Broker::start(config)
         .map_err(|e| format!("cannot start the embedded {mode} broker: {e}"))?;
     let addr = broker.address().to_string();
-    let outcome = drive(mode.label(), &addr, w, split);
+    let outcome = (|| {
+        let Some(host) = host else {
+            return drive(mode.label(), &addr, w, split, false);
+        };
+        let slave = Slave::start(mode, w, &root, host, &addr, &split)?;
+        let info = slave.info(&addr);
+        eprintln!("[{mode}] slave: {}", info.describe());
+        let mut run = drive(mode.label(), &addr, w, split, true);
+        // Before the master: a slave whose master vanished would only log reconnects.
+        slave.stop();
+        if let Ok(run) = &mut run {
+            run.result.slave = Some(info);
+        }
+        run
+    })();
     let stopped = broker.stop();
     drop(guard);
     let mut run = outcome?;
     if let Err(e) = stopped {
         eprintln!("warning: the embedded {mode} broker did not stop cleanly: {e}");
     }
-    run.result.broker = format!("embedded ({addr})");
+    run.result.broker = match mode.replication() {
+        Some(_) => format!("embedded master ({addr})"),
+        None => format!("embedded ({addr})"),
+    };
+    run.result.replication = mode.replication_label();
     run.result.data_dir = Some(dir.display().to_string());
     run.result.data_fs = Some(machine::fs_type(&root));
     Ok(run)
@@ -140,7 +275,7 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
 pub fn run_remote(label: &str, addr: &str, w: &Workload) -> Result<ModeRun, String> {
     let allowed = machine::allowed_cores();
     let split = CoreSplit::plan(&allowed, None, w.load_cores.as_deref())?;
-    let mut run = drive(label, addr, w, split)?;
+    let mut run = drive(label, addr, w, split, false)?;
     run.result.broker = format!("remote ({addr})");
     Ok(run)
 }
@@ -170,7 +305,15 @@ struct Ctx {
     received: AtomicU64,
 }
 
-fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<ModeRun, String> {
+/// Runs the load against `addr`; with `replicated`, also polls the master's replication stats
+/// (see [`ReplicationWatch`]).
+fn drive(
+    label: &str,
+    addr: &str,
+    w: &Workload,
+    split: CoreSplit,
+    replicated: bool,
+) -> Result<ModeRun, String> {
     let pid = std::process::id();
     let topic = w
         .topic
@@ -225,6 +368,15 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
         split.describe()
     );
 
+    let watch = if replicated {
+        Some(ReplicationWatch::start(
+            addr,
+            ctx.base + warmup,
+            &split.load_cores,
+        )?)
+    } else {
+        None
+    };
     let consumer_stats: Vec<SharedStats> = (0..consumers).map(|_| ThreadStats::shared()).collect();
     let consumer_threads: Vec<JoinHandle<Result<(), String>>> = assignments
         .into_iter()
@@ -289,6 +441,7 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
     done.store(true, Ordering::Relaxed);
     let (timeline, stats_before) = progress.join().expect("progress thread");
     let stats_after = broker_stats::snapshot(&admin);
+    let replica_lag = watch.map(ReplicationWatch::finish);
     if !failures.is_empty() {
         return Err(format!("[{label}] {}", failures.join("; ")));
     }
@@ -343,6 +496,13 @@ fn drive(label: &str, addr: &str, w: &Workload, split: CoreSplit) -> Result<Mode
         e2e_latency: e2e_hist.as_ref().map(LatencySummary::from_hist),
         errors,
         broker_stats: BrokerStats::between(stats_before, stats_after, measured_secs),
+        replication: match info.replication.as_str() {
+            "" => "unknown".to_string(),
+            r => r.to_lowercase(),
+        },
+        broker_replication: info.replication.clone(),
+        slave: None,
+        replica_lag,
         timeline,
         hgrm_file: None,
         e2e_hgrm_file: None,

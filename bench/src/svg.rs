@@ -12,7 +12,7 @@ const WIDTH: f64 = 980.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 230.0;
 const PLOT_W: f64 = WIDTH - LEFT - RIGHT;
-const P1_TOP: f64 = 90.0;
+const P1_TOP: f64 = 100.0;
 const P1_H: f64 = 360.0;
 const P2_TOP: f64 = P1_TOP + P1_H + 80.0;
 const P2_H: f64 = 220.0;
@@ -152,27 +152,42 @@ pub fn chart(report: &Report, runs: &[ModeRun]) -> String {
     text(
         &mut s,
         WIDTH / 2.0,
-        40.0,
+        38.0,
         "middle",
         11,
         &report.workload_description,
     );
-    if let Some(m) = runs.first() {
+    text(
+        &mut s,
+        WIDTH / 2.0,
+        52.0,
+        "middle",
+        11,
+        &format!(
+            "kernel {}; commit {}",
+            report.machine.kernel,
+            report
+                .git_commit
+                .as_deref()
+                .map_or("unknown", |c| &c[..c.len().min(12)])
+        ),
+    );
+    // The flush modes and the replication modes split the cores differently: one line each.
+    let mut splits: Vec<String> = Vec::new();
+    for r in runs {
+        let d = r.result.core_split.describe();
+        if !splits.contains(&d) {
+            splits.push(d);
+        }
+    }
+    for (i, split) in splits.iter().take(2).enumerate() {
         text(
             &mut s,
             WIDTH / 2.0,
-            55.0,
+            66.0 + 14.0 * i as f64,
             "middle",
             11,
-            &format!(
-                "{}; kernel {}; commit {}",
-                m.result.core_split.describe(),
-                report.machine.kernel,
-                report
-                    .git_commit
-                    .as_deref()
-                    .map_or("unknown", |c| &c[..c.len().min(12)])
-            ),
+            split,
         );
     }
     latency_panel(&mut s, runs);

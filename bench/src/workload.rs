@@ -5,34 +5,87 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Args, ValueEnum};
+use ringmq::replication::{ReplicaAck, ReplicationMode};
 use ringmq::storage::FlushMode;
 use serde::{Deserialize, Serialize};
 
-/// A broker configuration the bench can measure (each on a fresh embedded broker).
+/// A broker configuration the bench can measure (each on a fresh embedded broker; the
+/// replication modes add a slave in a separate process, see `slave.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     SyncFlush,
     AsyncFlush,
+    /// SYNC_FLUSH + ASYNC_MASTER with a slave following: acks do not wait for the slave.
+    AsyncMaster,
+    /// SYNC_FLUSH + SYNC_MASTER, replica_ack = received: acks wait for the slave's append.
+    SyncMasterReceived,
+    /// SYNC_FLUSH + SYNC_MASTER, replica_ack = durable: acks wait for the slave's fdatasync.
+    SyncMasterDurable,
 }
+
+/// Every mode, in the order `compare` runs them by default.
+pub const ALL_MODES: [Mode; 5] = [
+    Mode::SyncFlush,
+    Mode::AsyncFlush,
+    Mode::AsyncMaster,
+    Mode::SyncMasterReceived,
+    Mode::SyncMasterDurable,
+];
+
+/// `compare`'s default `--modes`: all of them, ratios relative to sync-flush.
+pub const DEFAULT_COMPARE_MODES: &str =
+    "sync-flush,async-flush,async-master,sync-master-received,sync-master-durable";
 
 impl Mode {
     pub fn flush_mode(self) -> FlushMode {
         match self {
-            Mode::SyncFlush => FlushMode::SyncFlush,
             Mode::AsyncFlush => FlushMode::AsyncFlush,
+            // The replication modes keep the master's own disk contract at SYNC_FLUSH, so
+            // their rows differ from sync-flush only by what replication adds.
+            Mode::SyncFlush
+            | Mode::AsyncMaster
+            | Mode::SyncMasterReceived
+            | Mode::SyncMasterDurable => FlushMode::SyncFlush,
+        }
+    }
+
+    /// The master's replication settings; `None` = no slave.
+    pub fn replication(self) -> Option<(ReplicationMode, ReplicaAck)> {
+        match self {
+            Mode::SyncFlush | Mode::AsyncFlush => None,
+            // replica_ack is not consulted under ASYNC_MASTER; the default is kept.
+            Mode::AsyncMaster => Some((ReplicationMode::AsyncMaster, ReplicaAck::Durable)),
+            Mode::SyncMasterReceived => Some((ReplicationMode::SyncMaster, ReplicaAck::Received)),
+            Mode::SyncMasterDurable => Some((ReplicationMode::SyncMaster, ReplicaAck::Durable)),
+        }
+    }
+
+    /// What the report's replication column says: `none`, `async_master`,
+    /// `sync_master/received`, `sync_master/durable`.
+    pub fn replication_label(self) -> String {
+        match self.replication() {
+            None => "none".to_string(),
+            Some((ReplicationMode::AsyncMaster, _)) => ReplicationMode::AsyncMaster.to_string(),
+            Some((r, ack)) => format!("{r}/{ack}"),
         }
     }
 
     /// The mode a remote broker reports in `BrokerInfo::flush_mode` (`SYNC_FLUSH`, ...).
     pub fn from_broker_info(s: &str) -> Option<Mode> {
-        s.parse().ok()
+        match s.parse() {
+            Ok(m @ (Mode::SyncFlush | Mode::AsyncFlush)) => Some(m),
+            _ => None,
+        }
     }
 
     pub fn label(self) -> &'static str {
         match self {
             Mode::SyncFlush => "sync-flush",
             Mode::AsyncFlush => "async-flush",
+            Mode::AsyncMaster => "async-master",
+            Mode::SyncMasterReceived => "sync-master-received",
+            Mode::SyncMasterDurable => "sync-master-durable",
         }
     }
 }
@@ -46,15 +99,25 @@ impl fmt::Display for Mode {
 impl FromStr for Mode {
     type Err = String;
 
-    /// `sync-flush`, `sync_flush`, `SYNC_FLUSH`, `sync`; the same for async.
+    /// A label (`sync-master-received`), with `_` for `-` in any case (`SYNC_FLUSH`); `sync`
+    /// and `async` for the flush modes.
     fn from_str(s: &str) -> Result<Mode, String> {
-        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-            "sync-flush" | "sync" => Ok(Mode::SyncFlush),
-            "async-flush" | "async" => Ok(Mode::AsyncFlush),
-            _ => Err(format!(
-                "{s:?} is not a mode (expected sync-flush or async-flush)"
-            )),
+        let wanted = s.trim().to_ascii_lowercase().replace('_', "-");
+        match wanted.as_str() {
+            "sync" => return Ok(Mode::SyncFlush),
+            "async" => return Ok(Mode::AsyncFlush),
+            _ => {}
         }
+        ALL_MODES
+            .into_iter()
+            .find(|m| m.label() == wanted)
+            .ok_or_else(|| {
+                let labels: Vec<&str> = ALL_MODES.iter().map(|m| m.label()).collect();
+                format!(
+                    "{s:?} is not a mode (expected one of {})",
+                    labels.join(", ")
+                )
+            })
     }
 }
 
@@ -98,6 +161,30 @@ impl fmt::Display for SendMode {
     }
 }
 
+/// Where a replication mode's slave process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlaveNet {
+    /// A network namespace when this process may make one (root and iproute2), else loopback.
+    #[default]
+    Auto,
+    /// Its own network namespace, joined to this one by a veth pair; fail if that cannot be
+    /// made.
+    Netns,
+    /// 127.0.0.1, like the master.
+    Loopback,
+}
+
+impl fmt::Display for SlaveNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SlaveNet::Auto => "auto",
+            SlaveNet::Netns => "netns",
+            SlaveNet::Loopback => "loopback",
+        })
+    }
+}
+
 /// The workload: the same settings are used for every mode of a `compare`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Workload {
@@ -137,7 +224,7 @@ pub struct Workload {
     pub send_mode: SendMode,
 
     /// Measured time in seconds (after the warm-up). Ignored when --messages is given.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 6)]
     pub duration_secs: u64,
 
     /// Send this many messages (all producers together) after the warm-up, then stop.
@@ -181,6 +268,12 @@ pub struct Workload {
     /// directory (must be on a real disk with O_DIRECT, not tmpfs) and removed afterwards.
     #[arg(long, default_value = ".", value_name = "DIR")]
     pub data_root: PathBuf,
+
+    /// Replication modes: where the slave process runs (`auto`: a network namespace when
+    /// running as root with iproute2, else loopback).
+    #[arg(long, value_enum, default_value_t = SlaveNet::Auto)]
+    #[serde(default)]
+    pub slave_net: SlaveNet,
 }
 
 impl Workload {
@@ -272,10 +365,40 @@ mod tests {
         assert_eq!("async".parse::<Mode>().unwrap(), Mode::AsyncFlush);
         assert!("fast".parse::<Mode>().is_err());
         assert_eq!(
+            "sync_master_received".parse::<Mode>().unwrap(),
+            Mode::SyncMasterReceived
+        );
+        for m in ALL_MODES {
+            assert_eq!(m.label().parse::<Mode>().unwrap(), m);
+        }
+        assert_eq!(
+            parse_modes(DEFAULT_COMPARE_MODES).unwrap(),
+            ALL_MODES.to_vec()
+        );
+        assert_eq!(
             parse_modes("sync-flush, async-flush").unwrap(),
             vec![Mode::SyncFlush, Mode::AsyncFlush]
         );
         assert!(parse_modes("sync,sync").is_err());
         assert!(parse_modes("").is_err());
+    }
+
+    #[test]
+    fn replication_modes_keep_sync_flush_on_the_master() {
+        assert_eq!(Mode::SyncFlush.replication(), None);
+        assert_eq!(Mode::AsyncMaster.flush_mode(), FlushMode::SyncFlush);
+        assert_eq!(
+            Mode::SyncMasterDurable.replication(),
+            Some((ReplicationMode::SyncMaster, ReplicaAck::Durable))
+        );
+        assert_eq!(
+            Mode::SyncMasterReceived.replication_label(),
+            "sync_master/received"
+        );
+        assert_eq!(Mode::AsyncMaster.replication_label(), "async_master");
+        assert_eq!(Mode::AsyncFlush.replication_label(), "none");
+        // A remote broker's flush mode never names a replication mode.
+        assert_eq!(Mode::from_broker_info("SYNC_FLUSH"), Some(Mode::SyncFlush));
+        assert_eq!(Mode::from_broker_info("async-master"), None);
     }
 }

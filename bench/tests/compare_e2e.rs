@@ -1,5 +1,6 @@
-//! One short `ringmq-bench compare` against embedded brokers, checking the outputs exist and
-//! have their shape. No timing thresholds: figures on a shared CI machine mean nothing.
+//! Short `ringmq-bench compare` runs against embedded brokers (and, for a replication mode, a
+//! slave process), checking the outputs exist and have their shape, and that nothing is left
+//! behind. No timing thresholds: figures on a shared CI machine mean nothing.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,6 +25,8 @@ fn compare_writes_a_row_per_mode_and_all_files() {
     let output = bench()
         .args([
             "compare",
+            "--modes",
+            "sync-flush,async-flush",
             "--duration-secs",
             "1",
             "--warmup-secs",
@@ -107,6 +110,133 @@ fn compare_writes_a_row_per_mode_and_all_files() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `compare --modes sync-master-received` for about a second with `--slave-net net` and
+/// checks the report and that the slave, its namespace and every data dir are gone.
+fn replication_mode_leaves_nothing_behind(net: &str) {
+    let dir = temp_dir(&format!("replication-{net}"));
+    let out = dir.join("out");
+    let output = bench()
+        .args([
+            "compare",
+            "--modes",
+            "sync-master-received",
+            "--slave-net",
+            net,
+            "--duration-secs",
+            "1",
+            "--warmup-secs",
+            "0",
+            "--producers",
+            "2",
+            "--message-bytes",
+            "100",
+            "--segment-mib",
+            "32",
+        ])
+        .arg("--data-root")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run ringmq-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+
+    // The row: throughput, no errors, and the replication columns.
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| sync-master-received |"))
+        .unwrap_or_else(|| panic!("no row: {stdout}"));
+    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{row}");
+    assert_eq!(cols[10], "0", "{row}");
+    assert_eq!(cols[14], "sync_master/received", "{row}");
+    cols[15].parse::<u64>().expect("max lag bytes");
+    cols[16].parse::<u64>().expect("max lag ms");
+    assert_eq!(cols[17], "up", "{row}");
+    assert!(
+        stdout.contains("slave (separate process) on cores"),
+        "{stdout}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let m = &json["modes"][0];
+    assert_eq!(m["mode"], "sync-master-received");
+    assert_eq!(m["replication"], "sync_master/received");
+    assert_eq!(m["broker_replication"], "SYNC_MASTER/received");
+    assert!(m["msgs_per_sec"].as_f64().unwrap() > 0.0);
+    let lag = &m["replica_lag"];
+    assert!(
+        lag["max_lag_bytes"].is_u64() && lag["max_lag_ms"].is_u64(),
+        "{lag}"
+    );
+    assert_eq!(lag["link_stayed_up"], true, "{lag}");
+    assert!(lag["polls"].as_u64().unwrap() > 0, "{lag}");
+
+    // The slave process is gone (reaped, not a zombie), and so is its namespace.
+    let slave = &m["slave"];
+    let pid = slave["pid"].as_u64().expect("slave pid");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the slave {pid} is still there"
+    );
+    match slave["netns"].as_str() {
+        Some(ns) => {
+            assert_eq!(slave["net"], "netns");
+            assert!(
+                stdout.contains(&format!("in network namespace {ns}")),
+                "{stdout}"
+            );
+            let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+            let list = String::from_utf8_lossy(&list.stdout);
+            assert!(
+                !list
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(ns)),
+                "namespace {ns} left behind:\n{list}"
+            );
+        }
+        None => {
+            assert_eq!(slave["net"], "loopback");
+            assert!(stdout.contains("on loopback"), "{stdout}");
+        }
+    }
+    if net == "loopback" {
+        assert!(slave["netns"].is_null());
+    }
+
+    // Master's and slave's data dirs are gone.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ringmq-bench-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// As root with iproute2 the slave runs in a network namespace; elsewhere `auto` falls back to
+/// loopback and the same checks apply.
+#[test]
+fn a_replication_mode_reports_the_slave_and_leaves_nothing_behind() {
+    replication_mode_leaves_nothing_behind("auto");
+}
+
+#[test]
+fn a_replication_mode_runs_with_the_slave_on_loopback() {
+    replication_mode_leaves_nothing_behind("loopback");
 }
 
 #[test]

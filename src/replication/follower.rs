@@ -490,7 +490,11 @@ pub async fn sync_topics_now(ctx: &Rc<ShardContext>) {
 
 async fn keep_topics_synced(ctx: Rc<ShardContext>, id: u64, mut control: Link) {
     while ctx.tracker().is_current(id) {
-        glommio::timer::sleep(TOPIC_SYNC_INTERVAL).await;
+        // Short naps, so the end of the session does not wait for a whole interval.
+        let started = std::time::Instant::now();
+        while started.elapsed() < TOPIC_SYNC_INTERVAL && ctx.tracker().is_current(id) {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
         if !ctx.tracker().is_current(id) {
             break;
         }

@@ -382,7 +382,9 @@ pub async fn serve_follower(
     let start = divergence(&epochs, master_end, &theirs, req.log_end);
     let tracker = ctx.tracker();
     let id = tracker.begin_session(1);
-    let want_durable = ctx.config.replica_ack == ReplicaAck::Durable;
+    // Only SYNC_MASTER waits for the slave's fdatasync; otherwise it syncs at its own pace.
+    let want_durable = ctx.config.replication == ReplicationMode::SyncMaster
+        && ctx.config.replica_ack == ReplicaAck::Durable;
     Response::ReplFollowing(ReplFollowResponse {
         start,
         master_end,
