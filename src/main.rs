@@ -121,6 +121,9 @@ struct BrokerArgs {
     /// SYNC_MASTER: FLUSH_SLAVE_TIMEOUT deadline [default: 3000]
     #[arg(long)]
     replica_timeout_ms: Option<u64>,
+    /// Master: cap on catch-up reads for a slave that is behind, 0 = none [default: 67108864]
+    #[arg(long)]
+    replica_catchup_bytes_per_sec: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -149,7 +152,8 @@ impl BrokerArgs {
             role,
             replication,
             replica_ack,
-            replica_timeout_ms
+            replica_timeout_ms,
+            replica_catchup_bytes_per_sec
         );
         if self.master.is_some() {
             c.master = self.master;

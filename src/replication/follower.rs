@@ -11,8 +11,9 @@
 //!    claims the master's epochs after a crash.
 //! 3. Append every `ReplData` with [`ShardStore::append_replicated`] (CRCs and positions
 //!    checked) and acknowledge `received` (appended) and `durable` (fdatasync covered it). When
-//!    the master wants durable acks, a syncer requests an fdatasync of what arrived (one group
-//!    commit covers many batches), whatever our own flush mode.
+//!    the master wants durable acks (SYNC_MASTER, durable), or our own flush mode is
+//!    SYNC_FLUSH, a syncer requests an fdatasync of what arrived (one group commit covers many
+//!    batches); under our ASYNC_FLUSH otherwise, the flusher's interval decides.
 //!
 //! A failed round is retried with backoff (100 ms doubling to 2 s); a refusal (layout
 //! mismatch, fencing) is logged as an error and retried slowly, since only an operator can fix
@@ -33,7 +34,7 @@ use crate::replication::epoch::EpochHistory;
 use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
 use crate::replication::ReplicationError;
 use crate::shard::ShardContext;
-use crate::storage::{LogPosition, ShardStore};
+use crate::storage::{FlushMode, LogPosition, ShardStore};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const TOPIC_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -283,7 +284,10 @@ async fn follow_once(
         buf,
         ..
     } = link;
-    let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, answer.want_durable));
+    // Our own SYNC_FLUSH means "sync what arrives" as it does for produce requests (nothing
+    // else would ask our flusher to); a master that waits for durable acks needs the same.
+    let eager_sync = answer.want_durable || ctx.config.flush_mode == FlushMode::SyncFlush;
+    let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, eager_sync));
     let topics = (ctx.shard == 0)
         .then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
     let result = receive(ctx, id, &peer, &mut reader, buf).await;
@@ -363,18 +367,18 @@ async fn receive(
     }
 }
 
-/// Acknowledges progress as it happens (and at least every heartbeat); with `want_durable`,
-/// also asks our flusher to make what arrived durable.
+/// Acknowledges progress as it happens (and at least every heartbeat); with `eager_sync`,
+/// also asks our flusher to make what arrived durable at once (group-committed).
 async fn send_acks(
     ctx: Rc<ShardContext>,
     id: u64,
     mut writer: WriteHalf<TcpStream>,
-    want_durable: bool,
+    eager_sync: bool,
 ) {
     let tracker = ctx.tracker();
     let mut sent = (u64::MAX, u64::MAX);
     let mut out = BytesMut::new();
-    let syncer = want_durable.then(|| {
+    let syncer = eager_sync.then(|| {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
             while ctx.tracker().is_current(id) {

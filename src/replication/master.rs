@@ -27,7 +27,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use futures_lite::future;
 use glommio::net::TcpStream;
 
 use crate::protocol::{
@@ -450,6 +449,7 @@ async fn stream_log(
     let mut next = start;
     let mut out = BytesMut::new();
     let mut last_sent = Instant::now();
+    let mut pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
     loop {
         if !tracker.is_current(id) || ctx.is_shutting_down() || ctx.role() != Role::Master {
             return Ok(());
@@ -479,13 +479,16 @@ async fn stream_log(
                 .read_log(LogPosition(next), CATCH_UP_READ_BYTES)
                 .await
                 .map_err(|e| format!("reading the log at {next}: {e}"))?;
-            // Catching up must not starve produce requests on this shard.
-            future::yield_now().await;
+            // Catching up must not starve produce requests on this shard: let the other task
+            // queues run after every read, and keep to the read budget.
+            glommio::executor().yield_task_queue_now().await;
+            pace.spent(c.bytes.len() as u64).await;
             Some(c)
         } else {
             // Everything written is sent: follow the tail in memory from here if nothing is
             // buffered beyond `next` (no await between the check and the start).
             if store.tail_feed_start(LogPosition(next), FEED_MAX_BYTES) {
+                pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
                 continue;
             }
             None
@@ -529,6 +532,35 @@ async fn stream_log(
                     last_sent = Instant::now();
                 }
             }
+        }
+    }
+}
+
+/// Keeps catch-up reads under `bytes_per_sec` (0 = no limit), measured from the first read.
+struct Pacer {
+    bytes_per_sec: u64,
+    since: Option<Instant>,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(bytes_per_sec: u64) -> Pacer {
+        Pacer {
+            bytes_per_sec,
+            since: None,
+            bytes: 0,
+        }
+    }
+
+    async fn spent(&mut self, n: u64) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.bytes += n;
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(since.elapsed()) {
+            glommio::timer::sleep(wait).await;
         }
     }
 }

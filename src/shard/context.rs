@@ -83,7 +83,7 @@ impl ShardContext {
             follower: RefCell::new(None),
             replication_queue: glommio::executor().create_task_queue(
                 glommio::Shares::Static(250),
-                glommio::Latency::Matters(Duration::from_millis(5)),
+                glommio::Latency::NotImportant,
                 "replication",
             ),
             addresses,
