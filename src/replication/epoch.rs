@@ -34,6 +34,10 @@ pub enum EpochError {
     },
 }
 
+/// Entries kept by [`EpochHistory::begin`]; well under the wire limit
+/// (`protocol::MAX_EPOCH_ENTRIES`).
+pub const MAX_KEPT: usize = 512;
+
 /// `(epoch, start)` entries, epochs strictly increasing, starts non-decreasing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EpochHistory {
@@ -60,13 +64,22 @@ impl EpochHistory {
     }
 
     /// Starts epoch `current + 1` at `start` and returns it.
+    ///
+    /// An epoch that wrote nothing (the new one starts where it started) is replaced, and only
+    /// the newest [`MAX_KEPT`] entries are kept, so restarts cannot grow the history without
+    /// bound. Forgetting old entries is safe: a position no entry covers compares as "no
+    /// epoch", so the worst case is a full re-sync of a slave, never a wrong match.
     pub fn begin(&mut self, start: u64) -> u64 {
         let last = self.entries.last().map_or(0, |e| e.start);
         let epoch = self.current() + 1;
-        self.entries.push(EpochEntry {
-            epoch,
-            start: start.max(last),
-        });
+        let start = start.max(last);
+        if self.entries.last().is_some_and(|e| e.start == start) {
+            self.entries.pop();
+        }
+        self.entries.push(EpochEntry { epoch, start });
+        if self.entries.len() > MAX_KEPT {
+            self.entries.drain(..self.entries.len() - MAX_KEPT);
+        }
         epoch
     }
 
@@ -215,12 +228,38 @@ mod tests {
     }
 
     #[test]
+    fn the_history_stays_bounded_and_forgotten_positions_never_match() {
+        let n = MAX_KEPT as u64 + 10;
+        let mut h = EpochHistory::default();
+        for i in 0..n {
+            h.begin(i * 100);
+        }
+        assert_eq!((h.entries().len(), h.current()), (MAX_KEPT, n));
+        // A peer that still remembers the oldest epochs shares nothing below what we keep.
+        let full = EpochHistory::from_entries(
+            (0..n)
+                .map(|i| EpochEntry {
+                    epoch: i + 1,
+                    start: i * 100,
+                })
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(divergence(&h, n * 100, &full, n * 100), 0);
+        // Above it the two agree.
+        assert_eq!(divergence(&h, n * 100, &h, n * 100), n * 100);
+    }
+
+    #[test]
     fn begin_numbers_epochs_and_the_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut hist = EpochHistory::load(dir.path()).unwrap();
         assert_eq!(hist.current(), 0);
         assert_eq!(hist.begin(0), 1);
         assert_eq!(hist.begin(4096), 2);
+        // Restarts without writes in between do not add entries.
+        assert_eq!(hist.begin(4096), 3);
+        assert_eq!(hist.entries().len(), 2);
         hist.save(dir.path()).unwrap();
         assert_eq!(EpochHistory::load(dir.path()).unwrap(), hist);
         std::fs::write(EpochHistory::path(dir.path()), "2 0\n1 5\n").unwrap();

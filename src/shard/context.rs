@@ -165,7 +165,10 @@ impl ShardContext {
     /// SYNC_MASTER: let consumers see what the slave has acknowledged.
     pub fn raise_visible_cap(&self) {
         let acked = self.tracker.acked(self.config.replica_ack);
+        // Never lower: a slave that re-syncs from an earlier point must not hide what
+        // consumers may already have read.
         let cap = acked.max(self.visible_floor.get());
+        self.visible_floor.set(cap);
         self.store()
             .set_visible_cap(Some(crate::storage::LogPosition(cap)));
     }
