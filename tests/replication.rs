@@ -98,6 +98,11 @@ fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
         err.to_string().contains(&m.addr()),
         "names the master: {err}"
     );
+    let err = Admin::connect(&s.addr())
+        .unwrap()
+        .create_topic("local", 1)
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
     let info = Admin::connect(&s.addr()).unwrap().broker_info().unwrap();
     assert_eq!(info.role, "slave");
     assert_eq!(info.master_address, m.addr());

@@ -114,7 +114,11 @@ async fn execute(
     let empty = Bytes::new();
     Ok(match request {
         Request::Ping => (Response::Pong, empty),
-        Request::CreateTopic { name, queues } => (create_topic(ctx, &name, queues).await?, empty),
+        Request::CreateTopic { name, queues } => {
+            // A slave's topics are copied from its master; a local one would diverge.
+            not_on_a_slave(ctx, "create topics")?;
+            (create_topic(ctx, &name, queues).await?, empty)
+        }
         Request::ListTopics => (list_topics(ctx), empty),
         Request::GetRoute { topic } => (route(ctx, &topic)?, empty),
         Request::BrokerInfo => (broker_info(ctx), empty),
@@ -274,16 +278,22 @@ async fn promote_local(ctx: &Rc<ShardContext>) -> std::result::Result<u64, Strin
         .map_err(|e| format!("cannot record the new epoch: {e}"))
 }
 
-async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Result<Response> {
-    if ctx.role() != Role::Master {
-        return Err(HandlerError::new(
-            ErrorCode::NotMaster,
-            format!(
-                "this broker is a slave{}; produce to the master",
-                ctx.master_hint()
-            ),
-        ));
+/// NOT_MASTER, naming the master, for writes that reach a slave.
+fn not_on_a_slave(ctx: &ShardContext, what: &str) -> Result<()> {
+    if ctx.role() == Role::Master {
+        return Ok(());
     }
+    Err(HandlerError::new(
+        ErrorCode::NotMaster,
+        format!(
+            "this broker is a slave{}; {what} on the master",
+            ctx.master_hint()
+        ),
+    ))
+}
+
+async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Result<Response> {
+    not_on_a_slave(ctx, "produce")?;
     let queues = queue_count(ctx, &p.topic)?;
     let queue = match p.queue {
         Some(q) => {
