@@ -334,3 +334,67 @@ fn garbage_on_a_replication_stream_ends_that_session_only() {
         .send("g", QueueSelector::Queue(0), &Message::new(&b"more"[..]))
         .unwrap();
 }
+
+#[test]
+fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
+    let shards = common::available_cores().min(2);
+    let pair_cfg = |tmp: &tempfile::TempDir| {
+        let mut cfg = test_config(tmp.path());
+        cfg.cores = CoreSelection::Count(shards);
+        cfg.replication = ReplicationMode::SyncMaster;
+        cfg.replica_ack = ReplicaAck::Received;
+        cfg
+    };
+    let tmp = data_dir();
+    let cfg = pair_cfg(&tmp);
+    let m = TestBroker::start_with(cfg, tmp);
+    let tmp = data_dir();
+    let mut cfg = pair_cfg(&tmp);
+    cfg.role = Role::Slave;
+    cfg.master = Some(m.addr());
+    let s = TestBroker::start_with(cfg, tmp);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("wide", 8)
+        .unwrap();
+    wait_caught_up(&m);
+    let producer = Producer::connect(&m.addr()).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..400u32 {
+        let body = format!("w-{i}").into_bytes();
+        let r = producer
+            .send(
+                "wide",
+                QueueSelector::Queue(i % 8),
+                &Message::new(body.clone()),
+            )
+            .unwrap();
+        acked.push((r.queue, r.offset, body));
+    }
+    acked.sort();
+    wait_caught_up(&m);
+    let stats = Admin::connect(&m.addr()).unwrap().broker_stats().unwrap();
+    assert_eq!(stats.len(), shards);
+    assert!(
+        stats.iter().all(|st| st.replication.peer_received > 0),
+        "every shard replicated something: {stats:?}"
+    );
+    // Received acks: the slave has everything, durable soon after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read_all(&s.addr(), "wide", 8) != acked {
+        assert!(
+            Instant::now() < deadline,
+            "the slave's shards did not all catch up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let admin = Admin::connect(&s.addr()).unwrap();
+    let epoch = admin.promote().unwrap();
+    let stats = admin.broker_stats().unwrap();
+    assert!(
+        stats
+            .iter()
+            .all(|st| st.replication.role == 0 && st.replication.epoch == epoch),
+        "{stats:?}"
+    );
+}
