@@ -398,3 +398,48 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
         "{stats:?}"
     );
 }
+
+#[test]
+fn a_follower_cannot_acknowledge_what_it_was_not_sent() {
+    use std::io::{Read, Write};
+    let m = master(ReplicationMode::SyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("f", 1)
+        .unwrap();
+    let mut sock = std::net::TcpStream::connect(m.addr()).unwrap();
+    let mut out = bytes::BytesMut::new();
+    follow_request(1, 32 << 20, 1)
+        .to_frame(1, bytes::Bytes::new())
+        .encode(&mut out);
+    // Claims to have everything there will ever be, before anything was sent.
+    ringmq::protocol::ReplAck {
+        received: u64::MAX,
+        durable: u64::MAX,
+    }
+    .to_frame(0)
+    .encode(&mut out);
+    sock.write_all(&out).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(sock.read(&mut buf).unwrap() > 0);
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin.broker_stats().unwrap()[0].replication.link != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the fake follower never streamed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let err = no_retries(&m.addr())
+        .send("f", QueueSelector::Queue(0), &Message::new(&b"unacked"[..]))
+        .unwrap_err();
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::FlushSlaveTimeout),
+        "{err}"
+    );
+    assert!(read_all(&m.addr(), "f", 1).is_empty(), "not visible either");
+    drop(sock);
+}

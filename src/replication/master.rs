@@ -93,6 +93,8 @@ struct TrackerState {
     durable: u64,
     /// Slave: the master's log end as last heard.
     peer_end: u64,
+    /// Master: end of what the session has sent; acks beyond it are not believed.
+    sent: u64,
     connects: u64,
     /// (log end, when it was reached), oldest first: the age of the oldest byte the other side
     /// does not have yet.
@@ -161,6 +163,7 @@ impl ReplicaTracker {
         st.connects += 1;
         st.received = start;
         st.durable = start;
+        st.sent = start;
         st.peer_end = peer_end;
         st.samples.retain(|(e, _)| *e > start);
         st.rate_window = None;
@@ -196,6 +199,23 @@ impl ReplicaTracker {
         st.progress(received, durable);
         drop(st);
         self.changed.notify_all();
+    }
+
+    /// Master: session `id` has sent everything below `end`.
+    pub fn sent(&self, id: u64, end: u64) {
+        let mut st = self.st.borrow_mut();
+        if st.session == Some(id) {
+            st.sent = st.sent.max(end);
+        }
+    }
+
+    /// Master: the follower of session `id` acknowledged. A follower cannot have more than it
+    /// was sent, nor have made durable more than it received: anything beyond is clamped, so a
+    /// confused follower can never release a SYNC_MASTER ack early.
+    pub fn on_ack(&self, id: u64, received: u64, durable: u64) {
+        let sent = self.st.borrow().sent;
+        let received = received.min(sent);
+        self.on_progress(id, received, durable.min(received));
     }
 
     /// Master: the log now ends at `end` (for the lag's age). Slave: the master said its log
@@ -510,6 +530,7 @@ async fn stream_log(
                 out.clear();
                 last_sent = Instant::now();
                 next = c.next.0;
+                tracker.sent(id, next);
             }
             Some(c) => next = c.next.0,
             None => {
@@ -636,7 +657,7 @@ fn on_follower_frame(ctx: &ShardContext, id: u64, frame: &Frame) -> Result<(), S
     let ack =
         ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
     let tracker = ctx.tracker();
-    tracker.on_progress(id, ack.received, ack.durable);
+    tracker.on_ack(id, ack.received, ack.durable);
     if ctx.config.replication == ReplicationMode::SyncMaster {
         ctx.raise_visible_cap();
     }
