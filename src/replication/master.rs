@@ -181,6 +181,10 @@ impl ReplicaTracker {
         self.changed.notify_all();
     }
 
+    pub fn has_session(&self) -> bool {
+        self.st.borrow().session.is_some()
+    }
+
     pub fn is_current(&self, id: u64) -> bool {
         self.st.borrow().session == Some(id)
     }
@@ -448,7 +452,10 @@ pub async fn serve_follower(
         }
     };
     tracker.end_session(id);
-    store.tail_feed_stop();
+    // A session that replaced this one may already be using the feed.
+    if !tracker.has_session() {
+        store.tail_feed_stop();
+    }
     let _ = writer.close().await;
     let _ = acks.await;
     match streamed {
@@ -474,7 +481,6 @@ async fn stream_log(
         if !tracker.is_current(id) || ctx.is_shutting_down() || ctx.role() != Role::Master {
             return Ok(());
         }
-        // Swapped out by a truncating reopen? Then this session is stale anyway.
         let store = ctx.store();
         if next > tracker.acked(ReplicaAck::Received) + WINDOW_BYTES {
             let wait = tracker.wait_acked_beyond(next - WINDOW_BYTES, id);
