@@ -446,3 +446,37 @@ fn a_follower_cannot_acknowledge_what_it_was_not_sent() {
     assert!(read_all(&m.addr(), "f", 1).is_empty(), "not visible either");
     drop(sock);
 }
+
+/// `ringmq admin replication` / `admin promote`: the stable, machine-parsable lines.
+#[test]
+fn the_cli_reports_replication_and_promotes() {
+    let run = |addr: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+            .args(["admin", "--broker", addr])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let m = master(ReplicationMode::AsyncMaster);
+    let s = slave_of(&m);
+    wait_caught_up(&m);
+    let line = run(&m.addr(), &["replication"]);
+    let fields: std::collections::HashMap<&str, &str> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert_eq!(fields["shard"], "0", "{line}");
+    assert_eq!(fields["role"], "master", "{line}");
+    assert_eq!(fields["link"], "streaming", "{line}");
+    assert_eq!(fields["lag_bytes"], "0", "{line}");
+    assert!(run(&s.addr(), &["replication"]).contains("role=slave"));
+    let promoted = run(&s.addr(), &["promote"]);
+    assert!(promoted.starts_with("promoted: epoch "), "{promoted}");
+    assert!(run(&s.addr(), &["replication"]).contains("role=master"));
+}
