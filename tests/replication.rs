@@ -61,6 +61,24 @@ fn no_retries(addr: &str) -> Producer {
     Producer::with_config(cfg).unwrap()
 }
 
+/// Sends `n` numbered messages one by one, round robin over `queues`; returns what was acked.
+fn send_sync(addr: &str, topic: &str, queues: u32, n: u32) -> Vec<(u32, u64, Vec<u8>)> {
+    let producer = Producer::connect(addr).unwrap();
+    (0..n)
+        .map(|i| {
+            let body = format!("{topic}-{i}").into_bytes();
+            let r = producer
+                .send(
+                    topic,
+                    QueueSelector::Queue(i % queues),
+                    &Message::new(body.clone()),
+                )
+                .unwrap();
+            (r.queue, r.offset, body)
+        })
+        .collect()
+}
+
 #[test]
 fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
     let m = master(ReplicationMode::SyncMaster);
@@ -70,19 +88,7 @@ fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
         .create_topic("orders", 4)
         .unwrap();
     wait_caught_up(&m);
-    let producer = Producer::connect(&m.addr()).unwrap();
-    let mut acked = Vec::new();
-    for i in 0..300u32 {
-        let body = format!("order-{i}").into_bytes();
-        let r = producer
-            .send(
-                "orders",
-                QueueSelector::Queue(i % 4),
-                &Message::new(body.clone()),
-            )
-            .unwrap();
-        acked.push((r.queue, r.offset, body));
-    }
+    let mut acked = send_sync(&m.addr(), "orders", 4, 300);
     // SYNC_MASTER with durable acks: whatever was acked is already on the slave, durable and
     // readable there, with no waiting.
     acked.sort();
@@ -358,19 +364,7 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
         .create_topic("wide", 8)
         .unwrap();
     wait_caught_up(&m);
-    let producer = Producer::connect(&m.addr()).unwrap();
-    let mut acked = Vec::new();
-    for i in 0..400u32 {
-        let body = format!("w-{i}").into_bytes();
-        let r = producer
-            .send(
-                "wide",
-                QueueSelector::Queue(i % 8),
-                &Message::new(body.clone()),
-            )
-            .unwrap();
-        acked.push((r.queue, r.offset, body));
-    }
+    let mut acked = send_sync(&m.addr(), "wide", 8, 400);
     acked.sort();
     wait_caught_up(&m);
     let stats = Admin::connect(&m.addr()).unwrap().broker_stats().unwrap();
