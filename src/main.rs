@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
 use ringmq::client::Admin;
 use ringmq::config::{Config, CoreSelection};
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::shard::Broker;
 use ringmq::storage::FlushMode;
 
 mod cli;
@@ -172,17 +169,7 @@ impl BrokerArgs {
 }
 
 fn run_broker(args: BrokerArgs) -> Result<(), String> {
-    let config = args.into_config()?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, shutdown.clone())
-            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    }
-    let broker = Broker::start_with_shutdown(config, shutdown).map_err(|e| e.to_string())?;
-    for (i, a) in broker.addresses().iter().enumerate() {
-        eprintln!("shard {i} listening on {a}");
-    }
-    broker.wait().map_err(|e| e.to_string())
+    ringmq::shard::run_until_signalled(args.into_config()?)
 }
 
 fn ping(broker: &str, count: u32) -> Result<(), String> {

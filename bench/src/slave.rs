@@ -28,7 +28,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,7 +37,6 @@ use clap::Args;
 use ringmq::client::Admin;
 use ringmq::config::Config;
 use ringmq::protocol::ReplicaStats;
-use ringmq::shard::Broker;
 use serde::{Deserialize, Serialize};
 
 use crate::workload::SlaveNet;
@@ -77,16 +76,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .format_timestamp_micros()
         .init();
     let config = Config::from_file(&args.config).map_err(|e| e.to_string())?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, shutdown.clone())
-            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    }
-    let broker = Broker::start_with_shutdown(config, shutdown).map_err(|e| e.to_string())?;
-    for (i, a) in broker.addresses().iter().enumerate() {
-        eprintln!("shard {i} listening on {a}");
-    }
-    broker.wait().map_err(|e| e.to_string())
+    ringmq::shard::run_until_signalled(config)
 }
 
 /// Runs `ip args...`; on failure returns its stderr.

@@ -260,6 +260,21 @@ fn bind(host: &str, port: u16) -> Result<StdTcpListener, BrokerError> {
     Ok(socket.into())
 }
 
+/// Runs a broker until SIGINT or SIGTERM, as `ringmq broker` does: once it serves, prints
+/// `shard N listening on ADDR` for each shard on stderr (tests and tools wait for that line).
+pub fn run_until_signalled(config: Config) -> Result<(), String> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.clone())
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    let broker = Broker::start_with_shutdown(config, shutdown).map_err(|e| e.to_string())?;
+    for (i, a) in broker.addresses().iter().enumerate() {
+        eprintln!("shard {i} listening on {a}");
+    }
+    broker.wait().map_err(|e| e.to_string())
+}
+
 /// Before taking traffic: a slave's master must have our shard count; a master must not have
 /// been superseded by its peer (a newer epoch there). An unreachable peer is not an error: the
 /// slave retries, and a master cannot tell.

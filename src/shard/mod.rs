@@ -22,6 +22,6 @@ pub mod router;
 pub mod topics;
 
 pub use context::ShardContext;
-pub use executor::{Broker, BrokerError};
+pub use executor::{run_until_signalled, Broker, BrokerError};
 pub use router::shard_of;
 pub use topics::{TopicMeta, TopicTable};
