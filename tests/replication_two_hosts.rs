@@ -77,6 +77,7 @@ fn sync_master_killed_under_load_then_slave_promoted_has_every_acked_message_onc
     let Some(net) = TwoHosts::create() else {
         return;
     };
+    let _watchdog = common::watchdog(Duration::from_secs(180));
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
     let (master, slave) = start_pair(
         &net,
@@ -168,6 +169,7 @@ fn partition_gives_sync_master_producers_a_timeout_status_then_the_slave_catches
     let Some(net) = TwoHosts::create() else {
         return;
     };
+    let _watchdog = common::watchdog(Duration::from_secs(180));
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
     let (master, slave) = start_pair(
         &net,
@@ -253,6 +255,7 @@ fn a_slave_restarted_empty_resyncs_everything() {
     let Some(net) = TwoHosts::create() else {
         return;
     };
+    let _watchdog = common::watchdog(Duration::from_secs(180));
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
     let master = NsBroker::start(net.ns_a(), net.addr_a(), dir_a.path(), &[]);
     let maddr = master.addr().to_string();
@@ -295,6 +298,7 @@ fn the_old_master_is_refused_as_master_and_rejoins_as_slave_without_its_unreplic
     let Some(net) = TwoHosts::create() else {
         return;
     };
+    let _watchdog = common::watchdog(Duration::from_secs(180));
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
     let sync = [
         "--replication",

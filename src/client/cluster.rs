@@ -37,16 +37,25 @@ impl Cluster {
             return Ok(c.clone());
         }
         let c = Arc::new(Connection::connect(addr)?);
-        self.connections
+        // A connection replaced here (two threads connected at once) is dropped after the lock
+        // is released: see `forget`.
+        let replaced = self
+            .connections
             .lock()
             .expect("conn lock")
             .insert(addr.to_string(), c.clone());
+        drop(replaced);
         Ok(c)
     }
 
     /// Drops a connection that failed, so the next use reconnects.
+    ///
+    /// The connection is dropped after the lock is released: dropping the last reference joins
+    /// its reader thread, and that thread may itself be in a response callback calling
+    /// `forget` (a broker killed with requests in flight on two connections deadlocked here).
     pub fn forget(&self, addr: &str) {
-        self.connections.lock().expect("conn lock").remove(addr);
+        let removed = self.connections.lock().expect("conn lock").remove(addr);
+        drop(removed);
     }
 
     /// The route table of `topic`, asked of the bootstrap broker once and cached.

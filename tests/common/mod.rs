@@ -136,3 +136,21 @@ pub fn wait_caught_up(master: &Admin, within: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Aborts the whole test binary (after killing the brokers it started) if the returned guard
+/// is still alive after `limit`: a hung drill must fail, not stall CI until its time limit.
+#[must_use = "the watchdog stops when the guard is dropped"]
+pub fn watchdog(limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!(
+                "watchdog: {test} still running after {limit:?}; killing its brokers, aborting"
+            );
+            netns::kill_all_brokers();
+            std::process::abort();
+        }
+    });
+    tx
+}

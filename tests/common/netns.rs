@@ -334,6 +334,7 @@ impl NsBroker {
             .map_err(|e| format!("cannot spawn `ip netns exec {ns} ringmq broker`: {e}"))?;
         let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
         let (tx, rx) = mpsc::channel();
+        LIVE_BROKERS.lock().unwrap().push(child.id());
         let pipe = child.stderr.take().expect("stderr is piped");
         let tail = stderr.clone();
         std::thread::Builder::new()
@@ -468,6 +469,19 @@ fn signal(child: &Child, sig: libc::c_int) {
     // SAFETY: kill has no memory preconditions; the pid is our unreaped child, so it cannot
     // have been reused by another process.
     unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+/// Pids of the broker processes started by this test binary, for [`kill_all_brokers`].
+static LIVE_BROKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// SIGKILLs every broker this process started that may still run (a watchdog's last act
+/// before aborting a hung test, when no `Drop` will run). A pid already reaped and reused is
+/// the remote risk; tests run for seconds, not long enough for pids to wrap.
+pub fn kill_all_brokers() {
+    for pid in LIVE_BROKERS.lock().map(|v| v.clone()).unwrap_or_default() {
+        // SAFETY: kill with a pid of a child we started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
 }
 
 impl Drop for NsBroker {
