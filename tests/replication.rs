@@ -297,25 +297,19 @@ fn follow_requests_that_cannot_work_are_refused_with_a_reason() {
         .unwrap();
 }
 
-#[test]
-fn garbage_on_a_replication_stream_ends_that_session_only() {
+/// A raw socket that follows `m` (a `ReplFollow`, then `then`), once the master streams to it.
+fn fake_follower(m: &TestBroker, then: &[ringmq::protocol::Frame]) -> std::net::TcpStream {
     use std::io::{Read, Write};
-    let m = master(ReplicationMode::AsyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("g", 1)
-        .unwrap();
-    Producer::connect(&m.addr())
-        .unwrap()
-        .send("g", QueueSelector::Queue(0), &Message::new(&b"kept"[..]))
-        .unwrap();
     let mut sock = std::net::TcpStream::connect(m.addr()).unwrap();
     let mut out = bytes::BytesMut::new();
     follow_request(1, 32 << 20, 1)
         .to_frame(1, bytes::Bytes::new())
         .encode(&mut out);
+    for f in then {
+        f.encode(&mut out);
+    }
     sock.write_all(&out).unwrap();
-    // The answer, then the log streams; a few reads are enough to see it is a session.
+    // The answer, then the log streams; one read is enough to see it is a session.
     let mut buf = [0u8; 4096];
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(sock.read(&mut buf).unwrap() > 0);
@@ -328,6 +322,23 @@ fn garbage_on_a_replication_stream_ends_that_session_only() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    sock
+}
+
+#[test]
+fn garbage_on_a_replication_stream_ends_that_session_only() {
+    use std::io::Write;
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("g", 1)
+        .unwrap();
+    Producer::connect(&m.addr())
+        .unwrap()
+        .send("g", QueueSelector::Queue(0), &Message::new(&b"kept"[..]))
+        .unwrap();
+    let mut sock = fake_follower(&m, &[]);
+    let admin = Admin::connect(&m.addr()).unwrap();
     sock.write_all(&[0xAB; 64]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while admin.broker_stats().unwrap()[0].replication.link != 0 {
@@ -395,37 +406,18 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
 
 #[test]
 fn a_follower_cannot_acknowledge_what_it_was_not_sent() {
-    use std::io::{Read, Write};
     let m = master(ReplicationMode::SyncMaster);
     Admin::connect(&m.addr())
         .unwrap()
         .create_topic("f", 1)
         .unwrap();
-    let mut sock = std::net::TcpStream::connect(m.addr()).unwrap();
-    let mut out = bytes::BytesMut::new();
-    follow_request(1, 32 << 20, 1)
-        .to_frame(1, bytes::Bytes::new())
-        .encode(&mut out);
     // Claims to have everything there will ever be, before anything was sent.
-    ringmq::protocol::ReplAck {
+    let lie = ringmq::protocol::ReplAck {
         received: u64::MAX,
         durable: u64::MAX,
     }
-    .to_frame(0)
-    .encode(&mut out);
-    sock.write_all(&out).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 4096];
-    assert!(sock.read(&mut buf).unwrap() > 0);
-    let admin = Admin::connect(&m.addr()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while admin.broker_stats().unwrap()[0].replication.link != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the fake follower never streamed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    .to_frame(0);
+    let sock = fake_follower(&m, &[lie]);
     let err = no_retries(&m.addr())
         .send("f", QueueSelector::Queue(0), &Message::new(&b"unacked"[..]))
         .unwrap_err();

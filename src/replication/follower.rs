@@ -245,13 +245,13 @@ async fn follow_once(
             answer.start
         )));
     }
-    if history.current() < ctx.epochs().current() {
+    if history.current() < ctx.epoch() {
         return Err(ReplicationError::Refused {
             peer: address,
             detail: format!(
                 "the master's epoch {} is older than ours {}: it was superseded",
                 history.current(),
-                ctx.epochs().current()
+                ctx.epoch()
             ),
         });
     }
@@ -273,7 +273,7 @@ async fn follow_once(
         "shard {}: following {address} from {start} (master log ends at {}, epoch {})",
         ctx.shard,
         answer.master_end,
-        ctx.epochs().current()
+        ctx.epoch()
     );
 
     // 3. Stream.

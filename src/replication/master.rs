@@ -359,7 +359,7 @@ fn check_follower(ctx: &ShardContext, req: &ReplFollowRequest) -> Result<(), (Er
             ),
         ));
     }
-    let ours = ctx.epochs().current();
+    let ours = ctx.epoch();
     let theirs = req.epochs.last().map_or(0, |e| e.epoch);
     if theirs > ours {
         return Err((

@@ -226,7 +226,7 @@ fn broker_info(ctx: &ShardContext) -> Response {
         flush_mode: ctx.config.flush_mode.to_string(),
         role: ctx.role().to_string(),
         config_toml: ctx.config.to_toml(),
-        epoch: ctx.epochs().current(),
+        epoch: ctx.epoch(),
         master_address: match ctx.role() {
             Role::Slave => ctx.config.master.clone().unwrap_or_default(),
             Role::Master => String::new(),
@@ -267,7 +267,7 @@ async fn promote(ctx: &Rc<ShardContext>) -> Result<Response> {
 /// then start a new epoch at the log end. A master stays as it is.
 async fn promote_local(ctx: &Rc<ShardContext>) -> std::result::Result<u64, String> {
     if ctx.role() == Role::Master {
-        return Ok(ctx.epochs().current());
+        return Ok(ctx.epoch());
     }
     ctx.stop_following();
     let follower = ctx.follower.borrow_mut().take();
@@ -482,9 +482,7 @@ fn local_shard_stats(ctx: &ShardContext) -> ShardStats {
         flush_latency_us_total: m.flush_latency_sum_us,
         connections: ctx.open_connections() as u32,
         poisoned: m.poisoned,
-        replication: ctx
-            .tracker()
-            .stats(ctx.role(), ctx.epochs().current(), w.appended.0),
+        replication: ctx.tracker().stats(ctx.role(), ctx.epoch(), w.appended.0),
     }
 }
 

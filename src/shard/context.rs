@@ -112,6 +112,11 @@ impl ShardContext {
         self.role.get()
     }
 
+    /// The current epoch (without copying the history).
+    pub fn epoch(&self) -> u64 {
+        self.epochs.borrow().current()
+    }
+
     pub fn epochs(&self) -> EpochHistory {
         self.epochs.borrow().clone()
     }
