@@ -68,8 +68,10 @@ pub struct ProduceArgs {
     /// Send every message to this queue.
     #[arg(long)]
     pub queue: Option<u32>,
-    /// Print `ack line=<N> queue=<Q> offset=<O>` for every acknowledged message (N counts
-    /// input lines from 1). Stable format, one line per ack, in ack order.
+    /// Print `ack line=<N> queue=<Q> offset=<O> level=<L> epoch=<E>` for every acknowledged
+    /// message (N counts input lines from 1; L is where the bytes were when acked: memory,
+    /// disk, replica-received or replica-durable). Stable format, one line per ack, in ack
+    /// order; new fields are only ever appended.
     #[arg(long)]
     pub print_acks: bool,
 }
@@ -187,7 +189,11 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
     let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let print_ack = |out: &Mutex<std::io::Stdout>, line: u64, r: &SendResult| {
         let mut out = out.lock().expect("stdout lock");
-        let _ = writeln!(out, "ack line={line} queue={} offset={}", r.queue, r.offset);
+        let _ = writeln!(
+            out,
+            "ack line={line} queue={} offset={} level={} epoch={}",
+            r.queue, r.offset, r.durability, r.epoch
+        );
     };
     let stdin = std::io::stdin();
     let mut sent = 0u64;

@@ -10,11 +10,11 @@ use rand::{Rng, SeedableRng};
 use ringmq::message::{validate_batch, BatchBuilder, BatchError, BatchIter, Message};
 use ringmq::protocol::generated as fb;
 use ringmq::protocol::{
-    error_frame, error_frame_for, BrokerInfo, EpochEntry, ErrorCode, FetchHeader, FetchRequest,
-    Frame, FrameFlags, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck,
-    ReplData, ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response, RouteTable,
-    ShardStats, TopicInfo, WireError, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_EPOCH_ENTRIES,
-    MAX_HEADER_BYTES, PREAMBLE_BYTES,
+    error_frame, error_frame_for, BrokerInfo, Durability, EpochEntry, ErrorCode, FetchHeader,
+    FetchRequest, Frame, FrameFlags, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat,
+    ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response,
+    RouteTable, ShardStats, TopicInfo, WireError, MAX_BATCH_MESSAGES, MAX_BODY_BYTES,
+    MAX_EPOCH_ENTRIES, MAX_HEADER_BYTES, PREAMBLE_BYTES,
 };
 
 fn history() -> Vec<EpochEntry> {
@@ -147,7 +147,7 @@ fn all_responses() -> Vec<Response> {
                 .map(|q| QueueRoute {
                     queue: q,
                     shard: q % 2,
-                    address: format!("10.0.0.1:{}", 9000 + q),
+                    address: format!("127.0.0.1:{}", 9000 + q),
                 })
                 .collect(),
         }),
@@ -169,15 +169,17 @@ fn all_responses() -> Vec<Response> {
             role: "slave".into(),
             config_toml: String::new(),
             epoch: 9,
-            master_address: "10.0.0.1:10911".into(),
+            master_address: "127.0.0.1:10911".into(),
             replication: "SYNC_MASTER/durable".into(),
-            shard_addresses: vec!["10.0.0.2:10911".into(), "10.0.0.2:10912".into()],
+            shard_addresses: vec!["127.0.0.2:10911".into(), "127.0.0.2:10912".into()],
         }),
         Response::Produced(ProduceAck {
             queue: 3,
             base_offset: 1000,
             count: 2,
             duplicate: true,
+            durability: Durability::ReplicaReceived,
+            epoch: 7,
         }),
         Response::Fetched(FetchHeader {
             queue: 3,
@@ -1191,4 +1193,70 @@ fn broker_info_from_an_older_broker_reads_empty_replication_fields() {
         (0, "", "")
     );
     assert_eq!((info.shards, info.role.as_str()), (2, "master"));
+}
+
+fn produce_ack_from(
+    build: impl FnOnce(&mut FlatBufferBuilder) -> fb::ProduceResponseArgs,
+) -> ProduceAck {
+    let mut fbb = FlatBufferBuilder::new();
+    let args = build(&mut fbb);
+    let root = fb::ProduceResponse::create(&mut fbb, &args);
+    fbb.finish_minimal(root);
+    let frame = with_header(
+        Response::Pong.to_frame(5, Bytes::new()),
+        fbb.finished_data(),
+    );
+    let frame = Frame {
+        opcode: Opcode::Produce.as_u16(),
+        ..frame
+    };
+    let Response::Produced(ack) = Response::from_frame(Opcode::Produce, &frame).unwrap() else {
+        panic!("not a produce ack")
+    };
+    ack
+}
+
+#[test]
+fn a_produce_ack_from_an_older_broker_says_unknown_durability_and_epoch_zero() {
+    let ack = produce_ack_from(|_| fb::ProduceResponseArgs {
+        queue: 1,
+        base_offset: 10,
+        count: 1,
+        duplicate: false,
+        ..Default::default()
+    });
+    assert_eq!((ack.durability, ack.epoch), (Durability::Unknown, 0));
+}
+
+#[test]
+fn a_durability_level_this_build_does_not_know_reads_as_unknown() {
+    let ack = produce_ack_from(|_| fb::ProduceResponseArgs {
+        durability: fb::Durability(200),
+        epoch: 3,
+        ..Default::default()
+    });
+    assert_eq!((ack.durability, ack.epoch), (Durability::Unknown, 3));
+}
+
+#[test]
+fn durability_levels_are_ordered_and_print_their_stable_names() {
+    let ladder = [
+        Durability::Unknown,
+        Durability::Memory,
+        Durability::Disk,
+        Durability::ReplicaReceived,
+        Durability::ReplicaDurable,
+    ];
+    assert!(ladder.windows(2).all(|w| w[0] < w[1]));
+    let names: Vec<String> = ladder.iter().map(|d| d.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "unknown",
+            "memory",
+            "disk",
+            "replica-received",
+            "replica-durable"
+        ]
+    );
 }

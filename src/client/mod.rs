@@ -22,6 +22,7 @@ pub mod connection;
 pub mod consumer;
 pub mod producer;
 
+pub use crate::protocol::Durability;
 pub use admin::Admin;
 pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 pub use consumer::{ConsumedMessage, Consumer, StartFrom};

@@ -23,7 +23,9 @@ use crate::client::cluster::Cluster;
 use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::message::{BatchBuilder, Message};
-use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Request, Response, RouteTable};
+use crate::protocol::{
+    Durability, ErrorCode, ProduceAck, ProduceRequest, Request, Response, RouteTable,
+};
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -80,6 +82,11 @@ pub struct SendResult {
     pub count: u32,
     /// The broker had stored this batch before (a retry); offsets are the original ones.
     pub duplicate: bool,
+    /// Where the bytes were when the broker acked (`memory`, `disk`, `replica-received`,
+    /// `replica-durable`).
+    pub durability: Durability,
+    /// The epoch of the master that acked.
+    pub epoch: u64,
 }
 
 type MessageCallback = Box<dyn FnOnce(Result<SendResult, ClientError>) + Send>;
@@ -301,6 +308,8 @@ fn to_result(ack: ProduceAck) -> SendResult {
         offset: ack.base_offset,
         count: ack.count,
         duplicate: ack.duplicate,
+        durability: ack.durability,
+        epoch: ack.epoch,
     }
 }
 
@@ -530,6 +539,8 @@ impl Inner {
                             offset: ack.base_offset + i as u64,
                             count: 1,
                             duplicate: ack.duplicate,
+                            durability: ack.durability,
+                            epoch: ack.epoch,
                         }),
                         Err(e) => Err(clone_error(e)),
                     });

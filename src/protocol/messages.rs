@@ -242,6 +242,69 @@ pub struct ProduceAck {
     pub count: u32,
     /// The batch had been stored before (an idempotent retry); the offsets are the original ones.
     pub duplicate: bool,
+    /// Where the batch's bytes were when the broker answered.
+    pub durability: Durability,
+    /// The epoch of the master that acked (0 from a broker that predates epochs in acks).
+    pub epoch: u64,
+}
+
+/// How durable an acked batch is: a ladder, each level saying more than the one before it.
+///
+/// The broker reports the strongest level its watermarks show when it answers, which may be
+/// more than the flush and replication modes wait for (an ASYNC_FLUSH ack whose bytes happened
+/// to be synced already says `disk`), never less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Durability {
+    /// From a broker that predates this field.
+    Unknown,
+    /// Appended in the master's memory only (ASYNC_FLUSH): a crash of the broker may lose it.
+    Memory,
+    /// fdatasync'd on the master's disk.
+    Disk,
+    /// Also received (appended in memory) by the slave.
+    ReplicaReceived,
+    /// Also fdatasync'd on the slave's disk.
+    ReplicaDurable,
+}
+
+impl Durability {
+    /// The stable text form printed by the CLI (`level=...`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Unknown => "unknown",
+            Durability::Memory => "memory",
+            Durability::Disk => "disk",
+            Durability::ReplicaReceived => "replica-received",
+            Durability::ReplicaDurable => "replica-durable",
+        }
+    }
+
+    fn to_wire(self) -> fb::Durability {
+        match self {
+            Durability::Unknown => fb::Durability::Unknown,
+            Durability::Memory => fb::Durability::Memory,
+            Durability::Disk => fb::Durability::Disk,
+            Durability::ReplicaReceived => fb::Durability::ReplicaReceived,
+            Durability::ReplicaDurable => fb::Durability::ReplicaDurable,
+        }
+    }
+
+    /// A value this build does not know (from a newer broker) reads as `Unknown`.
+    fn from_wire(d: fb::Durability) -> Durability {
+        match d {
+            fb::Durability::Memory => Durability::Memory,
+            fb::Durability::Disk => Durability::Disk,
+            fb::Durability::ReplicaReceived => Durability::ReplicaReceived,
+            fb::Durability::ReplicaDurable => Durability::ReplicaDurable,
+            _ => Durability::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Header of a Fetch response; the body is the concatenation of stored batches.
@@ -685,6 +748,8 @@ impl Response {
                     base_offset: ack.base_offset,
                     count: ack.count,
                     duplicate: ack.duplicate,
+                    durability: ack.durability.to_wire(),
+                    epoch: ack.epoch,
                 };
                 let root = fb::ProduceResponse::create(&mut fbb, &args);
                 finish(fbb, root)
@@ -867,6 +932,8 @@ impl Response {
                     base_offset: h.base_offset(),
                     count: h.count(),
                     duplicate: h.duplicate(),
+                    durability: Durability::from_wire(h.durability()),
+                    epoch: h.epoch(),
                 })
             }
             Opcode::Fetch => {

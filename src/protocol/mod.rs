@@ -40,8 +40,8 @@ pub use limits::{
     PREAMBLE_BYTES,
 };
 pub use messages::{
-    error_frame, error_frame_for, BrokerInfo, FetchHeader, FetchRequest, Opcode, ProduceAck,
-    ProduceRequest, QueueRoute, QueueStat, ReplicaStats, Request, Response, RouteTable, ShardStats,
-    TopicInfo,
+    error_frame, error_frame_for, BrokerInfo, Durability, FetchHeader, FetchRequest, Opcode,
+    ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplicaStats, Request, Response, RouteTable,
+    ShardStats, TopicInfo,
 };
 pub use replication::{EpochEntry, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse};

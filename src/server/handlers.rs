@@ -14,15 +14,15 @@ use futures_lite::future;
 
 use crate::message;
 use crate::protocol::{
-    BrokerInfo, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck, ProduceRequest,
-    QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
+    BrokerInfo, Durability, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck,
+    ProduceRequest, QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
 use crate::replication::master::ReplicaWaitError;
-use crate::replication::{ReplicationMode, Role};
+use crate::replication::{ReplicaAck, ReplicationMode, Role};
 use crate::server::error::HandlerError;
 use crate::shard::mesh::{MeshReply, MeshRequest};
 use crate::shard::ShardContext;
-use crate::storage::{AppendRequest, FlushMode, ProducerSeq, QueueOffset};
+use crate::storage::{AppendRequest, FlushMode, LogPosition, ProducerSeq, QueueOffset};
 
 /// Longest a fetch may wait for data; a client asking for more is capped, not refused.
 pub const MAX_LONG_POLL_MS: u32 = 30_000;
@@ -387,7 +387,24 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
         base_offset: appended.base_offset.0,
         count: appended.count,
         duplicate: appended.duplicate,
+        durability: durability_reached(ctx, appended.end),
+        epoch: ctx.epoch(),
     }))
+}
+
+/// The strongest durability the watermarks show for bytes below `end`, read after the flush
+/// and replica rules have been awaited (so it is at least what the modes promise).
+fn durability_reached(ctx: &ShardContext, end: LogPosition) -> Durability {
+    let tracker = ctx.tracker();
+    if tracker.acked(ReplicaAck::Durable) >= end.0 {
+        Durability::ReplicaDurable
+    } else if tracker.acked(ReplicaAck::Received) >= end.0 {
+        Durability::ReplicaReceived
+    } else if ctx.store().watermarks().durable >= end {
+        Durability::Disk
+    } else {
+        Durability::Memory
+    }
 }
 
 async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Bytes)> {

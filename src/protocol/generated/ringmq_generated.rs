@@ -10,6 +10,109 @@ pub mod ringmq {
 pub mod wire {
 
 
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_DURABILITY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_DURABILITY: u8 = 4;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_DURABILITY: [Durability; 5] = [
+  Durability::Unknown,
+  Durability::Memory,
+  Durability::Disk,
+  Durability::ReplicaReceived,
+  Durability::ReplicaDurable,
+];
+
+/// How durable an acked batch is. A ladder: each level says more than the one before it.
+/// `replica_*` say the master's own flush rule held too.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct Durability(pub u8);
+#[allow(non_upper_case_globals)]
+impl Durability {
+  /// From a broker that predates this field.
+  pub const Unknown: Self = Self(0);
+  /// Appended in the master's memory (ASYNC_FLUSH): a crash of the broker may lose it.
+  pub const Memory: Self = Self(1);
+  /// fdatasync'd on the master's disk.
+  pub const Disk: Self = Self(2);
+  /// Also received (appended in memory) by the slave.
+  pub const ReplicaReceived: Self = Self(3);
+  /// Also fdatasync'd on the slave's disk.
+  pub const ReplicaDurable: Self = Self(4);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Unknown,
+    Self::Memory,
+    Self::Disk,
+    Self::ReplicaReceived,
+    Self::ReplicaDurable,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Unknown => Some("Unknown"),
+      Self::Memory => Some("Memory"),
+      Self::Disk => Some("Disk"),
+      Self::ReplicaReceived => Some("ReplicaReceived"),
+      Self::ReplicaDurable => Some("ReplicaDurable"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for Durability {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for Durability {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for Durability {
+    type Output = Durability;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for Durability {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Durability {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Durability {}
 /// One entry of a shard's epoch history: `epoch` began at CommitLog byte `start`. A history is
 /// listed oldest first; an epoch ends where the next one starts.
 // struct EpochEntry, aligned to 8
@@ -3510,6 +3613,8 @@ impl<'a> ProduceResponse<'a> {
   pub const VT_BASE_OFFSET: ::flatbuffers::VOffsetT = 6;
   pub const VT_COUNT: ::flatbuffers::VOffsetT = 8;
   pub const VT_DUPLICATE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DURABILITY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3521,9 +3626,11 @@ impl<'a> ProduceResponse<'a> {
     args: &'args ProduceResponseArgs
   ) -> ::flatbuffers::WIPOffset<ProduceResponse<'bldr>> {
     let mut builder = ProduceResponseBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
     builder.add_base_offset(args.base_offset);
     builder.add_count(args.count);
     builder.add_queue(args.queue);
+    builder.add_durability(args.durability);
     builder.add_duplicate(args.duplicate);
     builder.finish()
   }
@@ -3558,6 +3665,22 @@ impl<'a> ProduceResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(ProduceResponse::VT_DUPLICATE, Some(false)).unwrap()}
   }
+  /// Where the batch's bytes were when the broker answered (the strongest level reached).
+  #[inline]
+  pub fn durability(&self) -> Durability {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Durability>(ProduceResponse::VT_DURABILITY, Some(Durability::Unknown)).unwrap()}
+  }
+  /// The epoch of the master that acked (0 from a broker that predates epochs in acks).
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ProduceResponse::VT_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceResponse<'_> {
@@ -3570,6 +3693,8 @@ impl ::flatbuffers::Verifiable for ProduceResponse<'_> {
      .visit_field::<u64>("base_offset", Self::VT_BASE_OFFSET, false)?
      .visit_field::<u32>("count", Self::VT_COUNT, false)?
      .visit_field::<bool>("duplicate", Self::VT_DUPLICATE, false)?
+     .visit_field::<Durability>("durability", Self::VT_DURABILITY, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -3579,6 +3704,8 @@ pub struct ProduceResponseArgs {
     pub base_offset: u64,
     pub count: u32,
     pub duplicate: bool,
+    pub durability: Durability,
+    pub epoch: u64,
 }
 impl<'a> Default for ProduceResponseArgs {
   #[inline]
@@ -3588,6 +3715,8 @@ impl<'a> Default for ProduceResponseArgs {
       base_offset: 0,
       count: 0,
       duplicate: false,
+      durability: Durability::Unknown,
+      epoch: 0,
     }
   }
 }
@@ -3614,6 +3743,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceResponseBuilder<'a, 'b
     self.fbb_.push_slot::<bool>(ProduceResponse::VT_DUPLICATE, duplicate, false);
   }
   #[inline]
+  pub fn add_durability(&mut self, durability: Durability) {
+    self.fbb_.push_slot::<Durability>(ProduceResponse::VT_DURABILITY, durability, Durability::Unknown);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(ProduceResponse::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceResponseBuilder {
@@ -3635,6 +3772,8 @@ impl ::core::fmt::Debug for ProduceResponse<'_> {
       ds.field("base_offset", &self.base_offset());
       ds.field("count", &self.count());
       ds.field("duplicate", &self.duplicate());
+      ds.field("durability", &self.durability());
+      ds.field("epoch", &self.epoch());
       ds.finish()
   }
 }
