@@ -5,7 +5,9 @@
 //!   mode in turn, each on a fresh embedded broker, and one table with the ratios between them.
 //!   The replication modes (`async-master`, `sync-master-received`, `sync-master-durable`) add
 //!   a slave in a separate process, in its own network namespace when possible.
-//! - `serve-broker --config FILE` (hidden): that slave process.
+//! - `drill kill [--flush-mode ...]`: SIGKILL a broker process under load, restart, audit the
+//!   acks, print a verdict table.
+//! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
 //! DIR` a JSON report, one `.hgrm` file per mode and an SVG chart.
@@ -17,9 +19,11 @@
 //! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the chart.
 //! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...) and the slave's lag.
 //! - [`slave`]: the slave process of the replication modes, its network namespace.
+//! - [`drill`]: the crash drill and its audit.
 //! - [`machine`]: machine facts, core split and pinning.
 
 mod broker_stats;
+mod drill;
 mod hist;
 mod machine;
 mod report;
@@ -69,6 +73,11 @@ enum Command {
     Compare(CompareArgs),
     /// Storage engine alone (no network): raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
     Storage(storage::StorageArgs),
+    /// Rehearse a fault and audit the acks: `kill` SIGKILLs a broker process under pipelined
+    /// load, restarts it and checks every acked message is there once and intact (under
+    /// ASYNC_FLUSH: losses within the unflushed bytes it reported just before). Prints a
+    /// verdict table; exits non-zero on any failed round.
+    Drill(drill::DrillArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
     #[command(hide = true)]
@@ -131,6 +140,7 @@ fn main() -> ExitCode {
         Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
         Command::Storage(a) => storage::run(a),
+        Command::Drill(a) => drill::run(a),
         Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {

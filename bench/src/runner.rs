@@ -103,7 +103,7 @@ fn fresh_dir(root: &Path, name: &str) -> Result<TempDataDir, String> {
 
 /// Registered io memory per shard: glommio's default as root; as non-root it counts against
 /// memlock (often 8 MiB for all shards of all brokers), so keep it small.
-fn io_memory_bytes() -> u64 {
+pub fn io_memory_bytes() -> u64 {
     if is_root() {
         0
     } else {

@@ -547,6 +547,17 @@ impl SlaveProcess {
         self.stop_inner()
     }
 
+    /// SIGKILL at once (the crash drills); reaps the process, so its pid is gone on return.
+    pub fn kill9(mut self) -> Result<ExitStatus, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("already stopped".into());
+        };
+        signal(child.id(), libc::SIGKILL);
+        child
+            .wait()
+            .map_err(|e| format!("waiting for the killed broker {}: {e}", self.pid))
+    }
+
     fn stop_inner(&mut self) -> Result<ExitStatus, String> {
         let Some(mut child) = self.child.take() else {
             return Err("already stopped".into());

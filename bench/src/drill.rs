@@ -1,0 +1,655 @@
+//! `ringmq-bench drill kill`: rehearse a broker crash and audit what the acks promised.
+//!
+//! The seed's advice to users is "rehearse a master crash and verify nothing is lost"; this is
+//! the rehearsal. A broker runs as a separate process (this executable's `serve-broker`) so it
+//! can be killed with SIGKILL. Each round:
+//!
+//! 1. start the broker on the drill's data dir (the same dir every round);
+//! 2. producers send pipelined ASYNC sends of numbered messages and record every ack
+//!    (id, queue, offset, when);
+//! 3. after a random delay, read the broker's `unflushed_bytes` (BrokerStats, summed over
+//!    shards), then SIGKILL the broker at once;
+//! 4. restart it and audit every message ever acked: present at its acked offset, byte for byte
+//!    (the payload is a function of its id), and stored once (no id twice in the log).
+//!
+//! The verdict: under SYNC_FLUSH an acked message that is missing, damaged or duplicated fails
+//! the round. Under ASYNC_FLUSH, acked messages may be lost, but only within the unflushed
+//! window the broker reported: the log bytes of lost messages acked *before* the reading must
+//! not exceed it. Messages acked between the reading and the kill are counted apart (no reading
+//! covers them). Damage and duplicates fail in both modes.
+//!
+//! `disk-full` and `partition` drills are not built yet (disk protection and the cluster issue
+//! bring the error paths they would rehearse).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
+use ringmq::config::{Config, CoreSelection};
+use ringmq::message::Message;
+use ringmq::storage::FlushMode;
+
+use crate::slave::{SlaveHost, SlaveProcess};
+
+/// The topic the drill writes.
+const TOPIC: &str = "drill";
+/// Bytes a message takes in a batch besides its payload (length, born timestamp, flags and the
+/// key, tag and property lengths; see `ringmq::message`), so `lost × (payload + this)` is a
+/// lower bound on the log bytes lost messages took.
+const MESSAGE_OVERHEAD_BYTES: u64 = 24;
+/// How long the audit's reads may take per queue before the drill gives up on that round.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DrillKind {
+    /// SIGKILL the broker under pipelined load, restart, audit (repeated `--rounds` times).
+    Kill,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// Which fault to rehearse.
+    #[arg(value_enum)]
+    pub kind: DrillKind,
+    /// The broker's flush mode: sync_flush (nothing acked may be lost) or async_flush (losses
+    /// only within the reported unflushed window).
+    #[arg(long, default_value = "sync_flush")]
+    pub flush_mode: FlushMode,
+    /// Kill-restart-audit rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Producer threads, each pipelining ASYNC sends on its own connection.
+    #[arg(long, default_value_t = 2)]
+    pub producers: u32,
+    #[arg(long, default_value_t = 256)]
+    pub message_bytes: u32,
+    #[arg(long, default_value_t = 4)]
+    pub queues: u32,
+    /// The broker is killed at a random moment between these two delays after the load starts.
+    #[arg(long, default_value_t = 300)]
+    pub kill_after_ms_min: u64,
+    #[arg(long, default_value_t = 1500)]
+    pub kill_after_ms_max: u64,
+    /// ASYNC_FLUSH: the broker's background flush interval.
+    #[arg(long, default_value_t = 500)]
+    pub flush_interval_ms: u64,
+    /// Seed for the kill moments (printed, so a round can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Broker shards (the process is confined to cores 0..N-1; the load runs anywhere).
+    #[arg(long, default_value_t = 1)]
+    pub broker_cores: usize,
+    /// CommitLog segment size in MiB (at least 32).
+    #[arg(long, default_value_t = 32)]
+    pub segment_mib: u64,
+    /// The data dir `.ringmq-drill-<pid>` is created here (a real disk, not tmpfs) and removed
+    /// afterwards unless `--keep`.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub data_root: PathBuf,
+    /// Keep the data dir (to inspect it after a failed verdict).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl DrillArgs {
+    fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.rounds == 0 {
+            problems.push("--rounds must be at least 1");
+        }
+        if self.producers == 0 {
+            problems.push("--producers must be at least 1");
+        }
+        if self.queues == 0 {
+            problems.push("--queues must be at least 1");
+        }
+        if self.message_bytes < 8 {
+            problems.push("--message-bytes must be at least 8 (the id)");
+        }
+        if self.kill_after_ms_min > self.kill_after_ms_max {
+            problems.push("--kill-after-ms-min must not exceed --kill-after-ms-max");
+        }
+        if self.broker_cores == 0 {
+            problems.push("--broker-cores must be at least 1");
+        }
+        if self.segment_mib < 32 {
+            problems.push("--segment-mib must be at least 32");
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// One acked message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub id: u64,
+    pub queue: u32,
+    pub offset: u64,
+    /// Acked before the unflushed reading of its round (so the reading covers it).
+    pub before_reading: bool,
+}
+
+/// What one round's audit found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundAudit {
+    pub round: u32,
+    pub killed_after_ms: u64,
+    /// Acks received this round.
+    pub acked: u64,
+    /// Of them, received between the unflushed reading and the kill.
+    pub acked_after_reading: u64,
+    /// Acked messages (this round) missing after the restart; before / after the reading.
+    pub lost_before_reading: u64,
+    pub lost_after_reading: u64,
+    /// Lower bound of the log bytes the lost-before-reading messages took.
+    pub lost_bytes_before_reading: u64,
+    /// `unflushed_bytes` the broker reported just before the kill.
+    pub unflushed_reported_bytes: u64,
+    /// Acked messages (any round) stored at their offset with other bytes.
+    pub damaged: u64,
+    /// Ids found more than once in the log.
+    pub duplicates: u64,
+    /// Messages acked in earlier rounds and present then, missing now.
+    pub lost_from_earlier_rounds: u64,
+    pub verdict: Verdict,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verdict {
+    #[default]
+    Pass,
+    Fail,
+}
+
+/// The bytes of message `id`: its id, then a pattern derived from it, so damage anywhere in the
+/// payload is seen.
+pub fn payload(id: u64, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(len);
+    p.extend_from_slice(&id.to_le_bytes());
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while p.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        p.push(x as u8);
+    }
+    p.truncate(len);
+    p
+}
+
+/// The id a stored payload claims (its first 8 bytes).
+fn id_of(p: &[u8]) -> Option<u64> {
+    p.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+/// Audits one round: `this_round` are its acks, `earlier` the acks of earlier rounds that were
+/// present at the last audit, `stored` every message now in the log by (queue, offset).
+pub fn audit(
+    flush_mode: FlushMode,
+    message_bytes: usize,
+    this_round: &[Ack],
+    earlier: &[Ack],
+    stored: &BTreeMap<(u32, u64), Vec<u8>>,
+    unflushed_reported_bytes: u64,
+) -> RoundAudit {
+    let mut a = RoundAudit {
+        acked: this_round.len() as u64,
+        acked_after_reading: this_round.iter().filter(|x| !x.before_reading).count() as u64,
+        unflushed_reported_bytes,
+        ..RoundAudit::default()
+    };
+    // Lost = nothing at the acked offset; damaged = something else there.
+    let check = |ack: &Ack| -> Option<bool> {
+        match stored.get(&(ack.queue, ack.offset)) {
+            None => Some(false),
+            Some(p) if *p == payload(ack.id, message_bytes) => None,
+            Some(_) => Some(true),
+        }
+    };
+    for ack in this_round {
+        match check(ack) {
+            None => {}
+            Some(true) => a.damaged += 1,
+            Some(false) if ack.before_reading => a.lost_before_reading += 1,
+            Some(false) => a.lost_after_reading += 1,
+        }
+    }
+    for ack in earlier {
+        match check(ack) {
+            None => {}
+            Some(true) => a.damaged += 1,
+            Some(false) => a.lost_from_earlier_rounds += 1,
+        }
+    }
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    for p in stored.values() {
+        if let Some(id) = id_of(p) {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    a.duplicates = seen.values().filter(|n| **n > 1).count() as u64;
+    a.lost_bytes_before_reading =
+        a.lost_before_reading * (message_bytes as u64 + MESSAGE_OVERHEAD_BYTES);
+
+    let mut why = Vec::new();
+    if a.damaged > 0 {
+        why.push(format!("{} acked message(s) damaged", a.damaged));
+    }
+    if a.duplicates > 0 {
+        why.push(format!("{} message(s) stored twice", a.duplicates));
+    }
+    if a.lost_from_earlier_rounds > 0 {
+        why.push(format!(
+            "{} message(s) that survived an earlier restart are gone",
+            a.lost_from_earlier_rounds
+        ));
+    }
+    let lost = a.lost_before_reading + a.lost_after_reading;
+    match flush_mode {
+        FlushMode::SyncFlush if lost > 0 => {
+            why.push(format!("{lost} acked message(s) lost under SYNC_FLUSH"));
+        }
+        FlushMode::AsyncFlush if a.lost_bytes_before_reading > unflushed_reported_bytes => {
+            why.push(format!(
+                "lost ≥ {} B acked before the reading, more than the {} B unflushed it reported",
+                a.lost_bytes_before_reading, unflushed_reported_bytes
+            ));
+        }
+        _ => {}
+    }
+    if !why.is_empty() {
+        a.verdict = Verdict::Fail;
+        a.why = why.join("; ");
+    }
+    a
+}
+
+/// A broker process on the drill's data dir.
+fn start_broker(args: &DrillArgs, dir: &Path) -> Result<SlaveProcess, String> {
+    let config = Config {
+        data_dir: dir.join("data"),
+        listen_host: "127.0.0.1".to_string(),
+        port: 0,
+        cores: CoreSelection::Count(args.broker_cores),
+        flush_mode: args.flush_mode,
+        flush_interval_ms: args.flush_interval_ms,
+        segment_bytes: args.segment_mib << 20,
+        io_memory_bytes: crate::runner::io_memory_bytes(),
+        ..Config::default()
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config.to_toml()).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cores: Vec<usize> = (0..args.broker_cores).collect();
+    SlaveProcess::spawn(&path, &SlaveHost::Loopback, &cores)
+}
+
+/// A small xorshift generator: the kill moments only need to be spread and replayable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// An ack as the load records it: id, queue, offset, when it arrived.
+type RawAck = (u64, u32, u64, Instant);
+
+/// Producers sending until `stop`; acks go into `acks`, stamped against `reading_at`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acks: Arc<Mutex<Vec<RawAck>>>,
+    errors: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(args: &DrillArgs, addr: &str, round: u32) -> Result<Load, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for p in 0..args.producers {
+            let mut cfg = ProducerConfig::new(addr);
+            // A dead broker should end the round's sends quickly, not be waited out.
+            cfg.retries = 0;
+            cfg.request_timeout = Duration::from_secs(3);
+            let producer =
+                Producer::with_config(cfg).map_err(|e| format!("producer {p} at {addr}: {e}"))?;
+            let (stop, acks, errors) = (stop.clone(), acks.clone(), errors.clone());
+            let len = args.message_bytes as usize;
+            threads.push(std::thread::spawn(move || {
+                let mut seq: u64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // Ids are unique across rounds and producers: round | producer | sequence.
+                    let id = (u64::from(round) << 48) | (u64::from(p) << 40) | seq;
+                    seq += 1;
+                    let (acks_cb, errors_cb) = (acks.clone(), errors.clone());
+                    let sent = producer.send_async(
+                        TOPIC,
+                        QueueSelector::RoundRobin,
+                        &Message::new(payload(id, len)),
+                        move |r| match r {
+                            Ok(r) => acks_cb.lock().unwrap().push((
+                                id,
+                                r.queue,
+                                r.offset,
+                                Instant::now(),
+                            )),
+                            Err(_) => {
+                                errors_cb.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                    );
+                    if sent.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                // The broker is gone by now: the flush fails the rest fast.
+                producer.flush();
+            }));
+        }
+        Ok(Load {
+            stop,
+            acks,
+            errors,
+            threads,
+        })
+    }
+
+    fn finish(self, reading_at: Instant) -> (Vec<Ack>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let acks = self.acks.lock().unwrap();
+        let acks = acks
+            .iter()
+            .map(|&(id, queue, offset, at)| Ack {
+                id,
+                queue,
+                offset,
+                before_reading: at < reading_at,
+            })
+            .collect();
+        (acks, self.errors.load(Ordering::Relaxed))
+    }
+}
+
+/// Every message in the log, by (queue, offset).
+fn read_everything(addr: &str, queues: u32) -> Result<BTreeMap<(u32, u64), Vec<u8>>, String> {
+    let consumer = Consumer::connect(addr).map_err(|e| format!("consumer at {addr}: {e}"))?;
+    let mut stored = BTreeMap::new();
+    for q in 0..queues {
+        let deadline = Instant::now() + AUDIT_TIMEOUT;
+        let mut offset = 0;
+        loop {
+            let f = consumer
+                .fetch(TOPIC, q, offset, Duration::ZERO)
+                .map_err(|e| format!("fetch queue {q} at {offset}: {e}"))?;
+            if f.min_offset > offset {
+                offset = f.min_offset;
+                continue;
+            }
+            for m in f.messages {
+                stored.insert((q, m.offset), m.payload.to_vec());
+            }
+            if f.next_offset >= f.end_offset {
+                break;
+            }
+            offset = f.next_offset;
+            if Instant::now() > deadline {
+                return Err(format!("reading queue {q} took over {AUDIT_TIMEOUT:?}"));
+            }
+        }
+    }
+    Ok(stored)
+}
+
+fn unflushed_bytes(addr: &str) -> Result<u64, String> {
+    let stats = Admin::connect(addr)
+        .and_then(|a| a.broker_stats())
+        .map_err(|e| format!("broker stats at {addr}: {e}"))?;
+    Ok(stats.iter().map(|s| s.unflushed_bytes).sum())
+}
+
+pub fn run(args: DrillArgs) -> Result<(), String> {
+    args.validate()?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1
+    });
+    let mut rng = Rng(seed);
+    std::fs::create_dir_all(&args.data_root)
+        .map_err(|e| format!("cannot create {}: {e}", args.data_root.display()))?;
+    let dir = args
+        .data_root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.data_root.display()))?
+        .join(format!(".ringmq-drill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    eprintln!(
+        "drill kill: {} rounds, {}, {} producers x pipelined {} B messages, {} queues, seed {seed}, data {}",
+        args.rounds,
+        args.flush_mode,
+        args.producers,
+        args.message_bytes,
+        args.queues,
+        dir.display()
+    );
+    let outcome = rounds(&args, &dir, &mut rng);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let audits = outcome?;
+    println!("{}", table(&args, &audits));
+    let failed = audits.iter().filter(|a| a.verdict == Verdict::Fail).count();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} round(s) failed the audit",
+            audits.len()
+        ));
+    }
+    Ok(())
+}
+
+fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<RoundAudit>, String> {
+    let mut broker = start_broker(args, dir)?;
+    Admin::connect(broker.address())
+        .and_then(|a| a.create_topic(TOPIC, args.queues))
+        .map_err(|e| format!("create topic: {e}"))?;
+    let mut kept: Vec<Ack> = Vec::new();
+    let mut audits = Vec::new();
+    for round in 1..=args.rounds {
+        let addr = broker.address().to_string();
+        let load = Load::start(args, &addr, round)?;
+        let delay = rng.between(args.kill_after_ms_min, args.kill_after_ms_max);
+        std::thread::sleep(Duration::from_millis(delay));
+        let reading_at = Instant::now();
+        let reported = unflushed_bytes(&addr)?;
+        let pid = broker.pid();
+        broker.kill9()?;
+        let (acks, errors) = load.finish(reading_at);
+        eprintln!(
+            "round {round}: killed pid {pid} after {delay} ms with {} acks ({errors} sends failed after the kill), {reported} B unflushed",
+            acks.len()
+        );
+        broker = start_broker(args, dir)?;
+        let stored = read_everything(broker.address(), args.queues)?;
+        let mut a = audit(
+            args.flush_mode,
+            args.message_bytes as usize,
+            &acks,
+            &kept,
+            &stored,
+            reported,
+        );
+        a.round = round;
+        a.killed_after_ms = delay;
+        eprintln!(
+            "round {round}: {:?}{}",
+            a.verdict,
+            if a.why.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", a.why)
+            }
+        );
+        // What survived is expected from now on; a lost offset may be reused by new messages.
+        kept.retain(|x| {
+            stored.get(&(x.queue, x.offset)) == Some(&payload(x.id, args.message_bytes as usize))
+        });
+        kept.extend(acks.iter().filter(|x| {
+            stored.get(&(x.queue, x.offset)) == Some(&payload(x.id, args.message_bytes as usize))
+        }));
+        audits.push(a);
+    }
+    broker
+        .stop()
+        .map_err(|e| format!("stopping the broker: {e}"))?;
+    Ok(audits)
+}
+
+fn table(args: &DrillArgs, audits: &[RoundAudit]) -> String {
+    let mut t = format!(
+        "drill kill, {}: every acked message present once and intact{}\n\n",
+        args.flush_mode,
+        match args.flush_mode {
+            FlushMode::SyncFlush => "; nothing acked lost",
+            FlushMode::AsyncFlush => "; losses within the reported unflushed bytes",
+        }
+    );
+    t.push_str(
+        "| round | killed after ms | acked | acked after reading | lost (before / after reading) | lost bytes ≥ | unflushed reported B | damaged | duplicates | earlier rounds lost | verdict |\n\
+         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for a in audits {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
+            a.round,
+            a.killed_after_ms,
+            a.acked,
+            a.acked_after_reading,
+            a.lost_before_reading,
+            a.lost_after_reading,
+            a.lost_bytes_before_reading,
+            a.unflushed_reported_bytes,
+            a.damaged,
+            a.duplicates,
+            a.lost_from_earlier_rounds,
+            match a.verdict {
+                Verdict::Pass => "PASS".to_string(),
+                Verdict::Fail => format!("FAIL: {}", a.why),
+            }
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEN: usize = 32;
+
+    fn ack(id: u64, offset: u64, before_reading: bool) -> Ack {
+        Ack {
+            id,
+            queue: 0,
+            offset,
+            before_reading,
+        }
+    }
+
+    fn log(ids: &[(u64, u64)]) -> BTreeMap<(u32, u64), Vec<u8>> {
+        ids.iter()
+            .map(|&(offset, id)| ((0, offset), payload(id, LEN)))
+            .collect()
+    }
+
+    #[test]
+    fn everything_present_passes_in_both_modes() {
+        let acks = [ack(7, 0, true), ack(8, 1, false)];
+        let stored = log(&[(0, 7), (1, 8)]);
+        for mode in [FlushMode::SyncFlush, FlushMode::AsyncFlush] {
+            let a = audit(mode, LEN, &acks, &[], &stored, 0);
+            assert_eq!(a.verdict, Verdict::Pass, "{mode}: {}", a.why);
+        }
+    }
+
+    #[test]
+    fn one_lost_ack_fails_sync_flush() {
+        let acks = [ack(7, 0, true), ack(8, 1, true)];
+        let a = audit(
+            FlushMode::SyncFlush,
+            LEN,
+            &acks,
+            &[],
+            &log(&[(0, 7)]),
+            1 << 20,
+        );
+        assert_eq!((a.verdict, a.lost_before_reading), (Verdict::Fail, 1));
+    }
+
+    #[test]
+    fn async_losses_pass_within_the_reported_window_and_fail_beyond_it() {
+        let acks = [ack(7, 0, true), ack(8, 1, true), ack(9, 2, true)];
+        let stored = log(&[(0, 7)]);
+        let two = 2 * (LEN as u64 + MESSAGE_OVERHEAD_BYTES);
+        let within = audit(FlushMode::AsyncFlush, LEN, &acks, &[], &stored, two);
+        assert_eq!(within.verdict, Verdict::Pass, "{}", within.why);
+        let beyond = audit(FlushMode::AsyncFlush, LEN, &acks, &[], &stored, two - 1);
+        assert_eq!(beyond.verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn losses_after_the_reading_are_not_held_against_the_window() {
+        let acks = [ack(7, 0, true), ack(8, 1, false)];
+        let a = audit(FlushMode::AsyncFlush, LEN, &acks, &[], &log(&[(0, 7)]), 0);
+        assert_eq!((a.verdict, a.lost_after_reading), (Verdict::Pass, 1));
+    }
+
+    #[test]
+    fn damage_duplicates_and_earlier_losses_fail_in_both_modes() {
+        let mut damaged = log(&[(0, 7)]);
+        damaged.get_mut(&(0, 0)).unwrap()[LEN - 1] ^= 1;
+        let duplicated = log(&[(0, 7), (1, 7)]);
+        for mode in [FlushMode::SyncFlush, FlushMode::AsyncFlush] {
+            let a = audit(mode, LEN, &[ack(7, 0, true)], &[], &damaged, u64::MAX);
+            assert_eq!((a.verdict, a.damaged), (Verdict::Fail, 1));
+            let a = audit(mode, LEN, &[ack(7, 0, true)], &[], &duplicated, u64::MAX);
+            assert_eq!((a.verdict, a.duplicates), (Verdict::Fail, 1));
+            let a = audit(mode, LEN, &[], &[ack(7, 0, true)], &log(&[]), u64::MAX);
+            assert_eq!((a.verdict, a.lost_from_earlier_rounds), (Verdict::Fail, 1));
+        }
+    }
+
+    #[test]
+    fn payloads_differ_by_id_and_carry_it() {
+        assert_ne!(payload(1, LEN), payload(2, LEN));
+        assert_eq!(id_of(&payload(42, LEN)), Some(42));
+        assert_eq!(payload(5, 8).len(), 8);
+    }
+}
