@@ -4,12 +4,17 @@
 //!
 //! ```text
 //!   netns rq-<pid>-<n>-a                      netns rq-<pid>-<n>-b
-//!   lo, rq0 10.77.<s>.1/24  <==== veth ====>  rq0 10.77.<s>.2/24, lo
+//!   lo, rq0 127.77.<s>.1/24  <==== veth ====>  rq0 127.77.<s>.2/24, lo
 //! ```
+//!
+//! Only loopback-range addresses: 127.77.<s>.x on the veth ends, `route_localnet=1` in both
+//! namespaces (else the kernel drops 127/8 packets on a non-loopback device), and lo holds
+//! 127.0.0.1/32 instead of its usual /8 (else a down link would turn the other host's address
+//! into a local one, and a partition would answer "connection refused" instead of silence).
 //!
 //! Usage:
 //! ```ignore
-//! let Some(net) = TwoHosts::create() else { return }; // skips when not root
+//! let Some(net) = TwoHosts::create() else { return }; // prints SKIP when not root
 //! let dir = common::data_dir();
 //! let master = NsBroker::start(net.ns_a(), net.addr_a(), dir.path(), &[]);
 //! let addr = master.addr().to_string();
@@ -87,6 +92,32 @@ fn ip_or_panic(args: &[&str]) {
     }
 }
 
+/// Why a two-host test cannot run: `SKIP: <why>` on stderr and None, or a panic under
+/// `CI=true`.
+fn skip(why: &str) -> Option<TwoHosts> {
+    let msg = format!("SKIP: two-host tests need root and iproute2 (ip netns): {why}");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true: a skipped test is a failure)");
+    }
+    eprintln!("{msg}");
+    None
+}
+
+/// `sysctl -w setting` inside namespace `ns`.
+fn sysctl_or_panic(ns: &str, setting: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-q", "-w", setting])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sysctl in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "`sysctl -w {setting}` in {ns} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
 /// Two network namespaces ("hosts") joined by a veth pair. See the module doc.
 pub struct TwoHosts {
     ns_a: String,
@@ -96,18 +127,17 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
-    /// Creates the two hosts, or prints why not and returns None when this machine cannot
-    /// (not root, no iproute2, namespaces not permitted). Panics on any other failure.
+    /// Creates the two hosts, or prints `SKIP: <why>` and returns None when this machine
+    /// cannot (not root, no iproute2, namespaces not permitted). Under `CI=true` a skip panics
+    /// instead: CI runs as root, so a test that cannot run there is a failure, not a pass.
+    /// Panics on any other failure.
     pub fn create() -> Option<TwoHosts> {
-        const SKIP: &str = "skipping: two-host tests need root and iproute2 (ip netns)";
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("{SKIP}: not running as root");
-            return None;
+            return skip("not running as root");
         }
         if ip(&["-V"]).is_err() {
-            eprintln!("{SKIP}: `ip` is not installed");
-            return None;
+            return skip("`ip` (iproute2) is not installed");
         }
         remove_stale_namespaces();
         let pid = std::process::id();
@@ -119,10 +149,7 @@ impl TwoHosts {
                 Ok(()) => {}
                 // A leftover of an earlier process with our pid: take the next n.
                 Err(e) if e.contains("File exists") => continue,
-                Err(e) if e.contains("Operation not permitted") => {
-                    eprintln!("{SKIP}: {e}");
-                    return None;
-                }
+                Err(e) if e.contains("Operation not permitted") => return skip(&e),
                 Err(e) => panic!("{e}"),
             }
             if let Err(e) = ip(&["netns", "add", &ns_b]) {
@@ -137,8 +164,8 @@ impl TwoHosts {
             let subnet = pid.wrapping_add(n) % 254 + 1;
             // From here on Drop cleans up if a step panics.
             let hosts = TwoHosts {
-                addr_a: format!("10.77.{subnet}.1"),
-                addr_b: format!("10.77.{subnet}.2"),
+                addr_a: format!("127.77.{subnet}.1"),
+                addr_b: format!("127.77.{subnet}.2"),
                 ns_a,
                 ns_b,
             };
@@ -157,6 +184,10 @@ impl TwoHosts {
         for (ns, addr) in [(&self.ns_a, &self.addr_a), (&self.ns_b, &self.addr_b)] {
             ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
             ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
+            ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
+            ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
+            sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
+            sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
             ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
         }
         self.wait_until_connected();
@@ -171,7 +202,7 @@ impl TwoHosts {
         &self.ns_b
     }
 
-    /// Host a's IP address, e.g. "10.77.3.1".
+    /// Host a's IP address, e.g. "127.77.3.1".
     pub fn addr_a(&self) -> &str {
         &self.addr_a
     }
@@ -420,7 +451,7 @@ impl NsBroker {
         &self.addrs
     }
 
-    /// Shard 0's address, e.g. "10.77.3.1:10911".
+    /// Shard 0's address, e.g. "127.77.3.1:10911".
     pub fn addr(&self) -> &str {
         &self.addrs[0]
     }
