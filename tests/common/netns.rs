@@ -58,6 +58,9 @@ const VETH: &str = "rq0";
 const BROKER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits after SIGTERM before SIGKILL.
 const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a dead broker's ports may stay bound: io_uring tears a ring down asynchronously,
+/// so a listener with an accept in flight can outlive the process by a moment.
+const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `link_up` waits for the path to carry a TCP handshake again.
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stderr lines an `NsBroker` keeps for diagnostics.
@@ -466,12 +469,41 @@ impl NsBroker {
         t.iter().map(|l| format!("{l}\n")).collect()
     }
 
-    /// SIGKILL, then reaps it: on return the pid is gone.
+    /// SIGKILL, then reaps it: on return the pid is gone and its ports are free again, so a
+    /// new broker can listen on them at once.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, libc::SIGKILL);
             let _ = child.wait();
         }
+        self.wait_ports_free();
+    }
+
+    /// Returns once every address this broker listened on can be bound again in its
+    /// namespace (with SO_REUSEADDR, as the broker binds), or panics after
+    /// [`PORT_RELEASE_TIMEOUT`]. Only for a broker that has exited.
+    fn wait_ports_free(&self) {
+        let addrs: Vec<SocketAddr> = self.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let ns = self.ns.clone();
+        let busy = in_ns(&self.ns, move || {
+            let deadline = Instant::now() + PORT_RELEASE_TIMEOUT;
+            loop {
+                // std's bind sets SO_REUSEADDR: only a live listener makes it fail.
+                let busy: Vec<String> = addrs
+                    .iter()
+                    .filter(|a| std::net::TcpListener::bind(a).is_err())
+                    .map(|a| a.to_string())
+                    .collect();
+                if busy.is_empty() || Instant::now() >= deadline {
+                    return busy;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert!(
+            busy.is_empty(),
+            "{busy:?} in {ns} still bound {PORT_RELEASE_TIMEOUT:?} after the broker exited"
+        );
     }
 
     /// SIGTERM (a clean shutdown), SIGKILL if it is still running after 15 s; returns how it
@@ -480,19 +512,23 @@ impl NsBroker {
         let mut child = self.child.take().expect("running");
         signal(&child, libc::SIGTERM);
         let deadline = Instant::now() + BROKER_STOP_TIMEOUT;
-        while Instant::now() < deadline {
+        let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return status;
+                break status;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "broker {} in {} ignored SIGTERM for {BROKER_STOP_TIMEOUT:?}; SIGKILL",
+                    child.id(),
+                    self.ns
+                );
+                signal(&child, libc::SIGKILL);
+                break child.wait().expect("wait for the broker");
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!(
-            "broker {} in {} ignored SIGTERM for {BROKER_STOP_TIMEOUT:?}; SIGKILL",
-            child.id(),
-            self.ns
-        );
-        signal(&child, libc::SIGKILL);
-        child.wait().expect("wait for the broker")
+        };
+        self.wait_ports_free();
+        status
     }
 }
 
