@@ -358,8 +358,10 @@ mod tests {
     fn the_same_term_minted_by_two_nodes_diverges() {
         // Both nodes took term 2 after the same epoch 1: an old master restarting (node 1,
         // at its end 900) and its slave promoted (node 2, at its end 600).
-        let restarted = h(&[(pack(1, 1), 0), (pack(2, 1), 900)]);
-        let promoted = h(&[(pack(1, 1), 0), (pack(2, 2), 600)]);
+        let before = h(&[(pack(1, 1), 0)]);
+        let (mut restarted, mut promoted) = (before.clone(), before);
+        restarted.begin(900, 1);
+        promoted.begin(600, 2);
         assert_ne!(restarted.current(), promoted.current());
         assert_eq!(term_of(restarted.current()), term_of(promoted.current()));
         assert_eq!(divergence(&restarted, 1400, &promoted, 1000), 600);
