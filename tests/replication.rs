@@ -829,3 +829,96 @@ fn a_no_op_promote_logs_no_promotion_warning() {
     assert!(log.contains("already master"), "{log}");
     assert!(!log.contains("promoted to master"), "{log}");
 }
+
+/// Issue 11 item 2: a slave promoted while it lags behind an epoch it adopted from its master
+/// starts its own epoch at its own log end, so the old master, rejoining as its slave, drops
+/// exactly what the new master does not have and ends with the same log.
+#[test]
+fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
+    let tmp_m = data_dir();
+    let mut mcfg = master_cfg(ReplicationMode::AsyncMaster, tmp_m.path());
+    // A slave that is behind is fed slowly, so it is still behind when promoted.
+    mcfg.replica_catchup_bytes_per_sec = 1 << 20;
+    let mut m = TestBroker::start_with(mcfg.clone(), tmp_m);
+    let tmp_s = data_dir();
+    let mut scfg = test_config(tmp_s.path());
+    scfg.cores = CoreSelection::List(vec![core_for_slave()]);
+    scfg.role = Role::Slave;
+    scfg.master = Some(m.addr());
+    let mut s = TestBroker::start_with(scfg.clone(), tmp_s);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("lag", 1)
+        .unwrap();
+    send_sync(&m.addr(), "lag", 1, 10);
+    wait_caught_up(&m);
+    s.broker.take().unwrap().stop().unwrap();
+
+    // While the slave is away: a backlog, a master restart (a new epoch at its end), more.
+    let producer = Producer::connect(&m.addr()).unwrap();
+    for i in 0..4000u32 {
+        producer
+            .send_async(
+                "lag",
+                QueueSelector::Queue(0),
+                &Message::new(format!("backlog-{i}-{}", "b".repeat(4000)).into_bytes()),
+                |r| {
+                    r.expect("acked");
+                },
+            )
+            .unwrap();
+    }
+    producer.flush();
+    drop(producer);
+    m.broker.take().unwrap().stop().unwrap();
+    m.broker = Some(ringmq::shard::Broker::start(mcfg).unwrap());
+    send_sync(&m.addr(), "lag", 1, 5);
+
+    // The slave comes back, adopts the master's history and is promoted while far behind.
+    scfg.master = Some(m.addr());
+    s.broker = Some(ringmq::shard::Broker::start(scfg).unwrap());
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.broker_stats().unwrap()[0].replication.link != 2 {
+        assert!(Instant::now() < deadline, "the slave never followed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sadmin = Admin::connect(&s.addr()).unwrap();
+    sadmin.promote().unwrap();
+    let behind = sadmin.broker_stats().unwrap()[0].replication.log_end;
+    assert!(
+        behind < log_end(&m.addr()),
+        "the slave was not behind when promoted ({behind})"
+    );
+    send_sync(&s.addr(), "lag", 1, 20);
+
+    // The old master rejoins as the new master's slave.
+    let mut old_cfg = m
+        .broker
+        .take()
+        .map(|b| {
+            b.stop().unwrap();
+            test_config(&m.dir)
+        })
+        .unwrap();
+    old_cfg.cores = CoreSelection::List(vec![0]);
+    old_cfg.role = Role::Slave;
+    old_cfg.master = Some(s.addr());
+    m.broker = Some(ringmq::shard::Broker::start(old_cfg).unwrap());
+    wait_caught_up(&s);
+    let on_new = read_all(&s.addr(), "lag", 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let on_old = read_all(&m.addr(), "lag", 1);
+        if on_old == on_new {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the logs differ: the old master has {} messages, the new one {}",
+            on_old.len(),
+            on_new.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
