@@ -198,6 +198,14 @@ pub struct Config {
     /// (0 = no limit). Large reads at full disk speed stall the same disk's writes and
     /// fdatasyncs for hundreds of milliseconds on the test VM; see README. Default 64 MiB/s.
     pub replica_catchup_bytes_per_sec: u64,
+    /// Master with a `peer`: take writes even when the peer cannot be reached at start. Without
+    /// it such a master starts fenced (read-only: produce gets NOT_MASTER) until it hears from
+    /// the peer, since the peer may have been promoted meanwhile. Default false.
+    pub force_master: bool,
+    /// This broker's node id (1 ..= 2^24 - 1), the low bits of every epoch it mints, so two
+    /// brokers never mint the same epoch. Default: a random id made once and kept in
+    /// `<data_dir>/node_id`.
+    pub node_id: Option<u32>,
 }
 
 impl Default for Config {
@@ -225,6 +233,8 @@ impl Default for Config {
             replica_ack: ReplicaAck::Durable,
             replica_timeout_ms: 3000,
             replica_catchup_bytes_per_sec: 64 << 20,
+            force_master: false,
+            node_id: None,
         }
     }
 }
@@ -296,6 +306,14 @@ impl Config {
                     .to_string(),
             );
         }
+        if let Some(id) = self.node_id {
+            if id == 0 || id > crate::replication::epoch::NODE_ID_MAX {
+                problems.push(format!(
+                    "node_id is {id} but must be in 1..={}",
+                    crate::replication::epoch::NODE_ID_MAX
+                ));
+            }
+        }
         if self.replica_timeout_ms == 0 {
             problems.push("replica_timeout_ms must be at least 1".to_string());
         }
@@ -314,6 +332,18 @@ impl Config {
     /// The host clients should dial.
     pub fn advertised_host(&self) -> &str {
         self.advertised_host.as_deref().unwrap_or(&self.listen_host)
+    }
+
+    /// The other broker of the pair, if any: `peer`, or on a slave (and a promoted one) its
+    /// `master`. Only a follower from this host may open a replication stream.
+    pub fn pair_peer(&self) -> Option<&str> {
+        self.peer.as_deref().or(self.master.as_deref())
+    }
+
+    /// Whether a master streams its log to a follower at all: it names a peer, or waits for a
+    /// slave (SYNC_MASTER). A lone ASYNC_MASTER refuses ReplFollow.
+    pub fn accepts_followers(&self) -> bool {
+        self.pair_peer().is_some() || self.replication == ReplicationMode::SyncMaster
     }
 
     /// The storage engine's share of the config.

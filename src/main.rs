@@ -121,6 +121,14 @@ struct BrokerArgs {
     /// Master: cap on catch-up reads for a slave that is behind, 0 = none [default: 67108864]
     #[arg(long)]
     replica_catchup_bytes_per_sec: Option<u64>,
+    /// Master with --peer: take writes even if the peer does not answer at start (else the
+    /// broker starts fenced, read-only, until it hears from the peer)
+    #[arg(long)]
+    force_master: bool,
+    /// Node id, the low bits of the epochs this broker mints [default: random, kept in
+    /// <data-dir>/node_id]
+    #[arg(long)]
+    node_id: Option<u32>,
 }
 
 impl BrokerArgs {
@@ -163,6 +171,12 @@ impl BrokerArgs {
         }
         if self.allow_non_direct_io {
             c.allow_non_direct_io = true;
+        }
+        if self.force_master {
+            c.force_master = true;
+        }
+        if self.node_id.is_some() {
+            c.node_id = self.node_id;
         }
         Ok(c)
     }

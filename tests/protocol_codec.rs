@@ -111,6 +111,8 @@ fn all_requests() -> Vec<Request> {
             segment_bytes: 1 << 30,
             log_end: 123_456_789,
             epochs: history(),
+            log_durable: 123_000_000,
+            node_id: 77,
         }),
         // A follower that has never been written to.
         Request::ReplFollow(ReplFollowRequest {
@@ -119,6 +121,8 @@ fn all_requests() -> Vec<Request> {
             segment_bytes: 64 << 20,
             log_end: 0,
             epochs: vec![],
+            log_durable: 0,
+            node_id: 0,
         }),
     ]
 }
@@ -753,6 +757,7 @@ fn sample_repl_data() -> ReplData {
         position: 1 << 33,
         master_end: (1 << 33) + 4096,
         master_time_ms: 1_760_000_000_123,
+        confirmed: 1 << 32,
     }
 }
 
@@ -814,6 +819,7 @@ fn a_heartbeat_is_repl_data_with_an_empty_body() {
         position: 0,
         master_end: 0,
         master_time_ms: 0,
+        confirmed: 0,
     };
     let decoded = through_bytes(&heartbeat.to_frame(0, Bytes::new()));
     assert_eq!(ReplData::from_frame(&decoded).unwrap(), heartbeat);
@@ -912,6 +918,7 @@ fn a_repl_data_frame_with_a_garbage_header_is_an_error_not_a_panic() {
                 position: 0,
                 master_end: 0,
                 master_time_ms: 0,
+                confirmed: 0,
             }) => {}
             other => panic!("{len} zero bytes: {other:?}"),
         }
@@ -989,6 +996,8 @@ fn the_longest_epoch_history_round_trips_and_a_longer_one_is_refused() {
         segment_bytes: 1 << 30,
         log_end: u64::MAX,
         epochs: epochs.clone(),
+        log_durable: u64::MAX,
+        node_id: u32::MAX,
     });
     let frame = through_bytes(&req.to_frame(8, Bytes::new()));
     assert!(frame.header.len() <= MAX_HEADER_BYTES as usize);

@@ -18,13 +18,25 @@ fn core_for_slave() -> usize {
     common::available_cores().min(2) - 1
 }
 
-fn master(mode: ReplicationMode) -> TestBroker {
-    let tmp = data_dir();
-    let mut cfg = test_config(tmp.path());
+/// A one-shard master whose peer (its future slave) is on this host but not up yet, so it
+/// starts with `force_master`.
+fn master_cfg(mode: ReplicationMode, dir: &std::path::Path) -> ringmq::config::Config {
+    let mut cfg = test_config(dir);
     cfg.cores = CoreSelection::List(vec![0]);
     cfg.replication = mode;
     cfg.replica_ack = ReplicaAck::Durable;
     cfg.replica_timeout_ms = 2000;
+    cfg.peer = Some(UNREACHABLE_PEER.to_string());
+    cfg.force_master = true;
+    cfg
+}
+
+/// A peer on this host that answers nothing (port 1 refuses connections).
+const UNREACHABLE_PEER: &str = "127.0.0.1:1";
+
+fn master(mode: ReplicationMode) -> TestBroker {
+    let tmp = data_dir();
+    let cfg = master_cfg(mode, tmp.path());
     TestBroker::start_with(cfg, tmp)
 }
 
@@ -248,13 +260,46 @@ fn a_slave_with_another_shard_count_is_refused_at_start() {
 }
 
 fn follow_request(shards: u32, segment_bytes: u64, epoch: u64) -> ringmq::protocol::Request {
+    follow_from(shards, segment_bytes, epoch, 0, 0)
+}
+
+fn follow_from(
+    shards: u32,
+    segment_bytes: u64,
+    epoch: u64,
+    log_end: u64,
+    log_durable: u64,
+) -> ringmq::protocol::Request {
     ringmq::protocol::Request::ReplFollow(ringmq::protocol::ReplFollowRequest {
         shard: 0,
         shards,
         segment_bytes,
-        log_end: 0,
+        log_end,
         epochs: vec![ringmq::protocol::EpochEntry { epoch, start: 0 }],
+        log_durable,
+        node_id: 0,
     })
+}
+
+/// An epoch newer than any `m` has: the next term, minted by another node.
+fn newer_epoch(m: &TestBroker) -> u64 {
+    let ours = Admin::connect(&m.addr())
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
+    ringmq::replication::epoch::pack(ringmq::replication::epoch::term_of(ours) + 1, 4242)
+}
+
+/// Sends one ReplFollow on a fresh connection and returns the answer.
+fn follow_once(
+    addr: &str,
+    request: &ringmq::protocol::Request,
+) -> Result<(ringmq::protocol::Response, bytes::Bytes), ClientError> {
+    let conn =
+        ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))
+            .unwrap();
+    conn.call(request, bytes::Bytes::new(), Duration::from_secs(5))
 }
 
 #[test]
@@ -265,7 +310,6 @@ fn follow_requests_that_cannot_work_are_refused_with_a_reason() {
     let cases = [
         (follow_request(3, seg, 1), "shard layout differs"),
         (follow_request(1, seg * 2, 1), "segment_bytes differ"),
-        (follow_request(1, seg, 99), "superseded"),
     ];
     for (request, why) in cases {
         let conn = Connection::connect_timeout(&m.addr(), Duration::from_secs(2)).unwrap();
@@ -299,12 +343,18 @@ fn follow_requests_that_cannot_work_are_refused_with_a_reason() {
 
 /// A raw socket that follows `m` (a `ReplFollow`, then `then`), once the master streams to it.
 fn fake_follower(m: &TestBroker, then: &[ringmq::protocol::Frame]) -> std::net::TcpStream {
+    fake_follower_with(m, &follow_request(1, 32 << 20, 1), then)
+}
+
+fn fake_follower_with(
+    m: &TestBroker,
+    request: &ringmq::protocol::Request,
+    then: &[ringmq::protocol::Frame],
+) -> std::net::TcpStream {
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect(m.addr()).unwrap();
     let mut out = bytes::BytesMut::new();
-    follow_request(1, 32 << 20, 1)
-        .to_frame(1, bytes::Bytes::new())
-        .encode(&mut out);
+    request.to_frame(1, bytes::Bytes::new()).encode(&mut out);
     for f in then {
         f.encode(&mut out);
     }
@@ -465,4 +515,410 @@ fn the_cli_reports_replication_and_promotes() {
     let promoted = run(&s.addr(), &["promote"]);
     assert!(promoted.starts_with("promoted: epoch "), "{promoted}");
     assert!(run(&s.addr(), &["replication"]).contains("role=master"));
+}
+
+fn log_end(addr: &str) -> u64 {
+    Admin::connect(addr).unwrap().broker_stats().unwrap()[0]
+        .replication
+        .log_end
+}
+
+/// Issue 11 item 2: a master that hears of a newer epoch stops acking at once, pending acks
+/// included, and names the newer master.
+#[test]
+fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() {
+    let m = master(ReplicationMode::SyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("fence", 1)
+        .unwrap();
+    // A follower that streams and never acknowledges: the next produce waits for it.
+    let silent = fake_follower(&m, &[]);
+    let before = log_end(&m.addr());
+    let addr = m.addr();
+    let pending = std::thread::spawn(move || {
+        no_retries(&addr)
+            .send(
+                "fence",
+                QueueSelector::Queue(0),
+                &Message::new(&b"pending"[..]),
+            )
+            .unwrap_err()
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log_end(&m.addr()) == before {
+        assert!(Instant::now() < deadline, "the produce was never appended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = follow_once(&m.addr(), &follow_request(1, 32 << 20, newer_epoch(&m))).unwrap_err();
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::ReplicationRefused),
+        "{err}"
+    );
+    assert!(err.to_string().contains("superseded"), "{err}");
+    // The waiting produce fails at once with NOT_MASTER, not after the 2 s replica timeout.
+    let err = pending.join().unwrap();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    let err = no_retries(&m.addr())
+        .send(
+            "fence",
+            QueueSelector::Queue(0),
+            &Message::new(&b"later"[..]),
+        )
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    assert!(
+        err.to_string().contains("the master is 127.0.0.1"),
+        "names the newer master: {err}"
+    );
+    assert!(read_all(&m.addr(), "fence", 1).is_empty());
+    drop(silent);
+}
+
+/// Issue 11 item 2: a master whose peer does not answer at start takes no writes (unless
+/// --force-master) until the peer is heard from.
+#[test]
+fn a_master_that_cannot_reach_its_peer_starts_fenced_until_it_hears_from_it() {
+    let tmp = data_dir();
+    let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
+    // --force-master takes writes at once.
+    let mut m = TestBroker::start_with(cfg.clone(), tmp);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("ro", 1)
+        .unwrap();
+    m.broker.take().unwrap().stop().unwrap();
+    // Without it, the same broker starts read-only.
+    cfg.force_master = false;
+    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    let err = no_retries(&m.addr())
+        .send("ro", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(err.to_string().contains("--force-master"), "{err}");
+    let err = Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("other", 1)
+        .unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    // Its peer (from this host, at an epoch no newer than ours) follows: writes are taken.
+    let sock = fake_follower(&m, &[]);
+    no_retries(&m.addr())
+        .send("ro", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
+        .unwrap();
+    drop(sock);
+}
+
+/// Issue 11 item 11a: only a configured slave may open a replication stream.
+#[test]
+fn only_the_configured_peer_may_open_a_replication_stream() {
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.cores = CoreSelection::List(vec![0]);
+    let lone = TestBroker::start_with(cfg, tmp);
+    let err = follow_once(&lone.addr(), &follow_request(1, 32 << 20, 1)).unwrap_err();
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::ReplicationRefused),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("no replication configured"),
+        "{err}"
+    );
+
+    let tmp = data_dir();
+    let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
+    cfg.peer = Some("127.0.0.2:1".into());
+    let other = TestBroker::start_with(cfg, tmp);
+    let err = follow_once(&other.addr(), &follow_request(1, 32 << 20, 1)).unwrap_err();
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::ReplicationRefused),
+        "{err}"
+    );
+    assert!(err.to_string().contains("only this master's peer"), "{err}");
+    // Neither became a session.
+    for b in [&lone, &other] {
+        let stats = Admin::connect(&b.addr()).unwrap().broker_stats().unwrap();
+        assert_eq!(stats[0].replication.connects, 0, "{stats:?}");
+    }
+}
+
+/// Issue 11 item 4: at the handshake the master credits the follower with what it says is
+/// durable, not with its appended end.
+#[test]
+fn the_handshake_credits_only_what_the_follower_says_is_durable() {
+    let m = master(ReplicationMode::SyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("d", 1)
+        .unwrap();
+    let err = no_retries(&m.addr())
+        .send("d", QueueSelector::Queue(0), &Message::new(&b"stored"[..]))
+        .unwrap_err();
+    assert_eq!(
+        remote_code(&err),
+        Some(ErrorCode::SlaveNotAvailable),
+        "{err}"
+    );
+    let end = log_end(&m.addr());
+    let epoch = Admin::connect(&m.addr())
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
+    // It has the whole log appended, nothing of it durable yet.
+    let ack = ringmq::protocol::ReplAck {
+        received: end,
+        durable: 0,
+    }
+    .to_frame(0);
+    let sock = fake_follower_with(&m, &follow_from(1, 32 << 20, epoch, end, 0), &[ack]);
+    let r = Admin::connect(&m.addr()).unwrap().broker_stats().unwrap()[0].replication;
+    assert_eq!((r.peer_received, r.peer_durable), (end, 0), "{r:?}");
+    assert!(
+        read_all(&m.addr(), "d", 1).is_empty(),
+        "not durable on the slave"
+    );
+    drop(sock);
+}
+
+/// Issue 11 item 5: a slave serves reads only up to what the master confirmed.
+#[test]
+fn a_slave_serves_only_what_the_master_confirmed() {
+    let tmp = data_dir();
+    let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
+    // The master acks from memory and syncs only once 1 MiB is unflushed.
+    cfg.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
+    cfg.flush_interval_ms = 600_000;
+    cfg.flush_bytes = 1 << 20;
+    let m = TestBroker::start_with(cfg, tmp);
+    let s = slave_of(&m);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("c", 1)
+        .unwrap();
+    wait_caught_up(&m);
+    send_sync(&m.addr(), "c", 1, 10);
+    // The slave has all ten durable (it runs SYNC_FLUSH) ...
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = admin.broker_stats().unwrap()[0].replication;
+        if r.peer_durable == r.log_end {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slave never synced: {r:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ... but the master confirmed none of them (not durable there): the slave shows none.
+    let on_slave = read_all(&s.addr(), "c", 1);
+    assert!(
+        on_slave.is_empty(),
+        "phantom reads on the slave: {on_slave:?}"
+    );
+    // 1.5 MiB more makes the master sync; its confirmed position reaches the slave.
+    let producer = Producer::connect(&m.addr()).unwrap();
+    for _ in 0..400 {
+        producer
+            .send("c", QueueSelector::Queue(0), &Message::new(vec![1u8; 4000]))
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let on_master = read_all(&m.addr(), "c", 1);
+        if !on_master.is_empty() && read_all(&s.addr(), "c", 1) == on_master {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slave never showed what was confirmed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 11 item 3: a SYNC_MASTER master restarted shows only what its slave had confirmed,
+/// not its whole log.
+#[test]
+fn a_restarted_sync_master_shows_only_what_its_slave_confirmed() {
+    let tmp = data_dir();
+    let cfg = master_cfg(ReplicationMode::SyncMaster, tmp.path());
+    let mut m = TestBroker::start_with(cfg.clone(), tmp);
+    let s = slave_of(&m);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("v", 1)
+        .unwrap();
+    wait_caught_up(&m);
+    let mut acked = send_sync(&m.addr(), "v", 1, 50);
+    acked.sort();
+    drop(s);
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.broker_stats().unwrap()[0].replication.link != 0 {
+        assert!(Instant::now() < deadline, "the slave's session never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..3 {
+        let err = no_retries(&m.addr())
+            .send(
+                "v",
+                QueueSelector::Queue(0),
+                &Message::new(format!("unreplicated-{i}").into_bytes()),
+            )
+            .unwrap_err();
+        assert_eq!(
+            remote_code(&err),
+            Some(ErrorCode::SlaveNotAvailable),
+            "{err}"
+        );
+    }
+    assert_eq!(read_all(&m.addr(), "v", 1), acked);
+    m.broker.take().unwrap().stop().unwrap();
+    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    assert_eq!(read_all(&m.addr(), "v", 1), acked, "after the restart");
+}
+
+/// Issue 11 item 11b: promoting a master changes nothing and says so without a warning.
+#[test]
+fn a_no_op_promote_logs_no_promotion_warning() {
+    use std::io::{BufRead, BufReader};
+    let tmp = data_dir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args([
+            "broker",
+            "--port",
+            "0",
+            "--cores",
+            "1",
+            "--segment-bytes",
+            "33554432",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the broker printed its address")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("shard 0 listening on ") {
+            break a.trim().to_string();
+        }
+    };
+    let admin = Admin::connect(&addr).unwrap();
+    let epoch = admin.broker_info().unwrap().epoch;
+    assert_eq!(admin.promote().unwrap(), epoch);
+    assert_eq!(admin.promote().unwrap(), epoch);
+    drop(admin);
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    child.wait().unwrap();
+    let log = rest.join("\n");
+    assert!(log.contains("already master"), "{log}");
+    assert!(!log.contains("promoted to master"), "{log}");
+}
+
+/// Issue 11 item 2: a slave promoted while it lags behind an epoch it adopted from its master
+/// starts its own epoch at its own log end, so the old master, rejoining as its slave, drops
+/// exactly what the new master does not have and ends with the same log.
+#[test]
+fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
+    let tmp_m = data_dir();
+    let mut mcfg = master_cfg(ReplicationMode::AsyncMaster, tmp_m.path());
+    // A slave that is behind is fed slowly, so it is still behind when promoted.
+    mcfg.replica_catchup_bytes_per_sec = 1 << 20;
+    let mut m = TestBroker::start_with(mcfg.clone(), tmp_m);
+    let tmp_s = data_dir();
+    let mut scfg = test_config(tmp_s.path());
+    scfg.cores = CoreSelection::List(vec![core_for_slave()]);
+    scfg.role = Role::Slave;
+    scfg.master = Some(m.addr());
+    let mut s = TestBroker::start_with(scfg.clone(), tmp_s);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("lag", 1)
+        .unwrap();
+    send_sync(&m.addr(), "lag", 1, 10);
+    wait_caught_up(&m);
+    s.broker.take().unwrap().stop().unwrap();
+
+    // While the slave is away: a backlog, a master restart (a new epoch at its end), more.
+    let producer = Producer::connect(&m.addr()).unwrap();
+    for i in 0..4000u32 {
+        producer
+            .send_async(
+                "lag",
+                QueueSelector::Queue(0),
+                &Message::new(format!("backlog-{i}-{}", "b".repeat(4000)).into_bytes()),
+                |r| {
+                    r.expect("acked");
+                },
+            )
+            .unwrap();
+    }
+    producer.flush();
+    drop(producer);
+    m.broker.take().unwrap().stop().unwrap();
+    m.broker = Some(ringmq::shard::Broker::start(mcfg).unwrap());
+    send_sync(&m.addr(), "lag", 1, 5);
+
+    // The slave comes back, adopts the master's history and is promoted while far behind.
+    scfg.master = Some(m.addr());
+    s.broker = Some(ringmq::shard::Broker::start(scfg).unwrap());
+    let admin = Admin::connect(&m.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.broker_stats().unwrap()[0].replication.link != 2 {
+        assert!(Instant::now() < deadline, "the slave never followed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sadmin = Admin::connect(&s.addr()).unwrap();
+    sadmin.promote().unwrap();
+    let behind = sadmin.broker_stats().unwrap()[0].replication.log_end;
+    assert!(
+        behind < log_end(&m.addr()),
+        "the slave was not behind when promoted ({behind})"
+    );
+    send_sync(&s.addr(), "lag", 1, 20);
+
+    // The old master rejoins as the new master's slave.
+    let mut old_cfg = m
+        .broker
+        .take()
+        .map(|b| {
+            b.stop().unwrap();
+            test_config(&m.dir)
+        })
+        .unwrap();
+    old_cfg.cores = CoreSelection::List(vec![0]);
+    old_cfg.role = Role::Slave;
+    old_cfg.master = Some(s.addr());
+    m.broker = Some(ringmq::shard::Broker::start(old_cfg).unwrap());
+    wait_caught_up(&s);
+    let on_new = read_all(&s.addr(), "lag", 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let on_old = read_all(&m.addr(), "lag", 1);
+        if on_old == on_new {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the logs differ: the old master has {} messages, the new one {}",
+            on_old.len(),
+            on_new.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -42,17 +42,28 @@ fn read_all(ns: &str, addr: &str, topic: &str, queues: u32) -> Vec<(u32, u64, Ve
     common::read_all(&consumer, topic, queues)
 }
 
-/// A master on host a with `master_args`, a slave of it on host b with `slave_args`.
+/// `--peer <host b's broker>`: the master's slave lives there.
+fn peer_b(net: &TwoHosts) -> String {
+    format!("{}:{}", net.addr_b(), common::netns::BROKER_PORT)
+}
+
+/// A master on host a with `master_args` (and `--peer` host b), a slave of it on host b with
+/// `slave_args`. Returns once the slave streams: until then the master, which could not reach
+/// its peer at start, is fenced.
 fn start_pair(
     net: &TwoHosts,
     dirs: (&Path, &Path),
     master_args: &[&str],
     slave_args: &[&str],
 ) -> (NsBroker, NsBroker) {
-    let master = NsBroker::start(net.ns_a(), net.addr_a(), dirs.0, master_args);
+    let peer = peer_b(net);
+    let mut args = vec!["--peer", peer.as_str()];
+    args.extend(master_args);
+    let master = NsBroker::start(net.ns_a(), net.addr_a(), dirs.0, &args);
     let mut args = vec!["--role", "slave", "--master", master.addr()];
     args.extend(slave_args);
     let slave = NsBroker::start(net.ns_b(), net.addr_b(), dirs.1, &args);
+    wait_caught_up(&admin(net.ns_a(), master.addr()), Duration::from_secs(20));
     (master, slave)
 }
 
@@ -257,7 +268,14 @@ fn a_slave_restarted_empty_resyncs_everything() {
     };
     let _watchdog = common::watchdog(Duration::from_secs(180));
     let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
-    let master = NsBroker::start(net.ns_a(), net.addr_a(), dir_a.path(), &[]);
+    // It takes writes before its slave exists.
+    let peer = peer_b(&net);
+    let master = NsBroker::start(
+        net.ns_a(),
+        net.addr_a(),
+        dir_a.path(),
+        &["--peer", &peer, "--force-master"],
+    );
     let maddr = master.addr().to_string();
     let madmin = admin(net.ns_a(), &maddr);
     madmin.create_topic("bulk", 2).unwrap();
@@ -337,6 +355,7 @@ fn the_old_master_is_refused_as_master_and_rejoins_as_slave_without_its_unreplic
     // Back as master, the old one learns from its peer that it was superseded.
     let mut args = sync.to_vec();
     args.extend(["--peer", saddr.as_str()]);
+    assert_eq!(saddr, peer_b(&net));
     let refused = NsBroker::try_start(net.ns_a(), net.addr_a(), dir_a.path(), &args)
         .err()
         .expect("the old master must not start as master");
@@ -376,4 +395,46 @@ fn the_old_master_is_refused_as_master_and_rejoins_as_slave_without_its_unreplic
     }
     let info = admin(net.ns_a(), old.addr()).broker_info().unwrap();
     assert_eq!((info.role.as_str(), info.epoch), ("slave", epoch));
+}
+
+/// Issue 11 item 2: an old master that never went down (partitioned while its slave was
+/// promoted) learns of the newer epoch from its peer once the partition heals, and stops
+/// taking writes, naming the new master.
+#[test]
+fn an_old_master_that_kept_running_fences_itself_once_it_hears_its_peer_was_promoted() {
+    let Some(net) = TwoHosts::create() else {
+        return;
+    };
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
+    let (master, slave) = start_pair(&net, (dir_a.path(), dir_b.path()), &[], &[]);
+    let maddr = master.addr().to_string();
+    let saddr = slave.addr().to_string();
+    let madmin = admin(net.ns_a(), &maddr);
+    madmin.create_topic("f", 1).unwrap();
+    wait_caught_up(&madmin, Duration::from_secs(20));
+    let p = producer(net.ns_a(), &maddr, 0);
+    send(&p, "f", "before").expect("acked");
+    wait_caught_up(&madmin, Duration::from_secs(20));
+
+    net.link_down();
+    let epoch = admin(net.ns_b(), &saddr).promote().unwrap();
+    net.link_up();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match send(&p, "f", "after") {
+            Err(e) if code(&e) == Some(ErrorCode::NotMaster) => break e,
+            other => assert!(
+                Instant::now() < deadline,
+                "the old master still takes writes: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        err.to_string().contains(&saddr),
+        "names the new master: {err}"
+    );
+    assert!(err.to_string().contains(&epoch.to_string()), "{err}");
+    drop(master);
 }

@@ -578,8 +578,8 @@ pub(crate) mod tests {
             net: "netns".into(),
             netns: Some("rqbench-1-0".into()),
             pid: 4242,
-            address: "10.78.1.2:40000".into(),
-            master_address: "10.78.1.1:40001".into(),
+            address: "127.78.1.2:40000".into(),
+            master_address: "127.78.1.1:40001".into(),
             data_dir: "/x-slave".into(),
         });
         up.result.replica_lag = Some(ReplicationFigures {
@@ -610,7 +610,7 @@ pub(crate) mod tests {
         assert!(t.contains("| async_master | 1 | 1 | DOWN (2 of 10 polls, 1 reconnects) |"));
         assert!(t.contains(
             "Slave of sync-master-durable: separate process (pid 4242) in network namespace \
-             rqbench-1-0, 10.78.1.2:40000 following 10.78.1.1:40001"
+             rqbench-1-0, 127.78.1.2:40000 following 127.78.1.1:40001"
         ));
         assert!(t.contains("Slave lag: "));
         let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();

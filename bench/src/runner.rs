@@ -235,6 +235,10 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
         io_memory_bytes: io_memory_bytes(),
         replication,
         replica_ack,
+        // Only the configured peer's host may follow a master; the slave starts after the
+        // master (on a port not known yet), so the master must not wait for it.
+        peer: host.as_ref().map(|h| h.slave_host().to_string()),
+        force_master: true,
         ..Config::default()
     };
     let broker = Broker::start(config)

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   root namespace (the bench)                    namespace rqbench-<pid>-<n>
-//!   master (embedded)  10.78.<k>.1 on rqb<pid>-<n> <== veth ==> rq0 10.78.<k>.2  slave process
+//!   master (embedded)  127.78.<k>.1 on rqb<pid>-<n> <== veth ==> rq0 127.78.<k>.2  slave process
 //! ```
 //!
 //! Contracts:
@@ -146,8 +146,8 @@ impl Netns {
             // From here on Drop cleans up if a step fails. At most 15 bytes (IFNAMSIZ - 1).
             let ns = Netns {
                 root_veth: format!("rqb{pid}-{n}"),
-                root_addr: format!("10.78.{subnet}.1"),
-                ns_addr: format!("10.78.{subnet}.2"),
+                root_addr: format!("127.78.{subnet}.1"),
+                ns_addr: format!("127.78.{subnet}.2"),
                 name,
             };
             ns.wire()?;
@@ -172,6 +172,13 @@ impl Netns {
             &self.root_veth,
         ])?;
         ip(&["link", "set", &self.root_veth, "up"])?;
+        // Loopback-range addresses leave a host only where route_localnet allows it. In the
+        // root namespace only on our veth (`all` would change the whole machine); the /24 route
+        // via the veth is longer than lo's 127.0.0.0/8, so it wins.
+        sysctl(
+            None,
+            &format!("net.ipv4.conf.{}.route_localnet=1", self.root_veth),
+        )?;
         let ns = &self.name;
         ip(&[
             "-n",
@@ -183,6 +190,15 @@ impl Netns {
             NS_VETH,
         ])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        // lo keeps 127.0.0.1 alone: with its usual /8, a down veth would turn the peer's
+        // address into a local one (connection refused / reset instead of unreachable).
+        ip(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"])?;
+        ip(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"])?;
+        sysctl(Some(ns), "net.ipv4.conf.all.route_localnet=1")?;
+        sysctl(
+            Some(ns),
+            &format!("net.ipv4.conf.{NS_VETH}.route_localnet=1"),
+        )?;
         ip(&["-n", ns, "link", "set", NS_VETH, "up"])
     }
 
@@ -202,7 +218,33 @@ impl Drop for Netns {
     }
 }
 
-/// A /24 of 10.78.0.0/16 that no address of the root namespace is in, starting from `seed`.
+/// Runs `sysctl -w setting` in namespace `ns` (the root namespace for `None`).
+fn sysctl(ns: Option<&str>, setting: &str) -> Result<(), String> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "sysctl"]);
+            c
+        }
+        None => Command::new("sysctl"),
+    };
+    let out = cmd
+        .args(["-q", "-w", setting])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run sysctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`sysctl -w {setting}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A /24 of 127.78.0.0/16 that no address of the root namespace is in, starting from `seed`.
 fn free_subnet(seed: u32) -> Result<u32, String> {
     let out = Command::new("ip")
         .args(["-o", "-4", "addr", "show"])
@@ -211,8 +253,8 @@ fn free_subnet(seed: u32) -> Result<u32, String> {
     let text = String::from_utf8_lossy(&out.stdout);
     (0..254)
         .map(|i| (seed + i) % 254 + 1)
-        .find(|k| !text.contains(&format!(" 10.78.{k}.")))
-        .ok_or_else(|| "every 10.78.<k>.0/24 is in use in this namespace".to_string())
+        .find(|k| !text.contains(&format!(" 127.78.{k}.")))
+        .ok_or_else(|| "every 127.78.<k>.0/24 is in use in this namespace".to_string())
 }
 
 /// Deletes namespaces made by this module whose creating process is gone (a bench killed from
@@ -307,8 +349,8 @@ pub struct SlaveInfo {
 }
 
 impl SlaveInfo {
-    /// One line: `separate process (pid 123) in network namespace rqbench-1-0, 10.78.1.2:40000
-    /// following 10.78.1.1:40001`.
+    /// One line: `separate process (pid 123) in network namespace rqbench-1-0, 127.78.1.2:40000
+    /// following 127.78.1.1:40001`.
     pub fn describe(&self) -> String {
         let place = match &self.netns {
             Some(ns) => format!("in network namespace {ns}"),

@@ -63,6 +63,11 @@ pub struct ReplFollowRequest {
     pub log_end: u64,
     /// The follower's epoch history, oldest first, at most [`MAX_EPOCH_ENTRIES`].
     pub epochs: Vec<EpochEntry>,
+    /// One past the last byte the follower has made durable (`<= log_end`): the master
+    /// credits the follower with this much durable, never with `log_end`.
+    pub log_durable: u64,
+    /// The follower's node id (the low bits of the epochs it mints); 0 = not sent.
+    pub node_id: u32,
 }
 
 /// Header of a ReplFollow response: where streaming starts and the master's history.
@@ -91,6 +96,9 @@ pub struct ReplData {
     /// The master's wall clock (ms since the Unix epoch) when it sent the frame, so the slave
     /// knows its lag in time.
     pub master_time_ms: u64,
+    /// The master's confirmed position (RocketMQ 5's confirmOffset): what the master's own
+    /// consumers may see. The slave serves reads only below it (and its own durable mark).
+    pub confirmed: u64,
 }
 
 /// Header of a ReplAck frame, slave to master. Positions only grow; `durable <= received`.
@@ -150,6 +158,7 @@ impl ReplData {
             position: self.position,
             master_end: self.master_end,
             master_time_ms: self.master_time_ms,
+            confirmed: self.confirmed,
         };
         let root = fb::ReplData::create(&mut fbb, &args);
         stream_frame(Opcode::ReplData, request_id, finish(fbb, root), body)
@@ -163,6 +172,7 @@ impl ReplData {
             position: h.position(),
             master_end: h.master_end(),
             master_time_ms: h.master_time_ms(),
+            confirmed: h.confirmed(),
         })
     }
 }
@@ -248,6 +258,8 @@ impl ReplFollowRequest {
             segment_bytes: self.segment_bytes,
             log_end: self.log_end,
             epochs: Some(epochs),
+            log_durable: self.log_durable,
+            node_id: self.node_id,
         };
         let root = fb::ReplFollowRequest::create(&mut fbb, &args);
         finish(fbb, root)
@@ -263,6 +275,8 @@ impl ReplFollowRequest {
             segment_bytes: h.segment_bytes(),
             log_end: h.log_end(),
             epochs: read_epochs(frame, h.epochs())?,
+            log_durable: h.log_durable(),
+            node_id: h.node_id(),
         })
     }
 }
@@ -306,6 +320,7 @@ mod tests {
             position: 4096,
             master_end: 4096,
             master_time_ms: 1_700_000_000_000,
+            confirmed: 2048,
         };
         let frame = hb.to_frame(3, Bytes::new());
         assert!(frame.flags.is_oneway());

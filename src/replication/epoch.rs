@@ -6,6 +6,17 @@
 //! whose histories say the same epoch for a byte hold the same byte there. A slave adopts its
 //! master's history as it follows.
 //!
+//! An epoch is unique to the node that minted it: `term << NODE_BITS | node_id` ([`pack`]).
+//! Two brokers that both take "current term + 1" (an old master restarting while its slave is
+//! promoted) mint different epochs, so their logs diverge where the epochs begin instead of
+//! passing as equal. Epochs compare as numbers: the higher term is newer, a tie in term is
+//! broken by the node id (either way the two are different writers).
+//!
+//! A new epoch starts exactly at the minting node's log end: entries adopted from a master
+//! that start at or beyond our end covered bytes we do not have, and are dropped
+//! ([`EpochHistory::begin`]), so a promoted slave that lags never attributes its own first
+//! writes to the old master's epoch.
+//!
 //! Starting a new epoch at every start (not only at promotions) matters: a master that crashes
 //! after streaming bytes it had not yet written durably may come back without them and write
 //! different bytes at the same positions; the new epoch makes the slave's copy of the lost
@@ -32,6 +43,76 @@ pub enum EpochError {
         line: usize,
         detail: String,
     },
+}
+
+/// Bits of an epoch that hold the minting node's id.
+pub const NODE_BITS: u32 = 24;
+/// The largest node id.
+pub const NODE_ID_MAX: u32 = (1 << NODE_BITS) - 1;
+
+/// The epoch of `term` minted by `node`.
+pub fn pack(term: u64, node: u32) -> u64 {
+    debug_assert!(node <= NODE_ID_MAX, "node id {node} out of range");
+    (term << NODE_BITS) | u64::from(node & NODE_ID_MAX)
+}
+
+/// The term of an epoch (epochs written before node ids existed have term 0).
+pub fn term_of(epoch: u64) -> u64 {
+    epoch >> NODE_BITS
+}
+
+/// The node that minted an epoch.
+pub fn node_of(epoch: u64) -> u32 {
+    (epoch & u64::from(NODE_ID_MAX)) as u32
+}
+
+/// `12345 (term 3, node 77)`, for logs and errors.
+pub fn describe(epoch: u64) -> String {
+    format!("{epoch} (term {}, node {})", term_of(epoch), node_of(epoch))
+}
+
+/// This broker's node id: `configured`, or the one kept in `<data_dir>/node_id`, made at
+/// random (and saved with tmp + fsync + rename) the first time. Runs before the shards start.
+pub fn node_id(data_dir: &Path, configured: Option<u32>) -> Result<u32, EpochError> {
+    if let Some(id) = configured {
+        return Ok(id);
+    }
+    let path = data_dir.join("node_id");
+    let io = |source| EpochError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|id| (1..=NODE_ID_MAX).contains(id))
+                .ok_or_else(|| EpochError::Parse {
+                    path: path.clone(),
+                    line: 1,
+                    detail: format!("expected a node id in 1..={NODE_ID_MAX}"),
+                })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    // RandomState is seeded from the OS's random source: good enough to keep two brokers'
+    // ids apart (a clash is also refused at the replication handshake).
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let id = (h.finish() % u64::from(NODE_ID_MAX)) as u32 + 1;
+    let tmp = data_dir.join("node_id.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(id)
 }
 
 /// Entries kept by [`EpochHistory::begin`]; well under the wire limit
@@ -63,20 +144,20 @@ impl EpochHistory {
         self.entries.last().map_or(0, |e| e.epoch)
     }
 
-    /// Starts epoch `current + 1` at `start` and returns it.
+    /// Starts a new epoch of `node` at `end` (this node's log end) and returns it: the next
+    /// term after the current epoch's, with `node` in the low bits.
     ///
-    /// An epoch that wrote nothing (the new one starts where it started) is replaced, and only
-    /// the newest [`MAX_KEPT`] entries are kept, so restarts cannot grow the history without
-    /// bound. Forgetting old entries is safe: a position no entry covers compares as "no
-    /// epoch", so the worst case is a full re-sync of a slave, never a wrong match.
-    pub fn begin(&mut self, start: u64) -> u64 {
-        let last = self.entries.last().map_or(0, |e| e.start);
-        let epoch = self.current() + 1;
-        let start = start.max(last);
-        if self.entries.last().is_some_and(|e| e.start == start) {
-            self.entries.pop();
-        }
-        self.entries.push(EpochEntry { epoch, start });
+    /// Entries starting at or beyond `end` go: an epoch that wrote nothing here (restarts),
+    /// or one adopted from a master whose bytes we never received (a lagging slave being
+    /// promoted). Keeping the latter would credit our own writes from `end` on to the old
+    /// master's epoch. Only the newest [`MAX_KEPT`] entries are kept, so restarts cannot grow
+    /// the history without bound. Forgetting old entries is safe: a position no entry covers
+    /// compares as "no epoch", so the worst case is a full re-sync of a slave, never a wrong
+    /// match.
+    pub fn begin(&mut self, end: u64, node: u32) -> u64 {
+        let epoch = pack(term_of(self.current()) + 1, node);
+        self.entries.retain(|e| e.start < end);
+        self.entries.push(EpochEntry { epoch, start: end });
         if self.entries.len() > MAX_KEPT {
             self.entries.drain(..self.entries.len() - MAX_KEPT);
         }
@@ -232,14 +313,14 @@ mod tests {
         let n = MAX_KEPT as u64 + 10;
         let mut h = EpochHistory::default();
         for i in 0..n {
-            h.begin(i * 100);
+            h.begin(i * 100, 7);
         }
-        assert_eq!((h.entries().len(), h.current()), (MAX_KEPT, n));
+        assert_eq!((h.entries().len(), h.current()), (MAX_KEPT, pack(n, 7)));
         // A peer that still remembers the oldest epochs shares nothing below what we keep.
         let full = EpochHistory::from_entries(
             (0..n)
                 .map(|i| EpochEntry {
-                    epoch: i + 1,
+                    epoch: pack(i + 1, 7),
                     start: i * 100,
                 })
                 .collect(),
@@ -251,14 +332,66 @@ mod tests {
     }
 
     #[test]
+    fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
+        // The master (node 1) wrote epoch 1 from 0 and, after a restart, epoch 2 from 1000;
+        // its slave (node 2) adopted that history but has only 800 bytes when promoted.
+        let master = h(&[(pack(1, 1), 0), (pack(2, 1), 1000)]);
+        let mut promoted = master.clone();
+        let epoch = promoted.begin(800, 2);
+        assert_eq!(epoch, pack(3, 2));
+        assert_eq!(
+            promoted.entries(),
+            &[
+                EpochEntry {
+                    epoch: pack(1, 1),
+                    start: 0
+                },
+                EpochEntry { epoch, start: 800 },
+            ]
+        );
+        // It then writes to 1500; the old master, back with its 1200 bytes, keeps only what
+        // both wrote in epoch 1.
+        assert_eq!(divergence(&promoted, 1500, &master, 1200), 800);
+    }
+
+    #[test]
+    fn the_same_term_minted_by_two_nodes_diverges() {
+        // Both nodes took term 2 after the same epoch 1: an old master restarting (node 1,
+        // at its end 900) and its slave promoted (node 2, at its end 600).
+        let before = h(&[(pack(1, 1), 0)]);
+        let (mut restarted, mut promoted) = (before.clone(), before);
+        restarted.begin(900, 1);
+        promoted.begin(600, 2);
+        assert_ne!(restarted.current(), promoted.current());
+        assert_eq!(term_of(restarted.current()), term_of(promoted.current()));
+        assert_eq!(divergence(&restarted, 1400, &promoted, 1000), 600);
+        assert_eq!(divergence(&promoted, 1000, &restarted, 1400), 600);
+    }
+
+    #[test]
+    fn a_node_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = node_id(dir.path(), None).unwrap();
+        assert!((1..=NODE_ID_MAX).contains(&id));
+        assert_eq!(node_id(dir.path(), None).unwrap(), id);
+        assert_eq!(node_id(dir.path(), Some(9)).unwrap(), 9);
+        std::fs::write(dir.path().join("node_id"), "0\n").unwrap();
+        assert!(node_id(dir.path(), None).is_err());
+        assert_eq!(
+            describe(pack(3, 77)),
+            format!("{} (term 3, node 77)", pack(3, 77))
+        );
+    }
+
+    #[test]
     fn begin_numbers_epochs_and_the_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut hist = EpochHistory::load(dir.path()).unwrap();
         assert_eq!(hist.current(), 0);
-        assert_eq!(hist.begin(0), 1);
-        assert_eq!(hist.begin(4096), 2);
+        assert_eq!(hist.begin(0, 5), pack(1, 5));
+        assert_eq!(hist.begin(4096, 5), pack(2, 5));
         // Restarts without writes in between do not add entries.
-        assert_eq!(hist.begin(4096), 3);
+        assert_eq!(hist.begin(4096, 5), pack(3, 5));
         assert_eq!(hist.entries().len(), 2);
         hist.save(dir.path()).unwrap();
         assert_eq!(EpochHistory::load(dir.path()).unwrap(), hist);

@@ -85,8 +85,8 @@ pub async fn follow(ctx: Rc<ShardContext>) {
     log::info!("shard {}: stopped following {master}", ctx.shard);
 }
 
-/// A framed connection to one address of the master.
-struct Link {
+/// A framed connection to one address of the master (or, for the peer watch, the peer).
+pub(crate) struct Link {
     peer: String,
     reader: ReadHalf<TcpStream>,
     writer: WriteHalf<TcpStream>,
@@ -95,7 +95,7 @@ struct Link {
 }
 
 impl Link {
-    async fn connect(peer: &str) -> Result<Link, ReplicationError> {
+    pub(crate) async fn connect(peer: &str) -> Result<Link, ReplicationError> {
         let io = |source| ReplicationError::Io {
             peer: peer.to_string(),
             source,
@@ -123,7 +123,7 @@ impl Link {
         })
     }
 
-    fn protocol(&self, detail: impl Into<String>) -> ReplicationError {
+    pub(crate) fn protocol(&self, detail: impl Into<String>) -> ReplicationError {
         ReplicationError::Protocol {
             peer: self.peer.clone(),
             detail: detail.into(),
@@ -167,7 +167,10 @@ impl Link {
     }
 
     /// One request, one response (errors from the master become `Refused` or `Protocol`).
-    async fn call(&mut self, request: Request) -> Result<(Response, Bytes), ReplicationError> {
+    pub(crate) async fn call(
+        &mut self,
+        request: Request,
+    ) -> Result<(Response, Bytes), ReplicationError> {
         let opcode = request.opcode();
         let id = self.next_id;
         self.next_id += 1;
@@ -223,7 +226,8 @@ async fn follow_once(
 
     // 2. Agree on where to start.
     let store = ctx.store();
-    let our_end = store.watermarks().appended.0;
+    let w = store.watermarks();
+    let our_end = w.appended.0;
     let mut link = Link::connect(&address).await?;
     let request = Request::ReplFollow(ReplFollowRequest {
         shard: ctx.shard as u32,
@@ -231,6 +235,8 @@ async fn follow_once(
         segment_bytes: ctx.config.segment_bytes,
         log_end: our_end,
         epochs: ctx.epochs().entries().to_vec(),
+        log_durable: w.durable.0,
+        node_id: ctx.node_id(),
     });
     let answer = match link.call(request).await? {
         (Response::ReplFollowing(a), _) => a,
@@ -266,8 +272,10 @@ async fn follow_once(
     }
     ctx.set_epochs(history)?;
     let store = ctx.store();
-    let start = store.watermarks().appended.0;
-    ctx.tracker().streaming(id, start, answer.master_end);
+    let w = store.watermarks();
+    let start = w.appended.0;
+    ctx.tracker()
+        .streaming(id, start, w.durable.0, answer.master_end);
     ctx.tracker().note_end(answer.master_end);
     log::info!(
         "shard {}: following {address} from {start} (master log ends at {}, epoch {})",
@@ -323,6 +331,9 @@ async fn receive(
             }
             let data = ReplData::from_frame(&frame).map_err(|e| protocol(e.to_string()))?;
             tracker.note_end(data.master_end);
+            // Reads stop at what the master confirmed (the store also keeps them below our
+            // durable mark): the rest may still be truncated if the master fails over.
+            ctx.confirm_up_to(data.confirmed);
             if !frame.body.is_empty() {
                 let store = ctx.store();
                 let (end, topics) = store
@@ -443,6 +454,9 @@ async fn truncate_store(ctx: &Rc<ShardContext>, at: u64) -> Result<(), Replicati
         ShardStore::open_truncated(&ctx.shard_dir(), ctx.config.storage(), LogPosition(at)).await?;
     log::warn!("shard {}: reopened after truncation: {report}", ctx.shard);
     ctx.set_store(store);
+    // What was confirmed beyond `at` belonged to the diverged history: the records written
+    // there next are confirmed only when the new master says so.
+    ctx.truncated_to(at);
     Ok(())
 }
 

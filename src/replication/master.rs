@@ -22,18 +22,20 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures_lite::future;
 use glommio::net::TcpStream;
 
 use crate::protocol::{
     self, ErrorCode, Frame, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse, ReplicaStats,
     Response,
 };
-use crate::replication::epoch::{divergence, EpochHistory};
+use crate::replication::epoch::{self, divergence, EpochHistory};
 use crate::replication::{ReplicaAck, ReplicationMode, Role};
 use crate::shard::ShardContext;
 use crate::storage::{LogPosition, Signal};
@@ -58,6 +60,8 @@ pub enum ReplicaWaitError {
     NotAvailable,
     /// A slave is connected but did not acknowledge in time (FLUSH_SLAVE_TIMEOUT).
     Timeout,
+    /// This master learnt of a newer epoch while waiting: it acks nothing more (NOT_MASTER).
+    Fenced,
 }
 
 impl ReplicaWaitError {
@@ -65,6 +69,7 @@ impl ReplicaWaitError {
         match self {
             ReplicaWaitError::NotAvailable => ErrorCode::SlaveNotAvailable,
             ReplicaWaitError::Timeout => ErrorCode::FlushSlaveTimeout,
+            ReplicaWaitError::Fenced => ErrorCode::NotMaster,
         }
     }
 }
@@ -101,6 +106,8 @@ struct TrackerState {
     samples: VecDeque<(u64, Instant)>,
     rate_window: Option<(Instant, u64)>,
     rate: u64,
+    /// Master: a newer epoch exists; every wait fails from now on.
+    fenced: bool,
 }
 
 impl TrackerState {
@@ -153,8 +160,10 @@ impl ReplicaTracker {
         id
     }
 
-    /// Marks session `id` as streaming from `start` (both sides have everything below it).
-    pub fn streaming(&self, id: u64, start: u64, peer_end: u64) {
+    /// Marks session `id` as streaming from `start` (both sides have everything below it);
+    /// the other side has made `durable` of it durable (what it said, never more than
+    /// `start`: a follower's appended end is not on its disk yet).
+    pub fn streaming(&self, id: u64, start: u64, durable: u64, peer_end: u64) {
         let mut st = self.st.borrow_mut();
         if st.session != Some(id) {
             return;
@@ -162,7 +171,7 @@ impl ReplicaTracker {
         st.link = 2;
         st.connects += 1;
         st.received = start;
-        st.durable = start;
+        st.durable = durable.min(start);
         st.sent = start;
         st.peer_end = peer_end;
         st.samples.retain(|(e, _)| *e > start);
@@ -178,6 +187,13 @@ impl ReplicaTracker {
             st.link = 0;
         }
         drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Master: a newer epoch exists; pending and future waits fail with
+    /// [`ReplicaWaitError::Fenced`].
+    pub fn set_fenced(&self) {
+        self.st.borrow_mut().fenced = true;
         self.changed.notify_all();
     }
 
@@ -246,23 +262,42 @@ impl ReplicaTracker {
         kind: ReplicaAck,
         timeout: Duration,
     ) -> Result<(), ReplicaWaitError> {
+        if self.st.borrow().fenced {
+            return Err(ReplicaWaitError::Fenced);
+        }
         if !self.is_streaming() {
             return Err(ReplicaWaitError::NotAvailable);
         }
         let done = glommio::timer::timeout(timeout, async {
             self.changed
-                .wait_until(|| self.acked(kind) >= end.0 || self.st.borrow().session.is_none())
+                .wait_until(|| {
+                    let st = self.st.borrow();
+                    st.fenced || st.session.is_none() || self.acked(kind) >= end.0
+                })
                 .await;
             Ok(())
         })
         .await;
-        if self.acked(kind) >= end.0 {
+        if self.st.borrow().fenced {
+            Err(ReplicaWaitError::Fenced)
+        } else if self.acked(kind) >= end.0 {
             Ok(())
         } else if done.is_ok() || !self.is_streaming() {
             Err(ReplicaWaitError::NotAvailable)
         } else {
             Err(ReplicaWaitError::Timeout)
         }
+    }
+
+    /// Resolves when the acknowledged positions differ from `received` / `durable` or the
+    /// session changes.
+    async fn wait_acks_change(&self, id: u64, received: u64, durable: u64) {
+        self.changed
+            .wait_until(|| {
+                let st = self.st.borrow();
+                st.received != received || st.durable != durable || st.session != Some(id)
+            })
+            .await
     }
 
     /// Resolves when acknowledgements move past `pos` or the session changes.
@@ -328,8 +363,37 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Why a follow request is refused, before any byte is streamed.
-fn check_follower(ctx: &ShardContext, req: &ReplFollowRequest) -> Result<(), (ErrorCode, String)> {
+/// Whether `remote` is the host named by `peer` (`host:port` or `host`). Resolving a name is
+/// a blocking lookup, so it runs on the blocking pool.
+async fn is_peer_host(peer: &str, remote: IpAddr) -> bool {
+    let host = match peer.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => peer,
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip == remote;
+    }
+    glommio::executor()
+        .spawn_blocking(move || {
+            (host.as_str(), 0)
+                .to_socket_addrs()
+                .map(|mut addrs| addrs.any(|a| a.ip() == remote))
+                .unwrap_or(false)
+        })
+        .await
+}
+
+/// Why a follow request is refused, before any byte is streamed. A follower with a newer epoch
+/// also fences this master: someone minted that epoch after ours.
+async fn check_follower(
+    ctx: &ShardContext,
+    req: &ReplFollowRequest,
+    remote: Option<SocketAddr>,
+) -> Result<(), (ErrorCode, String)> {
     if ctx.role() != Role::Master {
         return Err((
             ErrorCode::NotMaster,
@@ -338,6 +402,29 @@ fn check_follower(ctx: &ShardContext, req: &ReplFollowRequest) -> Result<(), (Er
                 ctx.master_hint()
             ),
         ));
+    }
+    // Until there is authentication, only the configured slave may read the log this way.
+    if !ctx.config.accepts_followers() {
+        return Err((
+            ErrorCode::ReplicationRefused,
+            "this master has no replication configured: start it with --peer <slave host:port>              (or --replication sync_master) to let a slave follow it"
+                .to_string(),
+        ));
+    }
+    if let Some(peer) = ctx.config.pair_peer() {
+        let from_peer = match remote {
+            Some(r) => is_peer_host(peer, r.ip()).await,
+            None => false,
+        };
+        if !from_peer {
+            return Err((
+                ErrorCode::ReplicationRefused,
+                format!(
+                    "only this master's peer {peer} may follow it; this connection comes from {}",
+                    remote.map_or("an unknown address".to_string(), |r| r.to_string())
+                ),
+            ));
+        }
     }
     if req.shards as usize != ctx.shards || req.shard as usize != ctx.shard {
         return Err((
@@ -359,14 +446,28 @@ fn check_follower(ctx: &ShardContext, req: &ReplFollowRequest) -> Result<(), (Er
             ),
         ));
     }
-    let ours = ctx.epoch();
-    let theirs = req.epochs.last().map_or(0, |e| e.epoch);
-    if theirs > ours {
+    if req.node_id != 0 && req.node_id == ctx.node_id() {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
-                "the slave's epoch {theirs} is newer than this master's {ours}: this master was \
-                 superseded by a promotion; restart it with --role slave --master <new master>"
+                "the slave has this master's node id {}: their epochs would not be unique (a \
+                 copied data dir?); delete <data-dir>/node_id on one of them or set --node-id",
+                req.node_id
+            ),
+        ));
+    }
+    let ours = ctx.epoch();
+    let theirs = req.epochs.last().map_or(0, |e| e.epoch);
+    if theirs > ours {
+        let who = remote.map_or_else(|| "the follower".to_string(), |r| r.ip().to_string());
+        ctx.fence_superseded(theirs, &who);
+        return Err((
+            ErrorCode::ReplicationRefused,
+            format!(
+                "the slave's epoch {} is newer than this master's {}: this master was \
+                 superseded by a promotion; restart it with --role slave --master <new master>",
+                epoch::describe(theirs),
+                epoch::describe(ours)
             ),
         ));
     }
@@ -379,12 +480,13 @@ pub async fn serve_follower(
     ctx: Rc<ShardContext>,
     request_id: u64,
     req: ReplFollowRequest,
+    remote: Option<SocketAddr>,
     reader: ReadHalf<TcpStream>,
     mut writer: WriteHalf<TcpStream>,
     buf: BytesMut,
 ) {
     let mut out = BytesMut::new();
-    if let Err((code, msg)) = check_follower(&ctx, &req) {
+    if let Err((code, msg)) = check_follower(&ctx, &req, remote).await {
         log::warn!("shard {}: refusing a follower: {msg}", ctx.shard);
         protocol::error_frame(
             protocol::Opcode::ReplFollow.as_u16(),
@@ -431,7 +533,10 @@ pub async fn serve_follower(
             String::new()
         }
     );
-    tracker.streaming(id, start, master_end);
+    // The follower's own word on what it has on disk; what it merely appended is not.
+    tracker.streaming(id, start, req.log_durable, master_end);
+    // A follower of ours is no newer master: a start-up fence is lifted.
+    ctx.peer_heard();
     let acks = glommio::spawn_local(read_acks(ctx.clone(), id, reader, buf));
     let session = {
         let ctx = ctx.clone();
@@ -478,7 +583,11 @@ async fn stream_log(
     let mut last_sent = Instant::now();
     let mut pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
     loop {
-        if !tracker.is_current(id) || ctx.is_shutting_down() || ctx.role() != Role::Master {
+        if !tracker.is_current(id)
+            || ctx.is_shutting_down()
+            || ctx.role() != Role::Master
+            || ctx.is_superseded()
+        {
             return Ok(());
         }
         let store = ctx.store();
@@ -526,6 +635,7 @@ async fn stream_log(
                     position: c.position.0,
                     master_end,
                     master_time_ms: now_ms(),
+                    confirmed: ctx.confirmed(),
                 }
                 .to_frame(0, c.bytes)
                 .encode(&mut out);
@@ -548,13 +658,29 @@ async fn stream_log(
                         store.wait_written_beyond(LogPosition(next)).await
                     }
                 };
+                // The slave serves reads up to our confirmed position: tell it as soon as
+                // that moves (our fdatasync, or the slave's own ack under SYNC_MASTER), not
+                // only at the next heartbeat.
+                let confirmed = ctx.confirmed();
+                let durable = store.watermarks().durable;
+                let (received, synced) = (
+                    tracker.acked(ReplicaAck::Received),
+                    tracker.acked(ReplicaAck::Durable),
+                );
+                let confirm_moves = async {
+                    future::or(
+                        store.wait_progress_beyond(LogPosition(u64::MAX), durable),
+                        tracker.wait_acks_change(id, received, synced),
+                    )
+                    .await
+                };
                 let budget = HEARTBEAT.saturating_sub(last_sent.elapsed());
                 let woke = glommio::timer::timeout(budget, async {
-                    wait.await;
+                    future::or(wait, confirm_moves).await;
                     Ok(())
                 })
                 .await;
-                if woke.is_err() {
+                if woke.is_err() || ctx.confirmed() != confirmed {
                     send_heartbeat(ctx, writer, &mut out).await?;
                     last_sent = Instant::now();
                 }
@@ -602,6 +728,7 @@ async fn send_heartbeat(
         position: 0,
         master_end: ctx.store().watermarks().appended.0,
         master_time_ms: now_ms(),
+        confirmed: ctx.confirmed(),
     }
     .to_frame(0, Bytes::new())
     .encode(out);

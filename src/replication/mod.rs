@@ -4,14 +4,18 @@
 //! - [`master`]: the master side — the follower session that streams raw CommitLog bytes and
 //!   the [`master::ReplicaTracker`] produce requests wait on under SYNC_MASTER.
 //! - [`follower`]: the slave side — connect, agree on a start point (truncating a diverged
-//!   tail), append what arrives, acknowledge.
+//!   tail), append what arrives, acknowledge; serve reads only up to what the master confirmed.
+//! - [`peer_watch`]: a master asks its peer whether it was superseded (then it fences itself).
+//! - [`confirmed`]: the confirmed position kept across restarts.
 //!
 //! The contracts (what an ack means in each mode, epochs, promotion) are in docs/design.md,
 //! "Replication".
 
+pub mod confirmed;
 pub mod epoch;
 pub mod follower;
 pub mod master;
+pub mod peer_watch;
 
 use std::fmt;
 use std::str::FromStr;

@@ -33,6 +33,8 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
     ctx.connection_opened();
     let _ = stream.set_nodelay(true);
+    // For the replication handshake: only the configured peer may follow.
+    let remote = stream.peer_addr().ok();
     let (mut reader, writer) = stream.split();
     let outbox = Rc::new(Outbox::new());
     let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
@@ -56,6 +58,7 @@ pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
                 ctx.clone(),
                 request_id,
                 *req,
+                remote,
                 reader,
                 writer,
                 buf,

@@ -239,6 +239,8 @@ fn broker_info(ctx: &ShardContext) -> Response {
 /// `ringmq admin promote`: every shard stops following and starts a new epoch; answered with
 /// the new epoch once all shards are masters.
 async fn promote(ctx: &Rc<ShardContext>) -> Result<Response> {
+    // All shards change role together, so this shard tells whether anything happens.
+    let already_master = ctx.role() == Role::Master;
     let mut epoch = promote_local(ctx)
         .await
         .map_err(|e| HandlerError::new(ErrorCode::Internal, e))?;
@@ -259,7 +261,11 @@ async fn promote(ctx: &Rc<ShardContext>) -> Result<Response> {
             }
         }
     }
-    log::warn!("promoted to master: epoch {epoch}");
+    if already_master {
+        log::info!("promote: already master (epoch {epoch}); nothing changed");
+    } else {
+        log::warn!("promoted to master: epoch {epoch}");
+    }
     Ok(Response::Promoted { epoch })
 }
 
@@ -274,14 +280,24 @@ async fn promote_local(ctx: &Rc<ShardContext>) -> std::result::Result<u64, Strin
     if let Some(f) = follower {
         f.await;
     }
-    ctx.become_master()
-        .map_err(|e| format!("cannot record the new epoch: {e}"))
+    let end = ctx.store().watermarks().appended.0;
+    let epoch = ctx
+        .become_master(end)
+        .map_err(|e| format!("cannot record the new epoch: {e}"))?;
+    // The old master may come back as a master: it must learn that it was superseded, and
+    // we must learn if it was not.
+    glommio::spawn_local(crate::replication::peer_watch::watch_peer(ctx.clone())).detach();
+    Ok(epoch)
 }
 
 /// NOT_MASTER, naming the master, for writes that reach a slave.
 fn not_on_a_slave(ctx: &ShardContext, what: &str) -> Result<()> {
     if ctx.role() == Role::Master {
-        return Ok(());
+        // A fenced master is read-only too (see replication::peer_watch).
+        return match ctx.fence_message() {
+            None => Ok(()),
+            Some(why) => Err(HandlerError::new(ErrorCode::NotMaster, why)),
+        };
     }
     Err(HandlerError::new(
         ErrorCode::NotMaster,
@@ -368,6 +384,7 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
                         "the slave did not acknowledge ({}) within {} ms",
                         ctx.config.replica_ack, ctx.config.replica_timeout_ms
                     ),
+                    ReplicaWaitError::Fenced => "this master was fenced".to_string(),
                 };
                 HandlerError::new(
                     e.code(),
@@ -380,6 +397,17 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
             })
     };
     let (local, replica) = futures::join!(local, replica);
+    // Fenced while waiting (a newer epoch exists): the record may be truncated when this
+    // broker rejoins as a slave, so it is not acknowledged.
+    if let Some(why) = ctx.fence_message() {
+        return Err(HandlerError::new(
+            ErrorCode::NotMaster,
+            format!(
+                "stored at queue {queue} offset {} but not acknowledged: {why}",
+                appended.base_offset
+            ),
+        ));
+    }
     local?;
     replica?;
     Ok(Response::Produced(ProduceAck {

@@ -12,7 +12,19 @@ use crate::replication::{ReplicationMode, Role};
 use crate::shard::mesh::Mesh;
 use crate::shard::router::shard_of;
 use crate::shard::topics::{TopicMeta, TopicTable};
-use crate::storage::ShardStore;
+use crate::storage::{LogPosition, ShardStore};
+
+/// Why a master takes no writes although its role is master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// Started with a peer configured that did not answer (and no `--force-master`): the peer
+    /// may have been promoted meanwhile. Lifted once the peer answers as a slave or an older
+    /// master, or follows us.
+    PeerUnheard { peer: String },
+    /// A newer epoch exists (heard at a handshake or from the peer): another broker is the
+    /// master. Final until this broker restarts (as a slave of `master`).
+    Superseded { epoch: u64, master: String },
+}
 
 pub struct ShardContext {
     /// This shard's index, 0-based.
@@ -35,6 +47,10 @@ pub struct ShardContext {
     visible_floor: Cell<u64>,
     /// Set by a promotion: the follower stops before the new epoch starts.
     stop_following: Cell<bool>,
+    /// A master that must not take writes (see [`Fence`]).
+    fence: RefCell<Option<Fence>>,
+    /// The confirmed position last saved to `<shard dir>/confirmed`.
+    confirmed_saved: Cell<u64>,
     /// Slave: the task following the master.
     pub follower: RefCell<Option<glommio::task::JoinHandle<()>>>,
     /// Where a master streams its log to a follower: a task queue with a quarter of the
@@ -80,6 +96,8 @@ impl ShardContext {
             tracker: ReplicaTracker::default(),
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
+            fence: RefCell::new(None),
+            confirmed_saved: Cell::new(0),
             follower: RefCell::new(None),
             replication_queue: glommio::executor().create_task_queue(
                 glommio::Shares::Static(250),
@@ -149,15 +167,27 @@ impl ShardContext {
         &self.tracker
     }
 
+    /// This broker's node id (resolved at start; see `epoch::node_id`).
+    pub fn node_id(&self) -> u32 {
+        self.config.node_id.unwrap_or(1)
+    }
+
     /// Becomes master: a new epoch starting at the log end is made durable first, then writes
     /// are taken. Returns the new epoch.
-    pub fn become_master(&self) -> Result<u64, crate::replication::epoch::EpochError> {
+    ///
+    /// `visible_from` is where SYNC_MASTER visibility starts: at start, the confirmed position
+    /// saved before the restart (what the slave had; the log beyond it was never shown);
+    /// at a promotion, the log end (this log is the truth now).
+    pub fn become_master(
+        &self,
+        visible_from: u64,
+    ) -> Result<u64, crate::replication::epoch::EpochError> {
         let store = self.store();
         let end = store.watermarks().appended.0;
         let mut epochs = self.epochs();
-        let epoch = epochs.begin(end);
+        let epoch = epochs.begin(end, self.node_id());
         self.set_epochs(epochs)?;
-        self.visible_floor.set(end);
+        self.visible_floor.set(visible_from.min(end));
         self.role.set(Role::Master);
         if self.config.replication == ReplicationMode::SyncMaster {
             self.raise_visible_cap();
@@ -176,6 +206,101 @@ impl ShardContext {
         self.visible_floor.set(cap);
         self.store()
             .set_visible_cap(Some(crate::storage::LogPosition(cap)));
+    }
+
+    /// Slave: the master confirmed everything below `confirmed`; serve reads only below it
+    /// (the store also keeps them below our own durable mark). Never lowered.
+    pub fn confirm_up_to(&self, confirmed: u64) {
+        let cap = confirmed.max(self.visible_floor.get());
+        self.visible_floor.set(cap);
+        self.store().set_visible_cap(Some(LogPosition(cap)));
+    }
+
+    /// Slave at start or after a truncation: reads stay below `confirmed` (saved before the
+    /// restart, or the truncation point) until the master says more.
+    pub fn start_confirmed_at(&self, confirmed: u64) {
+        self.visible_floor.set(confirmed);
+        self.store().set_visible_cap(Some(LogPosition(confirmed)));
+    }
+
+    /// Slave: the log was truncated at `at`; nothing beyond it is confirmed any more.
+    pub fn truncated_to(&self, at: u64) {
+        self.start_confirmed_at(self.visible_floor.get().min(at));
+    }
+
+    /// The position to save as confirmed: what consumers may see here.
+    pub fn confirmed(&self) -> u64 {
+        self.store().watermarks().visible.0
+    }
+
+    pub fn confirmed_saved(&self) -> u64 {
+        self.confirmed_saved.get()
+    }
+
+    pub fn set_confirmed_saved(&self, pos: u64) {
+        self.confirmed_saved.set(pos);
+    }
+
+    /// The fence, if this master takes no writes.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence.borrow().clone()
+    }
+
+    /// Whether a newer epoch was heard of: stop acking and streaming.
+    pub fn is_superseded(&self) -> bool {
+        matches!(*self.fence.borrow(), Some(Fence::Superseded { .. }))
+    }
+
+    /// Starts fenced until the peer is heard from (see [`Fence::PeerUnheard`]).
+    pub fn fence_until_peer_heard(&self, peer: &str) {
+        *self.fence.borrow_mut() = Some(Fence::PeerUnheard {
+            peer: peer.to_string(),
+        });
+    }
+
+    /// The peer answered and is no newer master: lift a start-up fence.
+    pub fn peer_heard(&self) {
+        let mut f = self.fence.borrow_mut();
+        if let Some(Fence::PeerUnheard { peer }) = &*f {
+            log::info!(
+                "shard {}: heard from the peer {peer}: not fenced any more, taking writes",
+                self.shard
+            );
+            *f = None;
+        }
+    }
+
+    /// A newer epoch exists: stop acking at once. Pending produce requests fail (their waits
+    /// are woken), new ones get NOT_MASTER naming `master`, and the follower stream ends.
+    pub fn fence_superseded(&self, epoch: u64, master: &str) {
+        if self.is_superseded() {
+            return;
+        }
+        log::error!(
+            "shard {}: FENCED: epoch {} at {master} is newer than ours {}; taking no more              writes (restart this broker with --role slave --master {master})",
+            self.shard,
+            crate::replication::epoch::describe(epoch),
+            crate::replication::epoch::describe(self.epoch()),
+        );
+        *self.fence.borrow_mut() = Some(Fence::Superseded {
+            epoch,
+            master: master.to_string(),
+        });
+        self.tracker.set_fenced();
+    }
+
+    /// Why writes are refused (for NOT_MASTER), if they are.
+    pub fn fence_message(&self) -> Option<String> {
+        match &*self.fence.borrow() {
+            None => None,
+            Some(Fence::PeerUnheard { peer }) => Some(format!(
+                "this master is fenced (read-only): its peer {peer} has not answered since it                  started, and the peer may be the master now; start it with --force-master to                  take writes without the peer"
+            )),
+            Some(Fence::Superseded { epoch, master }) => Some(format!(
+                "this broker was superseded: the master is {master} (epoch {epoch}, newer than                  ours {})",
+                self.epoch()
+            )),
+        }
     }
 
     /// " (its master is ADDR)" on a slave with a configured master, for error messages.

@@ -73,7 +73,7 @@ impl Broker {
 
     /// Like [`Broker::start`], stopping when `shutdown` becomes true (a signal handler's flag).
     pub fn start_with_shutdown(
-        config: Config,
+        mut config: Config,
         shutdown: Arc<AtomicBool>,
     ) -> Result<Broker, BrokerError> {
         config.validate()?;
@@ -97,7 +97,11 @@ impl Broker {
             log::warn!("{w}");
         }
         let topics = Arc::new(TopicTable::load(&config.data_dir)?);
-        check_peer(&config, shards)?;
+        config.node_id = Some(
+            crate::replication::epoch::node_id(&config.data_dir, config.node_id)
+                .map_err(|e| BrokerError::Replication(format!("node id: {e}")))?,
+        );
+        let start_fenced = check_peer(&config, shards)?;
 
         let mut listeners = Vec::with_capacity(shards);
         let mut addresses = Vec::with_capacity(shards);
@@ -141,6 +145,7 @@ impl Broker {
                 shutdown: shutdown.clone(),
                 topics: topics.clone(),
                 ready: ready_tx.clone(),
+                start_fenced,
             };
             let mut builder =
                 LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
@@ -276,19 +281,32 @@ pub fn run_until_signalled(config: Config) -> Result<(), String> {
 }
 
 /// Before taking traffic: a slave's master must have our shard count; a master must not have
-/// been superseded by its peer (a newer epoch there). An unreachable peer is not an error: the
-/// slave retries, and a master cannot tell.
-fn check_peer(config: &Config, shards: usize) -> Result<(), BrokerError> {
+/// been superseded by its peer (a newer epoch there). An unreachable master is not an error
+/// for a slave (it retries); a master whose peer does not answer starts fenced (the peer may
+/// have been promoted meanwhile) unless `force_master`. Returns whether to start fenced.
+fn check_peer(config: &Config, shards: usize) -> Result<bool, BrokerError> {
     let (peer, role) = match (&config.master, &config.peer) {
         (Some(m), _) if config.role == Role::Slave => (m, Role::Slave),
         (_, Some(p)) if config.role == Role::Master => (p, Role::Master),
-        _ => return Ok(()),
+        _ => return Ok(false),
     };
     let info = match crate::client::Admin::connect(peer).and_then(|a| a.broker_info()) {
         Ok(info) => info,
+        Err(e) if role == Role::Master && !config.force_master => {
+            log::warn!(
+                "replication: peer {peer} does not answer ({e}); starting FENCED (read-only, \
+                 produce gets NOT_MASTER) until it answers; --force-master takes writes without it"
+            );
+            return Ok(true);
+        }
         Err(e) => {
-            log::warn!("replication: peer {peer} does not answer ({e}); starting anyway");
-            return Ok(());
+            let how = if role == Role::Master {
+                "starting as master anyway (--force-master)"
+            } else {
+                "following it once it answers"
+            };
+            log::warn!("replication: peer {peer} does not answer ({e}); {how}");
+            return Ok(false);
         }
     };
     if role == Role::Slave && info.shards as usize != shards {
@@ -310,7 +328,7 @@ fn check_peer(config: &Config, shards: usize) -> Result<(), BrokerError> {
             )));
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 struct ShardArgs {
@@ -323,6 +341,8 @@ struct ShardArgs {
     shutdown: Arc<AtomicBool>,
     topics: Arc<TopicTable>,
     ready: mpsc::Sender<(usize, Result<(), String>)>,
+    /// A master whose peer did not answer at start (see `check_peer`).
+    start_fenced: bool,
 }
 
 async fn run_shard(args: ShardArgs) -> Result<(), String> {
@@ -365,21 +385,46 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
         args.topics,
     ));
     ctx.load_epochs(epochs);
+    let confirmed = match crate::replication::confirmed::load(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = format!("cannot read the confirmed position: {e}");
+            let _ = args.ready.send((shard, Err(reason.clone())));
+            return Err(reason);
+        }
+    };
     match ctx.role() {
-        Role::Master => match ctx.become_master() {
-            Ok(epoch) => log::info!("shard {shard}: master, epoch {epoch}"),
-            Err(e) => {
-                let reason = format!("cannot record a new epoch: {e}");
-                let _ = args.ready.send((shard, Err(reason.clone())));
-                return Err(reason);
+        Role::Master => {
+            // Without a saved position (a log older than the file) visibility starts at the
+            // log end, as it always did.
+            let end = ctx.store().watermarks().appended.0;
+            match ctx.become_master(confirmed.unwrap_or(end)) {
+                Ok(epoch) => log::info!(
+                    "shard {shard}: master, epoch {}",
+                    crate::replication::epoch::describe(epoch)
+                ),
+                Err(e) => {
+                    let reason = format!("cannot record a new epoch: {e}");
+                    let _ = args.ready.send((shard, Err(reason.clone())));
+                    return Err(reason);
+                }
             }
-        },
+            if args.start_fenced {
+                ctx.fence_until_peer_heard(args.config.peer.as_deref().unwrap_or_default());
+            }
+            glommio::spawn_local(crate::replication::peer_watch::watch_peer(ctx.clone())).detach();
+        }
         Role::Slave => {
+            ctx.start_confirmed_at(confirmed.unwrap_or(0));
             let handle =
                 glommio::spawn_local(crate::replication::follower::follow(ctx.clone())).detach();
             *ctx.follower.borrow_mut() = Some(handle);
         }
     }
+    if let Some(c) = confirmed {
+        ctx.set_confirmed_saved(c);
+    }
+    glommio::spawn_local(crate::replication::confirmed::keep_saved(ctx.clone())).detach();
     spawn_mesh_receivers(&ctx, receivers);
     let _ = args.ready.send((shard, Ok(())));
 
@@ -401,6 +446,7 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     if let Some(f) = follower {
         f.await;
     }
+    crate::replication::confirmed::save_if_moved(&ctx).await;
     let closed = ctx.store().close().await;
     ctx.mesh.close();
     closed.map_err(|e| format!("closing the store: {e}"))?;

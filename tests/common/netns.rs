@@ -4,12 +4,17 @@
 //!
 //! ```text
 //!   netns rq-<pid>-<n>-a                      netns rq-<pid>-<n>-b
-//!   lo, rq0 10.77.<s>.1/24  <==== veth ====>  rq0 10.77.<s>.2/24, lo
+//!   lo, rq0 127.77.<s>.1/24  <==== veth ====>  rq0 127.77.<s>.2/24, lo
 //! ```
+//!
+//! Only loopback-range addresses: 127.77.<s>.x on the veth ends, `route_localnet=1` in both
+//! namespaces (else the kernel drops 127/8 packets on a non-loopback device), and lo holds
+//! 127.0.0.1/32 instead of its usual /8 (else a down link would turn the other host's address
+//! into a local one, and a partition would answer "connection refused" instead of silence).
 //!
 //! Usage:
 //! ```ignore
-//! let Some(net) = TwoHosts::create() else { return }; // skips when not root
+//! let Some(net) = TwoHosts::create() else { return }; // prints SKIP when not root
 //! let dir = common::data_dir();
 //! let master = NsBroker::start(net.ns_a(), net.addr_a(), dir.path(), &[]);
 //! let addr = master.addr().to_string();
@@ -53,6 +58,9 @@ const VETH: &str = "rq0";
 const BROKER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits after SIGTERM before SIGKILL.
 const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a dead broker's ports may stay bound: io_uring tears a ring down asynchronously,
+/// so a listener with an accept in flight can outlive the process by a moment.
+const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `link_up` waits for the path to carry a TCP handshake again.
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stderr lines an `NsBroker` keeps for diagnostics.
@@ -87,6 +95,32 @@ fn ip_or_panic(args: &[&str]) {
     }
 }
 
+/// Why a two-host test cannot run: `SKIP: <why>` on stderr and None, or a panic under
+/// `CI=true`.
+fn skip(why: &str) -> Option<TwoHosts> {
+    let msg = format!("SKIP: two-host tests need root and iproute2 (ip netns): {why}");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true: a skipped test is a failure)");
+    }
+    eprintln!("{msg}");
+    None
+}
+
+/// `sysctl -w setting` inside namespace `ns`.
+fn sysctl_or_panic(ns: &str, setting: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-q", "-w", setting])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sysctl in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "`sysctl -w {setting}` in {ns} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
 /// Two network namespaces ("hosts") joined by a veth pair. See the module doc.
 pub struct TwoHosts {
     ns_a: String,
@@ -96,18 +130,17 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
-    /// Creates the two hosts, or prints why not and returns None when this machine cannot
-    /// (not root, no iproute2, namespaces not permitted). Panics on any other failure.
+    /// Creates the two hosts, or prints `SKIP: <why>` and returns None when this machine
+    /// cannot (not root, no iproute2, namespaces not permitted). Under `CI=true` a skip panics
+    /// instead: CI runs as root, so a test that cannot run there is a failure, not a pass.
+    /// Panics on any other failure.
     pub fn create() -> Option<TwoHosts> {
-        const SKIP: &str = "skipping: two-host tests need root and iproute2 (ip netns)";
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("{SKIP}: not running as root");
-            return None;
+            return skip("not running as root");
         }
         if ip(&["-V"]).is_err() {
-            eprintln!("{SKIP}: `ip` is not installed");
-            return None;
+            return skip("`ip` (iproute2) is not installed");
         }
         remove_stale_namespaces();
         let pid = std::process::id();
@@ -119,10 +152,7 @@ impl TwoHosts {
                 Ok(()) => {}
                 // A leftover of an earlier process with our pid: take the next n.
                 Err(e) if e.contains("File exists") => continue,
-                Err(e) if e.contains("Operation not permitted") => {
-                    eprintln!("{SKIP}: {e}");
-                    return None;
-                }
+                Err(e) if e.contains("Operation not permitted") => return skip(&e),
                 Err(e) => panic!("{e}"),
             }
             if let Err(e) = ip(&["netns", "add", &ns_b]) {
@@ -137,8 +167,8 @@ impl TwoHosts {
             let subnet = pid.wrapping_add(n) % 254 + 1;
             // From here on Drop cleans up if a step panics.
             let hosts = TwoHosts {
-                addr_a: format!("10.77.{subnet}.1"),
-                addr_b: format!("10.77.{subnet}.2"),
+                addr_a: format!("127.77.{subnet}.1"),
+                addr_b: format!("127.77.{subnet}.2"),
                 ns_a,
                 ns_b,
             };
@@ -157,6 +187,10 @@ impl TwoHosts {
         for (ns, addr) in [(&self.ns_a, &self.addr_a), (&self.ns_b, &self.addr_b)] {
             ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
             ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
+            ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
+            ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
+            sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
+            sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
             ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
         }
         self.wait_until_connected();
@@ -171,7 +205,7 @@ impl TwoHosts {
         &self.ns_b
     }
 
-    /// Host a's IP address, e.g. "10.77.3.1".
+    /// Host a's IP address, e.g. "127.77.3.1".
     pub fn addr_a(&self) -> &str {
         &self.addr_a
     }
@@ -420,7 +454,7 @@ impl NsBroker {
         &self.addrs
     }
 
-    /// Shard 0's address, e.g. "10.77.3.1:10911".
+    /// Shard 0's address, e.g. "127.77.3.1:10911".
     pub fn addr(&self) -> &str {
         &self.addrs[0]
     }
@@ -435,12 +469,41 @@ impl NsBroker {
         t.iter().map(|l| format!("{l}\n")).collect()
     }
 
-    /// SIGKILL, then reaps it: on return the pid is gone.
+    /// SIGKILL, then reaps it: on return the pid is gone and its ports are free again, so a
+    /// new broker can listen on them at once.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, libc::SIGKILL);
             let _ = child.wait();
         }
+        self.wait_ports_free();
+    }
+
+    /// Returns once every address this broker listened on can be bound again in its
+    /// namespace (with SO_REUSEADDR, as the broker binds), or panics after
+    /// [`PORT_RELEASE_TIMEOUT`]. Only for a broker that has exited.
+    fn wait_ports_free(&self) {
+        let addrs: Vec<SocketAddr> = self.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let ns = self.ns.clone();
+        let busy = in_ns(&self.ns, move || {
+            let deadline = Instant::now() + PORT_RELEASE_TIMEOUT;
+            loop {
+                // std's bind sets SO_REUSEADDR: only a live listener makes it fail.
+                let busy: Vec<String> = addrs
+                    .iter()
+                    .filter(|a| std::net::TcpListener::bind(a).is_err())
+                    .map(|a| a.to_string())
+                    .collect();
+                if busy.is_empty() || Instant::now() >= deadline {
+                    return busy;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert!(
+            busy.is_empty(),
+            "{busy:?} in {ns} still bound {PORT_RELEASE_TIMEOUT:?} after the broker exited"
+        );
     }
 
     /// SIGTERM (a clean shutdown), SIGKILL if it is still running after 15 s; returns how it
@@ -449,19 +512,23 @@ impl NsBroker {
         let mut child = self.child.take().expect("running");
         signal(&child, libc::SIGTERM);
         let deadline = Instant::now() + BROKER_STOP_TIMEOUT;
-        while Instant::now() < deadline {
+        let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return status;
+                break status;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "broker {} in {} ignored SIGTERM for {BROKER_STOP_TIMEOUT:?}; SIGKILL",
+                    child.id(),
+                    self.ns
+                );
+                signal(&child, libc::SIGKILL);
+                break child.wait().expect("wait for the broker");
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!(
-            "broker {} in {} ignored SIGTERM for {BROKER_STOP_TIMEOUT:?}; SIGKILL",
-            child.id(),
-            self.ns
-        );
-        signal(&child, libc::SIGKILL);
-        child.wait().expect("wait for the broker")
+        };
+        self.wait_ports_free();
+        status
     }
 }
 

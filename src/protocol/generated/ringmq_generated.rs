@@ -2337,6 +2337,8 @@ impl<'a> ReplFollowRequest<'a> {
   pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 8;
   pub const VT_LOG_END: ::flatbuffers::VOffsetT = 10;
   pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LOG_DURABLE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2348,8 +2350,10 @@ impl<'a> ReplFollowRequest<'a> {
     args: &'args ReplFollowRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ReplFollowRequest<'bldr>> {
     let mut builder = ReplFollowRequestBuilder::new(_fbb);
+    builder.add_log_durable(args.log_durable);
     builder.add_log_end(args.log_end);
     builder.add_segment_bytes(args.segment_bytes);
+    builder.add_node_id(args.node_id);
     if let Some(x) = args.epochs { builder.add_epochs(x); }
     builder.add_shards(args.shards);
     builder.add_shard(args.shard);
@@ -2396,6 +2400,23 @@ impl<'a> ReplFollowRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochEntry>>>(ReplFollowRequest::VT_EPOCHS, None)}
   }
+  /// One past the last byte the follower has made durable (<= log_end). Added after log_end
+  /// and epochs: an older follower sends 0, which credits it with nothing durable.
+  #[inline]
+  pub fn log_durable(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplFollowRequest::VT_LOG_DURABLE, Some(0)).unwrap()}
+  }
+  /// The follower's node id (the low bits of the epochs it mints); 0 = not sent.
+  #[inline]
+  pub fn node_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReplFollowRequest::VT_NODE_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ReplFollowRequest<'_> {
@@ -2409,6 +2430,8 @@ impl ::flatbuffers::Verifiable for ReplFollowRequest<'_> {
      .visit_field::<u64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
      .visit_field::<u64>("log_end", Self::VT_LOG_END, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochEntry>>>("epochs", Self::VT_EPOCHS, false)?
+     .visit_field::<u64>("log_durable", Self::VT_LOG_DURABLE, false)?
+     .visit_field::<u32>("node_id", Self::VT_NODE_ID, false)?
      .finish();
     Ok(())
   }
@@ -2419,6 +2442,8 @@ pub struct ReplFollowRequestArgs<'a> {
     pub segment_bytes: u64,
     pub log_end: u64,
     pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochEntry>>>,
+    pub log_durable: u64,
+    pub node_id: u32,
 }
 impl<'a> Default for ReplFollowRequestArgs<'a> {
   #[inline]
@@ -2429,6 +2454,8 @@ impl<'a> Default for ReplFollowRequestArgs<'a> {
       segment_bytes: 0,
       log_end: 0,
       epochs: None,
+      log_durable: 0,
+      node_id: 0,
     }
   }
 }
@@ -2459,6 +2486,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplFollowRequestBuilder<'a, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplFollowRequest::VT_EPOCHS, epochs);
   }
   #[inline]
+  pub fn add_log_durable(&mut self, log_durable: u64) {
+    self.fbb_.push_slot::<u64>(ReplFollowRequest::VT_LOG_DURABLE, log_durable, 0);
+  }
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u32) {
+    self.fbb_.push_slot::<u32>(ReplFollowRequest::VT_NODE_ID, node_id, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplFollowRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ReplFollowRequestBuilder {
@@ -2481,6 +2516,8 @@ impl ::core::fmt::Debug for ReplFollowRequest<'_> {
       ds.field("segment_bytes", &self.segment_bytes());
       ds.field("log_end", &self.log_end());
       ds.field("epochs", &self.epochs());
+      ds.field("log_durable", &self.log_durable());
+      ds.field("node_id", &self.node_id());
       ds.finish()
   }
 }
@@ -4195,6 +4232,7 @@ impl<'a> ReplData<'a> {
   pub const VT_POSITION: ::flatbuffers::VOffsetT = 4;
   pub const VT_MASTER_END: ::flatbuffers::VOffsetT = 6;
   pub const VT_MASTER_TIME_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CONFIRMED: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4206,6 +4244,7 @@ impl<'a> ReplData<'a> {
     args: &'args ReplDataArgs
   ) -> ::flatbuffers::WIPOffset<ReplData<'bldr>> {
     let mut builder = ReplDataBuilder::new(_fbb);
+    builder.add_confirmed(args.confirmed);
     builder.add_master_time_ms(args.master_time_ms);
     builder.add_master_end(args.master_end);
     builder.add_position(args.position);
@@ -4235,6 +4274,16 @@ impl<'a> ReplData<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ReplData::VT_MASTER_TIME_MS, Some(0)).unwrap()}
   }
+  /// The master's confirmed position (RocketMQ 5's confirmOffset): the log below it is
+  /// acknowledged to producers or held by the replica, so it is never truncated. A slave serves
+  /// reads only below it (and below its own durable mark). 0 from an older master.
+  #[inline]
+  pub fn confirmed(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplData::VT_CONFIRMED, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ReplData<'_> {
@@ -4246,6 +4295,7 @@ impl ::flatbuffers::Verifiable for ReplData<'_> {
      .visit_field::<u64>("position", Self::VT_POSITION, false)?
      .visit_field::<u64>("master_end", Self::VT_MASTER_END, false)?
      .visit_field::<u64>("master_time_ms", Self::VT_MASTER_TIME_MS, false)?
+     .visit_field::<u64>("confirmed", Self::VT_CONFIRMED, false)?
      .finish();
     Ok(())
   }
@@ -4254,6 +4304,7 @@ pub struct ReplDataArgs {
     pub position: u64,
     pub master_end: u64,
     pub master_time_ms: u64,
+    pub confirmed: u64,
 }
 impl<'a> Default for ReplDataArgs {
   #[inline]
@@ -4262,6 +4313,7 @@ impl<'a> Default for ReplDataArgs {
       position: 0,
       master_end: 0,
       master_time_ms: 0,
+      confirmed: 0,
     }
   }
 }
@@ -4284,6 +4336,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplDataBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(ReplData::VT_MASTER_TIME_MS, master_time_ms, 0);
   }
   #[inline]
+  pub fn add_confirmed(&mut self, confirmed: u64) {
+    self.fbb_.push_slot::<u64>(ReplData::VT_CONFIRMED, confirmed, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplDataBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ReplDataBuilder {
@@ -4304,6 +4360,7 @@ impl ::core::fmt::Debug for ReplData<'_> {
       ds.field("position", &self.position());
       ds.field("master_end", &self.master_end());
       ds.field("master_time_ms", &self.master_time_ms());
+      ds.field("confirmed", &self.confirmed());
       ds.finish()
   }
 }
