@@ -270,7 +270,7 @@ async fn follow_once(
         );
         truncate_store(ctx, answer.start).await?;
     }
-    ctx.set_epochs(history)?;
+    ctx.set_epochs(history).await?;
     let store = ctx.store();
     let w = store.watermarks();
     let start = w.appended.0;

@@ -167,11 +167,17 @@ pub(crate) async fn create_topic(
     queues: u32,
 ) -> Result<Response> {
     debug_assert_eq!(ctx.shard, 0, "shard 0 is the topic table's only writer");
+    let _one_writer = ctx.topic_writes.acquire_permit(1).await.map_err(|e| {
+        HandlerError::new(ErrorCode::ShuttingDown, format!("topic writes closed: {e}"))
+    })?;
     let current = ctx.topics();
-    let next = current.with_topic(name, queues)?;
-    if next != *current {
-        next.save(&ctx.config.data_dir)?;
-        let next = Arc::new(next);
+    let next = Arc::new(current.with_topic(name, queues)?);
+    if *next != *current {
+        // tmp + fsync + rename + dir fsync: on the blocking pool, not under this shard's acks.
+        let (table, dir) = (next.clone(), ctx.config.data_dir.clone());
+        glommio::executor()
+            .spawn_blocking(move || table.save(&dir))
+            .await?;
         ctx.set_topics(next.clone());
         for shard in 1..ctx.shards {
             ctx.mesh
@@ -283,6 +289,7 @@ async fn promote_local(ctx: &Rc<ShardContext>) -> std::result::Result<u64, Strin
     let end = ctx.store().watermarks().appended.0;
     let epoch = ctx
         .become_master(end)
+        .await
         .map_err(|e| format!("cannot record the new epoch: {e}"))?;
     // The old master may come back as a master: it must learn that it was superseded, and
     // we must learn if it was not.

@@ -63,6 +63,9 @@ pub struct ShardContext {
     shutdown: Arc<AtomicBool>,
     /// The latest topic table this shard has seen (pushed by shard 0).
     topics: RefCell<Arc<TopicTable>>,
+    /// Shard 0: one topic-table change at a time. The table is saved on the blocking pool, and
+    /// a second change computed from the same table meanwhile would drop the first.
+    pub topic_writes: glommio::sync::Semaphore,
     /// Round-robin cursor for produce requests that let the broker pick the queue.
     next_queue: Cell<u32>,
     /// Open client connections, so shutdown can wait for them to drain.
@@ -107,6 +110,7 @@ impl ShardContext {
             addresses,
             shutdown,
             topics: RefCell::new(topics),
+            topic_writes: glommio::sync::Semaphore::new(1),
             next_queue: Cell::new(shard as u32),
             connections: Cell::new(0),
         }
@@ -144,12 +148,17 @@ impl ShardContext {
         *self.epochs.borrow_mut() = epochs;
     }
 
-    /// Saves `epochs` to the shard's epoch file, then uses it.
-    pub fn set_epochs(
+    /// Saves `epochs` to the shard's epoch file, then uses it. The file write and its fsyncs
+    /// run on the blocking pool: they would stall every ack of this shard on the executor.
+    pub async fn set_epochs(
         &self,
         epochs: EpochHistory,
     ) -> Result<(), crate::replication::epoch::EpochError> {
-        epochs.save(&self.shard_dir())?;
+        let dir = self.shard_dir();
+        let to_save = epochs.clone();
+        glommio::executor()
+            .spawn_blocking(move || to_save.save(&dir))
+            .await?;
         *self.epochs.borrow_mut() = epochs;
         Ok(())
     }
@@ -178,7 +187,10 @@ impl ShardContext {
     /// `visible_from` is where SYNC_MASTER visibility starts: at start, the confirmed position
     /// saved before the restart (what the slave had; the log beyond it was never shown);
     /// at a promotion, the log end (this log is the truth now).
-    pub fn become_master(
+    ///
+    /// Nothing is appended while the epoch file is written: the shard is not a master yet, and
+    /// its follower has stopped (promotion) or not started (start-up).
+    pub async fn become_master(
         &self,
         visible_from: u64,
     ) -> Result<u64, crate::replication::epoch::EpochError> {
@@ -186,7 +198,12 @@ impl ShardContext {
         let end = store.watermarks().appended.0;
         let mut epochs = self.epochs();
         let epoch = epochs.begin(end, self.node_id());
-        self.set_epochs(epochs)?;
+        self.set_epochs(epochs).await?;
+        debug_assert_eq!(
+            store.watermarks().appended.0,
+            end,
+            "appended while becoming master"
+        );
         self.visible_floor.set(visible_from.min(end));
         self.role.set(Role::Master);
         if self.config.replication == ReplicationMode::SyncMaster {

@@ -398,7 +398,7 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             // Without a saved position (a log older than the file) visibility starts at the
             // log end, as it always did.
             let end = ctx.store().watermarks().appended.0;
-            match ctx.become_master(confirmed.unwrap_or(end)) {
+            match ctx.become_master(confirmed.unwrap_or(end)).await {
                 Ok(epoch) => log::info!(
                     "shard {shard}: master, epoch {}",
                     crate::replication::epoch::describe(epoch)
