@@ -109,6 +109,8 @@ pub(crate) async fn run_flusher<B: StorageBackend>(
         }
         let started = Instant::now();
         let target = log.hand_off_partial();
+        // No await since `hand_off_partial`: the last record ends at or below `target`.
+        let record_end = log.st.borrow().record_end;
         log.changed
             .wait_until(|| {
                 let st = log.st.borrow();
@@ -119,7 +121,15 @@ pub(crate) async fn run_flusher<B: StorageBackend>(
             break;
         }
         let (segs, upto) = log.take_dirty();
-        let results = futures::future::join_all(segs.iter().map(|s| s.file.sync())).await;
+        // Test-only fault (`ShardStore::inject_fault`): "ack before sync". The crash drill must
+        // catch it; see tests/storage_sim.rs.
+        let skip = log.take_skipped_sync();
+        let results = if skip {
+            log::error!("storage: FAULT INJECTED: skipping the fdatasync of a flush cycle");
+            segs.iter().map(|_| Ok(())).collect()
+        } else {
+            futures::future::join_all(segs.iter().map(|s| s.file.sync())).await
+        };
         let mut failed = None;
         for (s, r) in segs.iter().zip(results) {
             if let Err(e) = r {
@@ -137,7 +147,7 @@ pub(crate) async fn run_flusher<B: StorageBackend>(
             st.counters.flush_latency_sum_us += started.elapsed().as_micros() as u64;
             st.counters.flush_latency_count += 1;
         }
-        log.set_durable(upto);
+        log.set_durable(upto, record_end);
         after_durable(upto);
     }
     log.changed.notify_all();

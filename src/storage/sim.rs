@@ -6,6 +6,10 @@
 //! rewrites with the same value stay intact: sectors are old or new, never random.) Handles opened before a crash fail afterwards, so
 //! the old store instance poisons itself and stops.
 //!
+//! Unsynced metadata is lost as well: a file's length after a crash is its length at its last
+//! sync. This is at least as strict as the real contract (`backend.rs`): only a completed sync
+//! makes data durable; `create_zeroed` and `remove` are durable when they return.
+//!
 //! Faults can be injected: the next write or the next sync fails.
 
 use std::cell::{Cell, RefCell};
@@ -108,11 +112,12 @@ impl SimBackend {
         paths.sort();
         for p in paths {
             let img = d.files.get_mut(&p).expect("listed");
+            // Unsynced metadata is lost too: a file keeps its durable length (fdatasync is
+            // what makes a size change durable), so blocks written past it vanish.
             let mut result = img.durable.clone();
-            result.resize(img.written.len(), 0);
             for &blk in &img.dirty_blocks {
                 let start = (blk * BLOCK_BYTES) as usize;
-                let end = (start + BLOCK_BYTES as usize).min(img.written.len());
+                let end = (start + BLOCK_BYTES as usize).min(result.len());
                 if start >= end {
                     continue;
                 }
