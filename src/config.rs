@@ -12,7 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::replication::{ReplicaAck, ReplicationMode, Role};
-use crate::storage::{FlushMode, StorageConfig};
+use crate::storage::{FlushMode, RecoveryMode, StorageConfig};
 
 /// Errors from loading or validating a [`Config`].
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +198,10 @@ pub struct Config {
     /// (0 = no limit). Large reads at full disk speed stall the same disk's writes and
     /// fdatasyncs for hundreds of milliseconds on the test VM; see README. Default 64 MiB/s.
     pub replica_catchup_bytes_per_sec: u64,
+    /// What a shard does at open with a corrupt record before its durable checkpoint (bytes
+    /// that were acknowledged): `strict` (default: refuse to open, naming file and position) or
+    /// `skip-corrupt` (quarantine exactly that record and keep everything after it).
+    pub recovery: RecoveryMode,
 }
 
 impl Default for Config {
@@ -225,6 +229,7 @@ impl Default for Config {
             replica_ack: ReplicaAck::Durable,
             replica_timeout_ms: 3000,
             replica_catchup_bytes_per_sec: 64 << 20,
+            recovery: RecoveryMode::Strict,
         }
     }
 }
@@ -323,6 +328,7 @@ impl Config {
             flush_mode: self.flush_mode,
             flush_interval_ms: self.flush_interval_ms,
             flush_bytes: self.flush_bytes,
+            recovery: self.recovery,
             ..StorageConfig::default()
         }
     }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ringmq::client::Admin;
 use ringmq::config::{Config, CoreSelection};
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::storage::FlushMode;
+use ringmq::storage::{FlushMode, RecoveryMode};
 
 mod cli;
 
@@ -121,6 +121,10 @@ struct BrokerArgs {
     /// Master: cap on catch-up reads for a slave that is behind, 0 = none [default: 67108864]
     #[arg(long)]
     replica_catchup_bytes_per_sec: Option<u64>,
+    /// Corrupt record before the durable checkpoint: strict (refuse to open) or skip-corrupt
+    /// (quarantine it, keep the rest) [default: strict]
+    #[arg(long)]
+    recovery: Option<RecoveryMode>,
 }
 
 impl BrokerArgs {
@@ -150,7 +154,8 @@ impl BrokerArgs {
             replication,
             replica_ack,
             replica_timeout_ms,
-            replica_catchup_bytes_per_sec
+            replica_catchup_bytes_per_sec,
+            recovery
         );
         if self.master.is_some() {
             c.master = self.master;
