@@ -12,7 +12,7 @@ use ringmq::storage::recovery::Observation;
 use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
     AppendRequest, Appended, FlushMode, LogPosition, ProducerSeq, QueueOffset, RecoveryMode,
-    RecoveryReport, ShardStore, StorageConfig, StorageError,
+    RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
 };
 
 type Store = ShardStore<SimBackend>;
@@ -815,6 +815,7 @@ fn drop_segments_before_removes_old_segments_and_their_offsets() {
 #[derive(Clone, Debug)]
 struct Batch {
     base: u64,
+    count: u32,
     body: Vec<u8>,
     end: LogPosition,
     acked: bool,
@@ -822,7 +823,10 @@ struct Batch {
 
 const TOPICS: [&str; 2] = ["alpha", "beta"];
 
-async fn crash_iteration(seed: u64) {
+/// One seeded run of random appends, syncs, reads, clean stops and crashes, checked against a
+/// model. With `fault`, the fault is injected into every store instance (tests that prove the
+/// drill catches it).
+async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let sim = SimBackend::new();
@@ -832,6 +836,9 @@ async fn crash_iteration(seed: u64) {
         FlushMode::AsyncFlush
     };
     let (mut s, _) = open(&sim, dir.path(), mode).await;
+    if let Some(f) = fault {
+        s.inject_fault(f);
+    }
     let mut model: Vec<Vec<Batch>> = vec![Vec::new(); 4];
     let mut next: Vec<u64> = vec![0; 4];
     for _step in 0..60 {
@@ -861,6 +868,7 @@ async fn crash_iteration(seed: u64) {
                 }
                 model[qi].push(Batch {
                     base: a.base_offset.0,
+                    count,
                     body,
                     end: a.end,
                     acked: false,
@@ -929,23 +937,17 @@ async fn crash_iteration(seed: u64) {
                     );
                     model[qi].truncate(got.len());
                     model[qi].iter_mut().for_each(|b| b.acked = true);
+                    // Offsets continue right after the last recovered batch: none reused, none
+                    // skipped.
                     next[qi] = s
                         .queue_stats(TOPICS[qi / 2], (qi % 2) as u32)
                         .written_end_offset
                         .0;
-                    assert_eq!(
-                        next[qi],
-                        model[qi]
-                            .last()
-                            .map_or(0, |b| {
-                                // offsets continue after the last recovered batch
-                                let v = got.last().map(|g| g.0).unwrap_or(0);
-                                let _ = b;
-                                v
-                            })
-                            .max(next[qi]),
-                        "seed {seed}"
-                    );
+                    let want = model[qi].last().map_or(0, |b| b.base + u64::from(b.count));
+                    assert_eq!(next[qi], want, "seed {seed}: queue {qi} continues at");
+                }
+                if let Some(f) = fault {
+                    s.inject_fault(f);
                 }
             }
         }
@@ -980,9 +982,37 @@ fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
         for i in 0..iterations {
             let seed = base + i;
             let _guard = SeedGuard(seed);
-            crash_iteration(seed).await;
+            crash_iteration(seed, None).await;
         }
     });
+}
+
+/// Proof that the drill above can catch the bug it exists for: a store that acks before its
+/// fdatasync (one flush cycle per store instance skips the sync but still advances `durable`)
+/// must fail it. If this test fails, the crash drill has gone blind.
+#[test]
+fn the_crash_drill_fails_when_the_store_acks_before_the_sync() {
+    let seeds = 40u64;
+    let mut failed = Vec::new();
+    for seed in 0x5EED..0x5EED + seeds {
+        let r = std::thread::spawn(move || {
+            run(move || async move {
+                crash_iteration(seed, Some(StorageFault::SkipFdatasyncs(1))).await;
+            })
+        })
+        .join();
+        if r.is_err() {
+            failed.push(seed);
+        }
+    }
+    eprintln!(
+        "the faulty store failed the drill for {} of {seeds} seeds: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        !failed.is_empty(),
+        "no seed caught a store that acks before the fdatasync"
+    );
 }
 
 #[test]
