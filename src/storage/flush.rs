@@ -71,11 +71,9 @@ pub(crate) struct Counters {
 }
 
 /// Runs the flush leader until the log is closed (everything flushed) or poisoned.
-/// `after_durable(durable)` runs after each advance (persists derived indexes).
-pub(crate) async fn run_flusher<B: StorageBackend>(
-    log: Rc<CommitLog<B>>,
-    mut after_durable: impl FnMut(u64),
-) {
+/// Derived indexes are persisted by the checkpoint task (`store.rs`), not here: nothing but
+/// the log's own writes and syncs runs between an fdatasync and the acks it releases.
+pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
     let interval = Duration::from_millis(log.cfg.flush_interval_ms.max(1));
     loop {
         let work = || {
@@ -148,7 +146,6 @@ pub(crate) async fn run_flusher<B: StorageBackend>(
             st.counters.flush_latency_count += 1;
         }
         log.set_durable(upto, record_end);
-        after_durable(upto);
     }
     log.changed.notify_all();
     log.durable_changed.notify_all();

@@ -224,32 +224,33 @@ impl<B: StorageBackend> ShardStore<B> {
         let log = CommitLog::new(backend, log_dir, cfg, rec);
         log.ensure_spare();
         let checkpoints = Rc::new(Cell::new(0));
-        let checkpointer = glommio::spawn_local(run_checkpointer(
-            log.clone(),
-            checkpoint.clone(),
-            checkpoints.clone(),
-        ))
-        .detach();
         let inner = Rc::new(Inner {
             log: log.clone(),
             dir: dir.to_path_buf(),
             idx: RefCell::new(idx),
             flusher: RefCell::new(None),
             checkpoint,
-            checkpointer: RefCell::new(Some(checkpointer)),
+            checkpointer: RefCell::new(None),
             checkpoints,
             quarantined: report.quarantined.len() as u64,
             feed: RefCell::new(TailFeed::default()),
             appended: Signal::default(),
         });
-        let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
-        let handle = glommio::spawn_local(run_flusher(log, move |durable| {
-            if let Some(inner) = weak.upgrade() {
-                inner.persist_indexes(durable);
-            }
-        }))
-        .detach();
+        let handle = glommio::spawn_local(run_flusher(log.clone())).detach();
         *inner.flusher.borrow_mut() = Some(handle);
+        let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
+        let checkpointer = glommio::spawn_local(run_checkpointer(
+            log,
+            inner.checkpoint.clone(),
+            inner.checkpoints.clone(),
+            move |durable| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.persist_indexes(durable);
+                }
+            },
+        ))
+        .detach();
+        *inner.checkpointer.borrow_mut() = Some(checkpointer);
         log::info!("storage: opened {}: {report}", dir.display());
         Ok((ShardStore { inner }, report))
     }
@@ -667,10 +668,16 @@ pub enum StorageFault {
 /// Writes the durable checkpoint lazily: after the durable watermark moved, at most once per
 /// [`CHECKPOINT_INTERVAL_MS`], never on the ack path (acks wait for the log's fdatasync only).
 /// A failed checkpoint write poisons the log like any failed fdatasync.
+///
+/// `persist_indexes(durable)` appends the consume-queue entries that became durable to their
+/// files first. It used to run after every fdatasync inside the flush leader, whose blocking
+/// `std::fs` writes then delayed the acks of that very sync; here it runs once per interval,
+/// batched, after the acks were released.
 async fn run_checkpointer<B: StorageBackend>(
     log: Rc<CommitLog<B>>,
     ckpt: Rc<Checkpoint<B::File>>,
     count: Rc<Cell<u64>>,
+    persist_indexes: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
     let stop = || {
@@ -684,7 +691,11 @@ async fn run_checkpointer<B: StorageBackend>(
         if stop() {
             break;
         }
-        let pos = log.st.borrow().durable_record_end;
+        let (pos, durable) = {
+            let st = log.st.borrow();
+            (st.durable_record_end, st.durable)
+        };
+        persist_indexes(durable);
         if let Err(e) = ckpt.store(pos).await {
             log.poison(format!(
                 "writing the durable checkpoint {}: {e}",
