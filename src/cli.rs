@@ -1,6 +1,7 @@
 //! The client-side subcommands of `ringmq`: admin, produce, consume.
 
 use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use clap::{Args, Subcommand};
 
 use ringmq::client::{Admin, Consumer, Producer, QueueSelector, SendResult, StartFrom};
 use ringmq::message::Message;
+use ringmq::storage::{RecoveryMode, ShardStore, StorageConfig};
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -29,6 +31,19 @@ pub enum AdminCommand {
     /// peer_received=<n> peer_durable=<n> log_end=<n> lag_bytes=<n> lag_ms=<n> catchup_bps=<n>
     /// connects=<n>`.
     Replication,
+    /// Offline (the broker must be stopped): open every shard of a data directory with
+    /// `recovery = skip-corrupt`, quarantining each corrupt record before the durable
+    /// checkpoint (its bytes go to `<shard>/quarantine/<position>.bin`, a gap record takes its
+    /// place, every valid record after it is kept), then close. Prints one line per shard.
+    Repair {
+        /// The broker's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The broker's TOML config (for its storage settings) [default: built-in defaults,
+        /// with the segment size read from the files]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +121,10 @@ fn or_dash(s: &str) -> &str {
 }
 
 pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
+    if let AdminCommand::Repair { data_dir, config } = &command {
+        // Offline: works on the files, talks to no broker.
+        return repair(data_dir, config.as_deref());
+    }
     let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
     let e = |e: ringmq::client::ClientError| e.to_string();
     match command {
@@ -179,6 +198,7 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
                 );
             }
         }
+        AdminCommand::Repair { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
 }
@@ -300,4 +320,86 @@ pub fn consume(args: ConsumeArgs) -> Result<(), String> {
             return Ok(());
         }
     }
+}
+
+/// `ringmq admin repair`: opens every `shard-<n>` of `data_dir` with `recovery = skip-corrupt`
+/// on this thread's own executor, then closes it.
+pub fn repair(data_dir: &Path, config: Option<&Path>) -> Result<(), String> {
+    let mut storage = match config {
+        Some(p) => ringmq::config::Config::from_file(p)
+            .map_err(|e| e.to_string())?
+            .storage(),
+        None => StorageConfig::default(),
+    };
+    storage.recovery = RecoveryMode::SkipCorrupt;
+    let entries = std::fs::read_dir(data_dir)
+        .map_err(|e| format!("cannot read data dir {}: {e}", data_dir.display()))?;
+    let mut shards: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix("shard-")?.parse().ok()?;
+            e.path().is_dir().then(|| (n, e.path()))
+        })
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(format!(
+            "no shard-<n> directories in {}: is this a RingMQ data dir?",
+            data_dir.display()
+        ));
+    }
+    for (_, dir) in shards {
+        let mut cfg = storage.clone();
+        if config.is_none() {
+            // Without the broker's config, keep the segment size the files have.
+            if let Some(len) = first_segment_bytes(&dir.join("commitlog")) {
+                cfg.segment_bytes = len;
+            }
+        }
+        let d = dir.clone();
+        let report = glommio::LocalExecutorBuilder::default()
+            .name("repair")
+            .spawn(move || async move {
+                let (store, report) = ShardStore::open(&d, cfg).await.map_err(|e| e.to_string())?;
+                store.close().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(report)
+            })
+            .map_err(|e| format!("cannot start an executor: {e}"))?
+            .join()
+            .map_err(|e| format!("repair of {} failed: {e}", dir.display()))??;
+        println!(
+            "{}: quarantined={} durable_bytes_lost={} end={} ({report})",
+            dir.display(),
+            report.quarantined.len(),
+            report.durable_bytes_lost,
+            report.end_position
+        );
+        for q in &report.quarantined {
+            let lost = q.lost.as_ref().map_or(String::new(), |(t, qid, o, n)| {
+                format!(" queue={t}/{qid} offsets={o}..{}", o + u64::from(*n))
+            });
+            println!(
+                "  quarantined position={} bytes={} file={}{lost}",
+                q.position,
+                q.bytes,
+                q.file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Length of the lowest-numbered segment file in `log_dir`, if any.
+fn first_segment_bytes(log_dir: &Path) -> Option<u64> {
+    let mut names: Vec<String> = std::fs::read_dir(log_dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    names.sort();
+    std::fs::metadata(log_dir.join(names.first()?))
+        .ok()
+        .map(|m| m.len())
 }

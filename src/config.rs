@@ -12,7 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::replication::{ReplicaAck, ReplicationMode, Role};
-use crate::storage::{FlushMode, StorageConfig};
+use crate::storage::{FlushMode, RecoveryMode, StorageConfig};
 
 /// Errors from loading or validating a [`Config`].
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +206,10 @@ pub struct Config {
     /// brokers never mint the same epoch. Default: a random id made once and kept in
     /// `<data_dir>/node_id`.
     pub node_id: Option<u32>,
+    /// What a shard does at open with a corrupt record before its durable checkpoint (bytes
+    /// that were acknowledged): `strict` (default: refuse to open, naming file and position) or
+    /// `skip-corrupt` (quarantine exactly that record and keep everything after it).
+    pub recovery: RecoveryMode,
 }
 
 impl Default for Config {
@@ -235,6 +239,7 @@ impl Default for Config {
             replica_catchup_bytes_per_sec: 64 << 20,
             force_master: false,
             node_id: None,
+            recovery: RecoveryMode::Strict,
         }
     }
 }
@@ -353,6 +358,7 @@ impl Config {
             flush_mode: self.flush_mode,
             flush_interval_ms: self.flush_interval_ms,
             flush_bytes: self.flush_bytes,
+            recovery: self.recovery,
             ..StorageConfig::default()
         }
     }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ringmq::client::Admin;
 use ringmq::config::{Config, CoreSelection};
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::storage::FlushMode;
+use ringmq::storage::{FlushMode, RecoveryMode};
 
 mod cli;
 
@@ -129,6 +129,10 @@ struct BrokerArgs {
     /// <data-dir>/node_id]
     #[arg(long)]
     node_id: Option<u32>,
+    /// Corrupt record before the durable checkpoint: strict (refuse to open) or skip-corrupt
+    /// (quarantine it, keep the rest) [default: strict]
+    #[arg(long)]
+    recovery: Option<RecoveryMode>,
 }
 
 impl BrokerArgs {
@@ -158,7 +162,8 @@ impl BrokerArgs {
             replication,
             replica_ack,
             replica_timeout_ms,
-            replica_catchup_bytes_per_sec
+            replica_catchup_bytes_per_sec,
+            recovery
         );
         if self.master.is_some() {
             c.master = self.master;

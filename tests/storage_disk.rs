@@ -200,3 +200,121 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
         s.close().await.unwrap();
     });
 }
+
+/// Issue 11 item 1 on the real disk: many records acked under SYNC_FLUSH over several
+/// segments, a clean stop, one bit flipped inside an early record's body. A strict open refuses
+/// naming file and byte; `ringmq admin repair` quarantines exactly that record; everything else
+/// is served afterwards, at its original offsets.
+#[test]
+fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_record() {
+    let dir = disk_dir();
+    let data = dir.path().to_path_buf();
+    let shard = data.join("shard-0");
+    let (expect, hit) = {
+        let shard = shard.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        run(move || async move {
+            let (s, _) = ShardStore::open(&shard, cfg(FlushMode::SyncFlush))
+                .await
+                .unwrap();
+            let expect = append_many(&s, 3, 60, 4).await; // ~3.6 MiB: four 1 MiB segments
+            assert!(s.watermarks().durable.0 > 3 << 20);
+            // An early record whose body does not start in segment 0's first block.
+            let (q, off, len) = expect[5];
+            let r = s.read("disk", q, QueueOffset(off), 1).await.unwrap();
+            let h = RecordIter::new(&r.records).next().unwrap().unwrap().header;
+            s.close().await.unwrap();
+            tx.send((expect, (q, off, len, h.log_position))).unwrap();
+        });
+        rx.recv().unwrap()
+    };
+    let (hit_q, hit_off, _, hit_pos) = hit;
+    assert!(hit_pos < 1 << 20, "the hit record is in the first segment");
+    let seg0 = shard.join("commitlog").join("00000000000000000000");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&seg0)
+            .unwrap();
+        let at = hit_pos + 64 + 4 + 50; // header, topic "disk", then the body
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x04], at).unwrap();
+        f.sync_all().unwrap();
+    }
+    let segments_before = std::fs::read_dir(shard.join("commitlog")).unwrap().count();
+
+    // Strict (the default) refuses, in one line naming the file, the byte and what to run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = shard.clone();
+    run(move || async move {
+        let e = ShardStore::open(&s2, cfg(FlushMode::SyncFlush))
+            .await
+            .err()
+            .expect("strict open must refuse");
+        tx.send(e.to_string()).unwrap();
+    });
+    let line = rx.recv().unwrap();
+    for needle in [
+        seg0.display().to_string(),
+        format!("at byte {hit_pos}"),
+        "ringmq admin repair".to_string(),
+        "--recovery skip-corrupt".to_string(),
+    ] {
+        assert!(line.contains(&needle), "{needle:?} missing in: {line}");
+    }
+    assert_eq!(
+        std::fs::read_dir(shard.join("commitlog")).unwrap().count(),
+        segments_before,
+        "a refused open removes nothing"
+    );
+
+    // The operator's repair, through the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args(["admin", "repair", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("quarantined=1 "), "{stdout}");
+    assert!(stdout.contains(&format!("position={hit_pos} ")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("queue=disk/{hit_q} offsets={hit_off}..")),
+        "{stdout}"
+    );
+    let side = shard.join("quarantine").join(format!("{hit_pos:020}.bin"));
+    assert!(std::fs::metadata(&side).unwrap().len() > 64);
+
+    // A strict open passes now, and every other acked record is there at its offset.
+    run(move || async move {
+        let (s, rep) = ShardStore::open(&shard, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        assert!(
+            rep.quarantined.is_empty() && rep.truncated_at.is_none(),
+            "{rep}"
+        );
+        let kept: Vec<_> = expect
+            .iter()
+            .copied()
+            .filter(|&(q, off, _)| (q, off) != (hit_q, hit_off))
+            .collect();
+        assert_eq!(kept.len(), expect.len() - 1);
+        check_all(&s, &kept).await;
+        // The lost offset reads as a gap: asking for it returns the next record.
+        let b = s
+            .read("disk", hit_q, QueueOffset(hit_off), 1)
+            .await
+            .unwrap();
+        let r = RecordIter::new(&b.records).next().unwrap().unwrap();
+        assert_eq!(r.header.base_queue_offset, hit_off + 1);
+        s.close().await.unwrap();
+    });
+}

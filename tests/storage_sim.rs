@@ -6,12 +6,13 @@ use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use ringmq::storage::checkpoint::CheckpointSlot;
 use ringmq::storage::record::{RecordIter, RecordView};
 use ringmq::storage::recovery::Observation;
 use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
-    AppendRequest, Appended, FlushMode, LogPosition, ProducerSeq, QueueOffset, RecoveryReport,
-    ShardStore, StorageConfig, StorageError,
+    AppendRequest, Appended, FlushMode, LogPosition, ProducerSeq, QueueOffset, RecoveryMode,
+    RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
 };
 
 type Store = ShardStore<SimBackend>;
@@ -37,6 +38,7 @@ fn cfg(mode: FlushMode) -> StorageConfig {
         flush_bytes: 16 * 1024,
         max_writes_in_flight: 4,
         max_record_bytes: 32 * 1024,
+        recovery: RecoveryMode::Strict,
     }
 }
 
@@ -448,6 +450,19 @@ fn recovery_zero_filled_prepared_tail_after_crash_stops_cleanly() {
     });
 }
 
+/// Rewrites the durable checkpoint (both slots) to `pos`, as if the lazy checkpoint writer had
+/// last run when the log ended there: the bytes after `pos` count as a possibly torn tail.
+fn set_checkpoint(sim: &SimBackend, dir: &Path, pos: u64) {
+    let slot = CheckpointSlot {
+        sequence: 1 << 40,
+        position: pos,
+    }
+    .encode();
+    let p = dir.join("commitlog").join("checkpoint");
+    sim.poke(&p, 0, &slot);
+    sim.poke(&p, 4096, &slot);
+}
+
 #[test]
 fn recovery_torn_record_is_truncated() {
     run(|| async {
@@ -458,7 +473,9 @@ fn recovery_torn_record_is_truncated() {
         let b = append_durable(&s, "r", 0, &[5u8; 3000]).await;
         s.close().await.unwrap();
         drop(s);
-        // Tear the second record: keep its first 1000 bytes, the rest never reached the disk.
+        // A crash right after `a` was checkpointed; the second record was torn: keep its first
+        // 1000 bytes, the rest never reached the disk.
+        set_checkpoint(&sim, dir.path(), a.end.0);
         let zeros = vec![0u8; (b.end.0 - b.position.0 - 1000) as usize];
         sim.poke(&seg_path(dir.path(), 0), b.position.0 + 1000, &zeros);
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -476,7 +493,7 @@ fn recovery_torn_record_is_truncated() {
 }
 
 #[test]
-fn recovery_crc_mismatch_followed_by_valid_records_truncates_and_reports() {
+fn recovery_crc_mismatch_past_the_checkpoint_followed_by_valid_records_truncates() {
     run(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
@@ -487,6 +504,7 @@ fn recovery_crc_mismatch_followed_by_valid_records_truncates_and_reports() {
         append_durable(&s, "r", 0, b"fourth").await;
         s.close().await.unwrap();
         drop(s);
+        set_checkpoint(&sim, dir.path(), a.end.0);
         sim.poke(&seg_path(dir.path(), 0), b.end.0 - 1, b"X");
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
         assert_eq!(
@@ -497,6 +515,194 @@ fn recovery_crc_mismatch_followed_by_valid_records_truncates_and_reports() {
         assert_eq!(rep.valid_records_discarded, 2);
         assert!(rep.to_string().contains("WARNING"));
         assert_eq!(read_all(&s, "r", 0).await, vec![(0, b"first".to_vec())]);
+        s.close().await.unwrap();
+    });
+}
+
+/// Issue 11 item 1, scaled to the simulator: many acked records over several segments, a clean
+/// stop, one byte flipped inside an early record's body. Returns the acked appends
+/// `(queue, appended, body)` and the one that was hit.
+async fn acked_log_with_a_flipped_byte(
+    sim: &SimBackend,
+    dir: &Path,
+) -> (Vec<(u32, Appended, Vec<u8>)>, usize) {
+    let (s, _) = open(sim, dir, FlushMode::SyncFlush).await;
+    let mut acked = Vec::new();
+    for i in 0..600u32 {
+        // Queue 1 gets records 0 and 3 only: record 3, the one hit, is the last of its queue.
+        let q = if i == 0 || i == 3 { 1 } else { 0 };
+        let body: Vec<u8> = (0..700).map(|j| (i * 7 + j) as u8).collect();
+        let a = s.append(req("f", q, 2, &body)).await.unwrap();
+        acked.push((q, a, body));
+    }
+    let last = acked.last().unwrap().1.end;
+    s.wait_durable(last).await.unwrap();
+    assert!(last.0 > 5 * 64 * 1024, "several segments");
+    s.close().await.unwrap();
+    let hit = 3;
+    let a = acked[hit].1;
+    let at = a.position.0 + 64 + 1 + 100; // inside the body
+    let p = seg_path(dir, 0);
+    let old = sim.file_bytes(&p).unwrap()[at as usize];
+    sim.poke(&p, at, &[old ^ 0x10]);
+    (acked, hit)
+}
+
+#[test]
+fn recovery_flipped_byte_before_the_checkpoint_refuses_to_open() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (acked, hit) = acked_log_with_a_flipped_byte(&sim, dir.path()).await;
+        let before: Vec<_> = (0..6u64)
+            .map(|i| sim.file_bytes(&seg_path(dir.path(), i * 64 * 1024)))
+            .collect();
+        let e = ShardStore::open_with(sim.clone(), dir.path(), cfg(FlushMode::SyncFlush))
+            .await
+            .err()
+            .expect("strict recovery must refuse");
+        let pos = acked[hit].1.position.0;
+        match &e {
+            StorageError::CorruptDurable {
+                path,
+                file_offset,
+                position,
+                ..
+            } => {
+                assert_eq!(path, &seg_path(dir.path(), 0));
+                assert_eq!((*file_offset, *position), (pos, pos));
+            }
+            other => panic!("expected CorruptDurable, got {other}"),
+        }
+        let line = e.to_string();
+        assert!(!line.contains('\n'), "one line: {line}");
+        for needle in [
+            "00000000000000000000",
+            &format!("at byte {pos}"),
+            "ringmq admin repair",
+            "--recovery skip-corrupt",
+        ] {
+            assert!(line.contains(needle), "{needle:?} missing in: {line}");
+        }
+        // Nothing was truncated or removed.
+        let after: Vec<_> = (0..6u64)
+            .map(|i| sim.file_bytes(&seg_path(dir.path(), i * 64 * 1024)))
+            .collect();
+        assert!(before == after, "a refused open must not change the log");
+    });
+}
+
+/// Every acked record but `hit` is there, at its original offsets.
+async fn check_all_but(s: &Store, acked: &[(u32, Appended, Vec<u8>)], hit: usize) {
+    let mut messages = 0;
+    for queue in [0u32, 1] {
+        let got = read_all(s, "f", queue).await;
+        let want: Vec<(u64, Vec<u8>)> = acked
+            .iter()
+            .enumerate()
+            .filter(|(i, (q, _, _))| *q == queue && *i != hit)
+            .map(|(_, (_, a, b))| (a.base_offset.0, b.clone()))
+            .collect();
+        assert_eq!(got, want, "queue {queue}");
+        messages += 2 * got.len();
+    }
+    assert_eq!(messages, 2 * (acked.len() - 1));
+    // The lost last record of queue 1 keeps its offsets: new messages do not reuse them.
+    assert_eq!(s.queue_stats("f", 1).written_end_offset, QueueOffset(4));
+}
+
+#[test]
+fn recovery_skip_corrupt_quarantines_exactly_the_bad_record() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (acked, hit) = acked_log_with_a_flipped_byte(&sim, dir.path()).await;
+        let bad = acked[hit].1;
+        let bad_bytes = sim.file_bytes(&seg_path(dir.path(), 0)).unwrap()
+            [bad.position.0 as usize..bad.end.0 as usize]
+            .to_vec();
+        let skip = StorageConfig {
+            recovery: RecoveryMode::SkipCorrupt,
+            ..cfg(FlushMode::SyncFlush)
+        };
+        let (s, rep) = ShardStore::open_with(sim.clone(), dir.path(), skip)
+            .await
+            .unwrap();
+        assert_eq!(rep.quarantined.len(), 1, "{rep}");
+        let q = &rep.quarantined[0];
+        assert_eq!(
+            (q.position, q.bytes),
+            (bad.position.0, bad.end.0 - bad.position.0)
+        );
+        assert_eq!(q.lost, Some(("f".to_string(), 1, 2, 2)));
+        assert_eq!(
+            std::fs::read(&q.file).unwrap(),
+            bad_bytes,
+            "bytes kept aside"
+        );
+        assert!(q.file.starts_with(dir.path().join("quarantine")));
+        assert_eq!(s.metrics().quarantined_records, 1);
+        assert!(
+            rep.truncated_at.is_none() && rep.segments_removed == 0,
+            "{rep}"
+        );
+        check_all_but(&s, &acked, hit).await;
+        check_all_but(&s, &acked, hit).await;
+        s.close().await.unwrap();
+        drop(s);
+        // The gap record makes the log valid again: a strict open passes and sees the same.
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(
+            rep.quarantined.is_empty() && rep.truncated_at.is_none(),
+            "{rep}"
+        );
+        check_all_but(&s, &acked, hit).await;
+        let a = append_durable(&s, "f", 1, b"next").await;
+        assert_eq!(a.base_offset, QueueOffset(4));
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recovery_missing_durable_bytes_refuse_to_open() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let mut last = None;
+        for i in 0..20u32 {
+            last = Some(append_durable(&s, "m", 0, &vec![i as u8; 10_000]).await);
+        }
+        s.close().await.unwrap();
+        drop(s);
+        // The segment holding the last records was zeroed (lost durable bytes).
+        let last = last.unwrap();
+        let base = last.position.0 / (64 * 1024) * 64 * 1024;
+        sim.poke(&seg_path(dir.path(), base), 0, &vec![0u8; 64 * 1024]);
+        let e = ShardStore::open_with(sim.clone(), dir.path(), cfg(FlushMode::SyncFlush))
+            .await
+            .err()
+            .expect("strict recovery must refuse");
+        assert!(
+            matches!(&e, StorageError::CorruptDurable { detail, .. } if detail.contains("no record here")),
+            "{e}"
+        );
+        let skip = StorageConfig {
+            recovery: RecoveryMode::SkipCorrupt,
+            ..cfg(FlushMode::SyncFlush)
+        };
+        let (s, rep) = ShardStore::open_with(sim.clone(), dir.path(), skip)
+            .await
+            .unwrap();
+        assert!(rep.durable_bytes_lost > 0, "{rep}");
+        let kept = read_all(&s, "m", 0).await;
+        assert!(!kept.is_empty() && kept.len() < 20);
+        assert!(s.checkpoint_position().0 <= s.watermarks().durable.0);
+        s.close().await.unwrap();
+        drop(s);
+        // The lowered checkpoint lets a strict open pass.
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert_eq!(read_all(&s, "m", 0).await, kept);
         s.close().await.unwrap();
     });
 }
@@ -609,6 +815,7 @@ fn drop_segments_before_removes_old_segments_and_their_offsets() {
 #[derive(Clone, Debug)]
 struct Batch {
     base: u64,
+    count: u32,
     body: Vec<u8>,
     end: LogPosition,
     acked: bool,
@@ -616,7 +823,10 @@ struct Batch {
 
 const TOPICS: [&str; 2] = ["alpha", "beta"];
 
-async fn crash_iteration(seed: u64) {
+/// One seeded run of random appends, syncs, reads, clean stops and crashes, checked against a
+/// model. With `fault`, the fault is injected into every store instance (tests that prove the
+/// drill catches it).
+async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let sim = SimBackend::new();
@@ -626,6 +836,9 @@ async fn crash_iteration(seed: u64) {
         FlushMode::AsyncFlush
     };
     let (mut s, _) = open(&sim, dir.path(), mode).await;
+    if let Some(f) = fault {
+        s.inject_fault(f);
+    }
     let mut model: Vec<Vec<Batch>> = vec![Vec::new(); 4];
     let mut next: Vec<u64> = vec![0; 4];
     for _step in 0..60 {
@@ -655,6 +868,7 @@ async fn crash_iteration(seed: u64) {
                 }
                 model[qi].push(Batch {
                     base: a.base_offset.0,
+                    count,
                     body,
                     end: a.end,
                     acked: false,
@@ -723,23 +937,17 @@ async fn crash_iteration(seed: u64) {
                     );
                     model[qi].truncate(got.len());
                     model[qi].iter_mut().for_each(|b| b.acked = true);
+                    // Offsets continue right after the last recovered batch: none reused, none
+                    // skipped.
                     next[qi] = s
                         .queue_stats(TOPICS[qi / 2], (qi % 2) as u32)
                         .written_end_offset
                         .0;
-                    assert_eq!(
-                        next[qi],
-                        model[qi]
-                            .last()
-                            .map_or(0, |b| {
-                                // offsets continue after the last recovered batch
-                                let v = got.last().map(|g| g.0).unwrap_or(0);
-                                let _ = b;
-                                v
-                            })
-                            .max(next[qi]),
-                        "seed {seed}"
-                    );
+                    let want = model[qi].last().map_or(0, |b| b.base + u64::from(b.count));
+                    assert_eq!(next[qi], want, "seed {seed}: queue {qi} continues at");
+                }
+                if let Some(f) = fault {
+                    s.inject_fault(f);
                 }
             }
         }
@@ -774,9 +982,37 @@ fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
         for i in 0..iterations {
             let seed = base + i;
             let _guard = SeedGuard(seed);
-            crash_iteration(seed).await;
+            crash_iteration(seed, None).await;
         }
     });
+}
+
+/// Proof that the drill above can catch the bug it exists for: a store that acks before its
+/// fdatasync (one flush cycle per store instance skips the sync but still advances `durable`)
+/// must fail it. If this test fails, the crash drill has gone blind.
+#[test]
+fn the_crash_drill_fails_when_the_store_acks_before_the_sync() {
+    let seeds = 40u64;
+    let mut failed = Vec::new();
+    for seed in 0x5EED..0x5EED + seeds {
+        let r = std::thread::spawn(move || {
+            run(move || async move {
+                crash_iteration(seed, Some(StorageFault::SkipFdatasyncs(1))).await;
+            })
+        })
+        .join();
+        if r.is_err() {
+            failed.push(seed);
+        }
+    }
+    eprintln!(
+        "the faulty store failed the drill for {} of {seeds} seeds: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        !failed.is_empty(),
+        "no seed caught a store that acks before the fdatasync"
+    );
 }
 
 #[test]

@@ -196,8 +196,16 @@ impl StorageBackend for DmaBackend {
         }
         f.fdatasync().await.map_err(io::Error::from)?;
         let _ = f.close_rc().await;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
+        // The rename and the directory fsync are blocking system calls (a directory fsync
+        // waits for a journal commit, milliseconds here): on glommio's blocking thread pool
+        // they do not stall this shard's appends and acks while a segment is prepared.
+        let (tmp, path) = (tmp.clone(), path.to_path_buf());
+        glommio::executor()
+            .spawn_blocking(move || {
+                std::fs::rename(&tmp, &path)?;
+                sync_dir(path.parent().unwrap_or(Path::new(".")))
+            })
+            .await
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {

@@ -60,6 +60,10 @@ pub(crate) struct LogState<B: StorageBackend> {
     write_from: u64,
     pub written: u64,
     pub durable: u64,
+    /// End of the last appended record (`append_pos` without a roll's zero padding).
+    pub record_end: u64,
+    /// A record end at or below `durable`: what the durable checkpoint may claim.
+    pub durable_record_end: u64,
     pub visible_cap: Option<u64>,
     /// Completed write ranges above `written` (start -> end).
     completed: BTreeMap<u64, u64>,
@@ -133,6 +137,9 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub durable_changed: Signal,
     /// Work for the flusher (sync requested, bytes pending, closing, poison).
     pub flusher_wake: Signal,
+    /// Test-only fault: this many flush cycles skip their fdatasync but still advance
+    /// `durable` (an ack before the sync). Always 0 outside fault-injection tests.
+    pub skip_syncs: Cell<u32>,
 }
 
 impl<B: StorageBackend> CommitLog<B> {
@@ -143,6 +150,7 @@ impl<B: StorageBackend> CommitLog<B> {
             segments,
             active,
             end,
+            record_end,
             tail,
             spare,
             ..
@@ -155,6 +163,8 @@ impl<B: StorageBackend> CommitLog<B> {
             write_from: end,
             written: end,
             durable: end,
+            record_end,
+            durable_record_end: record_end,
             visible_cap: None,
             completed: BTreeMap::new(),
             dirty: Vec::new(),
@@ -182,7 +192,17 @@ impl<B: StorageBackend> CommitLog<B> {
             changed: Signal::default(),
             durable_changed: Signal::default(),
             flusher_wake: Signal::default(),
+            skip_syncs: Cell::new(0),
         })
+    }
+
+    /// Consumes one injected "skip the fdatasync" fault, if any.
+    pub fn take_skipped_sync(&self) -> bool {
+        let n = self.skip_syncs.get();
+        if n > 0 {
+            self.skip_syncs.set(n - 1);
+        }
+        n > 0
     }
 
     fn alloc_chunk(cfg: &StorageConfig, seg: &Seg<B>, base: u64) -> Chunk<B> {
@@ -357,6 +377,7 @@ impl<B: StorageBackend> CommitLog<B> {
     fn finish_append(self: &Rc<Self>, end: u64) {
         let mut st = self.st.borrow_mut();
         st.append_pos = end;
+        st.record_end = end;
         st.counters.appends += 1;
         let unflushed = st.append_pos - st.durable;
         st.counters.unflushed_hwm_bytes = st.counters.unflushed_hwm_bytes.max(unflushed);
@@ -474,16 +495,22 @@ impl<B: StorageBackend> CommitLog<B> {
         (std::mem::take(&mut st.dirty), st.written)
     }
 
-    pub fn set_durable(&self, upto: u64) {
+    /// `record_end` is a record end at or below `upto` (the checkpoint may claim it).
+    pub fn set_durable(&self, upto: u64, record_end: u64) {
         let mut st = self.st.borrow_mut();
         assert!(
             upto <= st.written,
             "durable {upto} beyond written {}",
             st.written
         );
+        assert!(
+            record_end <= upto,
+            "record end {record_end} beyond durable {upto}"
+        );
         if upto > st.durable {
             st.durable = upto;
         }
+        st.durable_record_end = st.durable_record_end.max(record_end);
         st.check_watermarks();
         drop(st);
         self.durable_changed.notify_all();

@@ -44,6 +44,23 @@ pub enum StorageError {
     /// Stored bytes failed validation where they must be valid (a read of visible data).
     #[error("corrupt record at log position {position}: {detail}")]
     Corrupt { position: u64, detail: String },
+    /// Bytes below the durable checkpoint (acknowledged as durable once) are bad: media
+    /// corruption, not a torn write. The shard refuses to open rather than drop them.
+    #[error(
+        "corrupt data in {} at byte {file_offset} (log position {position}), below the durable \
+         checkpoint {checkpoint}: {detail}; the shard refuses to open so that nothing acknowledged \
+         is dropped. To quarantine exactly the bad record and keep everything after it, run \
+         `ringmq admin repair --data-dir <DATA_DIR>` or start with `ringmq broker --recovery \
+         skip-corrupt`",
+        path.display()
+    )]
+    CorruptDurable {
+        path: PathBuf,
+        file_offset: u64,
+        position: u64,
+        checkpoint: u64,
+        detail: String,
+    },
     /// A record failed to parse.
     #[error("bad record: {0}")]
     Record(#[from] RecordError),

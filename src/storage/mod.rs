@@ -13,7 +13,8 @@
 //! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
 //! - `key_index`: message key -> log positions (in memory, rebuilt at open).
 //! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
-//! - [`recovery`]: the recovery decision table, one test per row.
+//! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
+//! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
 //! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
 //!
@@ -27,6 +28,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod checkpoint;
 mod commitlog;
 pub mod consume_queue;
 pub mod error;
@@ -49,7 +51,7 @@ pub use backend::{DmaBackend, StorageBackend};
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
-pub use store::ShardStore;
+pub use store::{ShardStore, StorageFault};
 pub use stream::LogChunk;
 
 /// When an append counts as stored (see DESIGN.md, "Flush modes").
@@ -84,6 +86,44 @@ impl FromStr for FlushMode {
     }
 }
 
+/// What recovery does with a bad record *before* the durable checkpoint (bytes that were once
+/// durable, so not a torn write). A bad tail past the checkpoint is always truncated.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum RecoveryMode {
+    /// Refuse to open, naming the file and the byte position (the default: an operator decides).
+    #[default]
+    #[serde(rename = "strict")]
+    Strict,
+    /// Quarantine exactly the bad record (bytes copied to `<shard>/quarantine/<position>.bin`,
+    /// a gap record in its place, offsets of later records unchanged) and keep everything after.
+    #[serde(rename = "skip-corrupt", alias = "skip_corrupt")]
+    SkipCorrupt,
+}
+
+impl fmt::Display for RecoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RecoveryMode::Strict => "strict",
+            RecoveryMode::SkipCorrupt => "skip-corrupt",
+        })
+    }
+}
+
+impl FromStr for RecoveryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "strict" => Ok(RecoveryMode::Strict),
+            "skip-corrupt" => Ok(RecoveryMode::SkipCorrupt),
+            _ => Err(format!(
+                "unknown recovery mode {s:?} (strict | skip-corrupt)"
+            )),
+        }
+    }
+}
+
 /// Storage configuration of one shard.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -102,6 +142,8 @@ pub struct StorageConfig {
     pub max_writes_in_flight: usize,
     /// Largest record (header + topic + body). Default 8 MiB.
     pub max_record_bytes: u64,
+    /// Corruption before the durable checkpoint: `strict` (default) or `skip-corrupt`.
+    pub recovery: RecoveryMode,
 }
 
 impl Default for StorageConfig {
@@ -114,6 +156,7 @@ impl Default for StorageConfig {
             write_buffer_bytes: 1 << 20,
             max_writes_in_flight: 8,
             max_record_bytes: 8 << 20,
+            recovery: RecoveryMode::Strict,
         }
     }
 }
@@ -266,6 +309,10 @@ pub struct StorageMetrics {
     pub flush_latency_sum_us: u64,
     pub flush_latency_count: u64,
     pub poisoned: bool,
+    /// Corrupt records quarantined by recovery at the last open (`recovery = skip-corrupt`).
+    pub quarantined_records: u64,
+    /// Durable checkpoints written since open.
+    pub checkpoints: u64,
 }
 
 impl StorageMetrics {

@@ -32,7 +32,8 @@
 //!   inside a segment, and a record never spans two segments.
 //! - `crc32` (crc32fast / IEEE): every byte after the crc field (offset 12) through the end of
 //!   the body, so it covers the header fields too.
-//! - `flags`: bit 0 = the producer fields are meaningful (idempotent producer).
+//! - `flags`: bit 0 = the producer fields are meaningful (idempotent producer); bit 1 = a gap
+//!   record (recovery quarantined the corrupt record that was here, see [`FLAG_GAP`]).
 //! - `log_position`: the record's own position in the shard's log. A record is only valid at
 //!   that position, so stale bytes in a recycled or re-prepared segment are never mistaken for
 //!   a record at another place.
@@ -51,6 +52,11 @@ pub const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
 const CRC_START: usize = 12;
 /// `flags` bit: the producer id/epoch/sequence fields are set.
 pub const FLAG_IDEMPOTENT: u16 = 1;
+/// `flags` bit: a gap record written by recovery in place of a quarantined corrupt record. It
+/// holds no messages and gets no consume-queue entry; `queue_id`, `base_queue_offset` and
+/// `message_count` (and the topic) repeat the lost record's header when that header was still
+/// readable, else they are zero.
+pub const FLAG_GAP: u16 = 2;
 
 /// The fixed header of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,6 +162,11 @@ impl RecordHeader {
     /// Length of the body in bytes.
     pub fn body_len(&self) -> u32 {
         self.total_len - HEADER_BYTES as u32 - u32::from(self.topic_len)
+    }
+
+    /// A gap record left by recovery (see [`FLAG_GAP`]).
+    pub fn is_gap(&self) -> bool {
+        self.flags & FLAG_GAP != 0
     }
 
     /// The producer fields, if the record came from an idempotent producer.

@@ -2,16 +2,17 @@
 //! index and the idempotent-producer table — behind the API the server calls. Everything runs
 //! inside one glommio executor; state is `Rc<RefCell<_>>` and no borrow is held across `.await`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::storage::backend::{DmaBackend, StorageBackend};
 use crate::storage::batch::scan_body;
+use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
 use crate::storage::error::StorageError;
@@ -22,8 +23,8 @@ use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_B
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
 use crate::storage::stream::TailFeed;
 use crate::storage::{
-    AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, StorageConfig,
-    StorageMetrics, Watermarks,
+    AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
+    StorageConfig, StorageMetrics, Watermarks,
 };
 
 /// Longest topic name accepted (it is stored in every record with a u16 length).
@@ -58,6 +59,10 @@ impl Indexes {
     }
 
     pub(super) fn apply(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
+        if h.is_gap() {
+            self.apply_gap(topic, h);
+            return;
+        }
         let pos = h.log_position;
         let keys = &mut self.keys;
         let tag_hash = scan_body(body, |k| keys.insert(topic.as_bytes(), k, pos));
@@ -87,11 +92,36 @@ impl Indexes {
     }
 }
 
+impl Indexes {
+    /// A gap record (a quarantined corrupt record) holds no messages and gets no index entry.
+    /// When it repeats the lost record's header and that record continued its queue exactly,
+    /// the queue's next offset moves past it, so a lost last record of a queue is never given
+    /// to new messages (offsets are not reused). Anything less plausible is ignored: the
+    /// fields were read from a record that failed its CRC.
+    fn apply_gap(&mut self, topic: &str, h: &RecordHeader) {
+        let Some(q) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|qs| qs.get_mut(&h.queue_id))
+        else {
+            return;
+        };
+        if h.message_count > 0 && q.next_offset == h.base_queue_offset {
+            q.next_offset = h.base_queue_offset + u64::from(h.message_count);
+        }
+    }
+}
+
 pub(super) struct Inner<B: StorageBackend> {
     pub(super) log: Rc<CommitLog<B>>,
     dir: PathBuf,
     pub(super) idx: RefCell<Indexes>,
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    checkpoint: Rc<Checkpoint<B::File>>,
+    checkpointer: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    checkpoints: Rc<Cell<u64>>,
+    /// Records quarantined at open.
+    quarantined: u64,
     /// Recently appended records kept in memory for a replication stream (see `stream.rs`).
     pub(super) feed: RefCell<TailFeed>,
     /// Notified after every append.
@@ -184,26 +214,43 @@ impl<B: StorageBackend> ShardStore<B> {
         .await?;
         let mut rec = rec;
         let mut report = std::mem::take(&mut rec.report);
+        let checkpoint = Rc::new(
+            rec.checkpoint
+                .take()
+                .expect("recovery opens the checkpoint"),
+        );
         reconcile_index_files(dir, &mut idx, &mut report)?;
         report.producers = idx.producers.len() as u64;
         let log = CommitLog::new(backend, log_dir, cfg, rec);
         log.ensure_spare();
+        let checkpoints = Rc::new(Cell::new(0));
         let inner = Rc::new(Inner {
             log: log.clone(),
             dir: dir.to_path_buf(),
             idx: RefCell::new(idx),
             flusher: RefCell::new(None),
+            checkpoint,
+            checkpointer: RefCell::new(None),
+            checkpoints,
+            quarantined: report.quarantined.len() as u64,
             feed: RefCell::new(TailFeed::default()),
             appended: Signal::default(),
         });
-        let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
-        let handle = glommio::spawn_local(run_flusher(log, move |durable| {
-            if let Some(inner) = weak.upgrade() {
-                inner.persist_indexes(durable);
-            }
-        }))
-        .detach();
+        let handle = glommio::spawn_local(run_flusher(log.clone())).detach();
         *inner.flusher.borrow_mut() = Some(handle);
+        let weak: Weak<Inner<B>> = Rc::downgrade(&inner);
+        let checkpointer = glommio::spawn_local(run_checkpointer(
+            log,
+            inner.checkpoint.clone(),
+            inner.checkpoints.clone(),
+            move |durable| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.persist_indexes(durable);
+                }
+            },
+        ))
+        .detach();
+        *inner.checkpointer.borrow_mut() = Some(checkpointer);
         log::info!("storage: opened {}: {report}", dir.display());
         Ok((ShardStore { inner }, report))
     }
@@ -474,6 +521,8 @@ impl<B: StorageBackend> ShardStore<B> {
             flush_latency_sum_us: c.flush_latency_sum_us,
             flush_latency_count: c.flush_latency_count,
             poisoned: st.poisoned.is_some(),
+            quarantined_records: self.inner.quarantined,
+            checkpoints: self.inner.checkpoints.get(),
         }
     }
 
@@ -539,14 +588,41 @@ impl<B: StorageBackend> ShardStore<B> {
                 st.inflight_writes == 0
             })
             .await;
-        let st = log.st.borrow();
-        if let Some(e) = st.poisoned_error() {
-            return Err(e);
-        }
-        let durable = st.durable;
-        drop(st);
+        let (durable, record_end) = {
+            let st = log.st.borrow();
+            if let Some(e) = st.poisoned_error() {
+                return Err(e);
+            }
+            (st.durable, st.durable_record_end)
+        };
         self.inner.persist_indexes(durable);
+        let handle = self.inner.checkpointer.borrow_mut().take();
+        if let Some(h) = handle {
+            h.await;
+        }
+        // A clean stop leaves a checkpoint covering the whole log.
+        let ckpt = &self.inner.checkpoint;
+        if record_end > ckpt.position() {
+            ckpt.store(record_end)
+                .await
+                .map_err(|e| StorageError::io("write checkpoint", ckpt.path.clone(), e))?;
+            self.inner.checkpoints.set(self.inner.checkpoints.get() + 1);
+        }
         Ok(())
+    }
+
+    /// The durable checkpoint written last (a record end; see `checkpoint.rs`).
+    pub fn checkpoint_position(&self) -> LogPosition {
+        LogPosition(self.inner.checkpoint.position())
+    }
+
+    /// TEST ONLY: injects a fault into this store's durability path, so a test can prove that
+    /// the crash drills catch it. Never call this in a broker.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: StorageFault) {
+        match fault {
+            StorageFault::SkipFdatasyncs(n) => self.inner.log.skip_syncs.set(n),
+        }
     }
 
     /// Resolves once the next segment is prepared (zero-written) in the background, so the
@@ -581,6 +657,60 @@ impl<B: StorageBackend> Inner<B> {
     }
 }
 
+/// Faults [`ShardStore::inject_fault`] can inject (tests only).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// The next `n` flush cycles advance `durable` (and so ack) without an fdatasync.
+    SkipFdatasyncs(u32),
+}
+
+/// Writes the durable checkpoint lazily: after the durable watermark moved, at most once per
+/// [`CHECKPOINT_INTERVAL_MS`], never on the ack path (acks wait for the log's fdatasync only).
+/// A failed checkpoint write poisons the log like any failed fdatasync.
+///
+/// `persist_indexes(durable)` appends the consume-queue entries that became durable to their
+/// files first. It used to run after every fdatasync inside the flush leader, whose blocking
+/// `std::fs` writes then delayed the acks of that very sync; here it runs once per interval,
+/// batched, after the acks were released.
+async fn run_checkpointer<B: StorageBackend>(
+    log: Rc<CommitLog<B>>,
+    ckpt: Rc<Checkpoint<B::File>>,
+    count: Rc<Cell<u64>>,
+    persist_indexes: impl Fn(u64),
+) {
+    let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let stop = || {
+        let st = log.st.borrow();
+        st.poisoned.is_some() || st.closing
+    };
+    loop {
+        log.durable_changed
+            .wait_until(|| stop() || log.st.borrow().durable_record_end > ckpt.position())
+            .await;
+        if stop() {
+            break;
+        }
+        let (pos, durable) = {
+            let st = log.st.borrow();
+            (st.durable_record_end, st.durable)
+        };
+        persist_indexes(durable);
+        if let Err(e) = ckpt.store(pos).await {
+            log.poison(format!(
+                "writing the durable checkpoint {}: {e}",
+                ckpt.path.display()
+            ));
+            break;
+        }
+        count.set(count.get() + 1);
+        futures_lite::future::or(glommio::timer::sleep(interval), async {
+            log.durable_changed.wait_until(stop).await
+        })
+        .await;
+    }
+}
+
 /// Makes every consume-queue file match the log (the log is the truth).
 fn reconcile_index_files(
     dir: &Path,
@@ -599,7 +729,9 @@ fn reconcile_index_files(
                 if idx.queue(&topic, qid).is_none() {
                     let n = f.metadata().map_or(0, |m| m.len())
                         / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
-                    if decide(Observation::IndexAhead) == Action::TruncateIndex {
+                    if decide(Observation::IndexAhead, RecoveryMode::Strict)
+                        == Action::TruncateIndex
+                    {
                         rewrite_cq_file(&f.path(), 0, &[])
                             .map_err(|e| StorageError::io("truncate index", f.path(), e))?;
                         report.index_entries_truncated += n;
@@ -631,7 +763,7 @@ fn reconcile_index_files(
             }
             let mut rewrite = false;
             for o in observations {
-                match decide(o) {
+                match decide(o, RecoveryMode::Strict) {
                     Action::TruncateIndex => {
                         report.index_entries_truncated +=
                             (file.as_ref().map_or(0, |f| f.len()) - keep) as u64;

@@ -262,6 +262,15 @@ impl<B: StorageBackend> ShardStore<B> {
                     detail: format!("this log continues at {append_pos}"),
                 });
             }
+            if h.is_gap() {
+                // A range the master's recovery quarantined: copied as is, no messages.
+                log.append_encoded(v.bytes);
+                self.inner.idx.borrow_mut().apply(v.topic, &h, v.body);
+                self.inner.appended.notify_all();
+                at += total as usize;
+                expect = claimed + total;
+                continue;
+            }
             {
                 let mut idx = self.inner.idx.borrow_mut();
                 let q = idx.queue_mut(v.topic, h.queue_id);
