@@ -195,9 +195,10 @@ fn a_retried_batch_is_stored_once_even_after_a_restart() {
         (first.1, true),
         "de-dup window rebuilt from the log"
     );
-    // A gap in the sequence is refused clearly.
+    // A gap in the sequence is refused clearly, with a retriable code.
     let gap = produce_raw(&conn, 42, 5, "b").unwrap_err();
-    assert_eq!(gap.code(), Some(ErrorCode::OutOfOrderSequence));
+    assert_eq!(gap.code(), Some(ErrorCode::SequenceGap));
+    assert!(gap.is_retriable());
     let next = produce_raw(&conn, 42, 1, "b").unwrap();
     assert_eq!(next.1, first.1 + 1);
     let c = Consumer::connect(&b.addr()).unwrap();
