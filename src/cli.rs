@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use ringmq::client::{Admin, Consumer, Producer, QueueSelector, SendResult, StartFrom};
+use ringmq::client::{
+    Admin, Consumer, Producer, ProducerConfig, QueueSelector, SendResult, StartFrom,
+};
 use ringmq::message::Message;
 use ringmq::storage::{RecoveryMode, ShardStore, StorageConfig};
 
@@ -89,6 +91,11 @@ pub struct ProduceArgs {
     /// order; new fields are only ever appended.
     #[arg(long)]
     pub print_acks: bool,
+    /// Rounds of re-sending a queue's unacknowledged batches after retriable errors (lost
+    /// connection, broker restart, busy), counted since the queue's last ack. Default: the
+    /// library's (10, about 11 s of backoff: enough to ride through a broker restart).
+    #[arg(long)]
+    pub retries: Option<u32>,
 }
 
 #[derive(Args)]
@@ -204,7 +211,11 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
 }
 
 pub fn produce(args: ProduceArgs) -> Result<(), String> {
-    let producer = Producer::connect(&args.broker).map_err(|e| e.to_string())?;
+    let mut config = ProducerConfig::new(&args.broker);
+    if let Some(retries) = args.retries {
+        config.retries = retries;
+    }
+    let producer = Producer::with_config(config).map_err(|e| e.to_string())?;
     let stdout = Arc::new(Mutex::new(std::io::stdout()));
     let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let print_ack = |out: &Mutex<std::io::Stdout>, line: u64, r: &SendResult| {

@@ -195,9 +195,10 @@ fn a_retried_batch_is_stored_once_even_after_a_restart() {
         (first.1, true),
         "de-dup window rebuilt from the log"
     );
-    // A gap in the sequence is refused clearly.
+    // A gap in the sequence is refused clearly, with a retriable code.
     let gap = produce_raw(&conn, 42, 5, "b").unwrap_err();
-    assert_eq!(gap.code(), Some(ErrorCode::OutOfOrderSequence));
+    assert_eq!(gap.code(), Some(ErrorCode::SequenceGap));
+    assert!(gap.is_retriable());
     let next = produce_raw(&conn, 42, 1, "b").unwrap();
     assert_eq!(next.1, first.1 + 1);
     let c = Consumer::connect(&b.addr()).unwrap();
@@ -355,4 +356,161 @@ fn a_plain_client_on_one_port_reaches_every_queue() {
     let queues: HashSet<u32> = seen.keys().map(|(q, _)| *q).collect();
     assert_eq!(queues.len(), 8);
     let _ = c.iter("t", 0, StartFrom::Beginning).unwrap();
+}
+
+/// The owner address of queue 0 of `t`.
+fn owner_of_queue_0(b: &TestBroker) -> String {
+    Admin::connect(&b.addr())
+        .unwrap()
+        .route("t")
+        .unwrap()
+        .queues[0]
+        .address
+        .clone()
+}
+
+/// A produce request for one idempotent batch of `count` messages on queue 0 of `t`.
+fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (Request, Bytes) {
+    let mut buf = bytes::BytesMut::new();
+    let mut bb = BatchBuilder::new(&mut buf);
+    for _ in 0..count {
+        bb.push(&Message::new(payload.to_vec())).unwrap();
+    }
+    let req = Request::Produce(ProduceRequest {
+        topic: "t".into(),
+        queue: Some(0),
+        producer_id,
+        producer_epoch: 0,
+        base_sequence: seq,
+        message_count: count,
+        timeout_ms: 5000,
+    });
+    (req, buf.freeze())
+}
+
+/// Issue 11 item 6: the broker kept 5 batches per producer and queue while the client keeps
+/// many more in flight, so a retry of an older stored batch failed with OUT_OF_ORDER_SEQUENCE.
+/// Now every batch of a producer's window (the constant the client is bounded by) is found.
+#[test]
+fn a_retry_of_any_batch_in_the_producers_window_gets_its_original_offsets() {
+    use ringmq::protocol::limits::PRODUCER_WINDOW_BATCHES;
+    let b = TestBroker::start();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
+    let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
+    let send = |seq: u32| {
+        let (req, body) = idempotent_batch(77, seq * 2, 2, format!("m{seq}").as_bytes());
+        match conn.call(&req, body, Duration::from_secs(10)) {
+            Ok((Response::Produced(a), _)) => Ok((a.base_offset, a.duplicate)),
+            Ok((other, _)) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        }
+    };
+    let window = PRODUCER_WINDOW_BATCHES as u32;
+    let first: Vec<u64> = (0..window)
+        .map(|i| {
+            let (offset, dup) = send(i).unwrap();
+            assert!(!dup);
+            offset
+        })
+        .collect();
+    // Oldest first: the one the old 5-batch table had forgotten longest ago.
+    for i in 0..window {
+        let (offset, dup) = send(i).expect("a retry inside the window");
+        assert!(dup, "batch {i} stored twice");
+        assert_eq!(offset, first[i as usize], "batch {i} got new offsets");
+    }
+    // Past the window the broker cannot give the offsets; it refuses clearly, not retriably,
+    // and stores nothing.
+    send(window).unwrap();
+    let e = send(0).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OutOfOrderSequence), "{e}");
+    assert!(!e.is_retriable());
+    let c = Consumer::connect(&b.addr()).unwrap();
+    assert_eq!(drain_all(&c, "t", 1).len(), 2 * (window as usize + 1));
+}
+
+/// Issue 11 item 8, broker side: batches pipelined on one connection are appended in the order
+/// they arrived, also while appends wait for room in the log (writes in flight at their cap,
+/// segment rolls). Before the fix a later batch could overtake one waiting for room, and was
+/// refused as a sequence gap.
+#[test]
+fn pipelined_batches_of_one_connection_are_appended_in_arrival_order_across_segment_rolls() {
+    use std::sync::Condvar;
+    const BATCHES: u32 = 3000;
+    const IN_FLIGHT: usize = 1024;
+    let tmp = common::data_dir();
+    let mut cfg = common::test_config(tmp.path());
+    cfg.cores = ringmq::config::CoreSelection::Count(1);
+    cfg.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
+    let b = TestBroker::start_with(cfg, tmp);
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
+    let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
+    let payload = vec![b'p'; 1000];
+    let outstanding = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    for i in 0..BATCHES {
+        {
+            let (lock, cv) = &*outstanding;
+            let mut n = lock.lock().unwrap();
+            while *n >= IN_FLIGHT {
+                n = cv.wait(n).unwrap();
+            }
+            *n += 1;
+        }
+        // 64 messages of 1000 B: 3000 batches are ~200 MB, six 32 MiB segments.
+        let (req, body) = idempotent_batch(5, i * 64, 64, &payload);
+        let (outstanding, errors) = (outstanding.clone(), errors.clone());
+        conn.send_callback(&req, body, move |r| {
+            if let Err(e) = r {
+                errors.lock().unwrap().push(format!("batch {i}: {e}"));
+            }
+            let (lock, cv) = &*outstanding;
+            *lock.lock().unwrap() -= 1;
+            cv.notify_all();
+        })
+        .unwrap();
+    }
+    let (lock, cv) = &*outstanding;
+    let mut n = lock.lock().unwrap();
+    while *n > 0 {
+        n = cv.wait(n).unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} of {BATCHES} batches refused, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+}
+
+/// Issue 11 item 11c: a batch with an older producer epoch than the broker has seen for that
+/// producer and queue is refused with its own code (it was STORAGE_ERROR).
+#[test]
+fn a_fenced_producer_epoch_is_answered_with_producer_fenced() {
+    let b = TestBroker::start();
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_topic("t", 1)
+        .unwrap();
+    let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
+    let send = |epoch: u16, seq: u32| {
+        let (mut req, body) = idempotent_batch(9, seq, 1, b"e");
+        if let Request::Produce(p) = &mut req {
+            p.producer_epoch = epoch;
+        }
+        conn.call(&req, body, Duration::from_secs(10)).map(|_| ())
+    };
+    send(1, 0).unwrap();
+    let e = send(0, 1).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
+    assert!(!e.is_retriable());
+    // A newer epoch restarts the sequence.
+    send(2, 0).unwrap();
 }

@@ -374,7 +374,7 @@ fn idempotent_retries_return_original_offsets_also_after_reopen() {
         assert!(
             matches!(
                 e,
-                StorageError::OutOfOrderSequence {
+                StorageError::SequenceGap {
                     expected: 5,
                     got: 7,
                     ..

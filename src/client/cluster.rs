@@ -78,8 +78,8 @@ impl Cluster {
         Ok(route)
     }
 
-    /// The connection to the shard that owns `queue` of `topic`.
-    pub fn connection_for(&self, topic: &str, queue: u32) -> Result<Arc<Connection>, ClientError> {
+    /// The address of the shard that owns `queue` of `topic`.
+    pub fn owner_address(&self, topic: &str, queue: u32) -> Result<String, ClientError> {
         let route = self.route(topic)?;
         let owner = route
             .queues
@@ -91,6 +91,11 @@ impl Cluster {
                     route.queues.len()
                 ))
             })?;
-        self.connection(&owner.address)
+        Ok(owner.address.clone())
+    }
+
+    /// The connection to the shard that owns `queue` of `topic`.
+    pub fn connection_for(&self, topic: &str, queue: u32) -> Result<Arc<Connection>, ClientError> {
+        self.connection(&self.owner_address(topic, queue)?)
     }
 }

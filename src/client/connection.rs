@@ -263,6 +263,10 @@ fn read_loop(mut stream: TcpStream, shared: Arc<Shared>) {
             Err(e) => break format!("read: {e}"),
         }
     };
+    // Close our side at once rather than when the last user drops the connection: a socket
+    // left half-closed keeps the dead broker's end of it (and so its port) alive, and the
+    // restarted broker cannot bind it.
+    let _ = stream.shutdown(Shutdown::Both);
     let waiters: Vec<Waiter> = {
         let mut p = shared.pending.lock().expect("pending lock");
         p.closed = Some(reason.clone());

@@ -3,18 +3,30 @@
 //! - Routing: the producer asks for the topic's route once and sends each batch straight to
 //!   the shard that owns its queue (one connection per shard address), so no produce pays a
 //!   cross-core hop inside the broker.
-//! - Idempotence (on by default): the producer has a random 64-bit id, and each queue a
-//!   sequence; a batch carries its base sequence, and a retry re-sends the same sequence, so
-//!   the broker acks a batch it already stored with its original offsets instead of storing
+//! - Idempotence (on by default): the producer has a random 64-bit id, and each queue an epoch
+//!   and a sequence; a batch carries its base sequence, and a retry re-sends the same sequence,
+//!   so the broker acks a batch it already stored with its original offsets instead of storing
 //!   it twice.
-//! - Retries: retriable errors (busy, flush timeout, lost connection, client timeout) are
-//!   retried with exponential backoff and jitter, up to `retries` times; others surface at
-//!   once.
+//! - Lanes: every batch of a queue (SYNC or ASYNC) goes through that queue's lane, a window of
+//!   at most [`PRODUCER_WINDOW_BATCHES`] batches from the earliest unacknowledged one, written
+//!   in sequence order. The broker remembers the same number of batches per producer and queue,
+//!   so a re-sent batch that was stored is always recognised.
+//! - Retries: when an attempt fails retriably (lost connection, timeout, busy, flush timeout,
+//!   a sequence gap), the lane starts a new round after a backoff with jitter: it re-sends
+//!   every unacknowledged batch, in sequence order, from the earliest. Re-sending only the
+//!   failed batch is not enough: after a broker restart the later batches would arrive first
+//!   and be refused as a gap. `retries` rounds without an ack in between, or an error that is
+//!   not retriable, fail every batch of the window; the lane then takes a new epoch and starts
+//!   its sequence over, so later batches are not refused for the hole.
+//! - Deadline: a batch with no answer `request_timeout` after it was written counts as a lost
+//!   connection (the connection is dropped and the lane starts a new round).
+//! - ONEWAY sends carry no producer id: nothing retries them, so there is nothing to de-duplicate,
+//!   and a lost one must not leave a hole in a lane's sequence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -23,9 +35,8 @@ use crate::client::cluster::Cluster;
 use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::message::{BatchBuilder, Message};
-use crate::protocol::{
-    Durability, ErrorCode, ProduceAck, ProduceRequest, Request, Response, RouteTable,
-};
+use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
+use crate::protocol::{Durability, ProduceAck, ProduceRequest, Request, Response, RouteTable};
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -33,18 +44,22 @@ pub struct ProducerConfig {
     pub broker: String,
     /// Send a producer id and sequences so retries are de-duplicated. Default true.
     pub idempotent: bool,
-    /// Attempts after the first for retriable errors. Default 5.
+    /// Rounds of re-sending a queue's unacknowledged batches after retriable errors, counted
+    /// since the queue's last ack. Default 10 (with the default backoffs about 11 s, enough to
+    /// ride through a broker restart).
     pub retries: u32,
     /// First backoff; doubles per attempt up to `retry_backoff_max`, with ±50 % jitter.
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
-    /// How long one attempt waits for its ack. Default 15 s (above the broker's flush timeout).
+    /// How long one attempt waits for its ack before its connection is considered lost.
+    /// Default 15 s (above the broker's flush timeout).
     pub request_timeout: Duration,
     /// ASYNC: a batch waits at most this long for more messages. Default 2 ms.
     pub linger: Duration,
     /// ASYNC: a batch is sent as soon as it holds this many bytes. Default 64 KiB.
     pub batch_bytes: usize,
-    /// ASYNC: batches in flight before `send_async` blocks. Default 1024.
+    /// ASYNC: batches in flight (all queues) before `send_async` blocks. Default 1024. Per
+    /// queue there are never more than [`PRODUCER_WINDOW_BATCHES`] (the broker's de-dup window).
     pub max_in_flight_batches: usize,
 }
 
@@ -53,7 +68,7 @@ impl ProducerConfig {
         ProducerConfig {
             broker: broker.into(),
             idempotent: true,
-            retries: 5,
+            retries: 10,
             retry_backoff: Duration::from_millis(50),
             retry_backoff_max: Duration::from_secs(2),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -90,6 +105,7 @@ pub struct SendResult {
 }
 
 type MessageCallback = Box<dyn FnOnce(Result<SendResult, ClientError>) + Send>;
+type BatchCallback = Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>;
 
 struct OpenBatch {
     buf: BytesMut,
@@ -102,35 +118,60 @@ struct Inner {
     config: ProducerConfig,
     producer_id: u64,
     cluster: Cluster,
-    sequences: Mutex<HashMap<(String, u32), u32>>,
     round_robin: AtomicU32,
     batches: Mutex<HashMap<(String, u32), OpenBatch>>,
+    lanes: Mutex<HashMap<(String, u32), Arc<Lane>>>,
+    /// Batches handed to lanes and not yet finished (acked or failed for good), all queues.
     in_flight: (Mutex<usize>, Condvar),
-    retry_tx: Mutex<Option<mpsc::Sender<RetryJob>>>,
-    /// Set when the producer is dropped; the linger thread ends.
+    /// Wakes the keeper thread when a lane schedules a round.
+    keeper_tx: Mutex<Option<mpsc::Sender<()>>>,
+    /// Set when the producer is dropped; the linger and keeper threads end.
     stopping: AtomicBool,
-    /// Held from reserving a batch's sequence numbers until its first attempt is written, so
-    /// two threads (a sender and the linger thread) cannot put sequences of one queue on the
-    /// wire out of order: a broker that sees a new producer's later batch first would take its
-    /// sequence as the start.
-    send_order: Mutex<()>,
+    /// Held from taking a batch out of `batches` (or encoding a SYNC batch) until it is in its
+    /// lane, so the batches of a queue enter the lane, and get their sequences, in the order
+    /// their messages were given.
+    fill_order: Mutex<()>,
+    next_slot_id: AtomicU64,
 }
 
-/// A batch whose attempt failed retriably, waiting for its backoff.
-struct RetryJob {
-    due: Instant,
-    attempt: u32,
-    send: PreparedSend,
-    on_done: Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>,
-}
-
-#[derive(Clone)]
-struct PreparedSend {
+/// The batches of one queue in flight, in sequence order.
+struct Lane {
     topic: String,
     queue: u32,
-    count: u32,
+    /// Held while writing this lane's batches, so they reach the socket in sequence order.
+    /// Never taken on a connection's reader thread (which completes attempts): a writer blocked
+    /// on a full socket must not stop the responses that would drain it.
+    wire: Mutex<()>,
+    state: Mutex<LaneState>,
+    /// Signalled (with `state`) when the window has room.
+    room: Condvar,
+}
+
+struct LaneState {
+    epoch: u16,
+    next_sequence: u32,
+    /// From the earliest unacknowledged batch on; acked batches behind it stay until it is
+    /// acked, so the window spans at most [`PRODUCER_WINDOW_BATCHES`] sequences' batches.
+    window: VecDeque<Slot>,
+    /// Bumped whenever the lane starts over; an error from an attempt of an older round is
+    /// stale (the batch is being re-sent anyway). An ack is good from any round.
+    round: u64,
+    /// No writes before this instant: the backoff before a new round.
+    resume_at: Option<Instant>,
+    /// Failed rounds since the last ack.
+    failures: u32,
+}
+
+struct Slot {
+    id: u64,
+    epoch: u16,
     base_sequence: u32,
+    count: u32,
     body: Bytes,
+    /// The round this batch was last written in, and when.
+    written: Option<(u64, Instant)>,
+    done: bool,
+    on_done: Option<BatchCallback>,
 }
 
 /// A producer; share it across threads by reference or `Arc`.
@@ -146,19 +187,20 @@ impl Producer {
 
     pub fn with_config(config: ProducerConfig) -> Result<Producer, ClientError> {
         let producer_id = random_u64() | 1; // 0 means "not idempotent" on the wire
-        let (retry_tx, retry_rx) = mpsc::channel();
+        let (keeper_tx, keeper_rx) = mpsc::channel();
         let cluster = Cluster::connect(&config.broker, config.request_timeout)?;
         let inner = Arc::new(Inner {
             config,
             cluster,
             producer_id,
-            sequences: Mutex::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
             batches: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
             in_flight: (Mutex::new(0), Condvar::new()),
-            retry_tx: Mutex::new(Some(retry_tx)),
+            keeper_tx: Mutex::new(Some(keeper_tx)),
             stopping: AtomicBool::new(false),
-            send_order: Mutex::new(()),
+            fill_order: Mutex::new(()),
+            next_slot_id: AtomicU64::new(1),
         });
         let linger = {
             let weak = Arc::downgrade(&inner);
@@ -167,16 +209,16 @@ impl Producer {
                 .spawn(move || linger_loop(weak))
                 .expect("spawn linger thread")
         };
-        let retry = {
+        let keeper = {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
                 .name("ringmq-retry".into())
-                .spawn(move || retry_loop(weak, retry_rx))
+                .spawn(move || keeper_loop(weak, keeper_rx))
                 .expect("spawn retry thread")
         };
         Ok(Producer {
             inner,
-            threads: vec![linger, retry],
+            threads: vec![linger, keeper],
         })
     }
 
@@ -202,52 +244,47 @@ impl Producer {
         messages: &[Message],
     ) -> Result<SendResult, ClientError> {
         let inner = &self.inner;
-        // Reserve the sequence and put the first attempt on the wire in one step, so batches
-        // of one queue reach the broker in sequence order (see `send_order`).
-        let (send, first) = {
-            let _order = inner.send_order.lock().expect("send order lock");
-            let send = inner.prepare(topic, selector, messages)?;
-            let first = inner
-                .cluster
-                .connection_for(&send.topic, send.queue)
-                .and_then(|c| Ok((c.send(&inner.request(&send), send.body.clone())?, c)));
-            (send, first)
-        };
-        let mut outcome = first.and_then(|(pending, conn)| {
-            inner.after_attempt(conn.peer(), pending.wait(inner.config.request_timeout))
-        });
-        let mut attempt = 0;
-        loop {
-            match outcome {
-                Ok(ack) => return Ok(to_result(ack)),
-                Err(e) if inner.should_retry(&e, attempt) => {
-                    std::thread::sleep(inner.backoff(attempt));
-                    attempt += 1;
-                    outcome = inner.attempt_sync(&send);
-                }
-                Err(e) => return Err(e),
-            }
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let _order = inner.fill_order.lock().expect("fill order lock");
+            let (queue, count, body) = inner.encode(topic, selector, messages)?;
+            Inner::enqueue(
+                inner,
+                topic,
+                queue,
+                count,
+                body,
+                Box::new(move |outcome| {
+                    let _ = tx.send(outcome);
+                }),
+            );
+        }
+        match rx.recv() {
+            Ok(outcome) => outcome.map(to_result),
+            Err(_) => Err(ClientError::ConnectionClosed("producer dropped".into())),
         }
     }
 
     /// ONEWAY: sends without waiting for (or getting) an ack. No retries: there is nothing to
-    /// learn a failure from.
+    /// learn a failure from, and so no producer id either (see the module doc).
     pub fn send_oneway(
         &self,
         topic: &str,
         selector: QueueSelector<'_>,
         message: &Message,
     ) -> Result<(), ClientError> {
-        let send = self
-            .inner
-            .prepare(topic, selector, std::slice::from_ref(message))?;
-        let conn = self.inner.cluster.connection_for(&send.topic, send.queue)?;
-        conn.send_oneway(&self.inner.request(&send), send.body.clone())
+        let (queue, count, body) =
+            self.inner
+                .encode(topic, selector, std::slice::from_ref(message))?;
+        let conn = self.inner.cluster.connection_for(topic, queue)?;
+        let request = self.inner.request(topic, queue, 0, 0, 0, count);
+        conn.send_oneway(&request, body)
     }
 
     /// ASYNC: queues the message into its queue's open batch and returns at once; `callback`
     /// runs (on a client thread) with the message's own offset once the batch is acked or has
-    /// failed for good. Blocks only when `max_in_flight_batches` are in flight.
+    /// failed for good. Blocks only when `max_in_flight_batches` are in flight, or the queue's
+    /// window is full.
     pub fn send_async(
         &self,
         topic: &str,
@@ -295,7 +332,7 @@ impl Drop for Producer {
     fn drop(&mut self) {
         self.flush();
         self.inner.stopping.store(true, Ordering::Release);
-        self.inner.retry_tx.lock().expect("retry lock").take();
+        self.inner.keeper_tx.lock().expect("keeper lock").take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -343,13 +380,13 @@ impl Inner {
         })
     }
 
-    /// Encodes the batch and reserves its sequence numbers.
-    fn prepare(
+    /// Chooses the queue and encodes the batch: (queue, message count, body).
+    fn encode(
         &self,
         topic: &str,
         selector: QueueSelector<'_>,
         messages: &[Message],
-    ) -> Result<PreparedSend, ClientError> {
+    ) -> Result<(u32, u32, Bytes), ClientError> {
         if messages.is_empty() {
             return Err(ClientError::InvalidArgument("an empty batch".into()));
         }
@@ -363,56 +400,31 @@ impl Inner {
                 .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         }
         let count = builder.count();
-        Ok(self.prepared(topic, queue, count, buf.freeze()))
+        Ok((queue, count, buf.freeze()))
     }
 
-    fn prepared(&self, topic: &str, queue: u32, count: u32, body: Bytes) -> PreparedSend {
-        let base_sequence = if self.config.idempotent {
-            let mut seqs = self.sequences.lock().expect("seq lock");
-            let next = seqs.entry((topic.to_string(), queue)).or_insert(0);
-            let base = *next;
-            *next = next.wrapping_add(count);
-            base
-        } else {
-            0
-        };
-        PreparedSend {
-            topic: topic.to_string(),
-            queue,
-            count,
-            base_sequence,
-            body,
-        }
-    }
-
-    fn request(&self, send: &PreparedSend) -> Request {
+    fn request(
+        &self,
+        topic: &str,
+        queue: u32,
+        producer_id: u64,
+        epoch: u16,
+        base_sequence: u32,
+        count: u32,
+    ) -> Request {
         Request::Produce(ProduceRequest {
-            topic: send.topic.clone(),
-            queue: Some(send.queue),
-            producer_id: if self.config.idempotent {
-                self.producer_id
-            } else {
-                0
-            },
-            producer_epoch: 0,
-            base_sequence: send.base_sequence,
-            message_count: send.count,
+            topic: topic.to_string(),
+            queue: Some(queue),
+            producer_id,
+            producer_epoch: epoch,
+            base_sequence,
+            message_count: count,
             timeout_ms: self
                 .config
                 .request_timeout
                 .as_millis()
                 .min(u32::MAX as u128) as u32,
         })
-    }
-
-    fn attempt_sync(&self, send: &PreparedSend) -> Result<ProduceAck, ClientError> {
-        let conn = self.cluster.connection_for(&send.topic, send.queue)?;
-        let outcome = conn.call(
-            &self.request(send),
-            send.body.clone(),
-            self.config.request_timeout,
-        );
-        self.after_attempt(conn.peer(), outcome)
     }
 
     fn after_attempt(
@@ -435,17 +447,6 @@ impl Inner {
         }
     }
 
-    fn should_retry(&self, e: &ClientError, attempt: u32) -> bool {
-        if attempt >= self.config.retries {
-            return false;
-        }
-        // With pipelined idempotent sends, a retried batch can overtake an earlier one that is
-        // still being retried; the broker then reports a sequence gap, which resolves once the
-        // earlier batch lands.
-        let gap = self.config.idempotent && e.code() == Some(ErrorCode::OutOfOrderSequence);
-        e.is_retriable() || gap
-    }
-
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self
             .config
@@ -457,66 +458,40 @@ impl Inner {
         base.mul_f64(jitter)
     }
 
-    /// Sends a batch asynchronously; retries go through the retry thread.
-    fn send_async_attempt(
-        self: &Arc<Self>,
-        send: PreparedSend,
-        attempt: u32,
-        on_done: Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>,
-    ) {
-        let conn = match self.cluster.connection_for(&send.topic, send.queue) {
-            Ok(c) => c,
-            Err(e) => return self.retry_or_finish(send, attempt, e, on_done),
-        };
-        let me = self.clone();
-        let peer = conn.peer().to_string();
-        let retry_copy = send.clone();
-        let sent =
-            conn.send_callback(
-                &self.request(&send),
-                send.body.clone(),
-                move |outcome| match me.after_attempt(&peer, outcome) {
-                    Ok(ack) => on_done(Ok(ack)),
-                    Err(e) => me.retry_or_finish(retry_copy, attempt, e, on_done),
-                },
-            );
-        // On a failed write the callback has already run with the error.
-        let _ = sent;
+    fn lane(&self, topic: &str, queue: u32) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        lanes
+            .entry((topic.to_string(), queue))
+            .or_insert_with(|| {
+                Arc::new(Lane {
+                    topic: topic.to_string(),
+                    queue,
+                    wire: Mutex::new(()),
+                    state: Mutex::new(LaneState {
+                        epoch: 0,
+                        next_sequence: 0,
+                        window: VecDeque::new(),
+                        round: 0,
+                        resume_at: None,
+                        failures: 0,
+                    }),
+                    room: Condvar::new(),
+                })
+            })
+            .clone()
     }
 
-    fn retry_or_finish(
-        &self,
-        send: PreparedSend,
-        attempt: u32,
-        e: ClientError,
-        on_done: Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>,
+    /// Puts a batch into its queue's lane (reserving its sequence) and writes what the lane
+    /// may write. Blocks while `max_in_flight_batches` are in flight or the lane's window is
+    /// full. `on_done` runs exactly once, on a client thread.
+    fn enqueue(
+        inner: &Arc<Inner>,
+        topic: &str,
+        queue: u32,
+        count: u32,
+        body: Bytes,
+        on_done: BatchCallback,
     ) {
-        if self.should_retry(&e, attempt) {
-            let job = RetryJob {
-                due: Instant::now() + self.backoff(attempt),
-                attempt: attempt + 1,
-                send,
-                on_done,
-            };
-            let tx = self.retry_tx.lock().expect("retry lock").clone();
-            // No retry thread (the producer is being dropped): fail now.
-            let job = match tx {
-                Some(tx) => match tx.send(job) {
-                    Ok(()) => return,
-                    Err(mpsc::SendError(job)) => job,
-                },
-                None => job,
-            };
-            (job.on_done)(Err(e));
-            return;
-        }
-        on_done(Err(e));
-    }
-
-    /// Reserves the batch's sequences and writes its first attempt. The caller holds
-    /// `send_order` from taking the batch out of `batches` until here, so batches of a queue
-    /// leave in the order they were filled, with increasing sequences.
-    fn dispatch_batch(inner: &Arc<Inner>, key: (String, u32), batch: OpenBatch) {
         {
             let (lock, cv) = &inner.in_flight;
             let mut n = lock.lock().expect("in-flight lock");
@@ -525,12 +500,263 @@ impl Inner {
             }
             *n += 1;
         }
-        let send = inner.prepared(&key.0, key.1, batch.count, batch.buf.freeze());
-        let callbacks = batch.callbacks;
         let me = inner.clone();
-        inner.send_async_attempt(
-            send,
-            0,
+        let on_done: BatchCallback = Box::new(move |outcome| {
+            on_done(outcome);
+            let (lock, cv) = &me.in_flight;
+            *lock.lock().expect("in-flight lock") -= 1;
+            cv.notify_all();
+        });
+        let lane = inner.lane(topic, queue);
+        {
+            let mut st = lane.state.lock().expect("lane lock");
+            while st.window.len() >= PRODUCER_WINDOW_BATCHES {
+                st = lane.room.wait(st).expect("lane lock");
+            }
+            let base_sequence = if inner.config.idempotent {
+                let s = st.next_sequence;
+                st.next_sequence = s.wrapping_add(count);
+                s
+            } else {
+                0
+            };
+            let epoch = st.epoch;
+            st.window.push_back(Slot {
+                id: inner.next_slot_id.fetch_add(1, Ordering::Relaxed),
+                epoch,
+                base_sequence,
+                count,
+                body,
+                written: None,
+                done: false,
+                on_done: Some(on_done),
+            });
+        }
+        Inner::pump(inner, &lane);
+    }
+
+    /// Writes every batch of the lane not yet written in its current round, in window order,
+    /// unless the lane is backing off.
+    fn pump(inner: &Arc<Inner>, lane: &Arc<Lane>) {
+        let _wire = lane.wire.lock().expect("lane wire lock");
+        loop {
+            let (round, id, request, body) = {
+                let mut st = lane.state.lock().expect("lane lock");
+                if st.resume_at.is_some() {
+                    return;
+                }
+                let round = st.round;
+                let Some(slot) = st
+                    .window
+                    .iter_mut()
+                    .find(|s| !s.done && s.written.map_or(true, |(r, _)| r != round))
+                else {
+                    return;
+                };
+                slot.written = Some((round, Instant::now()));
+                let producer_id = if inner.config.idempotent {
+                    inner.producer_id
+                } else {
+                    0
+                };
+                let request = inner.request(
+                    &lane.topic,
+                    lane.queue,
+                    producer_id,
+                    slot.epoch,
+                    slot.base_sequence,
+                    slot.count,
+                );
+                (round, slot.id, request, slot.body.clone())
+            };
+            let conn = match inner.cluster.connection_for(&lane.topic, lane.queue) {
+                Ok(c) => c,
+                Err(e) => {
+                    inner.on_outcome(lane, id, round, Err(e));
+                    continue;
+                }
+            };
+            let me = inner.clone();
+            let lane2 = lane.clone();
+            let peer = conn.peer().to_string();
+            // A failed write has already completed the callback with the error.
+            let _ = conn.send_callback(&request, body, move |outcome| {
+                let outcome = me.after_attempt(&peer, outcome);
+                me.on_outcome(&lane2, id, round, outcome);
+            });
+        }
+    }
+
+    /// The outcome of one attempt of batch `id`, written in `round`.
+    fn on_outcome(
+        &self,
+        lane: &Lane,
+        id: u64,
+        round: u64,
+        outcome: Result<ProduceAck, ClientError>,
+    ) {
+        let mut finished: Vec<(BatchCallback, Result<ProduceAck, ClientError>)> = Vec::new();
+        let mut scheduled = false;
+        {
+            let mut st = lane.state.lock().expect("lane lock");
+            let Some(i) = st.window.iter().position(|s| s.id == id && !s.done) else {
+                return; // already acked, or failed with its window
+            };
+            match outcome {
+                Ok(ack) => {
+                    let slot = &mut st.window[i];
+                    slot.done = true;
+                    let cb = slot
+                        .on_done
+                        .take()
+                        .expect("an unfinished batch has a callback");
+                    finished.push((cb, Ok(ack)));
+                    st.failures = 0;
+                }
+                // The lane started over since this attempt: the batch is re-sent anyway.
+                Err(_) if round != st.round => return,
+                Err(e) if e.is_retriable() && st.failures < self.config.retries => {
+                    let wait = self.backoff(st.failures);
+                    st.failures += 1;
+                    st.round += 1;
+                    st.resume_at = Some(Instant::now() + wait);
+                    scheduled = true;
+                }
+                Err(e) => {
+                    // Every batch of the window fails: the ones after this one cannot be
+                    // stored under this epoch (the broker takes a queue's batches in order
+                    // only). A new epoch restarts the sequence, so later batches are not
+                    // refused for the hole.
+                    let failed = st.window[i].base_sequence;
+                    for slot in st.window.iter_mut().filter(|s| !s.done) {
+                        slot.done = true;
+                        let cb = slot
+                            .on_done
+                            .take()
+                            .expect("an unfinished batch has a callback");
+                        let err = if slot.id == id {
+                            clone_error(&e)
+                        } else {
+                            ClientError::Unexpected(format!(
+                                "not acknowledged: batch at sequence {failed} of queue {} \
+                                 failed before it: {e}",
+                                lane.queue
+                            ))
+                        };
+                        finished.push((cb, Err(err)));
+                    }
+                    st.epoch = st.epoch.wrapping_add(1);
+                    st.next_sequence = 0;
+                    st.round += 1;
+                    st.failures = 0;
+                    st.resume_at = None;
+                }
+            }
+            let before = st.window.len();
+            while st.window.front().is_some_and(|s| s.done) {
+                st.window.pop_front();
+            }
+            if st.window.len() < before {
+                lane.room.notify_all();
+            }
+        }
+        if scheduled {
+            if let Some(tx) = self.keeper_tx.lock().expect("keeper lock").as_ref() {
+                let _ = tx.send(());
+            }
+        }
+        for (cb, outcome) in finished {
+            cb(outcome);
+        }
+    }
+
+    /// The keeper's look at one lane: start a due round, or time out an unanswered batch.
+    /// Returns when it next needs a look, if it has something scheduled.
+    fn keep(inner: &Arc<Inner>, lane: &Arc<Lane>, now: Instant) -> Option<Instant> {
+        enum Due {
+            Nothing,
+            Resume,
+            TimedOut(u64, u64),
+        }
+        let due = {
+            let mut st = lane.state.lock().expect("lane lock");
+            match st.resume_at {
+                Some(t) if t <= now => {
+                    st.resume_at = None;
+                    Due::Resume
+                }
+                Some(t) => return Some(t),
+                None => {
+                    let round = st.round;
+                    let timeout = inner.config.request_timeout;
+                    match st.window.iter().find(|s| !s.done) {
+                        Some(Slot {
+                            id,
+                            written: Some((r, at)),
+                            ..
+                        }) if *r == round && now.duration_since(*at) >= timeout => {
+                            Due::TimedOut(*id, round)
+                        }
+                        _ => Due::Nothing,
+                    }
+                }
+            }
+        };
+        match due {
+            Due::Nothing => None,
+            Due::Resume => {
+                Inner::pump(inner, lane);
+                None
+            }
+            Due::TimedOut(id, round) => {
+                // The connection is presumed dead: drop it (its other requests fail, and
+                // their lanes start over too) and start this lane over.
+                if let Ok(addr) = inner.cluster.owner_address(&lane.topic, lane.queue) {
+                    inner.cluster.forget(&addr);
+                }
+                let timeout = inner.config.request_timeout;
+                inner.on_outcome(lane, id, round, Err(ClientError::Timeout(timeout)));
+                Some(now)
+            }
+        }
+    }
+
+    /// Sends the open batch of `key`, if any (another thread may have sent it already).
+    fn flush_key(inner: &Arc<Inner>, key: &(String, u32)) {
+        let _order = inner.fill_order.lock().expect("fill order lock");
+        let batch = inner.batches.lock().expect("batches lock").remove(key);
+        if let Some(batch) = batch {
+            Inner::dispatch_batch(inner, key, batch);
+        }
+    }
+
+    fn flush_open_batches(inner: &Arc<Inner>, older_than: Duration) {
+        let _order = inner.fill_order.lock().expect("fill order lock");
+        let due: Vec<((String, u32), OpenBatch)> = {
+            let mut batches = inner.batches.lock().expect("batches lock");
+            let keys: Vec<(String, u32)> = batches
+                .iter()
+                .filter(|(_, b)| b.opened.elapsed() >= older_than)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| batches.remove(&k).map(|b| (k, b)))
+                .collect()
+        };
+        for (key, batch) in due {
+            Inner::dispatch_batch(inner, &key, batch);
+        }
+    }
+
+    /// Hands a full or lingered ASYNC batch to its lane; the caller holds `fill_order`.
+    fn dispatch_batch(inner: &Arc<Inner>, key: &(String, u32), batch: OpenBatch) {
+        let callbacks = batch.callbacks;
+        Inner::enqueue(
+            inner,
+            &key.0,
+            key.1,
+            batch.count,
+            batch.buf.freeze(),
             Box::new(move |outcome| {
                 for (i, cb) in callbacks.into_iter().enumerate() {
                     cb(match &outcome {
@@ -545,38 +771,8 @@ impl Inner {
                         Err(e) => Err(clone_error(e)),
                     });
                 }
-                let (lock, cv) = &me.in_flight;
-                *lock.lock().expect("in-flight lock") -= 1;
-                cv.notify_all();
             }),
         );
-    }
-
-    /// Sends the open batch of `key`, if any (another thread may have sent it already).
-    fn flush_key(inner: &Arc<Inner>, key: &(String, u32)) {
-        let _order = inner.send_order.lock().expect("send order lock");
-        let batch = inner.batches.lock().expect("batches lock").remove(key);
-        if let Some(batch) = batch {
-            Inner::dispatch_batch(inner, key.clone(), batch);
-        }
-    }
-
-    fn flush_open_batches(inner: &Arc<Inner>, older_than: Duration) {
-        let _order = inner.send_order.lock().expect("send order lock");
-        let due: Vec<((String, u32), OpenBatch)> = {
-            let mut batches = inner.batches.lock().expect("batches lock");
-            let keys: Vec<(String, u32)> = batches
-                .iter()
-                .filter(|(_, b)| b.opened.elapsed() >= older_than)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| batches.remove(&k).map(|b| (k, b)))
-                .collect()
-        };
-        for (key, batch) in due {
-            Inner::dispatch_batch(inner, key, batch);
-        }
     }
 }
 
@@ -603,17 +799,35 @@ fn linger_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
-fn retry_loop(inner: std::sync::Weak<Inner>, rx: mpsc::Receiver<RetryJob>) {
-    while let Ok(job) = rx.recv() {
-        let now = Instant::now();
-        if job.due > now {
-            std::thread::sleep(job.due - now);
-        }
-        match inner.upgrade() {
-            Some(inner) => inner.send_async_attempt(job.send, job.attempt, job.on_done),
-            None => (job.on_done)(Err(ClientError::ConnectionClosed(
-                "producer dropped".into(),
-            ))),
+/// Starts due rounds and times out unanswered batches, for every lane.
+fn keeper_loop(inner: Weak<Inner>, wake: mpsc::Receiver<()>) {
+    /// Longest sleep between looks: the granularity of the request deadline.
+    const TICK: Duration = Duration::from_millis(100);
+    loop {
+        let next = {
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let lanes: Vec<Arc<Lane>> = inner
+                .lanes
+                .lock()
+                .expect("lanes lock")
+                .values()
+                .cloned()
+                .collect();
+            let now = Instant::now();
+            let mut next = now + TICK;
+            for lane in &lanes {
+                if let Some(t) = Inner::keep(&inner, lane, now) {
+                    next = next.min(t);
+                }
+            }
+            next
+        };
+        match wake.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::fmt;
 /// Stable numeric status carried in the `status` field of a response preamble.
 ///
 /// Numbers are grouped by decade: 1–9 framing, 20s metadata, 30s broker resources, 40s data,
-/// 50s replication, 60s lifecycle. `0` is success and only ever appears in successful responses.
+/// 50s replication, 60s lifecycle, 70s idempotent producers. `0` is success and only ever appears in successful responses.
 ///
 /// Retired numbers (never reuse): none yet.
 ///
@@ -77,6 +77,13 @@ pub enum ErrorCode {
     ReplicationRefused = 53,
     /// The broker is shutting down; retry on another broker or after restart.
     ShuttingDown = 60,
+    /// Idempotent producer: the batch is ahead of the next expected sequence (an earlier batch
+    /// has not arrived). Retriable: re-send every unacknowledged batch of the queue, in
+    /// sequence order, from the earliest.
+    SequenceGap = 70,
+    /// Idempotent producer: the batch's producer epoch is older than one the broker has seen
+    /// for this producer and queue; a newer incarnation took over. Not retriable.
+    ProducerFenced = 71,
     /// A number this build does not know, kept as received. The discriminant is a placeholder:
     /// use [`ErrorCode::as_u16`], which returns the carried value.
     Unknown(u16) = u16::MAX,
@@ -84,7 +91,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, in numeric order. Used by tests to pin the numbers.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::Ok,
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
@@ -111,6 +118,8 @@ impl ErrorCode {
         ErrorCode::NotMaster,
         ErrorCode::ReplicationRefused,
         ErrorCode::ShuttingDown,
+        ErrorCode::SequenceGap,
+        ErrorCode::ProducerFenced,
     ];
 
     /// The number sent on the wire.
@@ -142,6 +151,8 @@ impl ErrorCode {
             ErrorCode::NotMaster => 52,
             ErrorCode::ReplicationRefused => 53,
             ErrorCode::ShuttingDown => 60,
+            ErrorCode::SequenceGap => 70,
+            ErrorCode::ProducerFenced => 71,
             ErrorCode::Unknown(n) => n,
         }
     }
@@ -175,6 +186,8 @@ impl ErrorCode {
             52 => ErrorCode::NotMaster,
             53 => ErrorCode::ReplicationRefused,
             60 => ErrorCode::ShuttingDown,
+            70 => ErrorCode::SequenceGap,
+            71 => ErrorCode::ProducerFenced,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -190,6 +203,7 @@ impl ErrorCode {
                 | ErrorCode::FlushSlaveTimeout
                 | ErrorCode::SlaveNotAvailable
                 | ErrorCode::ShuttingDown
+                | ErrorCode::SequenceGap
         )
     }
 
@@ -222,6 +236,8 @@ impl ErrorCode {
             ErrorCode::NotMaster => "NOT_MASTER",
             ErrorCode::ReplicationRefused => "REPLICATION_REFUSED",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            ErrorCode::SequenceGap => "SEQUENCE_GAP",
+            ErrorCode::ProducerFenced => "PRODUCER_FENCED",
             ErrorCode::Unknown(_) => "UNKNOWN",
         }
     }
@@ -395,9 +411,9 @@ mod tests {
 
     #[test]
     fn error_code_numbers_are_pinned() {
-        let expected: [u16; 26] = [
+        let expected: [u16; 28] = [
             0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24, 30, 31, 32, 33, 40, 41, 42, 43, 50, 51, 52,
-            53, 60,
+            53, 60, 70, 71,
         ];
         let got: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
         assert_eq!(got, expected);
@@ -428,6 +444,7 @@ mod tests {
                 ErrorCode::FlushSlaveTimeout,
                 ErrorCode::SlaveNotAvailable,
                 ErrorCode::ShuttingDown,
+                ErrorCode::SequenceGap,
             ]
         );
     }

@@ -28,6 +28,14 @@ pub const MAX_FRAME_BYTES: usize =
 /// 24-byte messages would otherwise be ~700 000 messages).
 pub const MAX_BATCH_MESSAGES: u32 = 65_536;
 
+/// Batches of one queue an idempotent producer may have sent and not yet seen acknowledged,
+/// and so the batches per producer and queue the broker remembers for de-duplication. Shared
+/// by both sides so that every batch a producer may retry is still in the broker's window: a
+/// retry of any of them gets its original offsets. 128 batches of the client's default 64 KiB
+/// are 8 MiB in flight per queue, far more than one queue's pipeline needs on one disk; the
+/// broker's cost is 128 × 32 bytes = 4 KiB per producer and queue.
+pub const PRODUCER_WINDOW_BATCHES: usize = 128;
+
 /// Most entries in an epoch history (ReplFollow request and response). A shard gains one entry
 /// per promotion, so a thousand is decades of failovers; at 16 bytes each the history stays at
 /// 16 KiB, a quarter of [`MAX_HEADER_BYTES`], leaving room for the rest of the header. Checked

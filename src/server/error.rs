@@ -62,6 +62,8 @@ fn storage_code(e: &StorageError) -> ErrorCode {
     match e {
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+        StorageError::SequenceGap { .. } => ErrorCode::SequenceGap,
+        StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
         StorageError::RecordTooLarge { .. } => ErrorCode::MessageTooLarge,
         _ => ErrorCode::StorageError,
     }

@@ -34,6 +34,15 @@ pub enum StorageError {
         expected: u32,
         got: u32,
     },
+    /// An idempotent producer's batch is ahead of the next expected sequence: an earlier batch
+    /// has not arrived (lost with a connection, or refused). Retriable: the producer re-sends
+    /// from its earliest unacknowledged batch.
+    #[error("producer {producer_id}: sequence gap, expected {expected}, got {got}; re-send from the earliest unacknowledged batch")]
+    SequenceGap {
+        producer_id: u64,
+        expected: u32,
+        got: u32,
+    },
     /// An idempotent producer used an epoch older than the one already seen.
     #[error("producer {producer_id}: epoch {epoch} is fenced by epoch {current_epoch}")]
     ProducerFenced {

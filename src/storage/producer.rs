@@ -1,22 +1,34 @@
-//! Idempotent producers: per (producer id, queue) the last few stored batches, so a retry of a
-//! stored batch returns its original offsets instead of being stored twice. Rebuilt from the
-//! record headers at open, so it survives restarts.
+//! Idempotent producers: per (producer id, queue) the window of recently stored batches, so a
+//! retry of a stored batch returns its original offsets instead of being stored twice. Rebuilt
+//! from the record headers at open, so it survives restarts.
+//!
+//! The window is [`PRODUCER_WINDOW_BATCHES`] batches, a constant the client shares: a producer
+//! never has more batches of one queue unacknowledged than that, so every batch it may retry is
+//! still in the window (issue 11 item 6: the broker kept 5 while the client kept up to 1024 in
+//! flight, and a retry of an older stored batch failed).
 //!
 //! Rules for a batch `(epoch, base_sequence, count)`:
 //! - unknown producer for this queue, or a newer epoch: accepted (the sequence restarts);
 //! - older epoch: `ProducerFenced`;
-//! - same `(base_sequence, count)` as one of the last [`BATCHES_KEPT`] batches: duplicate;
-//! - `base_sequence == last + 1`: accepted;
-//! - anything else: `OutOfOrderSequence { expected: last + 1 }`.
+//! - `base_sequence == next expected`: accepted (checked first: the common case costs nothing);
+//! - `base_sequence` and `count` of a batch in the window: duplicate, with its original offsets;
+//! - ahead of the next expected one: `SequenceGap` (retriable: an earlier batch has not arrived,
+//!   the producer re-sends from its earliest unacknowledged batch);
+//! - anything else (older than the window, or not a stored batch's boundaries):
+//!   `OutOfOrderSequence`, not retriable.
 //!
-//! Sequences are u32 and wrap (wrapping arithmetic).
+//! Sequences are u32 and wrap (wrapping arithmetic); "ahead" means less than 2^31 ahead.
+//!
+//! Memory: at most [`PRODUCER_WINDOW_BATCHES`] × 32 bytes of batch metadata (4 KiB) per
+//! producer and queue it wrote to, plus the map entry; a producer that wrote a few batches holds
+//! only those. Producers are not expired yet (a table of many short-lived producers grows by
+//! their entries).
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::storage::error::StorageError;
 
-/// How many recent batches per producer and queue are remembered (Kafka keeps 5 too).
-pub const BATCHES_KEPT: usize = 5;
+pub use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BatchMeta {
@@ -29,9 +41,19 @@ pub(crate) struct BatchMeta {
 
 struct ProducerState {
     epoch: u16,
+    /// In sequence order, each batch starting where the previous one ended (only the next
+    /// expected sequence is ever accepted within an epoch).
     batches: VecDeque<BatchMeta>,
 }
 
+impl ProducerState {
+    fn next_expected(&self) -> u32 {
+        let last = self.batches.back().expect("state has a batch");
+        last.base_seq.wrapping_add(last.count)
+    }
+}
+
+#[derive(Debug)]
 pub(crate) enum SeqCheck {
     Accept,
     Duplicate(BatchMeta),
@@ -64,24 +86,38 @@ impl ProducerTable {
         if epoch > s.epoch {
             return Ok(SeqCheck::Accept);
         }
-        if let Some(b) = s
-            .batches
-            .iter()
-            .find(|b| b.base_seq == base_seq && b.count == count)
-        {
-            return Ok(SeqCheck::Duplicate(*b));
-        }
-        let last = s.batches.back().expect("state has a batch");
-        let expected = last.base_seq.wrapping_add(last.count);
+        let expected = s.next_expected();
         if base_seq == expected {
-            Ok(SeqCheck::Accept)
-        } else {
-            Err(StorageError::OutOfOrderSequence {
+            return Ok(SeqCheck::Accept);
+        }
+        let ahead = base_seq.wrapping_sub(expected);
+        if ahead < 1 << 31 {
+            return Err(StorageError::SequenceGap {
                 producer_id,
                 expected,
                 got: base_seq,
-            })
+            });
         }
+        // Behind: a retry. The window is contiguous, so the batch is found by its distance
+        // from the window's first sequence.
+        let first = s.batches.front().expect("state has a batch").base_seq;
+        let from_first = base_seq.wrapping_sub(first);
+        let span = expected.wrapping_sub(first);
+        if from_first < span {
+            let i = s
+                .batches
+                .partition_point(|b| b.base_seq.wrapping_sub(first) < from_first);
+            if let Some(b) = s.batches.get(i) {
+                if b.base_seq == base_seq && b.count == count {
+                    return Ok(SeqCheck::Duplicate(*b));
+                }
+            }
+        }
+        Err(StorageError::OutOfOrderSequence {
+            producer_id,
+            expected,
+            got: base_seq,
+        })
     }
 
     pub fn record(&mut self, producer_id: u64, queue_uid: u32, epoch: u16, meta: BatchMeta) {
@@ -90,13 +126,13 @@ impl ProducerTable {
             .entry((producer_id, queue_uid))
             .or_insert_with(|| ProducerState {
                 epoch,
-                batches: VecDeque::with_capacity(BATCHES_KEPT),
+                batches: VecDeque::new(),
             });
         if epoch != s.epoch {
             s.epoch = epoch;
             s.batches.clear();
         }
-        if s.batches.len() == BATCHES_KEPT {
+        if s.batches.len() == PRODUCER_WINDOW_BATCHES {
             s.batches.pop_front();
         }
         s.batches.push_back(meta);
@@ -104,5 +140,267 @@ impl ProducerTable {
 
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// Keeps appends in arrival order across the one await of an append (waiting for room in the
+/// log: writes in flight at their cap, or the next segment not prepared yet).
+///
+/// Why: the de-dup table accepts a producer's batches of a queue only in sequence order, and a
+/// pipelined producer sends them in order on one connection. Without this gate a batch that
+/// arrives while an earlier one waits for room can find room first (the waiter is only woken,
+/// not yet run) and be appended before it: the broker then answers the later batch with a
+/// sequence gap, and a pipelined producer with hundreds of batches in flight cascades into
+/// retries (issue 11 item 8: a long `ringmq produce --mode async` stalled, then failed with
+/// OUT_OF_ORDER_SEQUENCE).
+///
+/// Only the appender at the front of the line waits for room; the others wait for their turn,
+/// and each is woken alone when it reaches the front (no thundering herd). Cancel-safe: a
+/// dropped ticket leaves the line and wakes the next one.
+#[derive(Default)]
+pub(crate) struct AppendOrder {
+    line: std::cell::RefCell<AppendLine>,
+}
+
+#[derive(Default)]
+struct AppendLine {
+    next_ticket: u64,
+    waiting: VecDeque<(u64, Option<std::task::Waker>)>,
+}
+
+/// A place in the line; the append proceeds while it is held and is done when it is dropped.
+pub(crate) struct AppendTicket<'a> {
+    order: &'a AppendOrder,
+    ticket: u64,
+}
+
+impl AppendOrder {
+    /// Joins the line and resolves once every earlier appender has finished (at once, without
+    /// yielding, when nobody is ahead).
+    pub async fn turn(&self) -> AppendTicket<'_> {
+        let ticket = {
+            let mut line = self.line.borrow_mut();
+            let t = line.next_ticket;
+            line.next_ticket += 1;
+            line.waiting.push_back((t, None));
+            t
+        };
+        let held = AppendTicket {
+            order: self,
+            ticket,
+        };
+        std::future::poll_fn(|cx| {
+            let mut line = self.line.borrow_mut();
+            if line.waiting.front().map(|(t, _)| *t) == Some(ticket) {
+                return std::task::Poll::Ready(());
+            }
+            if let Some(entry) = line.waiting.iter_mut().find(|(t, _)| *t == ticket) {
+                entry.1 = Some(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        held
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.line.borrow().waiting.len()
+    }
+}
+
+impl Drop for AppendTicket<'_> {
+    fn drop(&mut self) {
+        let next = {
+            let mut line = self.order.line.borrow_mut();
+            if line.waiting.front().map(|(t, _)| *t) == Some(self.ticket) {
+                line.waiting.pop_front();
+                line.waiting.front_mut().and_then(|(_, w)| w.take())
+            } else {
+                // Cancelled while waiting: leave the line; the front is unaffected.
+                line.waiting.retain(|(t, _)| *t != self.ticket);
+                None
+            }
+        };
+        if let Some(w) = next {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll};
+
+    fn meta(base_seq: u32, count: u32, base_offset: u64) -> BatchMeta {
+        BatchMeta {
+            base_seq,
+            count,
+            base_offset,
+            position: base_offset * 100,
+            end: (base_offset + u64::from(count)) * 100,
+        }
+    }
+
+    /// Stores `n` batches of `count` messages from `first_seq` on, at queue offsets 1000, ...
+    fn stored(table: &mut ProducerTable, first_seq: u32, n: usize, count: u32) -> Vec<BatchMeta> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let seq = first_seq.wrapping_add(i as u32 * count);
+            assert!(matches!(
+                table.check(7, 1, 0, seq, count).unwrap(),
+                SeqCheck::Accept
+            ));
+            let m = meta(seq, count, 1000 + (i as u64) * u64::from(count));
+            table.record(7, 1, 0, m);
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn a_retry_of_any_batch_in_the_window_gets_its_original_offsets() {
+        let mut table = ProducerTable::default();
+        let batches = stored(&mut table, 0, PRODUCER_WINDOW_BATCHES, 3);
+        for b in &batches {
+            match table.check(7, 1, 0, b.base_seq, b.count).unwrap() {
+                SeqCheck::Duplicate(m) => assert_eq!(m, *b),
+                SeqCheck::Accept => panic!("batch {} accepted twice", b.base_seq),
+            }
+        }
+    }
+
+    #[test]
+    fn the_window_holds_exactly_the_shared_constant_of_batches() {
+        let mut table = ProducerTable::default();
+        let batches = stored(&mut table, 0, PRODUCER_WINDOW_BATCHES + 10, 1);
+        let s = &table.map[&(7, 1)];
+        assert_eq!(s.batches.len(), PRODUCER_WINDOW_BATCHES, "memory bound");
+        // The 10 oldest fell out: a retry of one is refused, not stored again.
+        let e = table.check(7, 1, 0, batches[9].base_seq, 1).unwrap_err();
+        assert!(matches!(e, StorageError::OutOfOrderSequence { .. }), "{e}");
+        let oldest_kept = batches[10];
+        assert!(matches!(
+            table.check(7, 1, 0, oldest_kept.base_seq, 1).unwrap(),
+            SeqCheck::Duplicate(m) if m == oldest_kept
+        ));
+    }
+
+    #[test]
+    fn a_batch_ahead_is_a_retriable_gap_and_a_misaligned_retry_is_refused() {
+        let mut table = ProducerTable::default();
+        stored(&mut table, 0, 4, 10);
+        let e = table.check(7, 1, 0, 50, 10).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StorageError::SequenceGap {
+                    expected: 40,
+                    got: 50,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Inside a stored batch, or its start with another count: not that batch.
+        for (seq, count) in [(15, 10), (10, 9)] {
+            let e = table.check(7, 1, 0, seq, count).unwrap_err();
+            assert!(matches!(e, StorageError::OutOfOrderSequence { .. }), "{e}");
+        }
+        assert!(matches!(
+            table.check(7, 1, 0, 40, 10).unwrap(),
+            SeqCheck::Accept
+        ));
+    }
+
+    #[test]
+    fn sequences_wrap_around_u32() {
+        let mut table = ProducerTable::default();
+        let batches = stored(&mut table, u32::MAX - 15, 8, 4);
+        for b in &batches {
+            assert!(matches!(
+                table.check(7, 1, 0, b.base_seq, b.count).unwrap(),
+                SeqCheck::Duplicate(m) if m == *b
+            ));
+        }
+        assert!(matches!(
+            table.check(7, 1, 0, 16, 4).unwrap(),
+            SeqCheck::Accept
+        ));
+        assert!(matches!(
+            table.check(7, 1, 0, 20, 4).unwrap_err(),
+            StorageError::SequenceGap { expected: 16, .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_epoch_is_fenced_and_a_newer_one_restarts_the_sequence() {
+        let mut table = ProducerTable::default();
+        table.record(7, 1, 3, meta(0, 1, 0));
+        assert!(matches!(
+            table.check(7, 1, 2, 1, 1).unwrap_err(),
+            StorageError::ProducerFenced {
+                epoch: 2,
+                current_epoch: 3,
+                ..
+            }
+        ));
+        assert!(matches!(
+            table.check(7, 1, 4, 99, 1).unwrap(),
+            SeqCheck::Accept
+        ));
+    }
+
+    #[test]
+    fn appends_wait_for_every_earlier_one_and_a_cancelled_wait_leaves_the_line() {
+        let order = AppendOrder::default();
+        let first = order.turn().now_or_never().expect("nobody ahead: no wait");
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut second = Box::pin(order.turn());
+        let mut third = pin!(order.turn());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        assert!(third.as_mut().poll(&mut cx).is_pending());
+        // The second appender gives up (its connection closed): the third still waits for the
+        // first, then goes.
+        drop(second);
+        assert!(third.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        match third.as_mut().poll(&mut cx) {
+            Poll::Ready(t) => drop(t),
+            Poll::Pending => panic!("the third appender is at the front"),
+        }
+        assert_eq!(order.waiting(), 0);
+    }
+
+    #[test]
+    fn the_next_in_line_is_woken_when_the_front_finishes() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let order = AppendOrder::default();
+        let first = order.turn().now_or_never().unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut second = pin!(order.turn());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        drop(first);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "a lost wake-up would stall the line"
+        );
+        assert!(second.as_mut().poll(&mut cx).is_ready());
     }
 }

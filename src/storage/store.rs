@@ -18,7 +18,7 @@ use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEn
 use crate::storage::error::StorageError;
 use crate::storage::flush::{run_flusher, Signal};
 use crate::storage::key_index::KeyIndex;
-use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
+use crate::storage::producer::{AppendOrder, BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
 use crate::storage::stream::TailFeed;
@@ -126,6 +126,8 @@ pub(super) struct Inner<B: StorageBackend> {
     pub(super) feed: RefCell<TailFeed>,
     /// Notified after every append.
     pub(super) appended: Signal,
+    /// Appends in arrival order (see `AppendOrder`: producer sequences depend on it).
+    order: AppendOrder,
 }
 
 /// One shard's storage. Cheap to clone (an `Rc` inside); not `Send`.
@@ -235,6 +237,7 @@ impl<B: StorageBackend> ShardStore<B> {
             quarantined: report.quarantined.len() as u64,
             feed: RefCell::new(TailFeed::default()),
             appended: Signal::default(),
+            order: AppendOrder::default(),
         });
         let handle = glommio::spawn_local(run_flusher(log.clone())).detach();
         *inner.flusher.borrow_mut() = Some(handle);
@@ -268,6 +271,7 @@ impl<B: StorageBackend> ShardStore<B> {
         if total > max {
             return Err(StorageError::RecordTooLarge { size: total, max });
         }
+        let _turn = self.inner.order.turn().await;
         log.ensure_room(total).await?;
         // From here on no await: offsets and the log position are assigned together.
         let mut idx = self.inner.idx.borrow_mut();
