@@ -131,6 +131,9 @@ pub struct ServerStats {
     read_buffer_bytes_max: AtomicU64,
     budget_waits: AtomicU64,
     partial_frame_timeouts: AtomicU64,
+    readers_waiting: AtomicU64,
+    requests_in_flight: AtomicU64,
+    requests_handled: AtomicU64,
 }
 
 /// A copy of [`ServerStats`].
@@ -146,6 +149,18 @@ pub struct ServerStatsSnapshot {
     pub budget_waits: u64,
     /// Connections closed because a frame was not complete by its deadline.
     pub partial_frame_timeouts: u64,
+    /// Readers stopped for their budget right now.
+    pub readers_waiting: u64,
+    /// Requests being handled right now.
+    pub requests_in_flight: u64,
+    /// Requests handled since start.
+    pub requests_handled: u64,
+}
+
+// One writer thread per listener: a load and a store, no read-modify-write on the hot path.
+fn add(counter: &AtomicU64, delta: i64) {
+    let now = counter.load(Ordering::Relaxed);
+    counter.store(now.wrapping_add_signed(delta), Ordering::Relaxed);
 }
 
 fn raise(max: &AtomicU64, value: u64) {
@@ -168,12 +183,27 @@ impl ServerStats {
         raise(&self.read_buffer_bytes_max, bytes);
     }
 
-    pub fn count_budget_wait(&self) {
-        self.budget_waits.fetch_add(1, Ordering::Relaxed);
+    /// A reader starts (`true`) or stops (`false`) waiting for room in its budget.
+    pub fn note_waiting(&self, waiting: bool) {
+        if waiting {
+            add(&self.budget_waits, 1);
+            add(&self.readers_waiting, 1);
+        } else {
+            add(&self.readers_waiting, -1);
+        }
     }
 
     pub fn count_partial_frame_timeout(&self) {
-        self.partial_frame_timeouts.fetch_add(1, Ordering::Relaxed);
+        add(&self.partial_frame_timeouts, 1);
+    }
+
+    pub fn request_started(&self) {
+        add(&self.requests_in_flight, 1);
+    }
+
+    pub fn request_finished(&self) {
+        add(&self.requests_in_flight, -1);
+        add(&self.requests_handled, 1);
     }
 
     pub fn snapshot(&self) -> ServerStatsSnapshot {
@@ -184,6 +214,9 @@ impl ServerStats {
             read_buffer_bytes_max: get(&self.read_buffer_bytes_max),
             budget_waits: get(&self.budget_waits),
             partial_frame_timeouts: get(&self.partial_frame_timeouts),
+            readers_waiting: get(&self.readers_waiting),
+            requests_in_flight: get(&self.requests_in_flight),
+            requests_handled: get(&self.requests_handled),
         }
     }
 }

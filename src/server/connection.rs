@@ -194,6 +194,7 @@ impl Conn<'_> {
                     }
                 }
             }
+            // After decoding too: decode reserves room for the rest of a partial frame.
             self.stats.note_read_buffer(buf.capacity() as u64);
             frame_deadline = if buf.is_empty() {
                 None
@@ -208,6 +209,7 @@ impl Conn<'_> {
             }
             let n = self.read(reader, &mut chunk, frame_deadline).await?;
             buf.extend_from_slice(&chunk[..n]);
+            self.stats.note_read_buffer(buf.capacity() as u64);
             if n == chunk.len() && chunk.len() < READ_CHUNK_BYTES {
                 // This connection carries traffic: read in full-size chunks from now on.
                 chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -283,7 +285,7 @@ impl Conn<'_> {
         let reserved = frame.body.len() as u64
             + bounds::response_reserve_bytes(&request, budget.max_record_bytes);
         if !budget.bytes.has_room(reserved) {
-            self.stats.count_budget_wait();
+            self.stats.note_waiting(true);
             let room = budget
                 .bytes
                 .wait_for_room(reserved, || self.outbox.is_broken());
@@ -291,7 +293,9 @@ impl Conn<'_> {
                 let _ = self.stop.acquire(1).await;
                 false
             };
-            if !future::or(room, stopped).await {
+            let got_room = future::or(room, stopped).await;
+            self.stats.note_waiting(false);
+            if !got_room {
                 return Err(if self.outbox.is_broken() {
                     Closed::PeerGone
                 } else {
@@ -305,13 +309,18 @@ impl Conn<'_> {
         let ctx = self.ctx.clone();
         let outbox = self.outbox.clone();
         let budget = budget.clone();
+        let stats = self.stats.clone();
+        stats.request_started();
         glommio::spawn_local(async move {
             let response = handlers::handle_request(&ctx, frame, request).await;
+            // Swap the reservation for the real size; no await in between, so the reader
+            // cannot slip into the gap.
+            budget.bytes.release(reserved);
             if !oneway {
                 outbox.push(&response);
             }
-            budget.bytes.release(reserved);
             drop(request_permit);
+            stats.request_finished();
         })
         .detach();
         Ok(())
