@@ -4,6 +4,7 @@
 //! cargo run --release --example wire_fuzz -- fuzz    --addr 127.0.0.1:10911 --pid PID [--frames 500000] [--connections 256]
 //! cargo run --release --example wire_fuzz -- no-read --addr 127.0.0.1:10911 --pid PID [--seconds 9]
 //! cargo run --release --example wire_fuzz -- trickle --addr 127.0.0.1:10911 --pid PID [--connections 8] [--seconds 30]
+//! cargo run --release --example wire_fuzz -- idle    --addr 127.0.0.1:10911 --pid PID [--connections 2000] [--seconds 5]
 //! ```
 //!
 //! - `fuzz`: many connections send a mix of valid requests (some asking for huge fetches),
@@ -13,6 +14,8 @@
 //!   and never reads the responses.
 //! - `trickle`: connections each send all but the last bytes of a 16 MiB produce frame, then
 //!   one byte every `--trickle-ms` (5000): a broker with a per-read idle timeout keeps them.
+//! - `idle`: a pipelined producer's throughput (1 KiB messages) alone, then with
+//!   `--connections` idle connections open, in the same run.
 //!
 //! Every mode prints the broker's peak RSS (VmHWM) and its RSS at the end (VmRSS), both
 //! before and after the drill, so runs against two builds compare directly.
@@ -130,6 +133,7 @@ fn main() {
         "fuzz" => fuzz(&args),
         "no-read" => no_read(&args),
         "trickle" => trickle(&args),
+        "idle" => idle(&args),
         other => {
             eprintln!("wire_fuzz: unknown mode {other:?}");
             std::process::exit(2);
@@ -386,5 +390,103 @@ fn trickle(args: &Args) -> String {
          after {seconds} s",
         args.trickle_ms,
         conns.len()
+    )
+}
+
+/// Messages a pipelined producer gets acked in `seconds`.
+fn produce_for(addr: &str, seconds: u64) -> u64 {
+    let producer = Producer::connect(addr).expect("producer");
+    let acked = Arc::new(AtomicU64::new(0));
+    let message = Message::new(vec![b'i'; 1024]);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        let acked = acked.clone();
+        producer
+            .send_async(TOPIC, QueueSelector::Queue(0), &message, move |r| {
+                if r.is_ok() {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .expect("send_async");
+    }
+    producer.flush();
+    acked.load(Ordering::Relaxed)
+}
+
+/// CPU time (user + system) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(11) + get(12)
+}
+
+fn idle(args: &Args) -> String {
+    let connections = if args.connections == 0 {
+        2000
+    } else {
+        args.connections
+    };
+    let seconds = if args.seconds == 0 { 5 } else { args.seconds };
+    let idle_cpu = |label: &str| {
+        let t0 = cpu_ticks(args.pid);
+        std::thread::sleep(Duration::from_secs(seconds));
+        let ticks = cpu_ticks(args.pid) - t0;
+        format!(
+            "{label}: broker CPU {:.1} % of a core",
+            ticks as f64 / seconds as f64
+        )
+    };
+    let cpu_alone = idle_cpu("no connections");
+    let (_, rss_before) = rss_kib(args.pid);
+    let idle: Vec<TcpStream> = (0..connections)
+        .filter_map(|_| TcpStream::connect(&args.addr).ok())
+        .collect();
+    let open = idle.len();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, rss_open) = rss_kib(args.pid);
+    let cpu_open = idle_cpu(&format!("{open} idle connections"));
+    // Throughput alternately without and with the idle connections, to average out a noisy
+    // machine; the idle connections are parked in a thread that just holds them.
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let holder = std::thread::spawn(move || {
+        let mut held = Some(idle);
+        while let Ok(keep) = rx.recv() {
+            if !keep {
+                held = None;
+            } else if held.is_none() {
+                break;
+            }
+        }
+        drop(held);
+    });
+    let mut crowded = 0;
+    for _ in 0..3 {
+        crowded += produce_for(&args.addr, seconds);
+    }
+    tx.send(false).expect("holder");
+    drop(tx);
+    let _ = holder.join();
+    let mut alone = 0;
+    for _ in 0..3 {
+        alone += produce_for(&args.addr, seconds);
+    }
+    let per = |n: u64| n / (3 * seconds);
+    format!(
+        "idle: {cpu_alone}; {cpu_open}; RSS {} -> {} with them open ({:.1} KiB each); producer \
+         {} msg/s with them open, {} msg/s after closing them ({:.2}x)",
+        mib(rss_before),
+        mib(rss_open),
+        (rss_open.saturating_sub(rss_before)) as f64 / open.max(1) as f64,
+        per(crowded),
+        per(alone),
+        crowded as f64 / alone.max(1) as f64
     )
 }
