@@ -166,11 +166,13 @@ pub struct Config {
     /// Requests one connection may have in flight before the broker stops reading from it.
     /// Default 4096.
     pub max_inflight_requests_per_connection: u32,
-    /// Bytes of request bodies one connection may have in flight. Default 64 MiB.
+    /// Bytes one connection may make the broker hold: bodies of requests being handled plus
+    /// responses not yet written to its socket (each charged for its largest size before it
+    /// is handled). When spent, the broker stops reading that connection. Default 64 MiB.
     pub max_inflight_bytes_per_connection: u64,
-    /// A connection that leaves a frame half-sent this long is closed (a stalled or hostile
-    /// client must not pin buffers forever). Idle connections between frames are kept. Default
-    /// 10000.
+    /// A frame must arrive whole within this long of its first byte, or the connection is
+    /// closed (a stalled or trickling client must not pin buffers forever; bytes arriving do
+    /// not restart the clock). Idle connections between frames are kept. Default 10000.
     pub partial_frame_timeout_ms: u64,
     /// Refuse (false, default) or allow with a loud warning (true) a data dir on a file system
     /// without O_DIRECT such as tmpfs, where "durable" would mean nothing.

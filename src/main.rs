@@ -88,7 +88,8 @@ struct BrokerArgs {
     /// In-flight requests per connection [default: 4096]
     #[arg(long)]
     max_inflight_requests_per_connection: Option<u32>,
-    /// In-flight body bytes per connection [default: 67108864]
+    /// Bytes per connection held by requests in flight and responses not yet written (a client
+    /// that does not read stops being read) [default: 67108864]
     #[arg(long)]
     max_inflight_bytes_per_connection: Option<u64>,
     /// Close a connection that leaves a frame half-sent this long [default: 10000]

@@ -201,3 +201,30 @@ fn pipelined_requests_on_one_connection_all_get_answers_by_id() {
     ids.sort_unstable();
     assert_eq!(ids, (100..200).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_slave_whose_master_name_does_not_resolve_keeps_serving() {
+    // The follower looks the name up off the executor and treats "no such host" as a link
+    // error to retry, never a panic; the shard goes on answering meanwhile.
+    let tmp = common::data_dir();
+    let cfg = ringmq::config::Config {
+        role: ringmq::replication::Role::Slave,
+        master: Some("no-such-host.invalid:10911".into()),
+        ..common::test_config(tmp.path())
+    };
+    let b = TestBroker::start_with(cfg, tmp);
+    let admin = Admin::connect(&b.addr()).unwrap();
+    for _ in 0..5 {
+        admin.ping().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let info = admin.broker_info().unwrap();
+    assert_eq!(info.role, "slave");
+    assert_eq!(info.master_address, "no-such-host.invalid:10911");
+    for s in admin.broker_stats().unwrap() {
+        assert_ne!(
+            s.replication.link, 2,
+            "streaming from a master that does not exist?"
+        );
+    }
+}

@@ -211,32 +211,46 @@ fn a_retried_batch_is_stored_once_even_after_a_restart() {
 
 #[test]
 fn long_poll_wakes_on_new_data_well_before_its_deadline() {
+    // No race with the clock: the fetch is parked before the data exists (a Ping sent after
+    // it on the same connection is answered first, and requests are dispatched in order), it
+    // asks to wait the longest a broker allows (30 s), and it must come back with the message
+    // long before that: the client gives up after 20 s, which only a broker that never wakes
+    // the poll can reach.
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.create_topic("t", 1).unwrap();
+    let owner = admin.route("t").unwrap().queues[0].address.clone();
+    let conn = Connection::connect(&owner).unwrap();
+    let fetch = conn
+        .send(
+            &Request::Fetch(FetchRequest {
+                topic: "t".into(),
+                queue: 0,
+                offset: 0,
+                max_bytes: 1 << 20,
+                max_wait_ms: 30_000,
+            }),
+            Bytes::new(),
+        )
         .unwrap();
-    let addr = b.addr();
-    let producer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        let p = Producer::connect(&addr).unwrap();
-        p.send("t", QueueSelector::Queue(0), &Message::new("late"))
-            .unwrap();
-    });
-    let c = Consumer::connect(&b.addr()).unwrap();
-    let start = Instant::now();
-    let f = c.fetch("t", 0, 0, Duration::from_secs(10)).unwrap();
-    let waited = start.elapsed();
-    producer.join().unwrap();
-    assert_eq!(f.messages.len(), 1);
-    assert!(
-        waited >= Duration::from_millis(250),
-        "returned before the data existed: {waited:?}"
+    let pong = conn.send(&Request::Ping, Bytes::new()).unwrap();
+    assert_eq!(
+        pong.wait(Duration::from_secs(10)).unwrap().0,
+        Response::Pong
     );
-    assert!(
-        waited < Duration::from_secs(5),
-        "did not wake on new data: {waited:?}"
+    Producer::connect(&b.addr())
+        .unwrap()
+        .send("t", QueueSelector::Queue(0), &Message::new("late"))
+        .unwrap();
+    let (response, body) = fetch.wait(Duration::from_secs(20)).unwrap();
+    let Response::Fetched(header) = response else {
+        panic!("expected Fetched, got {response:?}");
+    };
+    assert_eq!(
+        header.next_offset, 1,
+        "the poll returned without the message"
     );
+    assert!(!body.is_empty());
 }
 
 #[test]

@@ -41,7 +41,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::error::WireError;
-use super::limits::{MAX_BODY_BYTES, MAX_HEADER_BYTES, PREAMBLE_BYTES};
+use super::limits::{
+    MAX_BODY_BYTES, MAX_HEADER_BYTES, PARTIAL_FRAME_RESERVE_BYTES, PREAMBLE_BYTES,
+};
 
 /// `b"RQMW"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RQMW");
@@ -201,15 +203,17 @@ fn check_crc(p: &Preamble, frame: &[u8]) -> Result<(), WireError> {
 
 impl Frame {
     /// Decodes one frame from the front of `buf`, zero-copy. See the module doc for the
-    /// contract. Once the preamble is accepted, reserves room for the rest of the frame (bounded
-    /// by the limits) so the next socket read can fill it.
+    /// contract. Once the preamble is accepted, reserves room for more of the frame so the next
+    /// socket read can land in place, but only in step with what has arrived (see
+    /// [`PARTIAL_FRAME_RESERVE_BYTES`]): the announced length is a claim, not yet bytes.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         let Some(p) = parse_preamble(buf)? else {
             return Ok(None);
         };
         let frame_len = p.frame_len();
         if buf.len() < frame_len {
-            buf.reserve(frame_len - buf.len());
+            let missing = frame_len - buf.len();
+            buf.reserve(missing.min(buf.len().max(PARTIAL_FRAME_RESERVE_BYTES)));
             return Ok(None);
         }
         check_crc(&p, buf)?;
@@ -401,5 +405,36 @@ mod tests {
         assert_eq!(Frame::decode(&mut b).unwrap(), None);
         assert!(b.capacity() >= full.len());
         assert_eq!(b.len(), PREAMBLE_BYTES);
+    }
+
+    #[test]
+    fn a_preamble_announcing_a_large_body_reserves_only_in_step_with_arrivals() {
+        let mut big = sample();
+        big.body = Bytes::from(vec![7u8; MAX_BODY_BYTES as usize]);
+        let full = encoded(&big);
+        let mut b = BytesMut::from(&full[..PREAMBLE_BYTES]);
+        assert_eq!(Frame::decode(&mut b).unwrap(), None);
+        assert!(
+            b.capacity() <= 2 * PARTIAL_FRAME_RESERVE_BYTES,
+            "32 bytes in made the buffer reserve {} bytes",
+            b.capacity()
+        );
+        // As bytes arrive the reservation follows them, and the frame still decodes.
+        let mut at = PREAMBLE_BYTES;
+        while at < full.len() {
+            let n = (full.len() - at).min(b.capacity() - b.len()).max(1);
+            b.extend_from_slice(&full[at..at + n]);
+            at += n;
+            if at < full.len() {
+                assert_eq!(Frame::decode(&mut b).unwrap(), None);
+                assert!(
+                    b.capacity() <= 4 * b.len() + 2 * PARTIAL_FRAME_RESERVE_BYTES,
+                    "{} bytes in, {} reserved",
+                    b.len(),
+                    b.capacity()
+                );
+            }
+        }
+        assert_eq!(Frame::decode(&mut b).unwrap().unwrap(), big);
     }
 }

@@ -15,9 +15,24 @@ pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
 
 /// Largest frame body accepted: a produce batch or a fetch response. It bounds the read buffer
 /// of every connection (connections × this is the worst case a broker must survive) and is 4×
-/// RocketMQ's default `maxMessageSize`, so large batches still fit. A fetch handler caps its
-/// `max_bytes` to this.
+/// RocketMQ's default `maxMessageSize`, so large batches still fit.
 pub const MAX_BODY_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Most bytes of records one fetch returns, whatever its `max_bytes` asks (a larger ask is
+/// capped, not refused). Every fetch in flight is charged this much against its connection's
+/// in-flight budget until its response is written, so the cap is what bounds a client that
+/// sends fetches and never reads the answers. 8 MiB is 3 ms of the disk's sequential read
+/// rate, enough to keep a consumer streaming, half of [`MAX_BODY_BYTES`], and as large as the
+/// largest record the store accepts by default, so the "at least one whole record" rule of a
+/// fetch never makes a response larger than this.
+pub const MAX_FETCH_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Most a half-received frame makes the decode buffer reserve ahead of the bytes that have
+/// arrived: the reservation grows with the frame (at most this much, or as much again as has
+/// arrived, whichever is larger), never to the announced length up front. So a peer that
+/// announces 16 MiB and sends 40 bytes costs kilobytes, not 16 MiB; large frames still fill a
+/// buffer in a logarithmic number of reallocations.
+pub const PARTIAL_FRAME_RESERVE_BYTES: usize = 64 * 1024;
 
 /// Largest whole frame: preamble, header and body at their limits.
 pub const MAX_FRAME_BYTES: usize =

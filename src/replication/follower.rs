@@ -85,6 +85,29 @@ pub async fn follow(ctx: Rc<ShardContext>) {
     log::info!("shard {}: stopped following {master}", ctx.shard);
 }
 
+/// `host:port` to one socket address. glommio's `TcpStream::connect` with a name looks it up
+/// synchronously on the executor (stalling every connection of the shard for as long as DNS
+/// takes) and panics when the lookup returns no address; a literal address is parsed here and
+/// a name is looked up on the executor's blocking thread.
+async fn resolve(peer: &str) -> std::io::Result<std::net::SocketAddr> {
+    if let Ok(addr) = peer.parse() {
+        return Ok(addr);
+    }
+    let name = peer.to_string();
+    glommio::executor()
+        .spawn_blocking(move || {
+            std::net::ToSocketAddrs::to_socket_addrs(&name)?
+                .next()
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{name} resolves to no address"),
+                    )
+                })
+        })
+        .await
+}
+
 /// A framed connection to one address of the master (or, for the peer watch, the peer).
 pub(crate) struct Link {
     peer: String,
@@ -100,7 +123,8 @@ impl Link {
             peer: peer.to_string(),
             source,
         };
-        let stream = glommio::timer::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+        let addr = resolve(peer).await.map_err(io)?;
+        let stream = glommio::timer::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|e| {
                 io(match e {

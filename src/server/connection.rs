@@ -4,9 +4,17 @@
 //! complete frame, run each request in its own task (so a connection pipelines and responses
 //! may complete out of order, matched by request id), and batch the responses into one write.
 //!
-//! Backpressure: each request holds a permit from the connection's in-flight budget (a count
-//! and a byte total); when the budget is spent the loop stops reading, so a flooding client
-//! slows down instead of growing the broker's memory.
+//! Bounds (see [`bounds`](super::bounds) for the accounting):
+//! - Each request holds a permit from the connection's request count budget, and its bytes
+//!   (body, then response until written to the socket) are charged to its byte budget. When
+//!   either is spent the loop stops reading, so a flooding client, or one that never reads its
+//!   responses, slows down into TCP backpressure instead of growing the broker's memory.
+//! - A frame must arrive whole within `partial_frame_timeout_ms` of its first byte: one
+//!   deadline for the frame, not an idle timeout per read, so a client trickling a byte now
+//!   and then cannot keep a half-sent frame (and its buffer) forever. Between frames a
+//!   connection may idle as long as it likes.
+//! - An idle connection costs a small read chunk and two parked tasks, no timer: shutdown
+//!   reaches it through the listener's stop signal.
 //!
 //! A frame that cannot be decoded gets an error reply (with its request id when the preamble
 //! was readable) and the connection is closed: after a framing error the byte stream cannot be
@@ -14,7 +22,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -24,23 +33,39 @@ use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
 use crate::protocol::{self, Frame, Request, WireError};
+use crate::server::bounds::{self, ByteBudget, ServerStats};
 use crate::server::handlers;
 use crate::shard::ShardContext;
 
-/// Bytes read from the socket per read call; also the initial decode buffer size.
+/// Bytes read from the socket per read call once a connection carries traffic.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Read chunk of a connection that has not yet filled one: most connections that sit idle
+/// (pools, monitors) never need more, and 2,000 of them should not cost 128 MiB.
+const IDLE_READ_CHUNK_BYTES: usize = 4 << 10;
 
-pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
+pub async fn serve(
+    ctx: Rc<ShardContext>,
+    stream: TcpStream,
+    stop: Rc<Semaphore>,
+    stats: Arc<ServerStats>,
+) {
     ctx.connection_opened();
     let _ = stream.set_nodelay(true);
     // For the replication handshake: only the configured peer may follow.
     let remote = stream.peer_addr().ok();
     let (mut reader, writer) = stream.split();
-    let outbox = Rc::new(Outbox::new());
+    let budget = Rc::new(Budget::new(&ctx));
+    let outbox = Rc::new(Outbox::new(budget.clone(), stats.clone()));
     let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
-    let budget = Budget::new(&ctx);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let handoff = match read_loop(&ctx, &mut reader, &mut buf, &outbox, &budget).await {
+    let mut buf = BytesMut::new();
+    let conn = Conn {
+        ctx: &ctx,
+        outbox: &outbox,
+        budget: &budget,
+        stop: &stop,
+        stats: &stats,
+    };
+    let handoff = match conn.read_loop(&mut reader, &mut buf).await {
         Err(Closed::Replication(request_id, req)) => Some((request_id, req)),
         Err(reason) => {
             log::debug!("shard {}: closing connection: {reason}", ctx.shard);
@@ -73,30 +98,30 @@ pub async fn serve(ctx: Rc<ShardContext>, stream: TcpStream) {
     ctx.connection_closed();
 }
 
-/// The connection's in-flight budget.
+/// The connection's in-flight budget: requests being handled, and bytes held for it.
 struct Budget {
     requests: Rc<Semaphore>,
-    bytes: Rc<Semaphore>,
     max_requests: u64,
-    max_bytes: u64,
+    bytes: ByteBudget,
+    /// The largest record the store accepts: a fetch may return one whole, whatever it asked.
+    max_record_bytes: u64,
 }
 
 impl Budget {
     fn new(ctx: &ShardContext) -> Budget {
         let max_requests = u64::from(ctx.config.max_inflight_requests_per_connection);
-        let max_bytes = ctx.config.max_inflight_bytes_per_connection;
         Budget {
             requests: Rc::new(Semaphore::new(max_requests)),
-            bytes: Rc::new(Semaphore::new(max_bytes)),
             max_requests,
-            max_bytes,
+            bytes: ByteBudget::new(ctx.config.max_inflight_bytes_per_connection),
+            max_record_bytes: ctx.config.storage().max_record_bytes,
         }
     }
 
-    /// Waits until every in-flight request has finished.
+    /// Waits until every in-flight request has finished (their responses may still be
+    /// waiting for the writer).
     async fn drain(&self) {
         let _ = self.requests.acquire(self.max_requests).await;
-        let _ = self.bytes.acquire(self.max_bytes).await;
     }
 }
 
@@ -105,6 +130,8 @@ impl Budget {
 enum Closed {
     ByPeer,
     Io(std::io::Error),
+    /// Writing a response failed: nobody reads this connection any more.
+    PeerGone,
     BadFrame(WireError),
     PartialFrameTimeout,
     Shutdown,
@@ -117,146 +144,254 @@ impl std::fmt::Display for Closed {
         match self {
             Closed::ByPeer => write!(f, "peer closed"),
             Closed::Io(e) => write!(f, "read error: {e}"),
+            Closed::PeerGone => write!(f, "a response could not be written"),
             Closed::BadFrame(e) => write!(f, "bad frame: {e}"),
-            Closed::PartialFrameTimeout => write!(f, "frame left half-sent"),
+            Closed::PartialFrameTimeout => write!(f, "frame not complete by its deadline"),
             Closed::Shutdown => write!(f, "broker shutting down"),
             Closed::Replication(..) => write!(f, "handed to replication"),
         }
     }
 }
 
-async fn read_loop(
-    ctx: &Rc<ShardContext>,
-    reader: &mut ReadHalf<TcpStream>,
-    buf: &mut BytesMut,
-    outbox: &Rc<Outbox>,
-    budget: &Budget,
-) -> Result<(), Closed> {
-    let mut first = true;
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-    let partial_timeout = Duration::from_millis(ctx.config.partial_frame_timeout_ms);
-    loop {
+/// What the reading side of one connection works with.
+struct Conn<'a> {
+    ctx: &'a Rc<ShardContext>,
+    outbox: &'a Rc<Outbox>,
+    budget: &'a Rc<Budget>,
+    stop: &'a Rc<Semaphore>,
+    stats: &'a Arc<ServerStats>,
+}
+
+impl Conn<'_> {
+    async fn read_loop(
+        &self,
+        reader: &mut ReadHalf<TcpStream>,
+        buf: &mut BytesMut,
+    ) -> Result<(), Closed> {
+        let mut first = true;
+        let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
+        let frame_timeout = Duration::from_millis(self.ctx.config.partial_frame_timeout_ms);
+        // When the frame now at the front of `buf` must be complete.
+        let mut frame_deadline: Option<Instant> = None;
         loop {
-            match Frame::decode(buf) {
-                Ok(Some(frame)) => {
-                    dispatch(ctx, frame, first, outbox, budget).await?;
-                    first = false;
+            let mut decoded = false;
+            loop {
+                match Frame::decode(buf) {
+                    Ok(Some(frame)) => {
+                        decoded = true;
+                        self.dispatch(frame, first).await?;
+                        first = false;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // Without a readable preamble there is no request id: answer with 0 so
+                        // the client still learns why it is being disconnected.
+                        let request_id = e.request_id().unwrap_or(0);
+                        self.outbox.push(&protocol::error_frame(
+                            0,
+                            request_id,
+                            e.code(),
+                            &e.to_string(),
+                        ));
+                        return Err(Closed::BadFrame(e));
+                    }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    // Without a readable preamble there is no request id: answer with 0 so
-                    // the client still learns why it is being disconnected.
-                    let request_id = e.request_id().unwrap_or(0);
-                    outbox.push(&protocol::error_frame(
-                        0,
-                        request_id,
-                        e.code(),
-                        &e.to_string(),
-                    ));
-                    return Err(Closed::BadFrame(e));
-                }
+            }
+            // After decoding too: decode reserves room for the rest of a partial frame.
+            self.stats.note_read_buffer(buf.capacity() as u64);
+            frame_deadline = if buf.is_empty() {
+                None
+            } else if decoded || frame_deadline.is_none() {
+                // The bytes left over begin a new frame: its clock starts now.
+                Some(Instant::now() + frame_timeout)
+            } else {
+                frame_deadline
+            };
+            if self.outbox.is_broken() {
+                return Err(Closed::PeerGone);
+            }
+            let n = self.read(reader, &mut chunk, frame_deadline).await?;
+            buf.extend_from_slice(&chunk[..n]);
+            self.stats.note_read_buffer(buf.capacity() as u64);
+            if n == chunk.len() && chunk.len() < READ_CHUNK_BYTES {
+                // This connection carries traffic: read in full-size chunks from now on.
+                chunk = vec![0u8; READ_CHUNK_BYTES];
             }
         }
+    }
+
+    /// One socket read, ended early by shutdown or by the frame deadline.
+    async fn read(
+        &self,
+        reader: &mut ReadHalf<TcpStream>,
+        chunk: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<usize, Closed> {
         let read = async {
-            if buf.is_empty() {
-                Some(reader.read(&mut chunk).await)
-            } else {
-                glommio::timer::timeout(partial_timeout, async {
-                    Ok(reader.read(&mut chunk).await)
-                })
-                .await
-                .ok()
+            match deadline {
+                None => Some(reader.read(chunk).await),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    glommio::timer::timeout(left, async { Ok(reader.read(chunk).await) })
+                        .await
+                        .ok()
+                }
             }
         };
-        let shutdown = async {
-            ctx.shutdown_requested().await;
+        let stopped = async {
+            // Never granted: the listener closes the semaphore at shutdown.
+            let _ = self.stop.acquire(1).await;
             None
         };
-        match future::or(async { Some(read.await) }, shutdown).await {
-            None => return Err(Closed::Shutdown),
-            Some(None) => return Err(Closed::PartialFrameTimeout),
-            Some(Some(Ok(0))) => return Err(Closed::ByPeer),
-            Some(Some(Ok(n))) => buf.extend_from_slice(&chunk[..n]),
-            Some(Some(Err(e))) => return Err(Closed::Io(e)),
+        match future::or(async { Some(read.await) }, stopped).await {
+            None => Err(Closed::Shutdown),
+            Some(None) => {
+                self.stats.count_partial_frame_timeout();
+                Err(Closed::PartialFrameTimeout)
+            }
+            Some(Some(Ok(0))) => Err(Closed::ByPeer),
+            Some(Some(Ok(n))) => Ok(n),
+            Some(Some(Err(e))) => Err(Closed::Io(e)),
         }
+    }
+
+    /// Starts one request under the budget. Waiting for room here is the backpressure.
+    async fn dispatch(&self, frame: Frame, first: bool) -> Result<(), Closed> {
+        let request = match Request::from_frame(&frame) {
+            Ok(Request::ReplFollow(req)) if first => {
+                return Err(Closed::Replication(frame.request_id, Box::new(req)))
+            }
+            Ok(r) => r,
+            Err(e) => {
+                // Unknown opcode or a header that does not verify: the client speaks something
+                // we do not, so answer and hang up rather than guess at the next frame.
+                self.outbox.push(&protocol::error_frame(
+                    frame.opcode,
+                    frame.request_id,
+                    e.code(),
+                    &e.to_string(),
+                ));
+                return Err(Closed::BadFrame(e));
+            }
+        };
+        let budget = self.budget;
+        let request_permit = budget
+            .requests
+            .acquire_static_permit(1)
+            .await
+            .map_err(|_| Closed::Shutdown)?;
+        // The body is in memory until the handler is done; the response is charged before it
+        // exists, for the most it can be, so a burst of requests cannot overshoot the budget.
+        let reserved = frame.body.len() as u64
+            + bounds::response_reserve_bytes(&request, budget.max_record_bytes);
+        if !budget.bytes.has_room(reserved) {
+            self.stats.note_waiting(true);
+            let room = budget
+                .bytes
+                .wait_for_room(reserved, || self.outbox.is_broken());
+            let stopped = async {
+                let _ = self.stop.acquire(1).await;
+                false
+            };
+            let got_room = future::or(room, stopped).await;
+            self.stats.note_waiting(false);
+            if !got_room {
+                return Err(if self.outbox.is_broken() {
+                    Closed::PeerGone
+                } else {
+                    Closed::Shutdown
+                });
+            }
+        }
+        budget.bytes.charge(reserved);
+        self.stats.note_budget(budget.bytes.used());
+        let oneway = frame.flags.is_oneway();
+        let ctx = self.ctx.clone();
+        let outbox = self.outbox.clone();
+        let budget = budget.clone();
+        let stats = self.stats.clone();
+        stats.request_started();
+        glommio::spawn_local(async move {
+            let response = handlers::handle_request(&ctx, frame, request).await;
+            // Swap the reservation for the real size; no await in between, so the reader
+            // cannot slip into the gap.
+            budget.bytes.release(reserved);
+            if !oneway {
+                outbox.push(&response);
+            }
+            drop(request_permit);
+            stats.request_finished();
+        })
+        .detach();
+        Ok(())
     }
 }
 
-/// Starts one request under the budget. Waiting for a permit here is the backpressure.
-async fn dispatch(
-    ctx: &Rc<ShardContext>,
-    frame: Frame,
-    first: bool,
-    outbox: &Rc<Outbox>,
-    budget: &Budget,
-) -> Result<(), Closed> {
-    let request = match Request::from_frame(&frame) {
-        Ok(Request::ReplFollow(req)) if first => {
-            return Err(Closed::Replication(frame.request_id, Box::new(req)))
-        }
-        Ok(r) => r,
-        Err(e) => {
-            // Unknown opcode or a header that does not verify: the client speaks something
-            // we do not, so answer and hang up rather than guess at the next frame.
-            outbox.push(&protocol::error_frame(
-                frame.opcode,
-                frame.request_id,
-                e.code(),
-                &e.to_string(),
-            ));
-            return Err(Closed::BadFrame(e));
-        }
-    };
-    let body_bytes = frame.body.len() as u64;
-    let request_permit = budget
-        .requests
-        .acquire_static_permit(1)
-        .await
-        .map_err(|_| Closed::Shutdown)?;
-    let bytes_permit = budget
-        .bytes
-        .acquire_static_permit(body_bytes)
-        .await
-        .map_err(|_| Closed::Shutdown)?;
-    let oneway = frame.flags.is_oneway();
-    let ctx = ctx.clone();
-    let outbox = outbox.clone();
-    glommio::spawn_local(async move {
-        let response = handlers::handle_request(&ctx, frame, request).await;
-        if !oneway {
-            outbox.push(&response);
-        }
-        drop(request_permit);
-        drop(bytes_permit);
-    })
-    .detach();
-    Ok(())
-}
-
 /// Encoded responses waiting for the writer. Handlers encode straight into one buffer, so
-/// responses that complete together leave in one write.
+/// responses that complete together leave in one write. Every byte in it is charged to the
+/// connection's byte budget until the writer has written it.
 struct Outbox {
     buf: RefCell<BytesMut>,
+    /// Bytes encoded and not yet written (including a write in progress). Counted here, apart
+    /// from the budget, for [`ServerStats`].
+    queued: Cell<u64>,
+    budget: Rc<Budget>,
+    stats: Arc<ServerStats>,
     wake_tx: LocalSender<()>,
     wake_rx: LocalReceiver<()>,
     closed: Cell<bool>,
+    /// A write failed: responses are dropped from now on instead of piling up.
+    broken: Cell<bool>,
 }
 
 impl Outbox {
-    fn new() -> Outbox {
+    fn new(budget: Rc<Budget>, stats: Arc<ServerStats>) -> Outbox {
         let (wake_tx, wake_rx) = local_channel::new_bounded(1);
         Outbox {
-            buf: RefCell::new(BytesMut::with_capacity(READ_CHUNK_BYTES)),
+            buf: RefCell::new(BytesMut::new()),
+            queued: Cell::new(0),
+            budget,
+            stats,
             wake_tx,
             wake_rx,
             closed: Cell::new(false),
+            broken: Cell::new(false),
         }
     }
 
     fn push(&self, frame: &Frame) {
+        if self.broken.get() {
+            return;
+        }
         frame.encode(&mut self.buf.borrow_mut());
+        let len = frame.encoded_len() as u64;
+        self.queued.set(self.queued.get() + len);
+        self.budget.bytes.charge(len);
+        self.stats.note_outbox(self.queued.get());
+        self.stats.note_budget(self.budget.bytes.used());
         // A full wake channel means the writer is already due to run.
         let _ = self.wake_tx.try_send(());
+    }
+
+    /// The writer has handed `bytes` to the kernel.
+    fn written(&self, bytes: u64) {
+        self.queued.set(self.queued.get() - bytes);
+        self.budget.bytes.release(bytes);
+    }
+
+    /// The peer cannot be written to: drop what waits and release its charge.
+    fn set_broken(&self) {
+        self.broken.set(true);
+        *self.buf.borrow_mut() = BytesMut::new();
+        let queued = self.queued.replace(0);
+        self.budget.bytes.release(queued);
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.get()
     }
 
     fn close(&self) {
@@ -271,13 +406,17 @@ async fn write_loop(
     outbox: Rc<Outbox>,
 ) -> Option<WriteHalf<TcpStream>> {
     loop {
-        let pending = outbox.buf.borrow_mut().split();
+        // Take the buffer itself, not a split of it, so a large response's allocation is freed
+        // once written instead of lingering as spare capacity behind the next small one.
+        let pending = std::mem::take(&mut *outbox.buf.borrow_mut());
         if !pending.is_empty() {
             if writer.write_all(&pending).await.is_err() {
-                // The peer is gone; responses still produced are dropped with the outbox.
+                // The peer is gone; responses still produced are dropped.
+                outbox.set_broken();
                 let _ = writer.close().await;
                 return None;
             }
+            outbox.written(pending.len() as u64);
             continue;
         }
         if outbox.closed.get() {

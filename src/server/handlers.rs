@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures_lite::future;
 
 use crate::message;
+use crate::protocol::limits::MAX_FETCH_BYTES;
 use crate::protocol::{
     BrokerInfo, Durability, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck,
     ProduceRequest, QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
@@ -472,7 +473,13 @@ async fn fetch(ctx: &Rc<ShardContext>, f: FetchRequest) -> Result<(Response, Byt
     }
     let batch = ctx
         .store()
-        .read(&f.topic, f.queue, QueueOffset(f.offset), f.max_bytes)
+        // Capped, not refused: the connection reserves room for at most this much.
+        .read(
+            &f.topic,
+            f.queue,
+            QueueOffset(f.offset),
+            f.max_bytes.min(MAX_FETCH_BYTES),
+        )
         .await?;
     Ok((
         Response::Fetched(FetchHeader {
