@@ -7,7 +7,7 @@
 //! 1. start the broker on the drill's data dir (the same dir every round);
 //! 2. producers send pipelined ASYNC sends of numbered messages and record every ack
 //!    (id, queue, offset, when);
-//! 3. after a random delay, read the broker's `unflushed_bytes` (BrokerStats, summed over
+//! 3. after a random delay from the first ack, read the broker's `unflushed_bytes` (BrokerStats, summed over
 //!    shards), then SIGKILL the broker at once;
 //! 4. restart it and audit every message ever acked: present at its acked offset, byte for byte
 //!    (the payload is a function of its id), and stored once (no id twice in the log).
@@ -41,6 +41,8 @@ const TOPIC: &str = "drill";
 /// key, tag and property lengths; see `ringmq::message`), so `lost × (payload + this)` is a
 /// lower bound on the log bytes lost messages took.
 const MESSAGE_OVERHEAD_BYTES: u64 = 24;
+/// How long a round's load may take to get its first ack.
+const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the audit's reads may take per queue before the drill gives up on that round.
 const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -69,7 +71,8 @@ pub struct DrillArgs {
     pub message_bytes: u32,
     #[arg(long, default_value_t = 4)]
     pub queues: u32,
-    /// The broker is killed at a random moment between these two delays after the load starts.
+    /// The broker is killed at a random moment between these two delays after the round's
+    /// first ack.
     #[arg(long, default_value_t = 300)]
     pub kill_after_ms_min: u64,
     #[arg(long, default_value_t = 1500)]
@@ -377,6 +380,20 @@ impl Load {
         })
     }
 
+    fn wait_first_ack(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while self.acks.lock().unwrap().is_empty() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no ack within {within:?} of starting the load ({} sends failed)",
+                    self.errors.load(Ordering::Relaxed)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     fn finish(self, reading_at: Instant) -> (Vec<Ack>, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
@@ -485,6 +502,9 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<RoundAudit>
     for round in 1..=args.rounds {
         let addr = broker.address().to_string();
         let load = Load::start(args, &addr, round)?;
+        // The kill delay runs from the first ack, so a slow start (segment preparation, a
+        // loaded machine) cannot leave a round with nothing acked to audit.
+        load.wait_first_ack(FIRST_ACK_TIMEOUT)?;
         let delay = rng.between(args.kill_after_ms_min, args.kill_after_ms_max);
         std::thread::sleep(Duration::from_millis(delay));
         let reading_at = Instant::now();
