@@ -140,19 +140,8 @@ fn produce_raw(
     seq: u32,
     payload: &str,
 ) -> Result<(u32, u64, bool), ringmq::client::ClientError> {
-    let mut buf = bytes::BytesMut::new();
-    let mut bb = BatchBuilder::new(&mut buf);
-    bb.push(&Message::new(payload.to_string())).unwrap();
-    let req = Request::Produce(ProduceRequest {
-        topic: "t".into(),
-        queue: Some(0),
-        producer_id,
-        producer_epoch: 0,
-        base_sequence: seq,
-        message_count: 1,
-        timeout_ms: 5000,
-    });
-    match conn.call(&req, buf.freeze(), Duration::from_secs(10))?.0 {
+    let (req, body) = idempotent_batch(producer_id, seq, 1, payload.as_bytes());
+    match conn.call(&req, body, Duration::from_secs(10))?.0 {
         Response::Produced(a) => Ok((a.queue, a.base_offset, a.duplicate)),
         other => panic!("{other:?}"),
     }
@@ -312,15 +301,8 @@ fn a_malformed_batch_is_refused_and_nothing_is_stored() {
         .create_topic("t", 1)
         .unwrap();
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
-    let req = Request::Produce(ProduceRequest {
-        topic: "t".into(),
-        queue: Some(0),
-        producer_id: 0,
-        producer_epoch: 0,
-        base_sequence: 0,
-        message_count: 1,
-        timeout_ms: 5000,
-    });
+    // A header claiming one message, then a body that is not a valid batch.
+    let (req, _) = produce_request(0, 0, 0, 1, b"");
     let err = conn
         .call(
             &req,
@@ -343,24 +325,8 @@ fn a_plain_client_on_one_port_reaches_every_queue() {
     // Raw produce through shard 0's port to every queue: half of them are forwarded.
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
     for q in 0..8u32 {
-        let mut buf = bytes::BytesMut::new();
-        BatchBuilder::new(&mut buf)
-            .push(&Message::new(format!("q{q}")))
-            .unwrap();
-        let req = Request::Produce(ProduceRequest {
-            topic: "t".into(),
-            queue: Some(q),
-            producer_id: 0,
-            producer_epoch: 0,
-            base_sequence: 0,
-            message_count: 1,
-            timeout_ms: 5000,
-        });
-        match conn
-            .call(&req, buf.freeze(), Duration::from_secs(10))
-            .unwrap()
-            .0
-        {
+        let (req, body) = produce_request(q, 0, 0, 1, format!("q{q}").as_bytes());
+        match conn.call(&req, body, Duration::from_secs(10)).unwrap().0 {
             Response::Produced(a) => assert_eq!((a.queue, a.base_offset), (q, 0)),
             other => panic!("{other:?}"),
         }
@@ -383,8 +349,15 @@ fn owner_of_queue_0(b: &TestBroker) -> String {
         .clone()
 }
 
-/// A produce request for one idempotent batch of `count` messages on queue 0 of `t`.
-fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (Request, Bytes) {
+/// A produce request for `count` copies of `payload` on `queue` of topic `t` (`producer_id` 0:
+/// not idempotent).
+fn produce_request(
+    queue: u32,
+    producer_id: u64,
+    seq: u32,
+    count: u32,
+    payload: &[u8],
+) -> (Request, Bytes) {
     let mut buf = bytes::BytesMut::new();
     let mut bb = BatchBuilder::new(&mut buf);
     for _ in 0..count {
@@ -392,7 +365,7 @@ fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (
     }
     let req = Request::Produce(ProduceRequest {
         topic: "t".into(),
-        queue: Some(0),
+        queue: Some(queue),
         producer_id,
         producer_epoch: 0,
         base_sequence: seq,
@@ -400,6 +373,11 @@ fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (
         timeout_ms: 5000,
     });
     (req, buf.freeze())
+}
+
+/// A produce request for one idempotent batch of `count` messages on queue 0 of `t`.
+fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (Request, Bytes) {
+    produce_request(0, producer_id, seq, count, payload)
 }
 
 /// Issue 11 item 6: the broker kept 5 batches per producer and queue while the client keeps
