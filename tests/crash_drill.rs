@@ -183,32 +183,7 @@ fn produce_until_killed(
 }
 
 fn check_every_ack_is_stored_once(dir: &Path, acks: &[(u64, u32, u64)]) {
-    let broker = BrokerProcess::start(dir, "sync_flush");
-    let consumer = Consumer::connect(&broker.addrs[0]).unwrap();
-    let queues = Admin::connect(&broker.addrs[0])
-        .unwrap()
-        .route("t")
-        .unwrap()
-        .queues
-        .len() as u32;
-    let mut stored: BTreeMap<(u32, u64), String> = BTreeMap::new();
-    let mut payload_count: BTreeMap<String, usize> = BTreeMap::new();
-    for q in 0..queues {
-        let mut offset = 0;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let f = consumer.fetch("t", q, offset, Duration::ZERO).unwrap();
-            for m in f.messages {
-                let p = String::from_utf8(m.payload.to_vec()).unwrap();
-                *payload_count.entry(p.clone()).or_default() += 1;
-                stored.insert((q, m.offset), p);
-            }
-            offset = f.next_offset;
-            if offset >= f.end_offset || Instant::now() > deadline {
-                break;
-            }
-        }
-    }
+    let (stored, payload_count) = stored_messages(dir);
     for (line, q, o) in acks {
         let expected = format!("message-{line}");
         assert_eq!(
@@ -221,7 +196,6 @@ fn check_every_ack_is_stored_once(dir: &Path, acks: &[(u64, u32, u64)]) {
             "line {line} stored more than once"
         );
     }
-    broker.stop();
 }
 
 fn drill(flush_mode: &str, produce_mode: &str) {

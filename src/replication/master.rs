@@ -407,7 +407,8 @@ async fn check_follower(
     if !ctx.config.accepts_followers() {
         return Err((
             ErrorCode::ReplicationRefused,
-            "this master has no replication configured: start it with --peer <slave host:port>              (or --replication sync_master) to let a slave follow it"
+            "this master has no replication configured: start it with --peer <slave host:port> \
+             (or --replication sync_master) to let a slave follow it"
                 .to_string(),
         ));
     }

@@ -294,7 +294,8 @@ impl ShardContext {
             return;
         }
         log::error!(
-            "shard {}: FENCED: epoch {} at {master} is newer than ours {}; taking no more              writes (restart this broker with --role slave --master {master})",
+            "shard {}: FENCED: epoch {} at {master} is newer than ours {}; taking no more \
+             writes (restart this broker with --role slave --master {master})",
             self.shard,
             crate::replication::epoch::describe(epoch),
             crate::replication::epoch::describe(self.epoch()),
@@ -311,10 +312,13 @@ impl ShardContext {
         match &*self.fence.borrow() {
             None => None,
             Some(Fence::PeerUnheard { peer }) => Some(format!(
-                "this master is fenced (read-only): its peer {peer} has not answered since it                  started, and the peer may be the master now; start it with --force-master to                  take writes without the peer"
+                "this master is fenced (read-only): its peer {peer} has not answered since it \
+                 started, and the peer may be the master now; start it with --force-master to \
+                 take writes without the peer"
             )),
             Some(Fence::Superseded { epoch, master }) => Some(format!(
-                "this broker was superseded: the master is {master} (epoch {epoch}, newer than                  ours {})",
+                "this broker was superseded: the master is {master} (epoch {epoch}, newer than \
+                 ours {})",
                 self.epoch()
             )),
         }

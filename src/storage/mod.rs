@@ -13,6 +13,7 @@
 //! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
 //! - `key_index`: message key -> log positions (in memory, rebuilt at open).
 //! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
+//! - `append_order`: appends keep their arrival order across the wait for room in the log.
 //! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
@@ -26,6 +27,7 @@
 //! any write or fdatasync error the log is poisoned: appends and waits fail with
 //! [`StorageError::Poisoned`] and nothing more becomes durable.
 
+mod append_order;
 pub mod backend;
 pub mod batch;
 pub mod checkpoint;

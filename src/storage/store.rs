@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
 use crate::storage::batch::scan_body;
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
@@ -18,7 +19,7 @@ use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEn
 use crate::storage::error::StorageError;
 use crate::storage::flush::{run_flusher, Signal};
 use crate::storage::key_index::KeyIndex;
-use crate::storage::producer::{AppendOrder, BatchMeta, ProducerTable, SeqCheck};
+use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
 use crate::storage::stream::TailFeed;
