@@ -36,8 +36,8 @@ use crate::protocol::{
     Response,
 };
 use crate::replication::epoch::{self, divergence, EpochHistory};
+use crate::replication::state::Replication;
 use crate::replication::{ReplicaAck, ReplicationMode, Role};
-use crate::shard::ShardContext;
 use crate::storage::{LogPosition, Signal};
 
 /// How often each side sends something when it has nothing else to say.
@@ -390,21 +390,21 @@ async fn is_peer_host(peer: &str, remote: IpAddr) -> bool {
 /// Why a follow request is refused, before any byte is streamed. A follower with a newer epoch
 /// also fences this master: someone minted that epoch after ours.
 async fn check_follower(
-    ctx: &ShardContext,
+    repl: &Replication,
     req: &ReplFollowRequest,
     remote: Option<SocketAddr>,
 ) -> Result<(), (ErrorCode, String)> {
-    if ctx.role() != Role::Master {
+    if repl.role() != Role::Master {
         return Err((
             ErrorCode::NotMaster,
             format!(
                 "this broker is a slave{}; follow the master instead",
-                ctx.master_hint()
+                repl.master_hint()
             ),
         ));
     }
     // Until there is authentication, only the configured slave may read the log this way.
-    if !ctx.config.accepts_followers() {
+    if !repl.ctx.config.accepts_followers() {
         return Err((
             ErrorCode::ReplicationRefused,
             "this master has no replication configured: start it with --peer <slave host:port> \
@@ -412,7 +412,7 @@ async fn check_follower(
                 .to_string(),
         ));
     }
-    if let Some(peer) = ctx.config.pair_peer() {
+    if let Some(peer) = repl.ctx.config.pair_peer() {
         let from_peer = match remote {
             Some(r) => is_peer_host(peer, r.ip()).await,
             None => false,
@@ -427,27 +427,27 @@ async fn check_follower(
             ));
         }
     }
-    if req.shards as usize != ctx.shards || req.shard as usize != ctx.shard {
+    if req.shards as usize != repl.ctx.shards || req.shard as usize != repl.ctx.shard {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
                 "shard layout differs: the master has {} shards (this is shard {}), the slave \
                  has {} (it asked for shard {}); run both brokers with the same --cores",
-                ctx.shards, ctx.shard, req.shards, req.shard
+                repl.ctx.shards, repl.ctx.shard, req.shards, req.shard
             ),
         ));
     }
-    if req.segment_bytes != ctx.config.segment_bytes {
+    if req.segment_bytes != repl.ctx.config.segment_bytes {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
                 "segment_bytes differ: master {}, slave {}; a replica must place every record \
                  at the master's position, so both need the same segment size",
-                ctx.config.segment_bytes, req.segment_bytes
+                repl.ctx.config.segment_bytes, req.segment_bytes
             ),
         ));
     }
-    if req.node_id != 0 && req.node_id == ctx.node_id() {
+    if req.node_id != 0 && req.node_id == repl.node_id() {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
@@ -457,11 +457,11 @@ async fn check_follower(
             ),
         ));
     }
-    let ours = ctx.epoch();
+    let ours = repl.epoch();
     let theirs = req.epochs.last().map_or(0, |e| e.epoch);
     if theirs > ours {
         let who = remote.map_or_else(|| "the follower".to_string(), |r| r.ip().to_string());
-        ctx.fence_superseded(theirs, &who);
+        repl.fence_superseded(theirs, &who);
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
@@ -478,7 +478,7 @@ async fn check_follower(
 /// Runs a replication session on a connection whose first frame was `ReplFollow`. `buf` holds
 /// bytes read past that frame.
 pub async fn serve_follower(
-    ctx: Rc<ShardContext>,
+    repl: Rc<Replication>,
     request_id: u64,
     req: ReplFollowRequest,
     remote: Option<SocketAddr>,
@@ -487,8 +487,8 @@ pub async fn serve_follower(
     buf: BytesMut,
 ) {
     let mut out = BytesMut::new();
-    if let Err((code, msg)) = check_follower(&ctx, &req, remote).await {
-        log::warn!("shard {}: refusing a follower: {msg}", ctx.shard);
+    if let Err((code, msg)) = check_follower(&repl, &req, remote).await {
+        log::warn!("shard {}: refusing a follower: {msg}", repl.ctx.shard);
         protocol::error_frame(
             protocol::Opcode::ReplFollow.as_u16(),
             request_id,
@@ -500,17 +500,17 @@ pub async fn serve_follower(
         let _ = writer.close().await;
         return;
     }
-    let store = ctx.store();
+    let store = repl.ctx.store();
     let master_end = store.watermarks().appended.0;
     // A history out of order shares nothing with ours: the follower re-syncs from 0.
     let theirs = EpochHistory::from_entries(req.epochs.clone()).unwrap_or_default();
-    let epochs = ctx.epochs();
+    let epochs = repl.epochs();
     let start = divergence(&epochs, master_end, &theirs, req.log_end);
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     let id = tracker.begin_session(1);
     // Only SYNC_MASTER waits for the slave's fdatasync; otherwise it syncs at its own pace.
-    let want_durable = ctx.config.replication == ReplicationMode::SyncMaster
-        && ctx.config.replica_ack == ReplicaAck::Durable;
+    let want_durable = repl.ctx.config.replication == ReplicationMode::SyncMaster
+        && repl.ctx.config.replica_ack == ReplicaAck::Durable;
     Response::ReplFollowing(ReplFollowResponse {
         start,
         master_end,
@@ -526,7 +526,7 @@ pub async fn serve_follower(
     log::info!(
         "shard {}: follower connected: its log ends at {}, streaming from {start} (ours ends at \
          {master_end}){}",
-        ctx.shard,
+        repl.ctx.shard,
         req.log_end,
         if start < req.log_end {
             format!("; it truncates {} bytes", req.log_end - start)
@@ -537,22 +537,22 @@ pub async fn serve_follower(
     // The follower's own word on what it has on disk; what it merely appended is not.
     tracker.streaming(id, start, req.log_durable, master_end);
     // A follower of ours is no newer master: a start-up fence is lifted.
-    ctx.peer_heard();
-    let acks = glommio::spawn_local(read_acks(ctx.clone(), id, reader, buf));
+    repl.peer_heard();
+    let acks = glommio::spawn_local(read_acks(repl.clone(), id, reader, buf));
     let session = {
-        let ctx = ctx.clone();
+        let repl = repl.clone();
         async move {
-            let r = stream_log(&ctx, id, start, &mut writer).await;
+            let r = stream_log(&repl, id, start, &mut writer).await;
             (r, writer)
         }
     };
-    let (streamed, mut writer) = match glommio::spawn_local_into(session, ctx.replication_queue) {
+    let (streamed, mut writer) = match glommio::spawn_local_into(session, repl.replication_queue) {
         Ok(task) => task.await,
         Err(e) => {
             tracker.end_session(id);
             log::error!(
                 "shard {}: cannot start the follower session: {e}",
-                ctx.shard
+                repl.ctx.shard
             );
             return;
         }
@@ -565,33 +565,33 @@ pub async fn serve_follower(
     let _ = writer.close().await;
     let _ = acks.await;
     match streamed {
-        Ok(()) => log::info!("shard {}: follower session {id} ended", ctx.shard),
-        Err(e) => log::warn!("shard {}: follower session {id} ended: {e}", ctx.shard),
+        Ok(()) => log::info!("shard {}: follower session {id} ended", repl.ctx.shard),
+        Err(e) => log::warn!("shard {}: follower session {id} ended: {e}", repl.ctx.shard),
     }
 }
 
 /// Sends the log from `start` until the session is superseded, the link fails or the broker
 /// shuts down.
 async fn stream_log(
-    ctx: &Rc<ShardContext>,
+    repl: &Rc<Replication>,
     id: u64,
     start: u64,
     writer: &mut WriteHalf<TcpStream>,
 ) -> Result<(), String> {
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     let mut next = start;
     let mut out = BytesMut::new();
     let mut last_sent = Instant::now();
-    let mut pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
+    let mut pace = Pacer::new(repl.ctx.config.replica_catchup_bytes_per_sec);
     loop {
         if !tracker.is_current(id)
-            || ctx.is_shutting_down()
-            || ctx.role() != Role::Master
-            || ctx.is_superseded()
+            || repl.ctx.is_shutting_down()
+            || repl.role() != Role::Master
+            || repl.is_superseded()
         {
             return Ok(());
         }
-        let store = ctx.store();
+        let store = repl.ctx.store();
         if next > tracker.acked(ReplicaAck::Received) + WINDOW_BYTES {
             let wait = tracker.wait_acked_beyond(next - WINDOW_BYTES, id);
             if glommio::timer::timeout(HEARTBEAT, async {
@@ -601,7 +601,7 @@ async fn stream_log(
             .await
             .is_err()
             {
-                send_heartbeat(ctx, writer, &mut out).await?;
+                send_heartbeat(repl, writer, &mut out).await?;
                 last_sent = Instant::now();
             }
             continue;
@@ -624,7 +624,7 @@ async fn stream_log(
             // Everything written is sent: follow the tail in memory from here if nothing is
             // buffered beyond `next` (no await between the check and the start).
             if store.tail_feed_start(LogPosition(next), FEED_MAX_BYTES) {
-                pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
+                pace = Pacer::new(repl.ctx.config.replica_catchup_bytes_per_sec);
                 continue;
             }
             None
@@ -636,7 +636,7 @@ async fn stream_log(
                     position: c.position.0,
                     master_end,
                     master_time_ms: now_ms(),
-                    confirmed: ctx.confirmed(),
+                    confirmed: repl.confirmed(),
                 }
                 .to_frame(0, c.bytes)
                 .encode(&mut out);
@@ -662,7 +662,7 @@ async fn stream_log(
                 // The slave serves reads up to our confirmed position: tell it as soon as
                 // that moves (our fdatasync, or the slave's own ack under SYNC_MASTER), not
                 // only at the next heartbeat.
-                let confirmed = ctx.confirmed();
+                let confirmed = repl.confirmed();
                 let durable = store.watermarks().durable;
                 let (received, synced) = (
                     tracker.acked(ReplicaAck::Received),
@@ -681,8 +681,8 @@ async fn stream_log(
                     Ok(())
                 })
                 .await;
-                if woke.is_err() || ctx.confirmed() != confirmed {
-                    send_heartbeat(ctx, writer, &mut out).await?;
+                if woke.is_err() || repl.confirmed() != confirmed {
+                    send_heartbeat(repl, writer, &mut out).await?;
                     last_sent = Instant::now();
                 }
             }
@@ -720,16 +720,16 @@ impl Pacer {
 }
 
 async fn send_heartbeat(
-    ctx: &ShardContext,
+    repl: &Replication,
     writer: &mut WriteHalf<TcpStream>,
     out: &mut BytesMut,
 ) -> Result<(), String> {
     out.clear();
     ReplData {
         position: 0,
-        master_end: ctx.store().watermarks().appended.0,
+        master_end: repl.ctx.store().watermarks().appended.0,
         master_time_ms: now_ms(),
-        confirmed: ctx.confirmed(),
+        confirmed: repl.confirmed(),
     }
     .to_frame(0, Bytes::new())
     .encode(out);
@@ -744,20 +744,20 @@ async fn send_heartbeat(
 /// Reads the follower's acknowledgements until the link fails, goes quiet for
 /// [`LINK_TIMEOUT`], or the session is superseded.
 async fn read_acks(
-    ctx: Rc<ShardContext>,
+    repl: Rc<Replication>,
     id: u64,
     mut reader: ReadHalf<TcpStream>,
     mut buf: BytesMut,
 ) {
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     let mut chunk = vec![0u8; 16 << 10];
     let outcome: Result<(), String> = async {
         let mut last_heard = Instant::now();
         loop {
             while let Some(frame) = Frame::decode(&mut buf).map_err(|e| e.to_string())? {
-                on_follower_frame(&ctx, id, &frame)?;
+                on_follower_frame(&repl, id, &frame)?;
             }
-            if !tracker.is_current(id) || ctx.is_shutting_down() {
+            if !tracker.is_current(id) || repl.ctx.is_shutting_down() {
                 return Ok(());
             }
             if last_heard.elapsed() > LINK_TIMEOUT {
@@ -781,19 +781,19 @@ async fn read_acks(
     .await;
     if let Err(e) = outcome {
         if tracker.is_current(id) {
-            log::warn!("shard {}: follower link: {e}", ctx.shard);
+            log::warn!("shard {}: follower link: {e}", repl.ctx.shard);
         }
     }
     tracker.end_session(id);
 }
 
-fn on_follower_frame(ctx: &ShardContext, id: u64, frame: &Frame) -> Result<(), String> {
+fn on_follower_frame(repl: &Replication, id: u64, frame: &Frame) -> Result<(), String> {
     let ack =
         ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     tracker.on_ack(id, ack.received, ack.durable);
-    if ctx.config.replication == ReplicationMode::SyncMaster {
-        ctx.raise_visible_cap();
+    if repl.ctx.config.replication == ReplicationMode::SyncMaster {
+        repl.raise_visible_cap();
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 //!   tail), append what arrives, acknowledge; serve reads only up to what the master confirmed.
 //! - [`peer_watch`]: a master asks its peer whether it was superseded (then it fences itself).
 //! - [`confirmed`]: the confirmed position kept across restarts.
+//! - [`state`]: a shard's replication state (role, epochs, fence, tracker, visibility cap).
+//! - [`promotion`]: a slave's shard becomes a master.
 //!
 //! The contracts (what an ack means in each mode, epochs, promotion) are in docs/design.md,
 //! "Replication".
@@ -16,6 +18,8 @@ pub mod epoch;
 pub mod follower;
 pub mod master;
 pub mod peer_watch;
+pub mod promotion;
+pub mod state;
 
 use std::fmt;
 use std::str::FromStr;
