@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::broker::{Result, ServiceError, Services};
 use crate::protocol::{Durability, ErrorCode};
-use crate::replication::master::ReplicaWaitError;
+use crate::replication::tracker::ReplicaWaitError;
 use crate::replication::{ReplicaAck, ReplicationMode};
 use crate::storage::{Appended, FlushMode};
 

@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::replication::epoch::{EpochError, EpochHistory};
-use crate::replication::master::ReplicaTracker;
+use crate::replication::tracker::ReplicaTracker;
 use crate::replication::{ReplicationMode, Role};
 use crate::shard::ShardContext;
 use crate::storage::{LogPosition, ShardStore};
