@@ -29,19 +29,21 @@
 pub mod error;
 pub mod frame;
 pub mod generated;
+mod header;
 pub mod limits;
 pub mod messages;
-pub mod replication;
+pub mod preamble;
 
 pub use error::{ErrorCode, RemoteError, WireError};
-pub use frame::{Frame, FrameFlags, MAGIC, VERSION};
+pub use frame::{Frame, FrameFlags};
 pub use limits::{
     MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_EPOCH_ENTRIES, MAX_FRAME_BYTES, MAX_HEADER_BYTES,
     PREAMBLE_BYTES,
 };
 pub use messages::{
-    error_frame, error_frame_for, BrokerInfo, Durability, FetchHeader, FetchRequest, Opcode,
-    ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplicaStats, Request, Response, RouteTable,
-    ShardStats, TopicInfo,
+    error_frame, error_frame_for, BrokerInfo, Durability, EpochEntry, FetchHeader, FetchRequest,
+    Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck, ReplData,
+    ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response, RouteTable, ShardStats,
+    TopicInfo,
 };
-pub use replication::{EpochEntry, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse};
+pub use preamble::{MAGIC, VERSION};
