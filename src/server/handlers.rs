@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_lite::future;
 
 use crate::message;
-use crate::protocol::limits::MAX_FETCH_BYTES;
+use crate::protocol::limits::{MAX_BATCH_MESSAGES, MAX_FETCH_BYTES};
 use crate::protocol::{
     BrokerInfo, Durability, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck,
     ProduceRequest, QueueRoute, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
@@ -27,8 +27,6 @@ use crate::storage::{AppendRequest, FlushMode, LogPosition, ProducerSeq, QueueOf
 
 /// Longest a fetch may wait for data; a client asking for more is capped, not refused.
 pub const MAX_LONG_POLL_MS: u32 = 30_000;
-/// Messages in one produce batch: bounds per-record index work and de-dup windows.
-pub const MAX_BATCH_MESSAGES: u32 = 65_536;
 
 type Result<T> = std::result::Result<T, HandlerError>;
 
