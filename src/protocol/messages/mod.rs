@@ -1,9 +1,9 @@
 //! Typed requests and responses: the opcode table, and the families of messages it maps.
 //!
-//! The [`opcodes!`](table) invocation below is the one place an opcode is declared: its number,
-//! its log name, its [`Request`] and [`Response`] variants and the FlatBuffers table each
-//! travels in (a frame's RESPONSE flag says which of the two). [`Opcode`], both enums and every
-//! dispatch over them are generated from it. The payload types and the field mapping of each
+//! The `opcodes!` invocation below (machinery in `table.rs`) is the one place an opcode is
+//! declared: its number, its log name, its [`Request`] and [`Response`] variants and the
+//! FlatBuffers table each travels in (a frame's RESPONSE flag says which of the two).
+//! [`Opcode`], both enums and every dispatch over them are generated from it. The payload types and the field mapping of each
 //! table live in one file per family:
 //!
 //! | family | opcodes | file |
@@ -20,7 +20,7 @@
 //!
 //! A response with a non-zero status is an error response: empty header, UTF-8 message as body
 //! (see [`error_frame`] and [`RemoteError::from_frame`]). Headers from the network are read with
-//! the network limits (see [`super::header`]); a header that fails is a
+//! the network limits (`header.rs`); a header that fails is a
 //! [`WireError::BadHeader`], never a panic. Field-less tables (Ping, ListTopics, BrokerInfo,
 //! BrokerStats, Promote requests and Pong) may also be sent as an empty header.
 //!
