@@ -100,85 +100,60 @@ macro_rules! opcodes {
             }
         }
 
-        $(#[$request_doc])*
+        $crate::protocol::messages::table::opcodes!(@direction
+            $(#[$request_doc])* Request "request" "The opcode this request is sent with."
+            $( $op [$( $req $({ $($req_field: $req_ty),* })? $(( $req_inner ))? = $req_table )?] )*
+        );
+        $crate::protocol::messages::table::opcodes!(@direction
+            $(#[$response_doc])* Response "response"
+            "The opcode of the request this response answers."
+            $( $op [$( $resp $({ $($resp_field: $resp_ty),* })? $(( $resp_inner ))? = $resp_table )?] )*
+        );
+    };
+
+    // One direction's enum (`Request` or `Response`) from its side of every row; a row with
+    // nothing in brackets has no message in this direction (a replication-stream frame).
+    (@direction
+        $(#[$doc:meta])* $enum:ident $what:literal $opcode_doc:literal
+        $( $op:ident [$(
+            $var:ident $({ $($field:ident : $ty:ty),* })? $(( $inner:ty ))? = $table:ident
+        )?] )*
+    ) => {
+        $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq)]
-        pub enum Request {
-            $($(
-                $req $({ $($req_field: $req_ty),* })? $(( $req_inner ))?,
-            )?)*
+        pub enum $enum {
+            $($( $var $({ $($field: $ty),* })? $(( $inner ))?, )?)*
         }
 
-        impl Request {
-            /// The opcode this request is sent with.
+        impl $enum {
+            #[doc = $opcode_doc]
             pub fn opcode(&self) -> Opcode {
                 match self {
-                    $($( Request::$req { .. } => Opcode::$op, )?)*
+                    $($( $enum::$var { .. } => Opcode::$op, )?)*
                 }
             }
 
-            /// Encodes the FlatBuffers header of this request.
+            #[doc = concat!("Encodes the FlatBuffers header of this ", $what, ".")]
             pub fn encode_header(&self) -> ::bytes::Bytes {
                 match self {
                     $($(
-                        $crate::protocol::messages::table::opcodes!(@pattern Request $req fields
-                            $({ $($req_field: $req_ty),* })? $(( $req_inner ))?)
-                        => $crate::protocol::messages::table::opcodes!(@encode $req_table fields
-                            $({ $($req_field: $req_ty),* })? $(( $req_inner ))?),
+                        $crate::protocol::messages::table::opcodes!(@pattern $enum $var fields
+                            $({ $($field: $ty),* })? $(( $inner ))?)
+                        => $crate::protocol::messages::table::opcodes!(@encode $table fields
+                            $({ $($field: $ty),* })? $(( $inner ))?),
                     )?)*
                 }
             }
 
-            /// The request of opcode `opcode` in `frame`'s header.
+            #[doc = concat!("The ", $what, " of opcode `opcode` in `frame`'s header.")]
             fn decode(
                 opcode: Opcode,
                 frame: &$crate::protocol::Frame,
-            ) -> Result<Request, $crate::protocol::WireError> {
+            ) -> Result<$enum, $crate::protocol::WireError> {
                 Ok(match opcode {
                     $(
-                        Opcode::$op => $crate::protocol::messages::table::opcodes!(@decode frame $(Request $req $req_table
-                            $({ $($req_field: $req_ty),* })? $(( $req_inner ))?)?),
-                    )*
-                })
-            }
-        }
-
-        $(#[$response_doc])*
-        #[derive(Debug, Clone, PartialEq, Eq)]
-        pub enum Response {
-            $($(
-                $resp $({ $($resp_field: $resp_ty),* })? $(( $resp_inner ))?,
-            )?)*
-        }
-
-        impl Response {
-            /// The opcode of the request this response answers.
-            pub fn opcode(&self) -> Opcode {
-                match self {
-                    $($( Response::$resp { .. } => Opcode::$op, )?)*
-                }
-            }
-
-            /// Encodes the FlatBuffers header of this response.
-            pub fn encode_header(&self) -> ::bytes::Bytes {
-                match self {
-                    $($(
-                        $crate::protocol::messages::table::opcodes!(@pattern Response $resp fields
-                            $({ $($resp_field: $resp_ty),* })? $(( $resp_inner ))?)
-                        => $crate::protocol::messages::table::opcodes!(@encode $resp_table fields
-                            $({ $($resp_field: $resp_ty),* })? $(( $resp_inner ))?),
-                    )?)*
-                }
-            }
-
-            /// The response to a request of opcode `opcode` in `frame`'s header.
-            fn decode(
-                opcode: Opcode,
-                frame: &$crate::protocol::Frame,
-            ) -> Result<Response, $crate::protocol::WireError> {
-                Ok(match opcode {
-                    $(
-                        Opcode::$op => $crate::protocol::messages::table::opcodes!(@decode frame $(Response $resp $resp_table
-                            $({ $($resp_field: $resp_ty),* })? $(( $resp_inner ))?)?),
+                        Opcode::$op => $crate::protocol::messages::table::opcodes!(@decode frame
+                            $($enum $var $table $({ $($field: $ty),* })? $(( $inner ))?)?),
                     )*
                 })
             }
