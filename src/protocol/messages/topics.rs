@@ -29,43 +29,33 @@ pub struct RouteTable {
     pub queues: Vec<QueueRoute>,
 }
 
-impl<'a> fb::CreateTopicRequest<'a> {
-    pub(crate) fn encode(
-        fbb: &mut FlatBufferBuilder<'a>,
-        name: &str,
-        queues: &u32,
-    ) -> WIPOffset<Self> {
-        let name = fbb.create_string(name);
-        let args = fb::CreateTopicRequestArgs {
-            name: Some(name),
-            queues: *queues,
-        };
-        fb::CreateTopicRequest::create(fbb, &args)
-    }
+/// CreateTopic's request and its response carry the same two fields: the name and the queue
+/// count (the response echoes what was created).
+macro_rules! name_and_queues {
+    ($table:ident, $args:ident) => {
+        impl<'a> fb::$table<'a> {
+            pub(crate) fn encode(
+                fbb: &mut FlatBufferBuilder<'a>,
+                name: &str,
+                queues: &u32,
+            ) -> WIPOffset<Self> {
+                let name = fbb.create_string(name);
+                let args = fb::$args {
+                    name: Some(name),
+                    queues: *queues,
+                };
+                fb::$table::create(fbb, &args)
+            }
 
-    pub(crate) fn decode(self) -> Result<(String, u32), String> {
-        Ok((self.name().to_owned(), self.queues()))
-    }
+            pub(crate) fn decode(self) -> Result<(String, u32), String> {
+                Ok((self.name().to_owned(), self.queues()))
+            }
+        }
+    };
 }
 
-impl<'a> fb::TopicCreatedResponse<'a> {
-    pub(crate) fn encode(
-        fbb: &mut FlatBufferBuilder<'a>,
-        name: &str,
-        queues: &u32,
-    ) -> WIPOffset<Self> {
-        let name = fbb.create_string(name);
-        let args = fb::TopicCreatedResponseArgs {
-            name: Some(name),
-            queues: *queues,
-        };
-        fb::TopicCreatedResponse::create(fbb, &args)
-    }
-
-    pub(crate) fn decode(self) -> Result<(String, u32), String> {
-        Ok((self.name().to_owned(), self.queues()))
-    }
-}
+name_and_queues!(CreateTopicRequest, CreateTopicRequestArgs);
+name_and_queues!(TopicCreatedResponse, TopicCreatedResponseArgs);
 
 impl<'a> fb::ListTopicsResponse<'a> {
     pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, topics: &[TopicInfo]) -> WIPOffset<Self> {
