@@ -526,7 +526,7 @@ fn log_end(addr: &str) -> u64 {
 /// Issue 11 item 2: a master that hears of a newer epoch stops acking at once, pending acks
 /// included, and names the newer master.
 #[test]
-fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() {
+fn a_follower_with_a_newer_epoch_fences_the_master_fails_its_pending_acks_and_closes_its_clients() {
     let m = master(ReplicationMode::SyncMaster);
     Admin::connect(&m.addr())
         .unwrap()
@@ -534,10 +534,22 @@ fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() 
         .unwrap();
     // A follower that streams and never acknowledges: the next produce waits for it.
     let silent = fake_follower(&m, &[]);
+    // A client connection opened before the fence: the superseded master closes it.
+    let earlier =
+        ringmq::client::connection::Connection::connect_timeout(&m.addr(), Duration::from_secs(2))
+            .unwrap();
+    let ping = ringmq::protocol::Request::Ping;
+    earlier
+        .call(&ping, bytes::Bytes::new(), Duration::from_secs(5))
+        .expect("pong before the fence");
     let before = log_end(&m.addr());
     let addr = m.addr();
+    // With retries: the broker closes this producer's connection too, and a retry on a new
+    // connection must also get NOT_MASTER (without retries, a reply racing the close could
+    // leave the client waiting out its request timeout instead).
     let pending = std::thread::spawn(move || {
-        no_retries(&addr)
+        Producer::connect(&addr)
+            .unwrap()
             .send(
                 "fence",
                 QueueSelector::Queue(0),
@@ -573,6 +585,20 @@ fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() 
         "names the newer master: {err}"
     );
     assert!(read_all(&m.addr(), "fence", 1).is_empty());
+    // The connection from before the fence is closed by the broker (not answered any more).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match earlier.call(&ping, bytes::Bytes::new(), Duration::from_secs(5)) {
+            Err(e) => {
+                assert!(remote_code(&e).is_none(), "closed, not answered: {e}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "still open 10 s after the fence");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     drop(silent);
 }
 

@@ -11,7 +11,7 @@ use crate::replication::epoch::{EpochError, EpochHistory};
 use crate::replication::tracker::ReplicaTracker;
 use crate::replication::{ReplicationMode, Role};
 use crate::shard::ShardContext;
-use crate::storage::{LogPosition, ShardStore};
+use crate::storage::{LogPosition, ShardStore, Signal};
 
 /// Why a master takes no writes although its role is master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub struct Replication {
     stop_following: Cell<bool>,
     /// A master that must not take writes (see [`Fence`]).
     fence: RefCell<Option<Fence>>,
+    /// Notified when the fence changes (the listener closes client connections when this
+    /// master is superseded).
+    fence_changed: Signal,
     /// The confirmed position last saved to `<shard dir>/confirmed`.
     confirmed_saved: Cell<u64>,
     /// Slave: the task following the master.
@@ -72,6 +75,7 @@ impl Replication {
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
             fence: RefCell::new(None),
+            fence_changed: Signal::default(),
             confirmed_saved: Cell::new(0),
             follower: RefCell::new(None),
             replication_queue: glommio::executor().create_task_queue(
@@ -254,6 +258,12 @@ impl Replication {
             master: master.to_string(),
         });
         self.tracker.set_fenced();
+        self.fence_changed.notify_all();
+    }
+
+    /// Resolves once a newer epoch has been heard of (see [`Replication::fence_superseded`]).
+    pub async fn superseded(&self) {
+        self.fence_changed.wait_until(|| self.is_superseded()).await
     }
 
     /// Why writes are refused (for NOT_MASTER), if they are.
