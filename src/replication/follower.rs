@@ -41,7 +41,7 @@ const TOPIC_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Follows the master until this shard is promoted or the broker shuts down.
 pub async fn follow(ctx: Rc<ShardContext>) {
-    let Some(master) = ctx.config.master.clone() else {
+    let Some(master) = ctx.config.replication.master.clone() else {
         log::error!("shard {}: role slave without a master address", ctx.shard);
         return;
     };
@@ -256,7 +256,7 @@ async fn follow_once(
     let request = Request::ReplFollow(ReplFollowRequest {
         shard: ctx.shard as u32,
         shards: ctx.shards as u32,
-        segment_bytes: ctx.config.segment_bytes,
+        segment_bytes: ctx.config.storage.segment_bytes,
         log_end: our_end,
         epochs: ctx.epochs().entries().to_vec(),
         log_durable: w.durable.0,
@@ -318,7 +318,7 @@ async fn follow_once(
     } = link;
     // Our own SYNC_FLUSH means "sync what arrives" as it does for produce requests (nothing
     // else would ask our flusher to); a master that waits for durable acks needs the same.
-    let eager_sync = answer.want_durable || ctx.config.flush_mode == FlushMode::SyncFlush;
+    let eager_sync = answer.want_durable || ctx.config.storage.flush_mode == FlushMode::SyncFlush;
     let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, eager_sync));
     let topics = (ctx.shard == 0)
         .then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
@@ -474,8 +474,12 @@ async fn send_acks(
 async fn truncate_store(ctx: &Rc<ShardContext>, at: u64) -> Result<(), ReplicationError> {
     let old = ctx.store();
     old.close().await?;
-    let (store, report) =
-        ShardStore::open_truncated(&ctx.shard_dir(), ctx.config.storage(), LogPosition(at)).await?;
+    let (store, report) = ShardStore::open_truncated(
+        &ctx.shard_dir(),
+        ctx.config.storage.clone(),
+        LogPosition(at),
+    )
+    .await?;
     log::warn!("shard {}: reopened after truncation: {report}", ctx.shard);
     ctx.set_store(store);
     // What was confirmed beyond `at` belonged to the diverged history: the records written
@@ -517,7 +521,7 @@ async fn request_topic_sync(ctx: &Rc<ShardContext>) {
 
 /// Shard 0: copies the master's topic table over a fresh control connection.
 pub async fn sync_topics_now(ctx: &Rc<ShardContext>) {
-    let Some(master) = ctx.config.master.clone() else {
+    let Some(master) = ctx.config.replication.master.clone() else {
         return;
     };
     let r = async {

@@ -404,7 +404,7 @@ async fn check_follower(
         ));
     }
     // Until there is authentication, only the configured slave may read the log this way.
-    if !ctx.config.accepts_followers() {
+    if !ctx.config.replication.accepts_followers() {
         return Err((
             ErrorCode::ReplicationRefused,
             "this master has no replication configured: start it with --peer <slave host:port> \
@@ -412,7 +412,7 @@ async fn check_follower(
                 .to_string(),
         ));
     }
-    if let Some(peer) = ctx.config.pair_peer() {
+    if let Some(peer) = ctx.config.replication.pair_peer() {
         let from_peer = match remote {
             Some(r) => is_peer_host(peer, r.ip()).await,
             None => false,
@@ -437,13 +437,13 @@ async fn check_follower(
             ),
         ));
     }
-    if req.segment_bytes != ctx.config.segment_bytes {
+    if req.segment_bytes != ctx.config.storage.segment_bytes {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
                 "segment_bytes differ: master {}, slave {}; a replica must place every record \
                  at the master's position, so both need the same segment size",
-                ctx.config.segment_bytes, req.segment_bytes
+                ctx.config.storage.segment_bytes, req.segment_bytes
             ),
         ));
     }
@@ -509,8 +509,8 @@ pub async fn serve_follower(
     let tracker = ctx.tracker();
     let id = tracker.begin_session(1);
     // Only SYNC_MASTER waits for the slave's fdatasync; otherwise it syncs at its own pace.
-    let want_durable = ctx.config.replication == ReplicationMode::SyncMaster
-        && ctx.config.replica_ack == ReplicaAck::Durable;
+    let want_durable = ctx.config.replication.mode == ReplicationMode::SyncMaster
+        && ctx.config.replication.replica_ack == ReplicaAck::Durable;
     Response::ReplFollowing(ReplFollowResponse {
         start,
         master_end,
@@ -582,7 +582,7 @@ async fn stream_log(
     let mut next = start;
     let mut out = BytesMut::new();
     let mut last_sent = Instant::now();
-    let mut pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
+    let mut pace = Pacer::new(ctx.config.replication.replica_catchup_bytes_per_sec);
     loop {
         if !tracker.is_current(id)
             || ctx.is_shutting_down()
@@ -624,7 +624,7 @@ async fn stream_log(
             // Everything written is sent: follow the tail in memory from here if nothing is
             // buffered beyond `next` (no await between the check and the start).
             if store.tail_feed_start(LogPosition(next), FEED_MAX_BYTES) {
-                pace = Pacer::new(ctx.config.replica_catchup_bytes_per_sec);
+                pace = Pacer::new(ctx.config.replication.replica_catchup_bytes_per_sec);
                 continue;
             }
             None
@@ -792,7 +792,7 @@ fn on_follower_frame(ctx: &ShardContext, id: u64, frame: &Frame) -> Result<(), S
         ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
     let tracker = ctx.tracker();
     tracker.on_ack(id, ack.received, ack.durable);
-    if ctx.config.replication == ReplicationMode::SyncMaster {
+    if ctx.config.replication.mode == ReplicationMode::SyncMaster {
         ctx.raise_visible_cap();
     }
     Ok(())

@@ -7,10 +7,12 @@
 //!   tail), append what arrives, acknowledge; serve reads only up to what the master confirmed.
 //! - [`peer_watch`]: a master asks its peer whether it was superseded (then it fences itself).
 //! - [`confirmed`]: the confirmed position kept across restarts.
+//! - [`config`]: [`ReplicationConfig`], the `[replication]` section of the broker config.
 //!
 //! The contracts (what an ack means in each mode, epochs, promotion) are in docs/design.md,
 //! "Replication".
 
+pub mod config;
 pub mod confirmed;
 pub mod epoch;
 pub mod follower;
@@ -21,6 +23,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+pub use config::ReplicationConfig;
 
 /// What a broker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

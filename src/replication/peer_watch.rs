@@ -24,7 +24,7 @@ pub const PEER_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Watches the peer until shutdown or until this shard is superseded.
 pub async fn watch_peer(ctx: Rc<ShardContext>) {
-    let Some(peer) = ctx.config.pair_peer().map(str::to_string) else {
+    let Some(peer) = ctx.config.replication.pair_peer().map(str::to_string) else {
         return;
     };
     while !ctx.is_shutting_down() && !ctx.is_superseded() {

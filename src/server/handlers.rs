@@ -175,7 +175,7 @@ pub(crate) async fn create_topic(
     let next = Arc::new(current.with_topic(name, queues)?);
     if *next != *current {
         // tmp + fsync + rename + dir fsync: on the blocking pool, not under this shard's acks.
-        let (table, dir) = (next.clone(), ctx.config.data_dir.clone());
+        let (table, dir) = (next.clone(), ctx.config.server.data_dir.clone());
         glommio::executor()
             .spawn_blocking(move || table.save(&dir))
             .await?;
@@ -223,19 +223,21 @@ fn route(ctx: &ShardContext, topic: &str) -> Result<Response> {
 }
 
 fn broker_info(ctx: &ShardContext) -> Response {
-    let replication = match ctx.config.replication {
+    let replication = match ctx.config.replication.mode {
         ReplicationMode::AsyncMaster => "ASYNC_MASTER".to_string(),
-        ReplicationMode::SyncMaster => format!("SYNC_MASTER/{}", ctx.config.replica_ack),
+        ReplicationMode::SyncMaster => {
+            format!("SYNC_MASTER/{}", ctx.config.replication.replica_ack)
+        }
     };
     Response::BrokerInfo(BrokerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         shards: ctx.shards as u32,
-        flush_mode: ctx.config.flush_mode.to_string(),
+        flush_mode: ctx.config.storage.flush_mode.to_string(),
         role: ctx.role().to_string(),
         config_toml: ctx.config.to_toml(),
         epoch: ctx.epoch(),
         master_address: match ctx.role() {
-            Role::Slave => ctx.config.master.clone().unwrap_or_default(),
+            Role::Slave => ctx.config.replication.master.clone().unwrap_or_default(),
             Role::Master => String::new(),
         },
         replication,
@@ -357,10 +359,10 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
     // The local flush rule and the slave's acknowledgement are awaited together: the record
     // travels to the slave while our own write and fdatasync are under way.
     let local = async {
-        if ctx.config.flush_mode != FlushMode::SyncFlush {
+        if ctx.config.storage.flush_mode != FlushMode::SyncFlush {
             return Ok(());
         }
-        let deadline = Duration::from_millis(ctx.config.flush_timeout_ms);
+        let deadline = Duration::from_millis(ctx.config.storage.flush_timeout_ms);
         match glommio::timer::timeout(deadline, async {
             Ok(store.wait_durable(appended.end).await)
         })
@@ -372,25 +374,26 @@ async fn produce(ctx: &Rc<ShardContext>, p: ProduceRequest, body: Bytes) -> Resu
                 ErrorCode::FlushDiskTimeout,
                 format!(
                     "stored at queue {queue} offset {} but not durable within {} ms",
-                    appended.base_offset, ctx.config.flush_timeout_ms
+                    appended.base_offset, ctx.config.storage.flush_timeout_ms
                 ),
             )),
         }
     };
     let replica = async {
-        if ctx.config.replication != ReplicationMode::SyncMaster {
+        if ctx.config.replication.mode != ReplicationMode::SyncMaster {
             return Ok(());
         }
-        let deadline = Duration::from_millis(ctx.config.replica_timeout_ms);
+        let deadline = Duration::from_millis(ctx.config.replication.replica_timeout_ms);
         tracker
-            .wait_replicated(appended.end, ctx.config.replica_ack, deadline)
+            .wait_replicated(appended.end, ctx.config.replication.replica_ack, deadline)
             .await
             .map_err(|e| {
                 let why = match e {
                     ReplicaWaitError::NotAvailable => "no slave is connected".to_string(),
                     ReplicaWaitError::Timeout => format!(
                         "the slave did not acknowledge ({}) within {} ms",
-                        ctx.config.replica_ack, ctx.config.replica_timeout_ms
+                        ctx.config.replication.replica_ack,
+                        ctx.config.replication.replica_timeout_ms
                     ),
                     ReplicaWaitError::Fenced => "this master was fenced".to_string(),
                 };

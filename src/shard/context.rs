@@ -91,7 +91,7 @@ impl ShardContext {
         ShardContext {
             shard,
             shards,
-            role: Cell::new(config.role),
+            role: Cell::new(config.replication.role),
             config,
             store: RefCell::new(store),
             mesh,
@@ -127,7 +127,10 @@ impl ShardContext {
 
     /// `<data>/shard-<n>`.
     pub fn shard_dir(&self) -> std::path::PathBuf {
-        self.config.data_dir.join(format!("shard-{}", self.shard))
+        self.config
+            .server
+            .data_dir
+            .join(format!("shard-{}", self.shard))
     }
 
     pub fn role(&self) -> Role {
@@ -178,7 +181,7 @@ impl ShardContext {
 
     /// This broker's node id (resolved at start; see `epoch::node_id`).
     pub fn node_id(&self) -> u32 {
-        self.config.node_id.unwrap_or(1)
+        self.config.replication.node_id.unwrap_or(1)
     }
 
     /// Becomes master: a new epoch starting at the log end is made durable first, then writes
@@ -206,7 +209,7 @@ impl ShardContext {
         );
         self.visible_floor.set(visible_from.min(end));
         self.role.set(Role::Master);
-        if self.config.replication == ReplicationMode::SyncMaster {
+        if self.config.replication.mode == ReplicationMode::SyncMaster {
             self.raise_visible_cap();
         } else {
             store.set_visible_cap(None);
@@ -216,7 +219,7 @@ impl ShardContext {
 
     /// SYNC_MASTER: let consumers see what the slave has acknowledged.
     pub fn raise_visible_cap(&self) {
-        let acked = self.tracker.acked(self.config.replica_ack);
+        let acked = self.tracker.acked(self.config.replication.replica_ack);
         // Never lower: a slave that re-syncs from an earlier point must not hide what
         // consumers may already have read.
         let cap = acked.max(self.visible_floor.get());
@@ -326,7 +329,7 @@ impl ShardContext {
 
     /// " (its master is ADDR)" on a slave with a configured master, for error messages.
     pub fn master_hint(&self) -> String {
-        match &self.config.master {
+        match &self.config.replication.master {
             Some(m) if self.role() == Role::Slave => format!(" (its master is {m})"),
             _ => String::new(),
         }
