@@ -13,7 +13,8 @@
 //!   session and replica tracker, the slave's follower loop.
 //! - [`server`]: listeners, the per-connection loop and the request handlers.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
-//! - [`config`]: the typed broker configuration with documented defaults and validation.
+//! - [`config`]: the typed broker configuration in sections (`[server]` here; `[storage]` and
+//!   `[replication]` owned by their modules), with documented defaults and validation.
 
 pub mod client;
 pub mod config;
