@@ -13,21 +13,9 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 
 /// Runs `ip args...`; on failure returns its stderr.
 pub fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    run(cmd, &format!("`ip {}`", args.join(" ")))
 }
 
 /// Runs `sysctl -w setting` in namespace `ns` (the root namespace for `None`).
@@ -40,18 +28,26 @@ pub fn sysctl(ns: Option<&str>, setting: &str) -> Result<(), String> {
         }
         None => Command::new("sysctl"),
     };
+    cmd.args(["-q", "-w", setting]);
+    let what = match ns {
+        Some(ns) => format!("`sysctl -w {setting}` in {ns}"),
+        None => format!("`sysctl -w {setting}`"),
+    };
+    run(cmd, &what)
+}
+
+/// Runs `cmd` (`what` names it in errors); a failure carries its exit status and stderr.
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
     let out = cmd
-        .args(["-q", "-w", setting])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run sysctl: {e}"))?;
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "`sysctl -w {setting}` failed ({}){}: {}",
+            "{what} failed ({}): {}",
             out.status,
-            ns.map_or(String::new(), |ns| format!(" in {ns}")),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }

@@ -111,6 +111,16 @@ pub fn io_memory_bytes() -> u64 {
     }
 }
 
+/// The `[storage]` section of a mode's brokers (master and slave alike).
+fn storage_config(mode: Mode, w: &Workload) -> StorageConfig {
+    StorageConfig {
+        flush_mode: mode.flush_mode(),
+        flush_interval_ms: w.flush_interval_ms,
+        segment_bytes: w.segment_mib << 20,
+        ..StorageConfig::default()
+    }
+}
+
 /// A replication mode's slave. Fields drop in order: the process first (it runs in the
 /// namespace and writes into the dir), then the namespace, then the dir.
 struct Slave {
@@ -153,14 +163,9 @@ impl Slave {
                 io_memory_bytes: io_memory_bytes(),
                 ..ServerConfig::default()
             },
-            storage: StorageConfig {
-                // Same as the master, as a slave that may be promoted would run.
-                flush_mode: mode.flush_mode(),
-                flush_interval_ms: w.flush_interval_ms,
-                // Replicas must place every record at the same position.
-                segment_bytes: w.segment_mib << 20,
-                ..StorageConfig::default()
-            },
+            // Same as the master, as a slave that may be promoted would run (and replicas
+            // must place every record at the same position: the same segment size).
+            storage: storage_config(mode, w),
             replication: ReplicationConfig {
                 role: Role::Slave,
                 master: Some(master.to_string()),
@@ -242,12 +247,7 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
             io_memory_bytes: io_memory_bytes(),
             ..ServerConfig::default()
         },
-        storage: StorageConfig {
-            flush_mode: mode.flush_mode(),
-            flush_interval_ms: w.flush_interval_ms,
-            segment_bytes: w.segment_mib << 20,
-            ..StorageConfig::default()
-        },
+        storage: storage_config(mode, w),
         replication: ReplicationConfig {
             mode: replication,
             replica_ack,
