@@ -85,6 +85,6 @@ fn a_second_broker_on_the_same_port_is_refused() {
     let mut cfg = common::test_config(tmp.path());
     cfg.server.port = port;
     cfg.server.cores = ringmq::config::CoreSelection::Count(1);
-    let err = ringmq::shard::Broker::start(cfg).err().expect("must fail");
+    let err = ringmq::server::Broker::start(cfg).err().expect("must fail");
     assert!(err.to_string().contains("cannot listen"), "{err}");
 }

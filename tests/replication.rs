@@ -243,7 +243,7 @@ fn a_slave_with_another_shard_count_is_refused_at_start() {
     cfg.server.cores = CoreSelection::Count(2);
     cfg.replication.role = Role::Slave;
     cfg.replication.master = Some(m.addr());
-    let err = ringmq::shard::Broker::start(cfg).err().expect("refused");
+    let err = ringmq::server::Broker::start(cfg).err().expect("refused");
     assert!(err.to_string().contains("same --cores"), "{err}");
 }
 

@@ -75,7 +75,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .format_timestamp_micros()
         .init();
     let config = Config::from_file(&args.config).map_err(|e| e.to_string())?;
-    ringmq::shard::run_until_signalled(config)
+    ringmq::server::run_until_signalled(config)
 }
 
 /// A network namespace joined to the root namespace by a veth pair; deleted on drop.
