@@ -68,7 +68,7 @@ impl Replication {
                 on_append.note_end(end.0)
             })));
         Replication {
-            role: Cell::new(ctx.config.role),
+            role: Cell::new(ctx.config.replication.role),
             ctx,
             epochs: RefCell::new(EpochHistory::default()),
             tracker,
@@ -135,7 +135,7 @@ impl Replication {
 
     /// This broker's node id (resolved at start; see `epoch::node_id`).
     pub fn node_id(&self) -> u32 {
-        self.ctx.config.node_id.unwrap_or(1)
+        self.ctx.config.replication.node_id.unwrap_or(1)
     }
 
     /// Becomes master: a new epoch starting at the log end is made durable first, then writes
@@ -160,7 +160,7 @@ impl Replication {
         );
         self.visible_floor.set(visible_from.min(end));
         self.role.set(Role::Master);
-        if self.ctx.config.replication == ReplicationMode::SyncMaster {
+        if self.ctx.config.replication.mode == ReplicationMode::SyncMaster {
             self.raise_visible_cap();
         } else {
             store.set_visible_cap(None);
@@ -170,7 +170,7 @@ impl Replication {
 
     /// SYNC_MASTER: let consumers see what the slave has acknowledged.
     pub fn raise_visible_cap(&self) {
-        let acked = self.tracker.acked(self.ctx.config.replica_ack);
+        let acked = self.tracker.acked(self.ctx.config.replication.replica_ack);
         // Never lower: a slave that re-syncs from an earlier point must not hide what
         // consumers may already have read.
         let cap = acked.max(self.visible_floor.get());
@@ -285,7 +285,7 @@ impl Replication {
 
     /// " (its master is ADDR)" on a slave with a configured master, for error messages.
     pub fn master_hint(&self) -> String {
-        match &self.ctx.config.master {
+        match &self.ctx.config.replication.master {
             Some(m) if self.role() == Role::Slave => format!(" (its master is {m})"),
             _ => String::new(),
         }

@@ -138,12 +138,12 @@ struct Budget {
 
 impl Budget {
     fn new(ctx: &ShardContext) -> Budget {
-        let max_requests = u64::from(ctx.config.max_inflight_requests_per_connection);
+        let max_requests = u64::from(ctx.config.server.max_inflight_requests_per_connection);
         Budget {
             requests: Rc::new(Semaphore::new(max_requests)),
             max_requests,
-            bytes: ByteBudget::new(ctx.config.max_inflight_bytes_per_connection),
-            max_record_bytes: ctx.config.storage().max_record_bytes,
+            bytes: ByteBudget::new(ctx.config.server.max_inflight_bytes_per_connection),
+            max_record_bytes: ctx.config.storage.max_record_bytes,
         }
     }
 
@@ -200,7 +200,7 @@ impl Conn<'_> {
     ) -> Result<(), Closed> {
         let mut first = true;
         let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
-        let frame_timeout = Duration::from_millis(self.ctx.config.partial_frame_timeout_ms);
+        let frame_timeout = Duration::from_millis(self.ctx.config.server.partial_frame_timeout_ms);
         // When the frame now at the front of `buf` must be complete.
         let mut frame_deadline: Option<Instant> = None;
         loop {
