@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::replication::Role;
 use ringmq::shard::Broker;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_lite::future;
 
-use crate::message;
+use crate::format::batch as message;
 use crate::protocol::limits::MAX_FETCH_BYTES;
 use crate::protocol::{
     BrokerInfo, Durability, ErrorCode, FetchHeader, FetchRequest, Frame, ProduceAck,

@@ -27,10 +27,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
 use crate::storage::error::StorageError;
 use crate::storage::flush::{Counters, Signal};
-use crate::storage::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::recovery::RecoveredLog;
 use crate::storage::segment::{segment_path, Segment};
 use crate::storage::{FlushMode, StorageConfig};

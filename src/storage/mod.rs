@@ -2,7 +2,7 @@
 //! ConsumeQueues and key index, idempotent-producer de-duplication and crash recovery.
 //!
 //! # Layout
-//! - [`record`]: the on-disk record format (byte diagram), pure: no I/O, used by clients too.
+//! - The on-disk record format is [`crate::format::record`] (pure, shared with the client).
 //! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
 //!   [`sim::SimBackend`] (a disk with written/durable images that can crash).
 //! - `segment`: segment files named by their 20-digit base position, prepared by writing zeros.
@@ -10,9 +10,9 @@
 //!   block rewritten as it grows) and the watermarks `appended >= written >= durable >= visible`.
 //! - `flush`: the flush leader (group commit for [`FlushMode::SyncFlush`], timer/bytes for
 //!   [`FlushMode::AsyncFlush`]), counters.
-//! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
-//! - `key_index`: message key -> log positions (in memory, rebuilt at open).
-//! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
+//! - [`index`]: the indexes derived from the log: [`index::consume_queue`] (per (topic, queue)
+//!   entries, persisted lazily behind the durable log), `key_index` (message key -> log
+//!   positions) and `producer` (the idempotent producer sequence table).
 //! - `append_order`: appends keep their arrival order across the wait for room in the log.
 //! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
@@ -29,17 +29,13 @@
 
 mod append_order;
 pub mod backend;
-pub mod batch;
 pub mod checkpoint;
 mod commitlog;
-pub mod consume_queue;
 pub mod error;
 mod flush;
 pub use flush::Signal;
-mod key_index;
+pub mod index;
 pub mod probe;
-mod producer;
-pub mod record;
 pub mod recovery;
 mod segment;
 pub mod sim;
@@ -48,6 +44,8 @@ mod stream;
 
 use std::fmt;
 use std::str::FromStr;
+
+use crate::format::record;
 
 pub use backend::{DmaBackend, StorageBackend};
 pub use error::StorageError;
@@ -259,7 +257,7 @@ pub struct Appended {
 /// Whole records of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBatch {
-    /// Concatenated records (parse with [`record::RecordIter`]).
+    /// Concatenated records (parse with [`crate::format::record::RecordIter`]).
     pub records: bytes::Bytes,
     /// Offset to ask for next.
     pub next_offset: QueueOffset,

@@ -10,17 +10,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
-use crate::storage::batch::scan_body;
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
 use crate::storage::commitlog::CommitLog;
-use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
 use crate::storage::error::StorageError;
 use crate::storage::flush::{run_flusher, Signal};
-use crate::storage::key_index::KeyIndex;
-use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
-use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
+use crate::storage::index::consume_queue::{
+    cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex,
+};
+use crate::storage::index::key_index::KeyIndex;
+use crate::storage::index::producer::{BatchMeta, ProducerTable, SeqCheck};
+use crate::storage::index::scan_body;
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
 use crate::storage::stream::TailFeed;
 use crate::storage::{
@@ -733,7 +735,7 @@ fn reconcile_index_files(
                 };
                 if idx.queue(&topic, qid).is_none() {
                     let n = f.metadata().map_or(0, |m| m.len())
-                        / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
+                        / crate::storage::index::consume_queue::CQ_ENTRY_BYTES as u64;
                     if decide(Observation::IndexAhead, RecoveryMode::Strict)
                         == Action::TruncateIndex
                     {

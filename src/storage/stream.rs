@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::format::record::{RecordHeader, RecordView, HEADER_BYTES};
 use crate::storage::backend::StorageBackend;
 use crate::storage::error::StorageError;
-use crate::storage::record::{RecordHeader, RecordView, HEADER_BYTES};
 use crate::storage::store::ShardStore;
 use crate::storage::LogPosition;
 
