@@ -29,13 +29,13 @@ use std::rc::Rc;
 
 use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
+use crate::storage::counters::Counters;
 use crate::storage::error::StorageError;
-use crate::storage::flush::{Counters, Signal};
 use crate::storage::recovery::RecoveredLog;
-use crate::storage::segment::{segment_path, Segment};
+use crate::storage::segment::{segment_path, Seg, Segment};
+use crate::storage::signal::Signal;
 use crate::storage::{FlushMode, StorageConfig};
 
-pub(crate) type Seg<B> = Rc<Segment<<B as StorageBackend>::File>>;
 type BufOf<B> = <<B as StorageBackend>::File as BackendFile>::Buf;
 
 struct Chunk<B: StorageBackend> {

@@ -1,5 +1,4 @@
-//! Flush policy: the per-shard flush leader (group commit), the waiting primitive and the
-//! counters.
+//! Flush policy: the per-shard flush leader (group commit).
 //!
 //! One flusher task per shard. Each cycle it hands the dirty tail to a write, waits until
 //! everything up to that point is written, takes the set of segments with completed writes,
@@ -15,60 +14,12 @@
 //! An fdatasync error poisons the log; `durable` never moves past what a completed fdatasync
 //! covered.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::storage::backend::{BackendFile, StorageBackend};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::FlushMode;
-
-/// Wakes every waiting task; waiters re-check their condition. Cancel-safe: a dropped waiter
-/// leaves only a stale waker that is discarded on the next notify.
-#[derive(Default)]
-pub struct Signal {
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl Signal {
-    pub fn notify_all(&self) {
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    /// Resolves once `cond` holds (checked now and after every notify).
-    pub async fn wait_until(&self, mut cond: impl FnMut() -> bool) {
-        poll_fn(|cx| {
-            if cond() {
-                Poll::Ready(())
-            } else {
-                let mut w = self.wakers.borrow_mut();
-                if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                    w.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
-/// Raw counters kept by the log.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Counters {
-    pub appends: u64,
-    pub writes: u64,
-    pub written_bytes: u64,
-    pub fsyncs: u64,
-    pub flush_cycles: u64,
-    pub unflushed_hwm_bytes: u64,
-    pub flush_latency_sum_us: u64,
-    pub flush_latency_count: u64,
-}
 
 /// Runs the flush leader until the log is closed (everything flushed) or poisoned.
 /// Derived indexes are persisted by the checkpoint task (`store.rs`), not here: nothing but

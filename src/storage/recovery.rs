@@ -56,9 +56,8 @@ use crate::format::record::{
 };
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_FILE};
-use crate::storage::commitlog::Seg;
 use crate::storage::error::StorageError;
-use crate::storage::segment::{parse_segment_name, segment_path, Segment};
+use crate::storage::segment::{parse_segment_name, segment_path, Seg, Segment};
 use crate::storage::{RecoveryMode, StorageConfig};
 
 /// What recovery saw at one decision point.

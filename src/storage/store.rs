@@ -16,7 +16,7 @@ use crate::storage::backend::{DmaBackend, StorageBackend};
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::error::StorageError;
-use crate::storage::flush::{run_flusher, Signal};
+use crate::storage::flush::run_flusher;
 use crate::storage::index::consume_queue::{
     cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex,
 };
@@ -24,7 +24,8 @@ use crate::storage::index::key_index::KeyIndex;
 use crate::storage::index::producer::{BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::index::scan_body;
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
-use crate::storage::stream::TailFeed;
+use crate::storage::signal::Signal;
+use crate::storage::tail_feed::TailFeed;
 use crate::storage::{
     AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
     StorageConfig, StorageMetrics, Watermarks,

@@ -8,14 +8,13 @@
 //! Replica side: [`ShardStore::append_replicated`] appends records exactly as the master wrote
 //! them, at the same log positions, after checking their CRCs and that they continue this log.
 
-use std::collections::VecDeque;
-
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::format::record::{RecordHeader, RecordView, HEADER_BYTES};
 use crate::storage::backend::StorageBackend;
 use crate::storage::error::StorageError;
 use crate::storage::store::ShardStore;
+use crate::storage::tail_feed::TailFeed;
 use crate::storage::LogPosition;
 
 /// Whole records starting at `position` (empty when nothing is available there yet).
@@ -27,51 +26,6 @@ pub struct LogChunk {
     pub next: LogPosition,
 }
 
-/// Records appended while a replication stream is caught up, in order, in runs of contiguous
-/// positions of at most [`FEED_CHUNK_BYTES`] (a new run starts where the log rolled to a new
-/// segment). When more than `max_bytes` pile up (the replica stopped reading) the feed is
-/// dropped and the stream goes back to reading the log from disk.
-#[derive(Default)]
-pub(crate) struct TailFeed {
-    active: bool,
-    /// Every record appended at or after `from` is in `runs` (while active).
-    from: u64,
-    runs: VecDeque<(u64, BytesMut)>,
-    bytes: usize,
-    max_bytes: usize,
-}
-
-/// Largest run handed out at once (a single larger record still goes whole).
-const FEED_CHUNK_BYTES: usize = 1 << 20;
-
-impl TailFeed {
-    pub(crate) fn push(&mut self, position: u64, parts: &[&[u8]]) {
-        if !self.active {
-            return;
-        }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if self.bytes + len > self.max_bytes {
-            log::info!(
-                "replication: tail feed over {} bytes; the stream reads from disk",
-                self.max_bytes
-            );
-            *self = TailFeed::default();
-            return;
-        }
-        let extend = matches!(self.runs.back(), Some((p, b))
-            if p + b.len() as u64 == position && b.len() + len <= FEED_CHUNK_BYTES);
-        if !extend {
-            self.runs
-                .push_back((position, BytesMut::with_capacity(len.max(64 << 10))));
-        }
-        let run = &mut self.runs.back_mut().expect("just ensured").1;
-        for p in parts {
-            run.extend_from_slice(p);
-        }
-        self.bytes += len;
-    }
-}
-
 impl<B: StorageBackend> ShardStore<B> {
     /// Starts keeping appended records in memory for a stream that has sent everything below
     /// `at`, if `at` is the append position now (returns false otherwise: the stream must read
@@ -80,13 +34,7 @@ impl<B: StorageBackend> ShardStore<B> {
         if self.inner.log.st.borrow().append_pos != at.0 {
             return false;
         }
-        *self.inner.feed.borrow_mut() = TailFeed {
-            active: true,
-            from: at.0,
-            runs: VecDeque::new(),
-            bytes: 0,
-            max_bytes,
-        };
+        *self.inner.feed.borrow_mut() = TailFeed::starting_at(at.0, max_bytes);
         true
     }
 
@@ -96,26 +44,14 @@ impl<B: StorageBackend> ShardStore<B> {
 
     /// Whether the feed holds every record from `from` on.
     pub fn tail_feed_covers(&self, from: LogPosition) -> bool {
-        let f = self.inner.feed.borrow();
-        f.active && from.0 >= f.from
+        self.inner.feed.borrow().covers(from.0)
     }
 
     /// The next run of records at or after `from` from memory, if the feed covers `from` and has
     /// one.
     pub fn tail_take(&self, from: LogPosition) -> Option<LogChunk> {
-        let mut f = self.inner.feed.borrow_mut();
-        if !f.active || from.0 < f.from {
-            return None;
-        }
-        let (position, run) = f.runs.pop_front()?;
-        debug_assert!(
-            position >= from.0,
-            "feed run {position} below the stream at {}",
-            from.0
-        );
-        f.bytes -= run.len();
+        let (position, run) = self.inner.feed.borrow_mut().take(from.0)?;
         let next = position + run.len() as u64;
-        f.from = next;
         Some(LogChunk {
             position: LogPosition(position),
             bytes: run.freeze(),
