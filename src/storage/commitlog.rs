@@ -48,41 +48,70 @@ struct Chunk<B: StorageBackend> {
     cap: usize,
 }
 
-/// A one-shot completion flag (waited on through [`CommitLog::changed`]).
-type Done = Rc<Cell<bool>>;
-
-pub(crate) struct LogState<B: StorageBackend> {
-    pub segments: BTreeMap<u64, Seg<B>>,
-    pub active: Seg<B>,
-    chunk: Option<Chunk<B>>,
-    pub append_pos: u64,
-    /// Start of the bytes not yet handed to a write.
-    write_from: u64,
+/// The log's positions and flags, copied out in one borrow (see [`CommitLog::marks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogMarks {
+    /// End of the last appended record, or the start of the next segment after a roll.
+    pub appended: u64,
     pub written: u64,
     pub durable: u64,
-    /// End of the last appended record (`append_pos` without a roll's zero padding).
+    /// `min(durable, visible_cap)`.
+    pub visible: u64,
+    /// End of the last appended record (`appended` without a roll's zero padding).
     pub record_end: u64,
     /// A record end at or below `durable`: what the durable checkpoint may claim.
     pub durable_record_end: u64,
-    pub visible_cap: Option<u64>,
+    /// Highest position a `wait_durable` caller asked for.
+    pub sync_requested: u64,
+    pub inflight_writes: usize,
+    /// The next segment is prepared.
+    pub has_spare: bool,
+    pub poisoned: bool,
+    pub closing: bool,
+}
+
+impl LogMarks {
+    /// Poisoned or closing: nothing more will become durable or visible.
+    pub fn stopped(&self) -> bool {
+        self.poisoned || self.closing
+    }
+}
+
+/// A one-shot completion flag (waited on through [`CommitLog::changed`]).
+type Done = Rc<Cell<bool>>;
+
+struct LogState<B: StorageBackend> {
+    segments: BTreeMap<u64, Seg<B>>,
+    active: Seg<B>,
+    chunk: Option<Chunk<B>>,
+    append_pos: u64,
+    /// Start of the bytes not yet handed to a write.
+    write_from: u64,
+    written: u64,
+    durable: u64,
+    /// End of the last appended record (`append_pos` without a roll's zero padding).
+    record_end: u64,
+    /// A record end at or below `durable`: what the durable checkpoint may claim.
+    durable_record_end: u64,
+    visible_cap: Option<u64>,
     /// Completed write ranges above `written` (start -> end).
     completed: BTreeMap<u64, u64>,
     /// Segments with writes completed since the last fdatasync.
     dirty: Vec<Seg<B>>,
     /// The last write if it ended inside a block: (segment base, that block, its completion).
     last_partial: Option<(u64, u64, Done)>,
-    pub inflight_writes: usize,
-    pub poisoned: Option<String>,
+    inflight_writes: usize,
+    poisoned: Option<String>,
     spare: Option<Seg<B>>,
     preparing: bool,
     /// Highest position a `wait_durable` caller asked for.
-    pub sync_requested: u64,
-    pub closing: bool,
-    pub counters: Counters,
+    sync_requested: u64,
+    closing: bool,
+    counters: Counters,
 }
 
 impl<B: StorageBackend> LogState<B> {
-    pub fn visible(&self) -> u64 {
+    fn visible(&self) -> u64 {
         self.durable.min(self.visible_cap.unwrap_or(u64::MAX))
     }
 
@@ -106,7 +135,7 @@ impl<B: StorageBackend> LogState<B> {
         }
     }
 
-    pub fn poisoned_error(&self) -> Option<StorageError> {
+    fn poisoned_error(&self) -> Option<StorageError> {
         self.poisoned
             .as_ref()
             .map(|c| StorageError::Poisoned { cause: c.clone() })
@@ -130,7 +159,9 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub backend: B,
     pub dir: PathBuf,
     pub cfg: StorageConfig,
-    pub st: RefCell<LogState<B>>,
+    /// Private to the log: the rest of storage reads it through [`CommitLog::marks`] and
+    /// changes it only through the methods below, so every change keeps the watermark order.
+    st: RefCell<LogState<B>>,
     /// Written watermark, write completions, spare segment, in-flight count, poison.
     pub changed: Signal,
     /// Durable/visible watermark or poison (append waiters, readers).
@@ -139,7 +170,7 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub flusher_wake: Signal,
     /// Test-only fault: this many flush cycles skip their fdatasync but still advance
     /// `durable` (an ack before the sync). Always 0 outside fault-injection tests.
-    pub skip_syncs: Cell<u32>,
+    skip_syncs: Cell<u32>,
 }
 
 impl<B: StorageBackend> CommitLog<B> {
@@ -547,12 +578,117 @@ impl<B: StorageBackend> CommitLog<B> {
 }
 
 impl<B: StorageBackend> LogState<B> {
-    pub fn has_spare(&self) -> bool {
+    fn has_spare(&self) -> bool {
         self.spare.is_some()
     }
 
     /// Where the next byte goes when there is no chunk.
     fn chunk_cursor(&self) -> u64 {
         self.append_pos.max(self.write_from)
+    }
+}
+
+/// The narrow API the rest of storage uses instead of borrowing the state.
+impl<B: StorageBackend> CommitLog<B> {
+    /// The positions and flags now.
+    pub fn marks(&self) -> LogMarks {
+        let st = self.st.borrow();
+        LogMarks {
+            appended: st.append_pos,
+            written: st.written,
+            durable: st.durable,
+            visible: st.visible(),
+            record_end: st.record_end,
+            durable_record_end: st.durable_record_end,
+            sync_requested: st.sync_requested,
+            inflight_writes: st.inflight_writes,
+            has_spare: st.has_spare(),
+            poisoned: st.poisoned.is_some(),
+            closing: st.closing,
+        }
+    }
+
+    /// The error every operation returns once the log is poisoned.
+    pub fn poisoned_error(&self) -> Option<StorageError> {
+        self.st.borrow().poisoned_error()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.st.borrow().counters
+    }
+
+    /// Counts a completed flush cycle of `fsyncs` fdatasyncs that took `latency_us`.
+    pub fn note_flush_cycle(&self, fsyncs: u64, latency_us: u64) {
+        let mut st = self.st.borrow_mut();
+        st.counters.fsyncs += fsyncs;
+        st.counters.flush_cycles += 1;
+        st.counters.flush_latency_sum_us += latency_us;
+        st.counters.flush_latency_count += 1;
+    }
+
+    /// Asks the flusher for durability up to `end` (capped at the append position). Returns
+    /// the position to wait for, `None` when it is durable already, or the poison error.
+    pub fn request_sync(&self, end: u64) -> Result<Option<u64>, StorageError> {
+        let mut st = self.st.borrow_mut();
+        if st.durable >= end {
+            return Ok(None);
+        }
+        if let Some(e) = st.poisoned_error() {
+            return Err(e);
+        }
+        let target = end.min(st.append_pos);
+        if st.durable >= target {
+            return Ok(None);
+        }
+        st.sync_requested = st.sync_requested.max(target);
+        Ok(Some(target))
+    }
+
+    /// Caps the visible watermark (`None`: visible = durable).
+    pub fn set_visible_cap(&self, cap: Option<u64>) {
+        self.st.borrow_mut().visible_cap = cap;
+    }
+
+    /// Stops appends; the flusher flushes what is left and ends.
+    pub fn begin_close(&self) {
+        self.st.borrow_mut().closing = true;
+    }
+
+    /// Test-only fault: the next `n` flush cycles skip their fdatasync.
+    pub fn inject_skipped_syncs(&self, n: u32) {
+        self.skip_syncs.set(n);
+    }
+
+    /// `(base, end)` of the segment holding log position `pos`, if any.
+    pub fn segment_of(&self, pos: u64) -> Option<(u64, u64)> {
+        let st = self.st.borrow();
+        let (_, seg) = st.segments.range(..=pos).next_back()?;
+        Some((seg.base, seg.end()))
+    }
+
+    /// Base of the oldest segment still kept (0 for an empty log).
+    pub fn first_segment_base(&self) -> u64 {
+        self.st
+            .borrow()
+            .segments
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The segments that end at or below `position`, never the active one.
+    pub fn sealed_segments_before(&self, position: u64) -> Vec<Seg<B>> {
+        let st = self.st.borrow();
+        st.segments
+            .values()
+            .filter(|s| s.end() <= position && s.base < st.active.base)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets a segment whose file was removed.
+    pub fn forget_segment(&self, base: u64) {
+        self.st.borrow_mut().segments.remove(&base);
     }
 }

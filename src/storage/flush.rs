@@ -28,12 +28,11 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
     let interval = Duration::from_millis(log.cfg.flush_interval_ms.max(1));
     loop {
         let work = || {
-            let st = log.st.borrow();
-            st.poisoned.is_some()
-                || st.closing
-                || st.sync_requested > st.durable
+            let m = log.marks();
+            m.stopped()
+                || m.sync_requested > m.durable
                 || (log.cfg.flush_mode == FlushMode::AsyncFlush
-                    && st.append_pos - st.durable >= log.cfg.flush_bytes)
+                    && m.appended - m.durable >= log.cfg.flush_bytes)
         };
         match log.cfg.flush_mode {
             FlushMode::SyncFlush => log.flusher_wake.wait_until(work).await,
@@ -45,12 +44,12 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             }
         }
         {
-            let st = log.st.borrow();
-            if st.poisoned.is_some() {
+            let m = log.marks();
+            if m.poisoned {
                 break;
             }
-            if st.append_pos == st.durable {
-                if st.closing {
+            if m.appended == m.durable {
+                if m.closing {
                     break;
                 }
                 continue;
@@ -59,14 +58,14 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
         let started = Instant::now();
         let target = log.hand_off_partial();
         // No await since `hand_off_partial`: the last record ends at or below `target`.
-        let record_end = log.st.borrow().record_end;
+        let record_end = log.marks().record_end;
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.poisoned.is_some() || st.written >= target
+                let m = log.marks();
+                m.poisoned || m.written >= target
             })
             .await;
-        if log.st.borrow().poisoned.is_some() {
+        if log.marks().poisoned {
             break;
         }
         let (segs, upto) = log.take_dirty();
@@ -89,13 +88,7 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             log.poison(cause);
             break;
         }
-        {
-            let mut st = log.st.borrow_mut();
-            st.counters.fsyncs += segs.len() as u64;
-            st.counters.flush_cycles += 1;
-            st.counters.flush_latency_sum_us += started.elapsed().as_micros() as u64;
-            st.counters.flush_latency_count += 1;
-        }
+        log.note_flush_cycle(segs.len() as u64, started.elapsed().as_micros() as u64);
         log.set_durable(upto, record_end);
     }
     log.changed.notify_all();

@@ -337,33 +337,20 @@ impl<B: StorageBackend> ShardStore<B> {
     /// fdatasync. Cancel-safe: dropping it only drops the wait.
     pub async fn wait_durable(&self, end: LogPosition) -> Result<(), StorageError> {
         let log = &self.inner.log;
-        let target = {
-            let mut st = log.st.borrow_mut();
-            if st.durable >= end.0 {
-                return Ok(());
-            }
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            let target = end.0.min(st.append_pos);
-            if st.durable >= target {
-                return Ok(());
-            }
-            st.sync_requested = st.sync_requested.max(target);
-            target
+        let Some(target) = log.request_sync(end.0)? else {
+            return Ok(());
         };
         log.flusher_wake.notify_all();
         log.durable_changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.durable >= target || st.poisoned.is_some()
+                let m = log.marks();
+                m.durable >= target || m.poisoned
             })
             .await;
-        let st = log.st.borrow();
-        if st.durable >= target {
+        if log.marks().durable >= target {
             Ok(())
         } else {
-            Err(st.poisoned_error().unwrap_or(StorageError::Closed))
+            Err(log.poisoned_error().unwrap_or(StorageError::Closed))
         }
     }
 
@@ -376,7 +363,7 @@ impl<B: StorageBackend> ShardStore<B> {
         offset: QueueOffset,
         max_bytes: u32,
     ) -> Result<ReadBatch, StorageError> {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible;
         let (ranges, min, end) = {
             let idx = self.inner.idx.borrow();
             let Some(q) = idx.queue(topic, queue_id) else {
@@ -453,13 +440,13 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     fn same_segment(&self, a: u64, b: u64) -> bool {
-        let st = self.inner.log.st.borrow();
-        let seg_of = |p: u64| st.segments.range(..=p).next_back().map(|(b, _)| *b);
+        let log = &self.inner.log;
+        let seg_of = |p: u64| log.segment_of(p).map(|(base, _)| base);
         seg_of(a) == seg_of(b)
     }
 
     fn visible_end(&self, topic: &str, queue_id: u32) -> u64 {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible;
         self.inner
             .idx
             .borrow()
@@ -473,11 +460,8 @@ impl<B: StorageBackend> ShardStore<B> {
         let log = &self.inner.log;
         log.durable_changed
             .wait_until(|| {
-                {
-                    let st = log.st.borrow();
-                    if st.poisoned.is_some() || st.closing {
-                        return true;
-                    }
+                if log.marks().stopped() {
+                    return true;
                 }
                 self.visible_end(topic, queue_id) > offset.0
             })
@@ -485,7 +469,7 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     pub fn queue_stats(&self, topic: &str, queue_id: u32) -> QueueStats {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible;
         let idx = self.inner.idx.borrow();
         match idx.queue(topic, queue_id) {
             None => QueueStats::default(),
@@ -500,35 +484,35 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     pub fn watermarks(&self) -> Watermarks {
-        let st = self.inner.log.st.borrow();
+        let m = self.inner.log.marks();
         Watermarks {
-            appended: LogPosition(st.append_pos),
-            written: LogPosition(st.written),
-            durable: LogPosition(st.durable),
-            visible: LogPosition(st.visible()),
+            appended: LogPosition(m.appended),
+            written: LogPosition(m.written),
+            durable: LogPosition(m.durable),
+            visible: LogPosition(m.visible),
         }
     }
 
     /// Caps the visible watermark (for a replication layer); `None` removes the cap.
     pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
-        self.inner.log.st.borrow_mut().visible_cap = cap.map(|c| c.0);
+        self.inner.log.set_visible_cap(cap.map(|c| c.0));
         self.inner.log.durable_changed.notify_all();
     }
 
     pub fn metrics(&self) -> StorageMetrics {
-        let st = self.inner.log.st.borrow();
-        let c = st.counters;
+        let m = self.inner.log.marks();
+        let c = self.inner.log.counters();
         StorageMetrics {
             appends: c.appends,
             fsyncs: c.fsyncs,
             flush_cycles: c.flush_cycles,
             writes: c.writes,
             written_bytes: c.written_bytes,
-            unflushed_bytes: st.append_pos - st.durable,
+            unflushed_bytes: m.appended - m.durable,
             unflushed_hwm_bytes: c.unflushed_hwm_bytes,
             flush_latency_sum_us: c.flush_latency_sum_us,
             flush_latency_count: c.flush_latency_count,
-            poisoned: st.poisoned.is_some(),
+            poisoned: m.poisoned,
             quarantined_records: self.inner.quarantined,
             checkpoints: self.inner.checkpoints.get(),
         }
@@ -537,7 +521,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Log positions of visible records of `topic` holding `key` (may include rare hash false
     /// positives: check the key in the record).
     pub fn lookup_key(&self, topic: &str, key: &[u8]) -> Vec<LogPosition> {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible;
         self.inner
             .idx
             .borrow()
@@ -553,20 +537,13 @@ impl<B: StorageBackend> ShardStore<B> {
     /// their index entries. Returns how many segments were removed.
     pub fn drop_segments_before(&self, position: LogPosition) -> Result<u64, StorageError> {
         let log = &self.inner.log;
-        let victims: Vec<_> = {
-            let st = log.st.borrow();
-            st.segments
-                .values()
-                .filter(|s| s.end() <= position.0 && s.base < st.active.base)
-                .cloned()
-                .collect()
-        };
+        let victims = log.sealed_segments_before(position.0);
         let mut first_kept = 0;
         for s in &victims {
             log.backend
                 .remove(&s.path)
                 .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
-            log.st.borrow_mut().segments.remove(&s.base);
+            log.forget_segment(s.base);
             first_kept = s.end();
         }
         if !victims.is_empty() {
@@ -584,25 +561,20 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Flushes everything, stops the flusher and persists the indexes.
     pub async fn close(&self) -> Result<(), StorageError> {
         let log = &self.inner.log;
-        log.st.borrow_mut().closing = true;
+        log.begin_close();
         log.flusher_wake.notify_all();
         let handle = self.inner.flusher.borrow_mut().take();
         if let Some(h) = handle {
             h.await;
         }
         log.changed
-            .wait_until(|| {
-                let st = log.st.borrow();
-                st.inflight_writes == 0
-            })
+            .wait_until(|| log.marks().inflight_writes == 0)
             .await;
-        let (durable, record_end) = {
-            let st = log.st.borrow();
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            (st.durable, st.durable_record_end)
-        };
+        if let Some(e) = log.poisoned_error() {
+            return Err(e);
+        }
+        let m = log.marks();
+        let (durable, record_end) = (m.durable, m.durable_record_end);
         self.inner.persist_indexes(durable);
         let handle = self.inner.checkpointer.borrow_mut().take();
         if let Some(h) = handle {
@@ -629,7 +601,7 @@ impl<B: StorageBackend> ShardStore<B> {
     #[doc(hidden)]
     pub fn inject_fault(&self, fault: StorageFault) {
         match fault {
-            StorageFault::SkipFdatasyncs(n) => self.inner.log.skip_syncs.set(n),
+            StorageFault::SkipFdatasyncs(n) => self.inner.log.inject_skipped_syncs(n),
         }
     }
 
@@ -640,8 +612,8 @@ impl<B: StorageBackend> ShardStore<B> {
         let log = &self.inner.log;
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.has_spare() || st.poisoned.is_some() || st.closing
+                let m = log.marks();
+                m.has_spare || m.stopped()
             })
             .await
     }
@@ -688,21 +660,16 @@ async fn run_checkpointer<B: StorageBackend>(
     persist_indexes: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let stop = || {
-        let st = log.st.borrow();
-        st.poisoned.is_some() || st.closing
-    };
+    let stop = || log.marks().stopped();
     loop {
         log.durable_changed
-            .wait_until(|| stop() || log.st.borrow().durable_record_end > ckpt.position())
+            .wait_until(|| stop() || log.marks().durable_record_end > ckpt.position())
             .await;
         if stop() {
             break;
         }
-        let (pos, durable) = {
-            let st = log.st.borrow();
-            (st.durable_record_end, st.durable)
-        };
+        let m = log.marks();
+        let (pos, durable) = (m.durable_record_end, m.durable);
         persist_indexes(durable);
         if let Err(e) = ckpt.store(pos).await {
             log.poison(format!(

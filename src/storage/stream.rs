@@ -31,7 +31,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// `at`, if `at` is the append position now (returns false otherwise: the stream must read
     /// the log first). At most `max_bytes` are kept.
     pub fn tail_feed_start(&self, at: LogPosition, max_bytes: usize) -> bool {
-        if self.inner.log.st.borrow().append_pos != at.0 {
+        if self.inner.log.marks().appended != at.0 {
             return false;
         }
         *self.inner.feed.borrow_mut() = TailFeed::starting_at(at.0, max_bytes);
@@ -65,8 +65,8 @@ impl<B: StorageBackend> ShardStore<B> {
         self.inner
             .appended
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.append_pos > pos.0 || st.closing || st.poisoned.is_some()
+                let m = log.marks();
+                m.appended > pos.0 || m.stopped()
             })
             .await
     }
@@ -75,13 +75,13 @@ impl<B: StorageBackend> ShardStore<B> {
     /// buffered bytes now rather than at the next flush), or the log is closing.
     pub async fn wait_written_beyond(&self, pos: LogPosition) {
         let log = &self.inner.log;
-        if log.st.borrow().written <= pos.0 {
+        if log.marks().written <= pos.0 {
             log.hand_off_partial();
         }
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.written > pos.0 || st.closing || st.poisoned.is_some()
+                let m = log.marks();
+                m.written > pos.0 || m.stopped()
             })
             .await
     }
@@ -95,20 +95,18 @@ impl<B: StorageBackend> ShardStore<B> {
         max_bytes: usize,
     ) -> Result<LogChunk, StorageError> {
         let log = &self.inner.log;
-        let (seg_base, seg_end, written) = {
-            let st = log.st.borrow();
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            let Some((_, seg)) = st.segments.range(..=from.0).next_back() else {
-                return Err(StorageError::OffsetOutOfRange {
-                    requested: from.0,
-                    min: st.segments.keys().next().copied().unwrap_or(0),
-                    end: st.append_pos,
-                });
-            };
-            (seg.base, seg.end(), st.written)
+        if let Some(e) = log.poisoned_error() {
+            return Err(e);
+        }
+        let marks = log.marks();
+        let Some((seg_base, seg_end)) = log.segment_of(from.0) else {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: from.0,
+                min: log.first_segment_base(),
+                end: marks.appended,
+            });
         };
+        let written = marks.written;
         debug_assert!(from.0 >= seg_base);
         let empty = |next: u64| LogChunk {
             position: from,
@@ -191,7 +189,7 @@ impl<B: StorageBackend> ShardStore<B> {
                 });
             }
             log.ensure_room(total).await?;
-            let append_pos = log.st.borrow().append_pos;
+            let append_pos = log.marks().appended;
             if append_pos != claimed {
                 return Err(StorageError::Diverged {
                     position: claimed,
@@ -229,7 +227,7 @@ impl<B: StorageBackend> ShardStore<B> {
             at += total as usize;
             expect = claimed + total;
         }
-        Ok((LogPosition(log.st.borrow().append_pos), topics))
+        Ok((LogPosition(log.marks().appended), topics))
     }
 }
 
@@ -238,17 +236,14 @@ impl<B: StorageBackend> ShardStore<B> {
     /// `durable` (or the log is closing): a replica's reason to acknowledge again.
     pub async fn wait_progress_beyond(&self, appended: LogPosition, durable: LogPosition) {
         let log = &self.inner.log;
-        let stop = || {
-            let st = log.st.borrow();
-            st.closing || st.poisoned.is_some()
-        };
+        let stop = || log.marks().stopped();
         let by_append = self
             .inner
             .appended
-            .wait_until(|| stop() || log.st.borrow().append_pos > appended.0);
+            .wait_until(|| stop() || log.marks().appended > appended.0);
         let by_sync = log
             .durable_changed
-            .wait_until(|| stop() || log.st.borrow().durable > durable.0);
+            .wait_until(|| stop() || log.marks().durable > durable.0);
         futures_lite::future::or(by_append, by_sync).await
     }
 }
