@@ -2,14 +2,18 @@
 //! ConsumeQueues and key index, idempotent-producer de-duplication and crash recovery.
 //!
 //! # Layout
-//! - The on-disk record format is [`crate::format::record`] (pure, shared with the client).
+//! - The on-disk record format is [`crate::format::record`] and a record's body is a
+//!   [`crate::format::batch`] (pure, shared with the client and the bench).
 //! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
 //!   [`sim::SimBackend`] (a disk with written/durable images that can crash).
 //! - `segment`: segment files named by their 20-digit base position, prepared by writing zeros.
 //! - `commitlog`: the append/write path (aligned chunks, writes in flight, the partial tail
 //!   block rewritten as it grows) and the watermarks `appended >= written >= durable >= visible`.
+//!   Its state is private: the other files read `LogMarks` and call narrow methods.
 //! - `flush`: the flush leader (group commit for [`FlushMode::SyncFlush`], timer/bytes for
-//!   [`FlushMode::AsyncFlush`]), counters.
+//!   [`FlushMode::AsyncFlush`]).
+//! - [`Signal`] (`signal`): the wait-until-a-condition-holds primitive; `counters`: the
+//!   raw counters of the log and the flusher.
 //! - [`index`]: the indexes derived from the log: [`index::consume_queue`] (per (topic, queue)
 //!   entries, persisted lazily behind the durable log), `key_index` (message key -> log
 //!   positions) and `producer` (the idempotent producer sequence table).
@@ -17,6 +21,7 @@
 //! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
+//! - `stream` (with `tail_feed`): the log as a stream of raw records, for replication.
 //! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
 //!
 //! # Durability contract
