@@ -34,7 +34,7 @@ use crate::storage::error::StorageError;
 use crate::storage::recovery::RecoveredLog;
 use crate::storage::segment::{segment_path, Seg, Segment};
 use crate::storage::signal::Signal;
-use crate::storage::{FlushMode, StorageConfig};
+use crate::storage::{FlushMode, LogPosition, StorageConfig};
 
 type BufOf<B> = <<B as StorageBackend>::File as BackendFile>::Buf;
 
@@ -52,17 +52,17 @@ struct Chunk<B: StorageBackend> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LogMarks {
     /// End of the last appended record, or the start of the next segment after a roll.
-    pub appended: u64,
-    pub written: u64,
-    pub durable: u64,
+    pub appended: LogPosition,
+    pub written: LogPosition,
+    pub durable: LogPosition,
     /// `min(durable, visible_cap)`.
-    pub visible: u64,
+    pub visible: LogPosition,
     /// End of the last appended record (`appended` without a roll's zero padding).
-    pub record_end: u64,
+    pub record_end: LogPosition,
     /// A record end at or below `durable`: what the durable checkpoint may claim.
-    pub durable_record_end: u64,
+    pub durable_record_end: LogPosition,
     /// Highest position a `wait_durable` caller asked for.
-    pub sync_requested: u64,
+    pub sync_requested: LogPosition,
     pub inflight_writes: usize,
     /// The next segment is prepared.
     pub has_spare: bool,
@@ -377,7 +377,7 @@ impl<B: StorageBackend> CommitLog<B> {
         mut header: RecordHeader,
         topic: &[u8],
         body: &[u8],
-    ) -> (u64, u64, [u8; HEADER_BYTES]) {
+    ) -> (LogPosition, LogPosition, [u8; HEADER_BYTES]) {
         let mut st = self.st.borrow_mut();
         let total = (HEADER_BYTES + topic.len() + body.len()) as u64;
         let pos = st.append_pos;
@@ -389,12 +389,12 @@ impl<B: StorageBackend> CommitLog<B> {
         self.copy_in(&mut st, body);
         drop(st);
         self.finish_append(pos + total);
-        (pos, pos + total, enc)
+        (LogPosition(pos), LogPosition(pos + total), enc)
     }
 
     /// Appends one already-encoded record (a replica copying its master) at the append
     /// position, which the caller has checked is the record's own position. Returns its end.
-    pub fn append_encoded(self: &Rc<Self>, record: &[u8]) -> u64 {
+    pub fn append_encoded(self: &Rc<Self>, record: &[u8]) -> LogPosition {
         let mut st = self.st.borrow_mut();
         let pos = st.append_pos;
         let end = pos + record.len() as u64;
@@ -402,7 +402,7 @@ impl<B: StorageBackend> CommitLog<B> {
         self.copy_in(&mut st, record);
         drop(st);
         self.finish_append(end);
-        end
+        LogPosition(end)
     }
 
     fn finish_append(self: &Rc<Self>, end: u64) {
@@ -442,11 +442,11 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Hands the dirty part of the active chunk to a write, keeping the partial tail block in a
     /// fresh chunk. Returns the position everything below which will be written.
-    pub fn hand_off_partial(self: &Rc<Self>) -> u64 {
+    pub fn hand_off_partial(self: &Rc<Self>) -> LogPosition {
         let mut st = self.st.borrow_mut();
         let end = st.append_pos;
         if st.write_from >= end {
-            return end;
+            return LogPosition(end);
         }
         let chunk = st.chunk.take().expect("dirty bytes live in a chunk");
         let tail_base = align_down(end);
@@ -460,7 +460,7 @@ impl<B: StorageBackend> CommitLog<B> {
             st.chunk = Some(fresh);
         }
         self.hand_off(&mut st, chunk, end);
-        end
+        LogPosition(end)
     }
 
     /// Spawns the write of `chunk`, which covers the log range `[write_from, to)`.
@@ -521,13 +521,14 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Takes the segments to fdatasync so that everything below the returned position is
     /// durable once their syncs complete.
-    pub fn take_dirty(&self) -> (Vec<Seg<B>>, u64) {
+    pub fn take_dirty(&self) -> (Vec<Seg<B>>, LogPosition) {
         let mut st = self.st.borrow_mut();
-        (std::mem::take(&mut st.dirty), st.written)
+        (std::mem::take(&mut st.dirty), LogPosition(st.written))
     }
 
     /// `record_end` is a record end at or below `upto` (the checkpoint may claim it).
-    pub fn set_durable(&self, upto: u64, record_end: u64) {
+    pub fn set_durable(&self, upto: LogPosition, record_end: LogPosition) {
+        let (upto, record_end) = (upto.0, record_end.0);
         let mut st = self.st.borrow_mut();
         assert!(
             upto <= st.written,
@@ -548,7 +549,8 @@ impl<B: StorageBackend> CommitLog<B> {
     }
 
     /// Reads `len` bytes at log position `pos` (must lie in one segment).
-    pub async fn read_range(&self, pos: u64, len: u32) -> Result<Vec<u8>, StorageError> {
+    pub async fn read_range(&self, pos: LogPosition, len: u32) -> Result<Vec<u8>, StorageError> {
+        let pos = pos.0;
         let seg = {
             let st = self.st.borrow();
             st.segments
@@ -594,13 +596,13 @@ impl<B: StorageBackend> CommitLog<B> {
     pub fn marks(&self) -> LogMarks {
         let st = self.st.borrow();
         LogMarks {
-            appended: st.append_pos,
-            written: st.written,
-            durable: st.durable,
-            visible: st.visible(),
-            record_end: st.record_end,
-            durable_record_end: st.durable_record_end,
-            sync_requested: st.sync_requested,
+            appended: LogPosition(st.append_pos),
+            written: LogPosition(st.written),
+            durable: LogPosition(st.durable),
+            visible: LogPosition(st.visible()),
+            record_end: LogPosition(st.record_end),
+            durable_record_end: LogPosition(st.durable_record_end),
+            sync_requested: LogPosition(st.sync_requested),
             inflight_writes: st.inflight_writes,
             has_spare: st.has_spare(),
             poisoned: st.poisoned.is_some(),
@@ -628,7 +630,8 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Asks the flusher for durability up to `end` (capped at the append position). Returns
     /// the position to wait for, `None` when it is durable already, or the poison error.
-    pub fn request_sync(&self, end: u64) -> Result<Option<u64>, StorageError> {
+    pub fn request_sync(&self, end: LogPosition) -> Result<Option<LogPosition>, StorageError> {
+        let end = end.0;
         let mut st = self.st.borrow_mut();
         if st.durable >= end {
             return Ok(None);
@@ -641,12 +644,12 @@ impl<B: StorageBackend> CommitLog<B> {
             return Ok(None);
         }
         st.sync_requested = st.sync_requested.max(target);
-        Ok(Some(target))
+        Ok(Some(LogPosition(target)))
     }
 
     /// Caps the visible watermark (`None`: visible = durable).
-    pub fn set_visible_cap(&self, cap: Option<u64>) {
-        self.st.borrow_mut().visible_cap = cap;
+    pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
+        self.st.borrow_mut().visible_cap = cap.map(|c| c.0);
     }
 
     /// Stops appends; the flusher flushes what is left and ends.
@@ -660,29 +663,31 @@ impl<B: StorageBackend> CommitLog<B> {
     }
 
     /// `(base, end)` of the segment holding log position `pos`, if any.
-    pub fn segment_of(&self, pos: u64) -> Option<(u64, u64)> {
+    pub fn segment_of(&self, pos: LogPosition) -> Option<(LogPosition, LogPosition)> {
         let st = self.st.borrow();
-        let (_, seg) = st.segments.range(..=pos).next_back()?;
-        Some((seg.base, seg.end()))
+        let (_, seg) = st.segments.range(..=pos.0).next_back()?;
+        Some((LogPosition(seg.base), LogPosition(seg.end())))
     }
 
     /// Base of the oldest segment still kept (0 for an empty log).
-    pub fn first_segment_base(&self) -> u64 {
-        self.st
-            .borrow()
-            .segments
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(0)
+    pub fn first_segment_base(&self) -> LogPosition {
+        LogPosition(
+            self.st
+                .borrow()
+                .segments
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(0),
+        )
     }
 
     /// The segments that end at or below `position`, never the active one.
-    pub fn sealed_segments_before(&self, position: u64) -> Vec<Seg<B>> {
+    pub fn sealed_segments_before(&self, position: LogPosition) -> Vec<Seg<B>> {
         let st = self.st.borrow();
         st.segments
             .values()
-            .filter(|s| s.end() <= position && s.base < st.active.base)
+            .filter(|s| s.end() <= position.0 && s.base < st.active.base)
             .cloned()
             .collect()
     }

@@ -32,7 +32,7 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             m.stopped()
                 || m.sync_requested > m.durable
                 || (log.cfg.flush_mode == FlushMode::AsyncFlush
-                    && m.appended - m.durable >= log.cfg.flush_bytes)
+                    && m.appended.bytes_since(m.durable) >= log.cfg.flush_bytes)
         };
         match log.cfg.flush_mode {
             FlushMode::SyncFlush => log.flusher_wake.wait_until(work).await,

@@ -220,6 +220,14 @@ pub struct LogPosition(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct QueueOffset(pub u64);
 
+impl LogPosition {
+    /// Bytes from `earlier` up to this position (`earlier` must not be beyond it).
+    pub fn bytes_since(self, earlier: LogPosition) -> u64 {
+        debug_assert!(earlier <= self, "{earlier} is beyond {self}");
+        self.0 - earlier.0
+    }
+}
+
 impl fmt::Display for LogPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

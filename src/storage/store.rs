@@ -318,17 +318,17 @@ impl<B: StorageBackend> ShardStore<B> {
         self.inner
             .feed
             .borrow_mut()
-            .push(pos, &[&enc, req.topic.as_bytes(), req.body]);
+            .push(pos.0, &[&enc, req.topic.as_bytes(), req.body]);
         self.inner.appended.notify_all();
-        h.log_position = pos;
+        h.log_position = pos.0;
         h.total_len = total as u32;
         h.topic_len = req.topic.len() as u16;
         idx.apply(req.topic, &h, req.body);
         Ok(Appended {
             base_offset: QueueOffset(base_offset),
             count: req.message_count,
-            position: LogPosition(pos),
-            end: LogPosition(end),
+            position: pos,
+            end,
             duplicate: false,
         })
     }
@@ -337,7 +337,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// fdatasync. Cancel-safe: dropping it only drops the wait.
     pub async fn wait_durable(&self, end: LogPosition) -> Result<(), StorageError> {
         let log = &self.inner.log;
-        let Some(target) = log.request_sync(end.0)? else {
+        let Some(target) = log.request_sync(end)? else {
             return Ok(());
         };
         log.flusher_wake.notify_all();
@@ -363,7 +363,7 @@ impl<B: StorageBackend> ShardStore<B> {
         offset: QueueOffset,
         max_bytes: u32,
     ) -> Result<ReadBatch, StorageError> {
-        let visible = self.inner.log.marks().visible;
+        let visible = self.inner.log.marks().visible.0;
         let (ranges, min, end) = {
             let idx = self.inner.idx.borrow();
             let Some(q) = idx.queue(topic, queue_id) else {
@@ -412,7 +412,7 @@ impl<B: StorageBackend> ShardStore<B> {
         let mut out = Vec::new();
         let mut next = offset.0;
         for (pos, len, end_off) in ranges {
-            let bytes = self.inner.log.read_range(pos, len).await?;
+            let bytes = self.inner.log.read_range(LogPosition(pos), len).await?;
             let mut at = 0usize;
             let mut p = pos;
             while at < bytes.len() {
@@ -441,12 +441,12 @@ impl<B: StorageBackend> ShardStore<B> {
 
     fn same_segment(&self, a: u64, b: u64) -> bool {
         let log = &self.inner.log;
-        let seg_of = |p: u64| log.segment_of(p).map(|(base, _)| base);
+        let seg_of = |p: u64| log.segment_of(LogPosition(p)).map(|(base, _)| base);
         seg_of(a) == seg_of(b)
     }
 
     fn visible_end(&self, topic: &str, queue_id: u32) -> u64 {
-        let visible = self.inner.log.marks().visible;
+        let visible = self.inner.log.marks().visible.0;
         self.inner
             .idx
             .borrow()
@@ -469,7 +469,7 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     pub fn queue_stats(&self, topic: &str, queue_id: u32) -> QueueStats {
-        let visible = self.inner.log.marks().visible;
+        let visible = self.inner.log.marks().visible.0;
         let idx = self.inner.idx.borrow();
         match idx.queue(topic, queue_id) {
             None => QueueStats::default(),
@@ -486,16 +486,16 @@ impl<B: StorageBackend> ShardStore<B> {
     pub fn watermarks(&self) -> Watermarks {
         let m = self.inner.log.marks();
         Watermarks {
-            appended: LogPosition(m.appended),
-            written: LogPosition(m.written),
-            durable: LogPosition(m.durable),
-            visible: LogPosition(m.visible),
+            appended: m.appended,
+            written: m.written,
+            durable: m.durable,
+            visible: m.visible,
         }
     }
 
     /// Caps the visible watermark (for a replication layer); `None` removes the cap.
     pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
-        self.inner.log.set_visible_cap(cap.map(|c| c.0));
+        self.inner.log.set_visible_cap(cap);
         self.inner.log.durable_changed.notify_all();
     }
 
@@ -508,7 +508,7 @@ impl<B: StorageBackend> ShardStore<B> {
             flush_cycles: c.flush_cycles,
             writes: c.writes,
             written_bytes: c.written_bytes,
-            unflushed_bytes: m.appended - m.durable,
+            unflushed_bytes: m.appended.bytes_since(m.durable),
             unflushed_hwm_bytes: c.unflushed_hwm_bytes,
             flush_latency_sum_us: c.flush_latency_sum_us,
             flush_latency_count: c.flush_latency_count,
@@ -521,7 +521,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Log positions of visible records of `topic` holding `key` (may include rare hash false
     /// positives: check the key in the record).
     pub fn lookup_key(&self, topic: &str, key: &[u8]) -> Vec<LogPosition> {
-        let visible = self.inner.log.marks().visible;
+        let visible = self.inner.log.marks().visible.0;
         self.inner
             .idx
             .borrow()
@@ -537,7 +537,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// their index entries. Returns how many segments were removed.
     pub fn drop_segments_before(&self, position: LogPosition) -> Result<u64, StorageError> {
         let log = &self.inner.log;
-        let victims = log.sealed_segments_before(position.0);
+        let victims = log.sealed_segments_before(position);
         let mut first_kept = 0;
         for s in &victims {
             log.backend
@@ -574,7 +574,7 @@ impl<B: StorageBackend> ShardStore<B> {
             return Err(e);
         }
         let m = log.marks();
-        let (durable, record_end) = (m.durable, m.durable_record_end);
+        let (durable, record_end) = (m.durable.0, m.durable_record_end.0);
         self.inner.persist_indexes(durable);
         let handle = self.inner.checkpointer.borrow_mut().take();
         if let Some(h) = handle {
@@ -663,13 +663,13 @@ async fn run_checkpointer<B: StorageBackend>(
     let stop = || log.marks().stopped();
     loop {
         log.durable_changed
-            .wait_until(|| stop() || log.marks().durable_record_end > ckpt.position())
+            .wait_until(|| stop() || log.marks().durable_record_end.0 > ckpt.position())
             .await;
         if stop() {
             break;
         }
         let m = log.marks();
-        let (pos, durable) = (m.durable_record_end, m.durable);
+        let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
         if let Err(e) = ckpt.store(pos).await {
             log.poison(format!(

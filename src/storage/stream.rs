@@ -31,7 +31,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// `at`, if `at` is the append position now (returns false otherwise: the stream must read
     /// the log first). At most `max_bytes` are kept.
     pub fn tail_feed_start(&self, at: LogPosition, max_bytes: usize) -> bool {
-        if self.inner.log.marks().appended != at.0 {
+        if self.inner.log.marks().appended != at {
             return false;
         }
         *self.inner.feed.borrow_mut() = TailFeed::starting_at(at.0, max_bytes);
@@ -66,7 +66,7 @@ impl<B: StorageBackend> ShardStore<B> {
             .appended
             .wait_until(|| {
                 let m = log.marks();
-                m.appended > pos.0 || m.stopped()
+                m.appended > pos || m.stopped()
             })
             .await
     }
@@ -75,13 +75,13 @@ impl<B: StorageBackend> ShardStore<B> {
     /// buffered bytes now rather than at the next flush), or the log is closing.
     pub async fn wait_written_beyond(&self, pos: LogPosition) {
         let log = &self.inner.log;
-        if log.marks().written <= pos.0 {
+        if log.marks().written <= pos {
             log.hand_off_partial();
         }
         log.changed
             .wait_until(|| {
                 let m = log.marks();
-                m.written > pos.0 || m.stopped()
+                m.written > pos || m.stopped()
             })
             .await
     }
@@ -99,14 +99,14 @@ impl<B: StorageBackend> ShardStore<B> {
             return Err(e);
         }
         let marks = log.marks();
-        let Some((seg_base, seg_end)) = log.segment_of(from.0) else {
+        let Some((seg_base, seg_end)) = log.segment_of(from) else {
             return Err(StorageError::OffsetOutOfRange {
                 requested: from.0,
-                min: log.first_segment_base(),
-                end: marks.appended,
+                min: log.first_segment_base().0,
+                end: marks.appended.0,
             });
         };
-        let written = marks.written;
+        let (seg_base, seg_end, written) = (seg_base.0, seg_end.0, marks.written.0);
         debug_assert!(from.0 >= seg_base);
         let empty = |next: u64| LogChunk {
             position: from,
@@ -121,7 +121,7 @@ impl<B: StorageBackend> ShardStore<B> {
         }
         let mut len = ((limit - from.0) as usize).min(max_bytes.max(HEADER_BYTES));
         loop {
-            let bytes = log.read_range(from.0, len as u32).await?;
+            let bytes = log.read_range(from, len as u32).await?;
             let mut at = 0usize;
             let mut pos = from.0;
             while at < bytes.len() {
@@ -189,7 +189,7 @@ impl<B: StorageBackend> ShardStore<B> {
                 });
             }
             log.ensure_room(total).await?;
-            let append_pos = log.marks().appended;
+            let append_pos = log.marks().appended.0;
             if append_pos != claimed {
                 return Err(StorageError::Diverged {
                     position: claimed,
@@ -227,7 +227,7 @@ impl<B: StorageBackend> ShardStore<B> {
             at += total as usize;
             expect = claimed + total;
         }
-        Ok((LogPosition(log.marks().appended), topics))
+        Ok((log.marks().appended, topics))
     }
 }
 
@@ -240,10 +240,10 @@ impl<B: StorageBackend> ShardStore<B> {
         let by_append = self
             .inner
             .appended
-            .wait_until(|| stop() || log.marks().appended > appended.0);
+            .wait_until(|| stop() || log.marks().appended > appended);
         let by_sync = log
             .durable_changed
-            .wait_until(|| stop() || log.marks().durable > durable.0);
+            .wait_until(|| stop() || log.marks().durable > durable);
         futures_lite::future::or(by_append, by_sync).await
     }
 }
