@@ -13,10 +13,14 @@
 //!   between shards.
 //! - [`replication`]: a slave's shard follows its master's shard: epochs, the master's follower
 //!   session and replica tracker, the slave's follower loop.
-//! - [`server`]: listeners, the per-connection loop and the request handlers.
+//! - [`broker`]: the request services (produce and its ack policy, fetch, topics, stats,
+//!   admin), with no sockets.
+//! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
+//!   the dispatcher that calls the services.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
 //! - [`config`]: the typed broker configuration with documented defaults and validation.
 
+pub mod broker;
 pub mod client;
 pub mod config;
 pub mod format;

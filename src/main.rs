@@ -189,7 +189,7 @@ impl BrokerArgs {
 }
 
 fn run_broker(args: BrokerArgs) -> Result<(), String> {
-    ringmq::shard::run_until_signalled(args.into_config()?)
+    ringmq::server::run_until_signalled(args.into_config()?)
 }
 
 fn ping(broker: &str, count: u32) -> Result<(), String> {

@@ -87,6 +87,6 @@ fn a_second_broker_on_the_same_port_is_refused() {
         cores: ringmq::config::CoreSelection::Count(1),
         ..common::test_config(tmp.path())
     };
-    let err = ringmq::shard::Broker::start(cfg).err().expect("must fail");
+    let err = ringmq::server::Broker::start(cfg).err().expect("must fail");
     assert!(err.to_string().contains("cannot listen"), "{err}");
 }

@@ -255,7 +255,7 @@ fn a_slave_with_another_shard_count_is_refused_at_start() {
     cfg.cores = CoreSelection::Count(2);
     cfg.role = Role::Slave;
     cfg.master = Some(m.addr());
-    let err = ringmq::shard::Broker::start(cfg).err().expect("refused");
+    let err = ringmq::server::Broker::start(cfg).err().expect("refused");
     assert!(err.to_string().contains("same --cores"), "{err}");
 }
 
@@ -591,7 +591,7 @@ fn a_master_that_cannot_reach_its_peer_starts_fenced_until_it_hears_from_it() {
     m.broker.take().unwrap().stop().unwrap();
     // Without it, the same broker starts read-only.
     cfg.force_master = false;
-    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    m.broker = Some(ringmq::server::Broker::start(cfg).unwrap());
     let err = no_retries(&m.addr())
         .send("ro", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
         .unwrap_err();
@@ -779,7 +779,7 @@ fn a_restarted_sync_master_shows_only_what_its_slave_confirmed() {
     }
     assert_eq!(read_all(&m.addr(), "v", 1), acked);
     m.broker.take().unwrap().stop().unwrap();
-    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    m.broker = Some(ringmq::server::Broker::start(cfg).unwrap());
     assert_eq!(read_all(&m.addr(), "v", 1), acked, "after the restart");
 }
 
@@ -871,12 +871,12 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
     producer.flush();
     drop(producer);
     m.broker.take().unwrap().stop().unwrap();
-    m.broker = Some(ringmq::shard::Broker::start(mcfg).unwrap());
+    m.broker = Some(ringmq::server::Broker::start(mcfg).unwrap());
     send_sync(&m.addr(), "lag", 1, 5);
 
     // The slave comes back, adopts the master's history and is promoted while far behind.
     scfg.master = Some(m.addr());
-    s.broker = Some(ringmq::shard::Broker::start(scfg).unwrap());
+    s.broker = Some(ringmq::server::Broker::start(scfg).unwrap());
     let admin = Admin::connect(&m.addr()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while admin.broker_stats().unwrap()[0].replication.link != 2 {
@@ -904,7 +904,7 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
     old_cfg.cores = CoreSelection::List(vec![0]);
     old_cfg.role = Role::Slave;
     old_cfg.master = Some(s.addr());
-    m.broker = Some(ringmq::shard::Broker::start(old_cfg).unwrap());
+    m.broker = Some(ringmq::server::Broker::start(old_cfg).unwrap());
     wait_caught_up(&s);
     let on_new = read_all(&s.addr(), "lag", 1);
     let deadline = Instant::now() + Duration::from_secs(20);

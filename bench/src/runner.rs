@@ -13,7 +13,7 @@ use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, Que
 use ringmq::config::{Config, CoreSelection};
 use ringmq::format::batch::Message;
 use ringmq::replication::Role;
-use ringmq::shard::Broker;
+use ringmq::server::Broker;
 
 use crate::broker_stats::{self, BrokerCounters, BrokerStats, ReplicationWatch};
 use crate::hist::{

@@ -76,7 +76,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .format_timestamp_micros()
         .init();
     let config = Config::from_file(&args.config).map_err(|e| e.to_string())?;
-    ringmq::shard::run_until_signalled(config)
+    ringmq::server::run_until_signalled(config)
 }
 
 /// Runs `ip args...`; on failure returns its stderr.

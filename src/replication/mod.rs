@@ -2,11 +2,14 @@
 //!
 //! - [`epoch`]: the history of master terms of a shard's log, and where two histories diverge.
 //! - [`master`]: the master side — the follower session that streams raw CommitLog bytes and
-//!   the [`master::ReplicaTracker`] produce requests wait on under SYNC_MASTER.
+//!   moves the tracker with the follower's acks.
 //! - [`follower`]: the slave side — connect, agree on a start point (truncating a diverged
 //!   tail), append what arrives, acknowledge; serve reads only up to what the master confirmed.
 //! - [`peer_watch`]: a master asks its peer whether it was superseded (then it fences itself).
 //! - [`confirmed`]: the confirmed position kept across restarts.
+//! - [`state`]: a shard's replication state (role, epochs, fence, tracker, visibility cap).
+//! - [`promotion`]: a slave's shard becomes a master.
+//! - [`tracker`]: replication progress, the waits of SYNC_MASTER acks, and the lag.
 //!
 //! The contracts (what an ack means in each mode, epochs, promotion) are in docs/design.md,
 //! "Replication".
@@ -16,6 +19,9 @@ pub mod epoch;
 pub mod follower;
 pub mod master;
 pub mod peer_watch;
+pub mod promotion;
+pub mod state;
+pub mod tracker;
 
 use std::fmt;
 use std::str::FromStr;

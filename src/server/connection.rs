@@ -32,6 +32,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
+use crate::broker::Services;
 use crate::protocol::{self, Frame, Request, WireError};
 use crate::server::bounds::{self, ByteBudget, ServerStats};
 use crate::server::handlers;
@@ -44,11 +45,12 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const IDLE_READ_CHUNK_BYTES: usize = 4 << 10;
 
 pub async fn serve(
-    ctx: Rc<ShardContext>,
+    services: Rc<Services>,
     stream: TcpStream,
     stop: Rc<Semaphore>,
     stats: Arc<ServerStats>,
 ) {
+    let ctx = services.shard.clone();
     ctx.connection_opened();
     let _ = stream.set_nodelay(true);
     // For the replication handshake: only the configured peer may follow.
@@ -60,6 +62,7 @@ pub async fn serve(
     let mut buf = BytesMut::new();
     let conn = Conn {
         ctx: &ctx,
+        services: &services,
         outbox: &outbox,
         budget: &budget,
         stop: &stop,
@@ -80,7 +83,7 @@ pub async fn serve(
         (Some((request_id, req)), Some(writer)) => {
             // The connection becomes a replication stream (see replication/master.rs).
             crate::replication::master::serve_follower(
-                ctx.clone(),
+                services.replication.clone(),
                 request_id,
                 *req,
                 remote,
@@ -156,6 +159,7 @@ impl std::fmt::Display for Closed {
 /// What the reading side of one connection works with.
 struct Conn<'a> {
     ctx: &'a Rc<ShardContext>,
+    services: &'a Rc<Services>,
     outbox: &'a Rc<Outbox>,
     budget: &'a Rc<Budget>,
     stop: &'a Rc<Semaphore>,
@@ -309,13 +313,13 @@ impl Conn<'_> {
         budget.bytes.charge(reserved);
         self.stats.note_budget(budget.bytes.used());
         let oneway = frame.flags.is_oneway();
-        let ctx = self.ctx.clone();
+        let services = self.services.clone();
         let outbox = self.outbox.clone();
         let budget = budget.clone();
         let stats = self.stats.clone();
         stats.request_started();
         glommio::spawn_local(async move {
-            let response = handlers::handle_request(&ctx, frame, request).await;
+            let response = handlers::handle_request(&services, frame, request).await;
             // Swap the reservation for the real size; no await in between, so the reader
             // cannot slip into the gap.
             budget.bytes.release(reserved);

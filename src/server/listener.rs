@@ -7,11 +7,12 @@ use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 
+use crate::broker::Services;
 use crate::server::{bounds, connection};
-use crate::shard::ShardContext;
 
 /// Serves connections until shutdown is requested. Connections then drain on their own.
-pub async fn serve(ctx: Rc<ShardContext>, listener: TcpListener) {
+pub async fn serve(services: Rc<Services>, listener: TcpListener) {
+    let ctx = &services.shard;
     let stats = match listener.local_addr() {
         Ok(addr) => bounds::register(addr),
         Err(_) => Default::default(),
@@ -30,7 +31,7 @@ pub async fn serve(ctx: Rc<ShardContext>, listener: TcpListener) {
             None => break,
             Some(Ok(stream)) => {
                 glommio::spawn_local(connection::serve(
-                    ctx.clone(),
+                    services.clone(),
                     stream,
                     stop.clone(),
                     stats.clone(),

@@ -31,9 +31,6 @@ use crate::storage::{
     StorageConfig, StorageMetrics, Watermarks,
 };
 
-/// Longest topic name accepted (it is stored in every record with a u16 length).
-pub const MAX_TOPIC_BYTES: usize = 255;
-
 #[derive(Default)]
 pub(super) struct Indexes {
     topics: HashMap<String, HashMap<u32, QueueIndex>>,
@@ -176,21 +173,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The protocol's one topic-name rule (a topic name is a directory name under `consumequeue/`).
 fn validate_topic(topic: &str) -> Result<(), StorageError> {
-    let ok = !topic.is_empty()
-        && topic.len() <= MAX_TOPIC_BYTES
-        && topic != "."
-        && topic != ".."
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'%' | b'|'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StorageError::InvalidArgument(format!(
-            "topic {topic:?}: 1..={MAX_TOPIC_BYTES} bytes of [A-Za-z0-9_.%|-], not . or .."
-        )))
-    }
+    crate::protocol::validate_topic_name(topic)
+        .map_err(|reason| StorageError::InvalidArgument(format!("topic {topic:?}: {reason}")))
 }
 
 impl<B: StorageBackend> ShardStore<B> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, Consumer};
 use ringmq::config::{Config, CoreSelection};
-use ringmq::shard::Broker;
+use ringmq::server::Broker;
 
 /// A temp dir under cargo's target dir: on the project's disk, never tmpfs.
 pub fn data_dir() -> tempfile::TempDir {

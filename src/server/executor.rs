@@ -20,8 +20,10 @@ use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::broker::Services;
 use crate::config::{Config, ConfigError};
 use crate::replication::epoch::EpochHistory;
+use crate::replication::state::Replication;
 use crate::replication::Role;
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
@@ -384,7 +386,8 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
         args.shutdown,
         args.topics,
     ));
-    ctx.load_epochs(epochs);
+    let repl = Rc::new(Replication::new(ctx.clone()));
+    repl.load_epochs(epochs);
     let confirmed = match crate::replication::confirmed::load(&dir) {
         Ok(c) => c,
         Err(e) => {
@@ -393,12 +396,12 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
-    match ctx.role() {
+    match repl.role() {
         Role::Master => {
             // Without a saved position (a log older than the file) visibility starts at the
             // log end, as it always did.
             let end = ctx.store().watermarks().appended.0;
-            match ctx.become_master(confirmed.unwrap_or(end)).await {
+            match repl.become_master(confirmed.unwrap_or(end)).await {
                 Ok(epoch) => log::info!(
                     "shard {shard}: master, epoch {}",
                     crate::replication::epoch::describe(epoch)
@@ -410,25 +413,26 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
                 }
             }
             if args.start_fenced {
-                ctx.fence_until_peer_heard(args.config.peer.as_deref().unwrap_or_default());
+                repl.fence_until_peer_heard(args.config.peer.as_deref().unwrap_or_default());
             }
-            glommio::spawn_local(crate::replication::peer_watch::watch_peer(ctx.clone())).detach();
+            glommio::spawn_local(crate::replication::peer_watch::watch_peer(repl.clone())).detach();
         }
         Role::Slave => {
-            ctx.start_confirmed_at(confirmed.unwrap_or(0));
+            repl.start_confirmed_at(confirmed.unwrap_or(0));
             let handle =
-                glommio::spawn_local(crate::replication::follower::follow(ctx.clone())).detach();
-            *ctx.follower.borrow_mut() = Some(handle);
+                glommio::spawn_local(crate::replication::follower::follow(repl.clone())).detach();
+            *repl.follower.borrow_mut() = Some(handle);
         }
     }
     if let Some(c) = confirmed {
-        ctx.set_confirmed_saved(c);
+        repl.set_confirmed_saved(c);
     }
-    glommio::spawn_local(crate::replication::confirmed::keep_saved(ctx.clone())).detach();
-    spawn_mesh_receivers(&ctx, receivers);
+    glommio::spawn_local(crate::replication::confirmed::keep_saved(repl.clone())).detach();
+    let services = Rc::new(Services::new(repl.clone()));
+    spawn_mesh_receivers(&services, receivers);
     let _ = args.ready.send((shard, Ok(())));
 
-    crate::server::listener::serve(ctx.clone(), listener).await;
+    crate::server::listener::serve(services.clone(), listener).await;
 
     // Drain: connections stop reading at shutdown and finish what they have in flight.
     let mut waited_ms = 0;
@@ -442,11 +446,11 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             ctx.open_connections()
         );
     }
-    let follower = ctx.follower.borrow_mut().take();
+    let follower = repl.follower.borrow_mut().take();
     if let Some(f) = follower {
         f.await;
     }
-    crate::replication::confirmed::save_if_moved(&ctx).await;
+    crate::replication::confirmed::save_if_moved(&repl).await;
     let closed = ctx.store().close().await;
     ctx.mesh.close();
     closed.map_err(|e| format!("closing the store: {e}"))?;
@@ -454,9 +458,9 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg>) {
+fn spawn_mesh_receivers(services: &Rc<Services>, mut receivers: Receivers<MeshMsg>) {
     for (_peer, rx) in receivers.streams() {
-        let ctx = ctx.clone();
+        let services = services.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
                 match msg {
@@ -465,15 +469,17 @@ fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg
                         call_id,
                         request,
                     } => {
-                        let ctx = ctx.clone();
+                        let services = services.clone();
                         glommio::spawn_local(async move {
                             let reply =
-                                crate::server::handlers::on_mesh_request(&ctx, request).await;
-                            ctx.mesh.reply(from, call_id, reply).await;
+                                crate::server::handlers::on_mesh_request(&services, request).await;
+                            services.shard.mesh.reply(from, call_id, reply).await;
                         })
                         .detach();
                     }
-                    MeshMsg::Reply { call_id, reply } => ctx.mesh.on_reply(call_id, reply),
+                    MeshMsg::Reply { call_id, reply } => {
+                        services.shard.mesh.on_reply(call_id, reply)
+                    }
                 }
             }
         })
