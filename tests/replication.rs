@@ -922,3 +922,31 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The lag's age comes from the store's append announcements: every append the slave lacks
+/// is dated when it was stored, so a slave that went away shows a lag at least as old as the
+/// time since the first record it missed.
+#[test]
+fn a_gone_slave_shows_a_lag_as_old_as_the_first_record_it_missed() {
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("aged", 1)
+        .unwrap();
+    let s = slave_of(&m);
+    send_sync(&m.addr(), "aged", 1, 10);
+    wait_caught_up(&m);
+    drop(s);
+    send_sync(&m.addr(), "aged", 1, 10);
+    let missed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = Admin::connect(&m.addr()).unwrap().broker_stats().unwrap();
+    let waited_ms = missed_at.elapsed().as_millis() as u64;
+    let lag = &stats[0].replication;
+    assert!(lag.lag_bytes > 0, "{stats:?}");
+    assert!(
+        lag.lag_ms >= 500 && lag.lag_ms <= waited_ms + 5_000,
+        "lag {} ms after waiting {waited_ms} ms: {stats:?}",
+        lag.lag_ms
+    );
+}

@@ -33,7 +33,7 @@ pub struct Replication {
     /// This shard's log history (see `replication/epoch.rs`).
     epochs: RefCell<EpochHistory>,
     /// Replication progress (master: the follower's acks; slave: the link to the master).
-    tracker: ReplicaTracker,
+    tracker: Rc<ReplicaTracker>,
     /// SYNC_MASTER: consumers see at least the log as it was when this shard became master
     /// (what it had then was acknowledged under the previous term), and beyond that only what
     /// the slave has.
@@ -55,12 +55,20 @@ pub struct Replication {
 impl Replication {
     /// The state of a shard that has not started its role yet: the configured role, an empty
     /// history (see [`Replication::load_epochs`]).
+    /// Installs the store's append hook: every append's end feeds the tracker (the age of
+    /// the replica lag) without the produce path having to remember it.
     pub fn new(ctx: Rc<ShardContext>) -> Replication {
+        let tracker = Rc::new(ReplicaTracker::default());
+        let on_append = tracker.clone();
+        ctx.store()
+            .set_append_hook(Some(Rc::new(move |end: LogPosition| {
+                on_append.note_end(end.0)
+            })));
         Replication {
             role: Cell::new(ctx.config.role),
             ctx,
             epochs: RefCell::new(EpochHistory::default()),
-            tracker: ReplicaTracker::default(),
+            tracker,
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
             fence: RefCell::new(None),

@@ -74,7 +74,10 @@ impl ShardContext {
         self.store.borrow().clone()
     }
 
+    /// Replaces the store (a replica reopening after a truncation); the append hook carries
+    /// over, so whoever listens to appends keeps hearing them.
     pub fn set_store(&self, store: ShardStore) {
+        store.set_append_hook(self.store.borrow().append_hook());
         *self.store.borrow_mut() = store;
     }
 

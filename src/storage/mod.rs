@@ -59,7 +59,7 @@ pub use backend::{DmaBackend, StorageBackend};
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
-pub use store::{ShardStore, StorageFault};
+pub use store::{AppendHook, ShardStore, StorageFault};
 pub use stream::LogChunk;
 
 /// When an append counts as stored (see DESIGN.md, "Flush modes").

@@ -127,9 +127,15 @@ pub(super) struct Inner<B: StorageBackend> {
     pub(super) feed: RefCell<TailFeed>,
     /// Notified after every append.
     pub(super) appended: Signal,
+    /// Told the end of every append (see [`ShardStore::set_append_hook`]).
+    append_hook: RefCell<Option<AppendHook>>,
     /// Appends in arrival order (see `AppendOrder`: producer sequences depend on it).
     order: AppendOrder,
 }
+
+/// Called with the log end after each append, on the shard's thread, before the append
+/// returns.
+pub type AppendHook = Rc<dyn Fn(LogPosition)>;
 
 /// One shard's storage. Cheap to clone (an `Rc` inside); not `Send`.
 pub struct ShardStore<B: StorageBackend = DmaBackend> {
@@ -226,6 +232,7 @@ impl<B: StorageBackend> ShardStore<B> {
             checkpoints,
             quarantined: report.quarantined.len() as u64,
             feed: RefCell::new(TailFeed::default()),
+            append_hook: RefCell::new(None),
             appended: Signal::default(),
             order: AppendOrder::default(),
         });
@@ -306,6 +313,11 @@ impl<B: StorageBackend> ShardStore<B> {
             .borrow_mut()
             .push(pos.0, &[&enc, req.topic.as_bytes(), req.body]);
         self.inner.appended.notify_all();
+        // Cloned first: the hook may read the store.
+        let hook = self.inner.append_hook.borrow().clone();
+        if let Some(hook) = hook {
+            hook(end);
+        }
         h.log_position = pos.0;
         h.total_len = total as u32;
         h.topic_len = req.topic.len() as u16;
@@ -477,6 +489,18 @@ impl<B: StorageBackend> ShardStore<B> {
             durable: m.durable,
             visible: m.visible,
         }
+    }
+
+    /// The one announcement of each append, besides the in-memory tail feed: a replication
+    /// layer hears every new log end here (for the age of the lag) instead of each caller
+    /// remembering to tell it. `None` removes the hook.
+    pub fn set_append_hook(&self, hook: Option<AppendHook>) {
+        *self.inner.append_hook.borrow_mut() = hook;
+    }
+
+    /// The hook set by [`ShardStore::set_append_hook`] (carried over when a store is reopened).
+    pub fn append_hook(&self) -> Option<AppendHook> {
+        self.inner.append_hook.borrow().clone()
     }
 
     /// Caps the visible watermark (for a replication layer); `None` removes the cap.
