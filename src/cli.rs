@@ -337,9 +337,11 @@ pub fn consume(args: ConsumeArgs) -> Result<(), String> {
 /// on this thread's own executor, then closes it.
 pub fn repair(data_dir: &Path, config: Option<&Path>) -> Result<(), String> {
     let mut storage = match config {
-        Some(p) => ringmq::config::Config::from_file(p)
-            .map_err(|e| e.to_string())?
-            .storage(),
+        Some(p) => {
+            ringmq::config::Config::from_file(p)
+                .map_err(|e| e.to_string())?
+                .storage
+        }
         None => StorageConfig::default(),
     };
     storage.recovery = RecoveryMode::SkipCorrupt;

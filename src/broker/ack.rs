@@ -24,10 +24,10 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
     let store = s.shard.store();
     let tracker = s.replication.tracker();
     let local = async {
-        if config.flush_mode != FlushMode::SyncFlush {
+        if config.storage.flush_mode != FlushMode::SyncFlush {
             return Ok(());
         }
-        let deadline = Duration::from_millis(config.flush_timeout_ms);
+        let deadline = Duration::from_millis(config.storage.flush_timeout_ms);
         match glommio::timer::timeout(deadline, async {
             Ok(store.wait_durable(appended.end).await)
         })
@@ -39,25 +39,25 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
                 ErrorCode::FlushDiskTimeout,
                 format!(
                     "stored at queue {queue} offset {} but not durable within {} ms",
-                    appended.base_offset, config.flush_timeout_ms
+                    appended.base_offset, config.storage.flush_timeout_ms
                 ),
             )),
         }
     };
     let replica = async {
-        if config.replication != ReplicationMode::SyncMaster {
+        if config.replication.mode != ReplicationMode::SyncMaster {
             return Ok(());
         }
-        let deadline = Duration::from_millis(config.replica_timeout_ms);
+        let deadline = Duration::from_millis(config.replication.replica_timeout_ms);
         tracker
-            .wait_replicated(appended.end, config.replica_ack, deadline)
+            .wait_replicated(appended.end, config.replication.replica_ack, deadline)
             .await
             .map_err(|e| {
                 let why = match e {
                     ReplicaWaitError::NotAvailable => "no slave is connected".to_string(),
                     ReplicaWaitError::Timeout => format!(
                         "the slave did not acknowledge ({}) within {} ms",
-                        config.replica_ack, config.replica_timeout_ms
+                        config.replication.replica_ack, config.replication.replica_timeout_ms
                     ),
                     ReplicaWaitError::Fenced => "this master was fenced".to_string(),
                 };

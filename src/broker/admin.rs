@@ -9,19 +9,19 @@ use crate::shard::mesh::{MeshReply, MeshRequest};
 pub fn broker_info(s: &Services) -> Response {
     let config = &s.shard.config;
     let repl = &s.replication;
-    let replication = match config.replication {
+    let replication = match config.replication.mode {
         ReplicationMode::AsyncMaster => "ASYNC_MASTER".to_string(),
-        ReplicationMode::SyncMaster => format!("SYNC_MASTER/{}", config.replica_ack),
+        ReplicationMode::SyncMaster => format!("SYNC_MASTER/{}", config.replication.replica_ack),
     };
     Response::BrokerInfo(BrokerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         shards: s.shard.shards as u32,
-        flush_mode: config.flush_mode.to_string(),
+        flush_mode: config.storage.flush_mode.to_string(),
         role: repl.role().to_string(),
         config_toml: config.to_toml(),
         epoch: repl.epoch(),
         master_address: match repl.role() {
-            Role::Slave => config.master.clone().unwrap_or_default(),
+            Role::Slave => config.replication.master.clone().unwrap_or_default(),
             Role::Master => String::new(),
         },
         replication,

@@ -41,7 +41,7 @@ const TOPIC_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Follows the master until this shard is promoted or the broker shuts down.
 pub async fn follow(repl: Rc<Replication>) {
-    let Some(master) = repl.ctx.config.master.clone() else {
+    let Some(master) = repl.ctx.config.replication.master.clone() else {
         log::error!(
             "shard {}: role slave without a master address",
             repl.ctx.shard
@@ -259,7 +259,7 @@ async fn follow_once(
     let request = Request::ReplFollow(ReplFollowRequest {
         shard: repl.ctx.shard as u32,
         shards: repl.ctx.shards as u32,
-        segment_bytes: repl.ctx.config.segment_bytes,
+        segment_bytes: repl.ctx.config.storage.segment_bytes,
         log_end: our_end,
         epochs: repl.epochs().entries().to_vec(),
         log_durable: w.durable.0,
@@ -321,7 +321,8 @@ async fn follow_once(
     } = link;
     // Our own SYNC_FLUSH means "sync what arrives" as it does for produce requests (nothing
     // else would ask our flusher to); a master that waits for durable acks needs the same.
-    let eager_sync = answer.want_durable || repl.ctx.config.flush_mode == FlushMode::SyncFlush;
+    let eager_sync =
+        answer.want_durable || repl.ctx.config.storage.flush_mode == FlushMode::SyncFlush;
     let acks = glommio::spawn_local(send_acks(repl.clone(), id, writer, eager_sync));
     let topics = (repl.ctx.shard == 0)
         .then(|| glommio::spawn_local(keep_topics_synced(repl.clone(), id, control)));
@@ -479,7 +480,7 @@ async fn truncate_store(repl: &Rc<Replication>, at: u64) -> Result<(), Replicati
     old.close().await?;
     let (store, report) = ShardStore::open_truncated(
         &repl.ctx.shard_dir(),
-        repl.ctx.config.storage(),
+        repl.ctx.config.storage.clone(),
         LogPosition(at),
     )
     .await?;
@@ -531,7 +532,7 @@ async fn request_topic_sync(repl: &Rc<Replication>) {
 
 /// Shard 0: copies the master's topic table over a fresh control connection.
 pub async fn sync_topics_now(repl: &Rc<Replication>) {
-    let Some(master) = repl.ctx.config.master.clone() else {
+    let Some(master) = repl.ctx.config.replication.master.clone() else {
         return;
     };
     let r = async {

@@ -95,7 +95,7 @@ async fn check_follower(
         ));
     }
     // Until there is authentication, only the configured slave may read the log this way.
-    if !repl.ctx.config.accepts_followers() {
+    if !repl.ctx.config.replication.accepts_followers() {
         return Err((
             ErrorCode::ReplicationRefused,
             "this master has no replication configured: start it with --peer <slave host:port> \
@@ -103,7 +103,7 @@ async fn check_follower(
                 .to_string(),
         ));
     }
-    if let Some(peer) = repl.ctx.config.pair_peer() {
+    if let Some(peer) = repl.ctx.config.replication.pair_peer() {
         let from_peer = match remote {
             Some(r) => is_peer_host(peer, r.ip()).await,
             None => false,
@@ -128,13 +128,13 @@ async fn check_follower(
             ),
         ));
     }
-    if req.segment_bytes != repl.ctx.config.segment_bytes {
+    if req.segment_bytes != repl.ctx.config.storage.segment_bytes {
         return Err((
             ErrorCode::ReplicationRefused,
             format!(
                 "segment_bytes differ: master {}, slave {}; a replica must place every record \
                  at the master's position, so both need the same segment size",
-                repl.ctx.config.segment_bytes, req.segment_bytes
+                repl.ctx.config.storage.segment_bytes, req.segment_bytes
             ),
         ));
     }
@@ -200,8 +200,8 @@ pub async fn serve_follower(
     let tracker = repl.tracker();
     let id = tracker.begin_session(1);
     // Only SYNC_MASTER waits for the slave's fdatasync; otherwise it syncs at its own pace.
-    let want_durable = repl.ctx.config.replication == ReplicationMode::SyncMaster
-        && repl.ctx.config.replica_ack == ReplicaAck::Durable;
+    let want_durable = repl.ctx.config.replication.mode == ReplicationMode::SyncMaster
+        && repl.ctx.config.replication.replica_ack == ReplicaAck::Durable;
     Response::ReplFollowing(ReplFollowResponse {
         start,
         master_end,
@@ -273,7 +273,7 @@ async fn stream_log(
     let mut next = start;
     let mut out = BytesMut::new();
     let mut last_sent = Instant::now();
-    let mut pace = Pacer::new(repl.ctx.config.replica_catchup_bytes_per_sec);
+    let mut pace = Pacer::new(repl.ctx.config.replication.replica_catchup_bytes_per_sec);
     loop {
         if !tracker.is_current(id)
             || repl.ctx.is_shutting_down()
@@ -315,7 +315,7 @@ async fn stream_log(
             // Everything written is sent: follow the tail in memory from here if nothing is
             // buffered beyond `next` (no await between the check and the start).
             if store.tail_feed_start(LogPosition(next), FEED_MAX_BYTES) {
-                pace = Pacer::new(repl.ctx.config.replica_catchup_bytes_per_sec);
+                pace = Pacer::new(repl.ctx.config.replication.replica_catchup_bytes_per_sec);
                 continue;
             }
             None
@@ -483,7 +483,7 @@ fn on_follower_frame(repl: &Replication, id: u64, frame: &Frame) -> Result<(), S
         ReplAck::from_frame(frame).map_err(|e| format!("bad frame from the follower: {e}"))?;
     let tracker = repl.tracker();
     tracker.on_ack(id, ack.received, ack.durable);
-    if repl.ctx.config.replication == ReplicationMode::SyncMaster {
+    if repl.ctx.config.replication.mode == ReplicationMode::SyncMaster {
         repl.raise_visible_cap();
     }
     Ok(())

@@ -10,10 +10,12 @@
 //! - [`state`]: a shard's replication state (role, epochs, fence, tracker, visibility cap).
 //! - [`promotion`]: a slave's shard becomes a master.
 //! - [`tracker`]: replication progress, the waits of SYNC_MASTER acks, and the lag.
+//! - [`config`]: [`ReplicationConfig`], the `[replication]` section of the broker config.
 //!
 //! The contracts (what an ack means in each mode, epochs, promotion) are in docs/design.md,
 //! "Replication".
 
+pub mod config;
 pub mod confirmed;
 pub mod epoch;
 pub mod follower;
@@ -27,6 +29,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+pub use config::ReplicationConfig;
 
 /// What a broker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -24,7 +24,7 @@ pub const PEER_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Watches the peer until shutdown or until this shard is superseded.
 pub async fn watch_peer(repl: Rc<Replication>) {
-    let Some(peer) = repl.ctx.config.pair_peer().map(str::to_string) else {
+    let Some(peer) = repl.ctx.config.replication.pair_peer().map(str::to_string) else {
         return;
     };
     while !repl.ctx.is_shutting_down() && !repl.is_superseded() {

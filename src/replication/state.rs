@@ -11,7 +11,7 @@ use crate::replication::epoch::{EpochError, EpochHistory};
 use crate::replication::tracker::ReplicaTracker;
 use crate::replication::{ReplicationMode, Role};
 use crate::shard::ShardContext;
-use crate::storage::{LogPosition, ShardStore};
+use crate::storage::{LogPosition, ShardStore, Signal};
 
 /// Why a master takes no writes although its role is master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub struct Replication {
     stop_following: Cell<bool>,
     /// A master that must not take writes (see [`Fence`]).
     fence: RefCell<Option<Fence>>,
+    /// Notified when the fence changes (the listener closes client connections when this
+    /// master is superseded).
+    fence_changed: Signal,
     /// The confirmed position last saved to `<shard dir>/confirmed`.
     confirmed_saved: Cell<u64>,
     /// Slave: the task following the master.
@@ -65,13 +68,14 @@ impl Replication {
                 on_append.note_end(end.0)
             })));
         Replication {
-            role: Cell::new(ctx.config.role),
+            role: Cell::new(ctx.config.replication.role),
             ctx,
             epochs: RefCell::new(EpochHistory::default()),
             tracker,
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
             fence: RefCell::new(None),
+            fence_changed: Signal::default(),
             confirmed_saved: Cell::new(0),
             follower: RefCell::new(None),
             replication_queue: glommio::executor().create_task_queue(
@@ -131,7 +135,7 @@ impl Replication {
 
     /// This broker's node id (resolved at start; see `epoch::node_id`).
     pub fn node_id(&self) -> u32 {
-        self.ctx.config.node_id.unwrap_or(1)
+        self.ctx.config.replication.node_id.unwrap_or(1)
     }
 
     /// Becomes master: a new epoch starting at the log end is made durable first, then writes
@@ -156,7 +160,7 @@ impl Replication {
         );
         self.visible_floor.set(visible_from.min(end));
         self.role.set(Role::Master);
-        if self.ctx.config.replication == ReplicationMode::SyncMaster {
+        if self.ctx.config.replication.mode == ReplicationMode::SyncMaster {
             self.raise_visible_cap();
         } else {
             store.set_visible_cap(None);
@@ -166,7 +170,7 @@ impl Replication {
 
     /// SYNC_MASTER: let consumers see what the slave has acknowledged.
     pub fn raise_visible_cap(&self) {
-        let acked = self.tracker.acked(self.ctx.config.replica_ack);
+        let acked = self.tracker.acked(self.ctx.config.replication.replica_ack);
         // Never lower: a slave that re-syncs from an earlier point must not hide what
         // consumers may already have read.
         let cap = acked.max(self.visible_floor.get());
@@ -254,6 +258,12 @@ impl Replication {
             master: master.to_string(),
         });
         self.tracker.set_fenced();
+        self.fence_changed.notify_all();
+    }
+
+    /// Resolves once a newer epoch has been heard of (see [`Replication::fence_superseded`]).
+    pub async fn superseded(&self) {
+        self.fence_changed.wait_until(|| self.is_superseded()).await
     }
 
     /// Why writes are refused (for NOT_MASTER), if they are.
@@ -275,7 +285,7 @@ impl Replication {
 
     /// " (its master is ADDR)" on a slave with a configured master, for error messages.
     pub fn master_hint(&self) -> String {
-        match &self.ctx.config.master {
+        match &self.ctx.config.replication.master {
             Some(m) if self.role() == Role::Slave => format!(" (its master is {m})"),
             _ => String::new(),
         }

@@ -94,11 +94,37 @@ pub async fn serve(
             .await;
         }
         (None, Some(mut writer)) => {
+            // Half-close, then read until the client closes (bounded): closing the socket
+            // with a client's bytes unread would send an RST, and an RST makes the client's
+            // kernel drop the responses it has not read yet — the very answers (an error
+            // reply, NOT_MASTER) that say why it is being disconnected.
             let _ = writer.close().await;
+            linger(&mut reader).await;
         }
         _ => {}
     }
     ctx.connection_closed();
+}
+
+/// Longest a closing connection waits for the client to close its side.
+const LINGER_MS: u64 = 2_000;
+/// Most bytes a closing connection reads and throws away while it waits.
+const LINGER_MAX_BYTES: usize = 1 << 20;
+
+/// Reads and discards until the peer closes, `LINGER_MS` pass or `LINGER_MAX_BYTES` arrive.
+async fn linger(reader: &mut ReadHalf<TcpStream>) {
+    let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
+    let mut discarded = 0;
+    let _ = glommio::timer::timeout(Duration::from_millis(LINGER_MS), async {
+        while discarded < LINGER_MAX_BYTES {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// The connection's in-flight budget: requests being handled, and bytes held for it.
@@ -112,12 +138,12 @@ struct Budget {
 
 impl Budget {
     fn new(ctx: &ShardContext) -> Budget {
-        let max_requests = u64::from(ctx.config.max_inflight_requests_per_connection);
+        let max_requests = u64::from(ctx.config.server.max_inflight_requests_per_connection);
         Budget {
             requests: Rc::new(Semaphore::new(max_requests)),
             max_requests,
-            bytes: ByteBudget::new(ctx.config.max_inflight_bytes_per_connection),
-            max_record_bytes: ctx.config.storage().max_record_bytes,
+            bytes: ByteBudget::new(ctx.config.server.max_inflight_bytes_per_connection),
+            max_record_bytes: ctx.config.storage.max_record_bytes,
         }
     }
 
@@ -150,7 +176,7 @@ impl std::fmt::Display for Closed {
             Closed::PeerGone => write!(f, "a response could not be written"),
             Closed::BadFrame(e) => write!(f, "bad frame: {e}"),
             Closed::PartialFrameTimeout => write!(f, "frame not complete by its deadline"),
-            Closed::Shutdown => write!(f, "broker shutting down"),
+            Closed::Shutdown => write!(f, "closed by the listener (shutdown, or superseded)"),
             Closed::Replication(..) => write!(f, "handed to replication"),
         }
     }
@@ -174,7 +200,7 @@ impl Conn<'_> {
     ) -> Result<(), Closed> {
         let mut first = true;
         let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
-        let frame_timeout = Duration::from_millis(self.ctx.config.partial_frame_timeout_ms);
+        let frame_timeout = Duration::from_millis(self.ctx.config.server.partial_frame_timeout_ms);
         // When the frame now at the front of `buf` must be complete.
         let mut frame_deadline: Option<Instant> = None;
         loop {

@@ -83,7 +83,10 @@ impl ShardContext {
 
     /// `<data>/shard-<n>`.
     pub fn shard_dir(&self) -> std::path::PathBuf {
-        self.config.data_dir.join(format!("shard-{}", self.shard))
+        self.config
+            .server
+            .data_dir
+            .join(format!("shard-{}", self.shard))
     }
 
     pub fn topics(&self) -> Arc<TopicTable> {

@@ -36,7 +36,7 @@ pub async fn create_topic(
     let next = Arc::new(current.with_topic(name, queues)?);
     if *next != *current {
         // tmp + fsync + rename + dir fsync: on the blocking pool, not under this shard's acks.
-        let (table, dir) = (next.clone(), ctx.config.data_dir.clone());
+        let (table, dir) = (next.clone(), ctx.config.server.data_dir.clone());
         glommio::executor()
             .spawn_blocking(move || table.save(&dir))
             .await?;

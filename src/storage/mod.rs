@@ -2,6 +2,8 @@
 //! ConsumeQueues and key index, idempotent-producer de-duplication and crash recovery.
 //!
 //! # Layout
+//! - [`config`]: [`StorageConfig`], the `[storage]` section of the broker config: its
+//!   defaults and its one bound per setting.
 //! - The on-disk record format is [`crate::format::record`] and a record's body is a
 //!   [`crate::format::batch`] (pure, shared with the client and the bench).
 //! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
@@ -36,6 +38,7 @@ mod append_order;
 pub mod backend;
 pub mod checkpoint;
 mod commitlog;
+pub mod config;
 mod counters;
 pub mod error;
 mod flush;
@@ -53,9 +56,8 @@ mod tail_feed;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::format::record;
-
 pub use backend::{DmaBackend, StorageBackend};
+pub use config::StorageConfig;
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
@@ -128,86 +130,6 @@ impl FromStr for RecoveryMode {
             _ => Err(format!(
                 "unknown recovery mode {s:?} (strict | skip-corrupt)"
             )),
-        }
-    }
-}
-
-/// Storage configuration of one shard.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct StorageConfig {
-    /// Size of each CommitLog segment file; a multiple of 4 KiB. Default 1 GiB (RocketMQ's).
-    pub segment_bytes: u64,
-    /// When an append is acknowledged. Default `sync_flush`: an ack means on disk.
-    pub flush_mode: FlushMode,
-    /// ASYNC_FLUSH: flush at least this often. Default 500 ms (RocketMQ's).
-    pub flush_interval_ms: u64,
-    /// ASYNC_FLUSH: flush as soon as this many bytes are pending. Default 4 MiB.
-    pub flush_bytes: u64,
-    /// Size of each aligned write buffer (chunk); 1 MiB writes reach full disk bandwidth.
-    pub write_buffer_bytes: u64,
-    /// Writes in flight before appends wait (bounds memory). Default 8.
-    pub max_writes_in_flight: usize,
-    /// Largest record (header + topic + body). Default 8 MiB.
-    pub max_record_bytes: u64,
-    /// Corruption before the durable checkpoint: `strict` (default) or `skip-corrupt`.
-    pub recovery: RecoveryMode,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            segment_bytes: 1 << 30,
-            flush_mode: FlushMode::SyncFlush,
-            flush_interval_ms: 500,
-            flush_bytes: 4 << 20,
-            write_buffer_bytes: 1 << 20,
-            max_writes_in_flight: 8,
-            max_record_bytes: 8 << 20,
-            recovery: RecoveryMode::Strict,
-        }
-    }
-}
-
-impl StorageConfig {
-    /// Reports every problem at once.
-    pub fn validate(&self) -> Result<(), StorageError> {
-        let mut errs = Vec::new();
-        let b = backend::BLOCK_BYTES;
-        if self.segment_bytes < 64 * 1024 || self.segment_bytes % b != 0 {
-            errs.push(format!(
-                "segment_bytes {} must be >= 64 KiB and a multiple of 4 KiB",
-                self.segment_bytes
-            ));
-        }
-        if self.write_buffer_bytes < b || self.write_buffer_bytes % b != 0 {
-            errs.push(format!(
-                "write_buffer_bytes {} must be a positive multiple of 4 KiB",
-                self.write_buffer_bytes
-            ));
-        }
-        if self.max_writes_in_flight == 0 {
-            errs.push("max_writes_in_flight must be >= 1".into());
-        }
-        if self.flush_interval_ms == 0 {
-            errs.push("flush_interval_ms must be >= 1".into());
-        }
-        if self.flush_bytes == 0 {
-            errs.push("flush_bytes must be >= 1".into());
-        }
-        if self.max_record_bytes < 1024
-            || self.max_record_bytes > u64::from(record::MAX_RECORD_BYTES)
-        {
-            errs.push(format!(
-                "max_record_bytes {} must be in 1 KiB..={} bytes",
-                self.max_record_bytes,
-                record::MAX_RECORD_BYTES
-            ));
-        }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(StorageError::Config(errs))
         }
     }
 }
