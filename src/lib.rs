@@ -18,8 +18,8 @@
 //! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
 //!   the dispatcher that calls the services.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
-//! - [`config`]: the typed broker configuration in sections (`[server]` here; `[storage]` and
-//!   `[replication]` owned by their modules), with documented defaults and validation.
+//! - [`config`]: the typed broker configuration in sections (`[server]`, `[replication]`;
+//!   `[storage]` is owned by storage), with documented defaults and validation.
 
 pub mod broker;
 pub mod client;

@@ -2,7 +2,7 @@
 //!
 //! One [`Config`] of three sections with documented defaults, each owned by the module that
 //! uses it: [`ServerConfig`] (`[server]`, here), [`StorageConfig`] (`[storage]`, in
-//! `storage::config`) and [`ReplicationConfig`] (`[replication]`, in `replication::config`).
+//! `storage::config`) and [`ReplicationConfig`] (`[replication]`, in `config::replication`, since the shard and replication layers both read it).
 //! Each section has its `Default` and a `problems()` check with one bound per setting; the
 //! sections never import this module. A config is read from a TOML file (`--config`, one
 //! table per section), then every field can be overridden by a command-line flag (see
@@ -16,8 +16,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::replication::ReplicationConfig;
+pub mod replication;
+
 pub use crate::storage::StorageConfig;
+pub use replication::ReplicationConfig;
 
 /// Errors from loading or validating a [`Config`].
 #[derive(Debug, thiserror::Error)]

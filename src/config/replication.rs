@@ -7,8 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::epoch::NODE_ID_MAX;
-use super::{ReplicaAck, ReplicationMode, Role};
+use std::fmt;
+use std::str::FromStr;
+
+/// Bits of an epoch that hold the minting node's id (see `replication/epoch.rs`).
+pub const NODE_BITS: u32 = 24;
+/// The largest node id.
+pub const NODE_ID_MAX: u32 = (1 << NODE_BITS) - 1;
 
 /// The `[replication]` section. Field names carry their unit last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +104,71 @@ impl ReplicationConfig {
     }
 }
 
+/// What a broker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Takes produce requests; streams its log to a slave if one connects.
+    #[default]
+    Master,
+    /// Follows `master`; serves fetches read-only; refuses produce with NOT_MASTER.
+    Slave,
+}
+
+/// When a master's produce ack waits for the slave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    /// The ack does not wait for the slave (RocketMQ's ASYNC_MASTER).
+    #[default]
+    AsyncMaster,
+    /// The ack waits until the slave has the record (see [`ReplicaAck`]); consumers on the master
+    /// only see what the slave has (RocketMQ's SYNC_MASTER).
+    SyncMaster,
+}
+
+/// Under SYNC_MASTER, what "the slave has the record" means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaAck {
+    /// The slave appended it to its log (in its memory; its disk write is under way). Survives
+    /// the loss of the master's host, not a simultaneous crash of both.
+    Received,
+    /// The slave's fdatasync covered it. Survives both brokers crashing at once.
+    #[default]
+    Durable,
+}
+
+macro_rules! text_enum {
+    ($ty:ident { $($variant:ident => $name:literal $(| $alias:literal)*),* $(,)? }) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $($ty::$variant => $name),* })
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s.to_ascii_lowercase().replace('-', "_").as_str() {
+                    $($name $(| $alias)* => Ok($ty::$variant),)*
+                    _ => Err(format!(
+                        "unknown {} {s:?} (one of: {})",
+                        stringify!($ty),
+                        [$($name),*].join(" | ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+text_enum!(Role { Master => "master", Slave => "slave" });
+text_enum!(ReplicationMode {
+    AsyncMaster => "async_master" | "async",
+    SyncMaster => "sync_master" | "sync",
+});
+text_enum!(ReplicaAck { Received => "received", Durable => "durable" });
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +192,27 @@ mod tests {
             ..ReplicationConfig::default()
         };
         assert_eq!(bad.problems().len(), 2, "{:?}", bad.problems());
+    }
+
+    #[test]
+    fn modes_parse_with_aliases_and_print_canonically() {
+        assert_eq!(
+            "sync-master".parse::<ReplicationMode>().unwrap(),
+            ReplicationMode::SyncMaster
+        );
+        assert_eq!(
+            "ASYNC".parse::<ReplicationMode>().unwrap(),
+            ReplicationMode::AsyncMaster
+        );
+        assert_eq!(ReplicationMode::SyncMaster.to_string(), "sync_master");
+        assert_eq!("slave".parse::<Role>().unwrap(), Role::Slave);
+        assert!("leader"
+            .parse::<Role>()
+            .unwrap_err()
+            .contains("master | slave"));
+        assert_eq!(
+            "received".parse::<ReplicaAck>().unwrap(),
+            ReplicaAck::Received
+        );
     }
 }
