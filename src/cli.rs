@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use ringmq::client::{
     Admin, Consumer, Producer, ProducerConfig, QueueSelector, SendResult, StartFrom,
 };
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::storage::{RecoveryMode, ShardStore, StorageConfig};
 
 #[derive(Subcommand)]

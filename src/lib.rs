@@ -4,9 +4,11 @@
 //! # Layout
 //! - [`protocol`]: the wire protocol, sans-io (frame preamble, FlatBuffers headers, codec,
 //!   stable error codes). Never imports glommio.
-//! - [`message`]: the message batch format a producer sends and storage keeps as it is.
-//! - [`storage`]: per-shard CommitLog on O_DIRECT with group-committed fdatasync, ConsumeQueues,
-//!   key index, recovery.
+//! - [`format`]: the byte formats, pure (one parser and one encoder each): the message batch a
+//!   producer sends and storage keeps as it is, and the CommitLog record that holds it. Shared
+//!   by the server, storage, the client and the bench; imports nothing else of the crate.
+//! - [`storage`]: per-shard CommitLog on O_DIRECT with group-committed fdatasync, derived
+//!   indexes (consume queues, key index, producer table), recovery.
 //! - [`shard`]: one pinned glommio executor per core, the routing function and the channel mesh
 //!   between shards.
 //! - [`replication`]: a slave's shard follows its master's shard: epochs, the master's follower
@@ -22,7 +24,7 @@
 pub mod broker;
 pub mod client;
 pub mod config;
-pub mod message;
+pub mod format;
 pub mod protocol;
 pub mod replication;
 pub mod server;

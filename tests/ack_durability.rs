@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ringmq::client::{Admin, Durability, Producer, QueueSelector, SendResult};
 use ringmq::config::CoreSelection;
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 use ringmq::storage::FlushMode;
 

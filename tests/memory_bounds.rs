@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{data_dir, test_config, TestBroker};
 use ringmq::client::{Admin, Consumer, Producer, QueueSelector};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::limits::MAX_FETCH_BYTES;
 use ringmq::protocol::{FetchRequest, Frame, Request, MAX_BODY_BYTES, PREAMBLE_BYTES};
 use ringmq::server::bounds::{stats_of, ServerStatsSnapshot};

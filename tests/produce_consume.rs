@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::TestBroker;
 use ringmq::client::{Admin, Connection, Consumer, Producer, QueueSelector, StartFrom};
-use ringmq::message::{BatchBuilder, Message};
+use ringmq::format::batch::{BatchBuilder, Message};
 use ringmq::protocol::{ErrorCode, FetchRequest, ProduceRequest, Request, Response};
 
 fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u64), Bytes> {

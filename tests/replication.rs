@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::CoreSelection;
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::ErrorCode;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 

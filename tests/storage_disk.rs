@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use glommio::io::OpenOptions;
-use ringmq::storage::record::RecordIter;
+use ringmq::format::record::RecordIter;
 use ringmq::storage::{
     prime_dma_probe, AppendRequest, FlushMode, QueueOffset, ShardStore, StorageConfig,
 };

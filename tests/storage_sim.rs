@@ -7,8 +7,9 @@ use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use ringmq::format::batch::{BatchBuilder, Message};
+use ringmq::format::record::{RecordIter, RecordView};
 use ringmq::storage::checkpoint::CheckpointSlot;
-use ringmq::storage::record::{RecordIter, RecordView};
 use ringmq::storage::recovery::Observation;
 use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
@@ -276,8 +277,11 @@ fn key_index_finds_visible_records_by_key() {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
-        let mut body = Vec::new();
-        ringmq::storage::batch::encode_message(&mut body, b"order-1", b"tagA", b"payload");
+        let mut body = bytes::BytesMut::new();
+        let message = Message::new(&b"payload"[..])
+            .with_key(&b"order-1"[..])
+            .with_tag(&b"tagA"[..]);
+        BatchBuilder::new(&mut body).push(&message).unwrap();
         let a = append_durable(&s, "k", 0, &body).await;
         assert_eq!(s.lookup_key("k", b"order-1"), vec![a.position]);
         assert!(s.lookup_key("k", b"order-2").is_empty());
@@ -1010,7 +1014,7 @@ fn the_crash_drill_fails_when_the_store_acks_before_the_sync() {
 #[test]
 fn record_view_rejects_what_the_store_never_returns() {
     // A fetch response is parsed with the same pure code.
-    let rec = ringmq::storage::record::encode_record(Default::default(), "t", b"body");
+    let rec = ringmq::format::record::encode_record(Default::default(), "t", b"body");
     assert!(RecordView::parse(&rec).is_ok());
 }
 

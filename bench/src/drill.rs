@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
 
@@ -39,9 +39,9 @@ use crate::slave::{SlaveHost, SlaveProcess};
 /// The topic the drill writes.
 const TOPIC: &str = "drill";
 /// Bytes a message takes in a batch besides its payload (length, born timestamp, flags and the
-/// key, tag and property lengths; see `ringmq::message`), so `lost × (payload + this)` is a
-/// lower bound on the log bytes lost messages took.
-const MESSAGE_OVERHEAD_BYTES: u64 = 24;
+/// key, tag and property lengths; see `ringmq::format::batch`), so `lost × (payload + this)` is
+/// a lower bound on the log bytes lost messages took.
+const MESSAGE_OVERHEAD_BYTES: u64 = ringmq::format::batch::MIN_MESSAGE_BYTES as u64;
 /// How long a round's load may take to get its first ack.
 const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the audit's reads may take per queue before the drill gives up on that round.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::replication::Role;
 use ringmq::server::Broker;
 

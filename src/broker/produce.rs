@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use crate::broker::{ack, topics, Result, ServiceError, Services};
-use crate::message;
+use crate::format::batch::validate_batch;
 use crate::protocol::limits::MAX_BATCH_MESSAGES;
 use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Response};
 use crate::storage::{AppendRequest, ProducerSeq};
@@ -18,7 +18,7 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
         }
         None => s.shard.pick_local_queue(&p.topic, queues),
     };
-    let count = message::validate_batch(&body, MAX_BATCH_MESSAGES)
+    let count = validate_batch(&body, MAX_BATCH_MESSAGES)
         .map_err(|e| ServiceError::new(ErrorCode::InvalidBatch, e.to_string()))?;
     if count != p.message_count {
         return Err(ServiceError::new(

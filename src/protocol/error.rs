@@ -139,7 +139,7 @@ error_codes! {
         41 => OutOfOrderSequence "OUT_OF_ORDER_SEQUENCE" final,
         /// A message or batch over the broker's size limits.
         42 => MessageTooLarge "MESSAGE_TOO_LARGE" final,
-        /// The produce body is not a valid message batch (see `crate::message`).
+        /// The produce body is not a valid message batch (see `crate::format::batch`).
         43 => InvalidBatch "INVALID_BATCH" final,
         /// SYNC_MASTER: the slave did not acknowledge before the deadline. Stored on the master.
         50 => FlushSlaveTimeout "FLUSH_SLAVE_TIMEOUT" retriable,

@@ -22,7 +22,7 @@
 //!
 //! # Contract
 //! - A frame is `preamble | header | body`; the header is a FlatBuffers table chosen by opcode
-//!   and direction, the body is raw bytes (a message batch, see [`crate::message`]) that storage
+//!   and direction, the body is raw bytes (a message batch, see [`crate::format::batch`]) that storage
 //!   keeps without re-encoding.
 //! - `Frame::decode` returns `Ok(None)` for "need more bytes". Limits are enforced from the
 //!   preamble alone; the CRC (header + body) once the frame is complete.

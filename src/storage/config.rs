@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::backend::BLOCK_BYTES;
-use super::record::MAX_RECORD_BYTES;
 use super::{FlushMode, RecoveryMode, StorageError};
+use crate::format::record::MAX_RECORD_BYTES;
 
 /// Smallest segment file. The store caps a record at `min(max_record_bytes, segment_bytes)`,
 /// so a small segment only means smaller records and more rolls; below this a segment roll

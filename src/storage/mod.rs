@@ -4,21 +4,26 @@
 //! # Layout
 //! - [`config`]: [`StorageConfig`], the `[storage]` section of the broker config: its
 //!   defaults and its one bound per setting.
-//! - [`record`]: the on-disk record format (byte diagram), pure: no I/O, used by clients too.
+//! - The on-disk record format is [`crate::format::record`] and a record's body is a
+//!   [`crate::format::batch`] (pure, shared with the client and the bench).
 //! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
 //!   [`sim::SimBackend`] (a disk with written/durable images that can crash).
 //! - `segment`: segment files named by their 20-digit base position, prepared by writing zeros.
 //! - `commitlog`: the append/write path (aligned chunks, writes in flight, the partial tail
 //!   block rewritten as it grows) and the watermarks `appended >= written >= durable >= visible`.
+//!   Its state is private: the other files read `LogMarks` and call narrow methods.
 //! - `flush`: the flush leader (group commit for [`FlushMode::SyncFlush`], timer/bytes for
-//!   [`FlushMode::AsyncFlush`]), counters.
-//! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
-//! - `key_index`: message key -> log positions (in memory, rebuilt at open).
-//! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
+//!   [`FlushMode::AsyncFlush`]).
+//! - [`Signal`] (`signal`): the wait-until-a-condition-holds primitive; `counters`: the
+//!   raw counters of the log and the flusher.
+//! - [`index`]: the indexes derived from the log: [`index::consume_queue`] (per (topic, queue)
+//!   entries, persisted lazily behind the durable log), `key_index` (message key -> log
+//!   positions) and `producer` (the idempotent producer sequence table).
 //! - `append_order`: appends keep their arrival order across the wait for room in the log.
 //! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
+//! - `stream` (with `tail_feed`): the log as a stream of raw records, for replication.
 //! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
 //!
 //! # Durability contract
@@ -31,23 +36,22 @@
 
 mod append_order;
 pub mod backend;
-pub mod batch;
 pub mod checkpoint;
 mod commitlog;
 pub mod config;
-pub mod consume_queue;
+mod counters;
 pub mod error;
 mod flush;
-pub use flush::Signal;
-mod key_index;
+pub mod index;
 pub mod probe;
-mod producer;
-pub mod record;
 pub mod recovery;
 mod segment;
+mod signal;
+pub use signal::Signal;
 pub mod sim;
 mod store;
 mod stream;
+mod tail_feed;
 
 use std::fmt;
 use std::str::FromStr;
@@ -138,6 +142,14 @@ pub struct LogPosition(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct QueueOffset(pub u64);
 
+impl LogPosition {
+    /// Bytes from `earlier` up to this position (`earlier` must not be beyond it).
+    pub fn bytes_since(self, earlier: LogPosition) -> u64 {
+        debug_assert!(earlier <= self, "{earlier} is beyond {self}");
+        self.0 - earlier.0
+    }
+}
+
 impl fmt::Display for LogPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
@@ -183,7 +195,7 @@ pub struct Appended {
 /// Whole records of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBatch {
-    /// Concatenated records (parse with [`record::RecordIter`]).
+    /// Concatenated records (parse with [`crate::format::record::RecordIter`]).
     pub records: bytes::Bytes,
     /// Offset to ask for next.
     pub next_offset: QueueOffset,

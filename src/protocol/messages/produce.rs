@@ -1,5 +1,5 @@
 //! The produce family: Produce (10). The request's body is the message batch (see
-//! [`crate::message`]), kept by storage without re-encoding; the response is the ack.
+//! [`crate::format::batch`]), kept by storage without re-encoding; the response is the ack.
 
 use std::fmt;
 
