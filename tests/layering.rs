@@ -111,7 +111,10 @@ fn no_two_modules_import_each_other() {
             }
         }
     }
-    assert!(mutual.is_empty(), "modules importing each other: {mutual:#?}");
+    assert!(
+        mutual.is_empty(),
+        "modules importing each other: {mutual:#?}"
+    );
 }
 
 #[test]
@@ -135,7 +138,11 @@ fn the_top_level_modules_form_layers_without_a_cycle() {
         let leaves: Vec<&str> = left
             .iter()
             .copied()
-            .filter(|m| graph.get(m).is_none_or(|t| t.iter().all(|d| !left.contains(d))))
+            .filter(|m| {
+                graph
+                    .get(m)
+                    .is_none_or(|t| t.iter().all(|d| !left.contains(d)))
+            })
             .collect();
         if leaves.is_empty() {
             break;
@@ -147,7 +154,11 @@ fn the_top_level_modules_form_layers_without_a_cycle() {
     let cycle: BTreeMap<&str, Vec<&str>> = left
         .iter()
         .map(|m| {
-            let deps = graph[m].iter().copied().filter(|d| left.contains(d)).collect();
+            let deps = graph[m]
+                .iter()
+                .copied()
+                .filter(|d| left.contains(d))
+                .collect();
             (*m, deps)
         })
         .collect();
@@ -161,8 +172,7 @@ fn lower_layers_do_not_import_the_server_and_the_client_does_not_import_storage(
     for (a, targets) in &edges {
         for b in targets {
             let below_server = ["replication", "storage", "shard", "broker"].contains(&top(a));
-            if (below_server && top(b) == "server") || (top(a) == "client" && top(b) == "storage")
-            {
+            if (below_server && top(b) == "server") || (top(a) == "client" && top(b) == "storage") {
                 broken.push(format!("{a} imports {b}"));
             }
         }
