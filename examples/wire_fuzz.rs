@@ -197,6 +197,7 @@ fn produce_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
         base_sequence: 0,
         message_count: count,
         timeout_ms: 1000,
+        known_epoch: 0,
     });
     encode(&req.to_frame(id, body.freeze()))
 }
@@ -355,6 +356,7 @@ fn trickle(args: &Args) -> String {
         base_sequence: 0,
         message_count: 1,
         timeout_ms: 1000,
+        known_epoch: 0,
     });
     let frame = encode(&req.to_frame(1, body.freeze()));
     let hold = frame.len() - 64;

@@ -350,6 +350,7 @@ fn produce_request(
         base_sequence: seq,
         message_count: count,
         timeout_ms: 5000,
+        known_epoch: 0,
     });
     (req, buf.freeze())
 }

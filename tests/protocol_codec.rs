@@ -83,6 +83,7 @@ fn all_requests() -> Vec<Request> {
             base_sequence: 41,
             message_count: 2,
             timeout_ms: 5000,
+            known_epoch: 0,
         }),
         Request::Produce(ProduceRequest {
             topic: "t".into(),
@@ -92,6 +93,7 @@ fn all_requests() -> Vec<Request> {
             base_sequence: 0,
             message_count: 1,
             timeout_ms: 0,
+            known_epoch: u64::MAX,
         }),
         Request::Fetch(FetchRequest {
             topic: "orders".into(),

@@ -925,3 +925,59 @@ fn a_gone_slave_shows_a_lag_as_old_as_the_first_record_it_missed() {
         lag.lag_ms
     );
 }
+
+/// One produce of one message on queue 0 of `topic`, saying the client has seen `known_epoch`.
+fn produce_reporting(addr: &str, topic: &str, known_epoch: u64) -> Result<(), ClientError> {
+    use ringmq::format::batch::BatchBuilder;
+    use ringmq::protocol::{ProduceRequest, Request};
+    let mut buf = bytes::BytesMut::new();
+    BatchBuilder::new(&mut buf)
+        .push(&Message::new(&b"m"[..]))
+        .unwrap();
+    let req = Request::Produce(ProduceRequest {
+        topic: topic.into(),
+        queue: Some(0),
+        producer_id: 0,
+        producer_epoch: 0,
+        base_sequence: 0,
+        message_count: 1,
+        timeout_ms: 5000,
+        known_epoch,
+    });
+    let conn =
+        ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))?;
+    conn.call(&req, buf.freeze(), Duration::from_secs(10))
+        .map(|_| ())
+}
+
+/// Issue 11 item 2, a client's report: a produce saying the client has seen a newer master's
+/// acks fences this master (read-only) until its peer says which broker is the master; with
+/// the peer unreachable (a partition) it stays read-only instead of acking on.
+#[test]
+fn a_client_that_has_seen_a_newer_epoch_fences_the_master_until_its_peer_answers() {
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("told", 1)
+        .unwrap();
+    let ours = Admin::connect(&m.addr())
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
+    // A report of our own epoch (or none) changes nothing.
+    produce_reporting(&m.addr(), "told", ours).expect("own epoch: acked");
+    produce_reporting(&m.addr(), "told", 0).expect("no report: acked");
+    let err = produce_reporting(&m.addr(), "told", newer_epoch(&m)).unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    assert!(err.to_string().contains("a client has seen"), "{err}");
+    // The peer (127.0.0.1:1) never answers: still read-only for a client that reports nothing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let err = produce_reporting(&m.addr(), "told", 0).unwrap_err();
+    assert_eq!(remote_code(&err), Some(ErrorCode::NotMaster), "{err}");
+    assert_eq!(
+        read_all(&m.addr(), "told", 1).len(),
+        2,
+        "only the two acked"
+    );
+}

@@ -9,6 +9,8 @@ use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Response};
 use crate::storage::{AppendRequest, ProducerSeq};
 
 pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Response> {
+    // Before the check: a report of a newer master fences this one first.
+    s.replication.on_client_epoch(p.known_epoch);
     s.check_writable("produce")?;
     let queues = topics::queue_count(s, &p.topic)?;
     let queue = match p.queue {

@@ -175,12 +175,22 @@ impl Connection {
 
     fn send_with(&self, request: &Request, body: Bytes, waiter: Waiter) -> Result<(), ClientError> {
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        {
+        let refused = {
             let mut p = self.shared.pending.lock().expect("pending lock");
-            if let Some(reason) = &p.closed {
-                return Err(ClientError::ConnectionClosed(reason.clone()));
+            match p.closed.clone() {
+                Some(reason) => Some((reason, waiter)),
+                None => {
+                    p.waiters.insert(id, waiter);
+                    None
+                }
             }
-            p.waiters.insert(id, waiter);
+        };
+        if let Some((reason, waiter)) = refused {
+            // Already closed: the waiter completes too (as a failed write does), so a caller
+            // that only watches its callback is not left waiting for an answer that cannot
+            // come (a producer's batch then waited out its whole request timeout).
+            waiter.complete(Err(ClientError::ConnectionClosed(reason.clone())));
+            return Err(ClientError::ConnectionClosed(reason));
         }
         let frame = request.to_frame(id, body);
         if let Err(e) = self.write_frame(&frame) {

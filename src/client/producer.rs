@@ -132,6 +132,9 @@ struct Inner {
     /// their messages were given.
     fill_order: Mutex<()>,
     next_slot_id: AtomicU64,
+    /// The newest master epoch seen in an ack, sent with every produce: a master older than
+    /// it learns from us that it may have been superseded.
+    known_epoch: AtomicU64,
 }
 
 /// The batches of one queue in flight, in sequence order.
@@ -201,6 +204,7 @@ impl Producer {
             stopping: AtomicBool::new(false),
             fill_order: Mutex::new(()),
             next_slot_id: AtomicU64::new(1),
+            known_epoch: AtomicU64::new(0),
         });
         let linger = {
             let weak = Arc::downgrade(&inner);
@@ -424,6 +428,7 @@ impl Inner {
                 .request_timeout
                 .as_millis()
                 .min(u32::MAX as u128) as u32,
+            known_epoch: self.known_epoch.load(Ordering::Relaxed),
         })
     }
 
@@ -595,6 +600,9 @@ impl Inner {
         round: u64,
         outcome: Result<ProduceAck, ClientError>,
     ) {
+        if let Ok(ack) = &outcome {
+            self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
+        }
         let mut finished: Vec<(BatchCallback, Result<ProduceAck, ClientError>)> = Vec::new();
         let mut scheduled = false;
         {

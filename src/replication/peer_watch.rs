@@ -6,7 +6,10 @@
 //!   itself at once ([`Replication::fence_superseded`]): pending produce requests fail, new
 //!   ones get NOT_MASTER naming the peer, the follower stream ends.
 //! - The peer answers otherwise (a slave, or an older master that will fence itself): a
-//!   start-up fence ([`crate::shard::context::Fence::PeerUnheard`]) is lifted.
+//!   start-up fence ([`crate::replication::state::Fence::PeerUnheard`]) or a client's report
+//!   ([`crate::replication::state::Fence::Reported`]) is lifted.
+//!
+//! A client's report of a newer epoch asks for a check at once instead of at the next tick.
 //! - The peer does not answer: nothing changes.
 
 use std::rc::Rc;
@@ -36,7 +39,10 @@ pub async fn watch_peer(repl: Rc<Replication>) {
             }
         }
         future::or(
-            glommio::timer::sleep(PEER_WATCH_INTERVAL),
+            future::or(
+                glommio::timer::sleep(PEER_WATCH_INTERVAL),
+                repl.peer_check_requested(),
+            ),
             repl.ctx.shutdown_requested(),
         )
         .await;

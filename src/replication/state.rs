@@ -20,6 +20,11 @@ pub enum Fence {
     /// may have been promoted meanwhile. Lifted once the peer answers as a slave or an older
     /// master, or follows us.
     PeerUnheard { peer: String },
+    /// A client reported acks from `epoch`, newer than ours: another broker may be the master
+    /// now. Lifted like [`Fence::PeerUnheard`] once the peer answers as a slave or an older
+    /// master (a wrong report costs one peer check); made [`Fence::Superseded`] if the peer is
+    /// the newer master.
+    Reported { epoch: u64, peer: String },
     /// A newer epoch exists (heard at a handshake or from the peer): another broker is the
     /// master. Final until this broker restarts (as a slave of `master`).
     Superseded { epoch: u64, master: String },
@@ -45,6 +50,8 @@ pub struct Replication {
     /// Notified when the fence changes (the listener closes client connections when this
     /// master is superseded).
     fence_changed: Signal,
+    /// A peer check was asked for and has not started yet.
+    peer_check_due: Cell<bool>,
     /// The confirmed position last saved to `<shard dir>/confirmed`.
     confirmed_saved: Cell<u64>,
     /// Slave: the task following the master.
@@ -76,6 +83,7 @@ impl Replication {
             stop_following: Cell::new(false),
             fence: RefCell::new(None),
             fence_changed: Signal::default(),
+            peer_check_due: Cell::new(false),
             confirmed_saved: Cell::new(0),
             follower: RefCell::new(None),
             replication_queue: glommio::executor().create_task_queue(
@@ -231,7 +239,7 @@ impl Replication {
     /// The peer answered and is no newer master: lift a start-up fence.
     pub fn peer_heard(&self) {
         let mut f = self.fence.borrow_mut();
-        if let Some(Fence::PeerUnheard { peer }) = &*f {
+        if let Some(Fence::PeerUnheard { peer } | Fence::Reported { peer, .. }) = &*f {
             log::info!(
                 "shard {}: heard from the peer {peer}: not fenced any more, taking writes",
                 self.ctx.shard
@@ -261,6 +269,44 @@ impl Replication {
         self.fence_changed.notify_all();
     }
 
+    /// A client says it has seen a master of `epoch` ack (a produce's `known_epoch`). A newer
+    /// epoch than ours, with a peer to ask, fences this master until the peer answers, and
+    /// asks it now: under ASYNC_MASTER a partitioned old master would otherwise keep acking
+    /// until its next peer check succeeds. Without a peer there is no one to ask and no pair to
+    /// protect, so the report is only logged.
+    pub fn on_client_epoch(&self, epoch: u64) {
+        if epoch <= self.epoch() || self.role() != Role::Master || self.fence().is_some() {
+            return;
+        }
+        let Some(peer) = self.ctx.config.replication.pair_peer().map(str::to_string) else {
+            log::warn!(
+                "shard {}: a client has seen epoch {}, newer than ours {}, and no peer is \
+                 configured to ask; going on",
+                self.ctx.shard,
+                crate::replication::epoch::describe(epoch),
+                crate::replication::epoch::describe(self.epoch()),
+            );
+            return;
+        };
+        log::warn!(
+            "shard {}: a client has seen epoch {}, newer than ours {}: read-only until the peer \
+             {peer} answers",
+            self.ctx.shard,
+            crate::replication::epoch::describe(epoch),
+            crate::replication::epoch::describe(self.epoch()),
+        );
+        *self.fence.borrow_mut() = Some(Fence::Reported { epoch, peer });
+        self.peer_check_due.set(true);
+        self.fence_changed.notify_all();
+    }
+
+    /// Resolves when someone asked for a peer check now (see [`Replication::on_client_epoch`]).
+    pub async fn peer_check_requested(&self) {
+        self.fence_changed
+            .wait_until(|| self.peer_check_due.replace(false))
+            .await
+    }
+
     /// Resolves once a newer epoch has been heard of (see [`Replication::fence_superseded`]).
     pub async fn superseded(&self) {
         self.fence_changed.wait_until(|| self.is_superseded()).await
@@ -274,6 +320,12 @@ impl Replication {
                 "this master is fenced (read-only): its peer {peer} has not answered since it \
                  started, and the peer may be the master now; start it with --force-master to \
                  take writes without the peer"
+            )),
+            Some(Fence::Reported { epoch, peer }) => Some(format!(
+                "this master is fenced (read-only): a client has seen acks from epoch {} (newer \
+                 than ours {}); waiting for the peer {peer} to say which broker is the master",
+                crate::replication::epoch::describe(*epoch),
+                crate::replication::epoch::describe(self.epoch()),
             )),
             Some(Fence::Superseded { epoch, master }) => Some(format!(
                 "this broker was superseded: the master is {master} (epoch {epoch}, newer than \

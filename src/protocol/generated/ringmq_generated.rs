@@ -1873,6 +1873,7 @@ impl<'a> ProduceRequest<'a> {
   pub const VT_BASE_SEQUENCE: ::flatbuffers::VOffsetT = 12;
   pub const VT_MESSAGE_COUNT: ::flatbuffers::VOffsetT = 14;
   pub const VT_TIMEOUT_MS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_KNOWN_EPOCH: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1884,6 +1885,7 @@ impl<'a> ProduceRequest<'a> {
     args: &'args ProduceRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ProduceRequest<'bldr>> {
     let mut builder = ProduceRequestBuilder::new(_fbb);
+    builder.add_known_epoch(args.known_epoch);
     builder.add_producer_id(args.producer_id);
     builder.add_timeout_ms(args.timeout_ms);
     builder.add_message_count(args.message_count);
@@ -1946,6 +1948,15 @@ impl<'a> ProduceRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ProduceRequest::VT_TIMEOUT_MS, Some(0)).unwrap()}
   }
+  /// The newest master epoch this client has seen acking (0: none). A master older than it
+  /// stops taking writes until its peer says which of them is the master.
+  #[inline]
+  pub fn known_epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ProduceRequest::VT_KNOWN_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
@@ -1961,6 +1972,7 @@ impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
      .visit_field::<u32>("base_sequence", Self::VT_BASE_SEQUENCE, false)?
      .visit_field::<u32>("message_count", Self::VT_MESSAGE_COUNT, false)?
      .visit_field::<u32>("timeout_ms", Self::VT_TIMEOUT_MS, false)?
+     .visit_field::<u64>("known_epoch", Self::VT_KNOWN_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -1973,6 +1985,7 @@ pub struct ProduceRequestArgs<'a> {
     pub base_sequence: u32,
     pub message_count: u32,
     pub timeout_ms: u32,
+    pub known_epoch: u64,
 }
 impl<'a> Default for ProduceRequestArgs<'a> {
   #[inline]
@@ -1985,6 +1998,7 @@ impl<'a> Default for ProduceRequestArgs<'a> {
       base_sequence: 0,
       message_count: 0,
       timeout_ms: 0,
+      known_epoch: 0,
     }
   }
 }
@@ -2023,6 +2037,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceRequestBuilder<'a, 'b,
     self.fbb_.push_slot::<u32>(ProduceRequest::VT_TIMEOUT_MS, timeout_ms, 0);
   }
   #[inline]
+  pub fn add_known_epoch(&mut self, known_epoch: u64) {
+    self.fbb_.push_slot::<u64>(ProduceRequest::VT_KNOWN_EPOCH, known_epoch, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceRequestBuilder {
@@ -2048,6 +2066,7 @@ impl ::core::fmt::Debug for ProduceRequest<'_> {
       ds.field("base_sequence", &self.base_sequence());
       ds.field("message_count", &self.message_count());
       ds.field("timeout_ms", &self.timeout_ms());
+      ds.field("known_epoch", &self.known_epoch());
       ds.finish()
   }
 }

@@ -263,6 +263,7 @@ mod tests {
                 base_sequence: 100,
                 message_count: 5,
                 timeout_ms: 3000,
+                known_epoch: 0,
             });
             let frame = req.to_frame(9, Bytes::from_static(b"batch"));
             assert_eq!(Request::from_frame(&frame).unwrap(), req);

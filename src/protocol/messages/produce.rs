@@ -22,6 +22,9 @@ pub struct ProduceRequest {
     pub message_count: u32,
     /// How long the broker may wait for the durability the flush/replication mode promises.
     pub timeout_ms: u32,
+    /// The newest master epoch the client has seen acking (0: none): a client's report that
+    /// a newer master exists (see `replication::state::Replication::on_client_epoch`).
+    pub known_epoch: u64,
 }
 
 /// The ack of a Produce request.
@@ -109,6 +112,7 @@ impl<'a> fb::ProduceRequest<'a> {
             base_sequence: p.base_sequence,
             message_count: p.message_count,
             timeout_ms: p.timeout_ms,
+            known_epoch: p.known_epoch,
         };
         fb::ProduceRequest::create(fbb, &args)
     }
@@ -122,6 +126,7 @@ impl<'a> fb::ProduceRequest<'a> {
             base_sequence: self.base_sequence(),
             message_count: self.message_count(),
             timeout_ms: self.timeout_ms(),
+            known_epoch: self.known_epoch(),
         })
     }
 }
