@@ -20,6 +20,11 @@ pub async fn serve(ctx: Rc<ShardContext>, listener: TcpListener) {
     // shutdown flag: a timer per connection polling it (20 ms) cost an idle connection 50
     // wake-ups a second, and 2,000 idle connections took a quarter of a producer's throughput.
     let stop = Rc::new(Semaphore::new(0));
+    // One listener per shard: its connections share the shard's in-flight byte budget.
+    let shard_budget = Rc::new(bounds::ShardBudget::new(
+        bounds::SHARD_INFLIGHT_BYTES_MAX,
+        stats.clone(),
+    ));
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             ctx.shutdown_requested().await;
@@ -34,6 +39,7 @@ pub async fn serve(ctx: Rc<ShardContext>, listener: TcpListener) {
                     stream,
                     stop.clone(),
                     stats.clone(),
+                    shard_budget.clone(),
                 ))
                 .detach();
             }
