@@ -44,10 +44,10 @@ use crate::protocol::Request;
 /// Bytes all connections of one shard may make it hold at once: request bodies and frames
 /// being read, and responses (reserved, then encoded) until written. Without it each of
 /// hundreds of connections could hold its own 64 MiB budget: under the wire fuzzer (256
-/// connections that never read) the broker's peak RSS was ~0.9–1.6 GB. 256 MiB is 16
-/// max-size frames, or 0.1 s of the disk's sequential write rate: far more than one core's
-/// pipeline needs in flight, and small next to the machine's memory.
-pub const SHARD_INFLIGHT_BYTES_MAX: u64 = 256 << 20;
+/// connections that never read) the broker's peak RSS was ~0.9–1.6 GB, and 460 MiB with a
+/// 256 MiB shard budget; 128 MiB gave 250 MiB. 128 MiB is 8 max-size frames, or ~50 ms of the
+/// disk's sequential write rate: far more than one core's produce pipeline needs in flight.
+pub const SHARD_INFLIGHT_BYTES_MAX: u64 = 128 << 20;
 
 /// The part of [`SHARD_INFLIGHT_BYTES_MAX`] that requests other than produce (fetches,
 /// listings) and new frames may fill before their readers wait. The last quarter is kept for
