@@ -28,11 +28,11 @@
 //! capacity), so a bound that stops working shows up in them.
 
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Poll, Waker};
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
@@ -217,7 +217,12 @@ impl ShardBudget {
 
     /// Waits until [`ShardBudget::has_room`] for `bytes` under `limit`; false at once when
     /// `giving_up` says so (checked after each release).
-    pub async fn wait_for_room(&self, bytes: u64, limit: u64, giving_up: impl Fn() -> bool) -> bool {
+    pub async fn wait_for_room(
+        &self,
+        bytes: u64,
+        limit: u64,
+        giving_up: impl Fn() -> bool,
+    ) -> bool {
         while !self.has_room(bytes, limit) {
             if giving_up() {
                 return false;
@@ -248,7 +253,10 @@ pub struct ServerStats {
     shard_bytes: AtomicU64,
     shard_bytes_max: AtomicU64,
     shard_waits: AtomicU64,
+    shard_readers_waiting: AtomicU64,
     shard_busy_refusals: AtomicU64,
+    outbox_total_bytes: AtomicU64,
+    outbox_total_bytes_max: AtomicU64,
     partial_frame_timeouts: AtomicU64,
     readers_waiting: AtomicU64,
     requests_in_flight: AtomicU64,
@@ -272,8 +280,13 @@ pub struct ServerStatsSnapshot {
     pub shard_bytes_max: u64,
     /// Times a reader waited for room in the shard's budget.
     pub shard_waits: u64,
+    /// Readers waiting for room in the shard's budget right now.
+    pub shard_readers_waiting: u64,
     /// Produce requests answered SYSTEM_BUSY because the shard's budget was spent.
     pub shard_busy_refusals: u64,
+    /// The most response bytes all connections together held encoded and unwritten (counted
+    /// by the outboxes, apart from the budgets).
+    pub outbox_total_bytes_max: u64,
     /// Connections closed because a frame was not complete by its deadline.
     pub partial_frame_timeouts: u64,
     /// Readers stopped for their budget right now.
@@ -325,8 +338,24 @@ impl ServerStats {
         raise(&self.shard_bytes_max, bytes);
     }
 
-    pub fn count_shard_wait(&self) {
-        add(&self.shard_waits, 1);
+    /// A reader starts (`true`) or stops (`false`) waiting for room in the shard's budget.
+    pub fn note_shard_waiting(&self, waiting: bool) {
+        if waiting {
+            add(&self.shard_waits, 1);
+            add(&self.shard_readers_waiting, 1);
+        } else {
+            add(&self.shard_readers_waiting, -1);
+        }
+    }
+
+    /// `delta` response bytes were queued (positive) or written or dropped (negative) by
+    /// some connection's outbox.
+    pub fn note_outbox_total(&self, delta: i64) {
+        add(&self.outbox_total_bytes, delta);
+        raise(
+            &self.outbox_total_bytes_max,
+            self.outbox_total_bytes.load(Ordering::Relaxed),
+        );
     }
 
     pub fn count_shard_busy(&self) {
@@ -356,7 +385,9 @@ impl ServerStats {
             shard_bytes: get(&self.shard_bytes),
             shard_bytes_max: get(&self.shard_bytes_max),
             shard_waits: get(&self.shard_waits),
+            shard_readers_waiting: get(&self.shard_readers_waiting),
             shard_busy_refusals: get(&self.shard_busy_refusals),
+            outbox_total_bytes_max: get(&self.outbox_total_bytes_max),
             partial_frame_timeouts: get(&self.partial_frame_timeouts),
             readers_waiting: get(&self.readers_waiting),
             requests_in_flight: get(&self.requests_in_flight),

@@ -197,7 +197,7 @@ impl Conn<'_> {
         if self.shard.has_room(bytes, limit) {
             return Ok(());
         }
-        self.stats.count_shard_wait();
+        self.stats.note_shard_waiting(true);
         let room = self
             .shard
             .wait_for_room(bytes, limit, || self.outbox.is_broken());
@@ -205,7 +205,9 @@ impl Conn<'_> {
             let _ = self.stop.acquire(1).await;
             false
         };
-        if future::or(room, stopped).await {
+        let got_room = future::or(room, stopped).await;
+        self.stats.note_shard_waiting(false);
+        if got_room {
             Ok(())
         } else if self.outbox.is_broken() {
             Err(Closed::PeerGone)
@@ -463,6 +465,7 @@ impl Outbox {
         frame.encode(&mut self.buf.borrow_mut());
         let len = frame.encoded_len() as u64;
         self.queued.set(self.queued.get() + len);
+        self.stats.note_outbox_total(len as i64);
         self.budget.bytes.charge(len);
         self.stats.note_outbox(self.queued.get());
         self.stats.note_budget(self.budget.bytes.used());
@@ -473,6 +476,7 @@ impl Outbox {
     /// The writer has handed `bytes` to the kernel.
     fn written(&self, bytes: u64) {
         self.queued.set(self.queued.get() - bytes);
+        self.stats.note_outbox_total(-(bytes as i64));
         self.budget.bytes.release(bytes);
     }
 
@@ -481,6 +485,7 @@ impl Outbox {
         self.broken.set(true);
         *self.buf.borrow_mut() = BytesMut::new();
         let queued = self.queued.replace(0);
+        self.stats.note_outbox_total(-(queued as i64));
         self.budget.bytes.release(queued);
     }
 
