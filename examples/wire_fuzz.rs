@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ringmq::client::{Admin, Producer, QueueSelector};
-use ringmq::message::{BatchBuilder, Message};
+use ringmq::format::batch::{BatchBuilder, Message};
 use ringmq::protocol::{FetchRequest, Frame, ProduceRequest, Request, MAX_BODY_BYTES};
 
 const TOPIC: &str = "fuzz";

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use ringmq::client::{
     Admin, Consumer, Producer, ProducerConfig, QueueSelector, SendResult, StartFrom,
 };
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::storage::{RecoveryMode, ShardStore, StorageConfig};
 
 #[derive(Subcommand)]
@@ -337,9 +337,11 @@ pub fn consume(args: ConsumeArgs) -> Result<(), String> {
 /// on this thread's own executor, then closes it.
 pub fn repair(data_dir: &Path, config: Option<&Path>) -> Result<(), String> {
     let mut storage = match config {
-        Some(p) => ringmq::config::Config::from_file(p)
-            .map_err(|e| e.to_string())?
-            .storage(),
+        Some(p) => {
+            ringmq::config::Config::from_file(p)
+                .map_err(|e| e.to_string())?
+                .storage
+        }
         None => StorageConfig::default(),
     };
     storage.recovery = RecoveryMode::SkipCorrupt;

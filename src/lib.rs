@@ -4,20 +4,27 @@
 //! # Layout
 //! - [`protocol`]: the wire protocol, sans-io (frame preamble, FlatBuffers headers, codec,
 //!   stable error codes). Never imports glommio.
-//! - [`message`]: the message batch format a producer sends and storage keeps as it is.
-//! - [`storage`]: per-shard CommitLog on O_DIRECT with group-committed fdatasync, ConsumeQueues,
-//!   key index, recovery.
+//! - [`format`]: the byte formats, pure (one parser and one encoder each): the message batch a
+//!   producer sends and storage keeps as it is, and the CommitLog record that holds it. Shared
+//!   by the server, storage, the client and the bench; imports nothing else of the crate.
+//! - [`storage`]: per-shard CommitLog on O_DIRECT with group-committed fdatasync, derived
+//!   indexes (consume queues, key index, producer table), recovery.
 //! - [`shard`]: one pinned glommio executor per core, the routing function and the channel mesh
 //!   between shards.
 //! - [`replication`]: a slave's shard follows its master's shard: epochs, the master's follower
 //!   session and replica tracker, the slave's follower loop.
-//! - [`server`]: listeners, the per-connection loop and the request handlers.
+//! - [`broker`]: the request services (produce and its ack policy, fetch, topics, stats,
+//!   admin), with no sockets.
+//! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
+//!   the dispatcher that calls the services.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
-//! - [`config`]: the typed broker configuration with documented defaults and validation.
+//! - [`config`]: the typed broker configuration in sections (`[server]`, `[replication]`;
+//!   `[storage]` is owned by storage), with documented defaults and validation.
 
+pub mod broker;
 pub mod client;
 pub mod config;
-pub mod message;
+pub mod format;
 pub mod protocol;
 pub mod replication;
 pub mod server;

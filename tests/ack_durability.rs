@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ringmq::client::{Admin, Durability, Producer, QueueSelector, SendResult};
 use ringmq::config::CoreSelection;
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 use ringmq::storage::FlushMode;
 
@@ -18,10 +18,10 @@ use common::{data_dir, test_config, TestBroker};
 fn broker_with(flush_mode: FlushMode) -> TestBroker {
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.flush_mode = flush_mode;
+    cfg.storage.flush_mode = flush_mode;
     // Under ASYNC_FLUSH nothing may reach the disk during the test, so "memory" is certain.
-    cfg.flush_interval_ms = 600_000;
-    cfg.flush_bytes = 1 << 30;
+    cfg.storage.flush_interval_ms = 600_000;
+    cfg.storage.flush_bytes = 1 << 30;
     TestBroker::start_with(cfg, tmp)
 }
 
@@ -58,16 +58,16 @@ fn an_async_flush_ack_before_any_flush_says_memory() {
 fn pair(ack: ReplicaAck) -> (TestBroker, TestBroker) {
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.cores = CoreSelection::List(vec![0]);
-    cfg.replication = ReplicationMode::SyncMaster;
-    cfg.replica_ack = ack;
-    cfg.replica_timeout_ms = 5000;
+    cfg.server.cores = CoreSelection::List(vec![0]);
+    cfg.replication.mode = ReplicationMode::SyncMaster;
+    cfg.replication.replica_ack = ack;
+    cfg.replication.replica_timeout_ms = 5000;
     let master = TestBroker::start_with(cfg, tmp);
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.cores = CoreSelection::List(vec![common::available_cores().min(2) - 1]);
-    cfg.role = Role::Slave;
-    cfg.master = Some(master.addr());
+    cfg.server.cores = CoreSelection::List(vec![common::available_cores().min(2) - 1]);
+    cfg.replication.role = Role::Slave;
+    cfg.replication.master = Some(master.addr());
     let slave = TestBroker::start_with(cfg, tmp);
     (master, slave)
 }
@@ -114,10 +114,7 @@ fn a_sync_master_received_ack_says_at_least_replica_received() {
 #[test]
 fn print_acks_appends_level_and_epoch_to_each_line() {
     let b = broker_with(FlushMode::SyncFlush);
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("cli", 2)
-        .unwrap();
+    b.create_topic("cli", 2);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
         .args([
             "produce",

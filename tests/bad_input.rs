@@ -207,11 +207,9 @@ fn a_slave_whose_master_name_does_not_resolve_keeps_serving() {
     // The follower looks the name up off the executor and treats "no such host" as a link
     // error to retry, never a panic; the shard goes on answering meanwhile.
     let tmp = common::data_dir();
-    let cfg = ringmq::config::Config {
-        role: ringmq::replication::Role::Slave,
-        master: Some("no-such-host.invalid:10911".into()),
-        ..common::test_config(tmp.path())
-    };
+    let mut cfg = common::test_config(tmp.path());
+    cfg.replication.role = ringmq::replication::Role::Slave;
+    cfg.replication.master = Some("no-such-host.invalid:10911".into());
     let b = TestBroker::start_with(cfg, tmp);
     let admin = Admin::connect(&b.addr()).unwrap();
     for _ in 0..5 {

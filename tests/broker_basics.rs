@@ -82,11 +82,9 @@ fn a_second_broker_on_the_same_port_is_refused() {
     let b = TestBroker::start();
     let port = b.broker.as_ref().unwrap().address().port();
     let tmp = common::data_dir();
-    let cfg = ringmq::config::Config {
-        port,
-        cores: ringmq::config::CoreSelection::Count(1),
-        ..common::test_config(tmp.path())
-    };
-    let err = ringmq::shard::Broker::start(cfg).err().expect("must fail");
+    let mut cfg = common::test_config(tmp.path());
+    cfg.server.port = port;
+    cfg.server.cores = ringmq::config::CoreSelection::Count(1);
+    let err = ringmq::server::Broker::start(cfg).err().expect("must fail");
     assert!(err.to_string().contains("cannot listen"), "{err}");
 }

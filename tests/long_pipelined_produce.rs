@@ -29,21 +29,16 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 #[test]
 fn a_long_pipelined_cli_produce_over_many_segment_rolls_finishes_with_every_line_acked() {
     let tmp = common::data_dir();
-    let cfg = Config {
-        data_dir: tmp.path().to_path_buf(),
-        port: 0,
-        // One shard: the producer's ~1000 batches in flight all meet at one log.
-        cores: CoreSelection::Count(1),
-        flush_mode: FlushMode::AsyncFlush,
-        segment_bytes: SEGMENT_BYTES,
-        ..Config::default()
-    };
-    let dir = cfg.data_dir.clone();
+    let mut cfg = Config::default();
+    cfg.server.data_dir = tmp.path().to_path_buf();
+    cfg.server.port = 0;
+    // One shard: the producer's ~1000 batches in flight all meet at one log.
+    cfg.server.cores = CoreSelection::Count(1);
+    cfg.storage.flush_mode = FlushMode::AsyncFlush;
+    cfg.storage.segment_bytes = SEGMENT_BYTES;
+    let dir = cfg.server.data_dir.clone();
     let broker = common::TestBroker::start_with(cfg, tmp);
-    Admin::connect(&broker.addr())
-        .unwrap()
-        .create_topic("t", 8)
-        .unwrap();
+    broker.create_topic("t", 8);
     let started = Instant::now();
     let mut producer = Command::new(BIN)
         .args(["produce", "--topic", "t", "--mode", "async", "--print-acks"])

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{data_dir, test_config, TestBroker};
 use ringmq::client::{Admin, Consumer, Producer, QueueSelector};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::limits::MAX_FETCH_BYTES;
 use ringmq::protocol::{FetchRequest, Frame, Request, MAX_BODY_BYTES, PREAMBLE_BYTES};
 use ringmq::server::bounds::{stats_of, ServerStatsSnapshot};
@@ -29,10 +29,7 @@ fn stats(addr: &str) -> ServerStatsSnapshot {
 
 /// A one-queue topic holding `mib` messages of 1 MiB each.
 fn topic_with(b: &TestBroker, mib: usize) {
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let p = Producer::connect(&b.addr()).unwrap();
     let payload = Bytes::from(vec![b'm'; MIB]);
     for _ in 0..mib {
@@ -87,10 +84,8 @@ fn a_fetch_asking_for_a_gibibyte_gets_at_most_the_cap() {
 fn a_client_that_never_reads_its_responses_holds_at_most_its_budget() {
     const BUDGET_BYTES: u64 = 32 << 20;
     let tmp = data_dir();
-    let cfg = ringmq::config::Config {
-        max_inflight_bytes_per_connection: BUDGET_BYTES,
-        ..test_config(tmp.path())
-    };
+    let mut cfg = test_config(tmp.path());
+    cfg.server.max_inflight_bytes_per_connection = BUDGET_BYTES;
     let b = TestBroker::start_with(cfg, tmp);
     topic_with(&b, 4);
     // 100 fetches of the whole 4 MiB queue: 400 MiB of answers if the broker kept reading.
@@ -211,10 +206,8 @@ fn many_clients_that_never_read_hold_at_most_the_shard_budget_and_a_producer_sti
     use ringmq::server::bounds::SHARD_INFLIGHT_BYTES_MAX;
     // One shard, so the producer below talks to the shard the non-readers fill.
     let tmp = data_dir();
-    let cfg = ringmq::config::Config {
-        cores: ringmq::config::CoreSelection::Count(1),
-        ..test_config(tmp.path())
-    };
+    let mut cfg = test_config(tmp.path());
+    cfg.server.cores = ringmq::config::CoreSelection::Count(1);
     let b = TestBroker::start_with(cfg, tmp);
     topic_with(&b, 8);
     // Each connection may hold 64 MiB (7 fetches of 8 MiB): 24 of them would hold ~1.3 GiB

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::TestBroker;
 use ringmq::client::{Admin, Connection, Consumer, Producer, QueueSelector, StartFrom};
-use ringmq::message::{BatchBuilder, Message};
+use ringmq::format::batch::{BatchBuilder, Message};
 use ringmq::protocol::{ErrorCode, FetchRequest, ProduceRequest, Request, Response};
 
 fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u64), Bytes> {
@@ -34,10 +34,7 @@ fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u6
 #[test]
 fn sync_send_is_readable_at_its_acked_offset() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 4)
-        .unwrap();
+    b.create_topic("t", 4);
     let p = Producer::connect(&b.addr()).unwrap();
     let mut acked = Vec::new();
     for i in 0..50 {
@@ -62,10 +59,7 @@ fn sync_send_is_readable_at_its_acked_offset() {
 #[test]
 fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 8)
-        .unwrap();
+    b.create_topic("t", 8);
     let p = Producer::connect(&b.addr()).unwrap();
     let acks = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -112,10 +106,7 @@ fn pipelined_async_producer_with_10k_in_flight_loses_and_duplicates_nothing() {
 #[test]
 fn oneway_sends_arrive() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let p = Producer::connect(&b.addr()).unwrap();
     for i in 0..100 {
         p.send_oneway("t", QueueSelector::Queue(0), &Message::new(format!("{i}")))
@@ -150,10 +141,7 @@ fn produce_raw(
 #[test]
 fn a_retried_batch_is_stored_once_even_after_a_restart() {
     let mut b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let owner = Admin::connect(&b.addr())
         .unwrap()
         .route("t")
@@ -245,10 +233,7 @@ fn long_poll_wakes_on_new_data_well_before_its_deadline() {
 #[test]
 fn fetch_past_the_end_waits_and_then_returns_empty() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let c = Consumer::connect(&b.addr()).unwrap();
     let start = Instant::now();
     let f = c.fetch("t", 0, 0, Duration::from_millis(300)).unwrap();
@@ -296,10 +281,7 @@ fn offsets_out_of_range_and_unknown_queues_error_clearly() {
 #[test]
 fn a_malformed_batch_is_refused_and_nothing_is_stored() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
     // A header claiming one message, then a body that is not a valid batch.
     let (req, _) = produce_request(0, 0, 0, 1, b"");
@@ -318,10 +300,7 @@ fn a_malformed_batch_is_refused_and_nothing_is_stored() {
 #[test]
 fn a_plain_client_on_one_port_reaches_every_queue() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 8)
-        .unwrap();
+    b.create_topic("t", 8);
     // Raw produce through shard 0's port to every queue: half of them are forwarded.
     let conn = Connection::connect(&b.shard_addrs()[0]).unwrap();
     for q in 0..8u32 {
@@ -387,10 +366,7 @@ fn idempotent_batch(producer_id: u64, seq: u32, count: u32, payload: &[u8]) -> (
 fn a_retry_of_any_batch_in_the_producers_window_gets_its_original_offsets() {
     use ringmq::protocol::limits::PRODUCER_WINDOW_BATCHES;
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
     let send = |seq: u32| {
         let (req, body) = idempotent_batch(77, seq * 2, 2, format!("m{seq}").as_bytes());
@@ -435,13 +411,10 @@ fn pipelined_batches_of_one_connection_are_appended_in_arrival_order_across_segm
     const IN_FLIGHT: usize = 1024;
     let tmp = common::data_dir();
     let mut cfg = common::test_config(tmp.path());
-    cfg.cores = ringmq::config::CoreSelection::Count(1);
-    cfg.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
+    cfg.server.cores = ringmq::config::CoreSelection::Count(1);
+    cfg.storage.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
     let b = TestBroker::start_with(cfg, tmp);
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
     let payload = vec![b'p'; 1000];
     let outstanding = Arc::new((Mutex::new(0usize), Condvar::new()));
@@ -487,10 +460,7 @@ fn pipelined_batches_of_one_connection_are_appended_in_arrival_order_across_segm
 #[test]
 fn a_fenced_producer_epoch_is_answered_with_producer_fenced() {
     let b = TestBroker::start();
-    Admin::connect(&b.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    b.create_topic("t", 1);
     let conn = Connection::connect(&owner_of_queue_0(&b)).unwrap();
     let send = |epoch: u16, seq: u32| {
         let (mut req, body) = idempotent_batch(9, seq, 1, b"e");

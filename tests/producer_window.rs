@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ringmq::client::{Producer, ProducerConfig, QueueSelector};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::limits::PRODUCER_WINDOW_BATCHES;
 use ringmq::protocol::{Frame, QueueRoute, Request, Response, RouteTable};
 

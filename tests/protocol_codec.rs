@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use flatbuffers::FlatBufferBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ringmq::message::{validate_batch, BatchBuilder, BatchError, BatchIter, Message};
+use ringmq::format::batch::{validate_batch, BatchBuilder, BatchError, BatchIter, Message};
 use ringmq::protocol::generated as fb;
 use ringmq::protocol::{
     error_frame, error_frame_for, BrokerInfo, Durability, EpochEntry, ErrorCode, FetchHeader,

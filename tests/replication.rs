@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::CoreSelection;
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::ErrorCode;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 
@@ -22,12 +22,12 @@ fn core_for_slave() -> usize {
 /// starts with `force_master`.
 fn master_cfg(mode: ReplicationMode, dir: &std::path::Path) -> ringmq::config::Config {
     let mut cfg = test_config(dir);
-    cfg.cores = CoreSelection::List(vec![0]);
-    cfg.replication = mode;
-    cfg.replica_ack = ReplicaAck::Durable;
-    cfg.replica_timeout_ms = 2000;
-    cfg.peer = Some(UNREACHABLE_PEER.to_string());
-    cfg.force_master = true;
+    cfg.server.cores = CoreSelection::List(vec![0]);
+    cfg.replication.mode = mode;
+    cfg.replication.replica_ack = ReplicaAck::Durable;
+    cfg.replication.replica_timeout_ms = 2000;
+    cfg.replication.peer = Some(UNREACHABLE_PEER.to_string());
+    cfg.replication.force_master = true;
     cfg
 }
 
@@ -43,9 +43,9 @@ fn master(mode: ReplicationMode) -> TestBroker {
 fn slave_of(master: &TestBroker) -> TestBroker {
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.cores = CoreSelection::List(vec![core_for_slave()]);
-    cfg.role = Role::Slave;
-    cfg.master = Some(master.addr());
+    cfg.server.cores = CoreSelection::List(vec![core_for_slave()]);
+    cfg.replication.role = Role::Slave;
+    cfg.replication.master = Some(master.addr());
     TestBroker::start_with(cfg, tmp)
 }
 
@@ -95,10 +95,7 @@ fn send_sync(addr: &str, topic: &str, queues: u32, n: u32) -> Vec<(u32, u64, Vec
 fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
     let m = master(ReplicationMode::SyncMaster);
     let s = slave_of(&m);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("orders", 4)
-        .unwrap();
+    m.create_topic("orders", 4);
     wait_caught_up(&m);
     let mut acked = send_sync(&m.addr(), "orders", 4, 300);
     // SYNC_MASTER with durable acks: whatever was acked is already on the slave, durable and
@@ -129,10 +126,7 @@ fn sync_master_acks_only_what_the_slave_has_and_the_slave_serves_reads() {
 #[test]
 fn sync_master_without_a_slave_refuses_to_ack_and_hides_the_record() {
     let m = master(ReplicationMode::SyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("t", 1)
-        .unwrap();
+    m.create_topic("t", 1);
     let err = no_retries(&m.addr())
         .send("t", QueueSelector::Queue(0), &Message::new(&b"lonely"[..]))
         .unwrap_err();
@@ -160,10 +154,7 @@ fn sync_master_without_a_slave_refuses_to_ack_and_hides_the_record() {
 #[test]
 fn async_master_streams_a_backlog_to_a_new_empty_slave() {
     let m = master(ReplicationMode::AsyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("bulk", 2)
-        .unwrap();
+    m.create_topic("bulk", 2);
     let producer = Producer::connect(&m.addr()).unwrap();
     let payload = vec![7u8; 4000];
     for i in 0..5000u32 {
@@ -206,10 +197,7 @@ fn async_master_streams_a_backlog_to_a_new_empty_slave() {
 fn promote_turns_the_slave_into_a_master_with_a_new_epoch() {
     let m = master(ReplicationMode::AsyncMaster);
     let s = slave_of(&m);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("p", 1)
-        .unwrap();
+    m.create_topic("p", 1);
     Producer::connect(&m.addr())
         .unwrap()
         .send("p", QueueSelector::Queue(0), &Message::new(&b"before"[..]))
@@ -252,10 +240,10 @@ fn a_slave_with_another_shard_count_is_refused_at_start() {
     let m = master(ReplicationMode::AsyncMaster);
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.cores = CoreSelection::Count(2);
-    cfg.role = Role::Slave;
-    cfg.master = Some(m.addr());
-    let err = ringmq::shard::Broker::start(cfg).err().expect("refused");
+    cfg.server.cores = CoreSelection::Count(2);
+    cfg.replication.role = Role::Slave;
+    cfg.replication.master = Some(m.addr());
+    let err = ringmq::server::Broker::start(cfg).err().expect("refused");
     assert!(err.to_string().contains("same --cores"), "{err}");
 }
 
@@ -335,10 +323,7 @@ fn follow_requests_that_cannot_work_are_refused_with_a_reason() {
         )
         .unwrap_err();
     assert_eq!(remote_code(&err), Some(ErrorCode::InvalidArgument), "{err}");
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("still", 1)
-        .unwrap();
+    m.create_topic("still", 1);
 }
 
 /// A raw socket that follows `m` (a `ReplFollow`, then `then`), once the master streams to it.
@@ -379,10 +364,7 @@ fn fake_follower_with(
 fn garbage_on_a_replication_stream_ends_that_session_only() {
     use std::io::Write;
     let m = master(ReplicationMode::AsyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("g", 1)
-        .unwrap();
+    m.create_topic("g", 1);
     Producer::connect(&m.addr())
         .unwrap()
         .send("g", QueueSelector::Queue(0), &Message::new(&b"kept"[..]))
@@ -407,9 +389,9 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
     let shards = common::available_cores().min(2);
     let pair_cfg = |tmp: &tempfile::TempDir| {
         let mut cfg = test_config(tmp.path());
-        cfg.cores = CoreSelection::Count(shards);
-        cfg.replication = ReplicationMode::SyncMaster;
-        cfg.replica_ack = ReplicaAck::Received;
+        cfg.server.cores = CoreSelection::Count(shards);
+        cfg.replication.mode = ReplicationMode::SyncMaster;
+        cfg.replication.replica_ack = ReplicaAck::Received;
         cfg
     };
     let tmp = data_dir();
@@ -417,13 +399,10 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
     let m = TestBroker::start_with(cfg, tmp);
     let tmp = data_dir();
     let mut cfg = pair_cfg(&tmp);
-    cfg.role = Role::Slave;
-    cfg.master = Some(m.addr());
+    cfg.replication.role = Role::Slave;
+    cfg.replication.master = Some(m.addr());
     let s = TestBroker::start_with(cfg, tmp);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("wide", 8)
-        .unwrap();
+    m.create_topic("wide", 8);
     wait_caught_up(&m);
     let mut acked = send_sync(&m.addr(), "wide", 8, 400);
     acked.sort();
@@ -457,10 +436,7 @@ fn every_shard_follows_its_own_shard_and_a_promotion_covers_them_all() {
 #[test]
 fn a_follower_cannot_acknowledge_what_it_was_not_sent() {
     let m = master(ReplicationMode::SyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("f", 1)
-        .unwrap();
+    m.create_topic("f", 1);
     // Claims to have everything there will ever be, before anything was sent.
     let lie = ringmq::protocol::ReplAck {
         received: u64::MAX,
@@ -526,18 +502,27 @@ fn log_end(addr: &str) -> u64 {
 /// Issue 11 item 2: a master that hears of a newer epoch stops acking at once, pending acks
 /// included, and names the newer master.
 #[test]
-fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() {
+fn a_follower_with_a_newer_epoch_fences_the_master_fails_its_pending_acks_and_closes_its_clients() {
     let m = master(ReplicationMode::SyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("fence", 1)
-        .unwrap();
+    m.create_topic("fence", 1);
     // A follower that streams and never acknowledges: the next produce waits for it.
     let silent = fake_follower(&m, &[]);
+    // A client connection opened before the fence: the superseded master closes it.
+    let earlier =
+        ringmq::client::connection::Connection::connect_timeout(&m.addr(), Duration::from_secs(2))
+            .unwrap();
+    let ping = ringmq::protocol::Request::Ping;
+    earlier
+        .call(&ping, bytes::Bytes::new(), Duration::from_secs(5))
+        .expect("pong before the fence");
     let before = log_end(&m.addr());
     let addr = m.addr();
+    // With retries: the broker closes this producer's connection too, and a retry on a new
+    // connection must also get NOT_MASTER (without retries, a reply racing the close could
+    // leave the client waiting out its request timeout instead).
     let pending = std::thread::spawn(move || {
-        no_retries(&addr)
+        Producer::connect(&addr)
+            .unwrap()
             .send(
                 "fence",
                 QueueSelector::Queue(0),
@@ -573,6 +558,20 @@ fn a_follower_with_a_newer_epoch_fences_the_master_and_fails_its_pending_acks() 
         "names the newer master: {err}"
     );
     assert!(read_all(&m.addr(), "fence", 1).is_empty());
+    // The connection from before the fence is closed by the broker (not answered any more).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match earlier.call(&ping, bytes::Bytes::new(), Duration::from_secs(5)) {
+            Err(e) => {
+                assert!(remote_code(&e).is_none(), "closed, not answered: {e}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "still open 10 s after the fence");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     drop(silent);
 }
 
@@ -584,14 +583,10 @@ fn a_master_that_cannot_reach_its_peer_starts_fenced_until_it_hears_from_it() {
     let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
     // --force-master takes writes at once.
     let mut m = TestBroker::start_with(cfg.clone(), tmp);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("ro", 1)
-        .unwrap();
-    m.broker.take().unwrap().stop().unwrap();
+    m.create_topic("ro", 1);
     // Without it, the same broker starts read-only.
-    cfg.force_master = false;
-    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    cfg.replication.force_master = false;
+    m.reopen_as(cfg);
     let err = no_retries(&m.addr())
         .send("ro", QueueSelector::Queue(0), &Message::new(&b"x"[..]))
         .unwrap_err();
@@ -616,7 +611,7 @@ fn a_master_that_cannot_reach_its_peer_starts_fenced_until_it_hears_from_it() {
 fn only_the_configured_peer_may_open_a_replication_stream() {
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
-    cfg.cores = CoreSelection::List(vec![0]);
+    cfg.server.cores = CoreSelection::List(vec![0]);
     let lone = TestBroker::start_with(cfg, tmp);
     let err = follow_once(&lone.addr(), &follow_request(1, 32 << 20, 1)).unwrap_err();
     assert_eq!(
@@ -631,7 +626,7 @@ fn only_the_configured_peer_may_open_a_replication_stream() {
 
     let tmp = data_dir();
     let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
-    cfg.peer = Some("127.0.0.2:1".into());
+    cfg.replication.peer = Some("127.0.0.2:1".into());
     let other = TestBroker::start_with(cfg, tmp);
     let err = follow_once(&other.addr(), &follow_request(1, 32 << 20, 1)).unwrap_err();
     assert_eq!(
@@ -652,10 +647,7 @@ fn only_the_configured_peer_may_open_a_replication_stream() {
 #[test]
 fn the_handshake_credits_only_what_the_follower_says_is_durable() {
     let m = master(ReplicationMode::SyncMaster);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("d", 1)
-        .unwrap();
+    m.create_topic("d", 1);
     let err = no_retries(&m.addr())
         .send("d", QueueSelector::Queue(0), &Message::new(&b"stored"[..]))
         .unwrap_err();
@@ -692,15 +684,12 @@ fn a_slave_serves_only_what_the_master_confirmed() {
     let tmp = data_dir();
     let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
     // The master acks from memory and syncs only once 1 MiB is unflushed.
-    cfg.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
-    cfg.flush_interval_ms = 600_000;
-    cfg.flush_bytes = 1 << 20;
+    cfg.storage.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
+    cfg.storage.flush_interval_ms = 600_000;
+    cfg.storage.flush_bytes = 1 << 20;
     let m = TestBroker::start_with(cfg, tmp);
     let s = slave_of(&m);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("c", 1)
-        .unwrap();
+    m.create_topic("c", 1);
     wait_caught_up(&m);
     send_sync(&m.addr(), "c", 1, 10);
     // The slave has all ten durable (it runs SYNC_FLUSH) ...
@@ -747,12 +736,9 @@ fn a_slave_serves_only_what_the_master_confirmed() {
 fn a_restarted_sync_master_shows_only_what_its_slave_confirmed() {
     let tmp = data_dir();
     let cfg = master_cfg(ReplicationMode::SyncMaster, tmp.path());
-    let mut m = TestBroker::start_with(cfg.clone(), tmp);
+    let mut m = TestBroker::start_with(cfg, tmp);
     let s = slave_of(&m);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("v", 1)
-        .unwrap();
+    m.create_topic("v", 1);
     wait_caught_up(&m);
     let mut acked = send_sync(&m.addr(), "v", 1, 50);
     acked.sort();
@@ -778,8 +764,7 @@ fn a_restarted_sync_master_shows_only_what_its_slave_confirmed() {
         );
     }
     assert_eq!(read_all(&m.addr(), "v", 1), acked);
-    m.broker.take().unwrap().stop().unwrap();
-    m.broker = Some(ringmq::shard::Broker::start(cfg).unwrap());
+    m.restart();
     assert_eq!(read_all(&m.addr(), "v", 1), acked, "after the restart");
 }
 
@@ -838,21 +823,18 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
     let tmp_m = data_dir();
     let mut mcfg = master_cfg(ReplicationMode::AsyncMaster, tmp_m.path());
     // A slave that is behind is fed slowly, so it is still behind when promoted.
-    mcfg.replica_catchup_bytes_per_sec = 1 << 20;
-    let mut m = TestBroker::start_with(mcfg.clone(), tmp_m);
+    mcfg.replication.replica_catchup_bytes_per_sec = 1 << 20;
+    let mut m = TestBroker::start_with(mcfg, tmp_m);
     let tmp_s = data_dir();
     let mut scfg = test_config(tmp_s.path());
-    scfg.cores = CoreSelection::List(vec![core_for_slave()]);
-    scfg.role = Role::Slave;
-    scfg.master = Some(m.addr());
+    scfg.server.cores = CoreSelection::List(vec![core_for_slave()]);
+    scfg.replication.role = Role::Slave;
+    scfg.replication.master = Some(m.addr());
     let mut s = TestBroker::start_with(scfg.clone(), tmp_s);
-    Admin::connect(&m.addr())
-        .unwrap()
-        .create_topic("lag", 1)
-        .unwrap();
+    m.create_topic("lag", 1);
     send_sync(&m.addr(), "lag", 1, 10);
     wait_caught_up(&m);
-    s.broker.take().unwrap().stop().unwrap();
+    s.stop();
 
     // While the slave is away: a backlog, a master restart (a new epoch at its end), more.
     let producer = Producer::connect(&m.addr()).unwrap();
@@ -870,13 +852,12 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
     }
     producer.flush();
     drop(producer);
-    m.broker.take().unwrap().stop().unwrap();
-    m.broker = Some(ringmq::shard::Broker::start(mcfg).unwrap());
+    m.restart();
     send_sync(&m.addr(), "lag", 1, 5);
 
     // The slave comes back, adopts the master's history and is promoted while far behind.
-    scfg.master = Some(m.addr());
-    s.broker = Some(ringmq::shard::Broker::start(scfg).unwrap());
+    scfg.replication.master = Some(m.addr());
+    s.reopen_as(scfg);
     let admin = Admin::connect(&m.addr()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while admin.broker_stats().unwrap()[0].replication.link != 2 {
@@ -893,18 +874,12 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
     send_sync(&s.addr(), "lag", 1, 20);
 
     // The old master rejoins as the new master's slave.
-    let mut old_cfg = m
-        .broker
-        .take()
-        .map(|b| {
-            b.stop().unwrap();
-            test_config(&m.dir)
-        })
-        .unwrap();
-    old_cfg.cores = CoreSelection::List(vec![0]);
-    old_cfg.role = Role::Slave;
-    old_cfg.master = Some(s.addr());
-    m.broker = Some(ringmq::shard::Broker::start(old_cfg).unwrap());
+    m.stop();
+    let mut old_cfg = test_config(&m.dir);
+    old_cfg.server.cores = CoreSelection::List(vec![0]);
+    old_cfg.replication.role = Role::Slave;
+    old_cfg.replication.master = Some(s.addr());
+    m.reopen_as(old_cfg);
     wait_caught_up(&s);
     let on_new = read_all(&s.addr(), "lag", 1);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -921,4 +896,32 @@ fn a_promoted_lagging_slave_starts_its_epoch_at_its_own_log_end() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The lag's age comes from the store's append announcements: every append the slave lacks
+/// is dated when it was stored, so a slave that went away shows a lag at least as old as the
+/// time since the first record it missed.
+#[test]
+fn a_gone_slave_shows_a_lag_as_old_as_the_first_record_it_missed() {
+    let m = master(ReplicationMode::AsyncMaster);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .create_topic("aged", 1)
+        .unwrap();
+    let s = slave_of(&m);
+    send_sync(&m.addr(), "aged", 1, 10);
+    wait_caught_up(&m);
+    drop(s);
+    send_sync(&m.addr(), "aged", 1, 10);
+    let missed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = Admin::connect(&m.addr()).unwrap().broker_stats().unwrap();
+    let waited_ms = missed_at.elapsed().as_millis() as u64;
+    let lag = &stats[0].replication;
+    assert!(lag.lag_bytes > 0, "{stats:?}");
+    assert!(
+        lag.lag_ms >= 500 && lag.lag_ms <= waited_ms + 5_000,
+        "lag {} ms after waiting {waited_ms} ms: {stats:?}",
+        lag.lag_ms
+    );
 }

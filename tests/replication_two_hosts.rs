@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::netns::{in_ns, NsBroker, TwoHosts};
 use common::wait_caught_up;
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
-use ringmq::message::Message;
+use ringmq::format::batch::Message;
 use ringmq::protocol::ErrorCode;
 
 fn admin(ns: &str, addr: &str) -> Admin {

@@ -1,34 +1,17 @@
 //! Storage on the real disk (ext4 on virtio here; never tmpfs): the glommio io-poll probe
 //! work-around, SYNC and ASYNC appends, reopen.
 
-use std::future::Future;
+mod common;
+
 use std::time::Duration;
 
 use glommio::io::OpenOptions;
-use ringmq::storage::record::RecordIter;
+use ringmq::format::record::RecordIter;
 use ringmq::storage::{
     prime_dma_probe, AppendRequest, FlushMode, QueueOffset, ShardStore, StorageConfig,
 };
 
-fn run<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
-}
-
-/// A fresh directory on the project's disk (not tmpfs).
-fn disk_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ringmq-storage-test")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-}
+use common::{data_dir, on_executor};
 
 fn cfg(mode: FlushMode) -> StorageConfig {
     StorageConfig {
@@ -42,10 +25,10 @@ fn cfg(mode: FlushMode) -> StorageConfig {
 
 #[test]
 fn dma_reads_work_after_priming_even_when_the_first_data_file_is_empty() {
-    let dir = disk_dir();
+    let dir = data_dir();
     let path = dir.path().to_path_buf();
     // A fresh thread: glommio caches the probe result per thread.
-    run(move || async move {
+    on_executor(move || async move {
         prime_dma_probe(&path).await.unwrap();
         prime_dma_probe(&path).await.unwrap(); // idempotent
         let seg = path.join("00000000000000000000");
@@ -72,9 +55,9 @@ fn dma_reads_work_after_priming_even_when_the_first_data_file_is_empty() {
 
 #[test]
 fn store_on_a_fresh_dir_writes_and_reads_back_with_dma() {
-    let dir = disk_dir();
+    let dir = data_dir();
     let path = dir.path().join("shard-0");
-    run(move || async move {
+    on_executor(move || async move {
         let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
             .await
             .unwrap();
@@ -141,9 +124,9 @@ async fn check_all(s: &ShardStore, expect: &[(u32, u64, usize)]) {
 
 #[test]
 fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
-    let dir = disk_dir();
+    let dir = data_dir();
     let path = dir.path().join("shard-0");
-    run(move || async move {
+    on_executor(move || async move {
         let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
             .await
             .unwrap();
@@ -207,13 +190,13 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
 /// is served afterwards, at its original offsets.
 #[test]
 fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_record() {
-    let dir = disk_dir();
+    let dir = data_dir();
     let data = dir.path().to_path_buf();
     let shard = data.join("shard-0");
     let (expect, hit) = {
         let shard = shard.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        run(move || async move {
+        on_executor(move || async move {
             let (s, _) = ShardStore::open(&shard, cfg(FlushMode::SyncFlush))
                 .await
                 .unwrap();
@@ -249,7 +232,7 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
     // Strict (the default) refuses, in one line naming the file, the byte and what to run.
     let (tx, rx) = std::sync::mpsc::channel();
     let s2 = shard.clone();
-    run(move || async move {
+    on_executor(move || async move {
         let e = ShardStore::open(&s2, cfg(FlushMode::SyncFlush))
             .await
             .err()
@@ -293,7 +276,7 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
     assert!(std::fs::metadata(&side).unwrap().len() > 64);
 
     // A strict open passes now, and every other acked record is there at its offset.
-    run(move || async move {
+    on_executor(move || async move {
         let (s, rep) = ShardStore::open(&shard, cfg(FlushMode::SyncFlush))
             .await
             .unwrap();

@@ -1,13 +1,15 @@
 //! Storage tests on the simulated disk: functional behaviour, one test per recovery row,
 //! poisoning, idempotent producers, and a seeded random crash test against a model.
 
-use std::future::Future;
+mod common;
+
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use ringmq::format::batch::{BatchBuilder, Message};
+use ringmq::format::record::{RecordIter, RecordView};
 use ringmq::storage::checkpoint::CheckpointSlot;
-use ringmq::storage::record::{RecordIter, RecordView};
 use ringmq::storage::recovery::Observation;
 use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
@@ -15,19 +17,9 @@ use ringmq::storage::{
     RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
 };
 
-type Store = ShardStore<SimBackend>;
+use common::on_executor;
 
-fn run<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
-}
+type Store = ShardStore<SimBackend>;
 
 fn cfg(mode: FlushMode) -> StorageConfig {
     StorageConfig {
@@ -39,6 +31,7 @@ fn cfg(mode: FlushMode) -> StorageConfig {
         max_writes_in_flight: 4,
         max_record_bytes: 32 * 1024,
         recovery: RecoveryMode::Strict,
+        ..StorageConfig::default()
     }
 }
 
@@ -91,7 +84,7 @@ fn seg_path(dir: &Path, base: u64) -> std::path::PathBuf {
 
 #[test]
 fn sync_appends_are_durable_and_read_back_in_order() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -115,7 +108,7 @@ fn sync_appends_are_durable_and_read_back_in_order() {
 
 #[test]
 fn group_commit_serves_many_waiters_with_few_fsyncs() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -143,7 +136,7 @@ fn group_commit_serves_many_waiters_with_few_fsyncs() {
 
 #[test]
 fn reads_cross_segment_boundaries_and_survive_reopen() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -171,7 +164,7 @@ fn reads_cross_segment_boundaries_and_survive_reopen() {
 
 #[test]
 fn read_never_passes_the_visible_watermark() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -205,7 +198,7 @@ fn read_never_passes_the_visible_watermark() {
 
 #[test]
 fn offsets_out_of_range_are_errors() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -245,7 +238,7 @@ fn offsets_out_of_range_are_errors() {
 
 #[test]
 fn max_bytes_limits_a_read_but_returns_at_least_one_record() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -262,7 +255,7 @@ fn max_bytes_limits_a_read_but_returns_at_least_one_record() {
 
 #[test]
 fn wait_visible_beyond_wakes_on_durable_append() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -280,12 +273,15 @@ fn wait_visible_beyond_wakes_on_durable_append() {
 
 #[test]
 fn key_index_finds_visible_records_by_key() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
-        let mut body = Vec::new();
-        ringmq::storage::batch::encode_message(&mut body, b"order-1", b"tagA", b"payload");
+        let mut body = bytes::BytesMut::new();
+        let message = Message::new(&b"payload"[..])
+            .with_key(&b"order-1"[..])
+            .with_tag(&b"tagA"[..]);
+        BatchBuilder::new(&mut body).push(&message).unwrap();
         let a = append_durable(&s, "k", 0, &body).await;
         assert_eq!(s.lookup_key("k", b"order-1"), vec![a.position]);
         assert!(s.lookup_key("k", b"order-2").is_empty());
@@ -300,7 +296,7 @@ fn key_index_finds_visible_records_by_key() {
 
 #[test]
 fn fdatasync_error_poisons_the_log() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -323,7 +319,7 @@ fn fdatasync_error_poisons_the_log() {
 
 #[test]
 fn write_error_poisons_the_log() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -353,7 +349,7 @@ fn preq<'a>(pid: u64, epoch: u16, seq: u32, count: u32, body: &'a [u8]) -> Appen
 
 #[test]
 fn idempotent_retries_return_original_offsets_also_after_reopen() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -414,7 +410,7 @@ fn idempotent_retries_return_original_offsets_also_after_reopen() {
 
 #[test]
 fn recovery_clean_tail_keeps_everything() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -435,7 +431,7 @@ fn recovery_clean_tail_keeps_everything() {
 
 #[test]
 fn recovery_zero_filled_prepared_tail_after_crash_stops_cleanly() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -465,7 +461,7 @@ fn set_checkpoint(sim: &SimBackend, dir: &Path, pos: u64) {
 
 #[test]
 fn recovery_torn_record_is_truncated() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -494,7 +490,7 @@ fn recovery_torn_record_is_truncated() {
 
 #[test]
 fn recovery_crc_mismatch_past_the_checkpoint_followed_by_valid_records_truncates() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -550,7 +546,7 @@ async fn acked_log_with_a_flipped_byte(
 
 #[test]
 fn recovery_flipped_byte_before_the_checkpoint_refuses_to_open() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (acked, hit) = acked_log_with_a_flipped_byte(&sim, dir.path()).await;
@@ -613,7 +609,7 @@ async fn check_all_but(s: &Store, acked: &[(u32, Appended, Vec<u8>)], hit: usize
 
 #[test]
 fn recovery_skip_corrupt_quarantines_exactly_the_bad_record() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (acked, hit) = acked_log_with_a_flipped_byte(&sim, dir.path()).await;
@@ -665,7 +661,7 @@ fn recovery_skip_corrupt_quarantines_exactly_the_bad_record() {
 
 #[test]
 fn recovery_missing_durable_bytes_refuse_to_open() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -713,7 +709,7 @@ fn cq_file(dir: &Path, topic: &str, q: u32) -> std::path::PathBuf {
 
 #[test]
 fn recovery_index_ahead_of_the_log_is_truncated() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -743,7 +739,7 @@ fn recovery_index_ahead_of_the_log_is_truncated() {
 
 #[test]
 fn recovery_index_behind_the_log_is_rebuilt() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -764,7 +760,7 @@ fn recovery_index_behind_the_log_is_rebuilt() {
 
 #[test]
 fn recovery_missing_index_files_are_rebuilt() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -785,7 +781,7 @@ fn recovery_missing_index_files_are_rebuilt() {
 
 #[test]
 fn drop_segments_before_removes_old_segments_and_their_offsets() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
@@ -978,7 +974,7 @@ fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    run(move || async move {
+    on_executor(move || async move {
         for i in 0..iterations {
             let seed = base + i;
             let _guard = SeedGuard(seed);
@@ -996,7 +992,7 @@ fn the_crash_drill_fails_when_the_store_acks_before_the_sync() {
     let mut failed = Vec::new();
     for seed in 0x5EED..0x5EED + seeds {
         let r = std::thread::spawn(move || {
-            run(move || async move {
+            on_executor(move || async move {
                 crash_iteration(seed, Some(StorageFault::SkipFdatasyncs(1))).await;
             })
         })
@@ -1018,7 +1014,7 @@ fn the_crash_drill_fails_when_the_store_acks_before_the_sync() {
 #[test]
 fn record_view_rejects_what_the_store_never_returns() {
     // A fetch response is parsed with the same pure code.
-    let rec = ringmq::storage::record::encode_record(Default::default(), "t", b"body");
+    let rec = ringmq::format::record::encode_record(Default::default(), "t", b"body");
     assert!(RecordView::parse(&rec).is_ok());
 }
 
@@ -1047,7 +1043,7 @@ async fn copy_log(master: &Store, replica: &Store, read_bytes: usize) -> u64 {
 
 #[test]
 fn a_replica_copies_the_log_at_the_same_positions_across_segment_rolls() {
-    run(|| async {
+    on_executor(|| async {
         let (dm, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sim = SimBackend::new();
         let (m, _) = open(&sim, dm.path(), FlushMode::SyncFlush).await;
@@ -1083,7 +1079,7 @@ fn a_replica_copies_the_log_at_the_same_positions_across_segment_rolls() {
 
 #[test]
 fn the_tail_feed_hands_out_appends_from_memory_in_order() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::AsyncFlush).await;
@@ -1114,7 +1110,7 @@ fn the_tail_feed_hands_out_appends_from_memory_in_order() {
 
 #[test]
 fn append_replicated_refuses_corrupt_or_diverging_records_and_keeps_the_log() {
-    run(|| async {
+    on_executor(|| async {
         let (dm, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sim = SimBackend::new();
         let (m, _) = open(&sim, dm.path(), FlushMode::SyncFlush).await;
@@ -1157,7 +1153,7 @@ fn append_replicated_refuses_corrupt_or_diverging_records_and_keeps_the_log() {
 
 #[test]
 fn opening_with_a_limit_truncates_the_log_and_rebuilds_what_derives_from_it() {
-    run(|| async {
+    on_executor(|| async {
         let dir = tempfile::tempdir().unwrap();
         let sim = SimBackend::new();
         let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;

@@ -2,7 +2,13 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 use ringmq::client::Admin;
+use ringmq::protocol::{ErrorCode, Frame, Request, MAX_TOPIC_NAME_BYTES};
 
 use common::TestBroker;
 
@@ -40,4 +46,67 @@ fn topics_created_concurrently_from_many_connections_all_survive_a_restart() {
     assert_eq!(count(&b).len(), 16 * 8);
     b.restart();
     assert_eq!(count(&b).len(), 16 * 8, "the saved table lost topics");
+}
+
+/// Sends `request` on a fresh connection and reads the one frame that answers it.
+fn round_trip(b: &TestBroker, request: &Request) -> Frame {
+    let mut s = TcpStream::connect(b.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = BytesMut::new();
+    request.to_frame(1, Bytes::new()).encode(&mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(f) = Frame::decode(&mut buf).expect("the broker sends valid frames") {
+            return f;
+        }
+        let n = s.read(&mut chunk).expect("an answer");
+        assert!(n > 0, "the broker closed the connection without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn names_the_old_storage_rule_took_are_refused_on_the_wire_with_the_reason() {
+    // Storage used to take up to 255 bytes and `|`; the one rule is 127 bytes of [A-Za-z0-9_.%-].
+    let b = TestBroker::start();
+    let longest = "t".repeat(MAX_TOPIC_NAME_BYTES);
+    let cases = [
+        (
+            "a|b".to_string(),
+            "only letters, digits and _ - . % are allowed",
+        ),
+        (
+            "t".repeat(MAX_TOPIC_NAME_BYTES + 1),
+            "longer than 127 bytes",
+        ),
+        ("t".repeat(255), "longer than 127 bytes"),
+    ];
+    for (name, reason) in cases {
+        let reply = round_trip(
+            &b,
+            &Request::CreateTopic {
+                name: name.clone(),
+                queues: 1,
+            },
+        );
+        assert_eq!(
+            ErrorCode::from_u16(reply.status),
+            ErrorCode::InvalidTopic,
+            "{name}"
+        );
+        let message = String::from_utf8_lossy(&reply.body);
+        assert!(message.contains(reason), "{name}: {message}");
+    }
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.create_topic(&longest, 1).unwrap();
+    admin.create_topic("%RETRY%group-1", 1).unwrap();
+    let names: Vec<String> = admin
+        .list_topics()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }

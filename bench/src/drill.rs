@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
-use ringmq::config::{Config, CoreSelection};
-use ringmq::message::Message;
+use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
+use ringmq::format::batch::Message;
+use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
 
 use crate::slave::{SlaveHost, SlaveProcess};
@@ -38,9 +39,9 @@ use crate::slave::{SlaveHost, SlaveProcess};
 /// The topic the drill writes.
 const TOPIC: &str = "drill";
 /// Bytes a message takes in a batch besides its payload (length, born timestamp, flags and the
-/// key, tag and property lengths; see `ringmq::message`), so `lost × (payload + this)` is a
-/// lower bound on the log bytes lost messages took.
-const MESSAGE_OVERHEAD_BYTES: u64 = 24;
+/// key, tag and property lengths; see `ringmq::format::batch`), so `lost × (payload + this)` is
+/// a lower bound on the log bytes lost messages took.
+const MESSAGE_OVERHEAD_BYTES: u64 = ringmq::format::batch::MIN_MESSAGE_BYTES as u64;
 /// How long a round's load may take to get its first ack.
 const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the audit's reads may take per queue before the drill gives up on that round.
@@ -86,7 +87,7 @@ pub struct DrillArgs {
     /// Broker shards (the process is confined to cores 0..N-1; the load runs anywhere).
     #[arg(long, default_value_t = 1)]
     pub broker_cores: usize,
-    /// CommitLog segment size in MiB (at least 32).
+    /// CommitLog segment size in MiB (at least 1).
     #[arg(long, default_value_t = 32)]
     pub segment_mib: u64,
     /// The data dir `.ringmq-drill-<pid>` is created here (a real disk, not tmpfs) and removed
@@ -119,8 +120,9 @@ impl DrillArgs {
         if self.broker_cores == 0 {
             problems.push("--broker-cores must be at least 1");
         }
-        if self.segment_mib < 32 {
-            problems.push("--segment-mib must be at least 32");
+        if (self.segment_mib << 20) < SEGMENT_BYTES_MIN {
+            // The broker's one bound (`storage::config`), in this flag's unit.
+            problems.push("--segment-mib must be at least 1 (the broker's smallest segment)");
         }
         if problems.is_empty() {
             Ok(())
@@ -283,18 +285,24 @@ pub fn audit(
 /// A broker process on the drill's data dir.
 fn start_broker(args: &DrillArgs, dir: &Path) -> Result<SlaveProcess, String> {
     let config = Config {
-        data_dir: dir.join("data"),
-        listen_host: "127.0.0.1".to_string(),
-        port: 0,
-        cores: CoreSelection::Count(args.broker_cores),
-        flush_mode: args.flush_mode,
-        flush_interval_ms: args.flush_interval_ms,
-        segment_bytes: args.segment_mib << 20,
-        io_memory_bytes: crate::runner::io_memory_bytes(),
+        server: ServerConfig {
+            data_dir: dir.join("data"),
+            listen_host: "127.0.0.1".to_string(),
+            port: 0,
+            cores: CoreSelection::Count(args.broker_cores),
+            io_memory_bytes: crate::runner::io_memory_bytes(),
+            ..ServerConfig::default()
+        },
+        storage: StorageConfig {
+            flush_mode: args.flush_mode,
+            flush_interval_ms: args.flush_interval_ms,
+            segment_bytes: args.segment_mib << 20,
+            ..StorageConfig::default()
+        },
         ..Config::default()
     };
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.server.data_dir)
+        .map_err(|e| format!("{}: {e}", config.server.data_dir.display()))?;
     let path = dir.join("config.toml");
     std::fs::write(&path, config.to_toml()).map_err(|e| format!("{}: {e}", path.display()))?;
     let cores: Vec<usize> = (0..args.broker_cores).collect();

@@ -19,6 +19,8 @@
 //! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the chart.
 //! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...) and the slave's lag.
 //! - [`slave`]: the slave process of the replication modes, its network namespace.
+//! - [`netns_cmd`]: the `ip`/`sysctl` commands and stale-namespace sweep, shared with the
+//!   integration tests (`tests/common/netns.rs` includes the file).
 //! - [`drill`]: the crash drill and its audit.
 //! - [`machine`]: machine facts, core split and pinning.
 
@@ -26,6 +28,7 @@ mod broker_stats;
 mod drill;
 mod hist;
 mod machine;
+mod netns_cmd;
 mod report;
 mod runner;
 mod slave;

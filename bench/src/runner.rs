@@ -10,10 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 use ringmq::client::{Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector};
-use ringmq::config::{Config, CoreSelection};
-use ringmq::message::Message;
+use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
+use ringmq::format::batch::Message;
 use ringmq::replication::Role;
-use ringmq::shard::Broker;
+use ringmq::server::Broker;
 
 use crate::broker_stats::{self, BrokerCounters, BrokerStats, ReplicationWatch};
 use crate::hist::{
@@ -111,6 +111,16 @@ pub fn io_memory_bytes() -> u64 {
     }
 }
 
+/// The `[storage]` section of a mode's brokers (master and slave alike).
+fn storage_config(mode: Mode, w: &Workload) -> StorageConfig {
+    StorageConfig {
+        flush_mode: mode.flush_mode(),
+        flush_interval_ms: w.flush_interval_ms,
+        segment_bytes: w.segment_mib << 20,
+        ..StorageConfig::default()
+    }
+}
+
 /// A replication mode's slave. Fields drop in order: the process first (it runs in the
 /// namespace and writes into the dir), then the namespace, then the dir.
 struct Slave {
@@ -142,21 +152,25 @@ impl Slave {
         std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
         let cores = split.slave_cores.clone().unwrap_or_default();
         let config = Config {
-            data_dir,
-            listen_host: host.slave_host().to_string(),
-            port: 0,
-            // The process is confined to `cores` before it starts, so a count picks exactly
-            // them (a one-core `CoreSelection::List` would not survive the TOML file).
-            cores: CoreSelection::Count(cores.len().max(1)),
-            // Same as the master, as a slave that may be promoted would run.
-            flush_mode: mode.flush_mode(),
-            flush_interval_ms: w.flush_interval_ms,
-            // Replicas must place every record at the same position.
-            segment_bytes: w.segment_mib << 20,
-            io_memory_bytes: io_memory_bytes(),
-            role: Role::Slave,
-            master: Some(master.to_string()),
-            ..Config::default()
+            server: ServerConfig {
+                data_dir,
+                listen_host: host.slave_host().to_string(),
+                port: 0,
+                // The process is confined to `cores` before it starts, so a count picks
+                // exactly them (a one-core `CoreSelection::List` would not survive the TOML
+                // file).
+                cores: CoreSelection::Count(cores.len().max(1)),
+                io_memory_bytes: io_memory_bytes(),
+                ..ServerConfig::default()
+            },
+            // Same as the master, as a slave that may be promoted would run (and replicas
+            // must place every record at the same position: the same segment size).
+            storage: storage_config(mode, w),
+            replication: ReplicationConfig {
+                role: Role::Slave,
+                master: Some(master.to_string()),
+                ..ReplicationConfig::default()
+            },
         };
         let path = dir.0.join("config.toml");
         std::fs::write(&path, config.to_toml()).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -221,25 +235,28 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
     };
     let (replication, replica_ack) = mode.replication().unwrap_or_default();
     let config = Config {
-        data_dir: dir.clone(),
-        // With a slave in a namespace: the root side of its veth, which it can dial.
-        listen_host: host
-            .as_ref()
-            .map_or("127.0.0.1", SlaveHost::master_host)
-            .to_string(),
-        port: 0,
-        cores: CoreSelection::Count(w.broker_cores),
-        flush_mode: mode.flush_mode(),
-        flush_interval_ms: w.flush_interval_ms,
-        segment_bytes: w.segment_mib << 20,
-        io_memory_bytes: io_memory_bytes(),
-        replication,
-        replica_ack,
-        // Only the configured peer's host may follow a master; the slave starts after the
-        // master (on a port not known yet), so the master must not wait for it.
-        peer: host.as_ref().map(|h| h.slave_host().to_string()),
-        force_master: true,
-        ..Config::default()
+        server: ServerConfig {
+            data_dir: dir.clone(),
+            // With a slave in a namespace: the root side of its veth, which it can dial.
+            listen_host: host
+                .as_ref()
+                .map_or("127.0.0.1", SlaveHost::master_host)
+                .to_string(),
+            port: 0,
+            cores: CoreSelection::Count(w.broker_cores),
+            io_memory_bytes: io_memory_bytes(),
+            ..ServerConfig::default()
+        },
+        storage: storage_config(mode, w),
+        replication: ReplicationConfig {
+            mode: replication,
+            replica_ack,
+            // Only the configured peer's host may follow a master; the slave starts after the
+            // master (on a port not known yet), so the master must not wait for it.
+            peer: host.as_ref().map(|h| h.slave_host().to_string()),
+            force_master: true,
+            ..ReplicationConfig::default()
+        },
     };
     let broker = Broker::start(config)
         .map_err(|e| format!("cannot start the embedded {mode} broker: {e}"))?;

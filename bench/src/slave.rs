@@ -39,10 +39,9 @@ use ringmq::config::Config;
 use ringmq::protocol::ReplicaStats;
 use serde::{Deserialize, Serialize};
 
+use crate::netns_cmd::{self, ip, sysctl};
 use crate::workload::SlaveNet;
 
-/// Where `ip netns add` keeps its namespace handles (iproute2's NETNS_RUN_DIR).
-const NETNS_DIR: &str = "/var/run/netns";
 /// Prefix of the namespaces (and, shortened, the root-side veth ends) this module makes.
 const NETNS_PREFIX: &str = "rqbench";
 /// The veth end's name inside the namespace (the namespace has no other links but lo).
@@ -76,26 +75,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .format_timestamp_micros()
         .init();
     let config = Config::from_file(&args.config).map_err(|e| e.to_string())?;
-    ringmq::shard::run_until_signalled(config)
-}
-
-/// Runs `ip args...`; on failure returns its stderr.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    ringmq::server::run_until_signalled(config)
 }
 
 /// A network namespace joined to the root namespace by a veth pair; deleted on drop.
@@ -218,32 +198,6 @@ impl Drop for Netns {
     }
 }
 
-/// Runs `sysctl -w setting` in namespace `ns` (the root namespace for `None`).
-fn sysctl(ns: Option<&str>, setting: &str) -> Result<(), String> {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "sysctl"]);
-            c
-        }
-        None => Command::new("sysctl"),
-    };
-    let out = cmd
-        .args(["-q", "-w", setting])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run sysctl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`sysctl -w {setting}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// A /24 of 127.78.0.0/16 that no address of the root namespace is in, starting from `seed`.
 fn free_subnet(seed: u32) -> Result<u32, String> {
     let out = Command::new("ip")
@@ -257,27 +211,14 @@ fn free_subnet(seed: u32) -> Result<u32, String> {
         .ok_or_else(|| "every 127.78.<k>.0/24 is in use in this namespace".to_string())
 }
 
-/// Deletes namespaces made by this module whose creating process is gone (a bench killed from
-/// outside never ran Drop). Live creators' namespaces are never touched.
+/// Deletes namespaces made by this module (`rqbench-<pid>-<n>`) whose creating process is
+/// gone (a bench killed from outside never ran Drop).
 fn remove_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    netns_cmd::remove_stale_namespaces(|name| {
         let parts: Vec<&str> = name.split('-').collect();
-        let ours = parts.len() == 3
-            && parts[0] == NETNS_PREFIX
-            && parts[1].parse::<u32>().is_ok()
-            && parts[2].parse::<u32>().is_ok();
-        if ours && !Path::new(&format!("/proc/{}", parts[1])).exists() {
-            eprintln!(
-                "note: removing namespace {name}: the bench {} that made it is gone",
-                parts[1]
-            );
-            let _ = ip(&["netns", "delete", &name]);
-        }
-    }
+        let ours = parts.len() == 3 && parts[0] == NETNS_PREFIX && parts[2].parse::<u32>().is_ok();
+        ours.then(|| parts[1].parse().ok()).flatten()
+    });
 }
 
 /// Where the slave runs and which addresses the two brokers listen on.

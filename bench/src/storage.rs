@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use clap::Args;
 use glommio::io::{DmaFile, OpenOptions};
 use hdrhistogram::Histogram;
-use ringmq::storage::batch::encode_message;
-use ringmq::storage::record::HEADER_BYTES;
+use ringmq::format::batch::{BatchBuilder, Message, MIN_MESSAGE_BYTES};
+use ringmq::format::record::HEADER_BYTES;
 use ringmq::storage::{AppendRequest, FlushMode, ShardStore, StorageConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -227,15 +228,13 @@ async fn raw_seq(dir: &Path, dur: Duration) -> Result<Row, String> {
 
 /// A batch body of one message sized so that the whole record is `record_bytes`.
 fn body_for(record_bytes: usize) -> Vec<u8> {
-    let overhead = HEADER_BYTES + TOPIC.len() + 4 + 8 + 2 + 2 + 2 + 2 + 4;
-    let mut b = Vec::with_capacity(record_bytes);
-    encode_message(
-        &mut b,
-        b"",
-        b"",
-        &vec![0xAB; record_bytes.saturating_sub(overhead)],
-    );
-    b
+    let overhead = HEADER_BYTES + TOPIC.len() + MIN_MESSAGE_BYTES;
+    let mut b = BytesMut::with_capacity(record_bytes);
+    let payload = vec![0xAB; record_bytes.saturating_sub(overhead)];
+    BatchBuilder::new(&mut b)
+        .push(&Message::new(payload))
+        .expect("a bench payload fits the batch format");
+    b.to_vec()
 }
 
 async fn appends(

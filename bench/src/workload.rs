@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use clap::{Args, ValueEnum};
 use ringmq::replication::{ReplicaAck, ReplicationMode};
+use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
 use serde::{Deserialize, Serialize};
 
@@ -260,7 +261,7 @@ pub struct Workload {
     #[arg(long, default_value_t = 500)]
     pub flush_interval_ms: u64,
 
-    /// Embedded broker: CommitLog segment size in MiB (at least 32).
+    /// Embedded broker: CommitLog segment size in MiB (at least 1).
     #[arg(long, default_value_t = 64)]
     pub segment_mib: u64,
 
@@ -306,8 +307,12 @@ impl Workload {
         if self.broker_cores == 0 {
             problems.push("--broker-cores must be at least 1".to_string());
         }
-        if self.segment_mib < 32 {
-            problems.push("--segment-mib must be at least 32".to_string());
+        if (self.segment_mib << 20) < SEGMENT_BYTES_MIN {
+            // The broker's one bound (`storage::config`), in this flag's unit.
+            problems.push(format!(
+                "--segment-mib must be at least {} (the broker's smallest segment)",
+                SEGMENT_BYTES_MIN.div_ceil(1 << 20)
+            ));
         }
         if self.flush_interval_ms == 0 {
             problems.push("--flush-interval-ms must be at least 1".to_string());

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use crate::client::cluster::Cluster;
 use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
-use crate::message::BatchIter;
+use crate::format::batch::BatchIter;
+use crate::format::record::RecordIter;
 use crate::protocol::{FetchRequest, Request, Response, RouteTable};
-use crate::storage::record::RecordIter;
 
 /// Default cap on one fetch response.
 pub const DEFAULT_FETCH_MAX_BYTES: u32 = 1 << 20;

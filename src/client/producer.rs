@@ -34,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use crate::client::cluster::Cluster;
 use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
-use crate::message::{BatchBuilder, Message};
+use crate::format::batch::{BatchBuilder, Message};
 use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
 use crate::protocol::{Durability, ProduceAck, ProduceRequest, Request, Response, RouteTable};
 

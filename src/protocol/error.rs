@@ -10,236 +10,156 @@
 
 use std::fmt;
 
-/// Stable numeric status carried in the `status` field of a response preamble.
-///
-/// Numbers are grouped by decade: 1–9 framing, 20s metadata, 30s broker resources, 40s data,
-/// 50s replication, 60s lifecycle, 70s idempotent producers. `0` is success and only ever appears in successful responses.
-///
-/// Retired numbers (never reuse): none yet.
-///
-/// A number this build does not know (a newer peer) becomes [`ErrorCode::Unknown`] carrying the
-/// raw value; it is never sent by this build and it is not retriable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// Success.
-    Ok = 0,
-    /// The frame could not be parsed (bad magic, reserved bits set, inconsistent flags ...).
-    MalformedFrame = 1,
-    /// The preamble's version is not one this broker speaks.
-    UnsupportedVersion = 2,
-    /// The CRC over header and body did not match.
-    CrcMismatch = 3,
-    /// Header or body length over the broker's limits.
-    FrameTooLarge = 4,
-    /// The opcode is not one this broker knows.
-    UnknownOpcode = 5,
-    /// The FlatBuffers header failed verification or lacks a required field.
-    BadHeader = 6,
-    /// A bug or an unexpected state in the broker.
-    Internal = 7,
-    /// The topic does not exist.
-    TopicNotFound = 20,
-    /// CreateTopic for a topic that already exists with a different queue count.
-    TopicExists = 21,
-    /// The topic name is empty, too long or has forbidden characters.
-    InvalidTopic = 22,
-    /// The queue id is outside the topic's queues.
-    QueueNotFound = 23,
-    /// A request field is out of range.
-    InvalidArgument = 24,
-    /// Flow control: the shard's in-flight budget is exhausted. Retry later.
-    SystemBusy = 30,
-    /// SYNC_FLUSH: the batch was written but the fdatasync did not complete before the deadline.
-    /// It may be stored; an idempotent producer can retry safely.
-    FlushDiskTimeout = 31,
-    /// The storage layer failed (for example a poisoned segment after an fdatasync error).
-    StorageError = 32,
-    /// Disk usage over the reject ratio; writes resume once retention frees space.
-    DiskFull = 33,
-    /// Fetch offset outside `[min_offset, end_offset]`.
-    OffsetOutOfRange = 40,
-    /// Idempotent producer: the sequence number is not the next one expected.
-    OutOfOrderSequence = 41,
-    /// A message or batch over the broker's size limits.
-    MessageTooLarge = 42,
-    /// The produce body is not a valid message batch (see `crate::message`).
-    InvalidBatch = 43,
-    /// SYNC_MASTER: the slave did not acknowledge before the deadline. Stored on the master.
-    FlushSlaveTimeout = 50,
-    /// SYNC_MASTER: no slave is connected. Stored on the master.
-    SlaveNotAvailable = 51,
-    /// A write reached a broker that is not (or no longer) the master.
-    NotMaster = 52,
-    /// A follow request was refused (shard count or segment size mismatch, or the follower's
-    /// epoch is newer: the master is fenced). Retrying the same request cannot help: the
-    /// configuration or the roles must change first.
-    ReplicationRefused = 53,
-    /// The broker is shutting down; retry on another broker or after restart.
-    ShuttingDown = 60,
-    /// Idempotent producer: the batch is ahead of the next expected sequence (an earlier batch
-    /// has not arrived). Retriable: re-send every unacknowledged batch of the queue, in
-    /// sequence order, from the earliest.
-    SequenceGap = 70,
-    /// Idempotent producer: the batch's producer epoch is older than one the broker has seen
-    /// for this producer and queue; a newer incarnation took over. Not retriable.
-    ProducerFenced = 71,
-    /// A number this build does not know, kept as received. The discriminant is a placeholder:
-    /// use [`ErrorCode::as_u16`], which returns the carried value.
-    Unknown(u16) = u16::MAX,
+/// Declares [`ErrorCode`] from one row per code: `number => Variant "NAME" retriable|final`,
+/// the row's doc comment becoming the variant's. Everything else about a code (`ALL`,
+/// `as_u16`, `from_u16`, `name`, `is_retriable`, `Display`) is generated from the rows, so a
+/// new code is one row. Rows are in numeric order; that is checked at compile time.
+macro_rules! error_codes {
+    (
+        $(#[$enum_doc:meta])*
+        pub enum ErrorCode {
+            $( $(#[$doc:meta])* $num:literal => $code:ident $name:literal $retry:ident, )*
+        }
+    ) => {
+        $(#[$enum_doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $code = $num, )*
+            /// A number this build does not know, kept as received. The discriminant is a
+            /// placeholder: use [`ErrorCode::as_u16`], which returns the carried value.
+            Unknown(u16) = u16::MAX,
+        }
+
+        impl ErrorCode {
+            /// Every known code, in numeric order. Used by tests to pin the numbers.
+            pub const ALL: [ErrorCode; [$($num),*].len()] = [$(ErrorCode::$code),*];
+
+            /// The number sent on the wire.
+            pub const fn as_u16(self) -> u16 {
+                match self {
+                    $( ErrorCode::$code => $num, )*
+                    ErrorCode::Unknown(n) => n,
+                }
+            }
+
+            /// Maps a received number; never fails: unknown numbers become
+            /// [`ErrorCode::Unknown`].
+            pub const fn from_u16(n: u16) -> ErrorCode {
+                match n {
+                    $( $num => ErrorCode::$code, )*
+                    n => ErrorCode::Unknown(n),
+                }
+            }
+
+            /// Whether a client may resend the same request (with the same producer sequence,
+            /// so an idempotent producer is not stored twice) and expect it can succeed.
+            pub const fn is_retriable(self) -> bool {
+                match self {
+                    $( ErrorCode::$code => error_codes!(@retriable $retry), )*
+                    ErrorCode::Unknown(_) => false,
+                }
+            }
+
+            /// The SCREAMING_SNAKE name used in logs and by `Display`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$code => $name, )*
+                    ErrorCode::Unknown(_) => "UNKNOWN",
+                }
+            }
+        }
+
+        // A row out of order would make `ALL` lie about being sorted; a repeated number is
+        // already refused by the enum's explicit discriminants.
+        const _: () = {
+            let all = ErrorCode::ALL;
+            let mut i = 1;
+            while i < all.len() {
+                assert!(all[i - 1].as_u16() < all[i].as_u16(), "error codes out of order");
+                i += 1;
+            }
+        };
+    };
+    (@retriable retriable) => { true };
+    (@retriable final) => { false };
 }
 
-impl ErrorCode {
-    /// Every known code, in numeric order. Used by tests to pin the numbers.
-    pub const ALL: [ErrorCode; 28] = [
-        ErrorCode::Ok,
-        ErrorCode::MalformedFrame,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::CrcMismatch,
-        ErrorCode::FrameTooLarge,
-        ErrorCode::UnknownOpcode,
-        ErrorCode::BadHeader,
-        ErrorCode::Internal,
-        ErrorCode::TopicNotFound,
-        ErrorCode::TopicExists,
-        ErrorCode::InvalidTopic,
-        ErrorCode::QueueNotFound,
-        ErrorCode::InvalidArgument,
-        ErrorCode::SystemBusy,
-        ErrorCode::FlushDiskTimeout,
-        ErrorCode::StorageError,
-        ErrorCode::DiskFull,
-        ErrorCode::OffsetOutOfRange,
-        ErrorCode::OutOfOrderSequence,
-        ErrorCode::MessageTooLarge,
-        ErrorCode::InvalidBatch,
-        ErrorCode::FlushSlaveTimeout,
-        ErrorCode::SlaveNotAvailable,
-        ErrorCode::NotMaster,
-        ErrorCode::ReplicationRefused,
-        ErrorCode::ShuttingDown,
-        ErrorCode::SequenceGap,
-        ErrorCode::ProducerFenced,
-    ];
-
-    /// The number sent on the wire.
-    pub const fn as_u16(self) -> u16 {
-        match self {
-            ErrorCode::Ok => 0,
-            ErrorCode::MalformedFrame => 1,
-            ErrorCode::UnsupportedVersion => 2,
-            ErrorCode::CrcMismatch => 3,
-            ErrorCode::FrameTooLarge => 4,
-            ErrorCode::UnknownOpcode => 5,
-            ErrorCode::BadHeader => 6,
-            ErrorCode::Internal => 7,
-            ErrorCode::TopicNotFound => 20,
-            ErrorCode::TopicExists => 21,
-            ErrorCode::InvalidTopic => 22,
-            ErrorCode::QueueNotFound => 23,
-            ErrorCode::InvalidArgument => 24,
-            ErrorCode::SystemBusy => 30,
-            ErrorCode::FlushDiskTimeout => 31,
-            ErrorCode::StorageError => 32,
-            ErrorCode::DiskFull => 33,
-            ErrorCode::OffsetOutOfRange => 40,
-            ErrorCode::OutOfOrderSequence => 41,
-            ErrorCode::MessageTooLarge => 42,
-            ErrorCode::InvalidBatch => 43,
-            ErrorCode::FlushSlaveTimeout => 50,
-            ErrorCode::SlaveNotAvailable => 51,
-            ErrorCode::NotMaster => 52,
-            ErrorCode::ReplicationRefused => 53,
-            ErrorCode::ShuttingDown => 60,
-            ErrorCode::SequenceGap => 70,
-            ErrorCode::ProducerFenced => 71,
-            ErrorCode::Unknown(n) => n,
-        }
-    }
-
-    /// Maps a received number; never fails: unknown numbers become [`ErrorCode::Unknown`].
-    pub const fn from_u16(n: u16) -> ErrorCode {
-        match n {
-            0 => ErrorCode::Ok,
-            1 => ErrorCode::MalformedFrame,
-            2 => ErrorCode::UnsupportedVersion,
-            3 => ErrorCode::CrcMismatch,
-            4 => ErrorCode::FrameTooLarge,
-            5 => ErrorCode::UnknownOpcode,
-            6 => ErrorCode::BadHeader,
-            7 => ErrorCode::Internal,
-            20 => ErrorCode::TopicNotFound,
-            21 => ErrorCode::TopicExists,
-            22 => ErrorCode::InvalidTopic,
-            23 => ErrorCode::QueueNotFound,
-            24 => ErrorCode::InvalidArgument,
-            30 => ErrorCode::SystemBusy,
-            31 => ErrorCode::FlushDiskTimeout,
-            32 => ErrorCode::StorageError,
-            33 => ErrorCode::DiskFull,
-            40 => ErrorCode::OffsetOutOfRange,
-            41 => ErrorCode::OutOfOrderSequence,
-            42 => ErrorCode::MessageTooLarge,
-            43 => ErrorCode::InvalidBatch,
-            50 => ErrorCode::FlushSlaveTimeout,
-            51 => ErrorCode::SlaveNotAvailable,
-            52 => ErrorCode::NotMaster,
-            53 => ErrorCode::ReplicationRefused,
-            60 => ErrorCode::ShuttingDown,
-            70 => ErrorCode::SequenceGap,
-            71 => ErrorCode::ProducerFenced,
-            n => ErrorCode::Unknown(n),
-        }
-    }
-
-    /// Whether a client may resend the same request (with the same producer sequence, so an
-    /// idempotent producer is not stored twice) and expect it can succeed.
-    pub const fn is_retriable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::SystemBusy
-                | ErrorCode::FlushDiskTimeout
-                | ErrorCode::DiskFull
-                | ErrorCode::FlushSlaveTimeout
-                | ErrorCode::SlaveNotAvailable
-                | ErrorCode::ShuttingDown
-                | ErrorCode::SequenceGap
-        )
-    }
-
-    /// The SCREAMING_SNAKE name used in logs and by `Display`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            ErrorCode::Ok => "OK",
-            ErrorCode::MalformedFrame => "MALFORMED_FRAME",
-            ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
-            ErrorCode::CrcMismatch => "CRC_MISMATCH",
-            ErrorCode::FrameTooLarge => "FRAME_TOO_LARGE",
-            ErrorCode::UnknownOpcode => "UNKNOWN_OPCODE",
-            ErrorCode::BadHeader => "BAD_HEADER",
-            ErrorCode::Internal => "INTERNAL",
-            ErrorCode::TopicNotFound => "TOPIC_NOT_FOUND",
-            ErrorCode::TopicExists => "TOPIC_EXISTS",
-            ErrorCode::InvalidTopic => "INVALID_TOPIC",
-            ErrorCode::QueueNotFound => "QUEUE_NOT_FOUND",
-            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
-            ErrorCode::SystemBusy => "SYSTEM_BUSY",
-            ErrorCode::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
-            ErrorCode::StorageError => "STORAGE_ERROR",
-            ErrorCode::DiskFull => "DISK_FULL",
-            ErrorCode::OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
-            ErrorCode::OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
-            ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
-            ErrorCode::InvalidBatch => "INVALID_BATCH",
-            ErrorCode::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
-            ErrorCode::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
-            ErrorCode::NotMaster => "NOT_MASTER",
-            ErrorCode::ReplicationRefused => "REPLICATION_REFUSED",
-            ErrorCode::ShuttingDown => "SHUTTING_DOWN",
-            ErrorCode::SequenceGap => "SEQUENCE_GAP",
-            ErrorCode::ProducerFenced => "PRODUCER_FENCED",
-            ErrorCode::Unknown(_) => "UNKNOWN",
-        }
+error_codes! {
+    /// Stable numeric status carried in the `status` field of a response preamble.
+    ///
+    /// Numbers are grouped by decade: 1–9 framing, 20s metadata, 30s broker resources, 40s
+    /// data, 50s replication, 60s lifecycle, 70s idempotent producers. `0` is success and only
+    /// ever appears in successful responses.
+    ///
+    /// Retired numbers (never reuse): none yet.
+    ///
+    /// A number this build does not know (a newer peer) becomes [`ErrorCode::Unknown`] carrying
+    /// the raw value; it is never sent by this build and it is not retriable.
+    pub enum ErrorCode {
+        /// Success.
+        0 => Ok "OK" final,
+        /// The frame could not be parsed (bad magic, reserved bits set, inconsistent flags ...).
+        1 => MalformedFrame "MALFORMED_FRAME" final,
+        /// The preamble's version is not one this broker speaks.
+        2 => UnsupportedVersion "UNSUPPORTED_VERSION" final,
+        /// The CRC over header and body did not match.
+        3 => CrcMismatch "CRC_MISMATCH" final,
+        /// Header or body length over the broker's limits.
+        4 => FrameTooLarge "FRAME_TOO_LARGE" final,
+        /// The opcode is not one this broker knows.
+        5 => UnknownOpcode "UNKNOWN_OPCODE" final,
+        /// The FlatBuffers header failed verification or lacks a required field.
+        6 => BadHeader "BAD_HEADER" final,
+        /// A bug or an unexpected state in the broker.
+        7 => Internal "INTERNAL" final,
+        /// The topic does not exist.
+        20 => TopicNotFound "TOPIC_NOT_FOUND" final,
+        /// CreateTopic for a topic that already exists with a different queue count.
+        21 => TopicExists "TOPIC_EXISTS" final,
+        /// The topic name breaks the rule in [`validate_topic_name`](super::validate_topic_name):
+        /// empty, too long, or with forbidden characters.
+        22 => InvalidTopic "INVALID_TOPIC" final,
+        /// The queue id is outside the topic's queues.
+        23 => QueueNotFound "QUEUE_NOT_FOUND" final,
+        /// A request field is out of range.
+        24 => InvalidArgument "INVALID_ARGUMENT" final,
+        /// Flow control: the shard's in-flight budget is exhausted. Retry later.
+        30 => SystemBusy "SYSTEM_BUSY" retriable,
+        /// SYNC_FLUSH: the batch was written but the fdatasync did not complete before the
+        /// deadline. It may be stored; an idempotent producer can retry safely.
+        31 => FlushDiskTimeout "FLUSH_DISK_TIMEOUT" retriable,
+        /// The storage layer failed (for example a poisoned segment after an fdatasync error).
+        32 => StorageError "STORAGE_ERROR" final,
+        /// Disk usage over the reject ratio; writes resume once retention frees space.
+        33 => DiskFull "DISK_FULL" retriable,
+        /// Fetch offset outside `[min_offset, end_offset]`.
+        40 => OffsetOutOfRange "OFFSET_OUT_OF_RANGE" final,
+        /// Idempotent producer: the sequence number is not the next one expected.
+        41 => OutOfOrderSequence "OUT_OF_ORDER_SEQUENCE" final,
+        /// A message or batch over the broker's size limits.
+        42 => MessageTooLarge "MESSAGE_TOO_LARGE" final,
+        /// The produce body is not a valid message batch (see `crate::format::batch`).
+        43 => InvalidBatch "INVALID_BATCH" final,
+        /// SYNC_MASTER: the slave did not acknowledge before the deadline. Stored on the master.
+        50 => FlushSlaveTimeout "FLUSH_SLAVE_TIMEOUT" retriable,
+        /// SYNC_MASTER: no slave is connected. Stored on the master.
+        51 => SlaveNotAvailable "SLAVE_NOT_AVAILABLE" retriable,
+        /// A write reached a broker that is not (or no longer) the master.
+        52 => NotMaster "NOT_MASTER" final,
+        /// A follow request was refused (shard count or segment size mismatch, or the
+        /// follower's epoch is newer: the master is fenced). Retrying the same request cannot
+        /// help: the configuration or the roles must change first.
+        53 => ReplicationRefused "REPLICATION_REFUSED" final,
+        /// The broker is shutting down; retry on another broker or after restart.
+        60 => ShuttingDown "SHUTTING_DOWN" retriable,
+        /// Idempotent producer: the batch is ahead of the next expected sequence (an earlier
+        /// batch has not arrived). Retriable: re-send every unacknowledged batch of the queue,
+        /// in sequence order, from the earliest.
+        70 => SequenceGap "SEQUENCE_GAP" retriable,
+        /// Idempotent producer: the batch's producer epoch is older than one the broker has
+        /// seen for this producer and queue; a newer incarnation took over. Not retriable.
+        71 => ProducerFenced "PRODUCER_FENCED" final,
     }
 }
 
@@ -278,11 +198,11 @@ impl RemoteError {
 pub enum WireError {
     /// The first four bytes are not the RingMQ magic: not our protocol, or a desynchronised
     /// stream. Nothing else in the buffer can be trusted.
-    #[error("bad magic {found:#010x}, expected {expected:#010x}", expected = super::frame::MAGIC)]
+    #[error("bad magic {found:#010x}, expected {expected:#010x}", expected = super::preamble::MAGIC)]
     BadMagic { found: u32 },
 
     /// A protocol version this build does not speak.
-    #[error("unsupported protocol version {found}, this build speaks {supported}", supported = super::frame::VERSION)]
+    #[error("unsupported protocol version {found}, this build speaks {supported}", supported = super::preamble::VERSION)]
     UnsupportedVersion { found: u8 },
 
     /// The reserved preamble field is not zero.

@@ -44,12 +44,7 @@ use super::error::WireError;
 use super::limits::{
     MAX_BODY_BYTES, MAX_HEADER_BYTES, PARTIAL_FRAME_RESERVE_BYTES, PREAMBLE_BYTES,
 };
-
-/// `b"RQMW"` read as a little-endian u32.
-pub const MAGIC: u32 = u32::from_le_bytes(*b"RQMW");
-
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+use super::preamble::{FLAGS_AT, MAGIC, MAGIC_AT, VERSION, VERSION_AT};
 
 /// The flags byte of a preamble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -127,19 +122,21 @@ impl Preamble {
 /// Validates as much of the preamble as `buf` holds. `Ok(None)`: fewer than 32 bytes and no
 /// error in those present.
 fn parse_preamble(buf: &[u8]) -> Result<Option<Preamble>, WireError> {
-    if buf.len() >= 4 {
-        let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if let Some(magic) = buf.get(MAGIC_AT..VERSION_AT) {
+        let magic = u32::from_le_bytes([magic[0], magic[1], magic[2], magic[3]]);
         if magic != MAGIC {
             return Err(WireError::BadMagic { found: magic });
         }
     }
-    if buf.len() >= 5 && buf[4] != VERSION {
-        return Err(WireError::UnsupportedVersion { found: buf[4] });
+    if let Some(&version) = buf.get(VERSION_AT) {
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion { found: version });
+        }
     }
     if buf.len() < PREAMBLE_BYTES {
         return Ok(None);
     }
-    let mut p = &buf[5..PREAMBLE_BYTES];
+    let mut p = &buf[FLAGS_AT..PREAMBLE_BYTES];
     let flags_raw = p.get_u8();
     let opcode = p.get_u16_le();
     let request_id = p.get_u64_le();

@@ -43,6 +43,38 @@ pub const MAX_FRAME_BYTES: usize =
 /// 24-byte messages would otherwise be ~700 000 messages).
 pub const MAX_BATCH_MESSAGES: u32 = 65_536;
 
+/// Longest topic name, in bytes: RocketMQ's `TOPIC_MAX_LENGTH`. A topic name is a directory
+/// name (`consumequeue/<topic>/`) and travels in every record header, so the bound is one
+/// rule for the wire, the topic table and storage. It leaves 120 bytes for the group in the
+/// internal `%RETRY%<group>` and `%DLQ%<group>` topics that consumer groups will create.
+pub const MAX_TOPIC_NAME_BYTES: usize = 127;
+
+/// The one topic-name rule, applied by the topic table (creates, and the table read at start)
+/// and by storage (every append): 1 to [`MAX_TOPIC_NAME_BYTES`] bytes of ASCII letters, digits
+/// and `_ - . %`, and not `.` or `..`. The `%` is for RocketMQ-style internal names
+/// (`%RETRY%<group>`, `%DLQ%<group>`). RocketMQ's `|` is not allowed: it has no use here and a
+/// topic name is a directory name an operator types in a shell. `Err` says why, for the
+/// refusal sent to the client.
+pub fn validate_topic_name(name: &str) -> Result<(), &'static str> {
+    const _: () = assert!(MAX_TOPIC_NAME_BYTES == 127, "update the message below");
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > MAX_TOPIC_NAME_BYTES {
+        return Err("it is longer than 127 bytes");
+    }
+    if name == "." || name == ".." {
+        return Err("it is a directory alias");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'%'))
+    {
+        return Err("only letters, digits and _ - . % are allowed");
+    }
+    Ok(())
+}
+
 /// Batches of one queue an idempotent producer may have sent and not yet seen acknowledged,
 /// and so the batches per producer and queue the broker remembers for de-duplication. Shared
 /// by both sides so that every batch a producer may retry is still in the broker's window: a
@@ -79,3 +111,23 @@ pub const HEADER_VERIFIER: VerifierOptions = VerifierOptions {
     max_apparent_size: 4 * MAX_HEADER_BYTES as usize,
     ignore_missing_null_terminator: false,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_one_rule() {
+        let longest = "t".repeat(MAX_TOPIC_NAME_BYTES);
+        let group = "g".repeat(MAX_TOPIC_NAME_BYTES - "%RETRY%".len());
+        for ok in ["orders", "a.b-c_d", "%DLQ%g1", longest.as_str()] {
+            assert_eq!(validate_topic_name(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(validate_topic_name(&format!("%RETRY%{group}")), Ok(()));
+        assert_eq!(validate_topic_name(&format!("%DLQ%{group}")), Ok(()));
+        let too_long = "t".repeat(MAX_TOPIC_NAME_BYTES + 1);
+        for bad in ["", ".", "..", "a|b", "a b", "a/b", "é", too_long.as_str()] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_lite::future;
 
 use crate::replication::epoch::EpochError;
-use crate::shard::ShardContext;
+use crate::replication::state::Replication;
 
 /// How often a moved confirmed position is saved.
 pub const SAVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -56,37 +56,37 @@ fn save_blocking(shard_dir: &Path, pos: u64) -> std::io::Result<()> {
 }
 
 /// Saves the confirmed position if it moved since the last save (on the blocking pool).
-pub async fn save_if_moved(ctx: &ShardContext) {
-    let pos = ctx.confirmed();
-    if pos == ctx.confirmed_saved() {
+pub async fn save_if_moved(repl: &Replication) {
+    let pos = repl.confirmed();
+    if pos == repl.confirmed_saved() {
         return;
     }
-    let dir = ctx.shard_dir();
+    let dir = repl.ctx.shard_dir();
     let shown = dir.display().to_string();
     match glommio::executor()
         .spawn_blocking(move || save_blocking(&dir, pos))
         .await
     {
-        Ok(()) => ctx.set_confirmed_saved(pos),
+        Ok(()) => repl.set_confirmed_saved(pos),
         Err(e) => log::warn!(
             "shard {}: cannot save the confirmed position in {shown}: {e}",
-            ctx.shard
+            repl.ctx.shard
         ),
     }
 }
 
 /// Saves the confirmed position as it moves, until shutdown (the last save is the shard's,
 /// at its clean stop).
-pub async fn keep_saved(ctx: Rc<ShardContext>) {
-    while !ctx.is_shutting_down() {
+pub async fn keep_saved(repl: Rc<Replication>) {
+    while !repl.ctx.is_shutting_down() {
         future::or(
             glommio::timer::sleep(SAVE_INTERVAL),
-            ctx.shutdown_requested(),
+            repl.ctx.shutdown_requested(),
         )
         .await;
-        if ctx.is_shutting_down() {
+        if repl.ctx.is_shutting_down() {
             break;
         }
-        save_if_moved(&ctx).await;
+        save_if_moved(&repl).await;
     }
 }

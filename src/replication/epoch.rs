@@ -45,10 +45,7 @@ pub enum EpochError {
     },
 }
 
-/// Bits of an epoch that hold the minting node's id.
-pub const NODE_BITS: u32 = 24;
-/// The largest node id.
-pub const NODE_ID_MAX: u32 = (1 << NODE_BITS) - 1;
+pub use crate::config::replication::{NODE_BITS, NODE_ID_MAX};
 
 /// The epoch of `term` minted by `node`.
 pub fn pack(term: u64, node: u32) -> u64 {

@@ -17,7 +17,7 @@
 //!
 //! A failed round is retried with backoff (100 ms doubling to 2 s); a refusal (layout
 //! mismatch, fencing) is logged as an error and retried slowly, since only an operator can fix
-//! it. A promotion ends the loop (see `server::handlers::promote`).
+//! it. A promotion ends the loop (see `replication::promotion`).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -32,26 +32,29 @@ use crate::protocol::{
 };
 use crate::replication::epoch::EpochHistory;
 use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
+use crate::replication::state::Replication;
 use crate::replication::ReplicationError;
-use crate::shard::ShardContext;
 use crate::storage::{FlushMode, LogPosition, ShardStore};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const TOPIC_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Follows the master until this shard is promoted or the broker shuts down.
-pub async fn follow(ctx: Rc<ShardContext>) {
-    let Some(master) = ctx.config.master.clone() else {
-        log::error!("shard {}: role slave without a master address", ctx.shard);
+pub async fn follow(repl: Rc<Replication>) {
+    let Some(master) = repl.ctx.config.replication.master.clone() else {
+        log::error!(
+            "shard {}: role slave without a master address",
+            repl.ctx.shard
+        );
         return;
     };
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
-    while ctx.following() {
-        let id = ctx.tracker().begin_session(1);
-        let outcome = follow_once(&ctx, id, &master).await;
-        ctx.tracker().end_session(id);
-        if !ctx.following() {
+    while repl.following() {
+        let id = repl.tracker().begin_session(1);
+        let outcome = follow_once(&repl, id, &master).await;
+        repl.tracker().end_session(id);
+        if !repl.following() {
             break;
         }
         match outcome {
@@ -62,9 +65,9 @@ pub async fn follow(ctx: Rc<ShardContext>) {
                 if msg != last_error {
                     match e {
                         ReplicationError::Refused { .. } => {
-                            log::error!("shard {}: {msg}", ctx.shard)
+                            log::error!("shard {}: {msg}", repl.ctx.shard)
                         }
-                        _ => log::warn!("shard {}: {msg}; retrying", ctx.shard),
+                        _ => log::warn!("shard {}: {msg}; retrying", repl.ctx.shard),
                     }
                     last_error = msg;
                 }
@@ -75,14 +78,14 @@ pub async fn follow(ctx: Rc<ShardContext>) {
         }
         let wait = glommio::timer::sleep(backoff);
         future::or(wait, async {
-            while ctx.following() {
+            while repl.following() {
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         })
         .await;
         backoff = (backoff * 2).min(Duration::from_secs(2)).max(backoff);
     }
-    log::info!("shard {}: stopped following {master}", ctx.shard);
+    log::info!("shard {}: stopped following {master}", repl.ctx.shard);
 }
 
 /// `host:port` to one socket address. glommio's `TcpStream::connect` with a name looks it up
@@ -222,7 +225,7 @@ impl Link {
 }
 
 async fn follow_once(
-    ctx: &Rc<ShardContext>,
+    repl: &Rc<Replication>,
     id: u64,
     master: &str,
 ) -> Result<(), ReplicationError> {
@@ -232,35 +235,35 @@ async fn follow_once(
         (Response::BrokerInfo(info), _) => info,
         (other, _) => return Err(control.protocol(format!("BrokerInfo answered with {other:?}"))),
     };
-    if info.shards as usize != ctx.shards {
+    if info.shards as usize != repl.ctx.shards {
         return Err(ReplicationError::Refused {
             peer: master.to_string(),
             detail: format!(
                 "the master has {} shards and this slave {}; run both with the same --cores",
-                info.shards, ctx.shards
+                info.shards, repl.ctx.shards
             ),
         });
     }
-    let Some(address) = info.shard_addresses.get(ctx.shard).cloned() else {
+    let Some(address) = info.shard_addresses.get(repl.ctx.shard).cloned() else {
         return Err(control.protocol("BrokerInfo lists no address for our shard"));
     };
-    if ctx.shard == 0 {
-        sync_topics(ctx, &mut control).await?;
+    if repl.ctx.shard == 0 {
+        sync_topics(repl, &mut control).await?;
     }
 
     // 2. Agree on where to start.
-    let store = ctx.store();
+    let store = repl.ctx.store();
     let w = store.watermarks();
     let our_end = w.appended.0;
     let mut link = Link::connect(&address).await?;
     let request = Request::ReplFollow(ReplFollowRequest {
-        shard: ctx.shard as u32,
-        shards: ctx.shards as u32,
-        segment_bytes: ctx.config.segment_bytes,
+        shard: repl.ctx.shard as u32,
+        shards: repl.ctx.shards as u32,
+        segment_bytes: repl.ctx.config.storage.segment_bytes,
         log_end: our_end,
-        epochs: ctx.epochs().entries().to_vec(),
+        epochs: repl.epochs().entries().to_vec(),
         log_durable: w.durable.0,
-        node_id: ctx.node_id(),
+        node_id: repl.node_id(),
     });
     let answer = match link.call(request).await? {
         (Response::ReplFollowing(a), _) => a,
@@ -275,37 +278,37 @@ async fn follow_once(
             answer.start
         )));
     }
-    if history.current() < ctx.epoch() {
+    if history.current() < repl.epoch() {
         return Err(ReplicationError::Refused {
             peer: address,
             detail: format!(
                 "the master's epoch {} is older than ours {}: it was superseded",
                 history.current(),
-                ctx.epoch()
+                repl.epoch()
             ),
         });
     }
     if answer.start < our_end {
         log::warn!(
             "shard {}: our log diverged from the master's at {}; truncating {} bytes",
-            ctx.shard,
+            repl.ctx.shard,
             answer.start,
             our_end - answer.start
         );
-        truncate_store(ctx, answer.start).await?;
+        truncate_store(repl, answer.start).await?;
     }
-    ctx.set_epochs(history).await?;
-    let store = ctx.store();
+    repl.set_epochs(history).await?;
+    let store = repl.ctx.store();
     let w = store.watermarks();
     let start = w.appended.0;
-    ctx.tracker()
+    repl.tracker()
         .streaming(id, start, w.durable.0, answer.master_end);
-    ctx.tracker().note_end(answer.master_end);
+    repl.tracker().note_end(answer.master_end);
     log::info!(
         "shard {}: following {address} from {start} (master log ends at {}, epoch {})",
-        ctx.shard,
+        repl.ctx.shard,
         answer.master_end,
-        ctx.epoch()
+        repl.epoch()
     );
 
     // 3. Stream.
@@ -318,12 +321,13 @@ async fn follow_once(
     } = link;
     // Our own SYNC_FLUSH means "sync what arrives" as it does for produce requests (nothing
     // else would ask our flusher to); a master that waits for durable acks needs the same.
-    let eager_sync = answer.want_durable || ctx.config.flush_mode == FlushMode::SyncFlush;
-    let acks = glommio::spawn_local(send_acks(ctx.clone(), id, writer, eager_sync));
-    let topics = (ctx.shard == 0)
-        .then(|| glommio::spawn_local(keep_topics_synced(ctx.clone(), id, control)));
-    let result = receive(ctx, id, &peer, &mut reader, buf).await;
-    ctx.tracker().end_session(id);
+    let eager_sync =
+        answer.want_durable || repl.ctx.config.storage.flush_mode == FlushMode::SyncFlush;
+    let acks = glommio::spawn_local(send_acks(repl.clone(), id, writer, eager_sync));
+    let topics = (repl.ctx.shard == 0)
+        .then(|| glommio::spawn_local(keep_topics_synced(repl.clone(), id, control)));
+    let result = receive(repl, id, &peer, &mut reader, buf).await;
+    repl.tracker().end_session(id);
     let _ = acks.await;
     if let Some(t) = topics {
         let _ = t.await;
@@ -333,7 +337,7 @@ async fn follow_once(
 
 /// Appends what the master sends until the link fails or the session ends.
 async fn receive(
-    ctx: &Rc<ShardContext>,
+    repl: &Rc<Replication>,
     id: u64,
     peer: &str,
     reader: &mut ReadHalf<TcpStream>,
@@ -343,7 +347,7 @@ async fn receive(
         peer: peer.to_string(),
         detail,
     };
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     let mut chunk = vec![0u8; 256 << 10];
     loop {
         while let Some(frame) = Frame::decode(&mut buf).map_err(|e| protocol(e.to_string()))? {
@@ -357,22 +361,22 @@ async fn receive(
             tracker.note_end(data.master_end);
             // Reads stop at what the master confirmed (the store also keeps them below our
             // durable mark): the rest may still be truncated if the master fails over.
-            ctx.confirm_up_to(data.confirmed);
+            repl.confirm_up_to(data.confirmed);
             if !frame.body.is_empty() {
-                let store = ctx.store();
+                let store = repl.ctx.store();
                 let (end, topics) = store
                     .append_replicated(LogPosition(data.position), &frame.body)
                     .await?;
-                if topics.iter().any(|t| ctx.topic(t).is_none()) {
+                if topics.iter().any(|t| repl.ctx.topic(t).is_none()) {
                     // Before acknowledging, so a caught-up slave always knows its topics (and
                     // a promoted one can serve them).
-                    request_topic_sync(ctx).await;
+                    request_topic_sync(repl).await;
                 }
                 tracker.note_end(end.0.max(data.master_end));
                 tracker.on_progress(id, end.0, store.watermarks().durable.0);
             }
         }
-        if !tracker.is_current(id) || !ctx.following() {
+        if !tracker.is_current(id) || !repl.following() {
             return Ok(());
         }
         let read = async {
@@ -382,7 +386,7 @@ async fn receive(
         };
         // Wake up for a promotion or shutdown without waiting for the master.
         let stop = async {
-            while tracker.is_current(id) && ctx.following() {
+            while tracker.is_current(id) && repl.following() {
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
             Ok(None)
@@ -405,19 +409,19 @@ async fn receive(
 /// Acknowledges progress as it happens (and at least every heartbeat); with `eager_sync`,
 /// also asks our flusher to make what arrived durable at once (group-committed).
 async fn send_acks(
-    ctx: Rc<ShardContext>,
+    repl: Rc<Replication>,
     id: u64,
     mut writer: WriteHalf<TcpStream>,
     eager_sync: bool,
 ) {
-    let tracker = ctx.tracker();
+    let tracker = repl.tracker();
     let mut sent = (u64::MAX, u64::MAX);
     let mut out = BytesMut::new();
     let syncer = eager_sync.then(|| {
-        let ctx = ctx.clone();
+        let repl = repl.clone();
         glommio::spawn_local(async move {
-            while ctx.tracker().is_current(id) {
-                let store = ctx.store();
+            while repl.tracker().is_current(id) {
+                let store = repl.ctx.store();
                 let w = store.watermarks();
                 if w.durable < w.appended {
                     if store.wait_durable(w.appended).await.is_err() {
@@ -434,7 +438,7 @@ async fn send_acks(
         })
     });
     while tracker.is_current(id) {
-        let store = ctx.store();
+        let store = repl.ctx.store();
         let w = store.watermarks();
         let now = (w.appended.0, w.durable.0);
         tracker.on_progress(id, now.0, now.1);
@@ -471,28 +475,35 @@ async fn send_acks(
 }
 
 /// Closes the store, truncates its log to `at` and reopens it.
-async fn truncate_store(ctx: &Rc<ShardContext>, at: u64) -> Result<(), ReplicationError> {
-    let old = ctx.store();
+async fn truncate_store(repl: &Rc<Replication>, at: u64) -> Result<(), ReplicationError> {
+    let old = repl.ctx.store();
     old.close().await?;
-    let (store, report) =
-        ShardStore::open_truncated(&ctx.shard_dir(), ctx.config.storage(), LogPosition(at)).await?;
-    log::warn!("shard {}: reopened after truncation: {report}", ctx.shard);
-    ctx.set_store(store);
+    let (store, report) = ShardStore::open_truncated(
+        &repl.ctx.shard_dir(),
+        repl.ctx.config.storage.clone(),
+        LogPosition(at),
+    )
+    .await?;
+    log::warn!(
+        "shard {}: reopened after truncation: {report}",
+        repl.ctx.shard
+    );
+    repl.ctx.set_store(store);
     // What was confirmed beyond `at` belonged to the diverged history: the records written
     // there next are confirmed only when the new master says so.
-    ctx.truncated_to(at);
+    repl.truncated_to(at);
     Ok(())
 }
 
 /// Creates locally every topic the master has (shard 0 is the topic table's writer).
-async fn sync_topics(ctx: &Rc<ShardContext>, control: &mut Link) -> Result<(), ReplicationError> {
+async fn sync_topics(repl: &Rc<Replication>, control: &mut Link) -> Result<(), ReplicationError> {
     let topics = match control.call(Request::ListTopics).await? {
         (Response::Topics(t), _) => t,
         (other, _) => return Err(control.protocol(format!("ListTopics answered with {other:?}"))),
     };
     for t in topics {
-        if ctx.topic(&t.name).map(|m| m.queues) != Some(t.queues) {
-            crate::server::handlers::create_topic(ctx, &t.name, t.queues)
+        if repl.ctx.topic(&t.name).map(|m| m.queues) != Some(t.queues) {
+            crate::shard::topic_writes::create_topic(&repl.ctx, &t.name, t.queues)
                 .await
                 .map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
         }
@@ -501,28 +512,32 @@ async fn sync_topics(ctx: &Rc<ShardContext>, control: &mut Link) -> Result<(), R
 }
 
 /// Has shard 0 copy the master's topic table now; waits until it did (or failed).
-async fn request_topic_sync(ctx: &Rc<ShardContext>) {
-    if ctx.shard == 0 {
-        sync_topics_now(ctx).await;
+async fn request_topic_sync(repl: &Rc<Replication>) {
+    if repl.ctx.shard == 0 {
+        sync_topics_now(repl).await;
         return;
     }
-    if let Err(e) = ctx
+    if let Err(e) = repl
+        .ctx
         .mesh
         .call(0, crate::shard::mesh::MeshRequest::SyncTopics)
         .await
     {
-        log::warn!("shard {}: asking shard 0 for a topic sync: {e}", ctx.shard);
+        log::warn!(
+            "shard {}: asking shard 0 for a topic sync: {e}",
+            repl.ctx.shard
+        );
     }
 }
 
 /// Shard 0: copies the master's topic table over a fresh control connection.
-pub async fn sync_topics_now(ctx: &Rc<ShardContext>) {
-    let Some(master) = ctx.config.master.clone() else {
+pub async fn sync_topics_now(repl: &Rc<Replication>) {
+    let Some(master) = repl.ctx.config.replication.master.clone() else {
         return;
     };
     let r = async {
         let mut link = Link::connect(&master).await?;
-        sync_topics(ctx, &mut link).await
+        sync_topics(repl, &mut link).await
     }
     .await;
     if let Err(e) = r {
@@ -530,17 +545,17 @@ pub async fn sync_topics_now(ctx: &Rc<ShardContext>) {
     }
 }
 
-async fn keep_topics_synced(ctx: Rc<ShardContext>, id: u64, mut control: Link) {
-    while ctx.tracker().is_current(id) {
+async fn keep_topics_synced(repl: Rc<Replication>, id: u64, mut control: Link) {
+    while repl.tracker().is_current(id) {
         // Short naps, so the end of the session does not wait for a whole interval.
         let started = std::time::Instant::now();
-        while started.elapsed() < TOPIC_SYNC_INTERVAL && ctx.tracker().is_current(id) {
+        while started.elapsed() < TOPIC_SYNC_INTERVAL && repl.tracker().is_current(id) {
             glommio::timer::sleep(Duration::from_millis(20)).await;
         }
-        if !ctx.tracker().is_current(id) {
+        if !repl.tracker().is_current(id) {
             break;
         }
-        if let Err(e) = sync_topics(&ctx, &mut control).await {
+        if let Err(e) = sync_topics(&repl, &mut control).await {
             log::debug!("shard 0: topic sync: {e}");
             // The stream decides whether the master is gone; reconnect the control link.
             match Link::connect(&control.peer).await {

@@ -3,7 +3,7 @@
 //!
 //! Every [`PEER_WATCH_INTERVAL`] the master asks its peer for its shards' replication state.
 //! - The peer's shard is a master of a newer epoch: this shard was superseded. It fences
-//!   itself at once ([`ShardContext::fence_superseded`]): pending produce requests fail, new
+//!   itself at once ([`Replication::fence_superseded`]): pending produce requests fail, new
 //!   ones get NOT_MASTER naming the peer, the follower stream ends.
 //! - The peer answers otherwise (a slave, or an older master that will fence itself): a
 //!   start-up fence ([`crate::shard::context::Fence::PeerUnheard`]) is lifted.
@@ -16,28 +16,28 @@ use futures_lite::future;
 
 use crate::protocol::{ReplicaStats, Request, Response};
 use crate::replication::follower::Link;
+use crate::replication::state::Replication;
 use crate::replication::{ReplicationError, Role};
-use crate::shard::ShardContext;
 
 /// How often a master asks its peer.
 pub const PEER_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Watches the peer until shutdown or until this shard is superseded.
-pub async fn watch_peer(ctx: Rc<ShardContext>) {
-    let Some(peer) = ctx.config.pair_peer().map(str::to_string) else {
+pub async fn watch_peer(repl: Rc<Replication>) {
+    let Some(peer) = repl.ctx.config.replication.pair_peer().map(str::to_string) else {
         return;
     };
-    while !ctx.is_shutting_down() && !ctx.is_superseded() {
-        if ctx.role() == Role::Master {
-            match peer_master_epoch(&ctx, &peer).await {
-                Ok(Some(epoch)) if epoch > ctx.epoch() => ctx.fence_superseded(epoch, &peer),
-                Ok(_) => ctx.peer_heard(),
-                Err(e) => log::debug!("shard {}: peer {peer}: {e}", ctx.shard),
+    while !repl.ctx.is_shutting_down() && !repl.is_superseded() {
+        if repl.role() == Role::Master {
+            match peer_master_epoch(&repl, &peer).await {
+                Ok(Some(epoch)) if epoch > repl.epoch() => repl.fence_superseded(epoch, &peer),
+                Ok(_) => repl.peer_heard(),
+                Err(e) => log::debug!("shard {}: peer {peer}: {e}", repl.ctx.shard),
             }
         }
         future::or(
             glommio::timer::sleep(PEER_WATCH_INTERVAL),
-            ctx.shutdown_requested(),
+            repl.ctx.shutdown_requested(),
         )
         .await;
     }
@@ -45,13 +45,13 @@ pub async fn watch_peer(ctx: Rc<ShardContext>) {
 
 /// The epoch of the peer's shard if it is a master, `None` if it is not.
 async fn peer_master_epoch(
-    ctx: &ShardContext,
+    repl: &Replication,
     peer: &str,
 ) -> Result<Option<u64>, ReplicationError> {
     let mut link = Link::connect(peer).await?;
     match link.call(Request::BrokerStats).await? {
         (Response::BrokerStats(shards), _) => Ok(shards
-            .get(ctx.shard)
+            .get(repl.ctx.shard)
             .map(|s| &s.replication)
             .filter(|r| r.role == ReplicaStats::ROLE_MASTER)
             .map(|r| r.epoch)),

@@ -36,6 +36,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
+use crate::broker::Services;
 use crate::protocol::{self, ErrorCode, Frame, Request, WireError};
 use crate::server::bounds::{self, ByteBudget, ServerStats, ShardBudget};
 use crate::server::handlers;
@@ -48,12 +49,13 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const IDLE_READ_CHUNK_BYTES: usize = 4 << 10;
 
 pub async fn serve(
-    ctx: Rc<ShardContext>,
+    services: Rc<Services>,
     stream: TcpStream,
     stop: Rc<Semaphore>,
     stats: Arc<ServerStats>,
     shard: Rc<ShardBudget>,
 ) {
+    let ctx = services.shard.clone();
     ctx.connection_opened();
     let _ = stream.set_nodelay(true);
     // For the replication handshake: only the configured peer may follow.
@@ -65,6 +67,7 @@ pub async fn serve(
     let mut buf = BytesMut::new();
     let conn = Conn {
         ctx: &ctx,
+        services: &services,
         outbox: &outbox,
         budget: &budget,
         stop: &stop,
@@ -90,7 +93,7 @@ pub async fn serve(
         (Some((request_id, req)), Some(writer)) => {
             // The connection becomes a replication stream (see replication/master.rs).
             crate::replication::master::serve_follower(
-                ctx.clone(),
+                services.replication.clone(),
                 request_id,
                 *req,
                 remote,
@@ -101,11 +104,37 @@ pub async fn serve(
             .await;
         }
         (None, Some(mut writer)) => {
+            // Half-close, then read until the client closes (bounded): closing the socket
+            // with a client's bytes unread would send an RST, and an RST makes the client's
+            // kernel drop the responses it has not read yet — the very answers (an error
+            // reply, NOT_MASTER) that say why it is being disconnected.
             let _ = writer.close().await;
+            linger(&mut reader).await;
         }
         _ => {}
     }
     ctx.connection_closed();
+}
+
+/// Longest a closing connection waits for the client to close its side.
+const LINGER_MS: u64 = 2_000;
+/// Most bytes a closing connection reads and throws away while it waits.
+const LINGER_MAX_BYTES: usize = 1 << 20;
+
+/// Reads and discards until the peer closes, `LINGER_MS` pass or `LINGER_MAX_BYTES` arrive.
+async fn linger(reader: &mut ReadHalf<TcpStream>) {
+    let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
+    let mut discarded = 0;
+    let _ = glommio::timer::timeout(Duration::from_millis(LINGER_MS), async {
+        while discarded < LINGER_MAX_BYTES {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// The connection's in-flight budget: requests being handled, and bytes held for it.
@@ -119,15 +148,15 @@ struct Budget {
 
 impl Budget {
     fn new(ctx: &ShardContext, shard: Rc<ShardBudget>) -> Budget {
-        let max_requests = u64::from(ctx.config.max_inflight_requests_per_connection);
+        let max_requests = u64::from(ctx.config.server.max_inflight_requests_per_connection);
         Budget {
             requests: Rc::new(Semaphore::new(max_requests)),
             max_requests,
             bytes: ByteBudget::with_shard(
-                ctx.config.max_inflight_bytes_per_connection,
+                ctx.config.server.max_inflight_bytes_per_connection,
                 Some(shard),
             ),
-            max_record_bytes: ctx.config.storage().max_record_bytes,
+            max_record_bytes: ctx.config.storage.max_record_bytes,
         }
     }
 
@@ -160,7 +189,7 @@ impl std::fmt::Display for Closed {
             Closed::PeerGone => write!(f, "a response could not be written"),
             Closed::BadFrame(e) => write!(f, "bad frame: {e}"),
             Closed::PartialFrameTimeout => write!(f, "frame not complete by its deadline"),
-            Closed::Shutdown => write!(f, "broker shutting down"),
+            Closed::Shutdown => write!(f, "closed by the listener (shutdown, or superseded)"),
             Closed::Replication(..) => write!(f, "handed to replication"),
         }
     }
@@ -169,6 +198,7 @@ impl std::fmt::Display for Closed {
 /// What the reading side of one connection works with.
 struct Conn<'a> {
     ctx: &'a Rc<ShardContext>,
+    services: &'a Rc<Services>,
     outbox: &'a Rc<Outbox>,
     budget: &'a Rc<Budget>,
     stop: &'a Rc<Semaphore>,
@@ -223,7 +253,7 @@ impl Conn<'_> {
     ) -> Result<(), Closed> {
         let mut first = true;
         let mut chunk = vec![0u8; IDLE_READ_CHUNK_BYTES];
-        let frame_timeout = Duration::from_millis(self.ctx.config.partial_frame_timeout_ms);
+        let frame_timeout = Duration::from_millis(self.ctx.config.server.partial_frame_timeout_ms);
         // When the frame now at the front of `buf` must be complete.
         let mut frame_deadline: Option<Instant> = None;
         loop {
@@ -405,13 +435,13 @@ impl Conn<'_> {
         budget.bytes.charge(reserved);
         self.stats.note_budget(budget.bytes.used());
         let oneway = frame.flags.is_oneway();
-        let ctx = self.ctx.clone();
+        let services = self.services.clone();
         let outbox = self.outbox.clone();
         let budget = budget.clone();
         let stats = self.stats.clone();
         stats.request_started();
         glommio::spawn_local(async move {
-            let response = handlers::handle_request(&ctx, frame, request).await;
+            let response = handlers::handle_request(&services, frame, request).await;
             // Swap the reservation for the real size; no await in between, so the reader
             // cannot slip into the gap.
             budget.bytes.release(reserved);

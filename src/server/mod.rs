@@ -1,17 +1,21 @@
-//! The network side of a shard.
+//! A running broker: the shard executors, each shard's listener and connections, and the
+//! dispatcher that hands requests to the services in `broker/`.
 //!
 //! # Layout
+//! - [`executor`]: starting, pinning and stopping the executors (one per shard), wiring each
+//!   shard's context, replication and services; the embedded [`Broker`] handle.
 //! - [`listener`]: the accept loop of one shard's port.
 //! - [`bounds`]: what one connection may make the broker hold (its byte budget, the
 //!   reservation for each response) and the per-listener counters that show it.
 //! - [`connection`]: one client connection: a short loop around the sans-io codec, pipelined
 //!   requests under an in-flight budget, responses batched into one write.
-//! - [`handlers`]: what each request does, including forwarding to the owning shard.
-//! - [`error`]: `HandlerError`, the server's error type, and how each lower-layer error maps to
-//!   a stable wire `ErrorCode`.
+//! - [`handlers`]: the dispatcher: decode, forward to the owning shard, call a `broker/`
+//!   service, encode.
 
 pub mod bounds;
 pub mod connection;
-pub mod error;
+pub mod executor;
 pub mod handlers;
 pub mod listener;
+
+pub use executor::{run_until_signalled, Broker, BrokerError};

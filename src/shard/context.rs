@@ -1,4 +1,7 @@
-//! What one shard owns. Lives on its executor's thread, shared by its tasks through `Rc`.
+//! What one shard owns: its store, its place in the mesh, the topic table it has seen, its
+//! connections and the shutdown flag. Lives on its executor's thread, shared by its tasks
+//! through `Rc`. Replication state (role, epochs, fencing) is kept apart, in
+//! `replication::Replication`, which builds on this.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,25 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::replication::epoch::EpochHistory;
-use crate::replication::master::ReplicaTracker;
-use crate::replication::{ReplicationMode, Role};
 use crate::shard::mesh::Mesh;
 use crate::shard::router::shard_of;
 use crate::shard::topics::{TopicMeta, TopicTable};
-use crate::storage::{LogPosition, ShardStore};
-
-/// Why a master takes no writes although its role is master.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fence {
-    /// Started with a peer configured that did not answer (and no `--force-master`): the peer
-    /// may have been promoted meanwhile. Lifted once the peer answers as a slave or an older
-    /// master, or follows us.
-    PeerUnheard { peer: String },
-    /// A newer epoch exists (heard at a handshake or from the peer): another broker is the
-    /// master. Final until this broker restarts (as a slave of `master`).
-    Superseded { epoch: u64, master: String },
-}
+use crate::storage::ShardStore;
 
 pub struct ShardContext {
     /// This shard's index, 0-based.
@@ -35,28 +23,6 @@ pub struct ShardContext {
     /// Replaced only when a replica truncates its log (close, truncate, reopen).
     store: RefCell<ShardStore>,
     pub mesh: Mesh,
-    /// Master or slave; a promotion turns a slave into a master at run time.
-    role: Cell<Role>,
-    /// This shard's log history (see `replication/epoch.rs`).
-    epochs: RefCell<EpochHistory>,
-    /// Replication progress (master: the follower's acks; slave: the link to the master).
-    tracker: ReplicaTracker,
-    /// SYNC_MASTER: consumers see at least the log as it was when this shard became master
-    /// (what it had then was acknowledged under the previous term), and beyond that only what
-    /// the slave has.
-    visible_floor: Cell<u64>,
-    /// Set by a promotion: the follower stops before the new epoch starts.
-    stop_following: Cell<bool>,
-    /// A master that must not take writes (see [`Fence`]).
-    fence: RefCell<Option<Fence>>,
-    /// The confirmed position last saved to `<shard dir>/confirmed`.
-    confirmed_saved: Cell<u64>,
-    /// Slave: the task following the master.
-    pub follower: RefCell<Option<glommio::task::JoinHandle<()>>>,
-    /// Where a master streams its log to a follower: a task queue with a quarter of the
-    /// default queue's shares, so a follower catching up a large backlog gets at most about a
-    /// fifth of the core while produce requests are waiting.
-    pub replication_queue: glommio::TaskQueueHandle,
     /// `host:port` clients should dial for each shard, by shard index.
     pub addresses: Arc<Vec<String>>,
     /// Set by a signal handler or `Broker::stop`; every shard polls it.
@@ -91,22 +57,9 @@ impl ShardContext {
         ShardContext {
             shard,
             shards,
-            role: Cell::new(config.role),
             config,
             store: RefCell::new(store),
             mesh,
-            epochs: RefCell::new(EpochHistory::default()),
-            tracker: ReplicaTracker::default(),
-            visible_floor: Cell::new(0),
-            stop_following: Cell::new(false),
-            fence: RefCell::new(None),
-            confirmed_saved: Cell::new(0),
-            follower: RefCell::new(None),
-            replication_queue: glommio::executor().create_task_queue(
-                glommio::Shares::Static(250),
-                glommio::Latency::NotImportant,
-                "replication",
-            ),
             addresses,
             shutdown,
             topics: RefCell::new(topics),
@@ -121,215 +74,19 @@ impl ShardContext {
         self.store.borrow().clone()
     }
 
+    /// Replaces the store (a replica reopening after a truncation); the append hook carries
+    /// over, so whoever listens to appends keeps hearing them.
     pub fn set_store(&self, store: ShardStore) {
+        store.set_append_hook(self.store.borrow().append_hook());
         *self.store.borrow_mut() = store;
     }
 
     /// `<data>/shard-<n>`.
     pub fn shard_dir(&self) -> std::path::PathBuf {
-        self.config.data_dir.join(format!("shard-{}", self.shard))
-    }
-
-    pub fn role(&self) -> Role {
-        self.role.get()
-    }
-
-    /// The current epoch (without copying the history).
-    pub fn epoch(&self) -> u64 {
-        self.epochs.borrow().current()
-    }
-
-    pub fn epochs(&self) -> EpochHistory {
-        self.epochs.borrow().clone()
-    }
-
-    /// The history read from disk at start.
-    pub fn load_epochs(&self, epochs: EpochHistory) {
-        *self.epochs.borrow_mut() = epochs;
-    }
-
-    /// Saves `epochs` to the shard's epoch file, then uses it. The file write and its fsyncs
-    /// run on the blocking pool: they would stall every ack of this shard on the executor.
-    pub async fn set_epochs(
-        &self,
-        epochs: EpochHistory,
-    ) -> Result<(), crate::replication::epoch::EpochError> {
-        let dir = self.shard_dir();
-        let to_save = epochs.clone();
-        glommio::executor()
-            .spawn_blocking(move || to_save.save(&dir))
-            .await?;
-        *self.epochs.borrow_mut() = epochs;
-        Ok(())
-    }
-
-    /// Whether the follower should go on (a slave not being promoted).
-    pub fn following(&self) -> bool {
-        self.role.get() == Role::Slave && !self.stop_following.get() && !self.is_shutting_down()
-    }
-
-    pub fn stop_following(&self) {
-        self.stop_following.set(true);
-    }
-
-    pub fn tracker(&self) -> &ReplicaTracker {
-        &self.tracker
-    }
-
-    /// This broker's node id (resolved at start; see `epoch::node_id`).
-    pub fn node_id(&self) -> u32 {
-        self.config.node_id.unwrap_or(1)
-    }
-
-    /// Becomes master: a new epoch starting at the log end is made durable first, then writes
-    /// are taken. Returns the new epoch.
-    ///
-    /// `visible_from` is where SYNC_MASTER visibility starts: at start, the confirmed position
-    /// saved before the restart (what the slave had; the log beyond it was never shown);
-    /// at a promotion, the log end (this log is the truth now).
-    ///
-    /// Nothing is appended while the epoch file is written: the shard is not a master yet, and
-    /// its follower has stopped (promotion) or not started (start-up).
-    pub async fn become_master(
-        &self,
-        visible_from: u64,
-    ) -> Result<u64, crate::replication::epoch::EpochError> {
-        let store = self.store();
-        let end = store.watermarks().appended.0;
-        let mut epochs = self.epochs();
-        let epoch = epochs.begin(end, self.node_id());
-        self.set_epochs(epochs).await?;
-        debug_assert_eq!(
-            store.watermarks().appended.0,
-            end,
-            "appended while becoming master"
-        );
-        self.visible_floor.set(visible_from.min(end));
-        self.role.set(Role::Master);
-        if self.config.replication == ReplicationMode::SyncMaster {
-            self.raise_visible_cap();
-        } else {
-            store.set_visible_cap(None);
-        }
-        Ok(epoch)
-    }
-
-    /// SYNC_MASTER: let consumers see what the slave has acknowledged.
-    pub fn raise_visible_cap(&self) {
-        let acked = self.tracker.acked(self.config.replica_ack);
-        // Never lower: a slave that re-syncs from an earlier point must not hide what
-        // consumers may already have read.
-        let cap = acked.max(self.visible_floor.get());
-        self.visible_floor.set(cap);
-        self.store()
-            .set_visible_cap(Some(crate::storage::LogPosition(cap)));
-    }
-
-    /// Slave: the master confirmed everything below `confirmed`; serve reads only below it
-    /// (the store also keeps them below our own durable mark). Never lowered.
-    pub fn confirm_up_to(&self, confirmed: u64) {
-        let cap = confirmed.max(self.visible_floor.get());
-        self.visible_floor.set(cap);
-        self.store().set_visible_cap(Some(LogPosition(cap)));
-    }
-
-    /// Slave at start or after a truncation: reads stay below `confirmed` (saved before the
-    /// restart, or the truncation point) until the master says more.
-    pub fn start_confirmed_at(&self, confirmed: u64) {
-        self.visible_floor.set(confirmed);
-        self.store().set_visible_cap(Some(LogPosition(confirmed)));
-    }
-
-    /// Slave: the log was truncated at `at`; nothing beyond it is confirmed any more.
-    pub fn truncated_to(&self, at: u64) {
-        self.start_confirmed_at(self.visible_floor.get().min(at));
-    }
-
-    /// The position to save as confirmed: what consumers may see here.
-    pub fn confirmed(&self) -> u64 {
-        self.store().watermarks().visible.0
-    }
-
-    pub fn confirmed_saved(&self) -> u64 {
-        self.confirmed_saved.get()
-    }
-
-    pub fn set_confirmed_saved(&self, pos: u64) {
-        self.confirmed_saved.set(pos);
-    }
-
-    /// The fence, if this master takes no writes.
-    pub fn fence(&self) -> Option<Fence> {
-        self.fence.borrow().clone()
-    }
-
-    /// Whether a newer epoch was heard of: stop acking and streaming.
-    pub fn is_superseded(&self) -> bool {
-        matches!(*self.fence.borrow(), Some(Fence::Superseded { .. }))
-    }
-
-    /// Starts fenced until the peer is heard from (see [`Fence::PeerUnheard`]).
-    pub fn fence_until_peer_heard(&self, peer: &str) {
-        *self.fence.borrow_mut() = Some(Fence::PeerUnheard {
-            peer: peer.to_string(),
-        });
-    }
-
-    /// The peer answered and is no newer master: lift a start-up fence.
-    pub fn peer_heard(&self) {
-        let mut f = self.fence.borrow_mut();
-        if let Some(Fence::PeerUnheard { peer }) = &*f {
-            log::info!(
-                "shard {}: heard from the peer {peer}: not fenced any more, taking writes",
-                self.shard
-            );
-            *f = None;
-        }
-    }
-
-    /// A newer epoch exists: stop acking at once. Pending produce requests fail (their waits
-    /// are woken), new ones get NOT_MASTER naming `master`, and the follower stream ends.
-    pub fn fence_superseded(&self, epoch: u64, master: &str) {
-        if self.is_superseded() {
-            return;
-        }
-        log::error!(
-            "shard {}: FENCED: epoch {} at {master} is newer than ours {}; taking no more \
-             writes (restart this broker with --role slave --master {master})",
-            self.shard,
-            crate::replication::epoch::describe(epoch),
-            crate::replication::epoch::describe(self.epoch()),
-        );
-        *self.fence.borrow_mut() = Some(Fence::Superseded {
-            epoch,
-            master: master.to_string(),
-        });
-        self.tracker.set_fenced();
-    }
-
-    /// Why writes are refused (for NOT_MASTER), if they are.
-    pub fn fence_message(&self) -> Option<String> {
-        match &*self.fence.borrow() {
-            None => None,
-            Some(Fence::PeerUnheard { peer }) => Some(format!(
-                "this master is fenced (read-only): its peer {peer} has not answered since it \
-                 started, and the peer may be the master now; start it with --force-master to \
-                 take writes without the peer"
-            )),
-            Some(Fence::Superseded { epoch, master }) => Some(format!(
-                "this broker was superseded: the master is {master} (epoch {epoch}, newer than \
-                 ours {})",
-                self.epoch()
-            )),
-        }
-    }
-
-    /// " (its master is ADDR)" on a slave with a configured master, for error messages.
-    pub fn master_hint(&self) -> String {
-        match &self.config.master {
-            Some(m) if self.role() == Role::Slave => format!(" (its master is {m})"),
-            _ => String::new(),
-        }
+        self.config
+            .server
+            .data_dir
+            .join(format!("shard-{}", self.shard))
     }
 
     pub fn topics(&self) -> Arc<TopicTable> {

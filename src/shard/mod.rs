@@ -1,4 +1,5 @@
-//! Shards: one pinned glommio executor per core, each owning a slice of the queues.
+//! Shards: what each pinned executor owns (a slice of the queues), how requests find their
+//! shard, and how shards talk. Starting the executors is `server::executor`'s job.
 //!
 //! # Layout
 //! - [`router`]: `shard_of(topic, queue)`, the pure function that says which shard owns a queue.
@@ -6,8 +7,8 @@
 //!   single writer and pushes each new version to the other shards.
 //! - [`mesh`]: request/reply over glommio's bounded channel mesh, for requests that landed on
 //!   the wrong shard and for control-plane pushes.
+//! - [`topic_writes`]: shard 0 saving a new topic table and pushing it to every shard.
 //! - [`context`]: what one shard owns (its store, its view of the topics, its mesh end).
-//! - [`executor`]: starting, pinning and stopping the executors; the embedded [`Broker`] handle.
 //! - [`preflight`]: start-up checks that turn a machine that cannot run the broker into one
 //!   actionable line instead of a panic deep inside io_uring.
 //!
@@ -15,13 +16,12 @@
 //! own thread; the only cross-thread traffic is mesh messages.
 
 pub mod context;
-pub mod executor;
 pub mod mesh;
 pub mod preflight;
 pub mod router;
+pub mod topic_writes;
 pub mod topics;
 
 pub use context::ShardContext;
-pub use executor::{run_until_signalled, Broker, BrokerError};
 pub use router::shard_of;
 pub use topics::{TopicMeta, TopicTable};

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol;
+
 /// Queues per topic: enough to spread a topic over many cores and consumers, small enough that
 /// a route table fits one frame header.
 pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
-/// Topic names are used as directory names and travel in every record header.
-pub const MAX_TOPIC_NAME_BYTES: usize = 127;
 
 /// File name of the topic table inside the data dir.
 pub const TOPICS_FILE: &str = "topics.toml";
@@ -50,30 +50,12 @@ pub struct TopicTable {
     topics: BTreeMap<String, TopicMeta>,
 }
 
-/// Letters, digits and `_ - . %` (the `%` is for RocketMQ-style `%RETRY%group` names).
+/// The protocol's one topic-name rule ([`protocol::validate_topic_name`]).
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
-    let bad = |reason| {
-        Err(TopicError::InvalidName {
-            name: name.to_string(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_TOPIC_NAME_BYTES {
-        return bad("it is longer than 127 bytes");
-    }
-    if name == "." || name == ".." {
-        return bad("it is a directory alias");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'%'))
-    {
-        return bad("only letters, digits and _ - . % are allowed");
-    }
-    Ok(())
+    protocol::validate_topic_name(name).map_err(|reason| TopicError::InvalidName {
+        name: name.to_string(),
+        reason,
+    })
 }
 
 impl TopicTable {

@@ -1,5 +1,5 @@
 //! The file I/O the log needs, as a trait, so the same log code runs on real O_DIRECT files
-//! ([`DmaBackend`]) and on a simulated disk that can crash ([`crate::storage::sim::SimBackend`]).
+//! ([`DmaBackend`]) and on a simulated disk that can crash (`SimBackend`, in `sim.rs`).
 //!
 //! Contract of an implementation: `write_at` positions and lengths are multiples of
 //! [`BLOCK_BYTES`]; a completed `sync` makes every write that completed before it was issued

@@ -27,15 +27,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
+use crate::storage::counters::Counters;
 use crate::storage::error::StorageError;
-use crate::storage::flush::{Counters, Signal};
-use crate::storage::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::recovery::RecoveredLog;
-use crate::storage::segment::{segment_path, Segment};
-use crate::storage::{FlushMode, StorageConfig};
+use crate::storage::segment::{segment_path, Seg, Segment};
+use crate::storage::signal::Signal;
+use crate::storage::{FlushMode, LogPosition, StorageConfig};
 
-pub(crate) type Seg<B> = Rc<Segment<<B as StorageBackend>::File>>;
 type BufOf<B> = <<B as StorageBackend>::File as BackendFile>::Buf;
 
 struct Chunk<B: StorageBackend> {
@@ -48,41 +48,70 @@ struct Chunk<B: StorageBackend> {
     cap: usize,
 }
 
+/// The log's positions and flags, copied out in one borrow (see [`CommitLog::marks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogMarks {
+    /// End of the last appended record, or the start of the next segment after a roll.
+    pub appended: LogPosition,
+    pub written: LogPosition,
+    pub durable: LogPosition,
+    /// `min(durable, visible_cap)`.
+    pub visible: LogPosition,
+    /// End of the last appended record (`appended` without a roll's zero padding).
+    pub record_end: LogPosition,
+    /// A record end at or below `durable`: what the durable checkpoint may claim.
+    pub durable_record_end: LogPosition,
+    /// Highest position a `wait_durable` caller asked for.
+    pub sync_requested: LogPosition,
+    pub inflight_writes: usize,
+    /// The next segment is prepared.
+    pub has_spare: bool,
+    pub poisoned: bool,
+    pub closing: bool,
+}
+
+impl LogMarks {
+    /// Poisoned or closing: nothing more will become durable or visible.
+    pub fn stopped(&self) -> bool {
+        self.poisoned || self.closing
+    }
+}
+
 /// A one-shot completion flag (waited on through [`CommitLog::changed`]).
 type Done = Rc<Cell<bool>>;
 
-pub(crate) struct LogState<B: StorageBackend> {
-    pub segments: BTreeMap<u64, Seg<B>>,
-    pub active: Seg<B>,
+struct LogState<B: StorageBackend> {
+    segments: BTreeMap<u64, Seg<B>>,
+    active: Seg<B>,
     chunk: Option<Chunk<B>>,
-    pub append_pos: u64,
+    append_pos: u64,
     /// Start of the bytes not yet handed to a write.
     write_from: u64,
-    pub written: u64,
-    pub durable: u64,
+    written: u64,
+    durable: u64,
     /// End of the last appended record (`append_pos` without a roll's zero padding).
-    pub record_end: u64,
+    record_end: u64,
     /// A record end at or below `durable`: what the durable checkpoint may claim.
-    pub durable_record_end: u64,
-    pub visible_cap: Option<u64>,
+    durable_record_end: u64,
+    visible_cap: Option<u64>,
     /// Completed write ranges above `written` (start -> end).
     completed: BTreeMap<u64, u64>,
     /// Segments with writes completed since the last fdatasync.
     dirty: Vec<Seg<B>>,
     /// The last write if it ended inside a block: (segment base, that block, its completion).
     last_partial: Option<(u64, u64, Done)>,
-    pub inflight_writes: usize,
-    pub poisoned: Option<String>,
+    inflight_writes: usize,
+    poisoned: Option<String>,
     spare: Option<Seg<B>>,
     preparing: bool,
     /// Highest position a `wait_durable` caller asked for.
-    pub sync_requested: u64,
-    pub closing: bool,
-    pub counters: Counters,
+    sync_requested: u64,
+    closing: bool,
+    counters: Counters,
 }
 
 impl<B: StorageBackend> LogState<B> {
-    pub fn visible(&self) -> u64 {
+    fn visible(&self) -> u64 {
         self.durable.min(self.visible_cap.unwrap_or(u64::MAX))
     }
 
@@ -106,7 +135,7 @@ impl<B: StorageBackend> LogState<B> {
         }
     }
 
-    pub fn poisoned_error(&self) -> Option<StorageError> {
+    fn poisoned_error(&self) -> Option<StorageError> {
         self.poisoned
             .as_ref()
             .map(|c| StorageError::Poisoned { cause: c.clone() })
@@ -130,7 +159,9 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub backend: B,
     pub dir: PathBuf,
     pub cfg: StorageConfig,
-    pub st: RefCell<LogState<B>>,
+    /// Private to the log: the rest of storage reads it through [`CommitLog::marks`] and
+    /// changes it only through the methods below, so every change keeps the watermark order.
+    st: RefCell<LogState<B>>,
     /// Written watermark, write completions, spare segment, in-flight count, poison.
     pub changed: Signal,
     /// Durable/visible watermark or poison (append waiters, readers).
@@ -139,7 +170,7 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub flusher_wake: Signal,
     /// Test-only fault: this many flush cycles skip their fdatasync but still advance
     /// `durable` (an ack before the sync). Always 0 outside fault-injection tests.
-    pub skip_syncs: Cell<u32>,
+    skip_syncs: Cell<u32>,
 }
 
 impl<B: StorageBackend> CommitLog<B> {
@@ -346,7 +377,7 @@ impl<B: StorageBackend> CommitLog<B> {
         mut header: RecordHeader,
         topic: &[u8],
         body: &[u8],
-    ) -> (u64, u64, [u8; HEADER_BYTES]) {
+    ) -> (LogPosition, LogPosition, [u8; HEADER_BYTES]) {
         let mut st = self.st.borrow_mut();
         let total = (HEADER_BYTES + topic.len() + body.len()) as u64;
         let pos = st.append_pos;
@@ -358,12 +389,12 @@ impl<B: StorageBackend> CommitLog<B> {
         self.copy_in(&mut st, body);
         drop(st);
         self.finish_append(pos + total);
-        (pos, pos + total, enc)
+        (LogPosition(pos), LogPosition(pos + total), enc)
     }
 
     /// Appends one already-encoded record (a replica copying its master) at the append
     /// position, which the caller has checked is the record's own position. Returns its end.
-    pub fn append_encoded(self: &Rc<Self>, record: &[u8]) -> u64 {
+    pub fn append_encoded(self: &Rc<Self>, record: &[u8]) -> LogPosition {
         let mut st = self.st.borrow_mut();
         let pos = st.append_pos;
         let end = pos + record.len() as u64;
@@ -371,7 +402,7 @@ impl<B: StorageBackend> CommitLog<B> {
         self.copy_in(&mut st, record);
         drop(st);
         self.finish_append(end);
-        end
+        LogPosition(end)
     }
 
     fn finish_append(self: &Rc<Self>, end: u64) {
@@ -411,11 +442,11 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Hands the dirty part of the active chunk to a write, keeping the partial tail block in a
     /// fresh chunk. Returns the position everything below which will be written.
-    pub fn hand_off_partial(self: &Rc<Self>) -> u64 {
+    pub fn hand_off_partial(self: &Rc<Self>) -> LogPosition {
         let mut st = self.st.borrow_mut();
         let end = st.append_pos;
         if st.write_from >= end {
-            return end;
+            return LogPosition(end);
         }
         let chunk = st.chunk.take().expect("dirty bytes live in a chunk");
         let tail_base = align_down(end);
@@ -429,7 +460,7 @@ impl<B: StorageBackend> CommitLog<B> {
             st.chunk = Some(fresh);
         }
         self.hand_off(&mut st, chunk, end);
-        end
+        LogPosition(end)
     }
 
     /// Spawns the write of `chunk`, which covers the log range `[write_from, to)`.
@@ -490,13 +521,14 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Takes the segments to fdatasync so that everything below the returned position is
     /// durable once their syncs complete.
-    pub fn take_dirty(&self) -> (Vec<Seg<B>>, u64) {
+    pub fn take_dirty(&self) -> (Vec<Seg<B>>, LogPosition) {
         let mut st = self.st.borrow_mut();
-        (std::mem::take(&mut st.dirty), st.written)
+        (std::mem::take(&mut st.dirty), LogPosition(st.written))
     }
 
     /// `record_end` is a record end at or below `upto` (the checkpoint may claim it).
-    pub fn set_durable(&self, upto: u64, record_end: u64) {
+    pub fn set_durable(&self, upto: LogPosition, record_end: LogPosition) {
+        let (upto, record_end) = (upto.0, record_end.0);
         let mut st = self.st.borrow_mut();
         assert!(
             upto <= st.written,
@@ -517,7 +549,8 @@ impl<B: StorageBackend> CommitLog<B> {
     }
 
     /// Reads `len` bytes at log position `pos` (must lie in one segment).
-    pub async fn read_range(&self, pos: u64, len: u32) -> Result<Vec<u8>, StorageError> {
+    pub async fn read_range(&self, pos: LogPosition, len: u32) -> Result<Vec<u8>, StorageError> {
+        let pos = pos.0;
         let seg = {
             let st = self.st.borrow();
             st.segments
@@ -547,12 +580,120 @@ impl<B: StorageBackend> CommitLog<B> {
 }
 
 impl<B: StorageBackend> LogState<B> {
-    pub fn has_spare(&self) -> bool {
+    fn has_spare(&self) -> bool {
         self.spare.is_some()
     }
 
     /// Where the next byte goes when there is no chunk.
     fn chunk_cursor(&self) -> u64 {
         self.append_pos.max(self.write_from)
+    }
+}
+
+/// The narrow API the rest of storage uses instead of borrowing the state.
+impl<B: StorageBackend> CommitLog<B> {
+    /// The positions and flags now.
+    pub fn marks(&self) -> LogMarks {
+        let st = self.st.borrow();
+        LogMarks {
+            appended: LogPosition(st.append_pos),
+            written: LogPosition(st.written),
+            durable: LogPosition(st.durable),
+            visible: LogPosition(st.visible()),
+            record_end: LogPosition(st.record_end),
+            durable_record_end: LogPosition(st.durable_record_end),
+            sync_requested: LogPosition(st.sync_requested),
+            inflight_writes: st.inflight_writes,
+            has_spare: st.has_spare(),
+            poisoned: st.poisoned.is_some(),
+            closing: st.closing,
+        }
+    }
+
+    /// The error every operation returns once the log is poisoned.
+    pub fn poisoned_error(&self) -> Option<StorageError> {
+        self.st.borrow().poisoned_error()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.st.borrow().counters
+    }
+
+    /// Counts a completed flush cycle of `fsyncs` fdatasyncs that took `latency_us`.
+    pub fn note_flush_cycle(&self, fsyncs: u64, latency_us: u64) {
+        let mut st = self.st.borrow_mut();
+        st.counters.fsyncs += fsyncs;
+        st.counters.flush_cycles += 1;
+        st.counters.flush_latency_sum_us += latency_us;
+        st.counters.flush_latency_count += 1;
+    }
+
+    /// Asks the flusher for durability up to `end` (capped at the append position). Returns
+    /// the position to wait for, `None` when it is durable already, or the poison error.
+    pub fn request_sync(&self, end: LogPosition) -> Result<Option<LogPosition>, StorageError> {
+        let end = end.0;
+        let mut st = self.st.borrow_mut();
+        if st.durable >= end {
+            return Ok(None);
+        }
+        if let Some(e) = st.poisoned_error() {
+            return Err(e);
+        }
+        let target = end.min(st.append_pos);
+        if st.durable >= target {
+            return Ok(None);
+        }
+        st.sync_requested = st.sync_requested.max(target);
+        Ok(Some(LogPosition(target)))
+    }
+
+    /// Caps the visible watermark (`None`: visible = durable).
+    pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
+        self.st.borrow_mut().visible_cap = cap.map(|c| c.0);
+    }
+
+    /// Stops appends; the flusher flushes what is left and ends.
+    pub fn begin_close(&self) {
+        self.st.borrow_mut().closing = true;
+    }
+
+    /// Test-only fault: the next `n` flush cycles skip their fdatasync.
+    pub fn inject_skipped_syncs(&self, n: u32) {
+        self.skip_syncs.set(n);
+    }
+
+    /// `(base, end)` of the segment holding log position `pos`, if any.
+    pub fn segment_of(&self, pos: LogPosition) -> Option<(LogPosition, LogPosition)> {
+        let st = self.st.borrow();
+        let (_, seg) = st.segments.range(..=pos.0).next_back()?;
+        Some((LogPosition(seg.base), LogPosition(seg.end())))
+    }
+
+    /// Base of the oldest segment still kept (0 for an empty log).
+    pub fn first_segment_base(&self) -> LogPosition {
+        LogPosition(
+            self.st
+                .borrow()
+                .segments
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    /// The segments that end at or below `position`, never the active one.
+    pub fn sealed_segments_before(&self, position: LogPosition) -> Vec<Seg<B>> {
+        let st = self.st.borrow();
+        st.segments
+            .values()
+            .filter(|s| s.end() <= position.0 && s.base < st.active.base)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets a segment whose file was removed.
+    pub fn forget_segment(&self, base: u64) {
+        self.st.borrow_mut().segments.remove(&base);
     }
 }

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::storage::record::RecordError;
+use crate::format::record::RecordError;
 
 /// Everything that can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,4 @@
-//! Flush policy: the per-shard flush leader (group commit), the waiting primitive and the
-//! counters.
+//! Flush policy: the per-shard flush leader (group commit).
 //!
 //! One flusher task per shard. Each cycle it hands the dirty tail to a write, waits until
 //! everything up to that point is written, takes the set of segments with completed writes,
@@ -15,60 +14,12 @@
 //! An fdatasync error poisons the log; `durable` never moves past what a completed fdatasync
 //! covered.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::storage::backend::{BackendFile, StorageBackend};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::FlushMode;
-
-/// Wakes every waiting task; waiters re-check their condition. Cancel-safe: a dropped waiter
-/// leaves only a stale waker that is discarded on the next notify.
-#[derive(Default)]
-pub struct Signal {
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl Signal {
-    pub fn notify_all(&self) {
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    /// Resolves once `cond` holds (checked now and after every notify).
-    pub async fn wait_until(&self, mut cond: impl FnMut() -> bool) {
-        poll_fn(|cx| {
-            if cond() {
-                Poll::Ready(())
-            } else {
-                let mut w = self.wakers.borrow_mut();
-                if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                    w.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
-/// Raw counters kept by the log.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Counters {
-    pub appends: u64,
-    pub writes: u64,
-    pub written_bytes: u64,
-    pub fsyncs: u64,
-    pub flush_cycles: u64,
-    pub unflushed_hwm_bytes: u64,
-    pub flush_latency_sum_us: u64,
-    pub flush_latency_count: u64,
-}
 
 /// Runs the flush leader until the log is closed (everything flushed) or poisoned.
 /// Derived indexes are persisted by the checkpoint task (`store.rs`), not here: nothing but
@@ -77,12 +28,11 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
     let interval = Duration::from_millis(log.cfg.flush_interval_ms.max(1));
     loop {
         let work = || {
-            let st = log.st.borrow();
-            st.poisoned.is_some()
-                || st.closing
-                || st.sync_requested > st.durable
+            let m = log.marks();
+            m.stopped()
+                || m.sync_requested > m.durable
                 || (log.cfg.flush_mode == FlushMode::AsyncFlush
-                    && st.append_pos - st.durable >= log.cfg.flush_bytes)
+                    && m.appended.bytes_since(m.durable) >= log.cfg.flush_bytes)
         };
         match log.cfg.flush_mode {
             FlushMode::SyncFlush => log.flusher_wake.wait_until(work).await,
@@ -94,12 +44,12 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             }
         }
         {
-            let st = log.st.borrow();
-            if st.poisoned.is_some() {
+            let m = log.marks();
+            if m.poisoned {
                 break;
             }
-            if st.append_pos == st.durable {
-                if st.closing {
+            if m.appended == m.durable {
+                if m.closing {
                     break;
                 }
                 continue;
@@ -108,14 +58,14 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
         let started = Instant::now();
         let target = log.hand_off_partial();
         // No await since `hand_off_partial`: the last record ends at or below `target`.
-        let record_end = log.st.borrow().record_end;
+        let record_end = log.marks().record_end;
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.poisoned.is_some() || st.written >= target
+                let m = log.marks();
+                m.poisoned || m.written >= target
             })
             .await;
-        if log.st.borrow().poisoned.is_some() {
+        if log.marks().poisoned {
             break;
         }
         let (segs, upto) = log.take_dirty();
@@ -138,13 +88,7 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             log.poison(cause);
             break;
         }
-        {
-            let mut st = log.st.borrow_mut();
-            st.counters.fsyncs += segs.len() as u64;
-            st.counters.flush_cycles += 1;
-            st.counters.flush_latency_sum_us += started.elapsed().as_micros() as u64;
-            st.counters.flush_latency_count += 1;
-        }
+        log.note_flush_cycle(segs.len() as u64, started.elapsed().as_micros() as u64);
         log.set_durable(upto, record_end);
     }
     log.changed.notify_all();

@@ -2,21 +2,28 @@
 //! ConsumeQueues and key index, idempotent-producer de-duplication and crash recovery.
 //!
 //! # Layout
-//! - [`record`]: the on-disk record format (byte diagram), pure: no I/O, used by clients too.
+//! - [`config`]: [`StorageConfig`], the `[storage]` section of the broker config: its
+//!   defaults and its one bound per setting.
+//! - The on-disk record format is [`crate::format::record`] and a record's body is a
+//!   [`crate::format::batch`] (pure, shared with the client and the bench).
 //! - [`backend`]: file I/O as a trait; [`backend::DmaBackend`] (glommio `DmaFile`) and
 //!   [`sim::SimBackend`] (a disk with written/durable images that can crash).
 //! - `segment`: segment files named by their 20-digit base position, prepared by writing zeros.
 //! - `commitlog`: the append/write path (aligned chunks, writes in flight, the partial tail
 //!   block rewritten as it grows) and the watermarks `appended >= written >= durable >= visible`.
+//!   Its state is private: the other files read `LogMarks` and call narrow methods.
 //! - `flush`: the flush leader (group commit for [`FlushMode::SyncFlush`], timer/bytes for
-//!   [`FlushMode::AsyncFlush`]), counters.
-//! - [`consume_queue`]: per (topic, queue) index entries, persisted lazily behind the durable log.
-//! - `key_index`: message key -> log positions (in memory, rebuilt at open).
-//! - `producer`: idempotent producer sequence table (rebuilt from the log at open).
+//!   [`FlushMode::AsyncFlush`]).
+//! - [`Signal`] (`signal`): the wait-until-a-condition-holds primitive; `counters`: the
+//!   raw counters of the log and the flusher.
+//! - [`index`]: the indexes derived from the log: [`index::consume_queue`] (per (topic, queue)
+//!   entries, persisted lazily behind the durable log), `key_index` (message key -> log
+//!   positions) and `producer` (the idempotent producer sequence table).
 //! - `append_order`: appends keep their arrival order across the wait for room in the log.
 //! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
+//! - `stream` (with `tail_feed`): the log as a stream of raw records, for replication.
 //! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
 //!
 //! # Durability contract
@@ -29,31 +36,32 @@
 
 mod append_order;
 pub mod backend;
-pub mod batch;
 pub mod checkpoint;
 mod commitlog;
-pub mod consume_queue;
+pub mod config;
+mod counters;
 pub mod error;
 mod flush;
-pub use flush::Signal;
-mod key_index;
+pub mod index;
 pub mod probe;
-mod producer;
-pub mod record;
 pub mod recovery;
 mod segment;
+mod signal;
+pub use signal::Signal;
 pub mod sim;
 mod store;
 mod stream;
+mod tail_feed;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use backend::{DmaBackend, StorageBackend};
+pub use config::StorageConfig;
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
-pub use store::{ShardStore, StorageFault};
+pub use store::{AppendHook, ShardStore, StorageFault};
 pub use stream::LogChunk;
 
 /// When an append counts as stored (see DESIGN.md, "Flush modes").
@@ -126,86 +134,6 @@ impl FromStr for RecoveryMode {
     }
 }
 
-/// Storage configuration of one shard.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct StorageConfig {
-    /// Size of each CommitLog segment file; a multiple of 4 KiB. Default 1 GiB (RocketMQ's).
-    pub segment_bytes: u64,
-    /// When an append is acknowledged. Default `sync_flush`: an ack means on disk.
-    pub flush_mode: FlushMode,
-    /// ASYNC_FLUSH: flush at least this often. Default 500 ms (RocketMQ's).
-    pub flush_interval_ms: u64,
-    /// ASYNC_FLUSH: flush as soon as this many bytes are pending. Default 4 MiB.
-    pub flush_bytes: u64,
-    /// Size of each aligned write buffer (chunk); 1 MiB writes reach full disk bandwidth.
-    pub write_buffer_bytes: u64,
-    /// Writes in flight before appends wait (bounds memory). Default 8.
-    pub max_writes_in_flight: usize,
-    /// Largest record (header + topic + body). Default 8 MiB.
-    pub max_record_bytes: u64,
-    /// Corruption before the durable checkpoint: `strict` (default) or `skip-corrupt`.
-    pub recovery: RecoveryMode,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            segment_bytes: 1 << 30,
-            flush_mode: FlushMode::SyncFlush,
-            flush_interval_ms: 500,
-            flush_bytes: 4 << 20,
-            write_buffer_bytes: 1 << 20,
-            max_writes_in_flight: 8,
-            max_record_bytes: 8 << 20,
-            recovery: RecoveryMode::Strict,
-        }
-    }
-}
-
-impl StorageConfig {
-    /// Reports every problem at once.
-    pub fn validate(&self) -> Result<(), StorageError> {
-        let mut errs = Vec::new();
-        let b = backend::BLOCK_BYTES;
-        if self.segment_bytes < 64 * 1024 || self.segment_bytes % b != 0 {
-            errs.push(format!(
-                "segment_bytes {} must be >= 64 KiB and a multiple of 4 KiB",
-                self.segment_bytes
-            ));
-        }
-        if self.write_buffer_bytes < b || self.write_buffer_bytes % b != 0 {
-            errs.push(format!(
-                "write_buffer_bytes {} must be a positive multiple of 4 KiB",
-                self.write_buffer_bytes
-            ));
-        }
-        if self.max_writes_in_flight == 0 {
-            errs.push("max_writes_in_flight must be >= 1".into());
-        }
-        if self.flush_interval_ms == 0 {
-            errs.push("flush_interval_ms must be >= 1".into());
-        }
-        if self.flush_bytes == 0 {
-            errs.push("flush_bytes must be >= 1".into());
-        }
-        if self.max_record_bytes < 1024
-            || self.max_record_bytes > u64::from(record::MAX_RECORD_BYTES)
-        {
-            errs.push(format!(
-                "max_record_bytes {} must be in 1 KiB..={} bytes",
-                self.max_record_bytes,
-                record::MAX_RECORD_BYTES
-            ));
-        }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(StorageError::Config(errs))
-        }
-    }
-}
-
 /// A byte position in a shard's CommitLog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct LogPosition(pub u64);
@@ -213,6 +141,14 @@ pub struct LogPosition(pub u64);
 /// A logical message offset within one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct QueueOffset(pub u64);
+
+impl LogPosition {
+    /// Bytes from `earlier` up to this position (`earlier` must not be beyond it).
+    pub fn bytes_since(self, earlier: LogPosition) -> u64 {
+        debug_assert!(earlier <= self, "{earlier} is beyond {self}");
+        self.0 - earlier.0
+    }
+}
 
 impl fmt::Display for LogPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -259,7 +195,7 @@ pub struct Appended {
 /// Whole records of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBatch {
-    /// Concatenated records (parse with [`record::RecordIter`]).
+    /// Concatenated records (parse with [`crate::format::record::RecordIter`]).
     pub records: bytes::Bytes,
     /// Offset to ask for next.
     pub next_offset: QueueOffset,

@@ -51,14 +51,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
-use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_FILE};
-use crate::storage::commitlog::Seg;
-use crate::storage::error::StorageError;
-use crate::storage::record::{
+use crate::format::record::{
     build_header, RecordHeader, RecordView, FLAG_GAP, HEADER_BYTES, RECORD_MAGIC,
 };
-use crate::storage::segment::{parse_segment_name, segment_path, Segment};
+use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
+use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_FILE};
+use crate::storage::error::StorageError;
+use crate::storage::segment::{parse_segment_name, segment_path, Seg, Segment};
 use crate::storage::{RecoveryMode, StorageConfig};
 
 /// What recovery saw at one decision point.

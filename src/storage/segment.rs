@@ -8,6 +8,9 @@
 //! unwritten extents costs 2x, appending past EOF 1.5x (NOTES.md).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::storage::backend::StorageBackend;
 
 /// Width of a segment file name.
 const NAME_DIGITS: usize = 20;
@@ -19,6 +22,9 @@ pub(crate) struct Segment<F> {
     pub file: F,
     pub path: PathBuf,
 }
+
+/// A shared segment of a log on backend `B` (the log, its chunks and recovery hold it).
+pub(crate) type Seg<B> = Rc<Segment<<B as StorageBackend>::File>>;
 
 impl<F> Segment<F> {
     pub fn end(&self) -> u64 {

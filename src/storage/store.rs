@@ -10,26 +10,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
-use crate::storage::batch::scan_body;
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
 use crate::storage::commitlog::CommitLog;
-use crate::storage::consume_queue::{cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex};
 use crate::storage::error::StorageError;
-use crate::storage::flush::{run_flusher, Signal};
-use crate::storage::key_index::KeyIndex;
-use crate::storage::producer::{BatchMeta, ProducerTable, SeqCheck};
-use crate::storage::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
+use crate::storage::flush::run_flusher;
+use crate::storage::index::consume_queue::{
+    cq_path, read_cq_file, rewrite_cq_file, CqEntry, QueueIndex,
+};
+use crate::storage::index::key_index::KeyIndex;
+use crate::storage::index::producer::{BatchMeta, ProducerTable, SeqCheck};
+use crate::storage::index::scan_body;
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
-use crate::storage::stream::TailFeed;
+use crate::storage::signal::Signal;
+use crate::storage::tail_feed::TailFeed;
 use crate::storage::{
     AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
     StorageConfig, StorageMetrics, Watermarks,
 };
-
-/// Longest topic name accepted (it is stored in every record with a u16 length).
-pub const MAX_TOPIC_BYTES: usize = 255;
 
 #[derive(Default)]
 pub(super) struct Indexes {
@@ -127,9 +127,15 @@ pub(super) struct Inner<B: StorageBackend> {
     pub(super) feed: RefCell<TailFeed>,
     /// Notified after every append.
     pub(super) appended: Signal,
+    /// Told the end of every append (see [`ShardStore::set_append_hook`]).
+    append_hook: RefCell<Option<AppendHook>>,
     /// Appends in arrival order (see `AppendOrder`: producer sequences depend on it).
     order: AppendOrder,
 }
+
+/// Called with the log end after each append, on the shard's thread, before the append
+/// returns.
+pub type AppendHook = Rc<dyn Fn(LogPosition)>;
 
 /// One shard's storage. Cheap to clone (an `Rc` inside); not `Send`.
 pub struct ShardStore<B: StorageBackend = DmaBackend> {
@@ -173,21 +179,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The protocol's one topic-name rule (a topic name is a directory name under `consumequeue/`).
 fn validate_topic(topic: &str) -> Result<(), StorageError> {
-    let ok = !topic.is_empty()
-        && topic.len() <= MAX_TOPIC_BYTES
-        && topic != "."
-        && topic != ".."
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'%' | b'|'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StorageError::InvalidArgument(format!(
-            "topic {topic:?}: 1..={MAX_TOPIC_BYTES} bytes of [A-Za-z0-9_.%|-], not . or .."
-        )))
-    }
+    crate::protocol::validate_topic_name(topic)
+        .map_err(|reason| StorageError::InvalidArgument(format!("topic {topic:?}: {reason}")))
 }
 
 impl<B: StorageBackend> ShardStore<B> {
@@ -237,6 +232,7 @@ impl<B: StorageBackend> ShardStore<B> {
             checkpoints,
             quarantined: report.quarantined.len() as u64,
             feed: RefCell::new(TailFeed::default()),
+            append_hook: RefCell::new(None),
             appended: Signal::default(),
             order: AppendOrder::default(),
         });
@@ -315,17 +311,22 @@ impl<B: StorageBackend> ShardStore<B> {
         self.inner
             .feed
             .borrow_mut()
-            .push(pos, &[&enc, req.topic.as_bytes(), req.body]);
+            .push(pos.0, &[&enc, req.topic.as_bytes(), req.body]);
         self.inner.appended.notify_all();
-        h.log_position = pos;
+        // Cloned first: the hook may read the store.
+        let hook = self.inner.append_hook.borrow().clone();
+        if let Some(hook) = hook {
+            hook(end);
+        }
+        h.log_position = pos.0;
         h.total_len = total as u32;
         h.topic_len = req.topic.len() as u16;
         idx.apply(req.topic, &h, req.body);
         Ok(Appended {
             base_offset: QueueOffset(base_offset),
             count: req.message_count,
-            position: LogPosition(pos),
-            end: LogPosition(end),
+            position: pos,
+            end,
             duplicate: false,
         })
     }
@@ -334,33 +335,20 @@ impl<B: StorageBackend> ShardStore<B> {
     /// fdatasync. Cancel-safe: dropping it only drops the wait.
     pub async fn wait_durable(&self, end: LogPosition) -> Result<(), StorageError> {
         let log = &self.inner.log;
-        let target = {
-            let mut st = log.st.borrow_mut();
-            if st.durable >= end.0 {
-                return Ok(());
-            }
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            let target = end.0.min(st.append_pos);
-            if st.durable >= target {
-                return Ok(());
-            }
-            st.sync_requested = st.sync_requested.max(target);
-            target
+        let Some(target) = log.request_sync(end)? else {
+            return Ok(());
         };
         log.flusher_wake.notify_all();
         log.durable_changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.durable >= target || st.poisoned.is_some()
+                let m = log.marks();
+                m.durable >= target || m.poisoned
             })
             .await;
-        let st = log.st.borrow();
-        if st.durable >= target {
+        if log.marks().durable >= target {
             Ok(())
         } else {
-            Err(st.poisoned_error().unwrap_or(StorageError::Closed))
+            Err(log.poisoned_error().unwrap_or(StorageError::Closed))
         }
     }
 
@@ -373,7 +361,7 @@ impl<B: StorageBackend> ShardStore<B> {
         offset: QueueOffset,
         max_bytes: u32,
     ) -> Result<ReadBatch, StorageError> {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible.0;
         let (ranges, min, end) = {
             let idx = self.inner.idx.borrow();
             let Some(q) = idx.queue(topic, queue_id) else {
@@ -422,7 +410,7 @@ impl<B: StorageBackend> ShardStore<B> {
         let mut out = Vec::new();
         let mut next = offset.0;
         for (pos, len, end_off) in ranges {
-            let bytes = self.inner.log.read_range(pos, len).await?;
+            let bytes = self.inner.log.read_range(LogPosition(pos), len).await?;
             let mut at = 0usize;
             let mut p = pos;
             while at < bytes.len() {
@@ -450,13 +438,13 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     fn same_segment(&self, a: u64, b: u64) -> bool {
-        let st = self.inner.log.st.borrow();
-        let seg_of = |p: u64| st.segments.range(..=p).next_back().map(|(b, _)| *b);
+        let log = &self.inner.log;
+        let seg_of = |p: u64| log.segment_of(LogPosition(p)).map(|(base, _)| base);
         seg_of(a) == seg_of(b)
     }
 
     fn visible_end(&self, topic: &str, queue_id: u32) -> u64 {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible.0;
         self.inner
             .idx
             .borrow()
@@ -470,11 +458,8 @@ impl<B: StorageBackend> ShardStore<B> {
         let log = &self.inner.log;
         log.durable_changed
             .wait_until(|| {
-                {
-                    let st = log.st.borrow();
-                    if st.poisoned.is_some() || st.closing {
-                        return true;
-                    }
+                if log.marks().stopped() {
+                    return true;
                 }
                 self.visible_end(topic, queue_id) > offset.0
             })
@@ -482,7 +467,7 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     pub fn queue_stats(&self, topic: &str, queue_id: u32) -> QueueStats {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible.0;
         let idx = self.inner.idx.borrow();
         match idx.queue(topic, queue_id) {
             None => QueueStats::default(),
@@ -497,35 +482,47 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     pub fn watermarks(&self) -> Watermarks {
-        let st = self.inner.log.st.borrow();
+        let m = self.inner.log.marks();
         Watermarks {
-            appended: LogPosition(st.append_pos),
-            written: LogPosition(st.written),
-            durable: LogPosition(st.durable),
-            visible: LogPosition(st.visible()),
+            appended: m.appended,
+            written: m.written,
+            durable: m.durable,
+            visible: m.visible,
         }
+    }
+
+    /// The one announcement of each append, besides the in-memory tail feed: a replication
+    /// layer hears every new log end here (for the age of the lag) instead of each caller
+    /// remembering to tell it. `None` removes the hook.
+    pub fn set_append_hook(&self, hook: Option<AppendHook>) {
+        *self.inner.append_hook.borrow_mut() = hook;
+    }
+
+    /// The hook set by [`ShardStore::set_append_hook`] (carried over when a store is reopened).
+    pub fn append_hook(&self) -> Option<AppendHook> {
+        self.inner.append_hook.borrow().clone()
     }
 
     /// Caps the visible watermark (for a replication layer); `None` removes the cap.
     pub fn set_visible_cap(&self, cap: Option<LogPosition>) {
-        self.inner.log.st.borrow_mut().visible_cap = cap.map(|c| c.0);
+        self.inner.log.set_visible_cap(cap);
         self.inner.log.durable_changed.notify_all();
     }
 
     pub fn metrics(&self) -> StorageMetrics {
-        let st = self.inner.log.st.borrow();
-        let c = st.counters;
+        let m = self.inner.log.marks();
+        let c = self.inner.log.counters();
         StorageMetrics {
             appends: c.appends,
             fsyncs: c.fsyncs,
             flush_cycles: c.flush_cycles,
             writes: c.writes,
             written_bytes: c.written_bytes,
-            unflushed_bytes: st.append_pos - st.durable,
+            unflushed_bytes: m.appended.bytes_since(m.durable),
             unflushed_hwm_bytes: c.unflushed_hwm_bytes,
             flush_latency_sum_us: c.flush_latency_sum_us,
             flush_latency_count: c.flush_latency_count,
-            poisoned: st.poisoned.is_some(),
+            poisoned: m.poisoned,
             quarantined_records: self.inner.quarantined,
             checkpoints: self.inner.checkpoints.get(),
         }
@@ -534,7 +531,7 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Log positions of visible records of `topic` holding `key` (may include rare hash false
     /// positives: check the key in the record).
     pub fn lookup_key(&self, topic: &str, key: &[u8]) -> Vec<LogPosition> {
-        let visible = self.inner.log.st.borrow().visible();
+        let visible = self.inner.log.marks().visible.0;
         self.inner
             .idx
             .borrow()
@@ -550,20 +547,13 @@ impl<B: StorageBackend> ShardStore<B> {
     /// their index entries. Returns how many segments were removed.
     pub fn drop_segments_before(&self, position: LogPosition) -> Result<u64, StorageError> {
         let log = &self.inner.log;
-        let victims: Vec<_> = {
-            let st = log.st.borrow();
-            st.segments
-                .values()
-                .filter(|s| s.end() <= position.0 && s.base < st.active.base)
-                .cloned()
-                .collect()
-        };
+        let victims = log.sealed_segments_before(position);
         let mut first_kept = 0;
         for s in &victims {
             log.backend
                 .remove(&s.path)
                 .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
-            log.st.borrow_mut().segments.remove(&s.base);
+            log.forget_segment(s.base);
             first_kept = s.end();
         }
         if !victims.is_empty() {
@@ -581,25 +571,20 @@ impl<B: StorageBackend> ShardStore<B> {
     /// Flushes everything, stops the flusher and persists the indexes.
     pub async fn close(&self) -> Result<(), StorageError> {
         let log = &self.inner.log;
-        log.st.borrow_mut().closing = true;
+        log.begin_close();
         log.flusher_wake.notify_all();
         let handle = self.inner.flusher.borrow_mut().take();
         if let Some(h) = handle {
             h.await;
         }
         log.changed
-            .wait_until(|| {
-                let st = log.st.borrow();
-                st.inflight_writes == 0
-            })
+            .wait_until(|| log.marks().inflight_writes == 0)
             .await;
-        let (durable, record_end) = {
-            let st = log.st.borrow();
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            (st.durable, st.durable_record_end)
-        };
+        if let Some(e) = log.poisoned_error() {
+            return Err(e);
+        }
+        let m = log.marks();
+        let (durable, record_end) = (m.durable.0, m.durable_record_end.0);
         self.inner.persist_indexes(durable);
         let handle = self.inner.checkpointer.borrow_mut().take();
         if let Some(h) = handle {
@@ -626,7 +611,7 @@ impl<B: StorageBackend> ShardStore<B> {
     #[doc(hidden)]
     pub fn inject_fault(&self, fault: StorageFault) {
         match fault {
-            StorageFault::SkipFdatasyncs(n) => self.inner.log.skip_syncs.set(n),
+            StorageFault::SkipFdatasyncs(n) => self.inner.log.inject_skipped_syncs(n),
         }
     }
 
@@ -637,8 +622,8 @@ impl<B: StorageBackend> ShardStore<B> {
         let log = &self.inner.log;
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.has_spare() || st.poisoned.is_some() || st.closing
+                let m = log.marks();
+                m.has_spare || m.stopped()
             })
             .await
     }
@@ -685,21 +670,16 @@ async fn run_checkpointer<B: StorageBackend>(
     persist_indexes: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let stop = || {
-        let st = log.st.borrow();
-        st.poisoned.is_some() || st.closing
-    };
+    let stop = || log.marks().stopped();
     loop {
         log.durable_changed
-            .wait_until(|| stop() || log.st.borrow().durable_record_end > ckpt.position())
+            .wait_until(|| stop() || log.marks().durable_record_end.0 > ckpt.position())
             .await;
         if stop() {
             break;
         }
-        let (pos, durable) = {
-            let st = log.st.borrow();
-            (st.durable_record_end, st.durable)
-        };
+        let m = log.marks();
+        let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
         if let Err(e) = ckpt.store(pos).await {
             log.poison(format!(
@@ -733,7 +713,7 @@ fn reconcile_index_files(
                 };
                 if idx.queue(&topic, qid).is_none() {
                     let n = f.metadata().map_or(0, |m| m.len())
-                        / crate::storage::consume_queue::CQ_ENTRY_BYTES as u64;
+                        / crate::storage::index::consume_queue::CQ_ENTRY_BYTES as u64;
                     if decide(Observation::IndexAhead, RecoveryMode::Strict)
                         == Action::TruncateIndex
                     {

@@ -8,14 +8,13 @@
 //! Replica side: [`ShardStore::append_replicated`] appends records exactly as the master wrote
 //! them, at the same log positions, after checking their CRCs and that they continue this log.
 
-use std::collections::VecDeque;
+use bytes::Bytes;
 
-use bytes::{Bytes, BytesMut};
-
+use crate::format::record::{RecordHeader, RecordView, HEADER_BYTES};
 use crate::storage::backend::StorageBackend;
 use crate::storage::error::StorageError;
-use crate::storage::record::{RecordHeader, RecordView, HEADER_BYTES};
 use crate::storage::store::ShardStore;
+use crate::storage::tail_feed::TailFeed;
 use crate::storage::LogPosition;
 
 /// Whole records starting at `position` (empty when nothing is available there yet).
@@ -27,66 +26,15 @@ pub struct LogChunk {
     pub next: LogPosition,
 }
 
-/// Records appended while a replication stream is caught up, in order, in runs of contiguous
-/// positions of at most [`FEED_CHUNK_BYTES`] (a new run starts where the log rolled to a new
-/// segment). When more than `max_bytes` pile up (the replica stopped reading) the feed is
-/// dropped and the stream goes back to reading the log from disk.
-#[derive(Default)]
-pub(crate) struct TailFeed {
-    active: bool,
-    /// Every record appended at or after `from` is in `runs` (while active).
-    from: u64,
-    runs: VecDeque<(u64, BytesMut)>,
-    bytes: usize,
-    max_bytes: usize,
-}
-
-/// Largest run handed out at once (a single larger record still goes whole).
-const FEED_CHUNK_BYTES: usize = 1 << 20;
-
-impl TailFeed {
-    pub(crate) fn push(&mut self, position: u64, parts: &[&[u8]]) {
-        if !self.active {
-            return;
-        }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if self.bytes + len > self.max_bytes {
-            log::info!(
-                "replication: tail feed over {} bytes; the stream reads from disk",
-                self.max_bytes
-            );
-            *self = TailFeed::default();
-            return;
-        }
-        let extend = matches!(self.runs.back(), Some((p, b))
-            if p + b.len() as u64 == position && b.len() + len <= FEED_CHUNK_BYTES);
-        if !extend {
-            self.runs
-                .push_back((position, BytesMut::with_capacity(len.max(64 << 10))));
-        }
-        let run = &mut self.runs.back_mut().expect("just ensured").1;
-        for p in parts {
-            run.extend_from_slice(p);
-        }
-        self.bytes += len;
-    }
-}
-
 impl<B: StorageBackend> ShardStore<B> {
     /// Starts keeping appended records in memory for a stream that has sent everything below
     /// `at`, if `at` is the append position now (returns false otherwise: the stream must read
     /// the log first). At most `max_bytes` are kept.
     pub fn tail_feed_start(&self, at: LogPosition, max_bytes: usize) -> bool {
-        if self.inner.log.st.borrow().append_pos != at.0 {
+        if self.inner.log.marks().appended != at {
             return false;
         }
-        *self.inner.feed.borrow_mut() = TailFeed {
-            active: true,
-            from: at.0,
-            runs: VecDeque::new(),
-            bytes: 0,
-            max_bytes,
-        };
+        *self.inner.feed.borrow_mut() = TailFeed::starting_at(at.0, max_bytes);
         true
     }
 
@@ -96,26 +44,14 @@ impl<B: StorageBackend> ShardStore<B> {
 
     /// Whether the feed holds every record from `from` on.
     pub fn tail_feed_covers(&self, from: LogPosition) -> bool {
-        let f = self.inner.feed.borrow();
-        f.active && from.0 >= f.from
+        self.inner.feed.borrow().covers(from.0)
     }
 
     /// The next run of records at or after `from` from memory, if the feed covers `from` and has
     /// one.
     pub fn tail_take(&self, from: LogPosition) -> Option<LogChunk> {
-        let mut f = self.inner.feed.borrow_mut();
-        if !f.active || from.0 < f.from {
-            return None;
-        }
-        let (position, run) = f.runs.pop_front()?;
-        debug_assert!(
-            position >= from.0,
-            "feed run {position} below the stream at {}",
-            from.0
-        );
-        f.bytes -= run.len();
+        let (position, run) = self.inner.feed.borrow_mut().take(from.0)?;
         let next = position + run.len() as u64;
-        f.from = next;
         Some(LogChunk {
             position: LogPosition(position),
             bytes: run.freeze(),
@@ -129,8 +65,8 @@ impl<B: StorageBackend> ShardStore<B> {
         self.inner
             .appended
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.append_pos > pos.0 || st.closing || st.poisoned.is_some()
+                let m = log.marks();
+                m.appended > pos || m.stopped()
             })
             .await
     }
@@ -139,13 +75,13 @@ impl<B: StorageBackend> ShardStore<B> {
     /// buffered bytes now rather than at the next flush), or the log is closing.
     pub async fn wait_written_beyond(&self, pos: LogPosition) {
         let log = &self.inner.log;
-        if log.st.borrow().written <= pos.0 {
+        if log.marks().written <= pos {
             log.hand_off_partial();
         }
         log.changed
             .wait_until(|| {
-                let st = log.st.borrow();
-                st.written > pos.0 || st.closing || st.poisoned.is_some()
+                let m = log.marks();
+                m.written > pos || m.stopped()
             })
             .await
     }
@@ -159,20 +95,18 @@ impl<B: StorageBackend> ShardStore<B> {
         max_bytes: usize,
     ) -> Result<LogChunk, StorageError> {
         let log = &self.inner.log;
-        let (seg_base, seg_end, written) = {
-            let st = log.st.borrow();
-            if let Some(e) = st.poisoned_error() {
-                return Err(e);
-            }
-            let Some((_, seg)) = st.segments.range(..=from.0).next_back() else {
-                return Err(StorageError::OffsetOutOfRange {
-                    requested: from.0,
-                    min: st.segments.keys().next().copied().unwrap_or(0),
-                    end: st.append_pos,
-                });
-            };
-            (seg.base, seg.end(), st.written)
+        if let Some(e) = log.poisoned_error() {
+            return Err(e);
+        }
+        let marks = log.marks();
+        let Some((seg_base, seg_end)) = log.segment_of(from) else {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: from.0,
+                min: log.first_segment_base().0,
+                end: marks.appended.0,
+            });
         };
+        let (seg_base, seg_end, written) = (seg_base.0, seg_end.0, marks.written.0);
         debug_assert!(from.0 >= seg_base);
         let empty = |next: u64| LogChunk {
             position: from,
@@ -187,7 +121,7 @@ impl<B: StorageBackend> ShardStore<B> {
         }
         let mut len = ((limit - from.0) as usize).min(max_bytes.max(HEADER_BYTES));
         loop {
-            let bytes = log.read_range(from.0, len as u32).await?;
+            let bytes = log.read_range(from, len as u32).await?;
             let mut at = 0usize;
             let mut pos = from.0;
             while at < bytes.len() {
@@ -255,7 +189,7 @@ impl<B: StorageBackend> ShardStore<B> {
                 });
             }
             log.ensure_room(total).await?;
-            let append_pos = log.st.borrow().append_pos;
+            let append_pos = log.marks().appended.0;
             if append_pos != claimed {
                 return Err(StorageError::Diverged {
                     position: claimed,
@@ -293,7 +227,7 @@ impl<B: StorageBackend> ShardStore<B> {
             at += total as usize;
             expect = claimed + total;
         }
-        Ok((LogPosition(log.st.borrow().append_pos), topics))
+        Ok((log.marks().appended, topics))
     }
 }
 
@@ -302,17 +236,14 @@ impl<B: StorageBackend> ShardStore<B> {
     /// `durable` (or the log is closing): a replica's reason to acknowledge again.
     pub async fn wait_progress_beyond(&self, appended: LogPosition, durable: LogPosition) {
         let log = &self.inner.log;
-        let stop = || {
-            let st = log.st.borrow();
-            st.closing || st.poisoned.is_some()
-        };
+        let stop = || log.marks().stopped();
         let by_append = self
             .inner
             .appended
-            .wait_until(|| stop() || log.st.borrow().append_pos > appended.0);
+            .wait_until(|| stop() || log.marks().appended > appended);
         let by_sync = log
             .durable_changed
-            .wait_until(|| stop() || log.st.borrow().durable > durable.0);
+            .wait_until(|| stop() || log.marks().durable > durable);
         futures_lite::future::or(by_append, by_sync).await
     }
 }

@@ -1,15 +1,18 @@
-//! Helpers shared by the integration tests: an embedded broker on a temp dir on the real disk.
+//! Helpers shared by the integration tests: a temp dir on the real disk, an embedded broker
+//! on it ([`TestBroker`]: start, create a topic, stop, restart or reopen on the same dir), the
+//! one executor helper for async storage tests ([`on_executor`]), and two hosts on one machine
+//! ([`netns`]).
 #![allow(dead_code)]
 
 pub mod netns;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-
 use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, Consumer};
 use ringmq::config::{Config, CoreSelection};
-use ringmq::shard::Broker;
+use ringmq::server::Broker;
 
 /// A temp dir under cargo's target dir: on the project's disk, never tmpfs.
 pub fn data_dir() -> tempfile::TempDir {
@@ -21,14 +24,13 @@ pub fn data_dir() -> tempfile::TempDir {
 
 /// A config for tests: free ports, two shards, small segments, short timeouts.
 pub fn test_config(dir: &Path) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        port: 0,
-        cores: CoreSelection::Count(available_cores().min(2)),
-        segment_bytes: 32 << 20,
-        partial_frame_timeout_ms: 300,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.server.data_dir = dir.to_path_buf();
+    cfg.server.port = 0;
+    cfg.server.cores = CoreSelection::Count(available_cores().min(2));
+    cfg.server.partial_frame_timeout_ms = 300;
+    cfg.storage.segment_bytes = 32 << 20;
+    cfg
 }
 
 pub fn available_cores() -> usize {
@@ -38,53 +40,94 @@ pub fn available_cores() -> usize {
         .max(1)
 }
 
+/// Runs `f` to completion on a fresh glommio executor thread and re-raises its panic: the one
+/// way a test runs async storage code. A fresh thread each call also means a fresh glommio
+/// io-poll probe cache (NOTES.md), which some tests rely on.
+pub fn on_executor<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .expect("start a glommio executor")
+        .join()
+        .expect("the test's executor panicked");
+}
+
+/// An embedded broker on 127.0.0.1 (free ports) over a data dir it owns; stopped on drop.
+/// It keeps its config, so a restart comes back the same way on the same dir.
 pub struct TestBroker {
     pub broker: Option<Broker>,
+    /// The config it (re)starts with; `server.data_dir` is [`TestBroker::dir`].
+    pub config: Config,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl TestBroker {
+    /// A broker with [`test_config`] on a fresh temp dir.
     pub fn start() -> TestBroker {
         let tmp = data_dir();
-        let dir = tmp.path().to_path_buf();
-        let broker = Broker::start(test_config(&dir)).expect("broker starts");
-        TestBroker {
-            broker: Some(broker),
-            dir,
-            _tmp: Some(tmp),
-        }
+        let cfg = test_config(tmp.path());
+        Self::start_with(cfg, tmp)
     }
 
+    /// A broker with `cfg`, whose data dir is (inside) `tmp`; `tmp` lives as long as it.
     pub fn start_with(cfg: Config, tmp: tempfile::TempDir) -> TestBroker {
-        let dir = cfg.data_dir.clone();
-        let broker = Broker::start(cfg).expect("broker starts");
+        let dir = cfg.server.data_dir.clone();
+        let broker = Broker::start(cfg.clone()).expect("broker starts");
         TestBroker {
             broker: Some(broker),
+            config: cfg,
             dir,
             _tmp: Some(tmp),
         }
     }
 
     pub fn addr(&self) -> String {
-        self.broker.as_ref().unwrap().address().to_string()
+        self.broker.as_ref().expect("running").address().to_string()
     }
 
     pub fn shard_addrs(&self) -> Vec<String> {
         self.broker
             .as_ref()
-            .unwrap()
+            .expect("running")
             .addresses()
             .iter()
             .map(|a| a.to_string())
             .collect()
     }
 
-    /// Stops the broker, keeping the data dir, and starts a new one on it.
+    /// Creates `topic` with `queues` queues (through shard 0), panicking on refusal.
+    pub fn create_topic(&self, topic: &str, queues: u32) {
+        Admin::connect(&self.addr())
+            .expect("connect")
+            .create_topic(topic, queues)
+            .expect("create topic");
+    }
+
+    /// Stops the broker cleanly (flush, close), keeping the data dir. Does nothing if it is
+    /// not running.
+    pub fn stop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop().expect("clean stop");
+        }
+    }
+
+    /// Stops the broker (if running) and starts a new one with the same config on the same
+    /// data dir.
     pub fn restart(&mut self) {
-        self.broker.take().unwrap().stop().expect("clean stop");
-        let broker = Broker::start(test_config(&self.dir)).expect("broker restarts");
-        self.broker = Some(broker);
+        self.stop();
+        self.broker = Some(Broker::start(self.config.clone()).expect("broker restarts"));
+    }
+
+    /// Stops the broker (if running) and starts one with `cfg` on the same data dir
+    /// (`cfg.server.data_dir` is set to it); `cfg` is kept for later restarts.
+    pub fn reopen_as(&mut self, mut cfg: Config) {
+        cfg.server.data_dir = self.dir.clone();
+        self.config = cfg;
+        self.restart();
     }
 }
 

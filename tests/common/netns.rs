@@ -47,8 +47,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Where `ip netns add` puts its namespace handles (iproute2's NETNS_RUN_DIR).
-const NETNS_DIR: &str = "/var/run/netns";
+// The bench's slave host runs the same commands: one copy, in the bench crate (std only).
+#[path = "../../bench/src/netns_cmd.rs"]
+mod netns_cmd;
+use netns_cmd::{ip, sysctl, NETNS_DIR};
+
 /// Every broker listens here: each namespace has its own port space. RocketMQ's port.
 pub const BROKER_PORT: u16 = 10911;
 /// The veth end's name inside both namespaces. The pair is created directly inside the
@@ -70,25 +73,6 @@ const CREATE_ATTEMPTS: u32 = 64;
 
 static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 
-/// Runs `ip args...`; on failure returns its stderr.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn ip_or_panic(args: &[&str]) {
     if let Err(e) = ip(args) {
         panic!("{e}");
@@ -108,17 +92,9 @@ fn skip(why: &str) -> Option<TwoHosts> {
 
 /// `sysctl -w setting` inside namespace `ns`.
 fn sysctl_or_panic(ns: &str, setting: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-q", "-w", setting])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run sysctl in {ns}: {e}"));
-    assert!(
-        out.status.success(),
-        "`sysctl -w {setting}` in {ns} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    if let Err(e) = sysctl(Some(ns), setting) {
+        panic!("{e}");
+    }
 }
 
 /// Two network namespaces ("hosts") joined by a veth pair. See the module doc.
@@ -273,28 +249,17 @@ impl Drop for TwoHosts {
     }
 }
 
-/// Deletes namespaces named by this harness whose creating process is gone (a test binary
-/// killed from outside never runs Drop). Live creators' namespaces are never touched.
+/// Deletes namespaces named by this harness (`rq-<pid>-<n>-<a|b>`) whose creating process
+/// is gone (a test binary killed from outside never runs Drop).
 fn remove_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    netns_cmd::remove_stale_namespaces(|name| {
         let parts: Vec<&str> = name.split('-').collect();
         let ours = parts.len() == 4
             && parts[0] == "rq"
-            && parts[1].parse::<u32>().is_ok()
             && parts[2].parse::<u32>().is_ok()
             && (parts[3] == "a" || parts[3] == "b");
-        if ours && !Path::new(&format!("/proc/{}", parts[1])).exists() {
-            eprintln!(
-                "removing namespace {name}: its test process {} is gone",
-                parts[1]
-            );
-            let _ = ip(&["netns", "delete", &name]);
-        }
-    }
+        ours.then(|| parts[1].parse().ok()).flatten()
+    });
 }
 
 /// Runs `f` inside network namespace `ns` (on a fresh thread that joins it with setns) and

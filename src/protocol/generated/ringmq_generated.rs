@@ -1852,7 +1852,7 @@ impl ::core::fmt::Debug for PromoteRequest<'_> {
 pub enum ProduceRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// Opcode 10. The message batch travels as the frame body (see src/message.rs).
+/// Opcode 10. The message batch travels as the frame body (see src/format/batch.rs).
 pub struct ProduceRequest<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }

@@ -4,8 +4,6 @@
 
 use std::collections::HashMap;
 
-use crate::storage::batch::key_hash;
-
 #[derive(Default)]
 pub(crate) struct KeyIndex {
     map: HashMap<u64, Vec<u64>>,
@@ -31,4 +29,14 @@ impl KeyIndex {
             !v.is_empty()
         });
     }
+}
+
+/// FNV-1a 64 over `topic`, a separator and `key`: the index stores these hashes.
+fn key_hash(topic: &[u8], key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in topic.iter().chain(&[0xffu8]).chain(key) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }

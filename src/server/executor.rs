@@ -20,8 +20,10 @@ use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::broker::Services;
 use crate::config::{Config, ConfigError};
 use crate::replication::epoch::EpochHistory;
+use crate::replication::state::Replication;
 use crate::replication::Role;
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
@@ -83,22 +85,23 @@ impl Broker {
             .map(|c| c.id)
             .collect();
         let cores = config
+            .server
             .cores
             .resolve(&available)
             .map_err(BrokerError::Cores)?;
         let shards = cores.len();
         let report = preflight::check(
-            &config.data_dir,
+            &config.server.data_dir,
             shards,
-            config.io_memory_bytes,
-            config.allow_non_direct_io,
+            config.server.io_memory_bytes,
+            config.server.allow_non_direct_io,
         )?;
         for w in &report.warnings {
             log::warn!("{w}");
         }
-        let topics = Arc::new(TopicTable::load(&config.data_dir)?);
-        config.node_id = Some(
-            crate::replication::epoch::node_id(&config.data_dir, config.node_id)
+        let topics = Arc::new(TopicTable::load(&config.server.data_dir)?);
+        config.replication.node_id = Some(
+            crate::replication::epoch::node_id(&config.server.data_dir, config.replication.node_id)
                 .map_err(|e| BrokerError::Replication(format!("node id: {e}")))?,
         );
         let start_fenced = check_peer(&config, shards)?;
@@ -106,21 +109,28 @@ impl Broker {
         let mut listeners = Vec::with_capacity(shards);
         let mut addresses = Vec::with_capacity(shards);
         for shard in 0..shards {
-            let port = if config.port == 0 {
+            let port = if config.server.port == 0 {
                 0
             } else {
-                config.port.checked_add(shard as u16).ok_or_else(|| {
-                    BrokerError::Cores(format!("port {} + shard {shard} overflows", config.port))
-                })?
+                config
+                    .server
+                    .port
+                    .checked_add(shard as u16)
+                    .ok_or_else(|| {
+                        BrokerError::Cores(format!(
+                            "port {} + shard {shard} overflows",
+                            config.server.port
+                        ))
+                    })?
             };
-            let l = bind(&config.listen_host, port)?;
+            let l = bind(&config.server.listen_host, port)?;
             addresses.push(l.local_addr().expect("a bound listener has an address"));
             listeners.push(l);
         }
         let advertised: Arc<Vec<String>> = Arc::new(
             addresses
                 .iter()
-                .map(|a| format!("{}:{}", config.advertised_host(), a.port()))
+                .map(|a| format!("{}:{}", config.server.advertised_host(), a.port()))
                 .collect(),
         );
         log::info!(
@@ -149,8 +159,8 @@ impl Broker {
             };
             let mut builder =
                 LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
-            if config.io_memory_bytes > 0 {
-                builder = builder.io_memory(config.io_memory_bytes as usize);
+            if config.server.io_memory_bytes > 0 {
+                builder = builder.io_memory(config.server.io_memory_bytes as usize);
             }
             match builder.spawn(move || run_shard(args)) {
                 Ok(h) => handles.push(h),
@@ -187,7 +197,7 @@ impl Broker {
             handles,
             shutdown,
             addresses,
-            data_dir: config.data_dir.clone(),
+            data_dir: config.server.data_dir.clone(),
         };
         if let Some(e) = first_error {
             let _ = broker.stop();
@@ -285,14 +295,14 @@ pub fn run_until_signalled(config: Config) -> Result<(), String> {
 /// for a slave (it retries); a master whose peer does not answer starts fenced (the peer may
 /// have been promoted meanwhile) unless `force_master`. Returns whether to start fenced.
 fn check_peer(config: &Config, shards: usize) -> Result<bool, BrokerError> {
-    let (peer, role) = match (&config.master, &config.peer) {
-        (Some(m), _) if config.role == Role::Slave => (m, Role::Slave),
-        (_, Some(p)) if config.role == Role::Master => (p, Role::Master),
+    let (peer, role) = match (&config.replication.master, &config.replication.peer) {
+        (Some(m), _) if config.replication.role == Role::Slave => (m, Role::Slave),
+        (_, Some(p)) if config.replication.role == Role::Master => (p, Role::Master),
         _ => return Ok(false),
     };
     let info = match crate::client::Admin::connect(peer).and_then(|a| a.broker_info()) {
         Ok(info) => info,
-        Err(e) if role == Role::Master && !config.force_master => {
+        Err(e) if role == Role::Master && !config.replication.force_master => {
             log::warn!(
                 "replication: peer {peer} does not answer ({e}); starting FENCED (read-only, \
                  produce gets NOT_MASTER) until it answers; --force-master takes writes without it"
@@ -317,7 +327,7 @@ fn check_peer(config: &Config, shards: usize) -> Result<bool, BrokerError> {
         )));
     }
     if role == Role::Master && info.role == "master" {
-        let ours = EpochHistory::load(&config.data_dir.join("shard-0"))
+        let ours = EpochHistory::load(&config.server.data_dir.join("shard-0"))
             .map_err(|e| BrokerError::Replication(e.to_string()))?
             .current();
         if info.epoch > ours {
@@ -354,8 +364,8 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
         .join()
         .await
         .map_err(|_| "cannot join the shard mesh".to_string())?;
-    let dir = args.config.data_dir.join(format!("shard-{shard}"));
-    let store = match ShardStore::open(&dir, args.config.storage()).await {
+    let dir = args.config.server.data_dir.join(format!("shard-{shard}"));
+    let store = match ShardStore::open(&dir, args.config.storage.clone()).await {
         Ok((store, report)) => {
             log::info!("shard {shard}: opened {}: {report}", dir.display());
             store
@@ -384,7 +394,8 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
         args.shutdown,
         args.topics,
     ));
-    ctx.load_epochs(epochs);
+    let repl = Rc::new(Replication::new(ctx.clone()));
+    repl.load_epochs(epochs);
     let confirmed = match crate::replication::confirmed::load(&dir) {
         Ok(c) => c,
         Err(e) => {
@@ -393,12 +404,12 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
-    match ctx.role() {
+    match repl.role() {
         Role::Master => {
             // Without a saved position (a log older than the file) visibility starts at the
             // log end, as it always did.
             let end = ctx.store().watermarks().appended.0;
-            match ctx.become_master(confirmed.unwrap_or(end)).await {
+            match repl.become_master(confirmed.unwrap_or(end)).await {
                 Ok(epoch) => log::info!(
                     "shard {shard}: master, epoch {}",
                     crate::replication::epoch::describe(epoch)
@@ -410,25 +421,28 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
                 }
             }
             if args.start_fenced {
-                ctx.fence_until_peer_heard(args.config.peer.as_deref().unwrap_or_default());
+                repl.fence_until_peer_heard(
+                    args.config.replication.peer.as_deref().unwrap_or_default(),
+                );
             }
-            glommio::spawn_local(crate::replication::peer_watch::watch_peer(ctx.clone())).detach();
+            glommio::spawn_local(crate::replication::peer_watch::watch_peer(repl.clone())).detach();
         }
         Role::Slave => {
-            ctx.start_confirmed_at(confirmed.unwrap_or(0));
+            repl.start_confirmed_at(confirmed.unwrap_or(0));
             let handle =
-                glommio::spawn_local(crate::replication::follower::follow(ctx.clone())).detach();
-            *ctx.follower.borrow_mut() = Some(handle);
+                glommio::spawn_local(crate::replication::follower::follow(repl.clone())).detach();
+            *repl.follower.borrow_mut() = Some(handle);
         }
     }
     if let Some(c) = confirmed {
-        ctx.set_confirmed_saved(c);
+        repl.set_confirmed_saved(c);
     }
-    glommio::spawn_local(crate::replication::confirmed::keep_saved(ctx.clone())).detach();
-    spawn_mesh_receivers(&ctx, receivers);
+    glommio::spawn_local(crate::replication::confirmed::keep_saved(repl.clone())).detach();
+    let services = Rc::new(Services::new(repl.clone()));
+    spawn_mesh_receivers(&services, receivers);
     let _ = args.ready.send((shard, Ok(())));
 
-    crate::server::listener::serve(ctx.clone(), listener).await;
+    crate::server::listener::serve(services.clone(), listener).await;
 
     // Drain: connections stop reading at shutdown and finish what they have in flight.
     let mut waited_ms = 0;
@@ -442,11 +456,11 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             ctx.open_connections()
         );
     }
-    let follower = ctx.follower.borrow_mut().take();
+    let follower = repl.follower.borrow_mut().take();
     if let Some(f) = follower {
         f.await;
     }
-    crate::replication::confirmed::save_if_moved(&ctx).await;
+    crate::replication::confirmed::save_if_moved(&repl).await;
     let closed = ctx.store().close().await;
     ctx.mesh.close();
     closed.map_err(|e| format!("closing the store: {e}"))?;
@@ -454,9 +468,9 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg>) {
+fn spawn_mesh_receivers(services: &Rc<Services>, mut receivers: Receivers<MeshMsg>) {
     for (_peer, rx) in receivers.streams() {
-        let ctx = ctx.clone();
+        let services = services.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
                 match msg {
@@ -465,15 +479,17 @@ fn spawn_mesh_receivers(ctx: &Rc<ShardContext>, mut receivers: Receivers<MeshMsg
                         call_id,
                         request,
                     } => {
-                        let ctx = ctx.clone();
+                        let services = services.clone();
                         glommio::spawn_local(async move {
                             let reply =
-                                crate::server::handlers::on_mesh_request(&ctx, request).await;
-                            ctx.mesh.reply(from, call_id, reply).await;
+                                crate::server::handlers::on_mesh_request(&services, request).await;
+                            services.shard.mesh.reply(from, call_id, reply).await;
                         })
                         .detach();
                     }
-                    MeshMsg::Reply { call_id, reply } => ctx.mesh.on_reply(call_id, reply),
+                    MeshMsg::Reply { call_id, reply } => {
+                        services.shard.mesh.on_reply(call_id, reply)
+                    }
                 }
             }
         })

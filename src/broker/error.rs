@@ -1,23 +1,24 @@
-//! The server's error type: a stable wire code plus a message for the client.
+//! The broker layer's error type: a stable wire code plus a message for the client.
 //!
 //! Every lower-layer error (storage, topics, mesh, wire) is mapped here, in one place, so the
 //! codes a client sees are decided deliberately.
 
 use crate::protocol::{self, ErrorCode, Frame, WireError};
 use crate::shard::mesh::MeshError;
+use crate::shard::topic_writes::TopicWriteError;
 use crate::shard::topics::TopicError;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{code}: {message}")]
-pub struct HandlerError {
+pub struct ServiceError {
     pub code: ErrorCode,
     pub message: String,
 }
 
-impl HandlerError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> HandlerError {
-        HandlerError {
+impl ServiceError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ServiceError {
+        ServiceError {
             code,
             message: message.into(),
         }
@@ -28,13 +29,13 @@ impl HandlerError {
     }
 }
 
-impl From<WireError> for HandlerError {
+impl From<WireError> for ServiceError {
     fn from(e: WireError) -> Self {
-        HandlerError::new(e.code(), e.to_string())
+        ServiceError::new(e.code(), e.to_string())
     }
 }
 
-impl From<TopicError> for HandlerError {
+impl From<TopicError> for ServiceError {
     fn from(e: TopicError) -> Self {
         let code = match e {
             TopicError::InvalidName { .. } => ErrorCode::InvalidTopic,
@@ -42,19 +43,32 @@ impl From<TopicError> for HandlerError {
             TopicError::Exists { .. } => ErrorCode::TopicExists,
             TopicError::Io { .. } | TopicError::Corrupt { .. } => ErrorCode::Internal,
         };
-        HandlerError::new(code, e.to_string())
+        ServiceError::new(code, e.to_string())
     }
 }
 
-impl From<MeshError> for HandlerError {
+impl From<TopicWriteError> for ServiceError {
+    fn from(e: TopicWriteError) -> Self {
+        match e {
+            TopicWriteError::Topic(e) => e.into(),
+            TopicWriteError::Mesh(e) => e.into(),
+            TopicWriteError::Closed(why) => ServiceError::new(
+                ErrorCode::ShuttingDown,
+                format!("topic writes closed: {why}"),
+            ),
+        }
+    }
+}
+
+impl From<MeshError> for ServiceError {
     fn from(e: MeshError) -> Self {
-        HandlerError::new(ErrorCode::ShuttingDown, e.to_string())
+        ServiceError::new(ErrorCode::ShuttingDown, e.to_string())
     }
 }
 
-impl From<StorageError> for HandlerError {
+impl From<StorageError> for ServiceError {
     fn from(e: StorageError) -> Self {
-        HandlerError::new(storage_code(&e), e.to_string())
+        ServiceError::new(storage_code(&e), e.to_string())
     }
 }
 

@@ -1,5 +1,5 @@
-//! The message batch format: the body of a Produce request, kept by storage exactly as sent and
-//! returned by Fetch.
+//! The message batch format: the body of a Produce request, kept by storage exactly as sent (the
+//! body of a CommitLog record, see [`super::record`]) and returned by Fetch.
 //!
 //! A batch is one or more messages back to back, nothing before or after. One message, all
 //! integers little-endian:
@@ -30,6 +30,9 @@
 //!   every length against the bytes that remain, allocates nothing, and returns the count.
 //! - [`BatchIter`] reads a batch without copying: views borrow the batch's bytes.
 //! - Bad input is a [`BatchError`] naming the byte offset in the batch, never a panic.
+//! - This is the only parser and the only encoder of the format: storage's indexes read keys
+//!   and tags with [`BatchIter`] too, the client and the bench build batches with
+//!   [`BatchBuilder`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -38,6 +41,10 @@ const FIXED_BYTES_AFTER_LEN: usize = 8 + 2 + 2 + 2 + 2 + 4;
 
 /// Bytes of the smallest possible message, including its `len` field.
 pub const MIN_MESSAGE_BYTES: usize = 4 + FIXED_BYTES_AFTER_LEN;
+
+// The diagram above: 20 fixed bytes after `len`, so the smallest message is 24 bytes.
+const _: () = assert!(FIXED_BYTES_AFTER_LEN == 20);
+const _: () = assert!(MIN_MESSAGE_BYTES == 24);
 
 /// What is wrong with a batch. Offsets are from the start of the batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

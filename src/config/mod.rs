@@ -1,9 +1,14 @@
-//! The broker's typed configuration.
+//! The broker's typed configuration, in sections.
 //!
-//! One [`Config`] with documented defaults. It is read from a TOML file (`--config`), then every
-//! field can be overridden by a command-line flag (see `main.rs`), then [`Config::validate`]
-//! reports every problem at once, so an operator fixes a config in one round trip.
-//! The effective config is logged at start ([`Config::to_toml`]).
+//! One [`Config`] of three sections with documented defaults, each owned by the module that
+//! uses it: [`ServerConfig`] (`[server]`, here), [`StorageConfig`] (`[storage]`, in
+//! `storage::config`) and [`ReplicationConfig`] (`[replication]`, in `config::replication`, since the shard and replication layers both read it).
+//! Each section has its `Default` and a `problems()` check with one bound per setting; the
+//! sections never import this module. A config is read from a TOML file (`--config`, one
+//! table per section), then every field can be overridden by a command-line flag (see
+//! `src/broker_args.rs`), then [`Config::validate`] reports every problem of every section at
+//! once, so an operator fixes a config in one round trip. The effective config is logged at
+//! start ([`Config::to_toml`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -11,8 +16,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::replication::{ReplicaAck, ReplicationMode, Role};
-use crate::storage::{FlushMode, RecoveryMode, StorageConfig};
+pub mod replication;
+
+pub use crate::storage::StorageConfig;
+pub use replication::ReplicationConfig;
 
 /// Errors from loading or validating a [`Config`].
 #[derive(Debug, thiserror::Error)]
@@ -137,10 +144,12 @@ impl<'de> Deserialize<'de> for CoreSelection {
     }
 }
 
-/// Everything a broker needs to start. Field names carry their unit last.
+/// The broker process's own settings (the `[server]` section): where its data lives, where it
+/// listens, which cores run shards, and what one connection may make it hold. Field names
+/// carry their unit last.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {
+pub struct ServerConfig {
     /// Root of all broker data: `shard-<n>/` per shard and `topics.toml`. Default `./ringmq-data`.
     pub data_dir: PathBuf,
     /// Address the listeners bind to. Default `127.0.0.1`.
@@ -152,17 +161,6 @@ pub struct Config {
     pub port: u16,
     /// Cores that run shards: `all` (default), a count, or a list like `0,1`.
     pub cores: CoreSelection,
-    /// What a produce ack means: `sync_flush` (default: after group-committed fdatasync) or
-    /// `async_flush` (after the append to the shard's buffer).
-    pub flush_mode: FlushMode,
-    /// ASYNC_FLUSH: the background flusher writes and syncs at least this often. Default 500.
-    pub flush_interval_ms: u64,
-    /// ASYNC_FLUSH: ... or as soon as this many bytes are unflushed. Default 4 MiB.
-    pub flush_bytes: u64,
-    /// A produce whose flush has not completed in this time gets FLUSH_DISK_TIMEOUT. Default 5000.
-    pub flush_timeout_ms: u64,
-    /// CommitLog segment size. Default 1 GiB.
-    pub segment_bytes: u64,
     /// Requests one connection may have in flight before the broker stops reading from it.
     /// Default 4096.
     pub max_inflight_requests_per_connection: u32,
@@ -180,114 +178,34 @@ pub struct Config {
     /// Bytes of io_uring registered buffer memory per shard. Default 0 = glommio's default
     /// (10 MiB); when not root, memlock (often 8 MiB) must cover all shards together.
     pub io_memory_bytes: u64,
-    /// `master` (default) or `slave`. A slave follows `master`, serves fetches and refuses
-    /// produce with NOT_MASTER until promoted (`ringmq admin promote`).
-    pub role: Role,
-    /// Slave: the master's address (`host:port` of its shard 0).
-    pub master: Option<String>,
-    /// Master: the other broker of the pair (optional). At start a master asks it and refuses
-    /// to start if the peer is a master of a newer epoch (this broker was superseded).
-    pub peer: Option<String>,
-    /// `async_master` (default: acks do not wait for the slave) or `sync_master`.
-    pub replication: ReplicationMode,
-    /// SYNC_MASTER: the slave has `received` the record (appended to its log) or made it
-    /// `durable` (its fdatasync covered it, the default).
-    pub replica_ack: ReplicaAck,
-    /// SYNC_MASTER: a produce the slave has not acknowledged in this time gets
-    /// FLUSH_SLAVE_TIMEOUT. Default 3000.
-    pub replica_timeout_ms: u64,
-    /// Master: the most a follower that is behind is sent per second from the log files
-    /// (0 = no limit). Large reads at full disk speed stall the same disk's writes and
-    /// fdatasyncs for hundreds of milliseconds on the test VM; see README. Default 64 MiB/s.
-    pub replica_catchup_bytes_per_sec: u64,
-    /// Master with a `peer`: take writes even when the peer cannot be reached at start. Without
-    /// it such a master starts fenced (read-only: produce gets NOT_MASTER) until it hears from
-    /// the peer, since the peer may have been promoted meanwhile. Default false.
-    pub force_master: bool,
-    /// This broker's node id (1 ..= 2^24 - 1), the low bits of every epoch it mints, so two
-    /// brokers never mint the same epoch. Default: a random id made once and kept in
-    /// `<data_dir>/node_id`.
-    pub node_id: Option<u32>,
-    /// What a shard does at open with a corrupt record before its durable checkpoint (bytes
-    /// that were acknowledged): `strict` (default: refuse to open, naming file and position) or
-    /// `skip-corrupt` (quarantine exactly that record and keep everything after it).
-    pub recovery: RecoveryMode,
 }
 
-impl Default for Config {
+impl Default for ServerConfig {
     fn default() -> Self {
-        Config {
+        ServerConfig {
             data_dir: PathBuf::from("./ringmq-data"),
             listen_host: "127.0.0.1".into(),
             advertised_host: None,
             port: 10911,
             cores: CoreSelection::All,
-            flush_mode: FlushMode::SyncFlush,
-            flush_interval_ms: 500,
-            flush_bytes: 4 << 20,
-            flush_timeout_ms: 5000,
-            segment_bytes: 1 << 30,
             max_inflight_requests_per_connection: 4096,
             max_inflight_bytes_per_connection: 64 << 20,
             partial_frame_timeout_ms: 10_000,
             allow_non_direct_io: false,
             io_memory_bytes: 0,
-            role: Role::Master,
-            master: None,
-            peer: None,
-            replication: ReplicationMode::AsyncMaster,
-            replica_ack: ReplicaAck::Durable,
-            replica_timeout_ms: 3000,
-            replica_catchup_bytes_per_sec: 64 << 20,
-            force_master: false,
-            node_id: None,
-            recovery: RecoveryMode::Strict,
         }
     }
 }
 
-/// Smallest segment: must hold the largest record (a max-size body plus headers).
-const SEGMENT_BYTES_MIN: u64 = 32 << 20;
-
-impl Config {
-    /// Reads a TOML file; missing fields take their defaults, unknown fields are an error.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
-    }
-
-    /// Checks every field and reports all problems together.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl ServerConfig {
+    /// Every problem of this section, empty when it is valid.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir is empty".to_string());
         }
         if self.listen_host.trim().is_empty() {
             problems.push("listen_host is empty".to_string());
-        }
-        if self.flush_interval_ms == 0 {
-            problems.push("flush_interval_ms must be at least 1".to_string());
-        }
-        if self.flush_bytes < 4096 {
-            problems.push(format!(
-                "flush_bytes is {} but must be at least 4096",
-                self.flush_bytes
-            ));
-        }
-        if self.flush_timeout_ms == 0 {
-            problems.push("flush_timeout_ms must be at least 1".to_string());
-        }
-        if self.segment_bytes < SEGMENT_BYTES_MIN || self.segment_bytes % 4096 != 0 {
-            problems.push(format!(
-                "segment_bytes is {} but must be a multiple of 4096 and at least {SEGMENT_BYTES_MIN}",
-                self.segment_bytes
-            ));
         }
         if self.partial_frame_timeout_ms == 0 {
             problems.push("partial_frame_timeout_ms must be at least 1".to_string());
@@ -302,66 +220,62 @@ impl Config {
                 crate::protocol::MAX_BODY_BYTES
             ));
         }
-        if self.role == Role::Slave && !self.master.as_deref().is_some_and(|m| !m.trim().is_empty())
-        {
-            problems.push("role is slave but no master is set (--master HOST:PORT)".to_string());
-        }
-        if self.role == Role::Master && self.master.is_some() {
-            problems.push(
-                "master is set but role is master; --master is for --role slave (use --peer to \
-                 name the other broker of a pair)"
-                    .to_string(),
-            );
-        }
-        if let Some(id) = self.node_id {
-            if id == 0 || id > crate::replication::epoch::NODE_ID_MAX {
-                problems.push(format!(
-                    "node_id is {id} but must be in 1..={}",
-                    crate::replication::epoch::NODE_ID_MAX
-                ));
-            }
-        }
-        if self.replica_timeout_ms == 0 {
-            problems.push("replica_timeout_ms must be at least 1".to_string());
-        }
         if let CoreSelection::Count(0) = self.cores {
             problems.push(
                 "cores: a count must be at least 1 (to name core 0 alone, write `0,`)".to_string(),
             );
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid { problems })
-        }
+        problems
     }
 
     /// The host clients should dial.
     pub fn advertised_host(&self) -> &str {
         self.advertised_host.as_deref().unwrap_or(&self.listen_host)
     }
+}
 
-    /// The other broker of the pair, if any: `peer`, or on a slave (and a promoted one) its
-    /// `master`. Only a follower from this host may open a replication stream.
-    pub fn pair_peer(&self) -> Option<&str> {
-        self.peer.as_deref().or(self.master.as_deref())
+/// Everything a broker needs to start, in sections; each section's type, defaults and checks
+/// belong to the module that uses it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: data dir, listeners, cores, per-connection bounds, io memory.
+    pub server: ServerConfig,
+    /// `[storage]`: segments, flush mode and thresholds, write path, recovery.
+    pub storage: StorageConfig,
+    /// `[replication]`: role, master/peer, ack mode and deadline, catch-up, node id.
+    pub replication: ReplicationConfig,
+}
+
+impl Config {
+    /// Reads a TOML file; missing fields take their defaults, unknown fields are an error.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
-    /// Whether a master streams its log to a follower at all: it names a peer, or waits for a
-    /// slave (SYNC_MASTER). A lone ASYNC_MASTER refuses ReplFollow.
-    pub fn accepts_followers(&self) -> bool {
-        self.pair_peer().is_some() || self.replication == ReplicationMode::SyncMaster
-    }
-
-    /// The storage engine's share of the config.
-    pub fn storage(&self) -> StorageConfig {
-        StorageConfig {
-            segment_bytes: self.segment_bytes,
-            flush_mode: self.flush_mode,
-            flush_interval_ms: self.flush_interval_ms,
-            flush_bytes: self.flush_bytes,
-            recovery: self.recovery,
-            ..StorageConfig::default()
+    /// Checks every section and reports all problems of all of them together, each prefixed
+    /// with its section (`storage: segment_bytes is ...`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sections = [
+            ("server", self.server.problems()),
+            ("storage", self.storage.problems()),
+            ("replication", self.replication.problems()),
+        ];
+        let problems: Vec<String> = sections
+            .into_iter()
+            .flat_map(|(name, ps)| ps.into_iter().map(move |p| format!("{name}: {p}")))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
         }
     }
 
@@ -374,6 +288,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::FlushMode;
 
     #[test]
     fn defaults_are_valid() {
@@ -382,16 +297,45 @@ mod tests {
 
     #[test]
     fn validate_reports_every_problem_at_once() {
-        let cfg = Config {
-            flush_interval_ms: 0,
-            segment_bytes: 1000,
-            max_inflight_requests_per_connection: 0,
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.storage.flush_interval_ms = 0;
+        cfg.storage.segment_bytes = 1000;
+        cfg.server.max_inflight_requests_per_connection = 0;
         match cfg.validate() {
             Err(ConfigError::Invalid { problems }) => assert_eq!(problems.len(), 3, "{problems:?}"),
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn validate_reports_the_problems_of_every_section() {
+        let mut cfg = Config::default();
+        cfg.server.listen_host = String::new();
+        cfg.storage.max_writes_in_flight = 0;
+        cfg.replication.replica_timeout_ms = 0;
+        match cfg.validate() {
+            Err(ConfigError::Invalid { problems }) => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                for (p, section) in problems.iter().zip(["server:", "storage:", "replication:"]) {
+                    assert!(p.starts_with(section), "{problems:?}");
+                }
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    /// The broker and the store agree on the smallest segment: the broker's check is the
+    /// store's (`storage::config::SEGMENT_BYTES_MIN`), not a second, different minimum.
+    #[test]
+    fn segment_bytes_has_the_same_minimum_for_the_broker_and_the_store() {
+        use crate::storage::config::SEGMENT_BYTES_MIN;
+        let mut cfg = Config::default();
+        cfg.storage.segment_bytes = SEGMENT_BYTES_MIN;
+        cfg.validate().unwrap();
+        cfg.storage.validate().unwrap();
+        cfg.storage.segment_bytes = SEGMENT_BYTES_MIN - 4096;
+        assert!(cfg.validate().is_err());
+        assert!(cfg.storage.validate().is_err());
     }
 
     #[test]
@@ -433,16 +377,20 @@ mod tests {
 
     #[test]
     fn toml_round_trips_and_rejects_unknown_fields() {
-        let cfg = Config {
-            cores: CoreSelection::List(vec![0, 1]),
-            flush_mode: FlushMode::AsyncFlush,
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.server.cores = CoreSelection::List(vec![0, 1]);
+        cfg.storage.flush_mode = FlushMode::AsyncFlush;
+        cfg.storage.max_writes_in_flight = 3;
+        cfg.replication.peer = Some("h:1".into());
         let back: Config = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(back, cfg);
         assert!(toml::from_str::<Config>("no_such_field = 1").is_err());
-        let c: Config = toml::from_str("cores = 2\nflush_mode = \"async_flush\"").unwrap();
-        assert_eq!(c.cores, CoreSelection::Count(2));
-        assert_eq!(c.flush_mode, FlushMode::AsyncFlush);
+        assert!(toml::from_str::<Config>("[storage]\nno_such_field = 1").is_err());
+        // A setting in the wrong section is unknown there, not silently ignored.
+        assert!(toml::from_str::<Config>("[server]\nflush_mode = \"async_flush\"").is_err());
+        let c: Config =
+            toml::from_str("[server]\ncores = 2\n[storage]\nflush_mode = \"async_flush\"").unwrap();
+        assert_eq!(c.server.cores, CoreSelection::Count(2));
+        assert_eq!(c.storage.flush_mode, FlushMode::AsyncFlush);
     }
 }

@@ -1,5 +1,5 @@
-//! The CommitLog record format. Pure: no I/O, no glommio, so the client library can parse
-//! fetch responses (the server sends whole records) with the same code.
+//! The CommitLog record format. Pure: no I/O, no glommio, so the client library and the bench
+//! parse fetch responses (the server sends whole records) with the same code as storage.
 //!
 //! # Byte layout (all integers little-endian)
 //!
@@ -50,6 +50,12 @@ pub const HEADER_BYTES: usize = 64;
 pub const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
 /// Offset of the first byte covered by the CRC.
 const CRC_START: usize = 12;
+
+// The diagram above: the last field (`log_position`, 8 bytes at 56) ends the 64-byte header,
+// and the CRC covers everything after the crc field (4 bytes at 8).
+const _: () = assert!(HEADER_BYTES == 64);
+const _: () = assert!(56 + 8 == HEADER_BYTES);
+const _: () = assert!(8 + 4 == CRC_START);
 /// `flags` bit: the producer id/epoch/sequence fields are set.
 pub const FLAG_IDEMPOTENT: u16 = 1;
 /// `flags` bit: a gap record written by recovery in place of a quarantined corrupt record. It

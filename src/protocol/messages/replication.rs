@@ -1,5 +1,5 @@
-//! The messages of a replication connection: the ReplFollow handshake and the two frames the
-//! connection carries after it.
+//! The replication family: the ReplFollow handshake (20) and the two frames a replication
+//! connection carries after it, ReplData (21) and ReplAck (22).
 //!
 //! ```text
 //!  slave shard i                                          master shard i
@@ -13,8 +13,8 @@
 //!
 //! # Contract
 //! - The handshake is an ordinary request and response, so [`Request`](super::Request) and
-//!   [`Response`](super::Response) encode it; its header types live here with the rest of the
-//!   conversation.
+//!   [`Response`](super::Response) encode it (through the opcode table); its header types live
+//!   here with the rest of the conversation.
 //! - After the handshake the connection carries only [`ReplData`] (master to slave) and
 //!   [`ReplAck`] (slave to master), both ONEWAY: acks are not answers to particular data frames,
 //!   they report positions. These are read with [`ReplData::from_frame`] and
@@ -23,7 +23,7 @@
 //!   ordinary connection.
 //! - A ReplData body is raw CommitLog bytes starting at `position`; an empty body is a
 //!   heartbeat that still carries `master_end` and the master's clock. A sender cuts the log
-//!   into bodies of at most [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES).
+//!   into bodies of at most [`MAX_BODY_BYTES`](crate::protocol::MAX_BODY_BYTES).
 //! - Either side may end the stream with an [`error_frame`](super::error_frame) (say
 //!   REPLICATION_REFUSED once the master is fenced); `from_frame` turns it into
 //!   [`WireError::Remote`] whatever opcode it carries.
@@ -31,14 +31,23 @@
 //!   them in its typed positions. Whether an epoch history is well ordered is also its
 //!   business: this layer only bounds its length ([`MAX_EPOCH_ENTRIES`]).
 
-use bytes::Bytes;
-use flatbuffers::{FlatBufferBuilder, Vector};
+use std::mem::size_of;
 
-use super::error::{RemoteError, WireError};
-use super::frame::{Frame, FrameFlags};
-use super::generated as fb;
-use super::limits::MAX_EPOCH_ENTRIES;
-use super::messages::{finish, verify, Opcode};
+use bytes::Bytes;
+use flatbuffers::{FlatBufferBuilder, Vector, WIPOffset};
+
+use super::Opcode;
+use crate::protocol::error::{RemoteError, WireError};
+use crate::protocol::frame::{Frame, FrameFlags};
+use crate::protocol::generated as fb;
+use crate::protocol::header::{finish, verify};
+use crate::protocol::limits::{MAX_EPOCH_ENTRIES, MAX_HEADER_BYTES};
+
+// A full epoch history must leave most of a header for the rest of the handshake (see
+// MAX_EPOCH_ENTRIES): at 16 bytes an entry, a quarter of the header limit at most.
+const _: () = assert!(size_of::<fb::EpochEntry>() == 16);
+const _: () =
+    assert!(MAX_EPOCH_ENTRIES * size_of::<fb::EpochEntry>() <= MAX_HEADER_BYTES as usize / 4);
 
 /// One step of a shard's log history: `epoch` began at CommitLog byte `start`. Histories are
 /// listed oldest first, and an epoch ends where the next begins.
@@ -151,7 +160,7 @@ fn check_stream_frame(frame: &Frame, expected: Opcode) -> Result<(), WireError> 
 
 impl ReplData {
     /// A frame with flags ONEWAY, opcode ReplData, this header, and `body` (at most
-    /// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES), empty for a heartbeat) as the body.
+    /// [`MAX_BODY_BYTES`](crate::protocol::MAX_BODY_BYTES), empty for a heartbeat) as the body.
     pub fn to_frame(&self, request_id: u64, body: Bytes) -> Frame {
         let mut fbb = FlatBufferBuilder::with_capacity(64);
         let args = fb::ReplDataArgs {
@@ -206,7 +215,7 @@ impl ReplAck {
 fn write_epochs<'a>(
     fbb: &mut FlatBufferBuilder<'a>,
     epochs: &[EpochEntry],
-) -> flatbuffers::WIPOffset<Vector<'a, fb::EpochEntry>> {
+) -> WIPOffset<Vector<'a, fb::EpochEntry>> {
     debug_assert!(
         epochs.len() <= MAX_EPOCH_ENTRIES,
         "an epoch history of {} entries would be refused by the peer",
@@ -221,22 +230,15 @@ fn write_epochs<'a>(
 
 /// Reads an epoch history, refusing one longer than [`MAX_EPOCH_ENTRIES`] before copying it.
 /// Absent reads as empty (a follower that has never been written to).
-fn read_epochs(
-    frame: &Frame,
-    epochs: Option<Vector<'_, fb::EpochEntry>>,
-) -> Result<Vec<EpochEntry>, WireError> {
+fn read_epochs(epochs: Option<Vector<'_, fb::EpochEntry>>) -> Result<Vec<EpochEntry>, String> {
     let Some(epochs) = epochs else {
         return Ok(Vec::new());
     };
     if epochs.len() > MAX_EPOCH_ENTRIES {
-        return Err(WireError::BadHeader {
-            request_id: frame.request_id,
-            opcode: frame.opcode,
-            reason: format!(
-                "epoch history of {} entries, at most {MAX_EPOCH_ENTRIES} allowed",
-                epochs.len()
-            ),
-        });
+        return Err(format!(
+            "epoch history of {} entries, at most {MAX_EPOCH_ENTRIES} allowed",
+            epochs.len()
+        ));
     }
     Ok(epochs
         .iter()
@@ -247,64 +249,58 @@ fn read_epochs(
         .collect())
 }
 
-impl ReplFollowRequest {
-    /// The FlatBuffers header; used by [`Request::encode_header`](super::Request::encode_header).
-    pub(super) fn encode_header(&self) -> Bytes {
-        let mut fbb = FlatBufferBuilder::with_capacity(64 + 16 * self.epochs.len());
-        let epochs = write_epochs(&mut fbb, &self.epochs);
+impl<'a> fb::ReplFollowRequest<'a> {
+    pub(crate) fn encode(
+        fbb: &mut FlatBufferBuilder<'a>,
+        f: &ReplFollowRequest,
+    ) -> WIPOffset<Self> {
+        let epochs = write_epochs(fbb, &f.epochs);
         let args = fb::ReplFollowRequestArgs {
-            shard: self.shard,
-            shards: self.shards,
-            segment_bytes: self.segment_bytes,
-            log_end: self.log_end,
+            shard: f.shard,
+            shards: f.shards,
+            segment_bytes: f.segment_bytes,
+            log_end: f.log_end,
             epochs: Some(epochs),
-            log_durable: self.log_durable,
-            node_id: self.node_id,
+            log_durable: f.log_durable,
+            node_id: f.node_id,
         };
-        let root = fb::ReplFollowRequest::create(&mut fbb, &args);
-        finish(fbb, root)
+        fb::ReplFollowRequest::create(fbb, &args)
     }
 
-    /// Verifies and reads the header of `frame`; used by
-    /// [`Request::from_frame`](super::Request::from_frame).
-    pub(super) fn from_header(frame: &Frame) -> Result<ReplFollowRequest, WireError> {
-        let h = verify::<fb::ReplFollowRequest>(frame)?;
+    pub(crate) fn decode(self) -> Result<ReplFollowRequest, String> {
         Ok(ReplFollowRequest {
-            shard: h.shard(),
-            shards: h.shards(),
-            segment_bytes: h.segment_bytes(),
-            log_end: h.log_end(),
-            epochs: read_epochs(frame, h.epochs())?,
-            log_durable: h.log_durable(),
-            node_id: h.node_id(),
+            shard: self.shard(),
+            shards: self.shards(),
+            segment_bytes: self.segment_bytes(),
+            log_end: self.log_end(),
+            epochs: read_epochs(self.epochs())?,
+            log_durable: self.log_durable(),
+            node_id: self.node_id(),
         })
     }
 }
 
-impl ReplFollowResponse {
-    /// The FlatBuffers header; used by [`Response::encode_header`](super::Response::encode_header).
-    pub(super) fn encode_header(&self) -> Bytes {
-        let mut fbb = FlatBufferBuilder::with_capacity(64 + 16 * self.epochs.len());
-        let epochs = write_epochs(&mut fbb, &self.epochs);
+impl<'a> fb::ReplFollowResponse<'a> {
+    pub(crate) fn encode(
+        fbb: &mut FlatBufferBuilder<'a>,
+        f: &ReplFollowResponse,
+    ) -> WIPOffset<Self> {
+        let epochs = write_epochs(fbb, &f.epochs);
         let args = fb::ReplFollowResponseArgs {
-            start: self.start,
-            master_end: self.master_end,
-            want_durable: self.want_durable,
+            start: f.start,
+            master_end: f.master_end,
+            want_durable: f.want_durable,
             epochs: Some(epochs),
         };
-        let root = fb::ReplFollowResponse::create(&mut fbb, &args);
-        finish(fbb, root)
+        fb::ReplFollowResponse::create(fbb, &args)
     }
 
-    /// Verifies and reads the header of `frame`; used by
-    /// [`Response::from_frame`](super::Response::from_frame).
-    pub(super) fn from_header(frame: &Frame) -> Result<ReplFollowResponse, WireError> {
-        let h = verify::<fb::ReplFollowResponse>(frame)?;
+    pub(crate) fn decode(self) -> Result<ReplFollowResponse, String> {
         Ok(ReplFollowResponse {
-            start: h.start(),
-            master_end: h.master_end(),
-            want_durable: h.want_durable(),
-            epochs: read_epochs(frame, h.epochs())?,
+            start: self.start(),
+            master_end: self.master_end(),
+            want_durable: self.want_durable(),
+            epochs: read_epochs(self.epochs())?,
         })
     }
 }
@@ -312,7 +308,7 @@ impl ReplFollowResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{error_frame, ErrorCode};
+    use crate::protocol::{error_frame, ErrorCode, Request};
 
     #[test]
     fn a_heartbeat_is_a_data_frame_with_an_empty_body() {
@@ -392,7 +388,7 @@ mod tests {
             header: finish(fbb, root),
             body: Bytes::new(),
         };
-        let err = ReplFollowRequest::from_header(&frame).unwrap_err();
+        let err = Request::from_frame(&frame).unwrap_err();
         assert!(
             matches!(err, WireError::BadHeader { request_id: 4, .. }),
             "{err}"

@@ -1,0 +1,102 @@
+//! The ack policy: when a stored batch may be acknowledged, and what the ack says.
+//!
+//! One call, [`acknowledge`], decides it for every mode: the local flush rule (SYNC_FLUSH waits
+//! for the fdatasync that covers the batch, up to `flush_timeout_ms`) and the replica rule
+//! (SYNC_MASTER waits for the slave's `replica_ack`, up to `replica_timeout_ms`) are awaited
+//! together, so the record travels to the slave while our own write and sync are under way.
+//! Then: a master fenced meanwhile acks nothing (the record may be truncated when it rejoins
+//! as a slave); a missed deadline is its own status (FLUSH_DISK_TIMEOUT,
+//! FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE), never a silent downgrade; and an ack carries the
+//! strongest durability the watermarks show, which is at least what the modes promise.
+
+use std::time::Duration;
+
+use crate::broker::{Result, ServiceError, Services};
+use crate::protocol::{Durability, ErrorCode};
+use crate::replication::tracker::ReplicaWaitError;
+use crate::replication::{ReplicaAck, ReplicationMode};
+use crate::storage::{Appended, FlushMode};
+
+/// Waits until `appended` (stored in `queue`) may be acknowledged under the configured modes
+/// and returns the durability it reached, or the status that says why it may not.
+pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Result<Durability> {
+    let config = &s.shard.config;
+    let store = s.shard.store();
+    let tracker = s.replication.tracker();
+    let local = async {
+        if config.storage.flush_mode != FlushMode::SyncFlush {
+            return Ok(());
+        }
+        let deadline = Duration::from_millis(config.storage.flush_timeout_ms);
+        match glommio::timer::timeout(deadline, async {
+            Ok(store.wait_durable(appended.end).await)
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServiceError::from(e)),
+            Err(_) => Err(ServiceError::new(
+                ErrorCode::FlushDiskTimeout,
+                format!(
+                    "stored at queue {queue} offset {} but not durable within {} ms",
+                    appended.base_offset, config.storage.flush_timeout_ms
+                ),
+            )),
+        }
+    };
+    let replica = async {
+        if config.replication.mode != ReplicationMode::SyncMaster {
+            return Ok(());
+        }
+        let deadline = Duration::from_millis(config.replication.replica_timeout_ms);
+        tracker
+            .wait_replicated(appended.end, config.replication.replica_ack, deadline)
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    ReplicaWaitError::NotAvailable => "no slave is connected".to_string(),
+                    ReplicaWaitError::Timeout => format!(
+                        "the slave did not acknowledge ({}) within {} ms",
+                        config.replication.replica_ack, config.replication.replica_timeout_ms
+                    ),
+                    ReplicaWaitError::Fenced => "this master was fenced".to_string(),
+                };
+                ServiceError::new(
+                    e.code(),
+                    format!(
+                        "stored on the master at queue {queue} offset {} but {why}; an \
+                         idempotent producer may retry",
+                        appended.base_offset
+                    ),
+                )
+            })
+    };
+    let (local, replica) = futures::join!(local, replica);
+    if let Some(why) = s.replication.fence_message() {
+        return Err(ServiceError::new(
+            ErrorCode::NotMaster,
+            format!(
+                "stored at queue {queue} offset {} but not acknowledged: {why}",
+                appended.base_offset
+            ),
+        ));
+    }
+    local?;
+    replica?;
+    Ok(durability_reached(s, appended))
+}
+
+/// The strongest durability the watermarks show for the batch, read after the waits.
+fn durability_reached(s: &Services, appended: &Appended) -> Durability {
+    let end = appended.end;
+    let tracker = s.replication.tracker();
+    if tracker.acked(ReplicaAck::Durable) >= end.0 {
+        Durability::ReplicaDurable
+    } else if tracker.acked(ReplicaAck::Received) >= end.0 {
+        Durability::ReplicaReceived
+    } else if s.shard.store().watermarks().durable >= end {
+        Durability::Disk
+    } else {
+        Durability::Memory
+    }
+}

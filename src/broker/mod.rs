@@ -1,0 +1,71 @@
+//! Request services: what each request does, with no sockets in sight.
+//!
+//! A service takes a decoded request and the shard's [`Services`] and returns a response (or a
+//! [`ServiceError`] with a stable wire code). `server::handlers` decodes frames, forwards a
+//! request to the shard that owns it, calls the service here and encodes the answer (also for
+//! requests other shards send over the mesh).
+//!
+//! # Layout
+//! - [`produce`]: validate a batch, append it, then let the ack policy decide its answer.
+//! - [`ack`]: the one ack policy — the local flush wait, the replica wait, their deadlines,
+//!   the fence check, and the durability the ack reports.
+//! - [`fetch`]: reads from a queue, with long polling.
+//! - [`topics`]: create (shard 0), list, route; the topic and queue checks other services use.
+//! - [`stats`]: queue and shard statistics, gathered from every shard.
+//! - [`admin`]: broker info and promotion.
+//! - [`error`]: [`ServiceError`] and how each lower-layer error maps to a wire code.
+//!
+//! New request families get a file (or a folder) here: consumer groups, retry, transactions.
+
+pub mod ack;
+pub mod admin;
+pub mod error;
+pub mod fetch;
+pub mod produce;
+pub mod stats;
+pub mod topics;
+
+use std::rc::Rc;
+
+use crate::protocol::ErrorCode;
+use crate::replication::state::Replication;
+use crate::replication::Role;
+use crate::shard::ShardContext;
+
+pub use error::ServiceError;
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// What a request service works with: the shard and its replication state.
+pub struct Services {
+    pub shard: Rc<ShardContext>,
+    pub replication: Rc<Replication>,
+}
+
+impl Services {
+    pub fn new(replication: Rc<Replication>) -> Services {
+        Services {
+            shard: replication.ctx.clone(),
+            replication,
+        }
+    }
+
+    /// NOT_MASTER, naming the master, for writes that reach a slave or a fenced master.
+    pub fn check_writable(&self, what: &str) -> Result<()> {
+        let repl = &self.replication;
+        if repl.role() == Role::Master {
+            // A fenced master is read-only too (see replication::peer_watch).
+            return match repl.fence_message() {
+                None => Ok(()),
+                Some(why) => Err(ServiceError::new(ErrorCode::NotMaster, why)),
+            };
+        }
+        Err(ServiceError::new(
+            ErrorCode::NotMaster,
+            format!(
+                "this broker is a slave{}; {what} on the master",
+                repl.master_hint()
+            ),
+        ))
+    }
+}

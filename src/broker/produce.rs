@@ -1,0 +1,57 @@
+//! Produce: check the target and the batch, append it once, answer as the ack policy says.
+
+use bytes::Bytes;
+
+use crate::broker::{ack, topics, Result, ServiceError, Services};
+use crate::format::batch::validate_batch;
+use crate::protocol::limits::MAX_BATCH_MESSAGES;
+use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Response};
+use crate::storage::{AppendRequest, ProducerSeq};
+
+pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Response> {
+    s.check_writable("produce")?;
+    let queues = topics::queue_count(s, &p.topic)?;
+    let queue = match p.queue {
+        Some(q) => {
+            topics::check_queue(s, &p.topic, q)?;
+            q
+        }
+        None => s.shard.pick_local_queue(&p.topic, queues),
+    };
+    let count = validate_batch(&body, MAX_BATCH_MESSAGES)
+        .map_err(|e| ServiceError::new(ErrorCode::InvalidBatch, e.to_string()))?;
+    if count != p.message_count {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidBatch,
+            format!(
+                "the header says {} message(s) but the body holds {count}",
+                p.message_count
+            ),
+        ));
+    }
+    let producer = (p.producer_id != 0).then_some(ProducerSeq {
+        producer_id: p.producer_id,
+        epoch: p.producer_epoch,
+        base_sequence: p.base_sequence,
+    });
+    let appended = s
+        .shard
+        .store()
+        .append(AppendRequest {
+            topic: &p.topic,
+            queue_id: queue,
+            message_count: count,
+            producer,
+            body: &body,
+        })
+        .await?;
+    let durability = ack::acknowledge(s, queue, &appended).await?;
+    Ok(Response::Produced(ProduceAck {
+        queue,
+        base_offset: appended.base_offset.0,
+        count: appended.count,
+        duplicate: appended.duplicate,
+        durability,
+        epoch: s.replication.epoch(),
+    }))
+}

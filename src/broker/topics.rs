@@ -1,0 +1,73 @@
+//! Topics: create (on shard 0), list, route; and the topic/queue checks other services use.
+
+use crate::broker::{Result, ServiceError, Services};
+use crate::protocol::{ErrorCode, QueueRoute, Response, RouteTable, TopicInfo};
+use crate::shard::topic_writes;
+
+fn topic_not_found(topic: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::TopicNotFound,
+        format!("topic {topic:?} does not exist (create it with `ringmq admin topic create`)"),
+    )
+}
+
+/// How many queues `topic` has, or TOPIC_NOT_FOUND.
+pub fn queue_count(s: &Services, topic: &str) -> Result<u32> {
+    s.shard
+        .topic(topic)
+        .map(|m| m.queues)
+        .ok_or_else(|| topic_not_found(topic))
+}
+
+/// TOPIC_NOT_FOUND or QUEUE_NOT_FOUND unless `topic` has a queue `queue`.
+pub fn check_queue(s: &Services, topic: &str, queue: u32) -> Result<()> {
+    let queues = queue_count(s, topic)?;
+    if queue >= queues {
+        return Err(ServiceError::new(
+            ErrorCode::QueueNotFound,
+            format!("topic {topic:?} has queues 0..{queues}; there is no queue {queue}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs on shard 0 (the dispatcher forwards it there).
+pub async fn create(s: &Services, name: &str, queues: u32) -> Result<Response> {
+    // A slave's topics are copied from its master; a local one would diverge.
+    s.check_writable("create topics")?;
+    topic_writes::create_topic(&s.shard, name, queues).await?;
+    Ok(Response::TopicCreated {
+        name: name.to_string(),
+        queues,
+    })
+}
+
+pub fn list(s: &Services) -> Response {
+    Response::Topics(
+        s.shard
+            .topics()
+            .iter()
+            .map(|(name, meta)| TopicInfo {
+                name: name.to_string(),
+                queues: meta.queues,
+            })
+            .collect(),
+    )
+}
+
+pub fn route(s: &Services, topic: &str) -> Result<Response> {
+    let queues = queue_count(s, topic)?;
+    Ok(Response::Route(RouteTable {
+        topic: topic.to_string(),
+        queues: (0..queues)
+            .map(|queue| {
+                let shard = s.shard.owner_of(topic, queue);
+                QueueRoute {
+                    queue,
+                    shard: shard as u32,
+                    address: s.shard.addresses[shard].clone(),
+                }
+            })
+            .collect(),
+    }))
+}

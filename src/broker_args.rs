@@ -1,0 +1,253 @@
+//! `ringmq broker`'s flags: one args struct per config section, flattened into [`BrokerArgs`].
+//!
+//! Each struct is declared once by `section_args!`, which makes the clap struct (every flag
+//! optional, so a flag not given leaves the `--config` file's value or the default) and its
+//! `apply(&mut Section)` from the same list: a setting is named once here, never copied field
+//! by field.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
+use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
+use ringmq::storage::{FlushMode, RecoveryMode};
+
+/// Declares a clap args struct for one config section and its `apply`. A setting is
+/// `field: T`, the flag `--<field>` taking a `T` that replaces the section's field (of type
+/// `T`, or `Option<T>`); under `flags` a setting is a bool that a flag can only turn on. The
+/// types are single names so that clap's derive sees `Option<T>` as written.
+macro_rules! section_args {
+    (
+        $(#[$struct_meta:meta])*
+        $name:ident => $section:ty {
+            $( $(#[$meta:meta])* $field:ident : $ty:ident, )*
+        } flags {
+            $( $(#[$flag_meta:meta])* $flag:ident, )*
+        }
+    ) => {
+        $(#[$struct_meta])*
+        #[derive(Args)]
+        pub struct $name {
+            $( #[arg(long)] $(#[$meta])* $field: Option<$ty>, )*
+            $( #[arg(long)] $(#[$flag_meta])* $flag: bool, )*
+        }
+
+        impl $name {
+            /// Overrides the settings given on the command line.
+            pub fn apply(self, section: &mut $section) {
+                $(
+                    if let Some(v) = self.$field {
+                        // `T` into a `T` field, or into an `Option<T>` one.
+                        section.$field = v.into();
+                    }
+                )*
+                $(
+                    if self.$flag {
+                        section.$flag = true;
+                    }
+                )*
+            }
+        }
+    };
+}
+
+section_args! {
+    /// `[server]` settings.
+    ServerArgs => ServerConfig {
+        /// Data directory [default: ./ringmq-data]
+        data_dir: PathBuf,
+        /// Address to bind [default: 127.0.0.1]
+        listen_host: String,
+        /// Host put into routes for clients [default: the listen host]
+        advertised_host: String,
+        /// Shard i listens on port+i [default: 10911]
+        port: u16,
+        /// `all`, a count, or a list like 0,1 (`1,` = core 1 alone) [default: all]
+        cores: CoreSelection,
+        /// In-flight requests per connection [default: 4096]
+        max_inflight_requests_per_connection: u32,
+        /// Bytes per connection held by requests in flight and responses not yet written (a
+        /// client that does not read stops being read) [default: 67108864]
+        max_inflight_bytes_per_connection: u64,
+        /// Close a connection that leaves a frame half-sent this long [default: 10000]
+        partial_frame_timeout_ms: u64,
+        /// io_uring registered memory per shard, 0 = glommio default [default: 0]
+        io_memory_bytes: u64,
+    } flags {
+        /// Run on a file system without O_DIRECT (tmpfs), with a loud warning
+        allow_non_direct_io,
+    }
+}
+
+section_args! {
+    /// `[storage]` settings.
+    StorageArgs => StorageConfig {
+        /// sync_flush or async_flush [default: sync_flush]
+        flush_mode: FlushMode,
+        /// ASYNC_FLUSH interval [default: 500]
+        flush_interval_ms: u64,
+        /// ASYNC_FLUSH byte threshold, at least 4096 [default: 4194304]
+        flush_bytes: u64,
+        /// FLUSH_DISK_TIMEOUT deadline [default: 5000]
+        flush_timeout_ms: u64,
+        /// CommitLog segment size, a multiple of 4096 and at least 65536 [default: 1073741824]
+        segment_bytes: u64,
+        /// Bytes of each aligned CommitLog write, a multiple of 4096 [default: 1048576]
+        write_buffer_bytes: u64,
+        /// CommitLog writes (of up to write-buffer-bytes each) in flight before appends wait
+        /// [default: 8]
+        max_writes_in_flight: usize,
+        /// Largest record a shard stores (header + topic + message batch), in bytes,
+        /// 1024..=67108864; also capped by the segment size [default: 8388608]
+        max_record_bytes: u64,
+        /// Corrupt record before the durable checkpoint: strict (refuse to open) or skip-corrupt
+        /// (quarantine it, keep the rest) [default: strict]
+        recovery: RecoveryMode,
+    } flags {
+    }
+}
+
+section_args! {
+    /// `[replication]` settings.
+    ReplicationArgs => ReplicationConfig {
+        /// master or slave [default: master]
+        role: Role,
+        /// Slave: the master's shard-0 address, HOST:PORT
+        master: String,
+        /// Master: the other broker of the pair; refuse to start if it is a newer master
+        peer: String,
+        /// async_master or sync_master [default: async_master]
+        #[arg(long = "replication", value_name = "REPLICATION")]
+        mode: ReplicationMode,
+        /// SYNC_MASTER: received or durable [default: durable]
+        replica_ack: ReplicaAck,
+        /// SYNC_MASTER: FLUSH_SLAVE_TIMEOUT deadline [default: 3000]
+        replica_timeout_ms: u64,
+        /// Master: cap on catch-up reads for a slave that is behind, 0 = none [default: 67108864]
+        replica_catchup_bytes_per_sec: u64,
+        /// Node id, the low bits of the epochs this broker mints [default: random, kept in
+        /// <data-dir>/node_id]
+        node_id: u32,
+    } flags {
+        /// Master with --peer: take writes even if the peer does not answer at start (else the
+        /// broker starts fenced, read-only, until it hears from the peer)
+        force_master,
+    }
+}
+
+/// Every config setting can be set here; flags override the `--config` file, which overrides
+/// the defaults.
+#[derive(Args)]
+pub struct BrokerArgs {
+    /// TOML config file: tables [server], [storage] and [replication] with the fields of
+    /// `ringmq::config::{ServerConfig, StorageConfig, ReplicationConfig}` (the flags' names
+    /// with `_`, except --replication, which is `mode` in [replication])
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
+}
+
+impl BrokerArgs {
+    /// The defaults, overridden by the `--config` file, overridden by the flags given.
+    pub fn into_config(self) -> Result<Config, String> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        self.server.apply(&mut c.server);
+        self.storage.apply(&mut c.storage);
+        self.replication.apply(&mut c.replication);
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerArgs,
+    }
+
+    fn config(args: &[&str]) -> Config {
+        let argv = std::iter::once("ringmq").chain(args.iter().copied());
+        Cli::try_parse_from(argv)
+            .expect("flags parse")
+            .broker
+            .into_config()
+            .unwrap()
+    }
+
+    #[test]
+    fn no_flags_is_the_default_config() {
+        assert_eq!(config(&[]), Config::default());
+    }
+
+    #[test]
+    fn each_flag_lands_in_its_section() {
+        let c = config(&[
+            "--port",
+            "0",
+            "--allow-non-direct-io",
+            "--advertised-host",
+            "h",
+            "--segment-bytes",
+            "65536",
+            "--write-buffer-bytes",
+            "8192",
+            "--max-writes-in-flight",
+            "2",
+            "--max-record-bytes",
+            "4096",
+            "--replication",
+            "sync_master",
+            "--force-master",
+            "--node-id",
+            "7",
+        ]);
+        assert_eq!(c.server.port, 0);
+        assert!(c.server.allow_non_direct_io);
+        assert_eq!(c.server.advertised_host.as_deref(), Some("h"));
+        assert_eq!(c.storage.segment_bytes, 65536);
+        assert_eq!(c.storage.write_buffer_bytes, 8192);
+        assert_eq!(c.storage.max_writes_in_flight, 2);
+        assert_eq!(c.storage.max_record_bytes, 4096);
+        assert_eq!(c.replication.mode, ReplicationMode::SyncMaster);
+        assert!(c.replication.force_master);
+        assert_eq!(c.replication.node_id, Some(7));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_the_config_file_and_the_file_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "[server]\nport = 1\n[storage]\nmax_writes_in_flight = 3\nflush_bytes = 8192\n",
+        )
+        .unwrap();
+        let c = config(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--max-writes-in-flight",
+            "5",
+        ]);
+        assert_eq!(c.server.port, 1, "from the file");
+        assert_eq!(c.storage.flush_bytes, 8192, "from the file");
+        assert_eq!(c.storage.max_writes_in_flight, 5, "the flag wins");
+        assert_eq!(
+            c.storage.segment_bytes,
+            StorageConfig::default().segment_bytes
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! The produce family: Produce (10). The request's body is the message batch (see
+//! [`crate::format::batch`]), kept by storage without re-encoding; the response is the ack.
+
+use std::fmt;
+
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+
+use crate::protocol::generated as fb;
+
+/// Header of a Produce request. The message batch itself is the frame body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceRequest {
+    pub topic: String,
+    /// `None`: the broker picks the queue.
+    pub queue: Option<u32>,
+    /// 0: not idempotent (no de-duplication).
+    pub producer_id: u64,
+    pub producer_epoch: u16,
+    /// Sequence number of the batch's first message; the broker expects the next one.
+    pub base_sequence: u32,
+    /// Must equal the number of messages in the body.
+    pub message_count: u32,
+    /// How long the broker may wait for the durability the flush/replication mode promises.
+    pub timeout_ms: u32,
+}
+
+/// The ack of a Produce request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceAck {
+    pub queue: u32,
+    /// Queue offset of the batch's first message; the batch holds `base_offset..base_offset+count`.
+    pub base_offset: u64,
+    pub count: u32,
+    /// The batch had been stored before (an idempotent retry); the offsets are the original ones.
+    pub duplicate: bool,
+    /// Where the batch's bytes were when the broker answered.
+    pub durability: Durability,
+    /// The epoch of the master that acked (0 from a broker that predates epochs in acks).
+    pub epoch: u64,
+}
+
+/// How durable an acked batch is: a ladder, each level saying more than the one before it.
+///
+/// The broker reports the strongest level its watermarks show when it answers, which may be
+/// more than the flush and replication modes wait for (an ASYNC_FLUSH ack whose bytes happened
+/// to be synced already says `disk`), never less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Durability {
+    /// From a broker that predates this field.
+    Unknown,
+    /// Appended in the master's memory only (ASYNC_FLUSH): a crash of the broker may lose it.
+    Memory,
+    /// fdatasync'd on the master's disk.
+    Disk,
+    /// Also received (appended in memory) by the slave.
+    ReplicaReceived,
+    /// Also fdatasync'd on the slave's disk.
+    ReplicaDurable,
+}
+
+impl Durability {
+    /// The stable text form printed by the CLI (`level=...`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Unknown => "unknown",
+            Durability::Memory => "memory",
+            Durability::Disk => "disk",
+            Durability::ReplicaReceived => "replica-received",
+            Durability::ReplicaDurable => "replica-durable",
+        }
+    }
+
+    fn to_wire(self) -> fb::Durability {
+        match self {
+            Durability::Unknown => fb::Durability::Unknown,
+            Durability::Memory => fb::Durability::Memory,
+            Durability::Disk => fb::Durability::Disk,
+            Durability::ReplicaReceived => fb::Durability::ReplicaReceived,
+            Durability::ReplicaDurable => fb::Durability::ReplicaDurable,
+        }
+    }
+
+    /// A value this build does not know (from a newer broker) reads as `Unknown`.
+    fn from_wire(d: fb::Durability) -> Durability {
+        match d {
+            fb::Durability::Memory => Durability::Memory,
+            fb::Durability::Disk => Durability::Disk,
+            fb::Durability::ReplicaReceived => Durability::ReplicaReceived,
+            fb::Durability::ReplicaDurable => Durability::ReplicaDurable,
+            _ => Durability::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'a> fb::ProduceRequest<'a> {
+    pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, p: &ProduceRequest) -> WIPOffset<Self> {
+        let topic = fbb.create_string(&p.topic);
+        let args = fb::ProduceRequestArgs {
+            topic: Some(topic),
+            queue: p.queue,
+            producer_id: p.producer_id,
+            producer_epoch: p.producer_epoch,
+            base_sequence: p.base_sequence,
+            message_count: p.message_count,
+            timeout_ms: p.timeout_ms,
+        };
+        fb::ProduceRequest::create(fbb, &args)
+    }
+
+    pub(crate) fn decode(self) -> Result<ProduceRequest, String> {
+        Ok(ProduceRequest {
+            topic: self.topic().to_owned(),
+            queue: self.queue(),
+            producer_id: self.producer_id(),
+            producer_epoch: self.producer_epoch(),
+            base_sequence: self.base_sequence(),
+            message_count: self.message_count(),
+            timeout_ms: self.timeout_ms(),
+        })
+    }
+}
+
+impl<'a> fb::ProduceResponse<'a> {
+    pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, ack: &ProduceAck) -> WIPOffset<Self> {
+        let args = fb::ProduceResponseArgs {
+            queue: ack.queue,
+            base_offset: ack.base_offset,
+            count: ack.count,
+            duplicate: ack.duplicate,
+            durability: ack.durability.to_wire(),
+            epoch: ack.epoch,
+        };
+        fb::ProduceResponse::create(fbb, &args)
+    }
+
+    pub(crate) fn decode(self) -> Result<ProduceAck, String> {
+        Ok(ProduceAck {
+            queue: self.queue(),
+            base_offset: self.base_offset(),
+            count: self.count(),
+            duplicate: self.duplicate(),
+            durability: Durability::from_wire(self.durability()),
+            epoch: self.epoch(),
+        })
+    }
+}

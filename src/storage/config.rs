@@ -1,0 +1,173 @@
+//! [`StorageConfig`]: the `[storage]` section of the broker config, and the storage settings of
+//! one shard's store.
+//!
+//! Contract: each setting has exactly one bound, checked here by [`StorageConfig::problems`];
+//! the broker's `Config::validate` and [`ShardStore::open`](super::ShardStore::open) both use
+//! this check, so a config the broker accepts is one every shard's store accepts.
+
+use serde::{Deserialize, Serialize};
+
+use super::backend::BLOCK_BYTES;
+use super::{FlushMode, RecoveryMode, StorageError};
+use crate::format::record::MAX_RECORD_BYTES;
+
+/// Smallest segment file. The store caps a record at `min(max_record_bytes, segment_bytes)`,
+/// so a small segment only means smaller records and more rolls; below this a segment roll
+/// (prepare, open, fsync the directory) would come every few appends.
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+/// Smallest ASYNC_FLUSH byte threshold: one block. Less would flush a partial block after
+/// every append, which is SYNC_FLUSH's cost without its promise.
+pub const FLUSH_BYTES_MIN: u64 = BLOCK_BYTES;
+/// Smallest `max_record_bytes`: room for a record header, a topic name and a small batch.
+pub const MAX_RECORD_BYTES_MIN: u64 = 1024;
+
+/// Storage configuration of one shard (the `[storage]` section of the broker's config file).
+/// Field names carry their unit last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Size of each CommitLog segment file: a multiple of 4 KiB, at least
+    /// [`SEGMENT_BYTES_MIN`]. Default 1 GiB (RocketMQ's).
+    pub segment_bytes: u64,
+    /// What a produce ack means: `sync_flush` (default: after a group-committed fdatasync that
+    /// covers the record) or `async_flush` (after the append to the shard's buffer).
+    pub flush_mode: FlushMode,
+    /// ASYNC_FLUSH: the background flusher writes and syncs at least this often. Default 500
+    /// (RocketMQ's).
+    pub flush_interval_ms: u64,
+    /// ASYNC_FLUSH: ... or as soon as this many bytes are unflushed. Default 4 MiB.
+    pub flush_bytes: u64,
+    /// A produce whose flush has not completed in this time gets FLUSH_DISK_TIMEOUT. Read by
+    /// the produce path's ack wait, not by the store. Default 5000.
+    pub flush_timeout_ms: u64,
+    /// Size of each aligned write buffer (chunk), a multiple of 4 KiB; 1 MiB writes reach full
+    /// disk bandwidth. Default 1 MiB.
+    pub write_buffer_bytes: u64,
+    /// Writes in flight before appends wait (bounds the memory of a shard's log). Default 8.
+    pub max_writes_in_flight: usize,
+    /// Largest record (header + topic + body) the store takes, 1 KiB ..= 64 MiB. Default 8 MiB.
+    pub max_record_bytes: u64,
+    /// What a shard does at open with a corrupt record before its durable checkpoint (bytes
+    /// that were acknowledged): `strict` (default: refuse to open, naming file and position) or
+    /// `skip-corrupt` (quarantine exactly that record and keep everything after it).
+    pub recovery: RecoveryMode,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            segment_bytes: 1 << 30,
+            flush_mode: FlushMode::SyncFlush,
+            flush_interval_ms: 500,
+            flush_bytes: 4 << 20,
+            flush_timeout_ms: 5000,
+            write_buffer_bytes: 1 << 20,
+            max_writes_in_flight: 8,
+            max_record_bytes: 8 << 20,
+            recovery: RecoveryMode::Strict,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Every problem of this section, empty when it is valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.segment_bytes < SEGMENT_BYTES_MIN || self.segment_bytes % BLOCK_BYTES != 0 {
+            problems.push(format!(
+                "segment_bytes is {} but must be a multiple of {BLOCK_BYTES} and at least \
+                 {SEGMENT_BYTES_MIN}",
+                self.segment_bytes
+            ));
+        }
+        if self.flush_interval_ms == 0 {
+            problems.push("flush_interval_ms must be at least 1".to_string());
+        }
+        if self.flush_bytes < FLUSH_BYTES_MIN {
+            problems.push(format!(
+                "flush_bytes is {} but must be at least {FLUSH_BYTES_MIN}",
+                self.flush_bytes
+            ));
+        }
+        if self.flush_timeout_ms == 0 {
+            problems.push("flush_timeout_ms must be at least 1".to_string());
+        }
+        if self.write_buffer_bytes < BLOCK_BYTES || self.write_buffer_bytes % BLOCK_BYTES != 0 {
+            problems.push(format!(
+                "write_buffer_bytes is {} but must be a positive multiple of {BLOCK_BYTES}",
+                self.write_buffer_bytes
+            ));
+        }
+        if self.max_writes_in_flight == 0 {
+            problems.push("max_writes_in_flight must be at least 1".to_string());
+        }
+        if self.max_record_bytes < MAX_RECORD_BYTES_MIN
+            || self.max_record_bytes > u64::from(MAX_RECORD_BYTES)
+        {
+            problems.push(format!(
+                "max_record_bytes is {} but must be in {MAX_RECORD_BYTES_MIN}..={MAX_RECORD_BYTES}",
+                self.max_record_bytes
+            ));
+        }
+        problems
+    }
+
+    /// Reports every problem at once.
+    pub fn validate(&self) -> Result<(), StorageError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::Config(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        StorageConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let cfg = StorageConfig {
+            segment_bytes: 1000,
+            flush_bytes: 0,
+            write_buffer_bytes: 100,
+            max_writes_in_flight: 0,
+            max_record_bytes: 10,
+            ..StorageConfig::default()
+        };
+        assert_eq!(cfg.problems().len(), 5, "{:?}", cfg.problems());
+        assert!(matches!(cfg.validate(), Err(StorageError::Config(p)) if p.len() == 5));
+    }
+
+    #[test]
+    fn segment_bytes_has_one_minimum() {
+        let at = |segment_bytes| StorageConfig {
+            segment_bytes,
+            ..StorageConfig::default()
+        };
+        at(SEGMENT_BYTES_MIN).validate().unwrap();
+        let below = at(SEGMENT_BYTES_MIN - BLOCK_BYTES).problems();
+        assert_eq!(below.len(), 1, "{below:?}");
+        assert!(below[0].contains("segment_bytes"), "{below:?}");
+        assert_eq!(
+            at(SEGMENT_BYTES_MIN + 1).problems().len(),
+            1,
+            "not block-aligned"
+        );
+    }
+
+    #[test]
+    fn toml_section_rejects_unknown_fields() {
+        assert!(toml::from_str::<StorageConfig>("no_such_field = 1").is_err());
+        let c: StorageConfig = toml::from_str("max_writes_in_flight = 3").unwrap();
+        assert_eq!(c.max_writes_in_flight, 3);
+        assert_eq!(c.segment_bytes, StorageConfig::default().segment_bytes);
+    }
+}

@@ -1,0 +1,92 @@
+//! The indexes derived from the CommitLog: all of them are rebuilt from (or reconciled with)
+//! the log at open, which stays the truth.
+//!
+//! # Layout
+//! - [`consume_queue`]: per (topic, queue) entries pointing into the log, persisted lazily
+//!   behind the durable log.
+//! - `key_index`: message key -> log positions (in memory, rebuilt at open).
+//! - `producer`: the idempotent producer sequence table (rebuilt from record headers at open).
+//!
+//! The indexes read keys and tags from a record's body with the one batch parser,
+//! [`crate::format::batch::BatchIter`]. Storage keeps a body as the producer sent it; a body
+//! that does not parse (the server validates before append, so only a damaged one) is still
+//! stored: its messages up to the first bad one are indexed, and a body whose first message
+//! does not parse gets tag hash 0 and no keys.
+
+pub mod consume_queue;
+pub(crate) mod key_index;
+pub(crate) mod producer;
+
+use crate::format::batch::BatchIter;
+
+/// FNV-1a 32 of a tag; 0 is reserved for "no tag".
+pub fn tag_hash(tag: &[u8]) -> u32 {
+    if tag.is_empty() {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in tag {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+/// Tag hash of the first message and the keys of all messages (up to the first that does not
+/// parse).
+pub(crate) fn scan_body(body: &[u8], mut on_key: impl FnMut(&[u8])) -> u32 {
+    let mut first_tag = None;
+    for message in BatchIter::new(body) {
+        let Ok(m) = message else { break };
+        let tag = m.tag.unwrap_or_default();
+        first_tag.get_or_insert_with(|| tag_hash(tag));
+        if let Some(key) = m.key {
+            on_key(key);
+        }
+    }
+    first_tag.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::format::batch::{BatchBuilder, Message};
+
+    #[test]
+    fn keys_and_first_tag_are_extracted() {
+        let mut b = BytesMut::new();
+        let mut builder = BatchBuilder::new(&mut b);
+        for m in [
+            Message::new(&b"p1"[..])
+                .with_key(&b"k1"[..])
+                .with_tag(&b"tagA"[..]),
+            Message::new(&b"p2"[..])
+                .with_key(&b""[..])
+                .with_tag(&b"tagB"[..]),
+            Message::new(&b"p3"[..])
+                .with_key(&b"k3"[..])
+                .with_tag(&b""[..]),
+        ] {
+            builder.push(&m).unwrap();
+        }
+        let mut keys = Vec::new();
+        let t = scan_body(&b, |k| keys.push(k.to_vec()));
+        assert_eq!(t, tag_hash(b"tagA"));
+        assert_eq!(keys, vec![b"k1".to_vec(), b"k3".to_vec()]);
+    }
+
+    #[test]
+    fn garbage_body_gives_no_tag_and_no_panic() {
+        for body in [
+            &b""[..],
+            b"\xff\xff\xff\xff",
+            b"\x03\x00\x00\x00abc",
+            &[7u8; 40],
+        ] {
+            let t = scan_body(body, |_| {});
+            assert_eq!(t, 0);
+        }
+    }
+}
