@@ -200,3 +200,64 @@ fn a_trickled_frame_is_closed_at_its_deadline_although_bytes_keep_arriving() {
     assert_eq!(stats(&b.addr()).partial_frame_timeouts, 1);
     Admin::connect(&b.addr()).unwrap().ping().unwrap();
 }
+
+#[test]
+fn many_clients_that_never_read_hold_at_most_the_shard_budget_and_a_producer_still_gets_acks() {
+    use ringmq::server::bounds::SHARD_INFLIGHT_BYTES_MAX;
+    // One shard, so the producer below talks to the shard the non-readers fill.
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.server.cores = ringmq::config::CoreSelection::Count(1);
+    let b = TestBroker::start_with(cfg, tmp);
+    topic_with(&b, 8);
+    // Each connection may hold 64 MiB (7 fetches of 8 MiB): 24 of them would hold ~1.3 GiB
+    // of unread answers if only the per-connection budgets bounded them.
+    const CONNECTIONS: u64 = 24;
+    const FETCHES: u64 = 20;
+    let before = stats(&b.addr()).requests_handled;
+    let requests: Vec<u8> = (1..=FETCHES)
+        .flat_map(|id| fetch_frame(id, u32::MAX))
+        .collect();
+    let conns: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut s = TcpStream::connect(b.addr()).unwrap();
+            s.write_all(&requests).unwrap();
+            s
+        })
+        .collect();
+    // Settle: every fetch connection's reader is stopped (by its own budget or the shard's)
+    // with nothing in flight, or every fetch was handled. The deadline only keeps a broken
+    // broker from hanging the test.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = stats(&b.addr());
+        let stopped = st.requests_in_flight == 0
+            && st.readers_waiting + st.shard_readers_waiting == CONNECTIONS;
+        if stopped || st.requests_handled >= before + CONNECTIONS * FETCHES {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never settled: {st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A well-behaved producer on another connection is still acked.
+    let p = Producer::connect(&b.addr()).unwrap();
+    for _ in 0..20 {
+        p.send(
+            "t",
+            QueueSelector::Queue(0),
+            &Message::new(vec![b'w'; 1024]),
+        )
+        .expect("a producer is acked while non-readers hold the shard's budget");
+    }
+    let st = stats(&b.addr());
+    assert!(
+        st.outbox_total_bytes_max <= SHARD_INFLIGHT_BYTES_MAX,
+        "the shard held {} unread response bytes; its budget is {SHARD_INFLIGHT_BYTES_MAX}: {st:?}",
+        st.outbox_total_bytes_max
+    );
+    assert!(
+        st.shard_waits > 0,
+        "the shard budget was never reached: {st:?}"
+    );
+    drop(conns);
+}

@@ -15,14 +15,24 @@
 //! [`PARTIAL_FRAME_RESERVE_BYTES`](crate::protocol::limits::PARTIAL_FRAME_RESERVE_BYTES)) and
 //! the whole frame has one deadline, so a trickling client cannot pin a large buffer either.
 //!
+//! All connections of one shard also share one [`ShardBudget`] ([`SHARD_INFLIGHT_BYTES_MAX`]):
+//! every charge to a connection's budget is charged to it too, and so are the connections'
+//! read buffers. Past it, a produce is answered SYSTEM_BUSY (retriable) at once, without
+//! waiting, and any other request waits (its reader stops) until the shard's charge is below
+//! [`SHARD_NON_PRODUCE_BYTES_MAX`]; a reader between frames waits before it reads a new one.
+//! A reader in the middle of a frame always reads on, so every frame can be finished (or is
+//! cut off by its deadline): nothing waits for something that itself waits.
+//!
 //! [`ServerStats`] keeps high-water marks of all of this per listener. They are measured
 //! apart from the budget (the outbox counts its own bytes, the reader looks at its buffer's
 //! capacity), so a bound that stops working shows up in them.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Poll, Waker};
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
@@ -30,6 +40,20 @@ use crate::protocol::limits::{
     MAX_ERROR_MESSAGE_BYTES, MAX_FETCH_BYTES, MAX_HEADER_BYTES, PREAMBLE_BYTES,
 };
 use crate::protocol::Request;
+
+/// Bytes all connections of one shard may make it hold at once: request bodies and frames
+/// being read, and responses (reserved, then encoded) until written. Without it each of
+/// hundreds of connections could hold its own 64 MiB budget: under the wire fuzzer (256
+/// connections that never read) the broker's peak RSS was ~0.9–1.6 GB, and 460 MiB with a
+/// 256 MiB shard budget; 128 MiB gave 250 MiB. 128 MiB is 8 max-size frames, or ~50 ms of the
+/// disk's sequential write rate: far more than one core's produce pipeline needs in flight.
+pub const SHARD_INFLIGHT_BYTES_MAX: u64 = 128 << 20;
+
+/// The part of [`SHARD_INFLIGHT_BYTES_MAX`] that requests other than produce (fetches,
+/// listings) and new frames may fill before their readers wait. The last quarter is kept for
+/// produce requests, so clients that never read their fetch answers cannot starve producers:
+/// a produce is refused (SYSTEM_BUSY) only when the whole budget is spent.
+pub const SHARD_NON_PRODUCE_BYTES_MAX: u64 = SHARD_INFLIGHT_BYTES_MAX / 4 * 3;
 
 /// Room kept for a response that carries a small fixed header or an error message: the
 /// preamble, an error text at its limit, and a margin for the few fixed fields of an ack.
@@ -67,6 +91,8 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
 pub struct ByteBudget {
     used: Cell<u64>,
     max: u64,
+    /// Charged and released along with this budget.
+    shard: Option<Rc<ShardBudget>>,
     // Wakes the one waiter (the reader, or the drain after it) when bytes are released.
     freed_tx: LocalSender<()>,
     freed_rx: LocalReceiver<()>,
@@ -74,10 +100,16 @@ pub struct ByteBudget {
 
 impl ByteBudget {
     pub fn new(max: u64) -> ByteBudget {
+        ByteBudget::with_shard(max, None)
+    }
+
+    /// A connection's budget whose every charge also counts against its shard's.
+    pub fn with_shard(max: u64, shard: Option<Rc<ShardBudget>>) -> ByteBudget {
         let (freed_tx, freed_rx) = local_channel::new_bounded(1);
         ByteBudget {
             used: Cell::new(0),
             max,
+            shard,
             freed_tx,
             freed_rx,
         }
@@ -90,12 +122,19 @@ impl ByteBudget {
 
     pub fn charge(&self, bytes: u64) {
         self.used.set(self.used.get() + bytes);
+        if let Some(shard) = &self.shard {
+            shard.charge(bytes);
+        }
     }
 
     pub fn release(&self, bytes: u64) {
         let used = self.used.get();
         debug_assert!(bytes <= used, "released {bytes} of {used} charged bytes");
-        self.used.set(used.saturating_sub(bytes));
+        let bytes = bytes.min(used);
+        self.used.set(used - bytes);
+        if let Some(shard) = &self.shard {
+            shard.release(bytes);
+        }
         // A full channel means a wake-up is already pending.
         let _ = self.freed_tx.try_send(());
     }
@@ -122,6 +161,87 @@ impl ByteBudget {
     }
 }
 
+/// The in-flight byte budget shared by all connections of one shard (one listener). Like
+/// [`ByteBudget`], charges never wait and may overdraw it; callers ask [`ShardBudget::has_room`]
+/// first and either refuse (produce) or wait in [`ShardBudget::wait_for_room`].
+pub struct ShardBudget {
+    used: Cell<u64>,
+    max: u64,
+    stats: Arc<ServerStats>,
+    /// Every task waiting for room; all are woken on a release and check again.
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl ShardBudget {
+    pub fn new(max: u64, stats: Arc<ServerStats>) -> ShardBudget {
+        ShardBudget {
+            used: Cell::new(0),
+            max,
+            stats,
+            waiters: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.get()
+    }
+
+    pub fn charge(&self, bytes: u64) {
+        let used = self.used.get() + bytes;
+        self.used.set(used);
+        self.stats.note_shard(used);
+    }
+
+    pub fn release(&self, bytes: u64) {
+        let used = self.used.get();
+        debug_assert!(bytes <= used, "released {bytes} of {used} shard bytes");
+        let used = used.saturating_sub(bytes);
+        self.used.set(used);
+        self.stats.note_shard(used);
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            w.wake();
+        }
+    }
+
+    /// Whether `bytes` more keep the charge within `limit` (at most the budget). A charge
+    /// larger than the limit fits an empty shard, so one large request still goes through.
+    pub fn has_room(&self, bytes: u64, limit: u64) -> bool {
+        let used = self.used.get();
+        used == 0 || used + bytes <= limit.min(self.max)
+    }
+
+    /// Waits until [`ShardBudget::has_room`] for `bytes` under `limit`; false at once when
+    /// `giving_up` says so (checked after each release).
+    pub async fn wait_for_room(
+        &self,
+        bytes: u64,
+        limit: u64,
+        giving_up: impl Fn() -> bool,
+    ) -> bool {
+        while !self.has_room(bytes, limit) {
+            if giving_up() {
+                return false;
+            }
+            let mut registered = false;
+            std::future::poll_fn(|cx| {
+                if registered {
+                    return Poll::Ready(());
+                }
+                registered = true;
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+        }
+        true
+    }
+}
+
 /// High-water marks and counters of one listener's connections (one shard), since start.
 /// Written by the shard's thread only; read from anywhere (tests, tools).
 #[derive(Debug, Default)]
@@ -130,6 +250,13 @@ pub struct ServerStats {
     outbox_bytes_max: AtomicU64,
     read_buffer_bytes_max: AtomicU64,
     budget_waits: AtomicU64,
+    shard_bytes: AtomicU64,
+    shard_bytes_max: AtomicU64,
+    shard_waits: AtomicU64,
+    shard_readers_waiting: AtomicU64,
+    shard_busy_refusals: AtomicU64,
+    outbox_total_bytes: AtomicU64,
+    outbox_total_bytes_max: AtomicU64,
     partial_frame_timeouts: AtomicU64,
     readers_waiting: AtomicU64,
     requests_in_flight: AtomicU64,
@@ -147,6 +274,19 @@ pub struct ServerStatsSnapshot {
     pub read_buffer_bytes_max: u64,
     /// Times a reader stopped reading because its connection's budget was spent.
     pub budget_waits: u64,
+    /// Bytes charged to the shard's budget now ([`ShardBudget`]).
+    pub shard_bytes: u64,
+    /// The most bytes charged to the shard's budget at once.
+    pub shard_bytes_max: u64,
+    /// Times a reader waited for room in the shard's budget.
+    pub shard_waits: u64,
+    /// Readers waiting for room in the shard's budget right now.
+    pub shard_readers_waiting: u64,
+    /// Produce requests answered SYSTEM_BUSY because the shard's budget was spent.
+    pub shard_busy_refusals: u64,
+    /// The most response bytes all connections together held encoded and unwritten (counted
+    /// by the outboxes, apart from the budgets).
+    pub outbox_total_bytes_max: u64,
     /// Connections closed because a frame was not complete by its deadline.
     pub partial_frame_timeouts: u64,
     /// Readers stopped for their budget right now.
@@ -193,6 +333,35 @@ impl ServerStats {
         }
     }
 
+    pub fn note_shard(&self, bytes: u64) {
+        self.shard_bytes.store(bytes, Ordering::Relaxed);
+        raise(&self.shard_bytes_max, bytes);
+    }
+
+    /// A reader starts (`true`) or stops (`false`) waiting for room in the shard's budget.
+    pub fn note_shard_waiting(&self, waiting: bool) {
+        if waiting {
+            add(&self.shard_waits, 1);
+            add(&self.shard_readers_waiting, 1);
+        } else {
+            add(&self.shard_readers_waiting, -1);
+        }
+    }
+
+    /// `delta` response bytes were queued (positive) or written or dropped (negative) by
+    /// some connection's outbox.
+    pub fn note_outbox_total(&self, delta: i64) {
+        add(&self.outbox_total_bytes, delta);
+        raise(
+            &self.outbox_total_bytes_max,
+            self.outbox_total_bytes.load(Ordering::Relaxed),
+        );
+    }
+
+    pub fn count_shard_busy(&self) {
+        add(&self.shard_busy_refusals, 1);
+    }
+
     pub fn count_partial_frame_timeout(&self) {
         add(&self.partial_frame_timeouts, 1);
     }
@@ -213,6 +382,12 @@ impl ServerStats {
             outbox_bytes_max: get(&self.outbox_bytes_max),
             read_buffer_bytes_max: get(&self.read_buffer_bytes_max),
             budget_waits: get(&self.budget_waits),
+            shard_bytes: get(&self.shard_bytes),
+            shard_bytes_max: get(&self.shard_bytes_max),
+            shard_waits: get(&self.shard_waits),
+            shard_readers_waiting: get(&self.shard_readers_waiting),
+            shard_busy_refusals: get(&self.shard_busy_refusals),
+            outbox_total_bytes_max: get(&self.outbox_total_bytes_max),
             partial_frame_timeouts: get(&self.partial_frame_timeouts),
             readers_waiting: get(&self.readers_waiting),
             requests_in_flight: get(&self.requests_in_flight),

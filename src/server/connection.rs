@@ -9,6 +9,10 @@
 //!   (body, then response until written to the socket) are charged to its byte budget. When
 //!   either is spent the loop stops reading, so a flooding client, or one that never reads its
 //!   responses, slows down into TCP backpressure instead of growing the broker's memory.
+//! - Every byte charged to a connection's budget, and its read buffer, is also charged to the
+//!   shard's budget, shared by all its connections. Past it a produce is answered
+//!   SYSTEM_BUSY (before it is dispatched), other requests wait for room, and a reader
+//!   between frames waits before reading the next; a reader inside a frame reads on.
 //! - A frame must arrive whole within `partial_frame_timeout_ms` of its first byte: one
 //!   deadline for the frame, not an idle timeout per read, so a client trickling a byte now
 //!   and then cannot keep a half-sent frame (and its buffer) forever. Between frames a
@@ -33,8 +37,8 @@ use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
 use crate::broker::Services;
-use crate::protocol::{self, Frame, Request, WireError};
-use crate::server::bounds::{self, ByteBudget, ServerStats};
+use crate::protocol::{self, ErrorCode, Frame, Request, WireError};
+use crate::server::bounds::{self, ByteBudget, ServerStats, ShardBudget};
 use crate::server::handlers;
 use crate::shard::ShardContext;
 
@@ -49,6 +53,7 @@ pub async fn serve(
     stream: TcpStream,
     stop: Rc<Semaphore>,
     stats: Arc<ServerStats>,
+    shard: Rc<ShardBudget>,
 ) {
     let ctx = services.shard.clone();
     ctx.connection_opened();
@@ -56,7 +61,7 @@ pub async fn serve(
     // For the replication handshake: only the configured peer may follow.
     let remote = stream.peer_addr().ok();
     let (mut reader, writer) = stream.split();
-    let budget = Rc::new(Budget::new(&ctx));
+    let budget = Rc::new(Budget::new(&ctx, shard.clone()));
     let outbox = Rc::new(Outbox::new(budget.clone(), stats.clone()));
     let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
     let mut buf = BytesMut::new();
@@ -67,8 +72,13 @@ pub async fn serve(
         budget: &budget,
         stop: &stop,
         stats: &stats,
+        shard: &shard,
+        read_charged: Cell::new(0),
     };
-    let handoff = match conn.read_loop(&mut reader, &mut buf).await {
+    let read_result = conn.read_loop(&mut reader, &mut buf).await;
+    // The read buffer is either dropped or handed to replication, which has its own bounds.
+    shard.release(conn.read_charged.replace(0));
+    let handoff = match read_result {
         Err(Closed::Replication(request_id, req)) => Some((request_id, req)),
         Err(reason) => {
             log::debug!("shard {}: closing connection: {reason}", ctx.shard);
@@ -137,12 +147,15 @@ struct Budget {
 }
 
 impl Budget {
-    fn new(ctx: &ShardContext) -> Budget {
+    fn new(ctx: &ShardContext, shard: Rc<ShardBudget>) -> Budget {
         let max_requests = u64::from(ctx.config.server.max_inflight_requests_per_connection);
         Budget {
             requests: Rc::new(Semaphore::new(max_requests)),
             max_requests,
-            bytes: ByteBudget::new(ctx.config.server.max_inflight_bytes_per_connection),
+            bytes: ByteBudget::with_shard(
+                ctx.config.server.max_inflight_bytes_per_connection,
+                Some(shard),
+            ),
             max_record_bytes: ctx.config.storage.max_record_bytes,
         }
     }
@@ -190,9 +203,49 @@ struct Conn<'a> {
     budget: &'a Rc<Budget>,
     stop: &'a Rc<Semaphore>,
     stats: &'a Arc<ServerStats>,
+    shard: &'a Rc<ShardBudget>,
+    /// The read buffer's capacity as last charged to the shard.
+    read_charged: Cell<u64>,
 }
 
 impl Conn<'_> {
+    /// Charges (or releases) the change of the read buffer's capacity to the shard.
+    fn charge_read_buffer(&self, buf: &BytesMut) {
+        let now = buf.capacity() as u64;
+        let was = self.read_charged.replace(now);
+        if now > was {
+            self.shard.charge(now - was);
+        } else if was > now {
+            self.shard.release(was - now);
+        }
+    }
+
+    /// Between frames: waits until the shard has room for new frames. Never inside a frame,
+    /// so a frame being read can always be finished.
+    async fn wait_for_shard_room(&self, bytes: u64) -> Result<(), Closed> {
+        let limit = bounds::SHARD_NON_PRODUCE_BYTES_MAX;
+        if self.shard.has_room(bytes, limit) {
+            return Ok(());
+        }
+        self.stats.note_shard_waiting(true);
+        let room = self
+            .shard
+            .wait_for_room(bytes, limit, || self.outbox.is_broken());
+        let stopped = async {
+            let _ = self.stop.acquire(1).await;
+            false
+        };
+        let got_room = future::or(room, stopped).await;
+        self.stats.note_shard_waiting(false);
+        if got_room {
+            Ok(())
+        } else if self.outbox.is_broken() {
+            Err(Closed::PeerGone)
+        } else {
+            Err(Closed::Shutdown)
+        }
+    }
+
     async fn read_loop(
         &self,
         reader: &mut ReadHalf<TcpStream>,
@@ -229,6 +282,7 @@ impl Conn<'_> {
             }
             // After decoding too: decode reserves room for the rest of a partial frame.
             self.stats.note_read_buffer(buf.capacity() as u64);
+            self.charge_read_buffer(buf);
             frame_deadline = if buf.is_empty() {
                 None
             } else if decoded || frame_deadline.is_none() {
@@ -240,9 +294,13 @@ impl Conn<'_> {
             if self.outbox.is_broken() {
                 return Err(Closed::PeerGone);
             }
+            if buf.is_empty() {
+                self.wait_for_shard_room(0).await?;
+            }
             let n = self.read(reader, &mut chunk, frame_deadline).await?;
             buf.extend_from_slice(&chunk[..n]);
             self.stats.note_read_buffer(buf.capacity() as u64);
+            self.charge_read_buffer(buf);
             if n == chunk.len() && chunk.len() < READ_CHUNK_BYTES {
                 // This connection carries traffic: read in full-size chunks from now on.
                 chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -288,6 +346,41 @@ impl Conn<'_> {
         }
     }
 
+    /// Whether the shard's budget takes `reserved` bytes for this request. A produce never
+    /// waits: past the whole budget it is answered SYSTEM_BUSY (retriable; the producer backs
+    /// off and re-sends) and dropped. Anything else waits while the shard is past
+    /// [`bounds::SHARD_NON_PRODUCE_BYTES_MAX`], which keeps the rest for produce requests.
+    async fn shard_admits(
+        &self,
+        frame: &Frame,
+        request: &Request,
+        reserved: u64,
+    ) -> Result<bool, Closed> {
+        if !matches!(request, Request::Produce(_)) {
+            self.wait_for_shard_room(reserved).await?;
+            return Ok(true);
+        }
+        if self.shard.has_room(reserved, self.shard.max()) {
+            return Ok(true);
+        }
+        self.stats.count_shard_busy();
+        if !frame.flags.is_oneway() {
+            let message = format!(
+                "shard in-flight byte budget spent ({} of {} bytes held by requests and unread \
+                 responses); retry later",
+                self.shard.used(),
+                self.shard.max()
+            );
+            self.outbox.push(&protocol::error_frame(
+                frame.opcode,
+                frame.request_id,
+                ErrorCode::SystemBusy,
+                &message,
+            ));
+        }
+        Ok(false)
+    }
+
     /// Starts one request under the budget. Waiting for room here is the backpressure.
     async fn dispatch(&self, frame: Frame, first: bool) -> Result<(), Closed> {
         let request = match Request::from_frame(&frame) {
@@ -317,6 +410,9 @@ impl Conn<'_> {
         // exists, for the most it can be, so a burst of requests cannot overshoot the budget.
         let reserved = frame.body.len() as u64
             + bounds::response_reserve_bytes(&request, budget.max_record_bytes);
+        if !self.shard_admits(&frame, &request, reserved).await? {
+            return Ok(());
+        }
         if !budget.bytes.has_room(reserved) {
             self.stats.note_waiting(true);
             let room = budget
@@ -399,6 +495,7 @@ impl Outbox {
         frame.encode(&mut self.buf.borrow_mut());
         let len = frame.encoded_len() as u64;
         self.queued.set(self.queued.get() + len);
+        self.stats.note_outbox_total(len as i64);
         self.budget.bytes.charge(len);
         self.stats.note_outbox(self.queued.get());
         self.stats.note_budget(self.budget.bytes.used());
@@ -409,6 +506,7 @@ impl Outbox {
     /// The writer has handed `bytes` to the kernel.
     fn written(&self, bytes: u64) {
         self.queued.set(self.queued.get() - bytes);
+        self.stats.note_outbox_total(-(bytes as i64));
         self.budget.bytes.release(bytes);
     }
 
@@ -417,6 +515,7 @@ impl Outbox {
         self.broken.set(true);
         *self.buf.borrow_mut() = BytesMut::new();
         let queued = self.queued.replace(0);
+        self.stats.note_outbox_total(-(queued as i64));
         self.budget.bytes.release(queued);
     }
 

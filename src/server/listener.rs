@@ -25,6 +25,11 @@ pub async fn serve(services: Rc<Services>, listener: TcpListener) {
     // in flight), so producers stop writing to it at once and re-resolve the master; new
     // connections are still accepted and their writes get NOT_MASTER naming the new master.
     let mut closed_for_fence = false;
+    // One listener per shard: its connections share the shard's in-flight byte budget.
+    let shard_budget = Rc::new(bounds::ShardBudget::new(
+        bounds::SHARD_INFLIGHT_BYTES_MAX,
+        stats.clone(),
+    ));
     loop {
         let superseded = async {
             if closed_for_fence {
@@ -61,6 +66,7 @@ pub async fn serve(services: Rc<Services>, listener: TcpListener) {
                     stream,
                     stop.clone(),
                     stats.clone(),
+                    shard_budget.clone(),
                 ))
                 .detach();
             }
