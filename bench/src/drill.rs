@@ -32,8 +32,8 @@ use clap::{Args, ValueEnum};
 use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
 use ringmq::format::batch::Message;
-use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::replication::{ReplicaAck, ReplicationMode};
+use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
 
 use crate::slave::{SlaveHost, SlaveProcess};

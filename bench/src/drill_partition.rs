@@ -33,12 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringmq::client::{Admin, Durability, Producer, ProducerConfig, QueueSelector};
+use ringmq::client::{Admin, ClientError, Durability, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
 use ringmq::format::batch::Message;
 use ringmq::protocol::ReplicaStats;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 
+use crate::broker_stats::ReplicationWatch;
 use crate::drill::{self, payload, DrillArgs, Rng, Verdict, FIRST_ACK_TIMEOUT, TOPIC};
 use crate::runner::{error_kind, io_memory_bytes};
 use crate::slave::{Netns, SlaveHost, SlaveProcess};
@@ -103,8 +104,11 @@ pub struct PartitionAudit {
     pub damaged: u64,
     /// Ids stored more than once, on either broker.
     pub duplicates: u64,
-    /// The largest lag (bytes, summed over shards) the master reported during the round.
+    /// The largest lag (bytes, and age of the oldest byte the slave lacks) the master reported
+    /// during the round, over its shards; and how often the replication link reconnected.
     pub slave_lag_max_bytes: u64,
+    pub slave_lag_max_ms: u64,
+    pub reconnects: u64,
     pub slave_caught_up: bool,
     /// From the end of the load to the slave caught up.
     pub catch_up_ms: u64,
@@ -212,7 +216,10 @@ pub fn audit(
 
     let mut why = Vec::new();
     if a.lost_master > 0 {
-        why.push(format!("{} acked message(s) missing on the master", a.lost_master));
+        why.push(format!(
+            "{} acked message(s) missing on the master",
+            a.lost_master
+        ));
     }
     if a.lost_slave > 0 {
         why.push(format!(
@@ -273,6 +280,20 @@ impl Cut {
     }
 }
 
+/// The status a failed send is counted under: the broker's code, or for a message of a batch
+/// that was only failed because an earlier batch of its queue's window failed (the client
+/// fails the whole window; `producer.rs`), a name of its own, so the replica statuses count
+/// what the master answered.
+pub fn failure_kind(e: &ClientError) -> String {
+    match e {
+        ClientError::Unexpected(m) if m.contains("failed before it") => WINDOW_FAILED.to_string(),
+        e => error_kind(e),
+    }
+}
+
+/// The status of a send failed with an earlier batch of its window.
+pub const WINDOW_FAILED: &str = "failed-with-window";
+
 /// What the load threads record, stamped on arrival.
 type RawAck = (u64, u32, u64, Durability, u64, Instant);
 
@@ -323,11 +344,14 @@ impl Load {
                             Err(e) => failures_cb
                                 .lock()
                                 .unwrap()
-                                .push((error_kind(&e), Instant::now())),
+                                .push((failure_kind(&e), Instant::now())),
                         },
                     );
                     if let Err(e) = sent {
-                        failures.lock().unwrap().push((error_kind(&e), Instant::now()));
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push((failure_kind(&e), Instant::now()));
                         // Not a status of one send but of the producer: do not spin on it.
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -400,7 +424,7 @@ impl Load {
     }
 }
 
-/// The master's replication view, summed over shards: lag bytes, and whether every shard
+/// The master's replication view: lag bytes (summed over shards), and whether every shard
 /// streams with nothing left to send.
 fn replication_state(addr: &str) -> Result<(u64, bool), String> {
     let stats = Admin::connect(addr)
@@ -410,7 +434,9 @@ fn replication_state(addr: &str) -> Result<(u64, bool), String> {
     let caught_up = !stats.is_empty()
         && stats.iter().all(|s| {
             let r = &s.replication;
-            r.link == ReplicaStats::LINK_STREAMING && r.lag_bytes == 0 && r.peer_durable >= r.log_end
+            r.link == ReplicaStats::LINK_STREAMING
+                && r.lag_bytes == 0
+                && r.peer_durable >= r.log_end
         });
     Ok((lag, caught_up))
 }
@@ -442,7 +468,12 @@ fn broker_config(
 }
 
 /// Writes `config` into `dir/config.toml` and starts a broker process from it on `host`.
-fn spawn(config: &Config, dir: &Path, host: &SlaveHost, core: usize) -> Result<SlaveProcess, String> {
+fn spawn(
+    config: &Config,
+    dir: &Path,
+    host: &SlaveHost,
+    core: usize,
+) -> Result<SlaveProcess, String> {
     std::fs::create_dir_all(&config.server.data_dir)
         .map_err(|e| format!("{}: {e}", config.server.data_dir.display()))?;
     let path = dir.join("config.toml");
@@ -550,38 +581,37 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
         .and_then(|a| a.create_topic(TOPIC, args.queues))
         .map_err(|e| format!("create topic: {e}"))?;
 
+    let load_cores = crate::machine::allowed_cores();
     let mut all_acks: Vec<PartitionAck> = Vec::new();
     let mut all_failures: Vec<SendFailure> = Vec::new();
     let mut audits = Vec::new();
     for round in 1..=args.rounds {
         let load = Load::start(args, &master_addr, round)?;
         load.wait_first_ack(FIRST_ACK_TIMEOUT)?;
+        let watch = ReplicationWatch::start(&master_addr, Instant::now(), &load_cores)?;
         let around = args.load_around_cut_ms;
         let before_ms = rng.between(around / 2, around + around / 2);
         std::thread::sleep(Duration::from_millis(before_ms));
-        let (mut lag_max, _) = replication_state(&master_addr)?;
 
         let start = Instant::now();
         // If this fails the link may be down: the namespace's drop removes it all the same.
         ns.set_link_up(false)?;
         let grace_end = start + Duration::from_millis(args.in_flight_grace_ms);
         let heal_at = start + Duration::from_millis(args.partition_ms);
-        let acked_at_cut = load.acked();
-        let mut last_progress = Instant::now();
+        let (acked_at_cut, failed_at_cut) = (load.acked(), load.failed());
+        let mut next_progress = start + PROGRESS_INTERVAL;
+        // Nothing here talks to a broker, so the heal comes on time (the watch samples lag).
         while Instant::now() < heal_at {
-            std::thread::sleep(POLL_INTERVAL.min(heal_at.saturating_duration_since(Instant::now())));
-            // The master stays reachable from here: only the slave's link is cut.
-            if let Ok((lag, _)) = replication_state(&master_addr) {
-                lag_max = lag_max.max(lag);
-            }
-            if last_progress.elapsed() >= PROGRESS_INTERVAL {
-                last_progress = Instant::now();
+            std::thread::sleep(
+                POLL_INTERVAL.min(heal_at.saturating_duration_since(Instant::now())),
+            );
+            if Instant::now() >= next_progress {
+                next_progress += PROGRESS_INTERVAL;
                 eprintln!(
-                    "round {round}: cut for {:.1} s: {} acks since the cut, {} sends failed, slave lag {} B",
+                    "round {round}: cut for {:.1} s: {} acks and {} failed sends since the cut",
                     start.elapsed().as_secs_f64(),
                     load.acked() - acked_at_cut,
-                    load.failed(),
-                    lag_max
+                    load.failed() - failed_at_cut,
                 );
             }
         }
@@ -608,13 +638,11 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
         let mut last_progress = Instant::now();
         while load_end.elapsed() < CATCH_UP_TIMEOUT {
             match replication_state(&master_addr) {
-                Ok((lag, true)) => {
-                    lag_max = lag_max.max(lag);
+                Ok((_, true)) => {
                     caught_up = true;
                     break;
                 }
                 Ok((lag, false)) => {
-                    lag_max = lag_max.max(lag);
                     if last_progress.elapsed() >= PROGRESS_INTERVAL {
                         last_progress = Instant::now();
                         eprintln!("round {round}: slave catching up, lag {lag} B");
@@ -625,6 +653,7 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
             std::thread::sleep(POLL_INTERVAL);
         }
         let catch_up_ms = load_end.elapsed().as_millis() as u64;
+        let lag = watch.finish();
         let master_log = drill::read_everything(&master_addr, args.queues)?;
         let slave_log = if caught_up {
             Some(drill::read_everything(&slave_addr, args.queues)?)
@@ -645,7 +674,9 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
             caught_up,
         );
         a.partition_ms = heal.duration_since(start).as_millis() as u64;
-        a.slave_lag_max_bytes = lag_max;
+        a.slave_lag_max_bytes = lag.max_lag_bytes.unwrap_or(0);
+        a.slave_lag_max_ms = lag.max_lag_ms.unwrap_or(0);
+        a.reconnects = lag.reconnects;
         a.catch_up_ms = catch_up_ms;
         eprintln!(
             "round {round}: {:?}{} (slave caught up in {catch_up_ms} ms)",
@@ -696,12 +727,12 @@ fn table(args: &DrillArgs, audits: &[PartitionAudit]) -> String {
         args.replication, args.flush_mode
     );
     t.push_str(
-        "| round | cut ms | acked | acked during cut (after grace) | errors during cut by status | other errors | ack levels below promise | lost (master / slave) | damaged | duplicates | slave lag max B | slave caught up (ms) | verdict |\n\
-         |---:|---:|---:|---|---|---|---:|---|---:|---:|---:|---|---|\n",
+        "| round | cut ms | acked | acked during cut (after grace) | errors during cut by status | other errors | ack levels below promise | lost (master / slave) | damaged | duplicates | slave lag max (B / ms) | link reconnects | slave caught up (ms) | verdict |\n\
+         |---:|---:|---:|---|---|---|---:|---|---:|---:|---|---:|---|---|\n",
     );
     for a in audits {
         t.push_str(&format!(
-            "| {} | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} | {} |\n",
             a.round,
             a.partition_ms,
             a.acked,
@@ -715,6 +746,8 @@ fn table(args: &DrillArgs, audits: &[PartitionAudit]) -> String {
             a.damaged,
             a.duplicates,
             a.slave_lag_max_bytes,
+            a.slave_lag_max_ms,
+            a.reconnects,
             if a.slave_caught_up {
                 format!("yes ({})", a.catch_up_ms)
             } else {
@@ -791,7 +824,10 @@ mod tests {
         let both = log(&[(0, 1), (1, 2), (2, 3)]);
         let a = run(SYNC, &acks, &both, &both);
         assert_eq!(a.verdict, Verdict::Pass, "{}", a.why);
-        assert_eq!((a.acked, a.acked_during_cut, a.acked_after_grace), (3, 1, 0));
+        assert_eq!(
+            (a.acked, a.acked_during_cut, a.acked_after_grace),
+            (3, 1, 0)
+        );
         assert_eq!(a.errors_during_cut.get("FLUSH_SLAVE_TIMEOUT"), Some(&1));
         assert_eq!(a.epochs, [7]);
     }
@@ -841,7 +877,10 @@ mod tests {
         damaged.get_mut(&(0, 1)).unwrap()[LEN - 1] ^= 1;
         for mode in [SYNC, ASYNC] {
             let a = run(mode, &acks, &master, &log(&[(0, 1)]));
-            assert_eq!((a.verdict, a.lost_slave, a.lost_master), (Verdict::Fail, 1, 0));
+            assert_eq!(
+                (a.verdict, a.lost_slave, a.lost_master),
+                (Verdict::Fail, 1, 0)
+            );
             let a = run(mode, &acks, &log(&[(1, 2)]), &master);
             assert_eq!((a.verdict, a.lost_master), (Verdict::Fail, 1));
             let a = run(mode, &acks, &master, &damaged);
