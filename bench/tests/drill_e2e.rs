@@ -127,7 +127,7 @@ fn a_sync_master_cut_off_its_slave_acks_nothing_it_cannot_keep() {
     let acked: u64 = cells[3].parse().unwrap();
     assert!(acked > 0, "{stdout}");
     // Proof the cut happened: the master answered sends during it with a replica status.
-    let during_cut = cells[5];
+    let during_cut = cells[6];
     assert!(
         during_cut.contains("FLUSH_SLAVE_TIMEOUT") || during_cut.contains("SLAVE_NOT_AVAILABLE"),
         "no send failed with a replica status during the cut: {stdout}"
