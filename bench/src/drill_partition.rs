@@ -21,9 +21,9 @@
 //!   link is cut must be for a message the slave had acknowledged before the cut: at an offset
 //!   below the master's visible end of its queue read just before the heal (on a SYNC_MASTER
 //!   master consumers see only what the slave acknowledged, and nothing from the slave can
-//!   move that while the link is down). A time rule alone is not enough: acks the slave
-//!   confirmed just before the cut were seen arriving over 300 ms into it on a loaded machine
-//!   (the client's callbacks lag). Sends during the cut fail with FLUSH_SLAVE_TIMEOUT or
+//!   move that while the link is down). A time rule alone is not enough: on a loaded machine
+//!   replica-durable acks were seen reaching the client's callbacks 300–1000 ms into a cut
+//!   (and none later), which a time rule cannot tell from lies. Sends during the cut fail with FLUSH_SLAVE_TIMEOUT or
 //!   SLAVE_NOT_AVAILABLE (counted by status) or are acked after the heal;
 //! - ASYNC_MASTER: acks go on during the cut (counted) and the slave's lag grows (its maximum,
 //!   as the master reports it, is shown); after the heal the slave must have every one.
