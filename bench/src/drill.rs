@@ -18,8 +18,9 @@
 //! not exceed it. Messages acked between the reading and the kill are counted apart (no reading
 //! covers them). Damage and duplicates fail in both modes.
 //!
-//! `disk-full` and `partition` drills are not built yet (disk protection and the cluster issue
-//! bring the error paths they would rehearse).
+//! The `partition` drill is in `drill_partition.rs` (it shares the flags, the payloads and the
+//! log reader defined here). `disk-full` is not built yet (the disk protection issue brings the
+//! error path it would rehearse).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,19 +32,20 @@ use clap::{Args, ValueEnum};
 use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
 use ringmq::format::batch::Message;
+use ringmq::replication::{ReplicaAck, ReplicationMode};
 use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
 
 use crate::slave::{SlaveHost, SlaveProcess};
 
 /// The topic the drill writes.
-const TOPIC: &str = "drill";
+pub const TOPIC: &str = "drill";
 /// Bytes a message takes in a batch besides its payload (length, born timestamp, flags and the
 /// key, tag and property lengths; see `ringmq::format::batch`), so `lost × (payload + this)` is
 /// a lower bound on the log bytes lost messages took.
 const MESSAGE_OVERHEAD_BYTES: u64 = ringmq::format::batch::MIN_MESSAGE_BYTES as u64;
 /// How long a round's load may take to get its first ack.
-const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+pub const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the audit's reads may take per queue before the drill gives up on that round.
 const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -51,6 +53,10 @@ const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum DrillKind {
     /// SIGKILL the broker under pipelined load, restart, audit (repeated `--rounds` times).
     Kill,
+    /// Cut the link between a master and its slave (two network namespaces) under pipelined
+    /// load for `--partition-ms`, heal it, let the slave catch up, audit both brokers and the
+    /// acks' durability levels (repeated `--rounds` times).
+    Partition,
 }
 
 #[derive(Debug, Args)]
@@ -97,10 +103,31 @@ pub struct DrillArgs {
     /// Keep the data dir (to inspect it after a failed verdict).
     #[arg(long)]
     pub keep: bool,
+    /// partition: the pair's replication mode, `sync_master` (no ack may claim the slave while
+    /// it is cut off) or `async_master` (acks go on; the slave must catch up).
+    #[arg(long, default_value = "sync_master")]
+    pub replication: ReplicationMode,
+    /// partition: SYNC_MASTER, what the slave's acknowledgement means (`received` or `durable`).
+    #[arg(long, default_value = "durable")]
+    pub replica_ack: ReplicaAck,
+    /// partition: how long the link stays cut.
+    #[arg(long, default_value_t = 3000)]
+    pub partition_ms: u64,
+    /// partition: the master's SYNC_MASTER deadline (FLUSH_SLAVE_TIMEOUT), shorter than the
+    /// cut so that sends during the cut fail within it.
+    #[arg(long, default_value_t = 1000)]
+    pub replica_timeout_ms: u64,
+    /// partition: load before the cut and after the heal, in each round.
+    #[arg(long, default_value_t = 1000)]
+    pub load_around_cut_ms: u64,
+    /// partition: acks arriving this soon after the cut may have been replicated just before
+    /// it (the slave's acknowledgement was already on the master); later ones may not.
+    #[arg(long, default_value_t = 500)]
+    pub in_flight_grace_ms: u64,
 }
 
 impl DrillArgs {
-    fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         if self.rounds == 0 {
             problems.push("--rounds must be at least 1");
@@ -119,6 +146,17 @@ impl DrillArgs {
         }
         if self.broker_cores == 0 {
             problems.push("--broker-cores must be at least 1");
+        }
+        if self.kind == DrillKind::Partition {
+            if self.partition_ms == 0 {
+                problems.push("--partition-ms must be at least 1");
+            }
+            if self.replica_timeout_ms == 0 {
+                problems.push("--replica-timeout-ms must be at least 1");
+            }
+            if self.in_flight_grace_ms >= self.partition_ms {
+                problems.push("--in-flight-grace-ms must be shorter than --partition-ms");
+            }
         }
         if (self.segment_mib << 20) < SEGMENT_BYTES_MIN {
             // The broker's one bound (`storage::config`), in this flag's unit.
@@ -192,7 +230,7 @@ pub fn payload(id: u64, len: usize) -> Vec<u8> {
 }
 
 /// The id a stored payload claims (its first 8 bytes).
-fn id_of(p: &[u8]) -> Option<u64> {
+pub fn id_of(p: &[u8]) -> Option<u64> {
     p.get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
 }
@@ -310,17 +348,17 @@ fn start_broker(args: &DrillArgs, dir: &Path) -> Result<SlaveProcess, String> {
 }
 
 /// A small xorshift generator: the kill moments only need to be spread and replayable.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
     }
 }
@@ -425,7 +463,7 @@ impl Load {
 }
 
 /// Every message in the log, by (queue, offset).
-fn read_everything(addr: &str, queues: u32) -> Result<BTreeMap<(u32, u64), Vec<u8>>, String> {
+pub fn read_everything(addr: &str, queues: u32) -> Result<BTreeMap<(u32, u64), Vec<u8>>, String> {
     let consumer = Consumer::connect(addr).map_err(|e| format!("consumer at {addr}: {e}"))?;
     let mut stored = BTreeMap::new();
     for q in 0..queues {
@@ -463,21 +501,9 @@ fn unflushed_bytes(addr: &str) -> Result<u64, String> {
 
 pub fn run(args: DrillArgs) -> Result<(), String> {
     args.validate()?;
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1
-    });
+    let seed = seed(&args);
     let mut rng = Rng(seed);
-    std::fs::create_dir_all(&args.data_root)
-        .map_err(|e| format!("cannot create {}: {e}", args.data_root.display()))?;
-    let dir = args
-        .data_root
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", args.data_root.display()))?
-        .join(format!(".ringmq-drill-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = data_dir(&args)?;
     eprintln!(
         "drill kill: {} rounds, {}, {} producers x pipelined {} B messages, {} queues, seed {seed}, data {}",
         args.rounds,
@@ -501,6 +527,29 @@ pub fn run(args: DrillArgs) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `--seed`, or one from the clock (never 0: the generator would stay at 0).
+pub fn seed(args: &DrillArgs) -> u64 {
+    args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1
+    })
+}
+
+/// Creates the drill's data dir `.ringmq-drill-<pid>` under `--data-root`.
+pub fn data_dir(args: &DrillArgs) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&args.data_root)
+        .map_err(|e| format!("cannot create {}: {e}", args.data_root.display()))?;
+    let dir = args
+        .data_root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.data_root.display()))?
+        .join(format!(".ringmq-drill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<RoundAudit>, String> {

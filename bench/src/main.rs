@@ -7,6 +7,9 @@
 //!   a slave in a separate process, in its own network namespace when possible.
 //! - `drill kill [--flush-mode ...]`: SIGKILL a broker process under load, restart, audit the
 //!   acks, print a verdict table.
+//! - `drill partition [--replication ...]`: cut a master off its slave (two network
+//!   namespaces) under load, heal, let the slave catch up, audit both logs and the acks'
+//!   durability levels, print a verdict table.
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -21,11 +24,13 @@
 //! - [`slave`]: the slave process of the replication modes, its network namespace.
 //! - [`netns_cmd`]: the `ip`/`sysctl` commands and stale-namespace sweep, shared with the
 //!   integration tests (`tests/common/netns.rs` includes the file).
-//! - [`drill`]: the crash drill and its audit.
+//! - [`drill`]: the crash drill and its audit; the drills' flags, payloads and log reader.
+//! - [`drill_partition`]: the partition drill and its audit.
 //! - [`machine`]: machine facts, core split and pinning.
 
 mod broker_stats;
 mod drill;
+mod drill_partition;
 mod hist;
 mod machine;
 mod netns_cmd;
@@ -78,8 +83,10 @@ enum Command {
     Storage(storage::StorageArgs),
     /// Rehearse a fault and audit the acks: `kill` SIGKILLs a broker process under pipelined
     /// load, restarts it and checks every acked message is there once and intact (under
-    /// ASYNC_FLUSH: losses within the unflushed bytes it reported just before). Prints a
-    /// verdict table; exits non-zero on any failed round.
+    /// ASYNC_FLUSH: losses within the unflushed bytes it reported just before); `partition`
+    /// cuts a master off its slave (two network namespaces) under load, heals the link and
+    /// checks both logs and that no SYNC_MASTER ack claimed the slave while it was cut off.
+    /// Prints a verdict table; exits non-zero on any failed round.
     Drill(drill::DrillArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
@@ -143,7 +150,10 @@ fn main() -> ExitCode {
         Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
         Command::Storage(a) => storage::run(a),
-        Command::Drill(a) => drill::run(a),
+        Command::Drill(a) => match a.kind {
+            drill::DrillKind::Kill => drill::run(a),
+            drill::DrillKind::Partition => drill_partition::run(a),
+        },
         Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {

@@ -90,7 +90,7 @@ pub struct Netns {
 
 impl Netns {
     /// Why this process cannot make namespaces, if it cannot.
-    fn unavailable() -> Option<String> {
+    pub fn unavailable() -> Option<String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Some("not running as root".into());
@@ -184,6 +184,14 @@ impl Netns {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the namespace's veth end down (`up == false`: a partition between the two hosts:
+    /// the root side loses its carrier and drops what it sends, the namespace loses its routes)
+    /// or up again (the kernel restores the addresses' routes).
+    pub fn set_link_up(&self, up: bool) -> Result<(), String> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.name, "link", "set", NS_VETH, state])
     }
 }
 
