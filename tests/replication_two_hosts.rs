@@ -413,7 +413,7 @@ fn an_old_master_that_kept_running_fences_itself_once_it_hears_its_peer_was_prom
     let madmin = admin(net.ns_a(), &maddr);
     madmin.create_topic("f", 1).unwrap();
     wait_caught_up(&madmin, Duration::from_secs(20));
-    let p = producer(net.ns_a(), &maddr, 0);
+    let p = Arc::new(producer(net.ns_a(), &maddr, 0));
     send(&p, "f", "before").expect("acked");
     wait_caught_up(&madmin, Duration::from_secs(20));
 
@@ -422,7 +422,10 @@ fn an_old_master_that_kept_running_fences_itself_once_it_hears_its_peer_was_prom
     net.link_up();
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
-        match send(&p, "f", "after") {
+        // From host A: the fenced master closes the producer's connection, and the producer
+        // reconnects from the thread that sends, which must be in A's namespace.
+        let p = p.clone();
+        match in_ns(net.ns_a(), move || send(&p, "f", "after")) {
             Err(e) if code(&e) == Some(ErrorCode::NotMaster) => break e,
             other => assert!(
                 Instant::now() < deadline,
