@@ -24,14 +24,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
+
+use crate::drill_load::{Load, LoadOptions};
+use crate::runner::error_kind;
+use ringmq::client::{Admin, Consumer};
 use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
-use ringmq::format::batch::Message;
 use ringmq::replication::{ReplicaAck, ReplicationMode};
 use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
@@ -363,103 +363,20 @@ impl Rng {
     }
 }
 
-/// An ack as the load records it: id, queue, offset, when it arrived.
-type RawAck = (u64, u32, u64, Instant);
-
-/// Producers sending until `stop`; acks go into `acks`, stamped against `reading_at`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acks: Arc<Mutex<Vec<RawAck>>>,
-    errors: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(args: &DrillArgs, addr: &str, round: u32) -> Result<Load, String> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acks = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
-        for p in 0..args.producers {
-            let mut cfg = ProducerConfig::new(addr);
-            // A dead broker should end the round's sends quickly, not be waited out.
-            cfg.retries = 0;
-            cfg.request_timeout = Duration::from_secs(3);
-            let producer =
-                Producer::with_config(cfg).map_err(|e| format!("producer {p} at {addr}: {e}"))?;
-            let (stop, acks, errors) = (stop.clone(), acks.clone(), errors.clone());
-            let len = args.message_bytes as usize;
-            threads.push(std::thread::spawn(move || {
-                let mut seq: u64 = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    // Ids are unique across rounds and producers: round | producer | sequence.
-                    let id = (u64::from(round) << 48) | (u64::from(p) << 40) | seq;
-                    seq += 1;
-                    let (acks_cb, errors_cb) = (acks.clone(), errors.clone());
-                    let sent = producer.send_async(
-                        TOPIC,
-                        QueueSelector::RoundRobin,
-                        &Message::new(payload(id, len)),
-                        move |r| match r {
-                            Ok(r) => acks_cb.lock().unwrap().push((
-                                id,
-                                r.queue,
-                                r.offset,
-                                Instant::now(),
-                            )),
-                            Err(_) => {
-                                errors_cb.fetch_add(1, Ordering::Relaxed);
-                            }
-                        },
-                    );
-                    if sent.is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-                // The broker is gone by now: the flush fails the rest fast.
-                producer.flush();
-            }));
-        }
-        Ok(Load {
-            stop,
-            acks,
-            errors,
-            threads,
+/// Stops the load and turns its acks into the audit's, split at `reading_at` (when the
+/// unflushed figure was read); returns them with the number of failed sends.
+fn finish_load(load: Load, reading_at: Instant) -> (Vec<Ack>, u64) {
+    let (acks, failures) = load.finish();
+    let acks = acks
+        .iter()
+        .map(|a| Ack {
+            id: a.id,
+            queue: a.result.queue,
+            offset: a.result.offset,
+            before_reading: a.at < reading_at,
         })
-    }
-
-    fn wait_first_ack(&self, within: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + within;
-        while self.acks.lock().unwrap().is_empty() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "no ack within {within:?} of starting the load ({} sends failed)",
-                    self.errors.load(Ordering::Relaxed)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
-    fn finish(self, reading_at: Instant) -> (Vec<Ack>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let acks = self.acks.lock().unwrap();
-        let acks = acks
-            .iter()
-            .map(|&(id, queue, offset, at)| Ack {
-                id,
-                queue,
-                offset,
-                before_reading: at < reading_at,
-            })
-            .collect();
-        (acks, self.errors.load(Ordering::Relaxed))
-    }
+        .collect();
+    (acks, failures.len() as u64)
 }
 
 /// Every message in the log, by (queue, offset).
@@ -561,7 +478,17 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<RoundAudit>
     let mut audits = Vec::new();
     for round in 1..=args.rounds {
         let addr = broker.address().to_string();
-        let load = Load::start(args, &addr, round)?;
+        let load = Load::start(
+            args,
+            &addr,
+            round,
+            LoadOptions {
+                // A dead broker should end the round's sends quickly, not be waited out.
+                request_timeout: Duration::from_secs(3),
+                stop_on_refused_send: true,
+                classify: error_kind,
+            },
+        )?;
         // The kill delay runs from the first ack, so a slow start (segment preparation, a
         // loaded machine) cannot leave a round with nothing acked to audit.
         load.wait_first_ack(FIRST_ACK_TIMEOUT)?;
@@ -571,7 +498,7 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<RoundAudit>
         let reported = unflushed_bytes(&addr)?;
         let pid = broker.pid();
         broker.kill9()?;
-        let (acks, errors) = load.finish(reading_at);
+        let (acks, errors) = finish_load(load, reading_at);
         eprintln!(
             "round {round}: killed pid {pid} after {delay} ms with {} acks ({errors} sends failed after the kill), {reported} B unflushed",
             acks.len()

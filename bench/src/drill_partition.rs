@@ -33,18 +33,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringmq::client::{Admin, ClientError, Durability, Producer, ProducerConfig, QueueSelector};
+use ringmq::client::{Admin, ClientError, Durability};
 use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
-use ringmq::format::batch::Message;
 use ringmq::protocol::ReplicaStats;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 
 use crate::broker_stats::ReplicationWatch;
 use crate::drill::{self, payload, DrillArgs, Rng, Verdict, FIRST_ACK_TIMEOUT, TOPIC};
+use crate::drill_load::{Load, LoadOptions};
 use crate::runner::{error_kind, io_memory_bytes};
 use crate::slave::{Netns, SlaveHost, SlaveProcess};
 
@@ -308,134 +306,31 @@ pub fn failure_kind(e: &ClientError) -> String {
 /// The status of a send failed with an earlier batch of its window.
 pub const WINDOW_FAILED: &str = "failed-with-window";
 
-/// What the load threads record, stamped on arrival.
-type RawAck = (u64, u32, u64, Durability, u64, Instant);
-
-/// Producers pipelining sends to the master until `stop`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acks: Arc<Mutex<Vec<RawAck>>>,
-    failures: Arc<Mutex<Vec<(String, Instant)>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(args: &DrillArgs, addr: &str, round: u32) -> Result<Load, String> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acks = Arc::new(Mutex::new(Vec::new()));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let mut threads = Vec::new();
-        for p in 0..args.producers {
-            let mut cfg = ProducerConfig::new(addr);
-            // A failed send is counted by its status, not retried: the audit wants to see
-            // what the master answered during the cut.
-            cfg.retries = 0;
-            // Longer than the replica deadline, so the broker's status wins over ours.
-            cfg.request_timeout = Duration::from_millis(args.replica_timeout_ms + 10_000);
-            let producer =
-                Producer::with_config(cfg).map_err(|e| format!("producer {p} at {addr}: {e}"))?;
-            let (stop, acks, failures) = (stop.clone(), acks.clone(), failures.clone());
-            let len = args.message_bytes as usize;
-            threads.push(std::thread::spawn(move || {
-                let mut seq: u64 = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let id = (u64::from(round) << 48) | (u64::from(p) << 40) | seq;
-                    seq += 1;
-                    let (acks_cb, failures_cb) = (acks.clone(), failures.clone());
-                    let sent = producer.send_async(
-                        TOPIC,
-                        QueueSelector::RoundRobin,
-                        &Message::new(payload(id, len)),
-                        move |r| match r {
-                            Ok(r) => acks_cb.lock().unwrap().push((
-                                id,
-                                r.queue,
-                                r.offset,
-                                r.durability,
-                                r.epoch,
-                                Instant::now(),
-                            )),
-                            Err(e) => failures_cb
-                                .lock()
-                                .unwrap()
-                                .push((failure_kind(&e), Instant::now())),
-                        },
-                    );
-                    if let Err(e) = sent {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push((failure_kind(&e), Instant::now()));
-                        // Not a status of one send but of the producer: do not spin on it.
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-                producer.flush();
-            }));
-        }
-        Ok(Load {
-            stop,
-            acks,
-            failures,
-            threads,
+/// Stops the load and turns what it recorded into the audit's acks and failures of `round`,
+/// each placed against the cut.
+fn finish_load(load: Load, round: u32, cut: Option<&Cut>) -> (Vec<PartitionAck>, Vec<SendFailure>) {
+    let (acks, failures) = load.finish();
+    let acks = acks
+        .iter()
+        .map(|a| PartitionAck {
+            round,
+            id: a.id,
+            queue: a.result.queue,
+            offset: a.result.offset,
+            phase: Cut::phase(cut, a.at),
+            level: a.result.durability,
+            epoch: a.result.epoch,
         })
-    }
-
-    fn acked(&self) -> usize {
-        self.acks.lock().unwrap().len()
-    }
-
-    fn failed(&self) -> usize {
-        self.failures.lock().unwrap().len()
-    }
-
-    fn wait_first_ack(&self, within: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + within;
-        while self.acked() == 0 {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "no ack within {within:?} of starting the load ({} sends failed)",
-                    self.failed()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
-    fn finish(self, round: u32, cut: Option<&Cut>) -> (Vec<PartitionAck>, Vec<SendFailure>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let acks = self
-            .acks
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|&(id, queue, offset, level, epoch, at)| PartitionAck {
-                round,
-                id,
-                queue,
-                offset,
-                phase: Cut::phase(cut, at),
-                level,
-                epoch,
-            })
-            .collect();
-        let failures = self
-            .failures
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(status, at)| SendFailure {
-                round,
-                status: status.clone(),
-                phase: Cut::phase(cut, *at),
-            })
-            .collect();
-        (acks, failures)
-    }
+        .collect();
+    let failures = failures
+        .into_iter()
+        .map(|(status, at)| SendFailure {
+            round,
+            status,
+            phase: Cut::phase(cut, at),
+        })
+        .collect();
+    (acks, failures)
 }
 
 /// The master's replication view: lag bytes (summed over shards), and whether every shard
@@ -600,7 +495,18 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
     let mut all_failures: Vec<SendFailure> = Vec::new();
     let mut audits = Vec::new();
     for round in 1..=args.rounds {
-        let load = Load::start(args, &master_addr, round)?;
+        let load = Load::start(
+            args,
+            &master_addr,
+            round,
+            LoadOptions {
+                // Longer than the replica deadline, so the broker's status wins over ours.
+                request_timeout: Duration::from_millis(args.replica_timeout_ms + 10_000),
+                // The master answers again after the heal.
+                stop_on_refused_send: false,
+                classify: failure_kind,
+            },
+        )?;
         load.wait_first_ack(FIRST_ACK_TIMEOUT)?;
         let watch = ReplicationWatch::start(&master_addr, Instant::now(), &load_cores)?;
         let around = args.load_around_cut_ms;
@@ -644,7 +550,7 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
             heal,
         };
         std::thread::sleep(Duration::from_millis(around));
-        let (acks, failures) = load.finish(round, Some(&cut));
+        let (acks, failures) = finish_load(load, round, Some(&cut));
         eprintln!(
             "round {round}: cut {} ms after {before_ms} ms of load, healed; {} acks, {} sends failed; waiting for the slave",
             heal.duration_since(start).as_millis(),

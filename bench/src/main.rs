@@ -30,6 +30,7 @@
 
 mod broker_stats;
 mod drill;
+mod drill_load;
 mod drill_partition;
 mod hist;
 mod machine;
