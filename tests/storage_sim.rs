@@ -464,6 +464,8 @@ fn set_checkpoint(sim: &SimBackend, dir: &Path, pos: u64) {
     let slot = CheckpointSlot {
         sequence: 1 << 40,
         position: pos,
+        // As a writer that may have written anywhere would have left it.
+        reserved: u64::MAX,
     }
     .encode();
     let p = dir.join("commitlog").join("checkpoint");
@@ -1106,6 +1108,7 @@ async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
                 );
             }
             _ => {
+                assert_nothing_written_past_the_reservation(&sim, dir.path(), seed);
                 let clean = rng.gen_bool(0.2);
                 if clean {
                     s.close().await.unwrap();
@@ -1161,6 +1164,35 @@ async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
         }
     }
     s.close().await.unwrap();
+}
+
+/// The invariant recovery relies on to read only up to the checkpoint's write reservation:
+/// no byte of any segment at or past it was ever written (non-zero).
+fn assert_nothing_written_past_the_reservation(sim: &SimBackend, dir: &Path, seed: u64) {
+    let ckpt = sim
+        .file_bytes(&dir.join("commitlog").join("checkpoint"))
+        .unwrap();
+    let Some(reserved) = [0usize, 4096]
+        .iter()
+        .filter_map(|&at| CheckpointSlot::decode(&ckpt[at..]))
+        .max_by_key(|s| s.sequence)
+        .map(|s| s.reserved)
+    else {
+        return;
+    };
+    let seg = cfg(FlushMode::SyncFlush).segment_bytes;
+    for base in (0..64).map(|i| i * seg) {
+        let Some(bytes) = sim.file_bytes(&seg_path(dir, base)) else {
+            continue;
+        };
+        if let Some(i) = bytes.iter().rposition(|&b| b != 0) {
+            assert!(
+                base + (i as u64) < reserved,
+                "seed {seed}: byte {} written past the reservation {reserved}",
+                base + i as u64
+            );
+        }
+    }
 }
 
 /// Prints the seed if the iteration panics.

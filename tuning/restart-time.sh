@@ -60,12 +60,14 @@ for r in $(seq 1 "$ROUNDS"); do
   kill -TERM "$BROKER"; wait "$BROKER" || true
   time_to_answer
   echo "round $r clean stop -> answers after $ANSWERED s"
-  # Under load, then SIGKILL.
-  load 100000000 &
+  # Under load, then SIGKILL. (The bench is started directly, so that $! is its PID.)
+  "$BIN/ringmq-bench" run --broker "$ADDR" --producers 2 --queues 4 --message-bytes 1024 \
+    --batch 32 --send-mode async --warmup-secs 0 --duration-secs 60 --topic restart \
+    >/dev/null 2>&1 &
   LOAD=$!
   sleep 3
   kill -9 "$BROKER"; wait "$BROKER" 2>/dev/null || true
-  kill "$LOAD" 2>/dev/null || true; wait "$LOAD" 2>/dev/null || true
+  kill -9 "$LOAD" 2>/dev/null || true; wait "$LOAD" 2>/dev/null || true
   LOAD=""
   time_to_answer
   echo "round $r SIGKILL under load -> answers after $ANSWERED s"

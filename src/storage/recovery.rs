@@ -272,6 +272,9 @@ struct Scanner<'a, F: BackendFile> {
     seg: &'a Segment<F>,
     win_start: u64,
     win: Vec<u8>,
+    /// Every byte at or past this is known to be zero (the checkpoint's write reservation):
+    /// [`Self::last_nonzero`] reads no further.
+    zero_from: u64,
 }
 
 impl<'a, F: BackendFile> Scanner<'a, F> {
@@ -280,6 +283,15 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
             seg,
             win_start: seg.base,
             win: Vec::new(),
+            zero_from: u64::MAX,
+        }
+    }
+
+    /// A scanner that trusts every byte at or past `zero_from` to be zero.
+    fn bounded(seg: &'a Segment<F>, zero_from: u64) -> Self {
+        Scanner {
+            zero_from,
+            ..Scanner::new(seg)
         }
     }
 
@@ -351,8 +363,10 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
     async fn last_nonzero(&mut self, from: u64) -> Result<u64, StorageError> {
         let mut last = from;
         let mut pos = from;
-        while pos < self.seg.end() {
-            let b = self.bytes(pos, ZERO_SCAN_WINDOW_BYTES).await?;
+        let end = self.seg.end().min(self.zero_from);
+        while pos < end {
+            let want = ZERO_SCAN_WINDOW_BYTES.min((end - pos) as usize);
+            let b = self.bytes(pos, want).await?;
             let n = b.len() as u64;
             if let Some(i) = last_nonzero_in(b) {
                 last = pos + i as u64 + 1;
@@ -398,6 +412,8 @@ enum Slot {
 pub(crate) struct OpenedLog<B: StorageBackend> {
     segs: Vec<Seg<B>>,
     ckpt: Checkpoint<<B as StorageBackend>::File>,
+    /// The log had no segment: this open created the first one (all zeros).
+    fresh: bool,
 }
 
 impl<B: StorageBackend> OpenedLog<B> {
@@ -435,6 +451,7 @@ pub(crate) async fn open_log<B: StorageBackend>(
     }
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     bases.sort_unstable();
+    let fresh = bases.is_empty();
     if bases.is_empty() {
         let p = segment_path(dir, 0);
         backend
@@ -477,7 +494,7 @@ pub(crate) async fn open_log<B: StorageBackend>(
     let ckpt = Checkpoint::open(backend, dir)
         .await
         .map_err(|e| StorageError::io("open checkpoint", &ckpt_path, e))?;
-    Ok(OpenedLog { segs, ckpt })
+    Ok(OpenedLog { segs, ckpt, fresh })
 }
 
 /// Scans, truncates and prepares the opened log in `dir`. `on_record(view)` is called for
@@ -493,9 +510,11 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     start: Option<ScanStart>,
     mut on_record: impl FnMut(&RecordView<'_>),
 ) -> Result<RecoveredLog<B>, StorageError> {
-    let OpenedLog { segs, ckpt } = opened;
+    let OpenedLog { segs, ckpt, fresh } = opened;
+    // Past this every byte is zero: the writer's reservation (see `checkpoint.rs`).
+    let zero_from = if fresh { 0 } else { ckpt.reserved() };
     // `last_nonzero(base)` of whole segments already read (the spare is looked at twice).
-    let mut zero_from: HashMap<u64, u64> = HashMap::new();
+    let mut last_nonzero_of: HashMap<u64, u64> = HashMap::new();
     let mut clean_spare = false;
     let ckpt_path = dir.join(CHECKPOINT_FILE);
     let mut report = RecoveryReport {
@@ -524,7 +543,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     let tail_obs;
     'segments: loop {
         let seg = segs[idx].clone();
-        let mut sc = Scanner::new(&seg);
+        let mut sc = Scanner::bounded(&seg, zero_from);
         loop {
             let below = pos < durable_below;
             let slot = sc.record_at(pos).await?;
@@ -563,7 +582,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                             Observation::TornRecord
                         }
                     } else {
-                        match next_start(&segs, idx, pos, &mut zero_from).await? {
+                        match next_start(&segs, idx, pos, zero_from, &mut last_nonzero_of).await? {
                             NextStart::Continues if more_segments => {
                                 Observation::RolledToNextSegment
                             }
@@ -693,13 +712,13 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     // The checkpoint must never claim more than the log keeps: lower it before truncating, so a
     // crash in between cannot make the next open take the truncation for corruption.
     if ckpt.position() > record_end {
-        ckpt.store(record_end)
+        ckpt.store(record_end, ckpt.reserved())
             .await
             .map_err(|e| StorageError::io("write checkpoint", &ckpt_path, e))?;
         log::warn!("storage: durable checkpoint lowered to {record_end}");
     }
     if truncate {
-        let mut sc = Scanner::new(&active);
+        let mut sc = Scanner::bounded(&active, zero_from);
         let last = sc.last_nonzero(pos).await?;
         report.truncated_at = Some(pos);
         report.truncated_bytes = last.saturating_sub(pos);
@@ -715,10 +734,13 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     for (i, seg) in segs.iter().enumerate().skip(idx + 1) {
         let clean = if i == idx + 1 && clean_spare {
             true
-        } else if let Some(&last) = zero_from.get(&seg.base) {
+        } else if let Some(&last) = last_nonzero_of.get(&seg.base) {
             last == seg.base
         } else {
-            Scanner::new(seg).last_nonzero(seg.base).await? == seg.base
+            Scanner::bounded(seg, zero_from)
+                .last_nonzero(seg.base)
+                .await?
+                == seg.base
         };
         if i == idx + 1 && clean && seg.bytes == cfg.segment_bytes {
             spare = Some(seg.clone());
@@ -859,18 +881,19 @@ async fn next_start<F: BackendFile>(
     segs: &[Rc<Segment<F>>],
     idx: usize,
     pos: u64,
-    zero_from: &mut HashMap<u64, u64>,
+    zero_from: u64,
+    last_nonzero_of: &mut HashMap<u64, u64>,
 ) -> Result<NextStart, StorageError> {
     let Some(next) = segs.get(idx + 1) else {
         return Ok(NextStart::Nothing);
     };
-    let mut sc = Scanner::new(next);
+    let mut sc = Scanner::bounded(next, zero_from);
     Ok(match sc.record_at(next.base).await? {
         Slot::Valid { len } if pos + len > segs[idx].end() => NextStart::Continues,
         Slot::Valid { .. } => NextStart::Fits,
         Slot::Zero | Slot::End => {
             let last = sc.last_nonzero(next.base).await?;
-            zero_from.insert(next.base, last);
+            last_nonzero_of.insert(next.base, last);
             if last == next.base {
                 NextStart::Nothing
             } else {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
-use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
+use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS, WRITE_RESERVATION_BYTES};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::error::StorageError;
 use crate::storage::flush::run_flusher;
@@ -132,6 +132,7 @@ impl<B: StorageBackend> ShardStore<B> {
     ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
         cfg.validate()?;
         let log_dir = dir.join("commitlog");
+        let t0 = Instant::now();
         let opened = open_log(&backend, &log_dir, &cfg).await?;
         // A snapshot is only trusted by a strict open that truncates nothing on request; any
         // other open may change the log below it, so it is removed first.
@@ -151,6 +152,7 @@ impl<B: StorageBackend> ShardStore<B> {
             None => (Indexes::default(), HashMap::new(), None),
         };
         let first_segment = opened.start();
+        let t_restored = t0.elapsed();
         let rec = recover_log(&backend, &log_dir, opened, &cfg, limit, start, |v| {
             idx.apply(v.topic, &v.header, v.body)
         })
@@ -163,7 +165,9 @@ impl<B: StorageBackend> ShardStore<B> {
                 .take()
                 .expect("recovery opens the checkpoint"),
         );
+        let t_scanned = t0.elapsed();
         reconcile_index_files(dir, &mut idx, &mut report, queue_files)?;
+        let t_reconciled = t0.elapsed();
         report.producers = idx.producers.len() as u64;
         // Records below the snapshot were not scanned: the background check reads them.
         let unchecked: Vec<_> = match start.map(|s| s.position) {
@@ -250,7 +254,14 @@ impl<B: StorageBackend> ShardStore<B> {
             })?
             .detach();
         }
-        log::info!("storage: opened {}: {report}", dir.display());
+        log::info!(
+            "storage: opened {} in {:.0} ms (snapshot {:.0}, scan {:.0}, index files {:.0}): {report}",
+            dir.display(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            t_restored.as_secs_f64() * 1e3,
+            (t_scanned - t_restored).as_secs_f64() * 1e3,
+            (t_reconciled - t_scanned).as_secs_f64() * 1e3,
+        );
         Ok((ShardStore { inner }, report))
     }
 
@@ -592,7 +603,7 @@ impl<B: StorageBackend> ShardStore<B> {
         // A clean stop leaves a checkpoint covering the whole log.
         let ckpt = &self.inner.checkpoint;
         if record_end > ckpt.position() {
-            ckpt.store(record_end)
+            ckpt.store(record_end, ckpt.reserved())
                 .await
                 .map_err(|e| StorageError::io("write checkpoint", ckpt.path.clone(), e))?;
             self.inner.checkpoints.set(self.inner.checkpoints.get() + 1);
@@ -792,30 +803,73 @@ async fn run_checkpointer<B: StorageBackend>(
     checkpointed: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let stop = || log.marks().stopped();
+    // Runs until the log is poisoned, or closing with no write left: the final flush of a
+    // close may still need reservations (`close` writes the last slot itself).
+    let done = || {
+        let m = log.marks();
+        m.poisoned || (m.closing && m.inflight_writes == 0)
+    };
+    // Small segments (tests) get a quarter of a segment, so that they exercise it.
+    let reservation = WRITE_RESERVATION_BYTES.min(log.cfg.segment_bytes / 4);
+    let reserve = || log.wants_reservation(reservation / 2);
+    let due = || {
+        let m = log.marks();
+        !m.closing && m.durable_record_end.0 > ckpt.position()
+    };
+    // One slot write at a time: a reservation keeps the checkpointed position, a checkpoint
+    // keeps the reservation.
+    let store = |position: u64, reserved: u64| {
+        let (log, ckpt) = (log.clone(), ckpt.clone());
+        async move {
+            let r = ckpt.store(position, reserved).await;
+            if let Err(e) = &r {
+                log.poison(format!(
+                    "writing the durable checkpoint {}: {e}",
+                    ckpt.path.display()
+                ));
+            }
+            r.is_ok()
+        }
+    };
+    let mut quiet_until = Instant::now();
     loop {
-        log.durable_changed
-            .wait_until(|| stop() || log.marks().durable_record_end.0 > ckpt.position())
-            .await;
-        if stop() {
+        let wake = || done() || reserve() || (due() && Instant::now() >= quiet_until);
+        let quiet = quiet_until.saturating_duration_since(Instant::now());
+        futures_lite::future::or(
+            futures_lite::future::or(
+                log.durable_changed.wait_until(wake),
+                log.reserve_wanted.wait_until(wake),
+            ),
+            futures_lite::future::or(log.changed.wait_until(wake), async {
+                // Wakes to write a checkpoint that came due during the quiet time.
+                glommio::timer::sleep(quiet).await;
+                log.durable_changed.wait_until(wake).await
+            }),
+        )
+        .await;
+        if done() {
             break;
+        }
+        if reserve() {
+            let limit = log.marks().appended.0 + reservation;
+            if !store(ckpt.position(), limit).await {
+                break;
+            }
+            log.set_write_limit(limit);
+            continue;
+        }
+        if !due() || Instant::now() < quiet_until {
+            continue;
         }
         let m = log.marks();
         let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
-        if let Err(e) = ckpt.store(pos).await {
-            log.poison(format!(
-                "writing the durable checkpoint {}: {e}",
-                ckpt.path.display()
-            ));
+        if !store(pos, ckpt.reserved()).await {
             break;
         }
         count.set(count.get() + 1);
         checkpointed(pos);
-        futures_lite::future::or(glommio::timer::sleep(interval), async {
-            log.durable_changed.wait_until(stop).await
-        })
-        .await;
+        quiet_until = Instant::now() + interval;
     }
 }
 
