@@ -79,6 +79,8 @@ fn storage_code(e: &StorageError) -> ErrorCode {
         StorageError::SequenceGap { .. } => ErrorCode::SequenceGap,
         StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
         StorageError::RecordTooLarge { .. } => ErrorCode::MessageTooLarge,
+        // Retriable: nothing of the batch was stored and writes resume once space is freed.
+        StorageError::DiskFull { .. } => ErrorCode::DiskFull,
         _ => ErrorCode::StorageError,
     }
 }

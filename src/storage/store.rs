@@ -25,6 +25,7 @@ use crate::storage::index::producer::{BatchMeta, ProducerTable, SeqCheck};
 use crate::storage::index::scan_body;
 use crate::storage::recovery::{decide, recover_log, Action, Observation, RecoveryReport};
 use crate::storage::signal::Signal;
+use crate::storage::space::is_disk_full;
 use crate::storage::tail_feed::TailFeed;
 use crate::storage::{
     AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
@@ -220,7 +221,7 @@ impl<B: StorageBackend> ShardStore<B> {
         reconcile_index_files(dir, &mut idx, &mut report)?;
         report.producers = idx.producers.len() as u64;
         let log = CommitLog::new(backend, log_dir, cfg, rec);
-        log.ensure_spare();
+        log.watch_space();
         let checkpoints = Rc::new(Cell::new(0));
         let inner = Rc::new(Inner {
             log: log.clone(),
@@ -269,6 +270,11 @@ impl<B: StorageBackend> ShardStore<B> {
             return Err(StorageError::RecordTooLarge { size: total, max });
         }
         let _turn = self.inner.order.turn().await;
+        // Before the producer-sequence check: while the disk refuses writes, every batch of a
+        // pipelined producer hears DISK_FULL, not a gap behind the first refused one.
+        if let Some(e) = log.disk_refusal() {
+            return Err(e);
+        }
         log.ensure_room(total).await?;
         // From here on no await: offsets and the log position are assigned together.
         let mut idx = self.inner.idx.borrow_mut();
@@ -574,12 +580,11 @@ impl<B: StorageBackend> ShardStore<B> {
         log.begin_close();
         log.flusher_wake.notify_all();
         let handle = self.inner.flusher.borrow_mut().take();
-        if let Some(h) = handle {
-            h.await;
+        if log.join_flusher(handle).await? {
+            log.changed
+                .wait_until(|| log.marks().inflight_writes == 0)
+                .await;
         }
-        log.changed
-            .wait_until(|| log.marks().inflight_writes == 0)
-            .await;
         if let Some(e) = log.poisoned_error() {
             return Err(e);
         }
@@ -593,10 +598,15 @@ impl<B: StorageBackend> ShardStore<B> {
         // A clean stop leaves a checkpoint covering the whole log.
         let ckpt = &self.inner.checkpoint;
         if record_end > ckpt.position() {
-            ckpt.store(record_end)
-                .await
-                .map_err(|e| StorageError::io("write checkpoint", ckpt.path.clone(), e))?;
-            self.inner.checkpoints.set(self.inner.checkpoints.get() + 1);
+            match ckpt.store(record_end).await {
+                Ok(()) => self.inner.checkpoints.set(self.inner.checkpoints.get() + 1),
+                // An older checkpoint is always safe (recovery only treats more of the tail as
+                // maybe torn): a full disk does not make the close unclean.
+                Err(e) if is_disk_full(&e) => {
+                    log::warn!("storage: final checkpoint not written, the disk is full: {e}")
+                }
+                Err(e) => return Err(StorageError::io("write checkpoint", ckpt.path.clone(), e)),
+            }
         }
         Ok(())
     }
@@ -681,14 +691,21 @@ async fn run_checkpointer<B: StorageBackend>(
         let m = log.marks();
         let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
-        if let Err(e) = ckpt.store(pos).await {
-            log.poison(format!(
-                "writing the durable checkpoint {}: {e}",
-                ckpt.path.display()
-            ));
-            break;
+        match ckpt.store(pos).await {
+            Ok(()) => count.set(count.get() + 1),
+            // A full disk delays the checkpoint (an older one is always safe); the next
+            // interval tries again.
+            Err(e) if is_disk_full(&e) => {
+                log::warn!("storage: the durable checkpoint waits for space: {e}")
+            }
+            Err(e) => {
+                log.poison(format!(
+                    "writing the durable checkpoint {}: {e}",
+                    ckpt.path.display()
+                ));
+                break;
+            }
         }
-        count.set(count.get() + 1);
         futures_lite::future::or(glommio::timer::sleep(interval), async {
             log.durable_changed.wait_until(stop).await
         })
