@@ -184,29 +184,41 @@ fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
     let err = |what, source: std::io::Error| full(&source).unwrap_or(err(what, source));
     fs::create_dir_all(data_dir).map_err(|e| err("cannot create it", e))?;
     let probe = data_dir.join(".preflight-write-test");
-    let written = OpenOptions::new()
+    let created = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&probe)
-        .and_then(|mut f| f.write_all(b"ok"));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&probe);
+        .open(&probe);
+    if let Err(e) = created {
         return Err(err("is not writable", e));
     }
+    // The O_DIRECT block write first: on a full file system it is the probe that meets
+    // ENOSPC, and that must read as "full", not as "no O_DIRECT".
     let direct = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(&probe)
         .and_then(|f| write_aligned_block(&f));
-    let _ = fs::remove_file(&probe);
     let direct = match direct {
         Ok(()) => true,
-        Err(e) => match full(&e) {
-            Some(full) => return Err(full),
-            None => false,
-        },
+        Err(e) => {
+            if let Some(full) = full(&e) {
+                let _ = fs::remove_file(&probe);
+                return Err(full);
+            }
+            // No O_DIRECT here: still prove the directory takes a plain write.
+            let plain = OpenOptions::new()
+                .write(true)
+                .open(&probe)
+                .and_then(|mut f| f.write_all(b"ok"));
+            if let Err(e) = plain {
+                let _ = fs::remove_file(&probe);
+                return Err(err("is not writable", e));
+            }
+            false
+        }
     };
+    let _ = fs::remove_file(&probe);
     // Since Linux 6.6 tmpfs accepts O_DIRECT, but its fdatasync makes nothing durable.
     Ok(direct && !is_memory_fs(data_dir))
 }

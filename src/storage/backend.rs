@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 
-use crate::storage::space::{describe_bytes, fs_space};
+use crate::storage::space::{describe_bytes, disk_full_error, fs_space};
 
 /// O_DIRECT alignment used for every write position and length.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -239,15 +239,12 @@ impl StorageBackend for DmaBackend {
         let parent = path.parent().unwrap_or(Path::new("."));
         if let Ok(space) = fs_space(parent) {
             if space.available_bytes < len {
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    format!(
-                        "the file system has {} free and this file needs {}: free space on it \
+                return Err(disk_full_error(format!(
+                    "the file system has {} free and this file needs {}: free space on it \
                          or lower segment_bytes (--segment-bytes)",
-                        describe_bytes(space.available_bytes),
-                        describe_bytes(len)
-                    ),
-                ));
+                    describe_bytes(space.available_bytes),
+                    describe_bytes(len)
+                )));
             }
         }
         let tmp = tmp_path(path);

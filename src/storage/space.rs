@@ -73,11 +73,22 @@ pub fn over_ratio_reason(space: &FsSpace, ratio: f64, dir: &Path) -> Option<Stri
 
 /// Whether `e` says the file system (or the user's quota) is full: retry once space is freed.
 pub fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-        || matches!(
-            e.kind(),
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-        )
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        return true;
+    }
+    // glommio rebuilds errors from their kind and loses the errno. The kinds are taken from
+    // the errnos (not named: `StorageFull` is newer than the crate's MSRV); a toolchain that
+    // gives ENOSPC the same kind as EIO (uncategorized) cannot tell them apart by kind.
+    let eio = io::Error::from_raw_os_error(libc::EIO).kind();
+    [libc::ENOSPC, libc::EDQUOT].iter().any(|&n| {
+        let kind = io::Error::from_raw_os_error(n).kind();
+        kind != eio && kind != io::ErrorKind::Other && e.kind() == kind
+    })
+}
+
+/// An error of the kind ENOSPC maps to, with a message of ours.
+pub fn disk_full_error(message: String) -> io::Error {
+    io::Error::new(io::Error::from_raw_os_error(libc::ENOSPC).kind(), message)
 }
 
 /// `64 MiB (67108864 bytes)`: sizes in disk-full messages, readable and exact.
@@ -99,10 +110,12 @@ mod tests {
         assert!(is_disk_full(&io::Error::from_raw_os_error(libc::ENOSPC)));
         assert!(is_disk_full(&io::Error::from_raw_os_error(libc::EDQUOT)));
         // glommio rebuilds errors from their kind, losing the errno.
+        let rebuilt = io::Error::from_raw_os_error(libc::ENOSPC);
         assert!(is_disk_full(&io::Error::new(
-            io::ErrorKind::StorageFull,
+            rebuilt.kind(),
             "Writing ... No space left on device"
         )));
+        assert!(is_disk_full(&disk_full_error("ours".into())));
         assert!(!is_disk_full(&io::Error::from_raw_os_error(libc::EIO)));
         assert!(!is_disk_full(&io::Error::other("x")));
     }
