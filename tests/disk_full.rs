@@ -217,6 +217,72 @@ fn sync_producers_get_disk_full_and_writes_resume_by_themselves_once_space_is_fr
     broker.stop().expect("a clean stop after the disk was full");
 }
 
+/// A `ringmq broker` process, SIGKILLed on drop if the test did not stop it (so the loop file
+/// system can be unmounted on a failure).
+struct BrokerProcess(Option<std::process::Child>);
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_broker_process_that_hit_enospc_exits_0_on_sigterm() {
+    use std::io::BufRead;
+    let fs = match LoopFs::new(300) {
+        Ok(fs) => fs,
+        Err(why) => return skip("sigterm_after_enospc", &why),
+    };
+    let data = fs.mount.join("data");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args(["broker", "--port", "0", "--cores", "1"])
+        .args(["--segment-bytes", &SEGMENT_BYTES.to_string()])
+        .args(["--disk-reject-ratio", "1.0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ringmq broker");
+    let stderr = child.stderr.take().unwrap();
+    let mut proc = BrokerProcess(Some(child));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+            eprintln!("broker: {line}");
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the broker did not print its address");
+    ringmq::client::Admin::connect(&addr)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_for_spare(&data);
+    fs.fill(&fs.mount.join("filler"), SEGMENT_BYTES + (4 << 20));
+    let p = producer(&addr, 0);
+    let (mut next_id, mut acked) = (0u64, BTreeMap::new());
+    let e = send_until_refused(&p, &mut next_id, &mut acked, 10_000).expect("never full");
+    assert_disk_full(&e);
+    drop(p);
+    let mut child = proc.0.take().unwrap();
+    // SAFETY: kill with a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM after ENOSPC: {status}");
+}
+
 #[test]
 fn async_flush_keeps_every_acked_message_across_a_full_disk_and_a_restart() {
     let fs = match LoopFs::new(300) {
