@@ -939,6 +939,41 @@ fn after_a_crash_the_open_scans_only_past_the_snapshot() {
     });
 }
 
+/// A clean close's snapshot lets the next open skip reading past the log end. That must never
+/// outlive the open: records written after a restart (here rolling into new segments) and
+/// then a crash must all be found, from a segment boundary on.
+#[test]
+fn a_crash_after_a_restart_never_trusts_the_clean_close_snapshot() {
+    on_executor(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for i in 0..5u8 {
+            append_durable(&s, "a", 0, &vec![i; 12_000]).await;
+        }
+        s.close().await.unwrap();
+        drop(s);
+        // The snapshot's flags word (bytes 16..20, see `index/snapshot.rs`): bit 0 = clean close.
+        let flags = || std::fs::read(dir.path().join("index.snapshot")).unwrap()[16..20].to_vec();
+        assert_eq!(flags(), [1, 0, 0, 0], "close writes a clean-close snapshot");
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(rep.from_snapshot, "{rep}");
+        assert_eq!(flags(), [0, 0, 0, 0], "the open replaced it before serving");
+        for i in 5..40u8 {
+            append_durable(&s, "a", 0, &vec![i; 12_000]).await;
+        }
+        sim.crash(3);
+        drop(s);
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let got = read_all(&s, "a", 0).await;
+        assert_eq!(got.len(), 40, "acked records lost after a crash: {rep}");
+        for (i, (off, body)) in got.iter().enumerate() {
+            assert_eq!((*off, body[0]), (i as u64, i as u8));
+        }
+        s.close().await.unwrap();
+    });
+}
+
 /// A snapshot that does not fit what is on disk is never used: damaged bytes, or a queue file
 /// shorter than the snapshot says. The open then scans the whole log and loses nothing.
 #[test]

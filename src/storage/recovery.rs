@@ -45,7 +45,7 @@
 //! record ends on), later segments are deleted, and then every segment is fdatasynced (bytes
 //! that survived a process crash may still be only in the device cache).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -252,6 +252,21 @@ pub(crate) struct RecoveredLog<B: StorageBackend> {
 
 /// Bytes read per scan window.
 const SCAN_WINDOW_BYTES: usize = 1 << 20;
+/// Bytes read per window when only looking for non-zero bytes (larger reads, more bandwidth).
+const ZERO_SCAN_WINDOW_BYTES: usize = 8 << 20;
+
+/// Index of the last non-zero byte of `b`, 16 bytes at a time.
+fn last_nonzero_in(b: &[u8]) -> Option<usize> {
+    let whole = b.len() / 16 * 16;
+    if let Some(i) = b[whole..].iter().rposition(|&x| x != 0) {
+        return Some(whole + i);
+    }
+    let w = b[..whole]
+        .chunks_exact(16)
+        .rposition(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) != 0)?;
+    let at = w * 16;
+    b[at..at + 16].iter().rposition(|&x| x != 0).map(|i| at + i)
+}
 
 struct Scanner<'a, F: BackendFile> {
     seg: &'a Segment<F>,
@@ -330,14 +345,16 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
         })
     }
 
-    /// Position one past the last non-zero byte in `[from, end)`, or `from`.
+    /// Position one past the last non-zero byte in `[from, end)`, or `from`. Reads in
+    /// [`ZERO_SCAN_WINDOW_BYTES`] windows and tests 16 bytes at a time: at a clean tail this
+    /// reads the rest of the segment, the largest cost of an open from a snapshot.
     async fn last_nonzero(&mut self, from: u64) -> Result<u64, StorageError> {
         let mut last = from;
         let mut pos = from;
         while pos < self.seg.end() {
-            let b = self.bytes(pos, SCAN_WINDOW_BYTES).await?;
+            let b = self.bytes(pos, ZERO_SCAN_WINDOW_BYTES).await?;
             let n = b.len() as u64;
-            if let Some(i) = b.iter().rposition(|&x| x != 0) {
+            if let Some(i) = last_nonzero_in(b) {
                 last = pos + i as u64 + 1;
             }
             pos += n;
@@ -473,10 +490,13 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     opened: OpenedLog<B>,
     cfg: &StorageConfig,
     limit: Option<u64>,
-    start: Option<u64>,
+    start: Option<ScanStart>,
     mut on_record: impl FnMut(&RecordView<'_>),
 ) -> Result<RecoveredLog<B>, StorageError> {
     let OpenedLog { segs, ckpt } = opened;
+    // `last_nonzero(base)` of whole segments already read (the spare is looked at twice).
+    let mut zero_from: HashMap<u64, u64> = HashMap::new();
+    let mut clean_spare = false;
     let ckpt_path = dir.join(CHECKPOINT_FILE);
     let mut report = RecoveryReport {
         checkpoint: ckpt.position(),
@@ -488,7 +508,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     let quarantine_dir = dir.parent().unwrap_or(dir).join("quarantine");
 
     // Scan: find the end of the valid prefix.
-    let (mut idx, mut pos) = match start {
+    let (mut idx, mut pos) = match start.map(|s| s.position) {
         Some(p) => (
             segs.iter()
                 .position(|g| p < g.end())
@@ -522,6 +542,14 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                     record_end = pos;
                     continue;
                 }
+                // The log of a clean close ends exactly at its snapshot: nothing was written
+                // past it since its segments were prepared (zero-filled and synced).
+                Slot::Zero | Slot::End
+                    if start.is_some_and(|s| s.clean_close && s.position == pos) =>
+                {
+                    clean_spare = true;
+                    Observation::CleanTail
+                }
                 Slot::Zero | Slot::End => {
                     let stale = sc.last_nonzero(pos).await? > pos;
                     let more_segments = segs
@@ -535,7 +563,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                             Observation::TornRecord
                         }
                     } else {
-                        match next_start(&segs, idx, pos).await? {
+                        match next_start(&segs, idx, pos, &mut zero_from).await? {
                             NextStart::Continues if more_segments => {
                                 Observation::RolledToNextSegment
                             }
@@ -685,8 +713,13 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     // spare only when it is untouched (all zeros).
     let mut spare = None;
     for (i, seg) in segs.iter().enumerate().skip(idx + 1) {
-        let mut sc = Scanner::new(seg);
-        let clean = sc.last_nonzero(seg.base).await? == seg.base;
+        let clean = if i == idx + 1 && clean_spare {
+            true
+        } else if let Some(&last) = zero_from.get(&seg.base) {
+            last == seg.base
+        } else {
+            Scanner::new(seg).last_nonzero(seg.base).await? == seg.base
+        };
         if i == idx + 1 && clean && seg.bytes == cfg.segment_bytes {
             spare = Some(seg.clone());
         } else {
@@ -730,6 +763,15 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         checkpoint: Some(ckpt),
         report,
     })
+}
+
+/// Where a scan begins when an index snapshot is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScanStart {
+    /// The snapshot's position (a record boundary at or below the checkpoint).
+    pub position: u64,
+    /// The snapshot was written by a clean close at the log end.
+    pub clean_close: bool,
 }
 
 /// How the background check of the records below an index snapshot ended.
@@ -817,6 +859,7 @@ async fn next_start<F: BackendFile>(
     segs: &[Rc<Segment<F>>],
     idx: usize,
     pos: u64,
+    zero_from: &mut HashMap<u64, u64>,
 ) -> Result<NextStart, StorageError> {
     let Some(next) = segs.get(idx + 1) else {
         return Ok(NextStart::Nothing);
@@ -825,8 +868,14 @@ async fn next_start<F: BackendFile>(
     Ok(match sc.record_at(next.base).await? {
         Slot::Valid { len } if pos + len > segs[idx].end() => NextStart::Continues,
         Slot::Valid { .. } => NextStart::Fits,
-        Slot::Zero | Slot::End if sc.last_nonzero(next.base).await? == next.base => {
-            NextStart::Nothing
+        Slot::Zero | Slot::End => {
+            let last = sc.last_nonzero(next.base).await?;
+            zero_from.insert(next.base, last);
+            if last == next.base {
+                NextStart::Nothing
+            } else {
+                NextStart::Bad
+            }
         }
         _ => NextStart::Bad,
     })
@@ -1031,6 +1080,21 @@ async fn zero_range<F: BackendFile>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_nonzero_in_finds_the_last_non_zero_byte_anywhere() {
+        for len in [0usize, 1, 15, 16, 17, 100, 4096] {
+            assert_eq!(last_nonzero_in(&vec![0u8; len]), None, "len {len}");
+            for at in 0..len {
+                let mut b = vec![0u8; len];
+                b[at] = 1;
+                if at > 3 {
+                    b[at - 3] = 7;
+                }
+                assert_eq!(last_nonzero_in(&b), Some(at), "len {len} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn gap_records_cover_exactly_the_range_and_parse_as_gaps() {

@@ -25,7 +25,7 @@ use crate::storage::index::snapshot::{
 use crate::storage::index::Indexes;
 use crate::storage::recovery::{
     decide, open_log, recover_log, scrub, Action, Observation, OpenedLog, RecoveryReport,
-    ScrubOutcome,
+    ScanStart, ScrubOutcome,
 };
 use crate::storage::segment::Segment;
 use crate::storage::signal::Signal;
@@ -148,7 +148,7 @@ impl<B: StorageBackend> ShardStore<B> {
             })?;
         }
         let (mut idx, queue_files, start) = match restored {
-            Some((idx, files, p)) => (idx, files, Some(p)),
+            Some((idx, files, start)) => (idx, files, Some(start)),
             None => (Indexes::default(), HashMap::new(), None),
         };
         let first_segment = opened.start();
@@ -167,7 +167,7 @@ impl<B: StorageBackend> ShardStore<B> {
         reconcile_index_files(dir, &mut idx, &mut report, queue_files)?;
         report.producers = idx.producers.len() as u64;
         // Records below the snapshot were not scanned: the background check reads them.
-        let unchecked: Vec<_> = match start {
+        let unchecked: Vec<_> = match start.map(|s| s.position) {
             Some(p) if p > first_segment => rec
                 .segments
                 .values()
@@ -227,8 +227,17 @@ impl<B: StorageBackend> ShardStore<B> {
         *inner.checkpointer.borrow_mut() = Some(checkpointer);
         // A snapshot of the state just recovered, so that a crash before the next checkpoint
         // does not cost a full scan either.
-        inner.write_snapshot(inner.checkpoint.position()).await;
-        if let Some(p) = start.filter(|_| !unchecked.is_empty()) {
+        // It also replaces a clean close's snapshot before anything is written: that one lets
+        // the next open skip reading past the log end, which only a clean close may.
+        if !inner
+            .write_snapshot(inner.checkpoint.position(), false)
+            .await
+        {
+            remove_snapshot(dir).map_err(|e| {
+                StorageError::io("remove index snapshot", dir.join(SNAPSHOT_FILE), e)
+            })?;
+        }
+        if let Some(p) = start.map(|s| s.position).filter(|_| !unchecked.is_empty()) {
             glommio::spawn_local_into(
                 run_background_check(weak, unchecked, p, inner.checkpoint.position()),
                 background_queue(),
@@ -602,7 +611,7 @@ impl<B: StorageBackend> ShardStore<B> {
         while self.inner.snapshot.get().writing {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        self.inner.write_snapshot(ckpt.position()).await;
+        self.inner.write_snapshot(ckpt.position(), true).await;
         Ok(())
     }
 
@@ -690,12 +699,14 @@ impl<B: StorageBackend> Inner<B> {
     /// Writes an index snapshot at `position` (a record end at or below the checkpoint whose
     /// consume-queue entries are in their files) on a blocking thread. A failure is logged
     /// and costs only a longer scan at the next open.
-    async fn write_snapshot(&self, position: u64) {
+    /// `clean_close`: written by `close` at the log end. Returns whether it was written.
+    async fn write_snapshot(&self, position: u64, clean_close: bool) -> bool {
         let mut st = self.snapshot.get();
         if st.off || st.writing || position == 0 {
-            return;
+            return false;
         }
-        let snap = IndexSnapshot::take(&self.idx.borrow(), position);
+        let mut snap = IndexSnapshot::take(&self.idx.borrow(), position);
+        snap.clean_close = clean_close;
         let files = snap.queue_files(&self.dir);
         let bytes = snap.encode();
         let dir = self.dir.clone();
@@ -706,6 +717,7 @@ impl<B: StorageBackend> Inner<B> {
             .await;
         let mut st = self.snapshot.get();
         st.writing = false;
+        let written = res.is_ok() && !st.off;
         match res {
             Ok(()) if !st.off => {
                 st.position = position;
@@ -726,6 +738,7 @@ impl<B: StorageBackend> Inner<B> {
             ),
         }
         self.snapshot.set(st);
+        written
     }
 
     /// After a checkpoint at `position`: starts a snapshot there when the last one is old or
@@ -739,7 +752,9 @@ impl<B: StorageBackend> Inner<B> {
             return;
         }
         glommio::spawn_local_into(
-            async move { self.write_snapshot(position).await },
+            async move {
+                self.write_snapshot(position, false).await;
+            },
             background_queue(),
         )
         .map(|t| t.detach())
@@ -830,7 +845,7 @@ async fn run_checkpointer<B: StorageBackend>(
 fn restore_snapshot<B: StorageBackend>(
     dir: &Path,
     opened: &OpenedLog<B>,
-) -> Option<(Indexes, HashMap<PathBuf, Vec<CqEntry>>, u64)> {
+) -> Option<(Indexes, HashMap<PathBuf, Vec<CqEntry>>, ScanStart)> {
     let why = match read_snapshot(dir) {
         Ok(None) => return None,
         Err(e) => format!("cannot read it: {e}"),
@@ -848,9 +863,12 @@ fn restore_snapshot<B: StorageBackend>(
                 opened.end()
             ),
             Ok(s) => {
-                let p = s.position;
+                let start = ScanStart {
+                    position: s.position,
+                    clean_close: s.clean_close && s.position == opened.checkpoint(),
+                };
                 match s.restore(dir, opened.start()) {
-                    Ok((idx, files)) => return Some((idx, files, p)),
+                    Ok((idx, files)) => return Some((idx, files, start)),
                     Err(e) => e,
                 }
             }
