@@ -104,6 +104,9 @@ section_args! {
         /// Corrupt record before the durable checkpoint: strict (refuse to open) or skip-corrupt
         /// (quarantine it, keep the rest) [default: strict]
         recovery: RecoveryMode,
+        /// Refuse produces (DISK_FULL) while the data dir's file system is used above this
+        /// fraction, 0.05..=1.0 [default: 0.9]
+        disk_reject_ratio: f64,
         /// Start from the index snapshot and check older records in the background (true), or
         /// scan and check the whole log before serving (false) [default: true]
         index_snapshot: bool,

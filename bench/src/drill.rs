@@ -18,9 +18,9 @@
 //! not exceed it. Messages acked between the reading and the kill are counted apart (no reading
 //! covers them). Damage and duplicates fail in both modes.
 //!
-//! The `partition` drill is in `drill_partition.rs` (it shares the flags, the payloads and the
-//! log reader defined here). `disk-full` is not built yet (the disk protection issue brings the
-//! error path it would rehearse).
+//! The `partition` drill is in `drill_partition.rs` and the `disk-full` drill in
+//! `drill_disk_full.rs` (they share the flags, the payloads, the log reader and the audit
+//! defined here).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -57,6 +57,10 @@ pub enum DrillKind {
     /// load for `--partition-ms`, heal it, let the slave catch up, audit both brokers and the
     /// acks' durability levels (repeated `--rounds` times).
     Partition,
+    /// Fill a small ext4 file system on a loop device (root) under pipelined load until the
+    /// broker answers DISK_FULL, read while full, free the space, time the resume, SIGTERM,
+    /// restart and audit (repeated `--rounds` times).
+    DiskFull,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +128,12 @@ pub struct DrillArgs {
     /// it (the slave's acknowledgement was already on the master); later ones may not.
     #[arg(long, default_value_t = 500)]
     pub in_flight_grace_ms: u64,
+    /// disk-full: size of the loop-device file system (MiB).
+    #[arg(long, default_value_t = 300)]
+    pub fs_mib: u64,
+    /// disk-full: how long the load keeps sending into the full disk before space is freed.
+    #[arg(long, default_value_t = 1000)]
+    pub full_hold_ms: u64,
 }
 
 impl DrillArgs {
@@ -157,6 +167,11 @@ impl DrillArgs {
             if self.in_flight_grace_ms >= self.partition_ms {
                 problems.push("--in-flight-grace-ms must be shorter than --partition-ms");
             }
+        }
+        if self.kind == DrillKind::DiskFull
+            && self.fs_mib < 4 * self.segment_mib * self.broker_cores as u64
+        {
+            problems.push("--fs-mib must hold at least 4 segments per shard");
         }
         if (self.segment_mib << 20) < SEGMENT_BYTES_MIN {
             // The broker's one bound (`storage::config`), in this flag's unit.

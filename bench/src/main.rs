@@ -10,6 +10,8 @@
 //! - `drill partition [--replication ...]`: cut a master off its slave (two network
 //!   namespaces) under load, heal, let the slave catch up, audit both logs and the acks'
 //!   durability levels, print a verdict table.
+//! - `drill disk-full [--flush-mode ...]`: fill a small ext4 file system on a loop device
+//!   under load, free it, audit (root), print a verdict table.
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -26,10 +28,12 @@
 //!   integration tests (`tests/common/netns.rs` includes the file).
 //! - [`drill`]: the crash drill and its audit; the drills' flags, payloads and log reader.
 //! - [`drill_partition`]: the partition drill and its audit.
+//! - [`drill_disk_full`]: the disk-full drill (its own loop-device file system).
 //! - [`machine`]: machine facts, core split and pinning.
 
 mod broker_stats;
 mod drill;
+mod drill_disk_full;
 mod drill_load;
 mod drill_partition;
 mod hist;
@@ -86,8 +90,10 @@ enum Command {
     /// load, restarts it and checks every acked message is there once and intact (under
     /// ASYNC_FLUSH: losses within the unflushed bytes it reported just before); `partition`
     /// cuts a master off its slave (two network namespaces) under load, heals the link and
-    /// checks both logs and that no SYNC_MASTER ack claimed the slave while it was cut off.
-    /// Prints a verdict table; exits non-zero on any failed round.
+    /// checks both logs and that no SYNC_MASTER ack claimed the slave while it was cut off;
+    /// `disk-full` fills a loop-device file system under load (DISK_FULL, reads while full,
+    /// resume after freeing, clean SIGTERM, restart audit). Prints a verdict table; exits
+    /// non-zero on any failed round.
     Drill(drill::DrillArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
@@ -154,6 +160,7 @@ fn main() -> ExitCode {
         Command::Drill(a) => match a.kind {
             drill::DrillKind::Kill => drill::run(a),
             drill::DrillKind::Partition => drill_partition::run(a),
+            drill::DrillKind::DiskFull => drill_disk_full::run(a),
         },
         Command::ServeBroker(a) => slave::serve(a),
     };

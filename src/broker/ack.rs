@@ -35,13 +35,25 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServiceError::from(e)),
-            Err(_) => Err(ServiceError::new(
-                ErrorCode::FlushDiskTimeout,
-                format!(
-                    "stored at queue {queue} offset {} but not durable within {} ms",
-                    appended.base_offset, config.storage.flush_timeout_ms
+            // Its bytes are held back by a full disk: say so (still retriable; the bytes are
+            // kept and written once space is freed, and a retry is acked as a duplicate).
+            Err(_) => Err(match store.disk_full() {
+                Some(why) => ServiceError::new(
+                    ErrorCode::DiskFull,
+                    format!(
+                        "stored in memory at queue {queue} offset {} but not durable within {} \
+                         ms: disk full: {why}",
+                        appended.base_offset, config.storage.flush_timeout_ms
+                    ),
                 ),
-            )),
+                None => ServiceError::new(
+                    ErrorCode::FlushDiskTimeout,
+                    format!(
+                        "stored at queue {queue} offset {} but not durable within {} ms",
+                        appended.base_offset, config.storage.flush_timeout_ms
+                    ),
+                ),
+            }),
         }
     };
     let replica = async {

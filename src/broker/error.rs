@@ -7,6 +7,7 @@ use crate::protocol::{self, ErrorCode, Frame, WireError};
 use crate::shard::mesh::MeshError;
 use crate::shard::topic_writes::TopicWriteError;
 use crate::shard::topics::TopicError;
+use crate::storage::space::is_disk_full;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ impl From<TopicError> for ServiceError {
             TopicError::InvalidName { .. } => ErrorCode::InvalidTopic,
             TopicError::InvalidQueueCount { .. } => ErrorCode::InvalidArgument,
             TopicError::Exists { .. } => ErrorCode::TopicExists,
+            // The topic table could not be written for lack of space: retriable, like a
+            // produce on a full disk.
+            TopicError::Io { ref source, .. } if is_disk_full(source) => ErrorCode::DiskFull,
             TopicError::Io { .. } | TopicError::Corrupt { .. } => ErrorCode::Internal,
         };
         ServiceError::new(code, e.to_string())
@@ -79,6 +83,8 @@ fn storage_code(e: &StorageError) -> ErrorCode {
         StorageError::SequenceGap { .. } => ErrorCode::SequenceGap,
         StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
         StorageError::RecordTooLarge { .. } => ErrorCode::MessageTooLarge,
+        // Retriable: nothing of the batch was stored and writes resume once space is freed.
+        StorageError::DiskFull { .. } => ErrorCode::DiskFull,
         _ => ErrorCode::StorageError,
     }
 }

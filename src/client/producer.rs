@@ -12,12 +12,14 @@
 //!   in sequence order. The broker remembers the same number of batches per producer and queue,
 //!   so a re-sent batch that was stored is always recognised.
 //! - Retries: when an attempt fails retriably (lost connection, timeout, busy, flush timeout,
-//!   a sequence gap), the lane starts a new round after a backoff with jitter: it re-sends
+//!   disk full, a sequence gap), the lane starts a new round after a backoff with jitter: it re-sends
 //!   every unacknowledged batch, in sequence order, from the earliest. Re-sending only the
 //!   failed batch is not enough: after a broker restart the later batches would arrive first
 //!   and be refused as a gap. `retries` rounds without an ack in between, or an error that is
 //!   not retriable, fail every batch of the window; the lane then takes a new epoch and starts
-//!   its sequence over, so later batches are not refused for the hole.
+//!   its sequence over, so later batches are not refused for the hole. Every batch of a failed
+//!   window reports the code of the error that failed it, and a sequence error that is only a
+//!   consequence of an earlier refusal (DISK_FULL, say) reports that refusal.
 //! - Deadline: a batch with no answer `request_timeout` after it was written counts as a lost
 //!   connection (the connection is dropped and the lane starts a new round).
 //! - ONEWAY sends carry no producer id: nothing retries them, so there is nothing to de-duplicate,
@@ -36,7 +38,9 @@ use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::format::batch::{BatchBuilder, Message};
 use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
-use crate::protocol::{Durability, ProduceAck, ProduceRequest, Request, Response, RouteTable};
+use crate::protocol::{
+    Durability, ErrorCode, ProduceAck, ProduceRequest, RemoteError, Request, Response, RouteTable,
+};
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -163,6 +167,9 @@ struct LaneState {
     resume_at: Option<Instant>,
     /// Failed rounds since the last ack.
     failures: u32,
+    /// The last error since the last ack that was not a sequence error (from any round):
+    /// what a failure of the window reports when its last error is only a consequence of it.
+    cause: Option<ClientError>,
 }
 
 struct Slot {
@@ -479,6 +486,7 @@ impl Inner {
                         round: 0,
                         resume_at: None,
                         failures: 0,
+                        cause: None,
                     }),
                     room: Condvar::new(),
                 })
@@ -610,6 +618,14 @@ impl Inner {
             let Some(i) = st.window.iter().position(|s| s.id == id && !s.done) else {
                 return; // already acked, or failed with its window
             };
+            // Kept from stale rounds too: a batch behind a refused one hears SEQUENCE_GAP (or,
+            // after a window restart, OUT_OF_ORDER_SEQUENCE) while the refusal that caused
+            // it (DISK_FULL, say) may arrive later; the report must name the refusal.
+            if let Err(e) = &outcome {
+                if !is_sequence_error(e) {
+                    st.cause = Some(clone_error(e));
+                }
+            }
             match outcome {
                 Ok(ack) => {
                     let slot = &mut st.window[i];
@@ -620,6 +636,7 @@ impl Inner {
                         .expect("an unfinished batch has a callback");
                     finished.push((cb, Ok(ack)));
                     st.failures = 0;
+                    st.cause = None;
                 }
                 // The lane started over since this attempt: the batch is re-sent anyway.
                 Err(_) if round != st.round => return,
@@ -636,6 +653,10 @@ impl Inner {
                     // only). A new epoch restarts the sequence, so later batches are not
                     // refused for the hole.
                     let failed = st.window[i].base_sequence;
+                    let e = match st.cause.take() {
+                        Some(cause) if is_sequence_error(&e) => with_consequence(cause, &e),
+                        _ => e,
+                    };
                     for slot in st.window.iter_mut().filter(|s| !s.done) {
                         slot.done = true;
                         let cb = slot
@@ -645,11 +666,20 @@ impl Inner {
                         let err = if slot.id == id {
                             clone_error(&e)
                         } else {
-                            ClientError::Unexpected(format!(
+                            let why = format!(
                                 "not acknowledged: batch at sequence {failed} of queue {} \
-                                 failed before it: {e}",
+                                 failed before it",
                                 lane.queue
-                            ))
+                            );
+                            match &e {
+                                // The same code, so a caller sees the cause (DISK_FULL ...)
+                                // for every batch of the window.
+                                ClientError::Remote(r) => ClientError::Remote(RemoteError {
+                                    code: r.code,
+                                    message: format!("{why}: {}", r.message),
+                                }),
+                                _ => ClientError::Unexpected(format!("{why}: {e}")),
+                            }
                         };
                         finished.push((cb, Err(err)));
                     }
@@ -781,6 +811,25 @@ impl Inner {
                 }
             }),
         );
+    }
+}
+
+/// A sequence error is a consequence: an earlier batch of the queue was not stored.
+fn is_sequence_error(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::SequenceGap) | Some(ErrorCode::OutOfOrderSequence)
+    )
+}
+
+/// `cause`, noting the sequence error it led to.
+fn with_consequence(cause: ClientError, consequence: &ClientError) -> ClientError {
+    match cause {
+        ClientError::Remote(r) => ClientError::Remote(RemoteError {
+            code: r.code,
+            message: format!("{} (a later batch then got: {consequence})", r.message),
+        }),
+        other => other,
     }
 }
 

@@ -10,6 +10,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::storage::space::{describe_bytes, fs_space, is_disk_full};
+
 /// glommio 0.9 needs io_uring features from Linux 5.8.
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
 
@@ -36,6 +38,8 @@ pub enum PreflightError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("data dir {path}: the data dir's file system is full ({} free): free space on it or use another --data-dir", describe_bytes(*.free_bytes))]
+    DiskFull { path: String, free_bytes: u64 },
     #[error("data dir {path} is in memory (tmpfs/ramfs) or has no O_DIRECT, so an fdatasync would not make anything durable: use a disk-backed directory, or set allow_non_direct_io (--allow-non-direct-io) to run anyway")]
     NoDirectIo { path: String },
 }
@@ -169,24 +173,50 @@ fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
         what,
         source,
     };
+    // A full file system refuses the probes with ENOSPC: say that, not "not writable" or "no
+    // O_DIRECT" (issue 14: a broker on a full disk was told its data dir was tmpfs).
+    let full = |e: &std::io::Error| {
+        is_disk_full(e).then(|| PreflightError::DiskFull {
+            path: data_dir.display().to_string(),
+            free_bytes: fs_space(data_dir).map_or(0, |s| s.available_bytes),
+        })
+    };
+    let err = |what, source: std::io::Error| full(&source).unwrap_or(err(what, source));
     fs::create_dir_all(data_dir).map_err(|e| err("cannot create it", e))?;
     let probe = data_dir.join(".preflight-write-test");
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&probe)
-            .map_err(|e| err("is not writable", e))?;
-        f.write_all(b"ok").map_err(|e| err("is not writable", e))?;
+    let created = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe);
+    if let Err(e) = created {
+        return Err(err("is not writable", e));
     }
-    let direct = match OpenOptions::new()
+    // The O_DIRECT block write first: on a full file system it is the probe that meets
+    // ENOSPC, and that must read as "full", not as "no O_DIRECT".
+    let direct = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(&probe)
-    {
-        Ok(f) => write_aligned_block(&f).is_ok(),
-        Err(_) => false,
+        .and_then(|f| write_aligned_block(&f));
+    let direct = match direct {
+        Ok(()) => true,
+        Err(e) => {
+            if let Some(full) = full(&e) {
+                let _ = fs::remove_file(&probe);
+                return Err(full);
+            }
+            // No O_DIRECT here: still prove the directory takes a plain write.
+            let plain = OpenOptions::new()
+                .write(true)
+                .open(&probe)
+                .and_then(|mut f| f.write_all(b"ok"));
+            if let Err(e) = plain {
+                let _ = fs::remove_file(&probe);
+                return Err(err("is not writable", e));
+            }
+            false
+        }
     };
     let _ = fs::remove_file(&probe);
     // Since Linux 6.6 tmpfs accepts O_DIRECT, but its fdatasync makes nothing durable.

@@ -11,6 +11,8 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 
+use crate::storage::space::{describe_bytes, disk_full_error, fs_space};
+
 /// O_DIRECT alignment used for every write position and length.
 pub const BLOCK_BYTES: u64 = 4096;
 
@@ -64,6 +66,9 @@ pub trait BackendFile: 'static {
     fn alloc_buf(&self, len: usize) -> Self::Buf;
     /// Writes the whole buffer at `pos` (both aligned).
     async fn write_at(&self, buf: Self::Buf, pos: u64) -> io::Result<()>;
+    /// [`Self::write_at`] from a buffer the caller keeps, so a write that failed because the
+    /// disk was full can be issued again with the same bytes (the log's write path does).
+    async fn write_shared(&self, buf: Rc<Self::Buf>, pos: u64) -> io::Result<()>;
     /// Reads up to `len` bytes at `pos` (any alignment) and appends them to `out`; fewer at EOF.
     async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()>;
     /// fdatasync.
@@ -124,6 +129,22 @@ impl BackendFile for DmaBackendFile {
         Ok(())
     }
 
+    async fn write_shared(&self, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
+        let want = buf.len();
+        let n = self
+            .file
+            .write_rc_at(buf, pos)
+            .await
+            .map_err(io::Error::from)?;
+        if n != want {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short O_DIRECT write: {n} of {want} bytes at {pos}"),
+            ));
+        }
+        Ok(())
+    }
+
     async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
         let r = self.file.read_at(pos, len).await.map_err(io::Error::from)?;
         out.extend_from_slice(&r);
@@ -150,31 +171,19 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-impl StorageBackend for DmaBackend {
-    type File = DmaBackendFile;
-
-    async fn open(&self, path: &Path) -> io::Result<DmaBackendFile> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(path)
-            .await
-            .map_err(io::Error::from)?;
-        Ok(DmaBackendFile { file: Rc::new(f) })
-    }
-
-    async fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<()> {
-        // Written, not fallocated: fdatasync into unwritten extents costs 2x (NOTES.md).
-        let tmp = tmp_path(path);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .dma_open(&tmp)
-            .await
-            .map_err(io::Error::from)?;
-        let f = Rc::new(f);
+/// Writes `len` zero bytes to `tmp` with O_DIRECT, syncs it and renames it to `path` (durably).
+async fn write_zeroed(tmp: &Path, path: &Path, len: u64) -> io::Result<()> {
+    // Written, not fallocated: fdatasync into unwritten extents costs 2x (NOTES.md).
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(tmp)
+        .await
+        .map_err(io::Error::from)?;
+    let f = Rc::new(f);
+    let written = async {
         let mut pos = 0u64;
         while pos < len {
             let mut batch = Vec::new();
@@ -194,18 +203,58 @@ impl StorageBackend for DmaBackend {
                 r.map_err(io::Error::from)?;
             }
         }
-        f.fdatasync().await.map_err(io::Error::from)?;
-        let _ = f.close_rc().await;
-        // The rename and the directory fsync are blocking system calls (a directory fsync
-        // waits for a journal commit, milliseconds here): on glommio's blocking thread pool
-        // they do not stall this shard's appends and acks while a segment is prepared.
-        let (tmp, path) = (tmp.clone(), path.to_path_buf());
-        glommio::executor()
-            .spawn_blocking(move || {
-                std::fs::rename(&tmp, &path)?;
-                sync_dir(path.parent().unwrap_or(Path::new(".")))
-            })
+        f.fdatasync().await.map_err(io::Error::from)
+    }
+    .await;
+    let _ = f.close_rc().await;
+    written?;
+    // The rename and the directory fsync are blocking system calls (a directory fsync
+    // waits for a journal commit, milliseconds here): on glommio's blocking thread pool
+    // they do not stall this shard's appends and acks while a segment is prepared.
+    let (tmp, path) = (tmp.to_path_buf(), path.to_path_buf());
+    glommio::executor()
+        .spawn_blocking(move || {
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(path.parent().unwrap_or(Path::new(".")))
+        })
+        .await
+}
+
+impl StorageBackend for DmaBackend {
+    type File = DmaBackendFile;
+
+    async fn open(&self, path: &Path) -> io::Result<DmaBackendFile> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(path)
             .await
+            .map_err(io::Error::from)?;
+        Ok(DmaBackendFile { file: Rc::new(f) })
+    }
+
+    async fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<()> {
+        // Fail fast, before a byte is written, when the file cannot fit: zero-writing a 1 GiB
+        // segment into 300 MiB only fills the disk and then fails anyway.
+        let parent = path.parent().unwrap_or(Path::new("."));
+        if let Ok(space) = fs_space(parent) {
+            if space.available_bytes < len {
+                return Err(disk_full_error(format!(
+                    "the file system has {} free and this file needs {}: free space on it \
+                         or lower segment_bytes (--segment-bytes)",
+                    describe_bytes(space.available_bytes),
+                    describe_bytes(len)
+                )));
+            }
+        }
+        let tmp = tmp_path(path);
+        let r = write_zeroed(&tmp, path, len).await;
+        if r.is_err() {
+            // A partial file would keep the disk full after the failure (issue 14: a failed
+            // start left a 267 MiB `.tmp` behind).
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {

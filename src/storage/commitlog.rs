@@ -21,11 +21,30 @@
 //!
 //! `append_pos >= written >= durable >= visible` is asserted wherever one of them changes.
 //! After a write or fdatasync error the log is *poisoned*: nothing advances any more.
+//!
+//! # A full disk is not a poison
+//! ENOSPC / EDQUOT ([`is_disk_full`]) mean "not now", not "the device lies", so they stop new
+//! writes without giving up anything the log holds:
+//! - the next segment cannot be prepared (`prepare_blocked`): appends that fit in the active
+//!   segment go on; one that needs a roll gets [`StorageError::DiskFull`] at once;
+//! - a write of appended bytes hits ENOSPC (`stalled_writes`): its buffer is kept and the write
+//!   retried with backoff until it lands (those bytes may be acknowledged already under
+//!   ASYNC_FLUSH); meanwhile every new append gets DiskFull, so the unflushed window does not
+//!   grow while it cannot drain;
+//! - the file system is used above `disk_reject_ratio` (`over_ratio`, read by
+//!   [`CommitLog::watch_space`] every second and before a segment is prepared): no segment is
+//!   prepared and client appends get DiskFull.
+//!
+//! The space watch retries a blocked preparation every [`SPACE_CHECK_INTERVAL_MS`], so writes
+//! resume by themselves once space is freed. An fdatasync error still poisons, ENOSPC
+//! included: after a failed fsync Linux may report the next one clean without the data being
+//! on disk, so a retried sync proves nothing.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::time::Duration;
 
 use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
@@ -34,7 +53,15 @@ use crate::storage::error::StorageError;
 use crate::storage::recovery::RecoveredLog;
 use crate::storage::segment::{segment_path, Seg, Segment};
 use crate::storage::signal::Signal;
+use crate::storage::space::{fs_space, is_disk_full, over_ratio_reason};
 use crate::storage::{FlushMode, LogPosition, StorageConfig};
+
+/// How often the space watch reads the file system (one `statvfs`) and retries a segment
+/// preparation that the disk refused: the delay before writes resume once space is freed.
+pub(crate) const SPACE_CHECK_INTERVAL_MS: u64 = 1000;
+/// First and longest wait before a write that hit ENOSPC is issued again.
+const WRITE_RETRY_FIRST_MS: u64 = 10;
+const WRITE_RETRY_MAX_MS: u64 = 1000;
 
 type BufOf<B> = <<B as StorageBackend>::File as BackendFile>::Buf;
 
@@ -68,6 +95,8 @@ pub(crate) struct LogMarks {
     pub has_spare: bool,
     pub poisoned: bool,
     pub closing: bool,
+    /// Writes waiting for space after ENOSPC (their bytes are kept and retried).
+    pub stalled_writes: usize,
 }
 
 impl LogMarks {
@@ -104,6 +133,14 @@ struct LogState<B: StorageBackend> {
     poisoned: Option<String>,
     spare: Option<Seg<B>>,
     preparing: bool,
+    /// Why the next segment cannot be prepared (a full disk, or usage above the reject ratio);
+    /// cleared when a preparation succeeds.
+    prepare_blocked: Option<String>,
+    /// Writes retrying after ENOSPC, and why the last one stalled.
+    stalled_writes: usize,
+    stall_reason: String,
+    /// The last reading of the file system was above `disk_reject_ratio`: the message.
+    over_ratio: Option<String>,
     /// Highest position a `wait_durable` caller asked for.
     sync_requested: u64,
     closing: bool,
@@ -145,6 +182,40 @@ impl<B: StorageBackend> LogState<B> {
         self.poisoned
             .as_ref()
             .map(|c| StorageError::Poisoned { cause: c.clone() })
+    }
+
+    /// Rolls wait until a preparation succeeds; logged once per episode.
+    fn block_prepare(&mut self, why: String) {
+        if self.prepare_blocked.is_none() {
+            log::warn!("storage: disk full: {why}; retrying every {SPACE_CHECK_INTERVAL_MS} ms");
+        }
+        self.prepare_blocked = Some(why);
+    }
+
+    fn stall_write(&mut self, why: String) {
+        if self.stalled_writes == 0 {
+            log::warn!("storage: disk full: {why}");
+        }
+        self.stalled_writes += 1;
+        self.stall_reason = why;
+    }
+
+    fn stall_error(&self) -> Option<StorageError> {
+        (self.stalled_writes > 0).then(|| StorageError::DiskFull {
+            reason: format!(
+                "{}; new writes are refused until the held-back bytes are written",
+                self.stall_reason
+            ),
+        })
+    }
+
+    fn set_over_ratio(&mut self, over: Option<String>) {
+        match (&self.over_ratio, &over) {
+            (None, Some(why)) => log::warn!("storage: refusing produces: {why}"),
+            (Some(_), None) => log::info!("storage: disk usage is below disk_reject_ratio again"),
+            _ => {}
+        }
+        self.over_ratio = over;
     }
 
     fn complete(&mut self, from: u64, to: u64, seg: Option<Seg<B>>) {
@@ -212,6 +283,10 @@ impl<B: StorageBackend> CommitLog<B> {
             poisoned: None,
             spare,
             preparing: false,
+            prepare_blocked: None,
+            stalled_writes: 0,
+            stall_reason: String::new(),
+            over_ratio: None,
             sync_requested: end,
             closing: false,
             counters: Counters::default(),
@@ -269,12 +344,25 @@ impl<B: StorageBackend> CommitLog<B> {
         self.notify_all();
     }
 
-    /// Starts preparing the segment after the active one unless one is ready or under way.
+    /// Starts preparing the segment after the active one unless one is ready or under way, or
+    /// the file system is above the reject ratio (read now: checked before every preparation).
+    /// A preparation the disk refuses blocks rolls until a later call succeeds; it never
+    /// poisons the log.
     pub fn ensure_spare(self: &Rc<Self>) {
         let base = {
             let mut st = self.st.borrow_mut();
-            if st.spare.is_some() || st.preparing || st.poisoned.is_some() {
+            if st.spare.is_some() || st.preparing || st.poisoned.is_some() || st.closing {
                 return;
+            }
+            if let Ok(space) = fs_space(&self.dir) {
+                let over = over_ratio_reason(&space, self.cfg.disk_reject_ratio, &self.dir);
+                st.set_over_ratio(over.clone());
+                if let Some(why) = over {
+                    st.block_prepare(format!("no new segment is prepared: {why}"));
+                    drop(st);
+                    self.notify_all();
+                    return;
+                }
             }
             st.preparing = true;
             st.active.end()
@@ -286,11 +374,8 @@ impl<B: StorageBackend> CommitLog<B> {
                 log.backend
                     .create_zeroed(&path, log.cfg.segment_bytes)
                     .await
-                    .map_err(|e| format!("preparing segment {}: {e}", path.display()))?;
-                log.backend
-                    .open(&path)
-                    .await
-                    .map_err(|e| format!("opening segment {}: {e}", path.display()))
+                    .map_err(|e| ("preparing", e))?;
+                log.backend.open(&path).await.map_err(|e| ("opening", e))
             }
             .await;
             {
@@ -298,6 +383,13 @@ impl<B: StorageBackend> CommitLog<B> {
                 st.preparing = false;
                 match r {
                     Ok(file) => {
+                        if st.prepare_blocked.take().is_some() {
+                            log::info!(
+                                "storage: segment {} prepared: there is space again, appends \
+                                 that need a new segment are taken again",
+                                path.display()
+                            );
+                        }
                         st.spare = Some(Rc::new(Segment {
                             base,
                             bytes: log.cfg.segment_bytes,
@@ -305,7 +397,13 @@ impl<B: StorageBackend> CommitLog<B> {
                             path,
                         }))
                     }
-                    Err(e) => st.poison(e),
+                    Err((what, e)) if is_disk_full(&e) => {
+                        // Nothing of it is left behind (`create_zeroed` removes its partial
+                        // file); the space watch tries again.
+                        let _ = log.backend.remove(&path);
+                        st.block_prepare(format!("{what} segment {} failed: {e}", path.display()));
+                    }
+                    Err((what, e)) => st.poison(format!("{what} segment {}: {e}", path.display())),
                 }
             }
             log.notify_all();
@@ -313,8 +411,70 @@ impl<B: StorageBackend> CommitLog<B> {
         .detach();
     }
 
+    /// The space watch: reads the file system every [`SPACE_CHECK_INTERVAL_MS`] (one
+    /// `statvfs`, off the append and ack paths, which only read its last verdict), keeps the
+    /// reject-ratio verdict current, and retries a segment preparation the disk refused, so
+    /// writes resume by themselves once space is freed. Ends when the log stops.
+    pub fn watch_space(self: &Rc<Self>) {
+        self.check_space();
+        self.ensure_spare();
+        let log = self.clone();
+        glommio::spawn_local(async move {
+            let interval = Duration::from_millis(SPACE_CHECK_INTERVAL_MS);
+            loop {
+                futures_lite::future::or(glommio::timer::sleep(interval), async {
+                    log.changed.wait_until(|| log.marks().stopped()).await
+                })
+                .await;
+                if log.marks().stopped() {
+                    break;
+                }
+                log.check_space();
+                log.ensure_spare();
+            }
+        })
+        .detach();
+    }
+
+    /// One reading of the file system against the reject ratio.
+    fn check_space(&self) {
+        // No reading (a simulated disk has no file system): no verdict, nothing refused.
+        let Ok(space) = fs_space(&self.dir) else {
+            return;
+        };
+        let over = over_ratio_reason(&space, self.cfg.disk_reject_ratio, &self.dir);
+        self.st.borrow_mut().set_over_ratio(over);
+    }
+
+    /// Why a client append must be refused now because of the disk, if it must: writes
+    /// retrying after ENOSPC, or the file system above the reject ratio. (A segment that
+    /// cannot be prepared refuses only the appends that need it, in [`Self::ensure_room`].)
+    pub fn disk_refusal(&self) -> Option<StorageError> {
+        let st = self.st.borrow();
+        st.stall_error().or_else(|| {
+            st.over_ratio.as_ref().map(|why| StorageError::DiskFull {
+                reason: why.clone(),
+            })
+        })
+    }
+
+    /// Every reason the disk is refusing writes now, for messages (`None`: it is not).
+    pub fn disk_full_reason(&self) -> Option<String> {
+        let st = self.st.borrow();
+        let reasons: Vec<&str> = [
+            (st.stalled_writes > 0).then_some(st.stall_reason.as_str()),
+            st.prepare_blocked.as_deref(),
+            st.over_ratio.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
     /// Waits until a record of `total` bytes can be appended synchronously: room in the active
-    /// segment (rolling to the spare if needed) and a free write slot.
+    /// segment (rolling to the spare if needed) and a free write slot. Refused with DiskFull at
+    /// once while writes wait for space, or when it needs a segment the disk refused.
     pub async fn ensure_room(self: &Rc<Self>, total: u64) -> Result<(), StorageError> {
         loop {
             {
@@ -324,6 +484,9 @@ impl<B: StorageBackend> CommitLog<B> {
                 }
                 if st.closing {
                     return Err(StorageError::Closed);
+                }
+                if let Some(e) = st.stall_error() {
+                    return Err(e);
                 }
                 if st.inflight_writes < self.cfg.max_writes_in_flight {
                     if st.append_pos + total <= st.active.end() {
@@ -335,6 +498,14 @@ impl<B: StorageBackend> CommitLog<B> {
                         self.ensure_spare();
                         continue;
                     }
+                    if let Some(why) = &st.prepare_blocked {
+                        return Err(StorageError::DiskFull {
+                            reason: format!(
+                                "segment {} is full and the next one cannot be prepared: {why}",
+                                st.active.base
+                            ),
+                        });
+                    }
                 }
             }
             self.ensure_spare();
@@ -343,8 +514,11 @@ impl<B: StorageBackend> CommitLog<B> {
                     let st = self.st.borrow();
                     st.poisoned.is_some()
                         || st.closing
+                        || st.stalled_writes > 0
                         || (st.inflight_writes < self.cfg.max_writes_in_flight
-                            && (st.append_pos + total <= st.active.end() || st.spare.is_some()))
+                            && (st.append_pos + total <= st.active.end()
+                                || st.spare.is_some()
+                                || st.prepare_blocked.is_some()))
                 })
                 .await;
         }
@@ -518,15 +692,48 @@ impl<B: StorageBackend> CommitLog<B> {
                     })
                     .await;
             }
-            let poisoned = log.st.borrow().poisoned.is_some();
-            let r = if poisoned {
-                Err(std::io::Error::other("log already poisoned"))
-            } else {
-                seg.file.write_at(buf, file_pos).await
+            // Shared, so that a write refused for space can be issued again with the same
+            // bytes: they may be acknowledged already (ASYNC_FLUSH) and exist nowhere else.
+            let buf = Rc::new(buf);
+            let mut stalled = false;
+            let mut backoff = Duration::from_millis(WRITE_RETRY_FIRST_MS);
+            let r = loop {
+                if log.st.borrow().poisoned.is_some() {
+                    break Err(std::io::Error::other("log already poisoned"));
+                }
+                match seg.file.write_shared(buf.clone(), file_pos).await {
+                    Err(e) if is_disk_full(&e) => {
+                        let why = format!(
+                            "a write of {phys_len} bytes at {file_pos} in segment {} is \
+                             refused by the disk ({e}); the bytes are kept and the write \
+                             retried until space is freed",
+                            seg.base
+                        );
+                        if !stalled {
+                            stalled = true;
+                            log.st.borrow_mut().stall_write(why);
+                            log.notify_all();
+                        }
+                        glommio::timer::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(WRITE_RETRY_MAX_MS));
+                    }
+                    r => break r,
+                }
             };
+            drop(buf);
             {
                 let mut st = log.st.borrow_mut();
                 st.inflight_writes -= 1;
+                if stalled {
+                    st.stalled_writes -= 1;
+                    if r.is_ok() {
+                        log::info!(
+                            "storage: a write held back by the full disk landed at {file_pos} \
+                             in segment {}",
+                            seg.base
+                        );
+                    }
+                }
                 match r {
                     Ok(()) => st.complete(from, to, Some(seg)),
                     Err(e) => st.poison(format!(
@@ -629,6 +836,7 @@ impl<B: StorageBackend> CommitLog<B> {
             has_spare: st.has_spare(),
             poisoned: st.poisoned.is_some(),
             closing: st.closing,
+            stalled_writes: st.stalled_writes,
         }
     }
 
@@ -691,9 +899,66 @@ impl<B: StorageBackend> CommitLog<B> {
         self.st.borrow_mut().visible_cap = cap.map(|c| c.0);
     }
 
+    /// At close, waits for the flusher to end (everything written and synced). If writes stay
+    /// held back by a full disk for `flush_timeout_ms`, gives up on them: under SYNC_FLUSH
+    /// none of those bytes was acknowledged (an ack waits for durability), so the close is
+    /// clean (`Ok(false)`: do not wait for the held-back writes); under ASYNC_FLUSH they were,
+    /// and DiskFull says how many bytes are lost. `Ok(true)`: the flusher ended normally.
+    pub async fn join_flusher(
+        &self,
+        flusher: Option<glommio::task::JoinHandle<()>>,
+    ) -> Result<bool, StorageError> {
+        let Some(flusher) = flusher else {
+            return Ok(true);
+        };
+        let wait = Duration::from_millis(self.cfg.flush_timeout_ms);
+        let gave_up = futures_lite::future::or(
+            async {
+                flusher.await;
+                false
+            },
+            async {
+                loop {
+                    self.changed
+                        .wait_until(|| self.marks().stalled_writes > 0)
+                        .await;
+                    glommio::timer::sleep(wait).await;
+                    if self.marks().stalled_writes > 0 {
+                        return true;
+                    }
+                }
+            },
+        )
+        .await;
+        if !gave_up {
+            return Ok(true);
+        }
+        let m = self.marks();
+        let held = m.appended.bytes_since(m.durable);
+        let why = self.st.borrow().stall_reason.clone();
+        if self.cfg.flush_mode == FlushMode::SyncFlush {
+            log::warn!(
+                "storage: closing with {held} appended bytes the full disk did not take within \
+                 {} ms ({why}); none was acknowledged (SYNC_FLUSH acks only durable bytes)",
+                self.cfg.flush_timeout_ms
+            );
+            Ok(false)
+        } else {
+            Err(StorageError::DiskFull {
+                reason: format!(
+                    "closing with {held} bytes acknowledged under ASYNC_FLUSH that the full disk \
+                     did not take within {} ms: {why}",
+                    self.cfg.flush_timeout_ms
+                ),
+            })
+        }
+    }
+
     /// Stops appends; the flusher flushes what is left and ends.
     pub fn begin_close(&self) {
         self.st.borrow_mut().closing = true;
+        // Every task waiting on the log re-checks: the checkpoint task ends on it.
+        self.notify_all();
     }
 
     /// Test-only fault: the next `n` flush cycles skip their fdatasync.

@@ -20,10 +20,15 @@ pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 pub const FLUSH_BYTES_MIN: u64 = BLOCK_BYTES;
 /// Smallest `max_record_bytes`: room for a record header, a topic name and a small batch.
 pub const MAX_RECORD_BYTES_MIN: u64 = 1024;
+/// Default `disk_reject_ratio`: RocketMQ's `diskMaxUsedSpaceRatio` of 90 %.
+pub const DISK_REJECT_RATIO_DEFAULT: f64 = 0.90;
+/// Smallest `disk_reject_ratio`: below it a broker on an ordinary, half-used disk would refuse
+/// every write (a misplaced decimal point, not a policy).
+pub const DISK_REJECT_RATIO_MIN: f64 = 0.05;
 
 /// Storage configuration of one shard (the `[storage]` section of the broker's config file).
 /// Field names carry their unit last.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Size of each CommitLog segment file: a multiple of 4 KiB, at least
@@ -51,6 +56,12 @@ pub struct StorageConfig {
     /// that were acknowledged): `strict` (default: refuse to open, naming file and position) or
     /// `skip-corrupt` (quarantine exactly that record and keep everything after it).
     pub recovery: RecoveryMode,
+    /// Produces get DISK_FULL (retriable, naming the usage and this threshold) while the data
+    /// dir's file system is used above this ratio (`df`'s Use%, checked every second and
+    /// before a segment is prepared), and no new segment is prepared. In
+    /// [`DISK_REJECT_RATIO_MIN`]`..=1.0`; 1.0 leaves only the device's own ENOSPC. Default
+    /// 0.90 (RocketMQ's).
+    pub disk_reject_ratio: f64,
     /// Start from the index snapshot when one fits (default `true`): the open reads the
     /// consume-queue files and scans only the log written after the snapshot; the records
     /// before it are checked in the background while the shard serves (a corrupt one is then
@@ -71,6 +82,7 @@ impl Default for StorageConfig {
             max_writes_in_flight: 8,
             max_record_bytes: 8 << 20,
             recovery: RecoveryMode::Strict,
+            disk_reject_ratio: DISK_REJECT_RATIO_DEFAULT,
             index_snapshot: true,
         }
     }
@@ -116,6 +128,14 @@ impl StorageConfig {
                 self.max_record_bytes
             ));
         }
+        // Written so that NaN fails too.
+        if !(self.disk_reject_ratio >= DISK_REJECT_RATIO_MIN && self.disk_reject_ratio <= 1.0) {
+            problems.push(format!(
+                "disk_reject_ratio is {} but must be in {DISK_REJECT_RATIO_MIN}..=1.0 (a fraction \
+                 of the file system, like 0.90)",
+                self.disk_reject_ratio
+            ));
+        }
         problems
     }
 
@@ -147,10 +167,31 @@ mod tests {
             write_buffer_bytes: 100,
             max_writes_in_flight: 0,
             max_record_bytes: 10,
+            disk_reject_ratio: 90.0,
             ..StorageConfig::default()
         };
-        assert_eq!(cfg.problems().len(), 5, "{:?}", cfg.problems());
-        assert!(matches!(cfg.validate(), Err(StorageError::Config(p)) if p.len() == 5));
+        assert_eq!(cfg.problems().len(), 6, "{:?}", cfg.problems());
+        assert!(matches!(cfg.validate(), Err(StorageError::Config(p)) if p.len() == 6));
+    }
+
+    #[test]
+    fn disk_reject_ratio_is_a_fraction() {
+        let at = |disk_reject_ratio| StorageConfig {
+            disk_reject_ratio,
+            ..StorageConfig::default()
+        };
+        assert_eq!(StorageConfig::default().disk_reject_ratio, 0.90);
+        at(1.0).validate().unwrap();
+        at(DISK_REJECT_RATIO_MIN).validate().unwrap();
+        for bad in [0.0, 0.01, 1.01, 90.0, f64::NAN] {
+            let p = at(bad).problems();
+            assert!(
+                p.len() == 1 && p[0].contains("disk_reject_ratio"),
+                "{bad}: {p:?}"
+            );
+        }
+        let c: StorageConfig = toml::from_str("disk_reject_ratio = 0.5").unwrap();
+        assert_eq!(c.disk_reject_ratio, 0.5);
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::format::record::RecordError;
+use crate::storage::space::is_disk_full;
 
 /// Everything that can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -83,17 +84,28 @@ pub enum StorageError {
     /// queue offsets disagree): the histories diverged and the replica must resynchronise.
     #[error("replicated record at log position {position} does not fit this log: {detail}")]
     Diverged { position: u64, detail: String },
+    /// The file system holding the log is full (ENOSPC or EDQUOT from the device, or not enough
+    /// free space to prepare the next segment), or its usage is above `disk_reject_ratio`.
+    /// Nothing is stored by the refused operation and nothing stored before is harmed; writes
+    /// resume by themselves once space is freed (retriable: DISK_FULL on the wire).
+    #[error("disk full: {reason}")]
+    DiskFull { reason: String },
     /// The store was closed.
     #[error("store is closed")]
     Closed,
 }
 
 impl StorageError {
+    /// A failed system call on `path`. A full disk is its own variant ([`StorageError::DiskFull`]),
+    /// so every caller (segment preparation, a checkpoint, recovery at open) reports it the
+    /// same way and the broker can answer a retriable DISK_FULL.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        StorageError::Io {
-            op,
-            path: path.into(),
-            source,
+        let path = path.into();
+        if is_disk_full(&source) {
+            return StorageError::DiskFull {
+                reason: format!("{op} {}: {source}", path.display()),
+            };
         }
+        StorageError::Io { op, path, source }
     }
 }

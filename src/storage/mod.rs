@@ -25,6 +25,8 @@
 //! - [`ShardStore`] (`store`): the API the server calls.
 //! - `stream` (with `tail_feed`): the log as a stream of raw records, for replication.
 //! - [`probe`]: the glommio io-poll probe work-around (`prime_dma_probe`).
+//! - [`space`]: free space of the log's file system (`statvfs`) and what counts as a full disk;
+//!   `disk_state`: what the store tells about a full disk.
 //!
 //! # Durability contract
 //! [`ShardStore::append`] only copies the record into memory and assigns offsets.
@@ -32,7 +34,10 @@
 //! written has completed. Readers never see past the visible watermark (= durable, optionally
 //! capped lower by replication), so a consumer never reads what a crash could take back. After
 //! any write or fdatasync error the log is poisoned: appends and waits fail with
-//! [`StorageError::Poisoned`] and nothing more becomes durable.
+//! [`StorageError::Poisoned`] and nothing more becomes durable. A full disk (ENOSPC, EDQUOT,
+//! usage above `disk_reject_ratio`) is not a poison: appends get [`StorageError::DiskFull`]
+//! (retriable), nothing appended is dropped, reads go on, and writes resume by themselves once
+//! space is freed (see `commitlog`).
 
 mod append_order;
 pub mod backend;
@@ -40,6 +45,7 @@ pub mod checkpoint;
 mod commitlog;
 pub mod config;
 mod counters;
+mod disk_state;
 pub mod error;
 mod flush;
 pub mod index;
@@ -47,6 +53,7 @@ pub mod probe;
 pub mod recovery;
 mod segment;
 mod signal;
+pub mod space;
 pub use signal::Signal;
 pub mod sim;
 mod store;

@@ -33,6 +33,8 @@ struct Disk {
     generation: u64,
     fail_next_write: bool,
     fail_next_sync: bool,
+    /// Writes and file creations fail with ENOSPC while set (a full disk).
+    full: bool,
     writes: u64,
     syncs: u64,
 }
@@ -92,6 +94,12 @@ impl SimBackend {
     /// The next fdatasync fails with EIO.
     pub fn fail_next_sync(&self) {
         self.disk.borrow_mut().fail_next_sync = true;
+    }
+
+    /// While `full`, every write and file creation fails with ENOSPC, as on a full disk; reads
+    /// and syncs still work.
+    pub fn set_full(&self, full: bool) {
+        self.disk.borrow_mut().full = full;
     }
 
     /// Number of completed syncs and writes so far.
@@ -194,25 +202,11 @@ impl BackendFile for SimFile {
     }
 
     async fn write_at(&self, buf: Vec<u8>, pos: u64) -> io::Result<()> {
-        futures_lite::future::yield_now().await;
-        let mut d = self.disk.borrow_mut();
-        self.check(&d)?;
-        assert_eq!(pos % BLOCK_BYTES, 0, "unaligned write position");
-        assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0, "unaligned write length");
-        if std::mem::take(&mut d.fail_next_write) {
-            return Err(io::Error::other("injected write error (EIO)"));
-        }
-        d.writes += 1;
-        let img = d.files.get_mut(&self.path).expect("checked");
-        let end = pos as usize + buf.len();
-        if img.written.len() < end {
-            img.written.resize(end, 0);
-        }
-        img.written[pos as usize..end].copy_from_slice(&buf);
-        for blk in pos / BLOCK_BYTES..(end as u64).div_ceil(BLOCK_BYTES) {
-            img.dirty_blocks.insert(blk);
-        }
-        Ok(())
+        self.write_bytes(&buf, pos).await
+    }
+
+    async fn write_shared(&self, buf: Rc<Vec<u8>>, pos: u64) -> io::Result<()> {
+        self.write_bytes(&buf, pos).await
     }
 
     async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
@@ -243,6 +237,33 @@ impl BackendFile for SimFile {
         let d = self.disk.borrow();
         self.check(&d)?;
         Ok(d.files[&self.path].written.len() as u64)
+    }
+}
+
+impl SimFile {
+    async fn write_bytes(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        let mut d = self.disk.borrow_mut();
+        self.check(&d)?;
+        assert_eq!(pos % BLOCK_BYTES, 0, "unaligned write position");
+        assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0, "unaligned write length");
+        if std::mem::take(&mut d.fail_next_write) {
+            return Err(io::Error::other("injected write error (EIO)"));
+        }
+        if d.full {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        d.writes += 1;
+        let img = d.files.get_mut(&self.path).expect("checked");
+        let end = pos as usize + buf.len();
+        if img.written.len() < end {
+            img.written.resize(end, 0);
+        }
+        img.written[pos as usize..end].copy_from_slice(buf);
+        for blk in pos / BLOCK_BYTES..(end as u64).div_ceil(BLOCK_BYTES) {
+            img.dirty_blocks.insert(blk);
+        }
+        Ok(())
     }
 }
 
@@ -280,6 +301,9 @@ impl StorageBackend for SimBackend {
         futures_lite::future::yield_now().await;
         self.check_generation()?;
         let mut d = self.disk.borrow_mut();
+        if d.full {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         d.files.insert(
             path.to_path_buf(),
             Image {

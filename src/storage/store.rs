@@ -29,6 +29,7 @@ use crate::storage::recovery::{
 };
 use crate::storage::segment::Segment;
 use crate::storage::signal::Signal;
+use crate::storage::space::is_disk_full;
 use crate::storage::tail_feed::TailFeed;
 use crate::storage::{
     AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
@@ -42,6 +43,8 @@ pub(super) struct Inner<B: StorageBackend> {
     flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
     checkpoint: Rc<Checkpoint<B::File>>,
     checkpointer: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    /// Set by `close` once the flusher is done: the checkpoint task ends.
+    checkpointer_stop: Rc<Cell<bool>>,
     checkpoints: Rc<Cell<u64>>,
     /// Records quarantined at open.
     quarantined: u64,
@@ -180,7 +183,7 @@ impl<B: StorageBackend> ShardStore<B> {
             _ => Vec::new(),
         };
         let log = CommitLog::new(backend, log_dir, cfg, rec);
-        log.ensure_spare();
+        log.watch_space();
         let checkpoints = Rc::new(Cell::new(0));
         let inner = Rc::new(Inner {
             log: log.clone(),
@@ -189,6 +192,7 @@ impl<B: StorageBackend> ShardStore<B> {
             flusher: RefCell::new(None),
             checkpoint,
             checkpointer: RefCell::new(None),
+            checkpointer_stop: Rc::new(Cell::new(false)),
             checkpoints,
             quarantined: report.quarantined.len() as u64,
             snapshot: Cell::new(SnapshotState::default()),
@@ -209,6 +213,7 @@ impl<B: StorageBackend> ShardStore<B> {
             log,
             inner.checkpoint.clone(),
             inner.checkpoints.clone(),
+            inner.checkpointer_stop.clone(),
             {
                 let weak = weak.clone();
                 move |durable| {
@@ -279,6 +284,11 @@ impl<B: StorageBackend> ShardStore<B> {
             return Err(StorageError::RecordTooLarge { size: total, max });
         }
         let _turn = self.inner.order.turn().await;
+        // Before the producer-sequence check: while the disk refuses writes, every batch of a
+        // pipelined producer hears DISK_FULL, not a gap behind the first refused one.
+        if let Some(e) = log.disk_refusal() {
+            return Err(e);
+        }
         log.ensure_room(total).await?;
         // From here on no await: offsets and the log position are assigned together.
         let mut idx = self.inner.idx.borrow_mut();
@@ -584,18 +594,21 @@ impl<B: StorageBackend> ShardStore<B> {
         log.begin_close();
         log.flusher_wake.notify_all();
         let handle = self.inner.flusher.borrow_mut().take();
-        if let Some(h) = handle {
-            h.await;
+        if log.join_flusher(handle).await? {
+            log.changed
+                .wait_until(|| log.marks().inflight_writes == 0)
+                .await;
         }
-        log.changed
-            .wait_until(|| log.marks().inflight_writes == 0)
-            .await;
         if let Some(e) = log.poisoned_error() {
             return Err(e);
         }
         let m = log.marks();
         let (durable, record_end) = (m.durable.0, m.durable_record_end.0);
         self.inner.persist_indexes(durable);
+        // Writes that still wait (for space) no longer matter to this close: end the
+        // checkpoint task even if they never finish.
+        self.inner.checkpointer_stop.set(true);
+        log.changed.notify_all();
         let handle = self.inner.checkpointer.borrow_mut().take();
         if let Some(h) = handle {
             h.await;
@@ -603,10 +616,15 @@ impl<B: StorageBackend> ShardStore<B> {
         // A clean stop leaves a checkpoint covering the whole log.
         let ckpt = &self.inner.checkpoint;
         if record_end > ckpt.position() {
-            ckpt.store(record_end, ckpt.reserved())
-                .await
-                .map_err(|e| StorageError::io("write checkpoint", ckpt.path.clone(), e))?;
-            self.inner.checkpoints.set(self.inner.checkpoints.get() + 1);
+            match ckpt.store(record_end, ckpt.reserved()).await {
+                Ok(()) => self.inner.checkpoints.set(self.inner.checkpoints.get() + 1),
+                // An older checkpoint is always safe (recovery only treats more of the tail as
+                // maybe torn): a full disk does not make the close unclean.
+                Err(e) if is_disk_full(&e) => {
+                    log::warn!("storage: final checkpoint not written, the disk is full: {e}")
+                }
+                Err(e) => return Err(StorageError::io("write checkpoint", ckpt.path.clone(), e)),
+            }
         }
         // ... and an index snapshot at the log end, so the next open scans nothing.
         while self.inner.snapshot.get().writing {
@@ -795,19 +813,30 @@ pub enum StorageFault {
 /// files first. It used to run after every fdatasync inside the flush leader, whose blocking
 /// `std::fs` writes then delayed the acks of that very sync; here it runs once per interval,
 /// batched, after the acks were released.
+/// How a checkpoint slot write went.
+enum Stored {
+    Yes,
+    /// The disk is full: not written, the log is not poisoned.
+    NoSpace,
+    /// Any other error: the log is poisoned.
+    Failed,
+}
+
 async fn run_checkpointer<B: StorageBackend>(
     log: Rc<CommitLog<B>>,
     ckpt: Rc<Checkpoint<B::File>>,
     count: Rc<Cell<u64>>,
+    stop: Rc<Cell<bool>>,
     persist_indexes: impl Fn(u64),
     checkpointed: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    // Runs until the log is poisoned, or closing with no write left: the final flush of a
-    // close may still need reservations (`close` writes the last slot itself).
+    // Runs until the log is poisoned, or closing with no write left, or `close` says so after
+    // its flush: the final flush of a close may still need reservations (`close` writes the
+    // last slot itself).
     let done = || {
         let m = log.marks();
-        m.poisoned || (m.closing && m.inflight_writes == 0)
+        m.poisoned || stop.get() || (m.closing && m.inflight_writes == 0)
     };
     // Small segments (tests) get a quarter of a segment, so that they exercise it.
     let reservation = WRITE_RESERVATION_BYTES.min(log.cfg.segment_bytes / 4);
@@ -821,14 +850,20 @@ async fn run_checkpointer<B: StorageBackend>(
     let store = |position: u64, reserved: u64| {
         let (log, ckpt) = (log.clone(), ckpt.clone());
         async move {
-            let r = ckpt.store(position, reserved).await;
-            if let Err(e) = &r {
-                log.poison(format!(
-                    "writing the durable checkpoint {}: {e}",
-                    ckpt.path.display()
-                ));
+            match ckpt.store(position, reserved).await {
+                Ok(()) => Stored::Yes,
+                Err(e) if is_disk_full(&e) => {
+                    log::warn!("storage: the durable checkpoint waits for space: {e}");
+                    Stored::NoSpace
+                }
+                Err(e) => {
+                    log.poison(format!(
+                        "writing the durable checkpoint {}: {e}",
+                        ckpt.path.display()
+                    ));
+                    Stored::Failed
+                }
             }
-            r.is_ok()
         }
     };
     let mut quiet_until = Instant::now();
@@ -852,10 +887,12 @@ async fn run_checkpointer<B: StorageBackend>(
         }
         if reserve() {
             let limit = log.marks().appended.0 + reservation;
-            if !store(ckpt.position(), limit).await {
-                break;
+            match store(ckpt.position(), limit).await {
+                Stored::Yes => log.set_write_limit(limit),
+                // The waiting write could not proceed anyway; try again shortly.
+                Stored::NoSpace => glommio::timer::sleep(interval).await,
+                Stored::Failed => break,
             }
-            log.set_write_limit(limit);
             continue;
         }
         if !due() || Instant::now() < quiet_until {
@@ -864,11 +901,16 @@ async fn run_checkpointer<B: StorageBackend>(
         let m = log.marks();
         let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
-        if !store(pos, ckpt.reserved()).await {
-            break;
+        match store(pos, ckpt.reserved()).await {
+            Stored::Yes => {
+                count.set(count.get() + 1);
+                checkpointed(pos);
+            }
+            // A full disk delays the checkpoint (an older one is always safe); the next
+            // interval tries again.
+            Stored::NoSpace => {}
+            Stored::Failed => break,
         }
-        count.set(count.get() + 1);
-        checkpointed(pos);
         quiet_until = Instant::now() + interval;
     }
 }

@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests: a temp dir on the real disk, an embedded broker
 //! on it ([`TestBroker`]: start, create a topic, stop, restart or reopen on the same dir), the
-//! one executor helper for async storage tests ([`on_executor`]), and two hosts on one machine
+//! one executor helper for async storage tests ([`on_executor`]), a small real file system on a
+//! loop device for disk-full tests ([`loopfs`]), and two hosts on one machine
 //! ([`netns`]).
 #![allow(dead_code)]
 
+pub mod loopfs;
 pub mod netns;
 
 use std::future::Future;
