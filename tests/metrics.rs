@@ -292,8 +292,8 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> (PrometheusProcess, Socke
     (PrometheusProcess { child }, web)
 }
 
-/// `query` through Prometheus' HTTP API: the value of its single result, if it has one.
-fn query(prometheus: SocketAddr, query: &str) -> Option<f64> {
+/// `query` through Prometheus' HTTP API: the raw JSON answer.
+fn query_raw(prometheus: SocketAddr, query: &str) -> Option<String> {
     let encoded: String = query
         .bytes()
         .map(|b| match b {
@@ -306,6 +306,12 @@ fn query(prometheus: SocketAddr, query: &str) -> Option<f64> {
     write!(s, "GET /api/v1/query?query={encoded} HTTP/1.0\r\n\r\n").ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
+    Some(raw)
+}
+
+/// `query` through Prometheus' HTTP API: the value of its single result, if it has one.
+fn query(prometheus: SocketAddr, query: &str) -> Option<f64> {
+    let raw = query_raw(prometheus, query)?;
     // {"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[t,"v"]}]}}
     let after = raw.split("\"value\":[").nth(1)?;
     let v = after.split(',').nth(1)?.split('"').nth(1)?;
@@ -346,5 +352,56 @@ fn a_prometheus_server_scrapes_the_broker_and_answers_what_was_produced() {
     let p99 = "histogram_quantile(0.99, sum by (le) (ringmq_fsync_duration_seconds_bucket))";
     let p99 = query(web, p99).expect("an fsync p99");
     assert!(p99 > 0.0 && p99 < 10.0, "fsync p99 {p99} s");
+
+    // Every query of the Grafana dashboard is valid PromQL over these metrics and finds data.
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/grafana-ringmq.json"),
+    )
+    .unwrap();
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in exprs {
+        let q = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*");
+        // A rate needs two scrapes of a series: give it a few.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut raw = query_raw(web, &q).unwrap_or_default();
+        while !raw.contains("\"value\":[") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            raw = query_raw(web, &q).unwrap_or_default();
+        }
+        assert!(
+            raw.contains("\"status\":\"success\"") && raw.contains("\"value\":["),
+            "dashboard query {q} answered {raw}"
+        );
+    }
     drop(prometheus);
+}
+
+/// The `"expr"` strings of a Grafana dashboard (JSON string escapes `\"` and `\\` undone).
+fn dashboard_exprs(json: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = json;
+    while let Some(i) = rest.find("\"expr\": \"") {
+        rest = &rest[i + "\"expr\": \"".len()..];
+        let mut expr = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((j, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, e)) = chars.next() {
+                        expr.push(e);
+                    }
+                }
+                '"' => {
+                    rest = &rest[j..];
+                    break;
+                }
+                c => expr.push(c),
+            }
+        }
+        out.push(expr);
+    }
+    out
 }
