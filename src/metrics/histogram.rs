@@ -4,7 +4,7 @@
 //! recorder measures in: µs, bytes, records), so recording is a short linear scan and an add:
 //! no allocation, no atomics. The value is `Copy`, so it can live inside a counters struct
 //! that is copied out whole for a snapshot. Rendering to Prometheus' cumulative `_bucket`
-//! series (and converting units, e.g. µs to seconds) is in [`crate::metrics::exposition`].
+//! series (and converting units, e.g. µs to seconds) is in `exposition.rs`.
 
 /// Most buckets a histogram can have (the `+Inf` bucket not counted).
 pub const MAX_BUCKETS: usize = 24;
