@@ -109,6 +109,9 @@ section_args! {
         /// Corrupt record before the durable checkpoint: strict (refuse to open) or skip-corrupt
         /// (quarantine it, keep the rest) [default: strict]
         recovery: RecoveryMode,
+        /// Start from the index snapshot and check older records in the background (true), or
+        /// scan and check the whole log before serving (false) [default: true]
+        index_snapshot: bool,
     } flags {
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use glommio::io::OpenOptions;
 use ringmq::format::record::RecordIter;
 use ringmq::storage::{
-    prime_dma_probe, AppendRequest, FlushMode, QueueOffset, ShardStore, StorageConfig,
+    prime_dma_probe, AppendRequest, BackgroundCheck, FlushMode, QueueOffset, ShardStore,
+    StorageConfig,
 };
 
 use common::{data_dir, on_executor};
@@ -140,7 +141,8 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
         let (s, rep) = ShardStore::open(&path, cfg(FlushMode::AsyncFlush))
             .await
             .unwrap();
-        assert_eq!(rep.records_scanned, 320, "{rep}");
+        // A clean stop leaves an index snapshot at the log end: nothing to scan.
+        assert!(rep.from_snapshot && rep.records_scanned == 0, "{rep}");
         assert_eq!(rep.truncated_at, None);
         check_all(&s, &expect).await;
         // ASYNC: appends resolve without waiting; the flusher makes them durable on its own.
@@ -178,7 +180,7 @@ fn sync_and_async_appends_survive_reopen_on_the_real_disk() {
         let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
             .await
             .unwrap();
-        assert_eq!(rep.records_scanned, 370, "{rep}");
+        assert!(rep.from_snapshot && rep.records_scanned == 0, "{rep}");
         check_all(&s, &expect).await;
         s.close().await.unwrap();
     });
@@ -228,6 +230,39 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
         f.sync_all().unwrap();
     }
     let segments_before = std::fs::read_dir(shard.join("commitlog")).unwrap().count();
+    let needles = [
+        seg0.display().to_string(),
+        format!("at byte {hit_pos}"),
+        "ringmq admin repair".to_string(),
+        "--recovery skip-corrupt".to_string(),
+    ];
+
+    // The clean stop left an index snapshot: the open starts from it at once, and the
+    // background check of the records below it finds the flipped bit, names it in the same
+    // line, and takes the snapshot back. The record itself reads as CORRUPT, never as data.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = shard.clone();
+    on_executor(move || async move {
+        let (s, rep) = ShardStore::open(&s2, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        assert!(rep.from_snapshot, "{rep}");
+        s.wait_background_check().await;
+        let check = s.background_check();
+        let read = s.read("disk", hit_q, QueueOffset(hit_off), 1).await;
+        s.close().await.unwrap();
+        tx.send((check, read.err().map(|e| e.to_string()))).unwrap();
+    });
+    let (check, read_err) = rx.recv().unwrap();
+    let BackgroundCheck::Corrupt(line) = check else {
+        panic!("the background check missed the flipped bit: {check:?}");
+    };
+    for needle in &needles {
+        assert!(line.contains(needle), "{needle:?} missing in: {line}");
+    }
+    let read_err = read_err.expect("a corrupt record must not be served");
+    assert!(read_err.contains("corrupt"), "{read_err}");
+    assert!(!shard.join("index.snapshot").exists());
 
     // Strict (the default) refuses, in one line naming the file, the byte and what to run.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -240,13 +275,8 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
         tx.send(e.to_string()).unwrap();
     });
     let line = rx.recv().unwrap();
-    for needle in [
-        seg0.display().to_string(),
-        format!("at byte {hit_pos}"),
-        "ringmq admin repair".to_string(),
-        "--recovery skip-corrupt".to_string(),
-    ] {
-        assert!(line.contains(&needle), "{needle:?} missing in: {line}");
+    for needle in &needles {
+        assert!(line.contains(needle), "{needle:?} missing in: {line}");
     }
     assert_eq!(
         std::fs::read_dir(shard.join("commitlog")).unwrap().count(),

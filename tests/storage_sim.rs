@@ -13,8 +13,8 @@ use ringmq::storage::checkpoint::CheckpointSlot;
 use ringmq::storage::recovery::Observation;
 use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
-    AppendRequest, Appended, FlushMode, LogPosition, ProducerSeq, QueueOffset, RecoveryMode,
-    RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
+    AppendRequest, Appended, BackgroundCheck, FlushMode, LogPosition, ProducerSeq, QueueOffset,
+    RecoveryMode, RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
 };
 
 use common::on_executor;
@@ -31,6 +31,9 @@ fn cfg(mode: FlushMode) -> StorageConfig {
         max_writes_in_flight: 4,
         max_record_bytes: 32 * 1024,
         recovery: RecoveryMode::Strict,
+        // These tests are about the open-time scan and its decision table: every open scans
+        // the whole log. The snapshot tests below turn the snapshot on.
+        index_snapshot: false,
         ..StorageConfig::default()
     }
 }
@@ -39,6 +42,15 @@ async fn open(sim: &SimBackend, dir: &Path, mode: FlushMode) -> (Store, Recovery
     ShardStore::open_with(sim.clone(), dir, cfg(mode))
         .await
         .unwrap()
+}
+
+/// [`open`] with the index snapshot on (the broker's default).
+async fn open_snap(sim: &SimBackend, dir: &Path, mode: FlushMode) -> (Store, RecoveryReport) {
+    let cfg = StorageConfig {
+        index_snapshot: true,
+        ..cfg(mode)
+    };
+    ShardStore::open_with(sim.clone(), dir, cfg).await.unwrap()
 }
 
 fn req<'a>(topic: &'a str, queue_id: u32, count: u32, body: &'a [u8]) -> AppendRequest<'a> {
@@ -806,6 +818,163 @@ fn drop_segments_before_removes_old_segments_and_their_offsets() {
     });
 }
 
+// ---- The index snapshot (fast restart) ----
+
+/// Everything a reader and a retrying producer can see of the store, for comparing opens.
+async fn visible_state(s: &Store) -> Vec<String> {
+    let mut out = Vec::new();
+    for (t, q) in [("a", 0), ("a", 1), ("b", 0), ("idem", 0)] {
+        let st = s.queue_stats(t, q);
+        out.push(format!("{t}/{q} {st:?} {:?}", read_all(s, t, q).await));
+    }
+    out
+}
+
+async fn fill_for_snapshot(s: &Store, round: u32) {
+    for i in 0..30u32 {
+        let body = vec![(i + round) as u8; 700 + (i as usize * 37) % 3000];
+        append_durable(s, ["a", "b"][i as usize % 2], i % 2, &body).await;
+    }
+    for k in 0..6u32 {
+        let seq = round * 6 + k;
+        let a = s.append(preq(7, 1, seq, 1, b"idempotent")).await.unwrap();
+        s.wait_durable(a.end).await.unwrap();
+    }
+}
+
+/// A clean stop leaves a snapshot at the log end: the next open scans nothing and yields the
+/// same queues, offsets and producer windows as a full scan of the same log.
+#[test]
+fn an_open_from_the_snapshot_equals_a_full_scan() {
+    on_executor(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        fill_for_snapshot(&s, 0).await;
+        let before = visible_state(&s).await;
+        s.close().await.unwrap();
+        drop(s);
+
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(rep.from_snapshot, "{rep}");
+        assert_eq!(rep.records_scanned, 0, "{rep}");
+        assert_eq!(visible_state(&s).await, before);
+        s.wait_background_check().await;
+        assert_eq!(s.background_check(), BackgroundCheck::Clean { records: 36 });
+        // The producer window came back: a retry of any stored batch is a duplicate with its
+        // offsets, and the next sequence goes on.
+        for seq in 0..6u32 {
+            let d = s.append(preq(7, 1, seq, 1, b"idempotent")).await.unwrap();
+            assert!(d.duplicate, "seq {seq}");
+            assert_eq!(d.base_offset, QueueOffset(u64::from(seq)));
+        }
+        let n = s.append(preq(7, 1, 6, 1, b"next")).await.unwrap();
+        assert!(!n.duplicate);
+        assert_eq!(n.base_offset, QueueOffset(6));
+        s.close().await.unwrap();
+        drop(s);
+
+        // The same log, scanned whole: the same state.
+        let (s, rep) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(!rep.from_snapshot && rep.records_scanned == 37, "{rep}");
+        let full = visible_state(&s).await;
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(rep.from_snapshot, "{rep}");
+        assert_eq!(visible_state(&s).await, full);
+        s.close().await.unwrap();
+    });
+}
+
+/// After a crash the open starts at the last snapshot (here the one written when the store
+/// opened) and scans only what came after it; records and producer windows on both sides of
+/// the snapshot are intact.
+#[test]
+fn after_a_crash_the_open_scans_only_past_the_snapshot() {
+    on_executor(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        fill_for_snapshot(&s, 0).await;
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        let snap_at = rep.end_position;
+        fill_for_snapshot(&s, 1).await;
+        let before = visible_state(&s).await;
+        sim.crash(99);
+        drop(s);
+
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(rep.from_snapshot, "{rep}");
+        eprintln!("first crash: {rep}");
+        assert_eq!(rep.scan_start, snap_at, "{rep}");
+        assert_eq!(
+            rep.records_scanned, 36,
+            "only the records after the snapshot: {rep}"
+        );
+        assert_eq!(visible_state(&s).await, before);
+        for seq in [0u32, 5, 6, 11] {
+            let d = s.append(preq(7, 1, seq, 1, b"idempotent")).await.unwrap();
+            assert!(d.duplicate, "seq {seq}");
+            assert_eq!(d.base_offset, QueueOffset(u64::from(seq)));
+        }
+        // Crash again at once: this open's snapshot was taken at its checkpoint, while the
+        // records after the checkpoint were already in the indexes (left out of the snapshot,
+        // scanned again now).
+        let ckpt = s.checkpoint_position().0;
+        let before = visible_state(&s).await;
+        sim.crash(7);
+        drop(s);
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        eprintln!("second crash: snapshot/checkpoint at {ckpt}: {rep}");
+        assert!(rep.from_snapshot, "{rep}");
+        assert_eq!(visible_state(&s).await, before);
+        for seq in [0u32, 5, 6, 11] {
+            let d = s.append(preq(7, 1, seq, 1, b"idempotent")).await.unwrap();
+            assert!(d.duplicate, "seq {seq}");
+        }
+        s.close().await.unwrap();
+    });
+}
+
+/// A snapshot that does not fit what is on disk is never used: damaged bytes, or a queue file
+/// shorter than the snapshot says. The open then scans the whole log and loses nothing.
+#[test]
+fn a_snapshot_that_does_not_fit_is_not_used() {
+    on_executor(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        fill_for_snapshot(&s, 0).await;
+        let before = visible_state(&s).await;
+        s.close().await.unwrap();
+        drop(s);
+        let snap = dir.path().join("index.snapshot");
+        let good = std::fs::read(&snap).unwrap();
+
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        std::fs::write(&snap, &bad).unwrap();
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(!rep.from_snapshot && rep.records_scanned == 36, "{rep}");
+        assert_eq!(visible_state(&s).await, before);
+        s.close().await.unwrap();
+        drop(s);
+
+        let cq = dir.path().join("consumequeue").join("a").join("0");
+        let len = std::fs::metadata(&cq).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&cq).unwrap();
+        f.set_len(len - 28).unwrap();
+        drop(f);
+        let (s, rep) = open_snap(&sim, dir.path(), FlushMode::SyncFlush).await;
+        assert!(!rep.from_snapshot && rep.records_scanned == 36, "{rep}");
+        assert_eq!(visible_state(&s).await, before);
+        s.close().await.unwrap();
+    });
+}
+
 // ---- Seeded random crash test against a model ----
 
 #[derive(Clone, Debug)]
@@ -831,7 +1000,15 @@ async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
     } else {
         FlushMode::AsyncFlush
     };
-    let (mut s, _) = open(&sim, dir.path(), mode).await;
+    // Even seeds run with the index snapshot (the broker's default), odd ones scan all.
+    let opener = |sim: SimBackend, dir: std::path::PathBuf| async move {
+        if seed % 2 == 0 {
+            open_snap(&sim, &dir, mode).await
+        } else {
+            open(&sim, &dir, mode).await
+        }
+    };
+    let (mut s, _) = opener(sim.clone(), dir.path().to_path_buf()).await;
     if let Some(f) = fault {
         s.inject_fault(f);
     }
@@ -907,7 +1084,7 @@ async fn crash_iteration(seed: u64, fault: Option<StorageFault>) {
                     sim.crash(rng.gen());
                 }
                 drop(s);
-                let (s2, rep) = open(&sim, dir.path(), mode).await;
+                let (s2, rep) = opener(sim.clone(), dir.path().to_path_buf()).await;
                 if std::env::var("RINGMQ_CRASH_DEBUG").is_ok() {
                     eprintln!("reopen clean={clean}: {rep}");
                 }

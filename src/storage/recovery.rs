@@ -171,6 +171,10 @@ pub struct RecoveryReport {
     pub index_entries_truncated: u64,
     pub index_files_rebuilt: u64,
     pub producers: u64,
+    /// Where the scan began: 0 or the first segment, or an index snapshot's position.
+    pub scan_start: u64,
+    /// An index snapshot was used (the scan began at its position).
+    pub from_snapshot: bool,
 }
 
 impl fmt::Display for RecoveryReport {
@@ -180,6 +184,13 @@ impl fmt::Display for RecoveryReport {
             "recovered {} records in {} segments, log ends at {} (checkpoint {})",
             self.records_scanned, self.segments, self.end_position, self.checkpoint
         )?;
+        if self.from_snapshot {
+            write!(
+                f,
+                "; scanned from the index snapshot at {}",
+                self.scan_start
+            )?;
+        }
         if let Some(t) = self.tail {
             write!(f, " ({t:?})")?;
         }
@@ -366,15 +377,36 @@ enum Slot {
     Invalid { len: Option<u64>, why: String },
 }
 
-/// Scans, truncates and prepares the log in `dir`. `on_record(view)` is called for every record
-/// kept, in log order. With `limit`, nothing that ends past it is kept.
-pub(crate) async fn recover_log<B: StorageBackend>(
+/// The log's segments and checkpoint, opened but not yet scanned.
+pub(crate) struct OpenedLog<B: StorageBackend> {
+    segs: Vec<Seg<B>>,
+    ckpt: Checkpoint<<B as StorageBackend>::File>,
+}
+
+impl<B: StorageBackend> OpenedLog<B> {
+    /// The durable checkpoint found at open.
+    pub fn checkpoint(&self) -> u64 {
+        self.ckpt.position()
+    }
+
+    /// Position of the first byte the log holds.
+    pub fn start(&self) -> u64 {
+        self.segs[0].base
+    }
+
+    /// End of the last segment.
+    pub fn end(&self) -> u64 {
+        self.segs.last().expect("at least one segment").end()
+    }
+}
+
+/// Opens the segments (creating the first when there is none) and the checkpoint in `dir`,
+/// and removes leftover `.tmp` files. Reads no record.
+pub(crate) async fn open_log<B: StorageBackend>(
     backend: &B,
     dir: &Path,
     cfg: &StorageConfig,
-    limit: Option<u64>,
-    mut on_record: impl FnMut(&RecordView<'_>),
-) -> Result<RecoveredLog<B>, StorageError> {
+) -> Result<OpenedLog<B>, StorageError> {
     backend
         .create_dir_all(dir)
         .map_err(|e| StorageError::io("create dir", dir, e))?;
@@ -386,7 +418,6 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     }
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     bases.sort_unstable();
-    let mut report = RecoveryReport::default();
     if bases.is_empty() {
         let p = segment_path(dir, 0);
         backend
@@ -429,15 +460,44 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     let ckpt = Checkpoint::open(backend, dir)
         .await
         .map_err(|e| StorageError::io("open checkpoint", &ckpt_path, e))?;
-    report.checkpoint = ckpt.position();
+    Ok(OpenedLog { segs, ckpt })
+}
+
+/// Scans, truncates and prepares the opened log in `dir`. `on_record(view)` is called for
+/// every record kept, in log order, from `start` (a record boundary at or below the
+/// checkpoint, from an index snapshot; the caller checked it against [`OpenedLog`]) or from
+/// the first segment. With `limit`, nothing that ends past it is kept.
+pub(crate) async fn recover_log<B: StorageBackend>(
+    backend: &B,
+    dir: &Path,
+    opened: OpenedLog<B>,
+    cfg: &StorageConfig,
+    limit: Option<u64>,
+    start: Option<u64>,
+    mut on_record: impl FnMut(&RecordView<'_>),
+) -> Result<RecoveredLog<B>, StorageError> {
+    let OpenedLog { segs, ckpt } = opened;
+    let ckpt_path = dir.join(CHECKPOINT_FILE);
+    let mut report = RecoveryReport {
+        checkpoint: ckpt.position(),
+        ..RecoveryReport::default()
+    };
     // Below this every record was durable once; a replica truncating to `limit` drops what
     // lies past the limit on purpose.
     let durable_below = limit.map_or(ckpt.position(), |l| l.min(ckpt.position()));
     let quarantine_dir = dir.parent().unwrap_or(dir).join("quarantine");
 
     // Scan: find the end of the valid prefix.
-    let mut idx = 0;
-    let mut pos = segs[0].base;
+    let (mut idx, mut pos) = match start {
+        Some(p) => (
+            segs.iter()
+                .position(|g| p < g.end())
+                .unwrap_or(segs.len() - 1),
+            p,
+        ),
+        None => (0, segs[0].base),
+    };
+    report.scan_start = pos;
     let mut record_end = pos;
     let mut truncate = false;
     let mut quarantined_at = None;
@@ -670,6 +730,74 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         checkpoint: Some(ckpt),
         report,
     })
+}
+
+/// How the background check of the records below an index snapshot ended.
+#[derive(Debug)]
+pub enum ScrubOutcome {
+    /// Every record below the snapshot position checked out.
+    Clean { records: u64 },
+    /// A bad record (or missing bytes) below the durable checkpoint: the same finding that
+    /// makes a full scan refuse to open ([`StorageError::CorruptDurable`]).
+    Corrupt(StorageError),
+    /// Stopped before the end (the store closed).
+    Stopped,
+}
+
+/// The background check after an open from an index snapshot: reads every record from the
+/// first segment up to `to` (the snapshot position, a record boundary), checks each one as
+/// the open-time scan would, and hands valid ones to `on_record` (which rebuilds the key
+/// index, and returns `false` to stop). Cooperative: yields to the shard's other tasks.
+pub(crate) async fn scrub<F: BackendFile>(
+    segs: Vec<Rc<Segment<F>>>,
+    to: u64,
+    checkpoint: u64,
+    mut on_record: impl FnMut(&RecordView<'_>) -> bool,
+) -> Result<ScrubOutcome, StorageError> {
+    let mut records = 0u64;
+    for seg in &segs {
+        let mut sc = Scanner::new(seg);
+        let mut pos = seg.base;
+        while pos < to.min(seg.end()) {
+            let corrupt = |why: String| {
+                Ok(ScrubOutcome::Corrupt(StorageError::CorruptDurable {
+                    path: seg.path.clone(),
+                    file_offset: pos - seg.base,
+                    position: pos,
+                    checkpoint,
+                    detail: why,
+                }))
+            };
+            match sc.record_at(pos).await? {
+                Slot::Valid { len } => {
+                    let b = sc.bytes(pos, len as usize).await?;
+                    let v = RecordView::parse_at(b, pos).expect("validated");
+                    if !on_record(&v) {
+                        return Ok(ScrubOutcome::Stopped);
+                    }
+                    records += 1;
+                    pos += len;
+                }
+                // The writer rolled here: only zeros may follow in this segment.
+                Slot::Zero | Slot::End if to >= seg.end() => {
+                    if sc.last_nonzero(pos).await? > pos {
+                        return corrupt(
+                            "zeros followed by non-zero bytes where a record should start".into(),
+                        );
+                    }
+                    break;
+                }
+                Slot::Zero | Slot::End => {
+                    return corrupt(format!(
+                        "no record here although the index snapshot says records continue to {to}"
+                    ))
+                }
+                Slot::Invalid { why, .. } => return corrupt(why),
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+    Ok(ScrubOutcome::Clean { records })
 }
 
 /// How the segment after `idx` begins, seen from a log that has only zeros from `pos` to the

@@ -16,8 +16,108 @@
 pub mod consume_queue;
 pub(crate) mod key_index;
 pub(crate) mod producer;
+pub(crate) mod snapshot;
+
+use std::collections::HashMap;
 
 use crate::format::batch::BatchIter;
+use crate::format::record::RecordHeader;
+use crate::storage::index::consume_queue::{CqEntry, QueueIndex};
+use crate::storage::index::key_index::KeyIndex;
+use crate::storage::index::producer::{BatchMeta, ProducerTable};
+
+/// A shard's derived indexes, all in memory (the consume-queue entries also in their files).
+#[derive(Default)]
+pub(crate) struct Indexes {
+    pub(crate) topics: HashMap<String, HashMap<u32, QueueIndex>>,
+    pub(crate) next_uid: u32,
+    pub(crate) keys: KeyIndex,
+    pub(crate) producers: ProducerTable,
+}
+
+impl Indexes {
+    pub(crate) fn queue_mut(&mut self, topic: &str, queue_id: u32) -> &mut QueueIndex {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_string(), HashMap::new());
+        }
+        let uid = &mut self.next_uid;
+        self.topics
+            .get_mut(topic)
+            .expect("inserted")
+            .entry(queue_id)
+            .or_insert_with(|| {
+                *uid += 1;
+                QueueIndex::new(*uid)
+            })
+    }
+
+    pub(crate) fn queue(&self, topic: &str, queue_id: u32) -> Option<&QueueIndex> {
+        self.topics.get(topic)?.get(&queue_id)
+    }
+
+    pub(crate) fn apply(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
+        if h.is_gap() {
+            self.apply_gap(topic, h);
+            return;
+        }
+        let pos = h.log_position;
+        let keys = &mut self.keys;
+        let tag_hash = scan_body(body, |k| keys.insert(topic.as_bytes(), k, pos));
+        let q = self.queue_mut(topic, h.queue_id);
+        let uid = q.uid;
+        q.push(CqEntry {
+            position: pos,
+            size: h.total_len,
+            base_offset: h.base_queue_offset,
+            count: h.message_count,
+            tag_hash,
+        });
+        if let Some((pid, epoch, seq)) = h.producer() {
+            self.producers.record(
+                pid,
+                uid,
+                epoch,
+                BatchMeta {
+                    base_seq: seq,
+                    count: h.message_count,
+                    base_offset: h.base_queue_offset,
+                    position: pos,
+                    end: pos + u64::from(h.total_len),
+                },
+            );
+        }
+    }
+}
+
+impl Indexes {
+    /// Adds the keys of a record to the key index only (the background check after an open
+    /// from a snapshot; the other indexes came from the snapshot).
+    pub(crate) fn index_keys(&mut self, topic: &str, h: &RecordHeader, body: &[u8]) {
+        if h.is_gap() {
+            return;
+        }
+        let keys = &mut self.keys;
+        scan_body(body, |k| keys.insert(topic.as_bytes(), k, h.log_position));
+    }
+
+    /// A gap record (a quarantined corrupt record) holds no messages and gets no index entry.
+    /// When it repeats the lost record's header and that record continued its queue exactly,
+    /// the queue's next offset moves past it, so a lost last record of a queue is never given
+    /// to new messages (offsets are not reused). Anything less plausible is ignored: the
+    /// fields were read from a record that failed its CRC.
+    fn apply_gap(&mut self, topic: &str, h: &RecordHeader) {
+        let Some(q) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|qs| qs.get_mut(&h.queue_id))
+        else {
+            return;
+        };
+        if h.message_count > 0 && q.next_offset == h.base_queue_offset {
+            q.next_offset = h.base_queue_offset + u64::from(h.message_count);
+        }
+    }
+}
 
 /// FNV-1a 32 of a tag; 0 is reserved for "no tag".
 pub fn tag_hash(tag: &[u8]) -> u32 {

@@ -141,6 +141,33 @@ impl ProducerTable {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Every (producer, queue) with its epoch and window, for the index snapshot.
+    pub(crate) fn states(&self) -> impl Iterator<Item = (u64, u32, u16, &VecDeque<BatchMeta>)> {
+        self.map
+            .iter()
+            .map(|(&(pid, uid), s)| (pid, uid, s.epoch, &s.batches))
+    }
+
+    /// Puts back one state read from an index snapshot (`batches` non-empty, in order).
+    pub(crate) fn restore(
+        &mut self,
+        producer_id: u64,
+        queue_uid: u32,
+        epoch: u16,
+        batches: Vec<BatchMeta>,
+    ) {
+        if batches.is_empty() {
+            return;
+        }
+        self.map.insert(
+            (producer_id, queue_uid),
+            ProducerState {
+                epoch,
+                batches: batches.into(),
+            },
+        );
+    }
 }
 
 #[cfg(test)]
