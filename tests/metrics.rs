@@ -15,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{data_dir, read_all, test_config, TestBroker};
-use ringmq::client::{Consumer, Producer, QueueSelector};
+use ringmq::client::{Connection, Consumer, Producer, QueueSelector};
 use ringmq::config::MetricsListen;
-use ringmq::format::batch::Message;
+use ringmq::format::batch::{BatchBuilder, Message};
+use ringmq::protocol::{ProduceRequest, Request};
 
 /// A broker on free ports with its metrics endpoint on a free port too.
 fn broker_with_metrics() -> (TestBroker, SocketAddr) {
@@ -217,6 +218,62 @@ fn the_exposition_passes_promtool_and_counts_what_was_produced_and_fetched() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn failed_produces_count_by_code_and_refusals_by_reason_and_unknown_topics_get_no_series() {
+    let (b, metrics) = broker_with_metrics();
+    b.create_topic("known", 2);
+    produce(&b.addr(), "known", 3);
+    // A raw produce (the client library would stop at the route lookup).
+    let mut body = bytes::BytesMut::new();
+    BatchBuilder::new(&mut body)
+        .push(&Message::new("x"))
+        .unwrap();
+    let request = Request::Produce(ProduceRequest {
+        topic: "no-such-topic".into(),
+        queue: Some(0),
+        producer_id: 0,
+        producer_epoch: 0,
+        base_sequence: 0,
+        message_count: 1,
+        timeout_ms: 5000,
+        known_epoch: 0,
+    });
+    let err = Connection::connect(&b.addr())
+        .unwrap()
+        .call(&request, body.freeze(), Duration::from_secs(10))
+        .expect_err("an unknown topic is refused");
+    assert!(err.to_string().contains("TOPIC_NOT_FOUND"), "{err}");
+    // Half a frame, then silence: closed after partial_frame_timeout_ms (300 ms in tests).
+    let mut stalled = TcpStream::connect(b.addr()).unwrap();
+    stalled.write_all(b"RQMW").unwrap();
+    let text = scrape_until(metrics, |s| {
+        sum_of(
+            s,
+            "ringmq_refused_requests_total",
+            &["reason=\"partial_frame_timeout\""],
+        ) == 1.0
+    });
+    let s = samples(&text);
+    assert_eq!(
+        sum_of(
+            &s,
+            "ringmq_produce_requests_total",
+            &["code=\"TOPIC_NOT_FOUND\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_of(&s, "ringmq_produce_requests_total", &["code=\"OK\""]),
+        3.0
+    );
+    assert!(
+        !text.contains("no-such-topic"),
+        "a made-up topic got series:\n{text}"
+    );
+    assert_eq!(sum_of(&s, "ringmq_produced_messages_total", &[]), 3.0);
 }
 
 #[test]
