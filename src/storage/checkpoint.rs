@@ -4,14 +4,21 @@
 //!
 //! # File `<shard>/commitlog/checkpoint`: two 4 KiB slots
 //! ```text
-//! 0        4        8                16               24       28
-//! +--------+--------+----------------+----------------+--------+---- zeros to 4096
-//! | magic  | version| sequence u64   | position u64   | crc32  |
-//! +--------+--------+----------------+----------------+--------+
+//! 0        4        8                16               24               32       36
+//! +--------+--------+----------------+----------------+----------------+--------+-- zeros
+//! | magic  | version| sequence u64   | position u64   | reserved u64   | crc32  |   to 4096
+//! +--------+--------+----------------+----------------+----------------+--------+
 //! ```
 //! - `position`: a record boundary below which every byte was covered by a completed
 //!   fdatasync when the slot was written.
-//! - `crc32` over bytes 0..24. A slot that does not check out is ignored.
+//! - `reserved` (version 2): the log writer never writes at or past this position before a
+//!   slot with a larger one is durable, so every byte at or past it is zero (segments are
+//!   prepared zero-filled and recovery zeroes what it truncates). Recovery therefore reads
+//!   only up to it when checking that nothing follows the log end: after a crash that is at
+//!   most [`WRITE_RESERVATION_BYTES`] instead of the rest of the active segment and the whole
+//!   spare (up to 2 GiB with the default segment, most of an open's time).
+//! - `crc32` over the bytes before it. A slot that does not check out is ignored. A version 1
+//!   slot (28 bytes, no `reserved`) is read as "reserved: unknown" (everything is read).
 //! - Writes alternate between slot 0 (bytes 0..4096) and slot 1 (4096..8192), each followed by
 //!   an fdatasync; the valid slot with the higher `sequence` wins.
 //!
@@ -38,17 +45,26 @@ pub const CHECKPOINT_FILE: &str = "checkpoint";
 /// interval at most) and so how much acknowledged data a crash can leave past the checkpoint.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 100;
 
+/// How far past the log end the writer may write before the checkpoint task must record a
+/// new reservation (see `reserved` above; at most a quarter segment). A new one is recorded when less than half is left,
+/// so the writer practically never waits; recovery after a crash reads at most this much of
+/// zeros after the log end.
+pub const WRITE_RESERVATION_BYTES: u64 = 64 << 20;
+
 const MAGIC: u32 = 0x524D_5143; // "CQMR" little-endian: RingMQ checkpoint
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const SLOT_BYTES: u64 = BLOCK_BYTES;
 const SLOTS: u64 = 2;
-const ENCODED_BYTES: usize = 28;
+const ENCODED_BYTES: usize = 36;
+const V1_BYTES: usize = 28;
 
 /// One decoded slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointSlot {
     pub sequence: u64,
     pub position: u64,
+    /// Nothing was written at or past this (`u64::MAX`: unknown, a version 1 slot).
+    pub reserved: u64,
 }
 
 impl CheckpointSlot {
@@ -58,24 +74,31 @@ impl CheckpointSlot {
         b[4..8].copy_from_slice(&VERSION.to_le_bytes());
         b[8..16].copy_from_slice(&self.sequence.to_le_bytes());
         b[16..24].copy_from_slice(&self.position.to_le_bytes());
-        let crc = crc32fast::hash(&b[0..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        b[24..32].copy_from_slice(&self.reserved.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// `None` for anything but a whole, valid slot (zeros, torn, garbage).
     pub fn decode(b: &[u8]) -> Option<CheckpointSlot> {
-        if b.len() < ENCODED_BYTES {
+        if b.len() < V1_BYTES {
             return None;
         }
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
-        if u32_at(0) != MAGIC || u32_at(4) != VERSION || u32_at(24) != crc32fast::hash(&b[0..24]) {
+        if u32_at(0) != MAGIC {
             return None;
         }
+        let reserved = match u32_at(4) {
+            1 if u32_at(24) == crc32fast::hash(&b[0..24]) => u64::MAX,
+            2 if b.len() >= ENCODED_BYTES && u32_at(32) == crc32fast::hash(&b[0..32]) => u64_at(24),
+            _ => return None,
+        };
         Some(CheckpointSlot {
             sequence: u64_at(8),
             position: u64_at(16),
+            reserved,
         })
     }
 }
@@ -88,6 +111,8 @@ pub(crate) struct Checkpoint<F: BackendFile> {
     sequence: Cell<u64>,
     /// Position of the last slot written (or loaded).
     position: Cell<u64>,
+    /// Reservation of the last slot written (or loaded).
+    reserved: Cell<u64>,
 }
 
 impl<F: BackendFile> Checkpoint<F> {
@@ -115,12 +140,16 @@ impl<F: BackendFile> Checkpoint<F> {
                 bytes.get(at..).and_then(CheckpointSlot::decode)
             })
             .max_by_key(|s| s.sequence);
-        let (sequence, position) = best.map_or((0, 0), |s| (s.sequence, s.position));
+        // No valid slot: nothing is known durable, and nothing is known about where the
+        // writer wrote.
+        let (sequence, position, reserved) =
+            best.map_or((0, 0, u64::MAX), |s| (s.sequence, s.position, s.reserved));
         Ok(Checkpoint {
             file,
             path,
             sequence: Cell::new(sequence),
             position: Cell::new(position),
+            reserved: Cell::new(reserved),
         })
     }
 
@@ -129,12 +158,18 @@ impl<F: BackendFile> Checkpoint<F> {
         self.position.get()
     }
 
-    /// Durably records `position` (write + fdatasync of the slot not holding the newest
-    /// checkpoint). Callers must not run two of these at once.
-    pub async fn store(&self, position: u64) -> io::Result<()> {
+    /// The write reservation of the newest slot (`u64::MAX`: unknown).
+    pub fn reserved(&self) -> u64 {
+        self.reserved.get()
+    }
+
+    /// Durably records `position` and the write reservation `reserved` (write + fdatasync of
+    /// the slot not holding the newest checkpoint). Callers must not run two of these at once.
+    pub async fn store(&self, position: u64, reserved: u64) -> io::Result<()> {
         let slot = CheckpointSlot {
             sequence: self.sequence.get() + 1,
             position,
+            reserved,
         };
         let mut buf = self.file.alloc_buf(SLOT_BYTES as usize);
         buf.bytes_mut()[..ENCODED_BYTES].copy_from_slice(&slot.encode());
@@ -143,6 +178,7 @@ impl<F: BackendFile> Checkpoint<F> {
         self.file.sync().await?;
         self.sequence.set(slot.sequence);
         self.position.set(position);
+        self.reserved.set(reserved);
         Ok(())
     }
 }
@@ -156,6 +192,7 @@ mod tests {
         let s = CheckpointSlot {
             sequence: 7,
             position: 123_456,
+            reserved: 999_999,
         };
         let b = s.encode();
         assert_eq!(CheckpointSlot::decode(&b), Some(s));

@@ -108,6 +108,12 @@ struct LogState<B: StorageBackend> {
     sync_requested: u64,
     closing: bool,
     counters: Counters,
+    /// No write may reach at or past this before a checkpoint slot recording a larger one is
+    /// durable (see `checkpoint.rs`, `reserved`): recovery reads only up to it. Raised by the
+    /// checkpoint task; 0 until its first reservation after open.
+    write_limit: u64,
+    /// A write waits for a larger `write_limit`.
+    reserve_waiting: bool,
 }
 
 impl<B: StorageBackend> LogState<B> {
@@ -168,6 +174,8 @@ pub(crate) struct CommitLog<B: StorageBackend> {
     pub durable_changed: Signal,
     /// Work for the flusher (sync requested, bytes pending, closing, poison).
     pub flusher_wake: Signal,
+    /// A write waits for the checkpoint task to raise the write limit.
+    pub reserve_wanted: Signal,
     /// Test-only fault: this many flush cycles skip their fdatasync but still advance
     /// `durable` (an ack before the sync). Always 0 outside fault-injection tests.
     skip_syncs: Cell<u32>,
@@ -207,6 +215,8 @@ impl<B: StorageBackend> CommitLog<B> {
             sync_requested: end,
             closing: false,
             counters: Counters::default(),
+            write_limit: 0,
+            reserve_waiting: false,
         };
         let base = align_down(end);
         if base != end {
@@ -223,6 +233,7 @@ impl<B: StorageBackend> CommitLog<B> {
             changed: Signal::default(),
             durable_changed: Signal::default(),
             flusher_wake: Signal::default(),
+            reserve_wanted: Signal::default(),
             skip_syncs: Cell::new(0),
         })
     }
@@ -496,6 +507,17 @@ impl<B: StorageBackend> CommitLog<B> {
             if let Some(prev) = wait_for {
                 log.changed.wait_until(|| prev.get()).await;
             }
+            let write_end = seg.base + file_pos + phys_len as u64;
+            if log.st.borrow().write_limit < write_end {
+                log.st.borrow_mut().reserve_waiting = true;
+                log.reserve_wanted.notify_all();
+                log.changed
+                    .wait_until(|| {
+                        let st = log.st.borrow();
+                        st.write_limit >= write_end || st.poisoned.is_some()
+                    })
+                    .await;
+            }
             let poisoned = log.st.borrow().poisoned.is_some();
             let r = if poisoned {
                 Err(std::io::Error::other("log already poisoned"))
@@ -608,6 +630,23 @@ impl<B: StorageBackend> CommitLog<B> {
             poisoned: st.poisoned.is_some(),
             closing: st.closing,
         }
+    }
+
+    /// Whether the checkpoint task should record a larger write limit now: a write waits for
+    /// one, or appends came within `margin` of it.
+    pub fn wants_reservation(&self, margin: u64) -> bool {
+        let st = self.st.borrow();
+        st.reserve_waiting || st.append_pos.saturating_add(margin) > st.write_limit
+    }
+
+    /// Raises the write limit, after a checkpoint slot recording it is durable.
+    pub fn set_write_limit(&self, limit: u64) {
+        {
+            let mut st = self.st.borrow_mut();
+            st.write_limit = st.write_limit.max(limit);
+            st.reserve_waiting = false;
+        }
+        self.changed.notify_all();
     }
 
     /// The error every operation returns once the log is poisoned.

@@ -45,7 +45,7 @@
 //! record ends on), later segments are deleted, and then every segment is fdatasynced (bytes
 //! that survived a process crash may still be only in the device cache).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -252,11 +252,29 @@ pub(crate) struct RecoveredLog<B: StorageBackend> {
 
 /// Bytes read per scan window.
 const SCAN_WINDOW_BYTES: usize = 1 << 20;
+/// Bytes read per window when only looking for non-zero bytes (larger reads, more bandwidth).
+const ZERO_SCAN_WINDOW_BYTES: usize = 8 << 20;
+
+/// Index of the last non-zero byte of `b`, 16 bytes at a time.
+fn last_nonzero_in(b: &[u8]) -> Option<usize> {
+    let whole = b.len() / 16 * 16;
+    if let Some(i) = b[whole..].iter().rposition(|&x| x != 0) {
+        return Some(whole + i);
+    }
+    let w = b[..whole]
+        .chunks_exact(16)
+        .rposition(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) != 0)?;
+    let at = w * 16;
+    b[at..at + 16].iter().rposition(|&x| x != 0).map(|i| at + i)
+}
 
 struct Scanner<'a, F: BackendFile> {
     seg: &'a Segment<F>,
     win_start: u64,
     win: Vec<u8>,
+    /// Every byte at or past this is known to be zero (the checkpoint's write reservation):
+    /// [`Self::last_nonzero`] reads no further.
+    zero_from: u64,
 }
 
 impl<'a, F: BackendFile> Scanner<'a, F> {
@@ -265,6 +283,15 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
             seg,
             win_start: seg.base,
             win: Vec::new(),
+            zero_from: u64::MAX,
+        }
+    }
+
+    /// A scanner that trusts every byte at or past `zero_from` to be zero.
+    fn bounded(seg: &'a Segment<F>, zero_from: u64) -> Self {
+        Scanner {
+            zero_from,
+            ..Scanner::new(seg)
         }
     }
 
@@ -330,14 +357,18 @@ impl<'a, F: BackendFile> Scanner<'a, F> {
         })
     }
 
-    /// Position one past the last non-zero byte in `[from, end)`, or `from`.
+    /// Position one past the last non-zero byte in `[from, end)`, or `from`. Reads in
+    /// [`ZERO_SCAN_WINDOW_BYTES`] windows and tests 16 bytes at a time: at a clean tail this
+    /// reads the rest of the segment, the largest cost of an open from a snapshot.
     async fn last_nonzero(&mut self, from: u64) -> Result<u64, StorageError> {
         let mut last = from;
         let mut pos = from;
-        while pos < self.seg.end() {
-            let b = self.bytes(pos, SCAN_WINDOW_BYTES).await?;
+        let end = self.seg.end().min(self.zero_from);
+        while pos < end {
+            let want = ZERO_SCAN_WINDOW_BYTES.min((end - pos) as usize);
+            let b = self.bytes(pos, want).await?;
             let n = b.len() as u64;
-            if let Some(i) = b.iter().rposition(|&x| x != 0) {
+            if let Some(i) = last_nonzero_in(b) {
                 last = pos + i as u64 + 1;
             }
             pos += n;
@@ -381,6 +412,8 @@ enum Slot {
 pub(crate) struct OpenedLog<B: StorageBackend> {
     segs: Vec<Seg<B>>,
     ckpt: Checkpoint<<B as StorageBackend>::File>,
+    /// The log had no segment: this open created the first one (all zeros).
+    fresh: bool,
 }
 
 impl<B: StorageBackend> OpenedLog<B> {
@@ -418,6 +451,7 @@ pub(crate) async fn open_log<B: StorageBackend>(
     }
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     bases.sort_unstable();
+    let fresh = bases.is_empty();
     if bases.is_empty() {
         let p = segment_path(dir, 0);
         backend
@@ -460,7 +494,7 @@ pub(crate) async fn open_log<B: StorageBackend>(
     let ckpt = Checkpoint::open(backend, dir)
         .await
         .map_err(|e| StorageError::io("open checkpoint", &ckpt_path, e))?;
-    Ok(OpenedLog { segs, ckpt })
+    Ok(OpenedLog { segs, ckpt, fresh })
 }
 
 /// Scans, truncates and prepares the opened log in `dir`. `on_record(view)` is called for
@@ -473,10 +507,15 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     opened: OpenedLog<B>,
     cfg: &StorageConfig,
     limit: Option<u64>,
-    start: Option<u64>,
+    start: Option<ScanStart>,
     mut on_record: impl FnMut(&RecordView<'_>),
 ) -> Result<RecoveredLog<B>, StorageError> {
-    let OpenedLog { segs, ckpt } = opened;
+    let OpenedLog { segs, ckpt, fresh } = opened;
+    // Past this every byte is zero: the writer's reservation (see `checkpoint.rs`).
+    let zero_from = if fresh { 0 } else { ckpt.reserved() };
+    // `last_nonzero(base)` of whole segments already read (the spare is looked at twice).
+    let mut last_nonzero_of: HashMap<u64, u64> = HashMap::new();
+    let mut clean_spare = false;
     let ckpt_path = dir.join(CHECKPOINT_FILE);
     let mut report = RecoveryReport {
         checkpoint: ckpt.position(),
@@ -488,7 +527,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     let quarantine_dir = dir.parent().unwrap_or(dir).join("quarantine");
 
     // Scan: find the end of the valid prefix.
-    let (mut idx, mut pos) = match start {
+    let (mut idx, mut pos) = match start.map(|s| s.position) {
         Some(p) => (
             segs.iter()
                 .position(|g| p < g.end())
@@ -504,7 +543,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     let tail_obs;
     'segments: loop {
         let seg = segs[idx].clone();
-        let mut sc = Scanner::new(&seg);
+        let mut sc = Scanner::bounded(&seg, zero_from);
         loop {
             let below = pos < durable_below;
             let slot = sc.record_at(pos).await?;
@@ -522,6 +561,14 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                     record_end = pos;
                     continue;
                 }
+                // The log of a clean close ends exactly at its snapshot: nothing was written
+                // past it since its segments were prepared (zero-filled and synced).
+                Slot::Zero | Slot::End
+                    if start.is_some_and(|s| s.clean_close && s.position == pos) =>
+                {
+                    clean_spare = true;
+                    Observation::CleanTail
+                }
                 Slot::Zero | Slot::End => {
                     let stale = sc.last_nonzero(pos).await? > pos;
                     let more_segments = segs
@@ -535,7 +582,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
                             Observation::TornRecord
                         }
                     } else {
-                        match next_start(&segs, idx, pos).await? {
+                        match next_start(&segs, idx, pos, zero_from, &mut last_nonzero_of).await? {
                             NextStart::Continues if more_segments => {
                                 Observation::RolledToNextSegment
                             }
@@ -665,13 +712,13 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     // The checkpoint must never claim more than the log keeps: lower it before truncating, so a
     // crash in between cannot make the next open take the truncation for corruption.
     if ckpt.position() > record_end {
-        ckpt.store(record_end)
+        ckpt.store(record_end, ckpt.reserved())
             .await
             .map_err(|e| StorageError::io("write checkpoint", &ckpt_path, e))?;
         log::warn!("storage: durable checkpoint lowered to {record_end}");
     }
     if truncate {
-        let mut sc = Scanner::new(&active);
+        let mut sc = Scanner::bounded(&active, zero_from);
         let last = sc.last_nonzero(pos).await?;
         report.truncated_at = Some(pos);
         report.truncated_bytes = last.saturating_sub(pos);
@@ -685,8 +732,16 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     // spare only when it is untouched (all zeros).
     let mut spare = None;
     for (i, seg) in segs.iter().enumerate().skip(idx + 1) {
-        let mut sc = Scanner::new(seg);
-        let clean = sc.last_nonzero(seg.base).await? == seg.base;
+        let clean = if i == idx + 1 && clean_spare {
+            true
+        } else if let Some(&last) = last_nonzero_of.get(&seg.base) {
+            last == seg.base
+        } else {
+            Scanner::bounded(seg, zero_from)
+                .last_nonzero(seg.base)
+                .await?
+                == seg.base
+        };
         if i == idx + 1 && clean && seg.bytes == cfg.segment_bytes {
             spare = Some(seg.clone());
         } else {
@@ -730,6 +785,15 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         checkpoint: Some(ckpt),
         report,
     })
+}
+
+/// Where a scan begins when an index snapshot is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScanStart {
+    /// The snapshot's position (a record boundary at or below the checkpoint).
+    pub position: u64,
+    /// The snapshot was written by a clean close at the log end.
+    pub clean_close: bool,
 }
 
 /// How the background check of the records below an index snapshot ended.
@@ -817,16 +881,24 @@ async fn next_start<F: BackendFile>(
     segs: &[Rc<Segment<F>>],
     idx: usize,
     pos: u64,
+    zero_from: u64,
+    last_nonzero_of: &mut HashMap<u64, u64>,
 ) -> Result<NextStart, StorageError> {
     let Some(next) = segs.get(idx + 1) else {
         return Ok(NextStart::Nothing);
     };
-    let mut sc = Scanner::new(next);
+    let mut sc = Scanner::bounded(next, zero_from);
     Ok(match sc.record_at(next.base).await? {
         Slot::Valid { len } if pos + len > segs[idx].end() => NextStart::Continues,
         Slot::Valid { .. } => NextStart::Fits,
-        Slot::Zero | Slot::End if sc.last_nonzero(next.base).await? == next.base => {
-            NextStart::Nothing
+        Slot::Zero | Slot::End => {
+            let last = sc.last_nonzero(next.base).await?;
+            last_nonzero_of.insert(next.base, last);
+            if last == next.base {
+                NextStart::Nothing
+            } else {
+                NextStart::Bad
+            }
         }
         _ => NextStart::Bad,
     })
@@ -1031,6 +1103,21 @@ async fn zero_range<F: BackendFile>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_nonzero_in_finds_the_last_non_zero_byte_anywhere() {
+        for len in [0usize, 1, 15, 16, 17, 100, 4096] {
+            assert_eq!(last_nonzero_in(&vec![0u8; len]), None, "len {len}");
+            for at in 0..len {
+                let mut b = vec![0u8; len];
+                b[at] = 1;
+                if at > 3 {
+                    b[at - 3] = 7;
+                }
+                assert_eq!(last_nonzero_in(&b), Some(at), "len {len} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn gap_records_cover_exactly_the_range_and_parse_as_gaps() {

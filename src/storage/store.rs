@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
-use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS};
+use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS, WRITE_RESERVATION_BYTES};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::error::StorageError;
 use crate::storage::flush::run_flusher;
@@ -25,7 +25,7 @@ use crate::storage::index::snapshot::{
 use crate::storage::index::Indexes;
 use crate::storage::recovery::{
     decide, open_log, recover_log, scrub, Action, Observation, OpenedLog, RecoveryReport,
-    ScrubOutcome,
+    ScanStart, ScrubOutcome,
 };
 use crate::storage::segment::Segment;
 use crate::storage::signal::Signal;
@@ -132,6 +132,7 @@ impl<B: StorageBackend> ShardStore<B> {
     ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
         cfg.validate()?;
         let log_dir = dir.join("commitlog");
+        let t0 = Instant::now();
         let opened = open_log(&backend, &log_dir, &cfg).await?;
         // A snapshot is only trusted by a strict open that truncates nothing on request; any
         // other open may change the log below it, so it is removed first.
@@ -147,10 +148,11 @@ impl<B: StorageBackend> ShardStore<B> {
             })?;
         }
         let (mut idx, queue_files, start) = match restored {
-            Some((idx, files, p)) => (idx, files, Some(p)),
+            Some((idx, files, start)) => (idx, files, Some(start)),
             None => (Indexes::default(), HashMap::new(), None),
         };
         let first_segment = opened.start();
+        let t_restored = t0.elapsed();
         let rec = recover_log(&backend, &log_dir, opened, &cfg, limit, start, |v| {
             idx.apply(v.topic, &v.header, v.body)
         })
@@ -163,10 +165,12 @@ impl<B: StorageBackend> ShardStore<B> {
                 .take()
                 .expect("recovery opens the checkpoint"),
         );
+        let t_scanned = t0.elapsed();
         reconcile_index_files(dir, &mut idx, &mut report, queue_files)?;
+        let t_reconciled = t0.elapsed();
         report.producers = idx.producers.len() as u64;
         // Records below the snapshot were not scanned: the background check reads them.
-        let unchecked: Vec<_> = match start {
+        let unchecked: Vec<_> = match start.map(|s| s.position) {
             Some(p) if p > first_segment => rec
                 .segments
                 .values()
@@ -226,8 +230,17 @@ impl<B: StorageBackend> ShardStore<B> {
         *inner.checkpointer.borrow_mut() = Some(checkpointer);
         // A snapshot of the state just recovered, so that a crash before the next checkpoint
         // does not cost a full scan either.
-        inner.write_snapshot(inner.checkpoint.position()).await;
-        if let Some(p) = start.filter(|_| !unchecked.is_empty()) {
+        // It also replaces a clean close's snapshot before anything is written: that one lets
+        // the next open skip reading past the log end, which only a clean close may.
+        if !inner
+            .write_snapshot(inner.checkpoint.position(), false)
+            .await
+        {
+            remove_snapshot(dir).map_err(|e| {
+                StorageError::io("remove index snapshot", dir.join(SNAPSHOT_FILE), e)
+            })?;
+        }
+        if let Some(p) = start.map(|s| s.position).filter(|_| !unchecked.is_empty()) {
             glommio::spawn_local_into(
                 run_background_check(weak, unchecked, p, inner.checkpoint.position()),
                 background_queue(),
@@ -241,7 +254,14 @@ impl<B: StorageBackend> ShardStore<B> {
             })?
             .detach();
         }
-        log::info!("storage: opened {}: {report}", dir.display());
+        log::info!(
+            "storage: opened {} in {:.0} ms (snapshot {:.0}, scan {:.0}, index files {:.0}): {report}",
+            dir.display(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            t_restored.as_secs_f64() * 1e3,
+            (t_scanned - t_restored).as_secs_f64() * 1e3,
+            (t_reconciled - t_scanned).as_secs_f64() * 1e3,
+        );
         Ok((ShardStore { inner }, report))
     }
 
@@ -586,7 +606,7 @@ impl<B: StorageBackend> ShardStore<B> {
         // A clean stop leaves a checkpoint covering the whole log.
         let ckpt = &self.inner.checkpoint;
         if record_end > ckpt.position() {
-            ckpt.store(record_end)
+            ckpt.store(record_end, ckpt.reserved())
                 .await
                 .map_err(|e| StorageError::io("write checkpoint", ckpt.path.clone(), e))?;
             self.inner.checkpoints.set(self.inner.checkpoints.get() + 1);
@@ -595,7 +615,7 @@ impl<B: StorageBackend> ShardStore<B> {
         while self.inner.snapshot.get().writing {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        self.inner.write_snapshot(ckpt.position()).await;
+        self.inner.write_snapshot(ckpt.position(), true).await;
         Ok(())
     }
 
@@ -683,12 +703,14 @@ impl<B: StorageBackend> Inner<B> {
     /// Writes an index snapshot at `position` (a record end at or below the checkpoint whose
     /// consume-queue entries are in their files) on a blocking thread. A failure is logged
     /// and costs only a longer scan at the next open.
-    async fn write_snapshot(&self, position: u64) {
+    /// `clean_close`: written by `close` at the log end. Returns whether it was written.
+    async fn write_snapshot(&self, position: u64, clean_close: bool) -> bool {
         let mut st = self.snapshot.get();
         if st.off || st.writing || position == 0 {
-            return;
+            return false;
         }
-        let snap = IndexSnapshot::take(&self.idx.borrow(), position);
+        let mut snap = IndexSnapshot::take(&self.idx.borrow(), position);
+        snap.clean_close = clean_close;
         let files = snap.queue_files(&self.dir);
         let bytes = snap.encode();
         let dir = self.dir.clone();
@@ -699,6 +721,7 @@ impl<B: StorageBackend> Inner<B> {
             .await;
         let mut st = self.snapshot.get();
         st.writing = false;
+        let written = res.is_ok() && !st.off;
         match res {
             Ok(()) if !st.off => {
                 st.position = position;
@@ -719,6 +742,7 @@ impl<B: StorageBackend> Inner<B> {
             ),
         }
         self.snapshot.set(st);
+        written
     }
 
     /// After a checkpoint at `position`: starts a snapshot there when the last one is old or
@@ -732,7 +756,9 @@ impl<B: StorageBackend> Inner<B> {
             return;
         }
         glommio::spawn_local_into(
-            async move { self.write_snapshot(position).await },
+            async move {
+                self.write_snapshot(position, false).await;
+            },
             background_queue(),
         )
         .map(|t| t.detach())
@@ -780,30 +806,73 @@ async fn run_checkpointer<B: StorageBackend>(
     checkpointed: impl Fn(u64),
 ) {
     let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let stop = || log.marks().stopped();
+    // Runs until the log is poisoned, or closing with no write left: the final flush of a
+    // close may still need reservations (`close` writes the last slot itself).
+    let done = || {
+        let m = log.marks();
+        m.poisoned || (m.closing && m.inflight_writes == 0)
+    };
+    // Small segments (tests) get a quarter of a segment, so that they exercise it.
+    let reservation = WRITE_RESERVATION_BYTES.min(log.cfg.segment_bytes / 4);
+    let reserve = || log.wants_reservation(reservation / 2);
+    let due = || {
+        let m = log.marks();
+        !m.closing && m.durable_record_end.0 > ckpt.position()
+    };
+    // One slot write at a time: a reservation keeps the checkpointed position, a checkpoint
+    // keeps the reservation.
+    let store = |position: u64, reserved: u64| {
+        let (log, ckpt) = (log.clone(), ckpt.clone());
+        async move {
+            let r = ckpt.store(position, reserved).await;
+            if let Err(e) = &r {
+                log.poison(format!(
+                    "writing the durable checkpoint {}: {e}",
+                    ckpt.path.display()
+                ));
+            }
+            r.is_ok()
+        }
+    };
+    let mut quiet_until = Instant::now();
     loop {
-        log.durable_changed
-            .wait_until(|| stop() || log.marks().durable_record_end.0 > ckpt.position())
-            .await;
-        if stop() {
+        let wake = || done() || reserve() || (due() && Instant::now() >= quiet_until);
+        let quiet = quiet_until.saturating_duration_since(Instant::now());
+        futures_lite::future::or(
+            futures_lite::future::or(
+                log.durable_changed.wait_until(wake),
+                log.reserve_wanted.wait_until(wake),
+            ),
+            futures_lite::future::or(log.changed.wait_until(wake), async {
+                // Wakes to write a checkpoint that came due during the quiet time.
+                glommio::timer::sleep(quiet).await;
+                log.durable_changed.wait_until(wake).await
+            }),
+        )
+        .await;
+        if done() {
             break;
+        }
+        if reserve() {
+            let limit = log.marks().appended.0 + reservation;
+            if !store(ckpt.position(), limit).await {
+                break;
+            }
+            log.set_write_limit(limit);
+            continue;
+        }
+        if !due() || Instant::now() < quiet_until {
+            continue;
         }
         let m = log.marks();
         let (pos, durable) = (m.durable_record_end.0, m.durable.0);
         persist_indexes(durable);
-        if let Err(e) = ckpt.store(pos).await {
-            log.poison(format!(
-                "writing the durable checkpoint {}: {e}",
-                ckpt.path.display()
-            ));
+        if !store(pos, ckpt.reserved()).await {
             break;
         }
         count.set(count.get() + 1);
         checkpointed(pos);
-        futures_lite::future::or(glommio::timer::sleep(interval), async {
-            log.durable_changed.wait_until(stop).await
-        })
-        .await;
+        quiet_until = Instant::now() + interval;
     }
 }
 
@@ -814,7 +883,7 @@ async fn run_checkpointer<B: StorageBackend>(
 fn restore_snapshot<B: StorageBackend>(
     dir: &Path,
     opened: &OpenedLog<B>,
-) -> Option<(Indexes, HashMap<PathBuf, Vec<CqEntry>>, u64)> {
+) -> Option<(Indexes, HashMap<PathBuf, Vec<CqEntry>>, ScanStart)> {
     let why = match read_snapshot(dir) {
         Ok(None) => return None,
         Err(e) => format!("cannot read it: {e}"),
@@ -832,9 +901,12 @@ fn restore_snapshot<B: StorageBackend>(
                 opened.end()
             ),
             Ok(s) => {
-                let p = s.position;
+                let start = ScanStart {
+                    position: s.position,
+                    clean_close: s.clean_close && s.position == opened.checkpoint(),
+                };
                 match s.restore(dir, opened.start()) {
-                    Ok((idx, files)) => return Some((idx, files, p)),
+                    Ok((idx, files)) => return Some((idx, files, start)),
                     Err(e) => e,
                 }
             }

@@ -4,7 +4,8 @@
 //!
 //! # File `<shard>/index.snapshot`
 //! ```text
-//! magic u32 | version u32 | position u64 | next_uid u32 | queues u32 | producers u32
+//! magic u32 | version u32 | position u64 | flags u32 (bit 0: clean close) | next_uid u32
+//! | queues u32 | producers u32
 //! queues × ( topic_len u16 | topic | queue_id u32 | uid u32 | next_offset u64 | count u64
 //!            | first CqEntry (28 B) | last CqEntry (28 B) )          zeros when count = 0
 //! producers × ( producer_id u64 | queue_uid u32 | epoch u16 | batches u16
@@ -75,6 +76,9 @@ pub(crate) struct ProducerSnap {
 pub(crate) struct IndexSnapshot {
     /// A record boundary: the snapshot holds exactly the records below it.
     pub position: u64,
+    /// Written by a clean close at the log end (see `recovery.rs`: the open then skips
+    /// reading the zeros after the log end).
+    pub clean_close: bool,
     pub next_uid: u32,
     pub queues: Vec<QueueSnap>,
     pub producers: Vec<ProducerSnap>,
@@ -124,6 +128,7 @@ impl IndexSnapshot {
             .collect();
         IndexSnapshot {
             position,
+            clean_close: false,
             next_uid: idx.next_uid,
             queues,
             producers,
@@ -144,6 +149,7 @@ impl IndexSnapshot {
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&self.position.to_le_bytes());
+        b.extend_from_slice(&u32::from(self.clean_close).to_le_bytes());
         b.extend_from_slice(&self.next_uid.to_le_bytes());
         b.extend_from_slice(&(self.queues.len() as u32).to_le_bytes());
         b.extend_from_slice(&(self.producers.len() as u32).to_le_bytes());
@@ -194,6 +200,10 @@ impl IndexSnapshot {
             return Err(format!("unknown snapshot version {version}"));
         }
         let position = r.u64()?;
+        let flags = r.u32()?;
+        if flags > 1 {
+            return Err(format!("unknown flags {flags:#x}"));
+        }
         let next_uid = r.u32()?;
         let nq = r.u32()? as usize;
         let np = r.u32()? as usize;
@@ -255,6 +265,7 @@ impl IndexSnapshot {
         }
         Ok(IndexSnapshot {
             position,
+            clean_close: flags == 1,
             next_uid,
             queues,
             producers,
@@ -403,6 +414,7 @@ mod tests {
         };
         IndexSnapshot {
             position: 4096,
+            clean_close: true,
             next_uid: 3,
             queues: vec![
                 QueueSnap {
