@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
+use ringmq::config::{
+    Config, CoreSelection, MetricsListen, ReplicationConfig, ServerConfig, StorageConfig,
+};
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 use ringmq::storage::{FlushMode, RecoveryMode};
 
@@ -74,6 +76,9 @@ section_args! {
         partial_frame_timeout_ms: u64,
         /// io_uring registered memory per shard, 0 = glommio default [default: 0]
         io_memory_bytes: u64,
+        /// Prometheus text endpoint (GET /metrics over HTTP, served by its own thread, never a
+        /// shard): HOST:PORT, or `off` to serve none [default: 127.0.0.1:9400]
+        metrics_listen: MetricsListen,
     } flags {
         /// Run on a file system without O_DIRECT (tmpfs), with a loud warning
         allow_non_direct_io,
@@ -219,6 +224,8 @@ mod tests {
             "--force-master",
             "--node-id",
             "7",
+            "--metrics-listen",
+            "off",
         ]);
         assert_eq!(c.server.port, 0);
         assert!(c.server.allow_non_direct_io);
@@ -230,6 +237,7 @@ mod tests {
         assert_eq!(c.replication.mode, ReplicationMode::SyncMaster);
         assert!(c.replication.force_master);
         assert_eq!(c.replication.node_id, Some(7));
+        assert_eq!(c.server.metrics_listen, MetricsListen::Off);
         c.validate().unwrap();
     }
 

@@ -18,6 +18,9 @@
 //! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
 //!   the dispatcher that calls the services.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed).
+//! - [`metrics`]: pure and below every layer: fixed-bucket histograms, the per-shard request
+//!   counters ([`metrics::ShardMetrics`]) and the Prometheus text format; the HTTP endpoint is
+//!   `server::metrics_http`.
 //! - [`config`]: the typed broker configuration in sections (`[server]`, `[replication]`;
 //!   `[storage]` is owned by storage), with documented defaults and validation.
 
@@ -25,6 +28,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod format;
+pub mod metrics;
 pub mod protocol;
 pub mod replication;
 pub mod server;

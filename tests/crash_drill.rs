@@ -31,6 +31,8 @@ impl BrokerProcess {
         let mut child = Command::new(BIN)
             .args([
                 "broker",
+                "--metrics-listen",
+                "off",
                 "--port",
                 &port.to_string(),
                 "--segment-bytes",

@@ -179,3 +179,25 @@ fn lower_layers_do_not_import_the_server_and_the_client_does_not_import_storage(
     }
     assert!(broken.is_empty(), "layer rules broken: {broken:#?}");
 }
+
+/// `metrics` is pure and at the bottom (storage keeps its histograms in it), like `format`: it
+/// imports nothing else of the crate, so any layer may count into it.
+#[test]
+fn the_metrics_module_imports_nothing_else_of_the_crate() {
+    let edges = imports(&modules());
+    let broken: Vec<String> = edges
+        .iter()
+        .filter(|(a, _)| top(a) == "metrics")
+        .flat_map(|(a, targets)| {
+            targets
+                .iter()
+                .filter(|b| top(b) != "metrics")
+                .map(move |b| format!("{a} imports {b}"))
+        })
+        .collect();
+    assert!(
+        edges.keys().any(|m| m == "metrics::registry"),
+        "the metrics module is where this test expects it"
+    );
+    assert!(broken.is_empty(), "metrics must stay a leaf: {broken:#?}");
+}

@@ -32,6 +32,7 @@ fn a_long_pipelined_cli_produce_over_many_segment_rolls_finishes_with_every_line
     let mut cfg = Config::default();
     cfg.server.data_dir = tmp.path().to_path_buf();
     cfg.server.port = 0;
+    cfg.server.metrics_listen = ringmq::config::MetricsListen::Off;
     // One shard: the producer's ~1000 batches in flight all meet at one log.
     cfg.server.cores = CoreSelection::Count(1);
     cfg.storage.flush_mode = FlushMode::AsyncFlush;

@@ -776,6 +776,8 @@ fn a_no_op_promote_logs_no_promotion_warning() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
         .args([
             "broker",
+            "--metrics-listen",
+            "off",
             "--port",
             "0",
             "--cores",

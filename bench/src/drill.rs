@@ -344,6 +344,8 @@ fn start_broker(args: &DrillArgs, dir: &Path) -> Result<SlaveProcess, String> {
             port: 0,
             cores: CoreSelection::Count(args.broker_cores),
             io_memory_bytes: crate::runner::io_memory_bytes(),
+            // Brokers of a bench run side by side (master and slave): no metrics port.
+            metrics_listen: ringmq::config::MetricsListen::Off,
             ..ServerConfig::default()
         },
         storage: StorageConfig {

@@ -364,6 +364,8 @@ fn broker_config(
             // The process is confined to one core before it starts.
             cores: CoreSelection::Count(1),
             io_memory_bytes: io_memory_bytes(),
+            // Brokers of a bench run side by side (master and slave): no metrics port.
+            metrics_listen: ringmq::config::MetricsListen::Off,
             ..ServerConfig::default()
         },
         storage: StorageConfig {

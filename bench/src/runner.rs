@@ -161,6 +161,8 @@ impl Slave {
                 // file).
                 cores: CoreSelection::Count(cores.len().max(1)),
                 io_memory_bytes: io_memory_bytes(),
+                // Brokers of a bench run side by side (master and slave): no metrics port.
+                metrics_listen: ringmq::config::MetricsListen::Off,
                 ..ServerConfig::default()
             },
             // Same as the master, as a slave that may be promoted would run (and replicas
@@ -245,6 +247,8 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
             port: 0,
             cores: CoreSelection::Count(w.broker_cores),
             io_memory_bytes: io_memory_bytes(),
+            // Brokers of a bench run side by side (master and slave): no metrics port.
+            metrics_listen: ringmq::config::MetricsListen::Off,
             ..ServerConfig::default()
         },
         storage: storage_config(mode, w),

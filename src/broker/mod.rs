@@ -12,6 +12,8 @@
 //! - [`fetch`]: reads from a queue, with long polling.
 //! - [`topics`]: create (shard 0), list, route; the topic and queue checks other services use.
 //! - [`stats`]: queue and shard statistics, gathered from every shard.
+//! - [`metrics`]: the shard's metrics as Prometheus families (copies of the counters storage,
+//!   replication and the shard keep), for `server::metrics_http`.
 //! - [`admin`]: broker info and promotion.
 //! - [`error`]: [`ServiceError`] and how each lower-layer error maps to a wire code.
 //!
@@ -21,6 +23,7 @@ pub mod ack;
 pub mod admin;
 pub mod error;
 pub mod fetch;
+pub mod metrics;
 pub mod produce;
 pub mod stats;
 pub mod topics;

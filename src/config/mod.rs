@@ -144,6 +144,78 @@ impl<'de> Deserialize<'de> for CoreSelection {
     }
 }
 
+/// Where the broker serves its Prometheus metrics (`GET /metrics`, HTTP/1.1): `off`, or a
+/// `host:port` to bind (port 0 picks a free one). Default [`DEFAULT_METRICS_LISTEN`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    Addr(String),
+}
+
+/// 9400: not taken by Prometheus' well-known exporters, and next to nothing RingMQ uses.
+/// Loopback only by default: the endpoint has no authentication.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
+
+impl Default for MetricsListen {
+    fn default() -> Self {
+        MetricsListen::Addr(DEFAULT_METRICS_LISTEN.to_string())
+    }
+}
+
+impl MetricsListen {
+    /// The address to bind, `None` when off.
+    pub fn addr(&self) -> Option<&str> {
+        match self {
+            MetricsListen::Off => None,
+            MetricsListen::Addr(a) => Some(a),
+        }
+    }
+}
+
+impl FromStr for MetricsListen {
+    type Err = String;
+
+    /// `off` (also `none`, `false`, `no`), or `host:port` (an IPv6 host in brackets).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if ["off", "none", "false", "no"]
+            .iter()
+            .any(|w| s.eq_ignore_ascii_case(w))
+        {
+            return Ok(MetricsListen::Off);
+        }
+        let bad = || format!("metrics_listen: {s:?} is not `off` or HOST:PORT like 127.0.0.1:9400");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad());
+        }
+        Ok(MetricsListen::Addr(s.to_string()))
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Off => f.write_str("off"),
+            MetricsListen::Addr(a) => f.write_str(a),
+        }
+    }
+}
+
+impl Serialize for MetricsListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// The broker process's own settings (the `[server]` section): where its data lives, where it
 /// listens, which cores run shards, and what one connection may make it hold. Field names
 /// carry their unit last.
@@ -178,6 +250,9 @@ pub struct ServerConfig {
     /// Bytes of io_uring registered buffer memory per shard. Default 0 = glommio's default
     /// (10 MiB); when not root, memlock (often 8 MiB) must cover all shards together.
     pub io_memory_bytes: u64,
+    /// The Prometheus endpoint: `off` or `host:port`. Served by a thread of its own, never by
+    /// a shard. Default `127.0.0.1:9400`.
+    pub metrics_listen: MetricsListen,
 }
 
 impl Default for ServerConfig {
@@ -193,6 +268,7 @@ impl Default for ServerConfig {
             partial_frame_timeout_ms: 10_000,
             allow_non_direct_io: false,
             io_memory_bytes: 0,
+            metrics_listen: MetricsListen::default(),
         }
     }
 }
@@ -392,5 +468,22 @@ mod tests {
             toml::from_str("[server]\ncores = 2\n[storage]\nflush_mode = \"async_flush\"").unwrap();
         assert_eq!(c.server.cores, CoreSelection::Count(2));
         assert_eq!(c.storage.flush_mode, FlushMode::AsyncFlush);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_or_host_port_in_the_file_and_on_the_command_line() {
+        assert_eq!(
+            Config::default().server.metrics_listen.addr(),
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        let c: Config = toml::from_str("[server]\nmetrics_listen = \"off\"").unwrap();
+        assert_eq!(c.server.metrics_listen, MetricsListen::Off);
+        let c: Config = toml::from_str("[server]\nmetrics_listen = \"0.0.0.0:9500\"").unwrap();
+        assert_eq!(c.server.metrics_listen.addr(), Some("0.0.0.0:9500"));
+        assert_eq!(toml::from_str::<Config>(&c.to_toml()).unwrap(), c);
+        for bad in ["9400", "host:", ":9400", "h:99999", "h:port"] {
+            assert!(bad.parse::<MetricsListen>().is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<Config>("[server]\nmetrics_listen = \"nope\"").is_err());
     }
 }

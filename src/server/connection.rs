@@ -363,7 +363,13 @@ impl Conn<'_> {
         if self.shard.has_room(reserved, self.shard.max()) {
             return Ok(true);
         }
+        // The refusal itself is counted once, in the listener's stats (reason `shard_budget`);
+        // the produce answer counts among the produce results like any other.
         self.stats.count_shard_busy();
+        self.services
+            .shard
+            .metrics
+            .count_produce_result(ErrorCode::SystemBusy.name());
         if !frame.flags.is_oneway() {
             let message = format!(
                 "shard in-flight byte budget spent ({} of {} bytes held by requests and unread \

@@ -25,6 +25,7 @@ use crate::config::{Config, ConfigError};
 use crate::replication::epoch::EpochHistory;
 use crate::replication::state::Replication;
 use crate::replication::Role;
+use crate::server::metrics_http::{MetricsServer, MetricsSlots};
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
 use crate::shard::preflight::{self, PreflightError};
@@ -65,6 +66,8 @@ pub struct Broker {
     shutdown: Arc<AtomicBool>,
     addresses: Vec<SocketAddr>,
     data_dir: PathBuf,
+    /// The Prometheus endpoint's thread, unless `metrics_listen = "off"`.
+    metrics: Option<MetricsServer>,
 }
 
 impl Broker {
@@ -127,6 +130,17 @@ impl Broker {
             addresses.push(l.local_addr().expect("a bound listener has an address"));
             listeners.push(l);
         }
+        // Bound here like the shards' listeners, so a busy metrics port fails the start clearly.
+        let metrics_listener = match config.server.metrics_listen.addr() {
+            None => None,
+            Some(addr) => Some(
+                MetricsServer::bind(addr).map_err(|source| BrokerError::Bind {
+                    addr: format!("{addr} (metrics; --metrics-listen off serves none)"),
+                    source,
+                })?,
+            ),
+        };
+        let metrics_slots = metrics_listener.as_ref().map(|_| MetricsSlots::new(shards));
         let advertised: Arc<Vec<String>> = Arc::new(
             addresses
                 .iter()
@@ -156,6 +170,7 @@ impl Broker {
                 topics: topics.clone(),
                 ready: ready_tx.clone(),
                 start_fenced,
+                metrics: metrics_slots.clone(),
             };
             let mut builder =
                 LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
@@ -193,15 +208,31 @@ impl Broker {
                 }
             }
         }
-        let broker = Broker {
+        let mut broker = Broker {
             handles,
             shutdown,
             addresses,
             data_dir: config.server.data_dir.clone(),
+            metrics: None,
         };
         if let Some(e) = first_error {
             let _ = broker.stop();
             return Err(e);
+        }
+        if let (Some(listener), Some(slots)) = (metrics_listener, metrics_slots) {
+            match MetricsServer::start(listener, slots, config.server.data_dir.clone()) {
+                Ok(m) => {
+                    log::info!("metrics: serving http://{}/metrics", m.address());
+                    broker.metrics = Some(m);
+                }
+                Err(e) => {
+                    let _ = broker.stop();
+                    return Err(BrokerError::Executor {
+                        shard: usize::MAX,
+                        reason: format!("cannot start the metrics thread: {e}"),
+                    });
+                }
+            }
         }
         log::info!("broker ready");
         Ok(broker)
@@ -217,6 +248,11 @@ impl Broker {
         self.addresses[0]
     }
 
+    /// Where the Prometheus endpoint listens (`None` when it is off).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.address())
+    }
+
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
     }
@@ -226,8 +262,12 @@ impl Broker {
     }
 
     /// Waits until the shutdown flag is set (by a signal) and every shard has stopped.
-    pub fn wait(self) -> Result<(), BrokerError> {
-        join_all(self.handles)
+    pub fn wait(mut self) -> Result<(), BrokerError> {
+        let stopped = join_all(std::mem::take(&mut self.handles));
+        if let Some(m) = self.metrics.take() {
+            m.stop();
+        }
+        stopped
     }
 
     /// Stops accepting, lets in-flight requests finish, closes the stores, joins the shards.
@@ -284,6 +324,9 @@ pub fn run_until_signalled(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     }
     let broker = Broker::start_with_shutdown(config, shutdown).map_err(|e| e.to_string())?;
+    if let Some(a) = broker.metrics_address() {
+        eprintln!("metrics listening on {a}");
+    }
     for (i, a) in broker.addresses().iter().enumerate() {
         eprintln!("shard {i} listening on {a}");
     }
@@ -353,12 +396,15 @@ struct ShardArgs {
     ready: mpsc::Sender<(usize, Result<(), String>)>,
     /// A master whose peer did not answer at start (see `check_peer`).
     start_fenced: bool,
+    /// Where the shard publishes its metrics snapshot, unless metrics are off.
+    metrics: Option<Arc<MetricsSlots>>,
 }
 
 async fn run_shard(args: ShardArgs) -> Result<(), String> {
     let shard = args.shard;
     // SAFETY: the fd came from a listener we bound and gave up with into_raw_fd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(args.listener_fd) };
+    let listener_addr = listener.local_addr().ok();
     let (senders, receivers) = args
         .mesh
         .join()
@@ -440,6 +486,14 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     glommio::spawn_local(crate::replication::confirmed::keep_saved(repl.clone())).detach();
     let services = Rc::new(Services::new(repl.clone()));
     spawn_mesh_receivers(&services, receivers);
+    if let (Some(slots), Some(addr)) = (args.metrics.clone(), listener_addr) {
+        glommio::spawn_local(crate::server::metrics_http::publish(
+            services.clone(),
+            slots,
+            addr,
+        ))
+        .detach();
+    }
     let _ = args.ready.send((shard, Ok(())));
 
     crate::server::listener::serve(services.clone(), listener).await;

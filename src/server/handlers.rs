@@ -11,6 +11,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::broker::{admin, fetch, produce, stats, topics, Result, ServiceError, Services};
+use crate::metrics::TopicSlot;
 use crate::protocol::{ErrorCode, Frame, Request, Response};
 use crate::replication::{follower, promotion};
 use crate::shard::mesh::{MeshReply, MeshRequest};
@@ -35,19 +36,106 @@ pub async fn handle_request(s: &Rc<Services>, frame: Frame, request: Request) ->
 
 async fn route(s: &Rc<Services>, frame: Frame, request: Request) -> Result<Frame> {
     if s.shard.is_shutting_down() {
-        return Err(ServiceError::new(
-            ErrorCode::ShuttingDown,
-            "the broker is shutting down",
-        ));
+        let e = ServiceError::new(ErrorCode::ShuttingDown, "the broker is shutting down");
+        count_refusal(s, e.code);
+        if matches!(request, Request::Produce(_)) {
+            s.shard.metrics.count_produce_result(e.code.name());
+        }
+        return Err(e);
     }
     if let Some(owner) = owner(s, &request) {
         if owner != s.shard.shard {
+            // Counted by the owner, which runs this same function on the forwarded frame.
             return forward(s, owner, frame).await;
         }
     }
     let request_id = frame.request_id;
-    let (response, body) = execute(s, request, frame.body).await?;
+    let counting = Counting::before(s, &request, &frame);
+    let result = execute(s, request, frame.body).await;
+    counting.after(s, &result);
+    let (response, body) = result?;
     Ok(response.to_frame(request_id, body))
+}
+
+/// What the metrics need of a request, taken before it is handed to its service (which takes
+/// it by value): a produce or fetch of an existing topic keeps that topic's slot, so nothing
+/// is copied per request.
+enum Counting {
+    Produce {
+        topic: Option<TopicSlot>,
+        body_bytes: u64,
+    },
+    Fetch {
+        topic: Option<TopicSlot>,
+        offset: u64,
+    },
+    Other,
+}
+
+impl Counting {
+    fn before(s: &Services, request: &Request, frame: &Frame) -> Counting {
+        let slot = |topic: &str| {
+            s.shard
+                .topic(topic)
+                .map(|_| s.shard.metrics.topic_slot(topic))
+        };
+        match request {
+            Request::Produce(p) => Counting::Produce {
+                topic: slot(&p.topic),
+                body_bytes: frame.body.len() as u64,
+            },
+            Request::Fetch(f) => Counting::Fetch {
+                topic: slot(&f.topic),
+                offset: f.offset,
+            },
+            _ => Counting::Other,
+        }
+    }
+
+    fn after(self, s: &Services, result: &Result<(Response, Bytes)>) {
+        let m = &s.shard.metrics;
+        if let Err(e) = result {
+            count_refusal(s, e.code);
+        }
+        match (self, result) {
+            (Counting::Produce { topic, body_bytes }, Ok((Response::Produced(ack), _))) => {
+                m.count_produce_result(ErrorCode::Ok.name());
+                // A duplicate was stored (and counted) the first time.
+                if let (Some(slot), false) = (topic, ack.duplicate) {
+                    m.count_produced(slot, u64::from(ack.count), body_bytes);
+                }
+            }
+            (Counting::Produce { .. }, Ok(_)) => m.count_produce_result(ErrorCode::Internal.name()),
+            (Counting::Produce { .. }, Err(e)) => m.count_produce_result(e.code.name()),
+            (
+                Counting::Fetch {
+                    topic: Some(slot),
+                    offset,
+                },
+                Ok((Response::Fetched(h), body)),
+            ) => {
+                m.count_fetched(
+                    slot,
+                    h.next_offset.saturating_sub(offset),
+                    body.len() as u64,
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Answers that refuse a request to protect the broker (or because this is not the broker to
+/// write to), counted by reason.
+fn count_refusal(s: &Services, code: ErrorCode) {
+    let reason = match code {
+        ErrorCode::SystemBusy => "system_busy",
+        ErrorCode::DiskFull => "disk_full",
+        ErrorCode::NotMaster => "not_master",
+        ErrorCode::ShuttingDown => "shutting_down",
+        _ => return,
+    };
+    s.shard.metrics.count_refusal(reason);
 }
 
 /// The shard that must execute `request`, when it is not "whichever shard received it".

@@ -10,12 +10,15 @@
 //! - [`connection`]: one client connection: a short loop around the sans-io codec, pipelined
 //!   requests under an in-flight budget, responses batched into one write.
 //! - [`handlers`]: the dispatcher: decode, forward to the owning shard, call a `broker/`
-//!   service, encode.
+//!   service, encode (and count each produce and fetch in the shard's metrics).
+//! - [`metrics_http`]: the Prometheus endpoint: shards publish snapshots, a plain thread
+//!   answers `GET /metrics`, so a scrape never blocks a shard.
 
 pub mod bounds;
 pub mod connection;
 pub mod executor;
 pub mod handlers;
 pub mod listener;
+pub mod metrics_http;
 
 pub use executor::{run_until_signalled, Broker, BrokerError};

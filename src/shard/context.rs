@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::metrics::ShardMetrics;
 use crate::shard::mesh::Mesh;
 use crate::shard::router::shard_of;
 use crate::shard::topics::{TopicMeta, TopicTable};
@@ -36,6 +37,9 @@ pub struct ShardContext {
     next_queue: Cell<u32>,
     /// Open client connections, so shutdown can wait for them to drain.
     connections: Cell<usize>,
+    /// This shard's request counters (per topic, by status, refusals); published by
+    /// `server::metrics_http`.
+    pub metrics: ShardMetrics,
 }
 
 /// How often a shard looks at the shutdown flag. Shutdown is rare; 20 ms keeps it snappy
@@ -66,6 +70,7 @@ impl ShardContext {
             topic_writes: glommio::sync::Semaphore::new(1),
             next_queue: Cell::new(shard as u32),
             connections: Cell::new(0),
+            metrics: ShardMetrics::default(),
         }
     }
 

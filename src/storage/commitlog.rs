@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
-use crate::storage::counters::Counters;
+use crate::storage::counters::{Counters, FlushCycle};
 use crate::storage::error::StorageError;
 use crate::storage::recovery::RecoveredLog;
 use crate::storage::segment::{segment_path, Seg, Segment};
@@ -866,13 +866,9 @@ impl<B: StorageBackend> CommitLog<B> {
         self.st.borrow().counters
     }
 
-    /// Counts a completed flush cycle of `fsyncs` fdatasyncs that took `latency_us`.
-    pub fn note_flush_cycle(&self, fsyncs: u64, latency_us: u64) {
-        let mut st = self.st.borrow_mut();
-        st.counters.fsyncs += fsyncs;
-        st.counters.flush_cycles += 1;
-        st.counters.flush_latency_sum_us += latency_us;
-        st.counters.flush_latency_count += 1;
+    /// Counts a completed flush cycle.
+    pub fn note_flush_cycle(&self, cycle: FlushCycle) {
+        self.st.borrow_mut().counters.note_flush_cycle(cycle);
     }
 
     /// Asks the flusher for durability up to `end` (capped at the append position). Returns

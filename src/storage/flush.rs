@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::storage::backend::{BackendFile, StorageBackend};
 use crate::storage::commitlog::CommitLog;
+use crate::storage::counters::FlushCycle;
 use crate::storage::FlushMode;
 
 /// Runs the flush leader until the log is closed (everything flushed) or poisoned.
@@ -59,6 +60,7 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
         let target = log.hand_off_partial();
         // No await since `hand_off_partial`: the last record ends at or below `target`.
         let record_end = log.marks().record_end;
+        let appends_at_handoff = log.counters().appends;
         log.changed
             .wait_until(|| {
                 let m = log.marks();
@@ -72,12 +74,14 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
         // Test-only fault (`ShardStore::inject_fault`): "ack before sync". The crash drill must
         // catch it; see tests/storage_sim.rs.
         let skip = log.take_skipped_sync();
+        let sync_started = Instant::now();
         let results = if skip {
             log::error!("storage: FAULT INJECTED: skipping the fdatasync of a flush cycle");
             segs.iter().map(|_| Ok(())).collect()
         } else {
             futures::future::join_all(segs.iter().map(|s| s.file.sync())).await
         };
+        let sync_us = sync_started.elapsed().as_micros() as u64;
         let mut failed = None;
         for (s, r) in segs.iter().zip(results) {
             if let Err(e) = r {
@@ -88,7 +92,13 @@ pub(crate) async fn run_flusher<B: StorageBackend>(log: Rc<CommitLog<B>>) {
             log.poison(cause);
             break;
         }
-        log.note_flush_cycle(segs.len() as u64, started.elapsed().as_micros() as u64);
+        log.note_flush_cycle(FlushCycle {
+            fsyncs: segs.len() as u64,
+            cycle_us: started.elapsed().as_micros() as u64,
+            sync_us,
+            bytes: upto.0.saturating_sub(log.marks().durable.0),
+            appends_at_handoff,
+        });
         log.set_durable(upto, record_end);
     }
     log.changed.notify_all();

@@ -242,7 +242,7 @@ pub struct Watermarks {
 }
 
 /// Counters of one shard's storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageMetrics {
     pub appends: u64,
     pub fsyncs: u64,
@@ -253,6 +253,12 @@ pub struct StorageMetrics {
     pub unflushed_hwm_bytes: u64,
     pub flush_latency_sum_us: u64,
     pub flush_latency_count: u64,
+    /// Time the fdatasyncs of each flush cycle took, in µs.
+    pub fsync_latency_us: crate::metrics::Histogram,
+    /// Log bytes each flush cycle made durable (the group commit's size).
+    pub group_commit_bytes: crate::metrics::Histogram,
+    /// Appends each flush cycle made durable.
+    pub group_commit_records: crate::metrics::Histogram,
     pub poisoned: bool,
     /// Corrupt records quarantined by recovery at the last open (`recovery = skip-corrupt`).
     pub quarantined_records: u64,

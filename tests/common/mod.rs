@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, Consumer};
-use ringmq::config::{Config, CoreSelection};
+use ringmq::config::{Config, CoreSelection, MetricsListen};
 use ringmq::server::Broker;
 
 /// A temp dir under cargo's target dir: on the project's disk, never tmpfs.
@@ -29,6 +29,8 @@ pub fn test_config(dir: &Path) -> Config {
     let mut cfg = Config::default();
     cfg.server.data_dir = dir.to_path_buf();
     cfg.server.port = 0;
+    // Off: tests run side by side and would all want the default metrics port.
+    cfg.server.metrics_listen = MetricsListen::Off;
     cfg.server.cores = CoreSelection::Count(available_cores().min(2));
     cfg.server.partial_frame_timeout_ms = 300;
     cfg.storage.segment_bytes = 32 << 20;

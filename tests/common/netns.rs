@@ -322,6 +322,7 @@ impl NsBroker {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ringmq"), "broker"])
             .args(["--listen-host", host_ip, "--port", &port, "--cores", "1"])
+            .args(["--metrics-listen", "off"])
             .args(["--segment-bytes", "33554432", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)

@@ -1,0 +1,217 @@
+//! A shard's metrics as Prometheus families, read on the shard's own thread.
+//!
+//! Everything here is a copy of counters that already exist: the store's
+//! ([`crate::storage::StorageMetrics`]: appends, fsyncs, unflushed bytes, the fsync latency and
+//! group-commit histograms), the shard's stats ([`super::stats::local_shard_stats`]: watermarks,
+//! connections, the replica tracker's lag and link) and the shard's request counters
+//! ([`crate::metrics::ShardMetrics`]). Nothing is counted twice. `server::metrics_http`
+//! publishes the result for the HTTP thread and adds what only the node knows (disk, segment
+//! files, the oldest message).
+
+use crate::broker::stats::local_shard_stats;
+use crate::broker::Services;
+use crate::metrics::Family;
+use crate::protocol::ReplicaStats;
+
+/// The families of this shard, every sample labelled `shard`. `refusals` are refusals counted
+/// outside the services (by the connections: the shard budget, partial-frame timeouts).
+pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Family> {
+    let ctx = &s.shard;
+    let shard = ctx.shard.to_string();
+    let sh: &[(&'static str, &str)] = &[("shard", &shard)];
+    let st = local_shard_stats(s);
+    let m = ctx.store().metrics();
+    let w = ctx.store().watermarks();
+    let r = &st.replication;
+    let mut out = Vec::with_capacity(40);
+
+    let mut produced_msgs = Family::counter(
+        "ringmq_produced_messages_total",
+        "Messages stored by produce requests, per topic (idempotent retries not counted again).",
+    );
+    let mut produced_bytes = Family::counter(
+        "ringmq_produced_bytes_total",
+        "Message batch bytes stored by produce requests, per topic.",
+    );
+    let mut fetched_msgs = Family::counter(
+        "ringmq_fetched_messages_total",
+        "Messages at or after the requested offset returned by fetch requests, per topic.",
+    );
+    let mut fetched_bytes = Family::counter(
+        "ringmq_fetched_bytes_total",
+        "Record bytes returned by fetch requests, per topic.",
+    );
+    for (topic, c) in ctx.metrics.topics() {
+        let l: &[(&'static str, &str)] = &[("shard", &shard), ("topic", &topic)];
+        produced_msgs.push(l, c.produced_messages as f64);
+        produced_bytes.push(l, c.produced_bytes as f64);
+        fetched_msgs.push(l, c.fetched_messages as f64);
+        fetched_bytes.push(l, c.fetched_bytes as f64);
+    }
+    out.extend([produced_msgs, produced_bytes, fetched_msgs, fetched_bytes]);
+
+    let mut results = Family::counter(
+        "ringmq_produce_requests_total",
+        "Produce requests answered, by status code name (OK is success).",
+    );
+    for (code, n) in ctx.metrics.produce_results() {
+        results.push(&[("shard", &shard), ("code", code)], n as f64);
+    }
+    out.push(results);
+    let mut refused = Family::counter(
+        "ringmq_refused_requests_total",
+        "Requests refused to protect the broker, by reason (shard_budget = SYSTEM_BUSY from the \
+         shard's in-flight byte budget).",
+    );
+    for (reason, n) in refusals.iter().copied().chain(ctx.metrics.refusals()) {
+        refused.push(&[("shard", &shard), ("reason", reason)], n as f64);
+    }
+    out.push(refused);
+
+    out.push(
+        Family::gauge(
+            "ringmq_unflushed_bytes",
+            "Log bytes appended but not yet made durable by an fdatasync (what a crash may lose \
+             under ASYNC_FLUSH).",
+        )
+        .with(sh, m.unflushed_bytes as f64),
+    );
+    out.push(
+        Family::gauge(
+            "ringmq_unflushed_bytes_max",
+            "The most unflushed log bytes seen since the shard opened its store.",
+        )
+        .with(sh, m.unflushed_hwm_bytes as f64),
+    );
+    let mut marks = Family::gauge(
+        "ringmq_log_position_bytes",
+        "The shard's CommitLog watermarks: appended >= written >= durable >= visible.",
+    );
+    for (mark, v) in [
+        ("appended", w.appended.0),
+        ("written", w.written.0),
+        ("durable", w.durable.0),
+        ("visible", w.visible.0),
+    ] {
+        marks.push(&[("shard", &shard), ("mark", mark)], v as f64);
+    }
+    out.push(marks);
+    out.push(
+        Family::counter("ringmq_appends_total", "Records appended to the CommitLog.")
+            .with(sh, m.appends as f64),
+    );
+    out.push(
+        Family::counter(
+            "ringmq_log_written_bytes_total",
+            "Bytes written to CommitLog segments (aligned blocks, partial tail rewrites included).",
+        )
+        .with(sh, m.written_bytes as f64),
+    );
+    out.push(
+        Family::counter(
+            "ringmq_fsyncs_total",
+            "fdatasync calls on CommitLog segments.",
+        )
+        .with(sh, m.fsyncs as f64),
+    );
+    out.push(
+        Family::counter(
+            "ringmq_flush_cycles_total",
+            "Flush cycles (group commits) completed by the shard's flush leader.",
+        )
+        .with(sh, m.flush_cycles as f64),
+    );
+    let mut fsync = Family::histogram(
+        "ringmq_fsync_duration_seconds",
+        "Time the fdatasyncs of one flush cycle took.",
+    );
+    fsync.push_histogram(sh, &m.fsync_latency_us, 1e6);
+    out.push(fsync);
+    let mut gc_bytes = Family::histogram(
+        "ringmq_group_commit_bytes",
+        "Log bytes one flush cycle (one group commit) made durable.",
+    );
+    gc_bytes.push_histogram(sh, &m.group_commit_bytes, 1.0);
+    out.push(gc_bytes);
+    let mut gc_records = Family::histogram(
+        "ringmq_group_commit_records",
+        "Records one flush cycle (one group commit) made durable: acks per fsync.",
+    );
+    gc_records.push_histogram(sh, &m.group_commit_records, 1.0);
+    out.push(gc_records);
+    out.push(
+        Family::gauge(
+            "ringmq_storage_poisoned",
+            "1 when a write or fdatasync failed and the shard's log refuses writes.",
+        )
+        .with(sh, if m.poisoned { 1.0 } else { 0.0 }),
+    );
+    out.push(
+        Family::counter(
+            "ringmq_checkpoints_total",
+            "Durable checkpoints written since the store opened.",
+        )
+        .with(sh, m.checkpoints as f64),
+    );
+    out.push(
+        Family::gauge(
+            "ringmq_quarantined_records",
+            "Corrupt records quarantined by recovery at the last open (skip-corrupt).",
+        )
+        .with(sh, m.quarantined_records as f64),
+    );
+    out.push(
+        Family::gauge("ringmq_connections", "Open client connections.")
+            .with(sh, st.connections as f64),
+    );
+
+    out.extend(replication_families(&shard, r));
+    out
+}
+
+fn replication_families(shard: &str, r: &ReplicaStats) -> Vec<Family> {
+    let sh: &[(&'static str, &str)] = &[("shard", shard)];
+    let mut role = Family::gauge(
+        "ringmq_replication_role",
+        "1 for the shard's current role (master or slave).",
+    );
+    for name in ["master", "slave"] {
+        let on = r.role_name() == name;
+        role.push(&[("shard", shard), ("role", name)], on as u8 as f64);
+    }
+    let mut link = Family::gauge(
+        "ringmq_replica_link_state",
+        "1 for the replication link's current state (none, connecting, streaming).",
+    );
+    for name in ["none", "connecting", "streaming"] {
+        let on = r.link_name() == name;
+        link.push(&[("shard", shard), ("state", name)], on as u8 as f64);
+    }
+    vec![
+        role,
+        link,
+        Family::gauge(
+            "ringmq_replica_lag_bytes",
+            "Master: log bytes its slave has not acknowledged receiving. Slave: what it lacks \
+             of the master's log end.",
+        )
+        .with(sh, r.lag_bytes as f64),
+        Family::gauge(
+            "ringmq_replica_lag_seconds",
+            "Age of the oldest log byte the slave lacks (0 when caught up).",
+        )
+        .with(sh, r.lag_ms as f64 / 1000.0),
+        Family::gauge(
+            "ringmq_replica_catchup_bytes_per_second",
+            "Replication stream rate over the last window.",
+        )
+        .with(sh, r.catchup_bytes_per_sec as f64),
+        Family::counter(
+            "ringmq_replica_connects_total",
+            "Times the replication link (re)connected.",
+        )
+        .with(sh, r.connects as f64),
+        Family::gauge("ringmq_replication_epoch", "The shard's current epoch.")
+            .with(sh, r.epoch as f64),
+    ]
+}
