@@ -72,6 +72,9 @@ section_args! {
         /// Bytes per connection held by requests in flight and responses not yet written (a
         /// client that does not read stops being read) [default: 67108864]
         max_inflight_bytes_per_connection: u64,
+        /// Bytes all connections of a shard may make it hold together; past it a produce gets
+        /// SYSTEM_BUSY (retriable) and other requests wait [default: 134217728]
+        shard_inflight_bytes: u64,
         /// Close a connection that leaves a frame half-sent this long [default: 10000]
         partial_frame_timeout_ms: u64,
         /// io_uring registered memory per shard, 0 = glommio default [default: 0]

@@ -203,11 +203,11 @@ fn a_trickled_frame_is_closed_at_its_deadline_although_bytes_keep_arriving() {
 
 #[test]
 fn many_clients_that_never_read_hold_at_most_the_shard_budget_and_a_producer_still_gets_acks() {
-    use ringmq::server::bounds::SHARD_INFLIGHT_BYTES_MAX;
     // One shard, so the producer below talks to the shard the non-readers fill.
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
     cfg.server.cores = ringmq::config::CoreSelection::Count(1);
+    let shard_budget = cfg.server.shard_inflight_bytes;
     let b = TestBroker::start_with(cfg, tmp);
     topic_with(&b, 8);
     // Each connection may hold 64 MiB (7 fetches of 8 MiB): 24 of them would hold ~1.3 GiB
@@ -251,8 +251,8 @@ fn many_clients_that_never_read_hold_at_most_the_shard_budget_and_a_producer_sti
     }
     let st = stats(&b.addr());
     assert!(
-        st.outbox_total_bytes_max <= SHARD_INFLIGHT_BYTES_MAX,
-        "the shard held {} unread response bytes; its budget is {SHARD_INFLIGHT_BYTES_MAX}: {st:?}",
+        st.outbox_total_bytes_max <= shard_budget,
+        "the shard held {} unread response bytes; its budget is {shard_budget}: {st:?}",
         st.outbox_total_bytes_max
     );
     assert!(
@@ -260,4 +260,75 @@ fn many_clients_that_never_read_hold_at_most_the_shard_budget_and_a_producer_sti
         "the shard budget was never reached: {st:?}"
     );
     drop(conns);
+}
+
+/// Issue 11: a produce past the shard's in-flight budget is answered SYSTEM_BUSY, and the
+/// producer's retries (backoff, idempotent re-send) get every message stored exactly once.
+/// The budget is set to its minimum (one max-size request) so that 8 producers with 7 MiB
+/// messages in flight together exceed it.
+#[test]
+fn a_produce_refused_as_system_busy_is_retried_and_stored_once() {
+    let tmp = data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.server.cores = ringmq::config::CoreSelection::Count(1);
+    cfg.server.shard_inflight_bytes = u64::from(MAX_BODY_BYTES);
+    let b = TestBroker::start_with(cfg, tmp);
+    b.create_topic("t", 1);
+    const PRODUCERS: usize = 8;
+    const SENDS: usize = 4;
+    let addr = b.addr();
+    let threads: Vec<_> = (0..PRODUCERS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let p = Producer::connect(&addr).unwrap();
+                for k in 0..SENDS {
+                    let mut body = vec![b'0' + i as u8; 7 * MIB];
+                    body[..2].copy_from_slice(&[i as u8, k as u8]);
+                    p.send("t", QueueSelector::Queue(0), &Message::new(body))
+                        .expect("a SYSTEM_BUSY produce must be retried until stored");
+                }
+            })
+        })
+        .collect();
+    // A deadline, so that a broker that stops reading fails the test instead of hanging it
+    // (it did: idle readers' buffer capacity held the whole budget).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for t in threads {
+        while !t.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "producers stuck: {:?}",
+                stats(&addr)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.join().unwrap();
+    }
+    let refused = stats(&addr).shard_busy_refusals;
+    assert!(
+        refused > 0,
+        "the produces never exceeded the shard budget, so nothing was tested"
+    );
+    // Every message once: read them all back.
+    let c = Consumer::connect(&addr).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut offset = 0;
+    while seen.len() < PRODUCERS * SENDS {
+        let batch = c.fetch("t", 0, offset, Duration::from_secs(1)).unwrap();
+        assert!(
+            !batch.messages.is_empty(),
+            "only {} of the messages stored",
+            seen.len()
+        );
+        for m in &batch.messages {
+            assert!(
+                seen.insert((m.payload[0], m.payload[1])),
+                "message {:?} stored twice",
+                &m.payload[..2]
+            );
+        }
+        offset = batch.next_offset;
+    }
+    eprintln!("SYSTEM_BUSY refusals: {refused}");
 }

@@ -240,6 +240,12 @@ pub struct ServerConfig {
     /// responses not yet written to its socket (each charged for its largest size before it
     /// is handled). When spent, the broker stops reading that connection. Default 64 MiB.
     pub max_inflight_bytes_per_connection: u64,
+    /// Bytes all connections of one shard may make it hold together (request bodies, frames
+    /// being read, responses until written). Past it a produce gets SYSTEM_BUSY (retriable;
+    /// the client backs off and re-sends) and other requests wait; the last quarter is kept
+    /// for produce. At least one max-size request. Default 134217728 (128 MiB: under a wire
+    /// fuzzer the broker's peak RSS fell from 924 to 247 MiB with it).
+    pub shard_inflight_bytes: u64,
     /// A frame must arrive whole within this long of its first byte, or the connection is
     /// closed (a stalled or trickling client must not pin buffers forever; bytes arriving do
     /// not restart the clock). Idle connections between frames are kept. Default 10000.
@@ -265,6 +271,7 @@ impl Default for ServerConfig {
             cores: CoreSelection::All,
             max_inflight_requests_per_connection: 4096,
             max_inflight_bytes_per_connection: 64 << 20,
+            shard_inflight_bytes: 128 << 20,
             partial_frame_timeout_ms: 10_000,
             allow_non_direct_io: false,
             io_memory_bytes: 0,
@@ -288,6 +295,13 @@ impl ServerConfig {
         }
         if self.max_inflight_requests_per_connection == 0 {
             problems.push("max_inflight_requests_per_connection must be at least 1".to_string());
+        }
+        if self.shard_inflight_bytes < crate::protocol::MAX_BODY_BYTES as u64 {
+            problems.push(format!(
+                "shard_inflight_bytes is {} but must hold one max-size request ({} bytes)",
+                self.shard_inflight_bytes,
+                crate::protocol::MAX_BODY_BYTES
+            ));
         }
         if self.max_inflight_bytes_per_connection < crate::protocol::MAX_BODY_BYTES as u64 {
             problems.push(format!(

@@ -15,11 +15,17 @@
 //! [`PARTIAL_FRAME_RESERVE_BYTES`](crate::protocol::limits::PARTIAL_FRAME_RESERVE_BYTES)) and
 //! the whole frame has one deadline, so a trickling client cannot pin a large buffer either.
 //!
-//! All connections of one shard also share one [`ShardBudget`] ([`SHARD_INFLIGHT_BYTES_MAX`]):
+//! All connections of one shard also share one [`ShardBudget`] (`shard_inflight_bytes`,
+//! default 128 MiB: without it each of hundreds of connections could hold its own 64 MiB;
+//! under the wire fuzzer, 256 connections that never read, the broker's peak RSS was
+//! ~0.9–1.6 GB, 460 MiB with a 256 MiB shard budget and 250 MiB with 128 MiB, which is 8
+//! max-size frames or ~50 ms of the disk's sequential write rate):
 //! every charge to a connection's budget is charged to it too, and so are the connections'
 //! read buffers. Past it, a produce is answered SYSTEM_BUSY (retriable) at once, without
 //! waiting, and any other request waits (its reader stops) until the shard's charge is below
-//! [`SHARD_NON_PRODUCE_BYTES_MAX`]; a reader between frames waits before it reads a new one.
+//! [`ShardBudget::non_produce_limit`] (three quarters: the last quarter is kept for produce
+//! requests, so clients that never read their fetch answers cannot starve producers); a
+//! reader between frames waits before it reads a new one.
 //! A reader in the middle of a frame always reads on, so every frame can be finished (or is
 //! cut off by its deadline): nothing waits for something that itself waits.
 //!
@@ -40,20 +46,6 @@ use crate::protocol::limits::{
     MAX_ERROR_MESSAGE_BYTES, MAX_FETCH_BYTES, MAX_HEADER_BYTES, PREAMBLE_BYTES,
 };
 use crate::protocol::Request;
-
-/// Bytes all connections of one shard may make it hold at once: request bodies and frames
-/// being read, and responses (reserved, then encoded) until written. Without it each of
-/// hundreds of connections could hold its own 64 MiB budget: under the wire fuzzer (256
-/// connections that never read) the broker's peak RSS was ~0.9–1.6 GB, and 460 MiB with a
-/// 256 MiB shard budget; 128 MiB gave 250 MiB. 128 MiB is 8 max-size frames, or ~50 ms of the
-/// disk's sequential write rate: far more than one core's produce pipeline needs in flight.
-pub const SHARD_INFLIGHT_BYTES_MAX: u64 = 128 << 20;
-
-/// The part of [`SHARD_INFLIGHT_BYTES_MAX`] that requests other than produce (fetches,
-/// listings) and new frames may fill before their readers wait. The last quarter is kept for
-/// produce requests, so clients that never read their fetch answers cannot starve producers:
-/// a produce is refused (SYSTEM_BUSY) only when the whole budget is spent.
-pub const SHARD_NON_PRODUCE_BYTES_MAX: u64 = SHARD_INFLIGHT_BYTES_MAX / 4 * 3;
 
 /// Room kept for a response that carries a small fixed header or an error message: the
 /// preamble, an error text at its limit, and a margin for the few fixed fields of an ack.
@@ -184,6 +176,12 @@ impl ShardBudget {
 
     pub fn max(&self) -> u64 {
         self.max
+    }
+
+    /// What requests other than produce (fetches, listings) and new frames may fill before
+    /// their readers wait: three quarters of the budget, the rest is kept for produce.
+    pub fn non_produce_limit(&self) -> u64 {
+        self.max / 4 * 3
     }
 
     pub fn used(&self) -> u64 {

@@ -223,7 +223,7 @@ impl Conn<'_> {
     /// Between frames: waits until the shard has room for new frames. Never inside a frame,
     /// so a frame being read can always be finished.
     async fn wait_for_shard_room(&self, bytes: u64) -> Result<(), Closed> {
-        let limit = bounds::SHARD_NON_PRODUCE_BYTES_MAX;
+        let limit = self.shard.non_produce_limit();
         if self.shard.has_room(bytes, limit) {
             return Ok(());
         }
@@ -295,6 +295,14 @@ impl Conn<'_> {
                 return Err(Closed::PeerGone);
             }
             if buf.is_empty() {
+                // An empty buffer that grew for a large frame gives its capacity back before
+                // waiting: charged to the shard, the capacities of idle readers could fill
+                // the budget by themselves, and then every reader would wait for the others
+                // (seen: 8 producers of 7 MiB messages under a 16 MiB budget stopped forever).
+                if buf.capacity() > READ_CHUNK_BYTES {
+                    *buf = BytesMut::new();
+                    self.charge_read_buffer(buf);
+                }
                 self.wait_for_shard_room(0).await?;
             }
             let n = self.read(reader, &mut chunk, frame_deadline).await?;
@@ -349,7 +357,7 @@ impl Conn<'_> {
     /// Whether the shard's budget takes `reserved` bytes for this request. A produce never
     /// waits: past the whole budget it is answered SYSTEM_BUSY (retriable; the producer backs
     /// off and re-sends) and dropped. Anything else waits while the shard is past
-    /// [`bounds::SHARD_NON_PRODUCE_BYTES_MAX`], which keeps the rest for produce requests.
+    /// [`bounds::ShardBudget::non_produce_limit`], which keeps the rest for produce requests.
     async fn shard_admits(
         &self,
         frame: &Frame,

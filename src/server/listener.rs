@@ -27,7 +27,7 @@ pub async fn serve(services: Rc<Services>, listener: TcpListener) {
     let mut closed_for_fence = false;
     // One listener per shard: its connections share the shard's in-flight byte budget.
     let shard_budget = Rc::new(bounds::ShardBudget::new(
-        bounds::SHARD_INFLIGHT_BYTES_MAX,
+        ctx.config.server.shard_inflight_bytes,
         stats.clone(),
     ));
     loop {
