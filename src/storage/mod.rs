@@ -20,7 +20,9 @@
 //!   entries, persisted lazily behind the durable log), `key_index` (message key -> log
 //!   positions) and `producer` (the idempotent producer sequence table).
 //! - `append_order`: appends keep their arrival order across the wait for room in the log.
-//! - [`checkpoint`]: the durable checkpoint (how far the log was durable), written lazily.
+//! - [`checkpoint`]: the durable checkpoint (how far the log was durable, and the write
+//!   reservation past which nothing was written), written lazily.
+//! - `index::snapshot`: the index snapshot a restart starts from (scans only what follows it).
 //! - [`recovery`]: the recovery decision table, one test per row; quarantine of corrupt records.
 //! - [`ShardStore`] (`store`): the API the server calls.
 //! - `stream` (with `tail_feed`): the log as a stream of raw records, for replication.

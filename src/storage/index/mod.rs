@@ -6,6 +6,9 @@
 //!   behind the durable log.
 //! - `key_index`: message key -> log positions (in memory, rebuilt at open).
 //! - `producer`: the idempotent producer sequence table (rebuilt from record headers at open).
+//! - `snapshot`: what the consume queues and producer windows held at a checkpointed position,
+//!   so that a restart reads it and scans only the log after it (the key index is rebuilt in
+//!   the background).
 //!
 //! The indexes read keys and tags from a record's body with the one batch parser,
 //! [`crate::format::batch::BatchIter`]. Storage keeps a body as the producer sent it; a body
