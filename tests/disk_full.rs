@@ -239,7 +239,15 @@ fn a_broker_process_that_hit_enospc_exits_0_on_sigterm() {
     };
     let data = fs.mount.join("data");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
-        .args(["broker", "--port", "0", "--cores", "1"])
+        .args([
+            "broker",
+            "--port",
+            "0",
+            "--cores",
+            "1",
+            "--metrics-listen",
+            "off",
+        ])
         .args(["--segment-bytes", &SEGMENT_BYTES.to_string()])
         .args(["--disk-reject-ratio", "1.0"])
         .arg("--data-dir")
@@ -256,7 +264,7 @@ fn a_broker_process_that_hit_enospc_exits_0_on_sigterm() {
             .lines()
             .map_while(Result::ok)
         {
-            if let Some(addr) = line.split("listening on ").nth(1) {
+            if let Some(addr) = line.strip_prefix("shard 0 listening on ") {
                 let _ = tx.send(addr.trim().to_string());
             }
             eprintln!("broker: {line}");

@@ -181,6 +181,8 @@ fn start_broker(args: &DrillArgs, dir: &Path, data: &Path) -> Result<SlaveProces
             port: 0,
             cores: CoreSelection::Count(args.broker_cores),
             io_memory_bytes: crate::runner::io_memory_bytes(),
+            // A bench broker must not take the default metrics port from a running broker.
+            metrics_listen: ringmq::config::MetricsListen::Off,
             ..ServerConfig::default()
         },
         storage: StorageConfig {
