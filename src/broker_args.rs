@@ -115,6 +115,9 @@ section_args! {
         /// Refuse produces (DISK_FULL) while the data dir's file system is used above this
         /// fraction, 0.05..=1.0 [default: 0.9]
         disk_reject_ratio: f64,
+        /// Delete sealed segments last written more than this many hours ago, 0 = keep all
+        /// [default: 72]
+        retention_hours: u64,
         /// Start from the index snapshot and check older records in the background (true), or
         /// scan and check the whole log before serving (false) [default: true]
         index_snapshot: bool,

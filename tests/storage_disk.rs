@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use glommio::io::OpenOptions;
 use ringmq::format::record::RecordIter;
@@ -328,6 +328,77 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
             .unwrap();
         let r = RecordIter::new(&b.records).next().unwrap().unwrap();
         assert_eq!(r.header.base_queue_offset, hit_off + 1);
+        s.close().await.unwrap();
+    });
+}
+
+/// Issue 14, retention by age on the real disk: the sealed segments last written more than
+/// `retention_hours` ago are deleted oldest first (here the first two, their modification time
+/// set back by 100 h), never a younger one after them nor the active one; a read below the
+/// oldest kept offset gets OFFSET_OUT_OF_RANGE naming it; everything kept reads back, also
+/// after a restart from the index snapshot.
+#[test]
+fn retention_deletes_only_the_expired_prefix_of_sealed_segments() {
+    let dir = data_dir();
+    let path = dir.path().join("shard-0");
+    on_executor(move || async move {
+        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        let expect = append_many(&s, 1, 60, 8).await; // ~5 MiB: several 1 MiB segments
+        let segs = |p: &std::path::Path| {
+            let mut v: Vec<_> = std::fs::read_dir(p.join("commitlog"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .chars()
+                        .all(|c| c.is_ascii_digit())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let before = segs(&path);
+        assert!(before.len() >= 5, "{before:?}");
+        let old = SystemTime::now() - Duration::from_secs(100 * 3600);
+        // Segments 0 and 1 expired; segment 3 too, but segment 2 is young, so 3 must stay.
+        for i in [0, 1, 3] {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&before[i])
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
+        let removed = s.drop_expired_segments(SystemTime::now()).unwrap();
+        assert_eq!(removed, 2);
+        let after = segs(&path);
+        assert_eq!(after, before[2..].to_vec());
+        let st = s.queue_stats("disk", 0);
+        assert!(st.min_offset.0 > 0, "{st:?}");
+        let e = s.read("disk", 0, QueueOffset(0), 1).await.unwrap_err();
+        assert!(e.to_string().contains(&st.min_offset.0.to_string()), "{e}");
+        let mins: Vec<u64> = (0..8)
+            .map(|q| s.queue_stats("disk", q).min_offset.0)
+            .collect();
+        let kept: Vec<_> = expect
+            .iter()
+            .copied()
+            .filter(|&(q, off, _)| off >= mins[q as usize])
+            .collect();
+        assert!(kept.len() < expect.len() && !kept.is_empty());
+        check_all(&s, &kept).await;
+        s.close().await.unwrap();
+        drop(s);
+        let (s, rep) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        assert!(rep.from_snapshot, "{rep}");
+        check_all(&s, &kept).await;
+        assert_eq!(s.queue_stats("disk", 0).min_offset, st.min_offset);
         s.close().await.unwrap();
     });
 }

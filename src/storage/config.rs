@@ -62,6 +62,11 @@ pub struct StorageConfig {
     /// [`DISK_REJECT_RATIO_MIN`]`..=1.0`; 1.0 leaves only the device's own ENOSPC. Default
     /// 0.90 (RocketMQ's).
     pub disk_reject_ratio: f64,
+    /// Sealed segments whose last write (file modification time) is older than this many
+    /// hours are deleted, oldest first, checked every minute (RocketMQ's fileReservedTime).
+    /// Deletes only whole sealed segments, never the active one; consumers and replicas behind
+    /// the oldest kept offset then start at it. 0 keeps everything. Default 72.
+    pub retention_hours: u64,
     /// Start from the index snapshot when one fits (default `true`): the open reads the
     /// consume-queue files and scans only the log written after the snapshot; the records
     /// before it are checked in the background while the shard serves (a corrupt one is then
@@ -83,6 +88,7 @@ impl Default for StorageConfig {
             max_record_bytes: 8 << 20,
             recovery: RecoveryMode::Strict,
             disk_reject_ratio: DISK_REJECT_RATIO_DEFAULT,
+            retention_hours: 72,
             index_snapshot: true,
         }
     }

@@ -245,6 +245,18 @@ impl<B: StorageBackend> ShardStore<B> {
                 StorageError::io("remove index snapshot", dir.join(SNAPSHOT_FILE), e)
             })?;
         }
+        if inner.log.cfg.retention_hours > 0 {
+            let weak = Rc::downgrade(&inner);
+            glommio::spawn_local_into(run_retention(weak), background_queue())
+                .map_err(|e| {
+                    StorageError::io(
+                        "spawn the retention task",
+                        dir,
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?
+                .detach();
+        }
         if let Some(p) = start.map(|s| s.position).filter(|_| !unchecked.is_empty()) {
             glommio::spawn_local_into(
                 run_background_check(weak, unchecked, p, inner.checkpoint.position()),
@@ -589,6 +601,37 @@ impl<B: StorageBackend> ShardStore<B> {
             idx.keys.prune_below(first_kept);
         }
         Ok(victims.len() as u64)
+    }
+
+    /// Retention by age: deletes the oldest sealed segments whose file was last modified more
+    /// than `retention_hours` before `now` (a prefix of the log only: it stops at the first
+    /// segment still young). Returns how many were removed. Reads file metadata with `std::fs`
+    /// (a few stat calls, once a minute from the retention task).
+    pub fn drop_expired_segments(&self, now: SystemTime) -> Result<u64, StorageError> {
+        let hours = self.inner.log.cfg.retention_hours;
+        if hours == 0 {
+            return Ok(0);
+        }
+        let keep = Duration::from_secs(hours * 3600);
+        let log = &self.inner.log;
+        let mut through = None;
+        for seg in log.sealed_segments_before(LogPosition(u64::MAX)) {
+            let modified = std::fs::metadata(&seg.path)
+                .and_then(|m| m.modified())
+                .map_err(|e| StorageError::io("stat segment", &seg.path, e))?;
+            if now.duration_since(modified).unwrap_or_default() <= keep {
+                break;
+            }
+            through = Some(seg.end());
+        }
+        let Some(end) = through else { return Ok(0) };
+        let n = self.drop_segments_before(LogPosition(end))?;
+        log::info!(
+            "storage: retention: removed {n} segments of {} last written more than {hours} h ago \
+             (the log now starts at {end})",
+            self.inner.dir.display()
+        );
+        Ok(n)
     }
 
     /// Flushes everything, stops the flusher and persists the indexes.
@@ -959,6 +1002,25 @@ fn restore_snapshot<B: StorageBackend>(
         dir.display()
     );
     None
+}
+
+/// How often the retention task looks at segment ages.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Retention by age, once a minute while the store is open (see
+/// [`ShardStore::drop_expired_segments`]). A failure is logged and tried again next time.
+async fn run_retention<B: StorageBackend>(inner: Weak<Inner<B>>) {
+    loop {
+        glommio::timer::sleep(RETENTION_CHECK_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.log.marks().stopped() {
+            return;
+        }
+        let store = ShardStore { inner };
+        if let Err(e) = store.drop_expired_segments(SystemTime::now()) {
+            log::warn!("storage: retention: {e}");
+        }
+    }
 }
 
 /// A low-share task queue for background work (the check, snapshots), so that it never
