@@ -45,9 +45,10 @@ time_to_answer() {
   ANSWERED=$(echo "$t1 - $t0" | bc)
 }
 
+LOAD_ARGS=(run --broker "$ADDR" --producers 2 --queues 4 --message-bytes 1024 --batch 32
+  --send-mode async --warmup-secs 0 --topic restart)
 load() { # $1 = messages
-  "$BIN/ringmq-bench" run --broker "$ADDR" --producers 2 --queues 4 --message-bytes 1024 \
-    --batch 32 --send-mode async --warmup-secs 0 --messages "$1" --topic restart >/dev/null 2>&1
+  "$BIN/ringmq-bench" "${LOAD_ARGS[@]}" --messages "$1" >/dev/null 2>&1
 }
 
 echo "== filling $GB GB"
@@ -61,9 +62,7 @@ for r in $(seq 1 "$ROUNDS"); do
   time_to_answer
   echo "round $r clean stop -> answers after $ANSWERED s"
   # Under load, then SIGKILL. (The bench is started directly, so that $! is its PID.)
-  "$BIN/ringmq-bench" run --broker "$ADDR" --producers 2 --queues 4 --message-bytes 1024 \
-    --batch 32 --send-mode async --warmup-secs 0 --duration-secs 60 --topic restart \
-    >/dev/null 2>&1 &
+  "$BIN/ringmq-bench" "${LOAD_ARGS[@]}" --duration-secs 60 >/dev/null 2>&1 &
   LOAD=$!
   sleep 3
   kill -9 "$BROKER"; wait "$BROKER" 2>/dev/null || true

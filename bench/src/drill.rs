@@ -31,7 +31,7 @@ use clap::{Args, ValueEnum};
 use crate::drill_load::{Load, LoadOptions};
 use crate::runner::error_kind;
 use ringmq::client::{Admin, Consumer};
-use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
+use ringmq::config::{Config, StorageConfig};
 use ringmq::replication::{ReplicaAck, ReplicationMode};
 use ringmq::storage::config::SEGMENT_BYTES_MIN;
 use ringmq::storage::FlushMode;
@@ -338,16 +338,11 @@ pub fn audit(
 /// A broker process on the drill's data dir.
 fn start_broker(args: &DrillArgs, dir: &Path) -> Result<SlaveProcess, String> {
     let config = Config {
-        server: ServerConfig {
-            data_dir: dir.join("data"),
-            listen_host: "127.0.0.1".to_string(),
-            port: 0,
-            cores: CoreSelection::Count(args.broker_cores),
-            io_memory_bytes: crate::runner::io_memory_bytes(),
-            // Brokers of a bench run side by side (master and slave): no metrics port.
-            metrics_listen: ringmq::config::MetricsListen::Off,
-            ..ServerConfig::default()
-        },
+        server: crate::runner::bench_server_config(
+            &dir.join("data"),
+            "127.0.0.1",
+            args.broker_cores,
+        ),
         storage: StorageConfig {
             flush_mode: args.flush_mode,
             flush_interval_ms: args.flush_interval_ms,

@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringmq::client::Admin;
-use ringmq::config::{Config, CoreSelection, ServerConfig, StorageConfig};
+use ringmq::config::{Config, StorageConfig};
 use ringmq::storage::space::fs_space;
 use ringmq::storage::FlushMode;
 
@@ -175,16 +175,7 @@ impl Drop for LoopFs {
 
 fn start_broker(args: &DrillArgs, dir: &Path, data: &Path) -> Result<SlaveProcess, String> {
     let config = Config {
-        server: ServerConfig {
-            data_dir: data.to_path_buf(),
-            listen_host: "127.0.0.1".to_string(),
-            port: 0,
-            cores: CoreSelection::Count(args.broker_cores),
-            io_memory_bytes: crate::runner::io_memory_bytes(),
-            // A bench broker must not take the default metrics port from a running broker.
-            metrics_listen: ringmq::config::MetricsListen::Off,
-            ..ServerConfig::default()
-        },
+        server: crate::runner::bench_server_config(data, "127.0.0.1", args.broker_cores),
         storage: StorageConfig {
             flush_mode: args.flush_mode,
             flush_interval_ms: args.flush_interval_ms,

@@ -36,14 +36,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ringmq::client::{Admin, ClientError, Durability};
-use ringmq::config::{Config, CoreSelection, ReplicationConfig, ServerConfig, StorageConfig};
+use ringmq::config::{Config, ReplicationConfig, StorageConfig};
 use ringmq::protocol::ReplicaStats;
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
 
 use crate::broker_stats::ReplicationWatch;
 use crate::drill::{self, payload, DrillArgs, Rng, Verdict, FIRST_ACK_TIMEOUT, TOPIC};
 use crate::drill_load::{Load, LoadOptions};
-use crate::runner::{error_kind, io_memory_bytes};
+use crate::runner::error_kind;
 use crate::slave::{Netns, SlaveHost, SlaveProcess};
 
 /// How long the slave may take, after the heal and the end of the load, to reconnect and
@@ -357,17 +357,8 @@ fn broker_config(
     replication: ReplicationConfig,
 ) -> Config {
     Config {
-        server: ServerConfig {
-            data_dir: data_dir.to_path_buf(),
-            listen_host: listen_host.to_string(),
-            port: 0,
-            // The process is confined to one core before it starts.
-            cores: CoreSelection::Count(1),
-            io_memory_bytes: io_memory_bytes(),
-            // Brokers of a bench run side by side (master and slave): no metrics port.
-            metrics_listen: ringmq::config::MetricsListen::Off,
-            ..ServerConfig::default()
-        },
+        // The process is confined to one core before it starts.
+        server: crate::runner::bench_server_config(data_dir, listen_host, 1),
         storage: StorageConfig {
             flush_mode: args.flush_mode,
             flush_interval_ms: args.flush_interval_ms,

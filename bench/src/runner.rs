@@ -111,6 +111,20 @@ pub fn io_memory_bytes() -> u64 {
     }
 }
 
+/// The `[server]` section of a broker process the bench starts: free ports, `cores` shards,
+/// and no metrics port (brokers of a bench run side by side, also next to a real broker).
+pub fn bench_server_config(data_dir: &Path, listen_host: &str, cores: usize) -> ServerConfig {
+    ServerConfig {
+        data_dir: data_dir.to_path_buf(),
+        listen_host: listen_host.to_string(),
+        port: 0,
+        cores: CoreSelection::Count(cores),
+        io_memory_bytes: io_memory_bytes(),
+        metrics_listen: ringmq::config::MetricsListen::Off,
+        ..ServerConfig::default()
+    }
+}
+
 /// The `[storage]` section of a mode's brokers (master and slave alike).
 fn storage_config(mode: Mode, w: &Workload) -> StorageConfig {
     StorageConfig {

@@ -91,6 +91,17 @@ pub trait StorageBackend: Clone + 'static {
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
 }
 
+/// An O_DIRECT write that wrote less than asked is an error (never a partial success).
+fn whole_write(n: usize, want: usize, pos: u64) -> io::Result<()> {
+    if n != want {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short O_DIRECT write: {n} of {want} bytes at {pos}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Real files with O_DIRECT through glommio's io_uring.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DmaBackend;
@@ -120,13 +131,7 @@ impl BackendFile for DmaBackendFile {
             .write_at(buf, pos)
             .await
             .map_err(io::Error::from)?;
-        if n != want {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short O_DIRECT write: {n} of {want} bytes at {pos}"),
-            ));
-        }
-        Ok(())
+        whole_write(n, want, pos)
     }
 
     async fn write_shared(&self, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
@@ -136,13 +141,7 @@ impl BackendFile for DmaBackendFile {
             .write_rc_at(buf, pos)
             .await
             .map_err(io::Error::from)?;
-        if n != want {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short O_DIRECT write: {n} of {want} bytes at {pos}"),
-            ));
-        }
-        Ok(())
+        whole_write(n, want, pos)
     }
 
     async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {

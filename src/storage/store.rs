@@ -654,7 +654,7 @@ impl<B: StorageBackend> ShardStore<B> {
         // Writes that still wait (for space) no longer matter to this close: end the
         // checkpoint task even if they never finish.
         self.inner.checkpointer_stop.set(true);
-        log.changed.notify_all();
+        log.durable_changed.notify_all();
         let handle = self.inner.checkpointer.borrow_mut().take();
         if let Some(h) = handle {
             h.await;
@@ -916,16 +916,18 @@ async fn run_checkpointer<B: StorageBackend>(
     loop {
         let wake = || done() || reserve() || (due() && Instant::now() >= quiet_until);
         let quiet = quiet_until.saturating_duration_since(Instant::now());
+        // `durable_changed` is also notified on every write completion, poison and close
+        // (`CommitLog::notify_all`), so it covers the end of a close's last write too.
         futures_lite::future::or(
             futures_lite::future::or(
                 log.durable_changed.wait_until(wake),
                 log.reserve_wanted.wait_until(wake),
             ),
-            futures_lite::future::or(log.changed.wait_until(wake), async {
+            async {
                 // Wakes to write a checkpoint that came due during the quiet time.
                 glommio::timer::sleep(quiet).await;
                 log.durable_changed.wait_until(wake).await
-            }),
+            },
         )
         .await;
         if done() {
