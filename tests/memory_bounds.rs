@@ -45,6 +45,7 @@ fn fetch_frame(request_id: u64, max_bytes: u32) -> Vec<u8> {
         offset: 0,
         max_bytes,
         max_wait_ms: 0,
+        group: None,
     });
     let mut out = BytesMut::new();
     req.to_frame(request_id, Bytes::new()).encode(&mut out);

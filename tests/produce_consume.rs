@@ -206,6 +206,7 @@ fn long_poll_wakes_on_new_data_well_before_its_deadline() {
                 offset: 0,
                 max_bytes: 1 << 20,
                 max_wait_ms: 30_000,
+                group: None,
             }),
             Bytes::new(),
         )
@@ -258,6 +259,7 @@ fn offsets_out_of_range_and_unknown_queues_error_clearly() {
                 offset,
                 max_bytes: 1 << 20,
                 max_wait_ms: 0,
+                group: None,
             }),
             Bytes::new(),
             Duration::from_secs(10),

@@ -101,6 +101,7 @@ fn all_requests() -> Vec<Request> {
             offset: u64::MAX - 1,
             max_bytes: 1 << 20,
             max_wait_ms: 500,
+            group: None,
         }),
         Request::QueueStats {
             topic: "ünïcödé".into(),

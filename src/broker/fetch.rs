@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_lite::future;
 
-use crate::broker::{topics, Result, Services};
+use crate::broker::{groups, topics, Result, Services};
 use crate::protocol::limits::MAX_FETCH_BYTES;
 use crate::protocol::{FetchHeader, FetchRequest, Response};
 use crate::storage::QueueOffset;
@@ -15,6 +15,9 @@ pub const MAX_LONG_POLL_MS: u32 = 30_000;
 
 pub async fn fetch(s: &Services, f: FetchRequest) -> Result<(Response, Bytes)> {
     topics::check_queue(s, &f.topic, f.queue)?;
+    if let Some(who) = &f.group {
+        groups::check_member(s, who, &f.topic, f.queue).await?;
+    }
     let ctx = &s.shard;
     let stats = ctx.store().queue_stats(&f.topic, f.queue);
     let wait_ms = f.max_wait_ms.min(MAX_LONG_POLL_MS);

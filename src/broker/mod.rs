@@ -15,16 +15,21 @@
 //! - [`metrics`]: the shard's metrics as Prometheus families (copies of the counters storage,
 //!   replication and the shard keep), for `server::metrics_http`.
 //! - [`admin`]: broker info and promotion.
+//! - [`groups`]: consumer groups: the coordinator (membership, generations, assignment) and
+//!   committed offsets as records in the log.
+//! - [`retry`]: send-back of failed messages, the delay scheduler, dead letters.
 //! - [`error`]: [`ServiceError`] and how each lower-layer error maps to a wire code.
 //!
-//! New request families get a file (or a folder) here: consumer groups, retry, transactions.
+//! New request families get a file (or a folder) here: transactions next.
 
 pub mod ack;
 pub mod admin;
 pub mod error;
 pub mod fetch;
+pub mod groups;
 pub mod metrics;
 pub mod produce;
+pub mod retry;
 pub mod stats;
 pub mod topics;
 
@@ -43,6 +48,8 @@ pub type Result<T> = std::result::Result<T, ServiceError>;
 pub struct Services {
     pub shard: Rc<ShardContext>,
     pub replication: Rc<Replication>,
+    /// Consumer groups this shard coordinates, and its delay scheduler's cursors.
+    pub groups: groups::Coordinator,
 }
 
 impl Services {
@@ -50,6 +57,7 @@ impl Services {
         Services {
             shard: replication.ctx.clone(),
             replication,
+            groups: groups::Coordinator::default(),
         }
     }
 

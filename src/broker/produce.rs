@@ -12,6 +12,7 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
     // Before the check: a report of a newer master fences this one first.
     s.replication.on_client_epoch(p.known_epoch);
     s.check_writable("produce")?;
+    topics::check_not_reserved(&p.topic)?;
     let queues = topics::queue_count(s, &p.topic)?;
     let queue = match p.queue {
         Some(q) => {

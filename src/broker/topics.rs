@@ -31,10 +31,23 @@ pub fn check_queue(s: &Services, topic: &str, queue: u32) -> Result<()> {
     Ok(())
 }
 
+/// INVALID_TOPIC for the broker's own topics (`%RETRY%<group>`, `%DLQ%<group>`, `%SYS%...`):
+/// clients neither create nor produce to them.
+pub fn check_not_reserved(topic: &str) -> Result<()> {
+    if topic.starts_with('%') {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidTopic,
+            format!("{topic:?}: names starting with % are the broker's own topics"),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs on shard 0 (the dispatcher forwards it there).
 pub async fn create(s: &Services, name: &str, queues: u32) -> Result<Response> {
     // A slave's topics are copied from its master; a local one would diverge.
     s.check_writable("create topics")?;
+    check_not_reserved(name)?;
     topic_writes::create_topic(&s.shard, name, queues).await?;
     Ok(Response::TopicCreated {
         name: name.to_string(),

@@ -58,6 +58,21 @@ impl Cluster {
         drop(removed);
     }
 
+    /// Sends `request` to the bootstrap broker and waits (up to the request timeout plus
+    /// `extra`); a lost connection is forgotten so the next call reconnects.
+    pub fn call_bootstrap(
+        &self,
+        request: &Request,
+        extra: Duration,
+    ) -> Result<(Response, Bytes), ClientError> {
+        let conn = self.connection(&self.bootstrap)?;
+        let outcome = conn.call(request, Bytes::new(), self.request_timeout + extra);
+        if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
+            self.forget(conn.peer());
+        }
+        outcome
+    }
+
     /// The route table of `topic`, asked of the bootstrap broker once and cached.
     pub fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
         if let Some(r) = self.routes.lock().expect("routes lock").get(topic) {

@@ -14,7 +14,7 @@ use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
 use crate::client::ClientError;
 use crate::format::batch::BatchIter;
 use crate::format::record::RecordIter;
-use crate::protocol::{FetchRequest, Request, Response, RouteTable};
+use crate::protocol::{FetchRequest, Membership, Request, Response, RouteTable};
 
 /// Default cap on one fetch response.
 pub const DEFAULT_FETCH_MAX_BYTES: u32 = 1 << 20;
@@ -51,6 +51,8 @@ pub struct ConsumedMessage {
     pub key: Option<Bytes>,
     pub tag: Option<Bytes>,
     pub payload: Bytes,
+    /// The producer's properties, and the broker's (`%`-prefixed) on a retried message.
+    pub properties: Vec<(Bytes, Bytes)>,
     pub born_timestamp_ms: u64,
     pub store_timestamp_ms: u64,
 }
@@ -64,6 +66,68 @@ pub struct Fetched {
     pub min_offset: u64,
     /// One past the newest visible offset when the broker answered.
     pub end_offset: u64,
+}
+
+/// A Fetch request; `group` makes it a group member's (checked against its generation).
+pub fn fetch_request(
+    topic: &str,
+    queue: u32,
+    offset: u64,
+    max_bytes: u32,
+    max_wait: Duration,
+    group: Option<Membership>,
+) -> Request {
+    Request::Fetch(FetchRequest {
+        topic: topic.to_string(),
+        queue,
+        offset,
+        max_bytes,
+        max_wait_ms: max_wait.as_millis().min(u32::MAX as u128) as u32,
+        group,
+    })
+}
+
+/// The messages at `offset` and after in a Fetch response of `queue`.
+pub fn parse_fetched(
+    (response, body): (Response, Bytes),
+    queue: u32,
+    offset: u64,
+) -> Result<Fetched, ClientError> {
+    let Response::Fetched(header) = response else {
+        return Err(ClientError::Unexpected(format!("{response:?}")));
+    };
+    let mut messages = Vec::new();
+    for record in RecordIter::new(&body) {
+        let record = record.map_err(|e| {
+            ClientError::Unexpected(format!("the broker sent a record that does not parse: {e}"))
+        })?;
+        // Zero-copy: the batch and every payload are views into the response body.
+        let batch = body.slice_ref(record.body);
+        for (i, m) in BatchIter::new(&batch).enumerate() {
+            let m = m.map_err(|e| ClientError::Unexpected(format!("bad stored batch: {e}")))?;
+            let msg_offset = record.header.base_queue_offset + i as u64;
+            if msg_offset < offset {
+                continue;
+            }
+            let sub = |s: &[u8]| batch.slice_ref(s);
+            messages.push(ConsumedMessage {
+                queue,
+                offset: msg_offset,
+                key: m.key.map(sub),
+                tag: m.tag.map(sub),
+                payload: sub(m.payload),
+                properties: m.properties().map(|(k, v)| (sub(k), sub(v))).collect(),
+                born_timestamp_ms: m.born_timestamp_ms,
+                store_timestamp_ms: record.header.store_timestamp_ms,
+            });
+        }
+    }
+    Ok(Fetched {
+        messages,
+        next_offset: header.next_offset.max(offset),
+        min_offset: header.min_offset,
+        end_offset: header.end_offset,
+    })
 }
 
 pub struct Consumer {
@@ -85,6 +149,11 @@ impl Consumer {
         self.cluster.route(topic)
     }
 
+    /// The routes and connections this consumer uses.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// One fetch: waits up to `max_wait` for data at `offset`.
     pub fn fetch(
         &self,
@@ -94,54 +163,12 @@ impl Consumer {
         max_wait: Duration,
     ) -> Result<Fetched, ClientError> {
         let conn = self.cluster.connection_for(topic, queue)?;
-        let request = Request::Fetch(FetchRequest {
-            topic: topic.to_string(),
-            queue,
-            offset,
-            max_bytes: self.max_bytes,
-            max_wait_ms: max_wait.as_millis().min(u32::MAX as u128) as u32,
-        });
+        let request = fetch_request(topic, queue, offset, self.max_bytes, max_wait, None);
         let outcome = conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT + max_wait);
         if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
             self.cluster.forget(conn.peer());
         }
-        let (response, body) = outcome?;
-        let Response::Fetched(header) = response else {
-            return Err(ClientError::Unexpected(format!("{response:?}")));
-        };
-        let mut messages = Vec::new();
-        for record in RecordIter::new(&body) {
-            let record = record.map_err(|e| {
-                ClientError::Unexpected(format!(
-                    "the broker sent a record that does not parse: {e}"
-                ))
-            })?;
-            // Zero-copy: the batch and every payload are views into the response body.
-            let batch = body.slice_ref(record.body);
-            for (i, m) in BatchIter::new(&batch).enumerate() {
-                let m = m.map_err(|e| ClientError::Unexpected(format!("bad stored batch: {e}")))?;
-                let msg_offset = record.header.base_queue_offset + i as u64;
-                if msg_offset < offset {
-                    continue;
-                }
-                let sub = |s: &[u8]| batch.slice_ref(s);
-                messages.push(ConsumedMessage {
-                    queue,
-                    offset: msg_offset,
-                    key: m.key.map(sub),
-                    tag: m.tag.map(sub),
-                    payload: sub(m.payload),
-                    born_timestamp_ms: m.born_timestamp_ms,
-                    store_timestamp_ms: record.header.store_timestamp_ms,
-                });
-            }
-        }
-        Ok(Fetched {
-            messages,
-            next_offset: header.next_offset.max(offset),
-            min_offset: header.min_offset,
-            end_offset: header.end_offset,
-        })
+        parse_fetched(outcome?, queue, offset)
     }
 
     /// The first offset `from` stands for.

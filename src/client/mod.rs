@@ -8,6 +8,7 @@
 //! - [`producer`]: SYNC / ASYNC / ONEWAY sends, routing to the owning shard, idempotent
 //!   retries with backoff, batching by linger time and bytes.
 //! - [`consumer`]: pull with long polling from (queue, offset), or as an iterator.
+//! - [`group`]: a consumer-group member: assigned queues, ack/nack, committed offsets.
 //!
 //! Use it from a plain Rust program:
 //! ```no_run
@@ -20,12 +21,14 @@ pub mod admin;
 pub mod cluster;
 pub mod connection;
 pub mod consumer;
+pub mod group;
 pub mod producer;
 
 pub use crate::protocol::Durability;
 pub use admin::Admin;
 pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 pub use consumer::{ConsumedMessage, Consumer, StartFrom};
+pub use group::{GroupConfig, GroupConsumer, GroupMessage};
 pub use producer::{Producer, ProducerConfig, QueueSelector, SendResult};
 
 use std::time::Duration;

@@ -89,7 +89,7 @@ error_codes! {
     /// Stable numeric status carried in the `status` field of a response preamble.
     ///
     /// Numbers are grouped by decade: 1–9 framing, 20s metadata, 30s broker resources, 40s
-    /// data, 50s replication, 60s lifecycle, 70s idempotent producers. `0` is success and only
+    /// data, 50s replication, 60s lifecycle, 70s idempotent producers, 80s consumer groups. `0` is success and only
     /// ever appears in successful responses.
     ///
     /// Retired numbers (never reuse): none yet.
@@ -124,6 +124,9 @@ error_codes! {
         23 => QueueNotFound "QUEUE_NOT_FOUND" final,
         /// A request field is out of range.
         24 => InvalidArgument "INVALID_ARGUMENT" final,
+        /// The consumer group does not exist (it is created by its first join or by
+        /// `ringmq admin group create`).
+        25 => GroupNotFound "GROUP_NOT_FOUND" final,
         /// Flow control: the shard's in-flight budget is exhausted. Retry later.
         30 => SystemBusy "SYSTEM_BUSY" retriable,
         /// SYNC_FLUSH: the batch was written but the fdatasync did not complete before the
@@ -133,6 +136,9 @@ error_codes! {
         32 => StorageError "STORAGE_ERROR" final,
         /// Disk usage over the reject ratio; writes resume once retention frees space.
         33 => DiskFull "DISK_FULL" retriable,
+        /// A bounded table is full (consumer groups, members, committed offsets); the message
+        /// names the bound.
+        34 => LimitExceeded "LIMIT_EXCEEDED" final,
         /// Fetch offset outside `[min_offset, end_offset]`.
         40 => OffsetOutOfRange "OFFSET_OUT_OF_RANGE" final,
         /// Idempotent producer: the sequence number is not the next one expected.
@@ -160,6 +166,12 @@ error_codes! {
         /// Idempotent producer: the batch's producer epoch is older than one the broker has
         /// seen for this producer and queue; a newer incarnation took over. Not retriable.
         71 => ProducerFenced "PRODUCER_FENCED" final,
+        /// Consumer group: the request names an older generation, or a queue the member does
+        /// not hold in this one (a rebalance happened). Join again for the new assignment.
+        80 => StaleGeneration "STALE_GENERATION" final,
+        /// Consumer group: the member id is not (or no longer) in the group: it left or its
+        /// session timed out. Join again.
+        81 => UnknownMember "UNKNOWN_MEMBER" final,
     }
 }
 

@@ -75,6 +75,32 @@ pub fn validate_topic_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Longest consumer-group name: what is left of a topic name after `%RETRY%`.
+pub const MAX_GROUP_NAME_BYTES: usize = MAX_TOPIC_NAME_BYTES - "%RETRY%".len();
+
+/// The consumer-group name rule: 1 to [`MAX_GROUP_NAME_BYTES`] bytes of ASCII letters, digits
+/// and `_ - .`, so that `%RETRY%<group>` and `%DLQ%<group>` are valid topic names and no group
+/// can be named like an internal topic (no `%`). `Err` says why.
+pub fn validate_group_name(name: &str) -> Result<(), &'static str> {
+    const _: () = assert!(MAX_GROUP_NAME_BYTES == 120, "update the message below");
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > MAX_GROUP_NAME_BYTES {
+        return Err("it is longer than 120 bytes");
+    }
+    if name == "." || name == ".." {
+        return Err("it is a directory alias");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err("only letters, digits and _ - . are allowed");
+    }
+    Ok(())
+}
+
 /// Batches of one queue an idempotent producer may have sent and not yet seen acknowledged,
 /// and so the batches per producer and queue the broker remembers for de-duplication. Shared
 /// by both sides so that every batch a producer may retry is still in the broker's window: a

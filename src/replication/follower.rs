@@ -367,7 +367,11 @@ async fn receive(
                 let (end, topics) = store
                     .append_replicated(LogPosition(data.position), &frame.body)
                     .await?;
-                if topics.iter().any(|t| repl.ctx.topic(t).is_none()) {
+                // `%SYS%` queues are the broker's own and never in the topic table.
+                if topics
+                    .iter()
+                    .any(|t| !t.starts_with("%SYS%") && repl.ctx.topic(t).is_none())
+                {
                     // Before acknowledging, so a caught-up slave always knows its topics (and
                     // a promoted one can serve them).
                     request_topic_sync(repl).await;

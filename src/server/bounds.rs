@@ -68,12 +68,18 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         | Request::GetRoute { .. }
         | Request::BrokerInfo
         | Request::BrokerStats
-        | Request::QueueStats { .. } => LISTING_RESPONSE_BYTES,
+        | Request::QueueStats { .. }
+        | Request::JoinGroup(_)
+        | Request::DescribeGroup { .. } => LISTING_RESPONSE_BYTES,
         Request::Ping
         | Request::CreateTopic { .. }
         | Request::Produce(_)
         | Request::Promote
-        | Request::ReplFollow(_) => SMALL_RESPONSE_BYTES,
+        | Request::ReplFollow(_)
+        | Request::LeaveGroup { .. }
+        | Request::CommitOffsets(_)
+        | Request::SendBack(_)
+        | Request::CreateGroup(_) => SMALL_RESPONSE_BYTES,
     }
 }
 
@@ -444,6 +450,7 @@ mod tests {
                 offset: 0,
                 max_bytes,
                 max_wait_ms: 0,
+                group: None,
             })
         };
         let small = response_reserve_bytes(&fetch(0), 8 << 20);

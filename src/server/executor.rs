@@ -486,6 +486,8 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     glommio::spawn_local(crate::replication::confirmed::keep_saved(repl.clone())).detach();
     let services = Rc::new(Services::new(repl.clone()));
     spawn_mesh_receivers(&services, receivers);
+    // Delivers delayed retries when due; idle on a slave.
+    glommio::spawn_local(crate::broker::retry::run_scheduler(services.clone())).detach();
     if let (Some(slots), Some(addr)) = (args.metrics.clone(), listener_addr) {
         glommio::spawn_local(crate::server::metrics_http::publish(
             services.clone(),

@@ -10,9 +10,11 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::broker::{admin, fetch, produce, stats, topics, Result, ServiceError, Services};
+use crate::broker::{
+    admin, fetch, groups, produce, retry, stats, topics, Result, ServiceError, Services,
+};
 use crate::metrics::TopicSlot;
-use crate::protocol::{ErrorCode, Frame, Request, Response};
+use crate::protocol::{ErrorCode, Frame, GroupSettings, RemoteError, Request, Response};
 use crate::replication::{follower, promotion};
 use crate::shard::mesh::{MeshReply, MeshRequest};
 
@@ -144,8 +146,19 @@ fn owner(s: &Services, request: &Request) -> Option<usize> {
         Request::CreateTopic { .. } => Some(0),
         Request::Produce(p) => p.queue.map(|q| s.shard.owner_of(&p.topic, q)),
         Request::Fetch(f) => Some(s.shard.owner_of(&f.topic, f.queue)),
+        Request::SendBack(b) => Some(s.shard.owner_of(&b.topic, b.queue)),
+        Request::JoinGroup(j) => Some(coordinator(s, &j.group)),
+        Request::LeaveGroup { group, .. } | Request::DescribeGroup { group } => {
+            Some(coordinator(s, group))
+        }
+        Request::CommitOffsets(c) => Some(coordinator(s, &c.who.group)),
+        Request::CreateGroup(g) => Some(coordinator(s, &g.group)),
         _ => None,
     }
+}
+
+fn coordinator(s: &Services, group: &str) -> usize {
+    groups::coordinator_of(group, s.shard.shards)
 }
 
 async fn forward(s: &Services, owner: usize, frame: Frame) -> Result<Frame> {
@@ -171,6 +184,12 @@ async fn execute(s: &Rc<Services>, request: Request, body: Bytes) -> Result<(Res
         Request::QueueStats { topic } => (stats::queue_stats(s, &topic).await?, empty),
         Request::BrokerStats => (stats::broker_stats(s).await?, empty),
         Request::Promote => (admin::promote(s).await?, empty),
+        Request::JoinGroup(j) => (groups::join(s, j).await?, empty),
+        Request::LeaveGroup { group, member } => (groups::leave(s, &group, &member)?, empty),
+        Request::CommitOffsets(c) => (groups::commit(s, c).await?, empty),
+        Request::SendBack(b) => (retry::send_back(s, b).await?, empty),
+        Request::CreateGroup(g) => (groups::create(s, g).await?, empty),
+        Request::DescribeGroup { group } => (groups::describe(s, &group).await?, empty),
         Request::ReplFollow(_) => {
             return Err(ServiceError::new(
                 ErrorCode::InvalidArgument,
@@ -198,5 +217,27 @@ pub async fn on_mesh_request(s: &Rc<Services>, request: MeshRequest) -> MeshRepl
             follower::sync_topics_now(&s.replication).await;
             MeshReply::Applied
         }
+        MeshRequest::CheckMember { who, topic, queue } => MeshReply::MemberChecked(
+            groups::check_member_here(s, &who, &topic, queue)
+                .await
+                .map(|g| GroupSettings {
+                    group: who.group.clone(),
+                    max_reconsume_times: g.max_reconsume_times,
+                    consume_timeout_ms: g.consume_timeout_ms,
+                })
+                .map_err(remote),
+        ),
+        MeshRequest::CreateInternalTopic { name, queues } => MeshReply::Created(
+            groups::create_internal_topic(s, &name, queues)
+                .await
+                .map_err(remote),
+        ),
+    }
+}
+
+fn remote(e: ServiceError) -> RemoteError {
+    RemoteError {
+        code: e.code,
+        message: e.message,
     }
 }

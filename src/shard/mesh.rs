@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
-use crate::protocol::{Frame, QueueStat, ShardStats};
+use crate::protocol::{Frame, GroupSettings, Membership, QueueStat, RemoteError, ShardStats};
 use crate::shard::topics::TopicTable;
 
 /// Messages in flight per pair of shards before a sender waits: enough to keep a pipelined
@@ -37,6 +37,16 @@ pub enum MeshRequest {
     /// Slave, to shard 0: copy the master's topic table now (a replicated record named a topic
     /// this broker does not know yet).
     SyncTopics,
+    /// To a group's coordinator: does `who` hold (topic, queue) in its generation? Answered
+    /// with the group's settings or the refusal.
+    CheckMember {
+        who: Membership,
+        topic: String,
+        queue: u32,
+    },
+    /// To shard 0: create a topic the broker itself needs (a group's retry and dead-letter
+    /// topics), which a client may not create.
+    CreateInternalTopic { name: String, queues: u32 },
 }
 
 #[derive(Debug)]
@@ -47,6 +57,10 @@ pub enum MeshReply {
     ShardStats(ShardStats),
     /// The shard's epoch after a promotion, or why it failed.
     Promoted(Result<u64, String>),
+    /// A group's settings, or why the member was refused.
+    MemberChecked(Result<GroupSettings, RemoteError>),
+    /// An internal topic exists now, or why it could not be created.
+    Created(Result<(), RemoteError>),
 }
 
 /// The one message type on the mesh.

@@ -2092,6 +2092,9 @@ impl<'a> FetchRequest<'a> {
   pub const VT_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_MAX_BYTES: ::flatbuffers::VOffsetT = 10;
   pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 14;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 16;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2103,7 +2106,10 @@ impl<'a> FetchRequest<'a> {
     args: &'args FetchRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<FetchRequest<'bldr>> {
     let mut builder = FetchRequestBuilder::new(_fbb);
+    builder.add_generation(args.generation);
     builder.add_offset(args.offset);
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.add_max_wait_ms(args.max_wait_ms);
     builder.add_max_bytes(args.max_bytes);
     builder.add_queue(args.queue);
@@ -2147,6 +2153,30 @@ impl<'a> FetchRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(FetchRequest::VT_MAX_WAIT_MS, Some(0)).unwrap()}
   }
+  /// Added with consumer groups: a member's fetch names its group, member id and generation;
+  /// a stale generation or a queue not assigned to the member is refused. Absent: a plain
+  /// fetch (no group checks).
+  #[inline]
+  pub fn group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FetchRequest::VT_GROUP, None)}
+  }
+  #[inline]
+  pub fn member(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FetchRequest::VT_MEMBER, None)}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FetchRequest::VT_GENERATION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchRequest<'_> {
@@ -2160,6 +2190,9 @@ impl ::flatbuffers::Verifiable for FetchRequest<'_> {
      .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
      .visit_field::<u32>("max_bytes", Self::VT_MAX_BYTES, false)?
      .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, false)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
      .finish();
     Ok(())
   }
@@ -2170,6 +2203,9 @@ pub struct FetchRequestArgs<'a> {
     pub offset: u64,
     pub max_bytes: u32,
     pub max_wait_ms: u32,
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
 }
 impl<'a> Default for FetchRequestArgs<'a> {
   #[inline]
@@ -2180,6 +2216,9 @@ impl<'a> Default for FetchRequestArgs<'a> {
       offset: 0,
       max_bytes: 0,
       max_wait_ms: 0,
+      group: None,
+      member: None,
+      generation: 0,
     }
   }
 }
@@ -2210,6 +2249,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchRequestBuilder<'a, 'b, A
     self.fbb_.push_slot::<u32>(FetchRequest::VT_MAX_WAIT_MS, max_wait_ms, 0);
   }
   #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(FetchRequest::VT_GENERATION, generation, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchRequestBuilder {
@@ -2233,6 +2284,9 @@ impl ::core::fmt::Debug for FetchRequest<'_> {
       ds.field("offset", &self.offset());
       ds.field("max_bytes", &self.max_bytes());
       ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.field("group", &self.group());
+      ds.field("member", &self.member());
+      ds.field("generation", &self.generation());
       ds.finish()
   }
 }
@@ -4496,6 +4550,2314 @@ impl ::core::fmt::Debug for ReplAck<'_> {
     let mut ds = f.debug_struct("ReplAck");
       ds.field("received", &self.received());
       ds.field("durable", &self.durable());
+      ds.finish()
+  }
+}
+pub enum JoinGroupRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 30: join a group, or (with the member id it was given) heartbeat in it.
+pub struct JoinGroupRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JoinGroupRequest<'a> {
+  type Inner = JoinGroupRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JoinGroupRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TOPICS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SESSION_TIMEOUT_MS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JoinGroupRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JoinGroupRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<JoinGroupRequest<'bldr>> {
+    let mut builder = JoinGroupRequestBuilder::new(_fbb);
+    builder.add_session_timeout_ms(args.session_timeout_ms);
+    if let Some(x) = args.topics { builder.add_topics(x); }
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JoinGroupRequest::VT_GROUP, None).unwrap()}
+  }
+  /// Empty on the first join: the coordinator assigns one.
+  #[inline]
+  pub fn member(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JoinGroupRequest::VT_MEMBER, None)}
+  }
+  /// Topics this member subscribes to (the group's retry topic is added by the broker).
+  #[inline]
+  pub fn topics(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(JoinGroupRequest::VT_TOPICS, None)}
+  }
+  /// The member is presumed dead this long after its last heartbeat (0: the default).
+  #[inline]
+  pub fn session_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JoinGroupRequest::VT_SESSION_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JoinGroupRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<u32>("session_timeout_ms", Self::VT_SESSION_TIMEOUT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JoinGroupRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub session_timeout_ms: u32,
+}
+impl<'a> Default for JoinGroupRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JoinGroupRequestArgs {
+      group: None, // required field
+      member: None,
+      topics: None,
+      session_timeout_ms: 0,
+    }
+  }
+}
+
+pub struct JoinGroupRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JoinGroupRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinGroupRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinGroupRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinGroupRequest::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_session_timeout_ms(&mut self, session_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(JoinGroupRequest::VT_SESSION_TIMEOUT_MS, session_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JoinGroupRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JoinGroupRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JoinGroupRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, JoinGroupRequest::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JoinGroupRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JoinGroupRequest");
+      ds.field("group", &self.group());
+      ds.field("member", &self.member());
+      ds.field("topics", &self.topics());
+      ds.field("session_timeout_ms", &self.session_timeout_ms());
+      ds.finish()
+  }
+}
+pub enum AssignedQueueOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A queue assigned to a member, with the group's committed offset for it.
+pub struct AssignedQueue<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AssignedQueue<'a> {
+  type Inner = AssignedQueue<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AssignedQueue<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AssignedQueue { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AssignedQueueArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AssignedQueue<'bldr>> {
+    let mut builder = AssignedQueueBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_committed(args.committed);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AssignedQueue::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(AssignedQueue::VT_QUEUE, Some(0)).unwrap()}
+  }
+  /// Whether the group has committed an offset for this queue (else start at its oldest).
+  #[inline]
+  pub fn committed(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(AssignedQueue::VT_COMMITTED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AssignedQueue::VT_OFFSET, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AssignedQueue<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<bool>("committed", Self::VT_COMMITTED, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AssignedQueueArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub committed: bool,
+    pub offset: u64,
+}
+impl<'a> Default for AssignedQueueArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AssignedQueueArgs {
+      topic: None, // required field
+      queue: 0,
+      committed: false,
+      offset: 0,
+    }
+  }
+}
+
+pub struct AssignedQueueBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AssignedQueueBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AssignedQueue::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(AssignedQueue::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_committed(&mut self, committed: bool) {
+    self.fbb_.push_slot::<bool>(AssignedQueue::VT_COMMITTED, committed, false);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(AssignedQueue::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AssignedQueueBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AssignedQueueBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AssignedQueue<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, AssignedQueue::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AssignedQueue<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AssignedQueue");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("committed", &self.committed());
+      ds.field("offset", &self.offset());
+      ds.finish()
+  }
+}
+pub enum JoinGroupResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 30.
+pub struct JoinGroupResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JoinGroupResponse<'a> {
+  type Inner = JoinGroupResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JoinGroupResponse<'a> {
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SESSION_TIMEOUT_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CONSUME_TIMEOUT_MS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MAX_RECONSUME_TIMES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_ASSIGNMENT: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JoinGroupResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JoinGroupResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<JoinGroupResponse<'bldr>> {
+    let mut builder = JoinGroupResponseBuilder::new(_fbb);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.assignment { builder.add_assignment(x); }
+    builder.add_max_reconsume_times(args.max_reconsume_times);
+    builder.add_consume_timeout_ms(args.consume_timeout_ms);
+    builder.add_session_timeout_ms(args.session_timeout_ms);
+    if let Some(x) = args.member { builder.add_member(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn member(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JoinGroupResponse::VT_MEMBER, None).unwrap()}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JoinGroupResponse::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn session_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JoinGroupResponse::VT_SESSION_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn consume_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JoinGroupResponse::VT_CONSUME_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn max_reconsume_times(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JoinGroupResponse::VT_MAX_RECONSUME_TIMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn assignment(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AssignedQueue<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AssignedQueue>>>>(JoinGroupResponse::VT_ASSIGNMENT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JoinGroupResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, true)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u32>("session_timeout_ms", Self::VT_SESSION_TIMEOUT_MS, false)?
+     .visit_field::<u32>("consume_timeout_ms", Self::VT_CONSUME_TIMEOUT_MS, false)?
+     .visit_field::<u32>("max_reconsume_times", Self::VT_MAX_RECONSUME_TIMES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<AssignedQueue>>>>("assignment", Self::VT_ASSIGNMENT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JoinGroupResponseArgs<'a> {
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub session_timeout_ms: u32,
+    pub consume_timeout_ms: u32,
+    pub max_reconsume_times: u32,
+    pub assignment: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AssignedQueue<'a>>>>>,
+}
+impl<'a> Default for JoinGroupResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JoinGroupResponseArgs {
+      member: None, // required field
+      generation: 0,
+      session_timeout_ms: 0,
+      consume_timeout_ms: 0,
+      max_reconsume_times: 0,
+      assignment: None,
+    }
+  }
+}
+
+pub struct JoinGroupResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JoinGroupResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinGroupResponse::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(JoinGroupResponse::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_session_timeout_ms(&mut self, session_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(JoinGroupResponse::VT_SESSION_TIMEOUT_MS, session_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn add_consume_timeout_ms(&mut self, consume_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(JoinGroupResponse::VT_CONSUME_TIMEOUT_MS, consume_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn add_max_reconsume_times(&mut self, max_reconsume_times: u32) {
+    self.fbb_.push_slot::<u32>(JoinGroupResponse::VT_MAX_RECONSUME_TIMES, max_reconsume_times, 0);
+  }
+  #[inline]
+  pub fn add_assignment(&mut self, assignment: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<AssignedQueue<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinGroupResponse::VT_ASSIGNMENT, assignment);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JoinGroupResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JoinGroupResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JoinGroupResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, JoinGroupResponse::VT_MEMBER,"member");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JoinGroupResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JoinGroupResponse");
+      ds.field("member", &self.member());
+      ds.field("generation", &self.generation());
+      ds.field("session_timeout_ms", &self.session_timeout_ms());
+      ds.field("consume_timeout_ms", &self.consume_timeout_ms());
+      ds.field("max_reconsume_times", &self.max_reconsume_times());
+      ds.field("assignment", &self.assignment());
+      ds.finish()
+  }
+}
+pub enum LeaveGroupRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 31.
+pub struct LeaveGroupRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaveGroupRequest<'a> {
+  type Inner = LeaveGroupRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaveGroupRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaveGroupRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaveGroupRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LeaveGroupRequest<'bldr>> {
+    let mut builder = LeaveGroupRequestBuilder::new(_fbb);
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaveGroupRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn member(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaveGroupRequest::VT_MEMBER, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaveGroupRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaveGroupRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for LeaveGroupRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    LeaveGroupRequestArgs {
+      group: None, // required field
+      member: None, // required field
+    }
+  }
+}
+
+pub struct LeaveGroupRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaveGroupRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaveGroupRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaveGroupRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaveGroupRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaveGroupRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaveGroupRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, LeaveGroupRequest::VT_GROUP,"group");
+    self.fbb_.required(o, LeaveGroupRequest::VT_MEMBER,"member");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaveGroupRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaveGroupRequest");
+      ds.field("group", &self.group());
+      ds.field("member", &self.member());
+      ds.finish()
+  }
+}
+pub enum LeaveGroupResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 31.
+pub struct LeaveGroupResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaveGroupResponse<'a> {
+  type Inner = LeaveGroupResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaveGroupResponse<'a> {
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaveGroupResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaveGroupResponseArgs
+  ) -> ::flatbuffers::WIPOffset<LeaveGroupResponse<'bldr>> {
+    let mut builder = LeaveGroupResponseBuilder::new(_fbb);
+    builder.add_generation(args.generation);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaveGroupResponse::VT_GENERATION, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaveGroupResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaveGroupResponseArgs {
+    pub generation: u64,
+}
+impl<'a> Default for LeaveGroupResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    LeaveGroupResponseArgs {
+      generation: 0,
+    }
+  }
+}
+
+pub struct LeaveGroupResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaveGroupResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(LeaveGroupResponse::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaveGroupResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaveGroupResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaveGroupResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaveGroupResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaveGroupResponse");
+      ds.field("generation", &self.generation());
+      ds.finish()
+  }
+}
+pub enum CommittedOffsetOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CommittedOffset<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommittedOffset<'a> {
+  type Inner = CommittedOffset<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommittedOffset<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommittedOffset { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommittedOffsetArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CommittedOffset<'bldr>> {
+    let mut builder = CommittedOffsetBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CommittedOffset::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CommittedOffset::VT_QUEUE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CommittedOffset::VT_OFFSET, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommittedOffset<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommittedOffsetArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub offset: u64,
+}
+impl<'a> Default for CommittedOffsetArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CommittedOffsetArgs {
+      topic: None, // required field
+      queue: 0,
+      offset: 0,
+    }
+  }
+}
+
+pub struct CommittedOffsetBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommittedOffsetBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommittedOffset::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(CommittedOffset::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(CommittedOffset::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommittedOffsetBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommittedOffsetBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommittedOffset<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CommittedOffset::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommittedOffset<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommittedOffset");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("offset", &self.offset());
+      ds.finish()
+  }
+}
+pub enum CommitOffsetsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 32. `offset` is the next offset the group will read (one past the last processed).
+/// An empty member with generation 0 is an operator commit, allowed only for queues no member
+/// holds (the dead-letter queue's redrive cursor).
+pub struct CommitOffsetsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommitOffsetsRequest<'a> {
+  type Inner = CommitOffsetsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommitOffsetsRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OFFSETS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommitOffsetsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommitOffsetsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CommitOffsetsRequest<'bldr>> {
+    let mut builder = CommitOffsetsRequestBuilder::new(_fbb);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.offsets { builder.add_offsets(x); }
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CommitOffsetsRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn member(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CommitOffsetsRequest::VT_MEMBER, None)}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CommitOffsetsRequest::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offsets(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CommittedOffset<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CommittedOffset>>>>(CommitOffsetsRequest::VT_OFFSETS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommitOffsetsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, false)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<CommittedOffset>>>>("offsets", Self::VT_OFFSETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommitOffsetsRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub offsets: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CommittedOffset<'a>>>>>,
+}
+impl<'a> Default for CommitOffsetsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CommitOffsetsRequestArgs {
+      group: None, // required field
+      member: None,
+      generation: 0,
+      offsets: None,
+    }
+  }
+}
+
+pub struct CommitOffsetsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitOffsetsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(CommitOffsetsRequest::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_offsets(&mut self, offsets: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<CommittedOffset<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_OFFSETS, offsets);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitOffsetsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommitOffsetsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommitOffsetsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CommitOffsetsRequest::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommitOffsetsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommitOffsetsRequest");
+      ds.field("group", &self.group());
+      ds.field("member", &self.member());
+      ds.field("generation", &self.generation());
+      ds.field("offsets", &self.offsets());
+      ds.finish()
+  }
+}
+pub enum CommitOffsetsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 32.
+pub struct CommitOffsetsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommitOffsetsResponse<'a> {
+  type Inner = CommitOffsetsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommitOffsetsResponse<'a> {
+  pub const VT_DURABILITY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommitOffsetsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommitOffsetsResponseArgs
+  ) -> ::flatbuffers::WIPOffset<CommitOffsetsResponse<'bldr>> {
+    let mut builder = CommitOffsetsResponseBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
+    builder.add_durability(args.durability);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn durability(&self) -> Durability {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Durability>(CommitOffsetsResponse::VT_DURABILITY, Some(Durability::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CommitOffsetsResponse::VT_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommitOffsetsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Durability>("durability", Self::VT_DURABILITY, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommitOffsetsResponseArgs {
+    pub durability: Durability,
+    pub epoch: u64,
+}
+impl<'a> Default for CommitOffsetsResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    CommitOffsetsResponseArgs {
+      durability: Durability::Unknown,
+      epoch: 0,
+    }
+  }
+}
+
+pub struct CommitOffsetsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitOffsetsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_durability(&mut self, durability: Durability) {
+    self.fbb_.push_slot::<Durability>(CommitOffsetsResponse::VT_DURABILITY, durability, Durability::Unknown);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(CommitOffsetsResponse::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitOffsetsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommitOffsetsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommitOffsetsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommitOffsetsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommitOffsetsResponse");
+      ds.field("durability", &self.durability());
+      ds.field("epoch", &self.epoch());
+      ds.finish()
+  }
+}
+pub enum SendBackRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 33: a member gives back a message it could not process; it comes back to the group
+/// through its retry topic after the delay level, or goes to its dead-letter queue.
+pub struct SendBackRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SendBackRequest<'a> {
+  type Inner = SendBackRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SendBackRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 10;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DELAY_LEVEL: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ERROR: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SendBackRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SendBackRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SendBackRequest<'bldr>> {
+    let mut builder = SendBackRequestBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.error { builder.add_error(x); }
+    builder.add_delay_level(args.delay_level);
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendBackRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn member(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendBackRequest::VT_MEMBER, None).unwrap()}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SendBackRequest::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendBackRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SendBackRequest::VT_QUEUE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SendBackRequest::VT_OFFSET, Some(0)).unwrap()}
+  }
+  /// 1-18 (1s ... 2h); 0: 3 + the message's reconsume count.
+  #[inline]
+  pub fn delay_level(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SendBackRequest::VT_DELAY_LEVEL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn error(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendBackRequest::VT_ERROR, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SendBackRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, true)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<u32>("delay_level", Self::VT_DELAY_LEVEL, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("error", Self::VT_ERROR, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SendBackRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub offset: u64,
+    pub delay_level: u32,
+    pub error: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for SendBackRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SendBackRequestArgs {
+      group: None, // required field
+      member: None, // required field
+      generation: 0,
+      topic: None, // required field
+      queue: 0,
+      offset: 0,
+      delay_level: 0,
+      error: None,
+    }
+  }
+}
+
+pub struct SendBackRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendBackRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendBackRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendBackRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(SendBackRequest::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendBackRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(SendBackRequest::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(SendBackRequest::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_delay_level(&mut self, delay_level: u32) {
+    self.fbb_.push_slot::<u32>(SendBackRequest::VT_DELAY_LEVEL, delay_level, 0);
+  }
+  #[inline]
+  pub fn add_error(&mut self, error: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendBackRequest::VT_ERROR, error);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendBackRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SendBackRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SendBackRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, SendBackRequest::VT_GROUP,"group");
+    self.fbb_.required(o, SendBackRequest::VT_MEMBER,"member");
+    self.fbb_.required(o, SendBackRequest::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SendBackRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SendBackRequest");
+      ds.field("group", &self.group());
+      ds.field("member", &self.member());
+      ds.field("generation", &self.generation());
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("offset", &self.offset());
+      ds.field("delay_level", &self.delay_level());
+      ds.field("error", &self.error());
+      ds.finish()
+  }
+}
+pub enum SendBackResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 33.
+pub struct SendBackResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SendBackResponse<'a> {
+  type Inner = SendBackResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SendBackResponse<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_RECONSUME_TIMES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DURABILITY: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SendBackResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SendBackResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SendBackResponse<'bldr>> {
+    let mut builder = SendBackResponseBuilder::new(_fbb);
+    builder.add_reconsume_times(args.reconsume_times);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_durability(args.durability);
+    builder.finish()
+  }
+
+
+  /// The retry or dead-letter topic the message went to.
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendBackResponse::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn reconsume_times(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SendBackResponse::VT_RECONSUME_TIMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn durability(&self) -> Durability {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Durability>(SendBackResponse::VT_DURABILITY, Some(Durability::Unknown)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SendBackResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("reconsume_times", Self::VT_RECONSUME_TIMES, false)?
+     .visit_field::<Durability>("durability", Self::VT_DURABILITY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SendBackResponseArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub reconsume_times: u32,
+    pub durability: Durability,
+}
+impl<'a> Default for SendBackResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SendBackResponseArgs {
+      topic: None, // required field
+      reconsume_times: 0,
+      durability: Durability::Unknown,
+    }
+  }
+}
+
+pub struct SendBackResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendBackResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendBackResponse::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_reconsume_times(&mut self, reconsume_times: u32) {
+    self.fbb_.push_slot::<u32>(SendBackResponse::VT_RECONSUME_TIMES, reconsume_times, 0);
+  }
+  #[inline]
+  pub fn add_durability(&mut self, durability: Durability) {
+    self.fbb_.push_slot::<Durability>(SendBackResponse::VT_DURABILITY, durability, Durability::Unknown);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendBackResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SendBackResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SendBackResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, SendBackResponse::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SendBackResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SendBackResponse");
+      ds.field("topic", &self.topic());
+      ds.field("reconsume_times", &self.reconsume_times());
+      ds.field("durability", &self.durability());
+      ds.finish()
+  }
+}
+pub enum CreateGroupRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 34: create or change a group's settings.
+pub struct CreateGroupRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateGroupRequest<'a> {
+  type Inner = CreateGroupRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateGroupRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MAX_RECONSUME_TIMES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONSUME_TIMEOUT_MS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateGroupRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateGroupRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateGroupRequest<'bldr>> {
+    let mut builder = CreateGroupRequestBuilder::new(_fbb);
+    builder.add_consume_timeout_ms(args.consume_timeout_ms);
+    builder.add_max_reconsume_times(args.max_reconsume_times);
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateGroupRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn max_reconsume_times(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateGroupRequest::VT_MAX_RECONSUME_TIMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn consume_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateGroupRequest::VT_CONSUME_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateGroupRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<u32>("max_reconsume_times", Self::VT_MAX_RECONSUME_TIMES, false)?
+     .visit_field::<u32>("consume_timeout_ms", Self::VT_CONSUME_TIMEOUT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateGroupRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub max_reconsume_times: u32,
+    pub consume_timeout_ms: u32,
+}
+impl<'a> Default for CreateGroupRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateGroupRequestArgs {
+      group: None, // required field
+      max_reconsume_times: 0,
+      consume_timeout_ms: 0,
+    }
+  }
+}
+
+pub struct CreateGroupRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateGroupRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroupRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_max_reconsume_times(&mut self, max_reconsume_times: u32) {
+    self.fbb_.push_slot::<u32>(CreateGroupRequest::VT_MAX_RECONSUME_TIMES, max_reconsume_times, 0);
+  }
+  #[inline]
+  pub fn add_consume_timeout_ms(&mut self, consume_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(CreateGroupRequest::VT_CONSUME_TIMEOUT_MS, consume_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateGroupRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateGroupRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateGroupRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CreateGroupRequest::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateGroupRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateGroupRequest");
+      ds.field("group", &self.group());
+      ds.field("max_reconsume_times", &self.max_reconsume_times());
+      ds.field("consume_timeout_ms", &self.consume_timeout_ms());
+      ds.finish()
+  }
+}
+pub enum CreateGroupResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 34.
+pub struct CreateGroupResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateGroupResponse<'a> {
+  type Inner = CreateGroupResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateGroupResponse<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MAX_RECONSUME_TIMES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONSUME_TIMEOUT_MS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateGroupResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateGroupResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateGroupResponse<'bldr>> {
+    let mut builder = CreateGroupResponseBuilder::new(_fbb);
+    builder.add_consume_timeout_ms(args.consume_timeout_ms);
+    builder.add_max_reconsume_times(args.max_reconsume_times);
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateGroupResponse::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn max_reconsume_times(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateGroupResponse::VT_MAX_RECONSUME_TIMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn consume_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateGroupResponse::VT_CONSUME_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateGroupResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<u32>("max_reconsume_times", Self::VT_MAX_RECONSUME_TIMES, false)?
+     .visit_field::<u32>("consume_timeout_ms", Self::VT_CONSUME_TIMEOUT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateGroupResponseArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub max_reconsume_times: u32,
+    pub consume_timeout_ms: u32,
+}
+impl<'a> Default for CreateGroupResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateGroupResponseArgs {
+      group: None, // required field
+      max_reconsume_times: 0,
+      consume_timeout_ms: 0,
+    }
+  }
+}
+
+pub struct CreateGroupResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateGroupResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroupResponse::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_max_reconsume_times(&mut self, max_reconsume_times: u32) {
+    self.fbb_.push_slot::<u32>(CreateGroupResponse::VT_MAX_RECONSUME_TIMES, max_reconsume_times, 0);
+  }
+  #[inline]
+  pub fn add_consume_timeout_ms(&mut self, consume_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(CreateGroupResponse::VT_CONSUME_TIMEOUT_MS, consume_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateGroupResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateGroupResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateGroupResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CreateGroupResponse::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateGroupResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateGroupResponse");
+      ds.field("group", &self.group());
+      ds.field("max_reconsume_times", &self.max_reconsume_times());
+      ds.field("consume_timeout_ms", &self.consume_timeout_ms());
+      ds.finish()
+  }
+}
+pub enum DescribeGroupRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 35.
+pub struct DescribeGroupRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DescribeGroupRequest<'a> {
+  type Inner = DescribeGroupRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DescribeGroupRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DescribeGroupRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DescribeGroupRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DescribeGroupRequest<'bldr>> {
+    let mut builder = DescribeGroupRequestBuilder::new(_fbb);
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DescribeGroupRequest::VT_GROUP, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DescribeGroupRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DescribeGroupRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for DescribeGroupRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DescribeGroupRequestArgs {
+      group: None, // required field
+    }
+  }
+}
+
+pub struct DescribeGroupRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DescribeGroupRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DescribeGroupRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DescribeGroupRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DescribeGroupRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DescribeGroupRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, DescribeGroupRequest::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DescribeGroupRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DescribeGroupRequest");
+      ds.field("group", &self.group());
+      ds.finish()
+  }
+}
+pub enum GroupMemberOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GroupMember<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupMember<'a> {
+  type Inner = GroupMember<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupMember<'a> {
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOPICS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_IDLE_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_QUEUES: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupMember { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupMemberArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupMember<'bldr>> {
+    let mut builder = GroupMemberBuilder::new(_fbb);
+    builder.add_idle_ms(args.idle_ms);
+    builder.add_queues(args.queues);
+    if let Some(x) = args.topics { builder.add_topics(x); }
+    if let Some(x) = args.member { builder.add_member(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn member(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupMember::VT_MEMBER, None).unwrap()}
+  }
+  #[inline]
+  pub fn topics(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(GroupMember::VT_TOPICS, None)}
+  }
+  /// Milliseconds since its last heartbeat.
+  #[inline]
+  pub fn idle_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupMember::VT_IDLE_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn queues(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GroupMember::VT_QUEUES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupMember<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<u64>("idle_ms", Self::VT_IDLE_MS, false)?
+     .visit_field::<u32>("queues", Self::VT_QUEUES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupMemberArgs<'a> {
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub idle_ms: u64,
+    pub queues: u32,
+}
+impl<'a> Default for GroupMemberArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupMemberArgs {
+      member: None, // required field
+      topics: None,
+      idle_ms: 0,
+      queues: 0,
+    }
+  }
+}
+
+pub struct GroupMemberBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupMemberBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupMember::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupMember::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_idle_ms(&mut self, idle_ms: u64) {
+    self.fbb_.push_slot::<u64>(GroupMember::VT_IDLE_MS, idle_ms, 0);
+  }
+  #[inline]
+  pub fn add_queues(&mut self, queues: u32) {
+    self.fbb_.push_slot::<u32>(GroupMember::VT_QUEUES, queues, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupMemberBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupMemberBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupMember<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, GroupMember::VT_MEMBER,"member");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupMember<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupMember");
+      ds.field("member", &self.member());
+      ds.field("topics", &self.topics());
+      ds.field("idle_ms", &self.idle_ms());
+      ds.field("queues", &self.queues());
+      ds.finish()
+  }
+}
+pub enum GroupQueueOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GroupQueue<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupQueue<'a> {
+  type Inner = GroupQueue<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupQueue<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 8;
+  pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupQueue { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupQueueArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupQueue<'bldr>> {
+    let mut builder = GroupQueueBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    if let Some(x) = args.member { builder.add_member(x); }
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_committed(args.committed);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupQueue::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GroupQueue::VT_QUEUE, Some(0)).unwrap()}
+  }
+  /// The member holding it in this generation (empty: none).
+  #[inline]
+  pub fn member(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupQueue::VT_MEMBER, None)}
+  }
+  #[inline]
+  pub fn committed(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupQueue::VT_COMMITTED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupQueue::VT_OFFSET, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupQueue<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, false)?
+     .visit_field::<bool>("committed", Self::VT_COMMITTED, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupQueueArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub committed: bool,
+    pub offset: u64,
+}
+impl<'a> Default for GroupQueueArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupQueueArgs {
+      topic: None, // required field
+      queue: 0,
+      member: None,
+      committed: false,
+      offset: 0,
+    }
+  }
+}
+
+pub struct GroupQueueBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupQueueBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupQueue::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(GroupQueue::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupQueue::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_committed(&mut self, committed: bool) {
+    self.fbb_.push_slot::<bool>(GroupQueue::VT_COMMITTED, committed, false);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(GroupQueue::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupQueueBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupQueueBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupQueue<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, GroupQueue::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupQueue<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupQueue");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("member", &self.member());
+      ds.field("committed", &self.committed());
+      ds.field("offset", &self.offset());
+      ds.finish()
+  }
+}
+pub enum DescribeGroupResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 35.
+pub struct DescribeGroupResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DescribeGroupResponse<'a> {
+  type Inner = DescribeGroupResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DescribeGroupResponse<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MAX_RECONSUME_TIMES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CONSUME_TIMEOUT_MS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_QUEUES: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DescribeGroupResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DescribeGroupResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DescribeGroupResponse<'bldr>> {
+    let mut builder = DescribeGroupResponseBuilder::new(_fbb);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.queues { builder.add_queues(x); }
+    if let Some(x) = args.members { builder.add_members(x); }
+    builder.add_consume_timeout_ms(args.consume_timeout_ms);
+    builder.add_max_reconsume_times(args.max_reconsume_times);
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DescribeGroupResponse::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DescribeGroupResponse::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn max_reconsume_times(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(DescribeGroupResponse::VT_MAX_RECONSUME_TIMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn consume_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(DescribeGroupResponse::VT_CONSUME_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupMember<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupMember>>>>(DescribeGroupResponse::VT_MEMBERS, None)}
+  }
+  #[inline]
+  pub fn queues(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupQueue<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupQueue>>>>(DescribeGroupResponse::VT_QUEUES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DescribeGroupResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u32>("max_reconsume_times", Self::VT_MAX_RECONSUME_TIMES, false)?
+     .visit_field::<u32>("consume_timeout_ms", Self::VT_CONSUME_TIMEOUT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<GroupMember>>>>("members", Self::VT_MEMBERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<GroupQueue>>>>("queues", Self::VT_QUEUES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DescribeGroupResponseArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub max_reconsume_times: u32,
+    pub consume_timeout_ms: u32,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupMember<'a>>>>>,
+    pub queues: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GroupQueue<'a>>>>>,
+}
+impl<'a> Default for DescribeGroupResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DescribeGroupResponseArgs {
+      group: None, // required field
+      generation: 0,
+      max_reconsume_times: 0,
+      consume_timeout_ms: 0,
+      members: None,
+      queues: None,
+    }
+  }
+}
+
+pub struct DescribeGroupResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DescribeGroupResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DescribeGroupResponse::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(DescribeGroupResponse::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_max_reconsume_times(&mut self, max_reconsume_times: u32) {
+    self.fbb_.push_slot::<u32>(DescribeGroupResponse::VT_MAX_RECONSUME_TIMES, max_reconsume_times, 0);
+  }
+  #[inline]
+  pub fn add_consume_timeout_ms(&mut self, consume_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(DescribeGroupResponse::VT_CONSUME_TIMEOUT_MS, consume_timeout_ms, 0);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<GroupMember<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DescribeGroupResponse::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn add_queues(&mut self, queues: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<GroupQueue<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DescribeGroupResponse::VT_QUEUES, queues);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DescribeGroupResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DescribeGroupResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DescribeGroupResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, DescribeGroupResponse::VT_GROUP,"group");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DescribeGroupResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DescribeGroupResponse");
+      ds.field("group", &self.group());
+      ds.field("generation", &self.generation());
+      ds.field("max_reconsume_times", &self.max_reconsume_times());
+      ds.field("consume_timeout_ms", &self.consume_timeout_ms());
+      ds.field("members", &self.members());
+      ds.field("queues", &self.queues());
       ds.finish()
   }
 }

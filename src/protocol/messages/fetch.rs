@@ -4,6 +4,7 @@
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 use crate::protocol::generated as fb;
+use crate::protocol::Membership;
 
 /// Header of a Fetch request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct FetchRequest {
     pub max_bytes: u32,
     /// Long polling: how long to wait for data when none is visible at `offset`.
     pub max_wait_ms: u32,
+    /// A group member's fetch: refused unless the member holds the queue in this generation.
+    pub group: Option<Membership>,
 }
 
 /// Header of a Fetch response; the body is the concatenation of stored batches.
@@ -33,12 +36,22 @@ pub struct FetchHeader {
 impl<'a> fb::FetchRequest<'a> {
     pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, f: &FetchRequest) -> WIPOffset<Self> {
         let topic = fbb.create_string(&f.topic);
+        let (group, member) = match &f.group {
+            Some(m) => (
+                Some(fbb.create_string(&m.group)),
+                Some(fbb.create_string(&m.member)),
+            ),
+            None => (None, None),
+        };
         let args = fb::FetchRequestArgs {
             topic: Some(topic),
             queue: f.queue,
             offset: f.offset,
             max_bytes: f.max_bytes,
             max_wait_ms: f.max_wait_ms,
+            group,
+            member,
+            generation: f.group.as_ref().map_or(0, |m| m.generation),
         };
         fb::FetchRequest::create(fbb, &args)
     }
@@ -50,6 +63,11 @@ impl<'a> fb::FetchRequest<'a> {
             offset: self.offset(),
             max_bytes: self.max_bytes(),
             max_wait_ms: self.max_wait_ms(),
+            group: self.group().map(|group| Membership {
+                group: group.to_owned(),
+                member: self.member().unwrap_or_default().to_owned(),
+                generation: self.generation(),
+            }),
         })
     }
 }

@@ -14,6 +14,7 @@
 //! | produce | Produce 10 (body: a message batch) | [`produce`] |
 //! | fetch | Fetch 11 (response body: stored batches) | [`fetch`] |
 //! | replication | ReplFollow 20; stream only: ReplData 21, ReplAck 22 | [`replication`] |
+//! | groups | JoinGroup 30, LeaveGroup 31, CommitOffsets 32, SendBack 33, CreateGroup 34, DescribeGroup 35 | [`groups`] |
 //!
 //! A new request is a row in the table and its types and table mapping in its family's file
 //! (a new family: one more file), plus its tables in `schema/ringmq.fbs`.
@@ -36,6 +37,7 @@ use super::limits::MAX_ERROR_MESSAGE_BYTES;
 
 pub mod admin;
 pub mod fetch;
+pub mod groups;
 pub mod produce;
 pub mod replication;
 pub mod stats;
@@ -44,6 +46,11 @@ pub mod topics;
 
 pub use admin::BrokerInfo;
 pub use fetch::{FetchHeader, FetchRequest};
+pub use groups::{
+    AssignedQueue, CommitOffsetsRequest, CommittedOffset, GroupDescription, GroupJoined,
+    GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, SendBackRequest,
+    SentBack,
+};
 pub use produce::{Durability, ProduceAck, ProduceRequest};
 pub use replication::{EpochEntry, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse};
 pub use stats::{QueueStat, ReplicaStats, ShardStats};
@@ -118,6 +125,32 @@ table::opcodes! {
     21 => ReplData "REPL_DATA",
     /// Slave to master on a replication connection: received and durable positions.
     22 => ReplAck "REPL_ACK",
+    /// Join a consumer group, or heartbeat in it (with the member id the first join gave).
+    30 => JoinGroup "JOIN_GROUP" {
+        request: JoinGroup(JoinGroupRequest) = JoinGroupRequest,
+        response: GroupJoined(GroupJoined) = JoinGroupResponse,
+    },
+    31 => LeaveGroup "LEAVE_GROUP" {
+        request: LeaveGroup { group: String, member: String } = LeaveGroupRequest,
+        response: GroupLeft { generation: u64 } = LeaveGroupResponse,
+    },
+    32 => CommitOffsets "COMMIT_OFFSETS" {
+        request: CommitOffsets(CommitOffsetsRequest) = CommitOffsetsRequest,
+        response: OffsetsCommitted { durability: Durability, epoch: u64 } = CommitOffsetsResponse,
+    },
+    /// A member gives back a message it could not process (retry after a delay, or the DLQ).
+    33 => SendBack "SEND_BACK" {
+        request: SendBack(SendBackRequest) = SendBackRequest,
+        response: SentBack(SentBack) = SendBackResponse,
+    },
+    34 => CreateGroup "CREATE_GROUP" {
+        request: CreateGroup(GroupSettings) = CreateGroupRequest,
+        response: GroupCreated(GroupSettings) = CreateGroupResponse,
+    },
+    35 => DescribeGroup "DESCRIBE_GROUP" {
+        request: DescribeGroup { group: String } = DescribeGroupRequest,
+        response: GroupDescribed(GroupDescription) = DescribeGroupResponse,
+    },
 }
 
 impl Request {
@@ -243,11 +276,14 @@ mod tests {
     #[test]
     fn opcode_numbers_are_pinned() {
         let nums: Vec<u16> = Opcode::ALL.iter().map(|o| o.as_u16()).collect();
-        assert_eq!(nums, [1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 20, 21, 22]);
+        assert_eq!(
+            nums,
+            [1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 20, 21, 22, 30, 31, 32, 33, 34, 35]
+        );
         for o in Opcode::ALL {
             assert_eq!(Opcode::from_u16(o.as_u16()), Some(o));
         }
-        for n in [0, 8, 9, 13, 19, 23, u16::MAX] {
+        for n in [0, 8, 9, 13, 19, 23, 29, 36, u16::MAX] {
             assert_eq!(Opcode::from_u16(n), None);
         }
     }

@@ -73,7 +73,7 @@ impl Durability {
         }
     }
 
-    fn to_wire(self) -> fb::Durability {
+    pub(crate) fn to_wire(self) -> fb::Durability {
         match self {
             Durability::Unknown => fb::Durability::Unknown,
             Durability::Memory => fb::Durability::Memory,
@@ -84,7 +84,7 @@ impl Durability {
     }
 
     /// A value this build does not know (from a newer broker) reads as `Unknown`.
-    fn from_wire(d: fb::Durability) -> Durability {
+    pub(crate) fn from_wire(d: fb::Durability) -> Durability {
         match d {
             fb::Durability::Memory => Durability::Memory,
             fb::Durability::Disk => Durability::Disk,

@@ -1,0 +1,543 @@
+//! Consumer groups: membership and assignment on a coordinator, committed offsets in the log.
+//!
+//! One shard coordinates a group: [`coordinator_of`], a pure function of its name, so every
+//! shard (and a client that knows the shard count) finds it without asking. The coordinator's
+//! [`GroupTable`] holds the group's settings and committed offsets as a view of `%SYS%GROUPS`
+//! in its own CommitLog ([`records`]): a commit is an append acked under the same flush and
+//! replication rules as a produce, so it is durable, replicated to the slave and recovered
+//! after a crash like any message, and a promoted slave has every offset its master acked.
+//! The view catches up with the log before every use ([`catch_up`]), so after a restart or a
+//! promotion it is rebuilt from the log, never from memory.
+//!
+//! Members, generations and assignments are memory only: members heartbeat (JoinGroup with
+//! their id), a member silent for its session timeout is dropped, and every change of
+//! membership or subscription takes a new generation and a new assignment
+//! ([`assignment`]: even, sticky). Fetches, commits and send-backs name the member and
+//! generation; the coordinator refuses a stale one (STALE_GENERATION, UNKNOWN_MEMBER), so a
+//! member presumed dead cannot move offsets.
+//!
+//! Each group has a retry topic `%RETRY%<group>` and a dead-letter topic `%DLQ%<group>`, one
+//! queue per shard, created with the group; see `broker::retry`.
+
+pub mod assignment;
+pub mod records;
+pub mod table;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::broker::{ack, topics, Result, ServiceError, Services};
+use crate::protocol::{
+    validate_group_name, AssignedQueue, CommitOffsetsRequest, ErrorCode, GroupDescription,
+    GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership,
+    Response,
+};
+use crate::shard::mesh::{MeshReply, MeshRequest};
+use crate::shard::router::shard_of;
+use crate::shard::topic_writes;
+use crate::storage::{AppendRequest, QueueOffset};
+
+use records::{encode_batch, stored_messages, GroupRecord, GROUPS_LOG};
+pub use table::{GroupTable, Settings};
+
+/// Default session timeout of a member that does not ask for one.
+pub const DEFAULT_SESSION_TIMEOUT_MS: u32 = 10_000;
+/// Bounds of a member's session timeout.
+pub const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 1_000..=300_000;
+/// Bounds of a group's consume timeout.
+pub const CONSUME_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 1_000..=86_400_000;
+/// Most retries a group may allow before the dead-letter queue.
+pub const MAX_RECONSUME_TIMES: u32 = 1_000;
+/// Most topics one member subscribes to, and most offsets in one commit.
+pub const MAX_TOPICS_PER_MEMBER: usize = 64;
+pub const MAX_OFFSETS_PER_COMMIT: usize = 4_096;
+
+/// The shard that coordinates `group`.
+pub fn coordinator_of(group: &str, shards: usize) -> usize {
+    shard_of(group, 0, shards)
+}
+
+pub fn retry_topic(group: &str) -> String {
+    format!("%RETRY%{group}")
+}
+
+pub fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
+}
+
+/// A shard's coordinator state (used for the groups [`coordinator_of`] gives it, and for the
+/// delay scheduler's cursors, which live in the same per-shard log queue).
+pub struct Coordinator {
+    table: RefCell<GroupTable>,
+    /// The next offset of `%SYS%GROUPS` to apply.
+    applied: Cell<u64>,
+    /// One catch-up at a time.
+    catching_up: glommio::sync::Semaphore,
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Coordinator {
+            table: RefCell::new(GroupTable::new(now_unix_us())),
+            applied: Cell::new(0),
+            catching_up: glommio::sync::Semaphore::new(1),
+        }
+    }
+}
+
+fn now_unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn now_unix_ms() -> u64 {
+    now_unix_us() / 1000
+}
+
+fn internal(what: impl std::fmt::Display) -> ServiceError {
+    ServiceError::new(ErrorCode::Internal, what.to_string())
+}
+
+fn check_group_name(group: &str) -> Result<()> {
+    validate_group_name(group).map_err(|why| {
+        ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("invalid group name {group:?}: {why}"),
+        )
+    })
+}
+
+/// Applies what `%SYS%GROUPS` holds beyond what the table has seen.
+pub async fn catch_up(s: &Services) -> Result<()> {
+    let c = &s.groups;
+    let _one = c
+        .catching_up
+        .acquire_permit(1)
+        .await
+        .map_err(|e| ServiceError::new(ErrorCode::ShuttingDown, e.to_string()))?;
+    let store = s.shard.store();
+    loop {
+        let stats = store.queue_stats(GROUPS_LOG, 0);
+        let from = c.applied.get().max(stats.min_offset.0);
+        if from >= stats.visible_end_offset.0 {
+            c.applied.set(from);
+            return Ok(());
+        }
+        let batch = store
+            .read(GROUPS_LOG, 0, QueueOffset(from), 1 << 20)
+            .await?;
+        let messages = stored_messages(&batch.records, from).map_err(internal)?;
+        let mut table = c.table.borrow_mut();
+        for m in &messages {
+            match GroupRecord::decode(&m.message.payload) {
+                Ok(r) => {
+                    if let Err(why) = table.apply(r) {
+                        log::warn!("shard {}: {GROUPS_LOG} offset {}: {why}", s.shard.shard, m.offset);
+                    }
+                }
+                Err(why) => log::warn!(
+                    "shard {}: {GROUPS_LOG} offset {} is not a group record, skipped: {why}",
+                    s.shard.shard,
+                    m.offset
+                ),
+            }
+        }
+        if batch.next_offset.0 <= from {
+            return Err(internal(format!("{GROUPS_LOG} read at {from} made no progress")));
+        }
+        c.applied.set(batch.next_offset.0);
+    }
+}
+
+/// Appends `records` to this shard's `%SYS%GROUPS`, waits for the ack rule, applies them.
+pub async fn append_records(
+    s: &Services,
+    records: &[GroupRecord],
+) -> Result<crate::protocol::Durability> {
+    let (body, count) = encode_batch(records);
+    let appended = s
+        .shard
+        .store()
+        .append(AppendRequest {
+            topic: GROUPS_LOG,
+            queue_id: 0,
+            message_count: count,
+            producer: None,
+            body: &body,
+        })
+        .await?;
+    let durability = ack::acknowledge(s, 0, &appended).await?;
+    catch_up(s).await?;
+    Ok(durability)
+}
+
+/// The table, for a short look (no `.await` while it is borrowed).
+pub fn table(s: &Services) -> std::cell::RefMut<'_, GroupTable> {
+    s.groups.table.borrow_mut()
+}
+
+fn queues_of(s: &Services) -> impl Fn(&str) -> u32 + '_ {
+    |t: &str| s.shard.topic(t).map_or(0, |m| m.queues)
+}
+
+/// Creates the group's retry and dead-letter topics when they do not exist yet (one queue
+/// per shard, so each shard's scheduler delivers into a queue it owns).
+async fn ensure_group_topics(s: &Services, group: &str) -> Result<()> {
+    for name in [retry_topic(group), dlq_topic(group)] {
+        if s.shard.topic(&name).is_some() {
+            continue;
+        }
+        let queues = s.shard.shards as u32;
+        if s.shard.shard == 0 {
+            topic_writes::create_topic(&s.shard, &name, queues).await?;
+        } else {
+            match s
+                .shard
+                .mesh
+                .call(0, MeshRequest::CreateInternalTopic { name, queues })
+                .await?
+            {
+                MeshReply::Created(Ok(())) => {}
+                MeshReply::Created(Err(e)) => return Err(ServiceError::new(e.code, e.message)),
+                other => return Err(internal(format!("shard 0 answered {other:?}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Shard 0, for another shard's coordinator: see [`MeshRequest::CreateInternalTopic`].
+pub async fn create_internal_topic(s: &Services, name: &str, queues: u32) -> Result<()> {
+    topic_writes::create_topic(&s.shard, name, queues).await?;
+    Ok(())
+}
+
+/// Makes the group exist (with `settings`, or the defaults when it is new and none are given).
+async fn ensure_group(s: &Services, group: &str, settings: Option<Settings>) -> Result<Settings> {
+    catch_up(s).await?;
+    let current = table(s).settings(group);
+    let wanted = match (current, settings) {
+        (Some(c), None) => c,
+        (Some(c), Some(w)) if c == w => c,
+        (None, None) => Settings::default(),
+        (_, Some(w)) => w,
+    };
+    if current != Some(wanted) {
+        if current.is_none() && table(s).group_count() >= table::MAX_GROUPS {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!("this broker shard coordinates {} groups, the most it may", table::MAX_GROUPS),
+            ));
+        }
+        append_records(
+            s,
+            &[GroupRecord::Settings {
+                group: group.to_string(),
+                max_reconsume_times: wanted.max_reconsume_times,
+                consume_timeout_ms: wanted.consume_timeout_ms,
+            }],
+        )
+        .await?;
+    }
+    ensure_group_topics(s, group).await?;
+    Ok(wanted)
+}
+
+/// CreateGroup (on the coordinator): create the group or change its settings.
+pub async fn create(s: &Services, g: GroupSettings) -> Result<Response> {
+    s.check_writable("create consumer groups")?;
+    check_group_name(&g.group)?;
+    if g.max_reconsume_times > MAX_RECONSUME_TIMES {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("max_reconsume_times {} is over {MAX_RECONSUME_TIMES}", g.max_reconsume_times),
+        ));
+    }
+    let consume_timeout_ms = match g.consume_timeout_ms {
+        0 => Settings::default().consume_timeout_ms,
+        ms if CONSUME_TIMEOUT_MS.contains(&ms) => ms,
+        ms => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                format!("consume_timeout_ms {ms} is outside {CONSUME_TIMEOUT_MS:?}"),
+            ))
+        }
+    };
+    let settings = Settings {
+        max_reconsume_times: g.max_reconsume_times,
+        consume_timeout_ms,
+    };
+    ensure_group(s, &g.group, Some(settings)).await?;
+    Ok(Response::GroupCreated(GroupSettings {
+        group: g.group,
+        max_reconsume_times: settings.max_reconsume_times,
+        consume_timeout_ms: settings.consume_timeout_ms,
+    }))
+}
+
+/// JoinGroup (on the coordinator): a first join creates the group with default settings.
+pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
+    s.check_writable("join consumer groups")?;
+    check_group_name(&j.group)?;
+    if j.topics.is_empty() || j.topics.len() > MAX_TOPICS_PER_MEMBER {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}", j.topics.len()),
+        ));
+    }
+    for t in &j.topics {
+        if t.starts_with('%') {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidTopic,
+                format!("{t:?} is a broker topic; a group reads its retry topic by itself"),
+            ));
+        }
+        topics::queue_count(s, t)?;
+    }
+    let timeout_ms = match j.session_timeout_ms {
+        0 => DEFAULT_SESSION_TIMEOUT_MS,
+        ms if SESSION_TIMEOUT_MS.contains(&ms) => ms,
+        ms => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                format!("session_timeout_ms {ms} is outside {SESSION_TIMEOUT_MS:?}"),
+            ))
+        }
+    };
+    let settings = ensure_group(s, &j.group, None).await?;
+    let mut subscribed: BTreeSet<String> = j.topics.iter().cloned().collect();
+    subscribed.insert(retry_topic(&j.group));
+    let subscribed: Vec<String> = subscribed.into_iter().collect();
+    let queues = queues_of(s);
+    let mut table = table(s);
+    let member = table.heartbeat(
+        &j.group,
+        (!j.member.is_empty()).then_some(j.member.as_str()),
+        &subscribed,
+        Duration::from_millis(u64::from(timeout_ms)),
+        Instant::now(),
+        &queues,
+    )?;
+    let g = table.group(&j.group).expect("heartbeat succeeded");
+    let assignment = g
+        .assignment
+        .iter()
+        .filter(|(_, m)| **m == member)
+        .map(|((topic, queue), _)| AssignedQueue {
+            topic: topic.clone(),
+            queue: *queue,
+            committed: table.committed(&j.group, topic, *queue),
+        })
+        .collect();
+    Ok(Response::GroupJoined(GroupJoined {
+        member,
+        generation: g.generation,
+        session_timeout_ms: timeout_ms,
+        consume_timeout_ms: settings.consume_timeout_ms,
+        max_reconsume_times: settings.max_reconsume_times,
+        assignment,
+    }))
+}
+
+/// LeaveGroup (on the coordinator).
+pub fn leave(s: &Services, group: &str, member: &str) -> Result<Response> {
+    check_group_name(group)?;
+    let queues = queues_of(s);
+    let generation = table(s).leave(group, member, &queues);
+    Ok(Response::GroupLeft { generation })
+}
+
+/// The end offset of (topic, queue), from the shard that owns it.
+async fn queue_end(s: &Services, topic: &str, queue: u32) -> Result<u64> {
+    let owner = s.shard.owner_of(topic, queue);
+    let stats = if owner == s.shard.shard {
+        crate::broker::stats::local_queue_stats(s, topic)
+    } else {
+        match s
+            .shard
+            .mesh
+            .call(owner, MeshRequest::LocalQueueStats { topic: topic.to_string() })
+            .await?
+        {
+            MeshReply::QueueStats(v) => v,
+            other => return Err(internal(format!("shard {owner} answered {other:?}"))),
+        }
+    };
+    Ok(stats
+        .iter()
+        .find(|q| q.queue == queue)
+        .map_or(0, |q| q.end_offset))
+}
+
+/// CommitOffsets (on the coordinator).
+pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
+    s.check_writable("commit offsets")?;
+    let group = &c.who.group;
+    check_group_name(group)?;
+    if c.offsets.is_empty() || c.offsets.len() > MAX_OFFSETS_PER_COMMIT {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}", c.offsets.len()),
+        ));
+    }
+    catch_up(s).await?;
+    if table(s).settings(group).is_none() {
+        return Err(table::group_not_found(group));
+    }
+    for o in &c.offsets {
+        topics::check_queue(s, &o.topic, o.queue)?;
+        let end = queue_end(s, &o.topic, o.queue).await?;
+        if o.offset > end {
+            return Err(ServiceError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "cannot commit offset {} of {}/{}: the queue ends at {end}",
+                    o.offset, o.topic, o.queue
+                ),
+            ));
+        }
+    }
+    // Checked last, with no await between the check and the append: a rebalance in between
+    // would otherwise let a member that just lost a queue move its offset.
+    let operator = c.who.member.is_empty() && c.who.generation == 0;
+    {
+        let queues = queues_of(s);
+        let mut table = table(s);
+        for o in &c.offsets {
+            if operator {
+                if let Some(holder) = table.holder(group, &o.topic, o.queue) {
+                    return Err(ServiceError::new(
+                        ErrorCode::StaleGeneration,
+                        format!(
+                            "{}/{} is held by member {holder:?}; an operator commit moves only \
+                             queues no member holds",
+                            o.topic, o.queue
+                        ),
+                    ));
+                }
+            } else {
+                table.check_holder(
+                    group,
+                    &c.who.member,
+                    c.who.generation,
+                    Some((&o.topic, o.queue)),
+                    Instant::now(),
+                    &queues,
+                )?;
+            }
+        }
+        let keys: Vec<_> = c.offsets.iter().map(|o| (o.topic.clone(), o.queue)).collect();
+        table.check_room(group, &keys)?;
+    }
+    let records: Vec<GroupRecord> = c
+        .offsets
+        .iter()
+        .map(|o| GroupRecord::Commit {
+            group: group.clone(),
+            topic: o.topic.clone(),
+            queue: o.queue,
+            offset: o.offset,
+        })
+        .collect();
+    let durability = append_records(s, &records).await?;
+    Ok(Response::OffsetsCommitted {
+        durability,
+        epoch: s.replication.epoch(),
+    })
+}
+
+/// DescribeGroup (on the coordinator). Works on a slave too (read only).
+pub async fn describe(s: &Services, group: &str) -> Result<Response> {
+    check_group_name(group)?;
+    catch_up(s).await?;
+    let queues = queues_of(s);
+    let mut table = table(s);
+    table.expire(group, Instant::now(), &queues);
+    let Some(g) = table.group(group) else {
+        return Err(table::group_not_found(group));
+    };
+    let settings = g.settings.expect("an existing group");
+    let now = Instant::now();
+    let members = g
+        .members
+        .iter()
+        .map(|(id, m)| MemberInfo {
+            member: id.clone(),
+            topics: m.topics.clone(),
+            idle_ms: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+            queues: g.assignment.values().filter(|h| *h == id).count() as u32,
+        })
+        .collect();
+    let committed = table.committed_of(group);
+    let mut keys: BTreeSet<(String, u32)> = committed.keys().cloned().collect();
+    keys.extend(g.assignment.keys().cloned());
+    let queues = keys
+        .into_iter()
+        .map(|key| GroupQueueInfo {
+            member: g.assignment.get(&key).cloned().unwrap_or_default(),
+            committed: committed.get(&key).copied(),
+            topic: key.0,
+            queue: key.1,
+        })
+        .collect();
+    Ok(Response::GroupDescribed(GroupDescription {
+        settings: GroupSettings {
+            group: group.to_string(),
+            max_reconsume_times: settings.max_reconsume_times,
+            consume_timeout_ms: settings.consume_timeout_ms,
+        },
+        generation: g.generation,
+        members,
+        queues,
+    }))
+}
+
+/// On the coordinator: does `who` hold (topic, queue) in its generation?
+pub async fn check_member_here(
+    s: &Services,
+    who: &Membership,
+    topic: &str,
+    queue: u32,
+) -> Result<Settings> {
+    check_group_name(&who.group)?;
+    catch_up(s).await?;
+    let queues = queues_of(s);
+    let settings = table(s).check_holder(
+        &who.group,
+        &who.member,
+        who.generation,
+        Some((topic, queue)),
+        Instant::now(),
+        &queues,
+    )?;
+    Ok(settings)
+}
+
+/// From any shard: asks the group's coordinator whether `who` holds (topic, queue).
+pub async fn check_member(
+    s: &Services,
+    who: &Membership,
+    topic: &str,
+    queue: u32,
+) -> Result<Settings> {
+    check_group_name(&who.group)?;
+    let coordinator = coordinator_of(&who.group, s.shard.shards);
+    if coordinator == s.shard.shard {
+        return check_member_here(s, who, topic, queue).await;
+    }
+    let request = MeshRequest::CheckMember {
+        who: who.clone(),
+        topic: topic.to_string(),
+        queue,
+    };
+    match s.shard.mesh.call(coordinator, request).await? {
+        MeshReply::MemberChecked(Ok(g)) => Ok(Settings {
+            max_reconsume_times: g.max_reconsume_times,
+            consume_timeout_ms: g.consume_timeout_ms,
+        }),
+        MeshReply::MemberChecked(Err(e)) => Err(ServiceError::new(e.code, e.message)),
+        other => Err(internal(format!("shard {coordinator} answered {other:?}"))),
+    }
+}
