@@ -1,5 +1,5 @@
 //! Control requests: ping, topics, routes, broker info, queue and broker statistics,
-//! promotion.
+//! promotion, consumer-group settings and descriptions, operator commits.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +8,8 @@ use bytes::Bytes;
 use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
 use crate::client::ClientError;
 use crate::protocol::{
-    BrokerInfo, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
+    BrokerInfo, CommitOffsetsRequest, CommittedOffset, Durability, GroupDescription,
+    GroupSettings, Membership, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
 
 /// A control client over one connection (any shard's port works: the broker forwards).
@@ -99,6 +100,53 @@ impl Admin {
     pub fn promote(&self) -> Result<u64, ClientError> {
         match self.call(Request::Promote)? {
             Response::Promoted { epoch } => Ok(epoch),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Creates a consumer group or changes its settings (0 for the consume timeout: the
+    /// default); returns the settings in force.
+    pub fn create_group(
+        &self,
+        group: &str,
+        max_reconsume_times: u32,
+        consume_timeout_ms: u32,
+    ) -> Result<GroupSettings, ClientError> {
+        match self.call(Request::CreateGroup(GroupSettings {
+            group: group.to_string(),
+            max_reconsume_times,
+            consume_timeout_ms,
+        }))? {
+            Response::GroupCreated(g) => Ok(g),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn describe_group(&self, group: &str) -> Result<GroupDescription, ClientError> {
+        match self.call(Request::DescribeGroup {
+            group: group.to_string(),
+        })? {
+            Response::GroupDescribed(d) => Ok(d),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// An operator commit: moves the group's offset of queues no member holds (the
+    /// dead-letter queue's redrive cursor).
+    pub fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: Vec<CommittedOffset>,
+    ) -> Result<Durability, ClientError> {
+        match self.call(Request::CommitOffsets(CommitOffsetsRequest {
+            who: Membership {
+                group: group.to_string(),
+                member: String::new(),
+                generation: 0,
+            },
+            offsets,
+        }))? {
+            Response::OffsetsCommitted { durability, .. } => Ok(durability),
             r => Err(unexpected(r)),
         }
     }

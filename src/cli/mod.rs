@@ -1,4 +1,7 @@
-//! The client-side subcommands of `ringmq`: admin, produce, consume.
+//! The client-side subcommands of `ringmq`: admin, produce, consume; the consumer-group ones
+//! in [`groups`].
+
+pub mod groups;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +29,16 @@ pub enum AdminCommand {
     Info,
     /// Per-queue offsets and bytes of a topic.
     QueueStats { topic: String },
+    /// Consumer groups: create, describe.
+    Group {
+        #[command(subcommand)]
+        command: groups::GroupCommand,
+    },
+    /// A consumer group's dead-letter queue: show, redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: groups::DlqCommand,
+    },
     /// Make the broker (a slave) a master; prints `promoted: epoch <N>`.
     Promote,
     /// Replication state of every shard, one line each in a stable key=value format:
@@ -116,6 +129,22 @@ pub struct ConsumeArgs {
     /// Prefix each body with `<queue> <offset>` and a tab.
     #[arg(long)]
     pub print_offsets: bool,
+    /// Consume as a member of this consumer group: the group assigns the queues and starts
+    /// where it committed last; what is printed is committed (`--from` does not apply).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// With --group: give every message back (nack) after printing it, to rehearse retries:
+    /// each comes back after its delay, and after the group's max_reconsume_times it goes to
+    /// the dead-letter queue.
+    #[arg(long, requires = "group")]
+    pub reject: bool,
+    /// With --reject: the delay level (1-18: 1s 5s 10s 30s 1m ... 2h); 0: 3 + the number of
+    /// earlier failures.
+    #[arg(long, default_value_t = 0, requires = "reject")]
+    pub reject_level: u32,
+    /// With --group: the member's session timeout.
+    #[arg(long, requires = "group")]
+    pub session_timeout_ms: Option<u64>,
 }
 
 /// `-` for an empty field: a broker with no master, or one that predates the field, sends "".
@@ -168,6 +197,8 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
             println!("replication {}", or_dash(&info.replication));
             println!("-- effective config --\n{}", info.config_toml);
         }
+        AdminCommand::Group { command } => groups::group(&admin, command)?,
+        AdminCommand::Dlq { command } => groups::dlq(&admin, command)?,
         AdminCommand::QueueStats { topic } => {
             let stats = admin.queue_stats(&topic).map_err(e)?;
             println!(
@@ -284,6 +315,9 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
 }
 
 pub fn consume(args: ConsumeArgs) -> Result<(), String> {
+    if let Some(group) = args.group.clone() {
+        return groups::consume(args, &group);
+    }
     let e = |e: ringmq::client::ClientError| e.to_string();
     let consumer = Consumer::connect(&args.broker).map_err(e)?;
     let route = consumer.route(&args.topic).map_err(e)?;
