@@ -86,7 +86,10 @@ pub async fn send_back(s: &Services, b: SendBackRequest) -> Result<Response> {
     let Some(stored) = found else {
         return Err(ServiceError::new(
             ErrorCode::OffsetOutOfRange,
-            format!("{}/{} has no message at offset {}", b.topic, b.queue, b.offset),
+            format!(
+                "{}/{} has no message at offset {}",
+                b.topic, b.queue, b.offset
+            ),
         ));
     };
     let m = &stored.message;
@@ -95,8 +98,12 @@ pub async fn send_back(s: &Services, b: SendBackRequest) -> Result<Response> {
     let origin = match property(m, PROP_ORIGIN_TOPIC) {
         Some(topic) => (
             topic.to_string(),
-            number_property(m, PROP_ORIGIN_QUEUE).unwrap_or(0).to_string(),
-            number_property(m, PROP_ORIGIN_OFFSET).unwrap_or(0).to_string(),
+            number_property(m, PROP_ORIGIN_QUEUE)
+                .unwrap_or(0)
+                .to_string(),
+            number_property(m, PROP_ORIGIN_OFFSET)
+                .unwrap_or(0)
+                .to_string(),
         ),
         None => (b.topic.clone(), b.queue.to_string(), b.offset.to_string()),
     };
@@ -199,7 +206,9 @@ async fn deliver_due(s: &Services, level: u32) -> Result<()> {
         if number_property(m, PROP_DELIVER_AT).unwrap_or(0) > now {
             break;
         }
-        let target = property(m, PROP_TARGET_TOPIC).unwrap_or_default().to_string();
+        let target = property(m, PROP_TARGET_TOPIC)
+            .unwrap_or_default()
+            .to_string();
         let target_queue = number_property(m, PROP_TARGET_QUEUE).unwrap_or(0) as u32;
         if topics::check_queue(s, &target, target_queue).is_err() {
             log::warn!(

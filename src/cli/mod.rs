@@ -315,8 +315,22 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
 }
 
 pub fn consume(args: ConsumeArgs) -> Result<(), String> {
-    if let Some(group) = args.group.clone() {
-        return groups::consume(args, &group);
+    if let Some(group) = args.group {
+        if args.queue.is_some() {
+            return Err(
+                "--queue and --group do not go together: the group assigns the queues".into(),
+            );
+        }
+        return groups::consume(groups::GroupConsume {
+            broker: args.broker,
+            topic: args.topic,
+            group,
+            exit_at_end: args.exit_at_end,
+            print_offsets: args.print_offsets,
+            reject: args.reject,
+            reject_level: args.reject_level,
+            session_timeout_ms: args.session_timeout_ms,
+        });
     }
     let e = |e: ringmq::client::ClientError| e.to_string();
     let consumer = Consumer::connect(&args.broker).map_err(e)?;

@@ -30,8 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::broker::{ack, topics, Result, ServiceError, Services};
 use crate::protocol::{
     validate_group_name, AssignedQueue, CommitOffsetsRequest, ErrorCode, GroupDescription,
-    GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership,
-    Response,
+    GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, Response,
 };
 use crate::shard::mesh::{MeshReply, MeshRequest};
 use crate::shard::router::shard_of;
@@ -134,7 +133,11 @@ pub async fn catch_up(s: &Services) -> Result<()> {
             match GroupRecord::decode(&m.message.payload) {
                 Ok(r) => {
                     if let Err(why) = table.apply(r) {
-                        log::warn!("shard {}: {GROUPS_LOG} offset {}: {why}", s.shard.shard, m.offset);
+                        log::warn!(
+                            "shard {}: {GROUPS_LOG} offset {}: {why}",
+                            s.shard.shard,
+                            m.offset
+                        );
                     }
                 }
                 Err(why) => log::warn!(
@@ -145,7 +148,9 @@ pub async fn catch_up(s: &Services) -> Result<()> {
             }
         }
         if batch.next_offset.0 <= from {
-            return Err(internal(format!("{GROUPS_LOG} read at {from} made no progress")));
+            return Err(internal(format!(
+                "{GROUPS_LOG} read at {from} made no progress"
+            )));
         }
         c.applied.set(batch.next_offset.0);
     }
@@ -228,7 +233,10 @@ async fn ensure_group(s: &Services, group: &str, settings: Option<Settings>) -> 
         if current.is_none() && table(s).group_count() >= table::MAX_GROUPS {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
-                format!("this broker shard coordinates {} groups, the most it may", table::MAX_GROUPS),
+                format!(
+                    "this broker shard coordinates {} groups, the most it may",
+                    table::MAX_GROUPS
+                ),
             ));
         }
         append_records(
@@ -252,7 +260,10 @@ pub async fn create(s: &Services, g: GroupSettings) -> Result<Response> {
     if g.max_reconsume_times > MAX_RECONSUME_TIMES {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("max_reconsume_times {} is over {MAX_RECONSUME_TIMES}", g.max_reconsume_times),
+            format!(
+                "max_reconsume_times {} is over {MAX_RECONSUME_TIMES}",
+                g.max_reconsume_times
+            ),
         ));
     }
     let consume_timeout_ms = match g.consume_timeout_ms {
@@ -284,7 +295,10 @@ pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
     if j.topics.is_empty() || j.topics.len() > MAX_TOPICS_PER_MEMBER {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}", j.topics.len()),
+            format!(
+                "a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}",
+                j.topics.len()
+            ),
         ));
     }
     for t in &j.topics {
@@ -358,7 +372,12 @@ async fn queue_end(s: &Services, topic: &str, queue: u32) -> Result<u64> {
         match s
             .shard
             .mesh
-            .call(owner, MeshRequest::LocalQueueStats { topic: topic.to_string() })
+            .call(
+                owner,
+                MeshRequest::LocalQueueStats {
+                    topic: topic.to_string(),
+                },
+            )
             .await?
         {
             MeshReply::QueueStats(v) => v,
@@ -379,7 +398,10 @@ pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
     if c.offsets.is_empty() || c.offsets.len() > MAX_OFFSETS_PER_COMMIT {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}", c.offsets.len()),
+            format!(
+                "a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}",
+                c.offsets.len()
+            ),
         ));
     }
     catch_up(s).await?;
@@ -428,7 +450,11 @@ pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
                 )?;
             }
         }
-        let keys: Vec<_> = c.offsets.iter().map(|o| (o.topic.clone(), o.queue)).collect();
+        let keys: Vec<_> = c
+            .offsets
+            .iter()
+            .map(|o| (o.topic.clone(), o.queue))
+            .collect();
         table.check_room(group, &keys)?;
     }
     let records: Vec<GroupRecord> = c

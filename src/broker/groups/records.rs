@@ -260,7 +260,10 @@ mod tests {
             let bytes = r.encode();
             assert_eq!(&GroupRecord::decode(&bytes).unwrap(), r);
             for cut in 0..bytes.len() {
-                assert!(GroupRecord::decode(&bytes[..cut]).is_err(), "{r:?} cut at {cut}");
+                assert!(
+                    GroupRecord::decode(&bytes[..cut]).is_err(),
+                    "{r:?} cut at {cut}"
+                );
             }
             let mut longer = bytes.to_vec();
             longer.push(0);

@@ -85,7 +85,9 @@ impl GroupTable {
                 consume_timeout_ms,
             } => {
                 if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS {
-                    return Err(format!("group {group:?} skipped: {MAX_GROUPS} groups already"));
+                    return Err(format!(
+                        "group {group:?} skipped: {MAX_GROUPS} groups already"
+                    ));
                 }
                 self.groups.entry(group).or_default().settings = Some(Settings {
                     max_reconsume_times,
@@ -99,8 +101,7 @@ impl GroupTable {
                 offset,
             } => {
                 let key = (group, topic, queue);
-                if !self.offsets.contains_key(&key) && self.offsets.len() >= MAX_COMMITTED_OFFSETS
-                {
+                if !self.offsets.contains_key(&key) && self.offsets.len() >= MAX_COMMITTED_OFFSETS {
                     return Err(format!(
                         "offset of {key:?} skipped: {MAX_COMMITTED_OFFSETS} offsets already"
                     ));
@@ -148,14 +149,19 @@ impl GroupTable {
         if self.offsets.len() + new > MAX_COMMITTED_OFFSETS {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
-                format!("this broker shard keeps at most {MAX_COMMITTED_OFFSETS} committed offsets"),
+                format!(
+                    "this broker shard keeps at most {MAX_COMMITTED_OFFSETS} committed offsets"
+                ),
             ));
         }
         Ok(())
     }
 
     pub fn group_count(&self) -> usize {
-        self.groups.values().filter(|g| g.settings.is_some()).count()
+        self.groups
+            .values()
+            .filter(|g| g.settings.is_some())
+            .count()
     }
 
     pub fn progress(&self, level: u32) -> Option<u64> {
@@ -388,7 +394,9 @@ mod tests {
             .check_holder("g", &a, g1, Some(("t", 0)), now, &q)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::StaleGeneration);
-        // b times out: a gets every queue in a new generation.
+        // b times out (a heartbeats, b does not): a gets every queue in a new generation.
+        t.heartbeat("g", Some(&a), &topics, S, now + Duration::from_secs(6), &q)
+            .unwrap();
         let later = now + Duration::from_secs(11);
         t.heartbeat("g", Some(&a), &topics, S, later, &q).unwrap();
         let g3 = t.group("g").unwrap().generation;
