@@ -47,8 +47,8 @@ pub use limits::{
     MAX_TOPIC_NAME_BYTES, PREAMBLE_BYTES,
 };
 pub use messages::{
-    error_frame, error_frame_for, BrokerInfo, Durability, EpochEntry, FetchHeader, FetchRequest,
-    Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck, ReplData,
+    error_frame, error_frame_for, BrokerInfo, Delay, Durability, EpochEntry, FetchHeader,
+    FetchRequest, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck, ReplData,
     ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response, RouteTable, ShardStats,
     TopicInfo,
 };

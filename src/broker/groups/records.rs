@@ -37,6 +37,9 @@ pub const PROP_ERROR: &str = "%ERROR";
 pub const PROP_TARGET_TOPIC: &str = "%TARGET_TOPIC";
 pub const PROP_TARGET_QUEUE: &str = "%TARGET_QUEUE";
 pub const PROP_DELIVER_AT: &str = "%DELIVER_AT";
+/// A producer's delayed message with a deliver-at time: when it is finally due. It may wait
+/// through several levels (hops) on the way, each ending at or before this time.
+pub const PROP_FINAL_AT: &str = "%FINAL_AT";
 
 /// RocketMQ's delay levels, 1-based: level `n` waits `DELAY_LEVELS_MS[n - 1]`.
 pub const DELAY_LEVELS_MS: [u64; 18] = [
@@ -220,9 +223,14 @@ pub fn with_broker_properties(m: &Message, props: &[(&str, String)]) -> Message 
 pub fn without_schedule_properties(m: &Message) -> Message {
     let mut out = m.clone();
     out.properties.retain(|(k, _)| {
-        ![PROP_TARGET_TOPIC, PROP_TARGET_QUEUE, PROP_DELIVER_AT]
-            .iter()
-            .any(|name| k.as_ref() == name.as_bytes())
+        ![
+            PROP_TARGET_TOPIC,
+            PROP_TARGET_QUEUE,
+            PROP_DELIVER_AT,
+            PROP_FINAL_AT,
+        ]
+        .iter()
+        .any(|name| k.as_ref() == name.as_bytes())
     });
     out
 }
