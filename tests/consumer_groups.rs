@@ -568,3 +568,77 @@ fn bad_group_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(committed, [("t", 0, 1)]);
     assert_eq!(d.generation, who.generation, "refusals do not rebalance");
 }
+
+/// Thousands of commits: the table is restated as a snapshot, a restart loads from it, and a
+/// snapshot file that names the wrong record is ignored (the load starts at the oldest record).
+#[test]
+fn commits_are_compacted_into_a_snapshot_that_a_restart_loads_from() {
+    let mut b = TestBroker::start();
+    b.create_topic("t", 2);
+    produce(&b.addr(), "t", (0..40).map(|i| i.to_string()));
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.create_group("busy", 16, 0).unwrap();
+    let commit = |queue: u32, offset: u64| {
+        admin
+            .commit_offsets(
+                "busy",
+                vec![CommittedOffset {
+                    topic: "t".into(),
+                    queue,
+                    offset,
+                }],
+            )
+            .unwrap();
+    };
+    // Queue 0 is committed once, first; queue 1 back and forth 3000 times after it: only a
+    // snapshot still holds queue 0's offset past the first records.
+    commit(0, 7);
+    for i in 0..3000u64 {
+        commit(1, i % 10);
+    }
+    let coordinator = ringmq::broker::groups::coordinator_of("busy", b.shard_addrs().len());
+    let file = b
+        .dir
+        .join(format!("shard-{coordinator}"))
+        .join(ringmq::broker::groups::SNAPSHOT_FILE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "no snapshot written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let offset: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        offset >= 2000,
+        "the snapshot comes after most commits: {text}"
+    );
+    let committed = |b: &TestBroker| {
+        let d = Admin::connect(&b.addr())
+            .unwrap()
+            .describe_group("busy")
+            .unwrap();
+        let of = |queue: u32| {
+            d.queues
+                .iter()
+                .find(|q| q.topic == "t" && q.queue == queue)
+                .and_then(|q| q.committed)
+        };
+        (d.settings.max_reconsume_times, of(0), of(1))
+    };
+    assert_eq!(committed(&b), (16, Some(7), Some(9)));
+    b.restart();
+    assert_eq!(
+        committed(&b),
+        (16, Some(7), Some(9)),
+        "loaded from the snapshot"
+    );
+    // A file naming another record: ignored, and the log alone gives the same answer.
+    b.stop();
+    std::fs::write(&file, format!("{} 12345\n", offset + 1)).unwrap();
+    b.restart();
+    assert_eq!(
+        committed(&b),
+        (16, Some(7), Some(9)),
+        "loaded from the oldest record"
+    );
+}

@@ -8,6 +8,7 @@
 //! settings: kind=1 u8 | group_len u16 | group | max_reconsume_times u32 | consume_timeout_ms u32
 //! commit:   kind=2 u8 | group_len u16 | group | topic_len u16 | topic | queue u32 | offset u64
 //! progress: kind=3 u8 | level u32 | next_offset u64        (the delay scheduler's cursor)
+//! snapshot: kind=4 u8 | id u64      (a snapshot of the whole table follows; see `compact`)
 //! ```
 //!
 //! A message given back by a member (SendBack) is copied with its key, tag, payload and born
@@ -63,6 +64,8 @@ pub enum GroupRecord {
     },
     /// The delay scheduler has delivered every message of `level` below `next`.
     Progress { level: u32, next: u64 },
+    /// The records after this one restate the whole table as it was here.
+    SnapshotBegin { id: u64 },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -100,6 +103,10 @@ impl GroupRecord {
                 out.put_u8(3);
                 out.put_u32_le(*level);
                 out.put_u64_le(*next);
+            }
+            GroupRecord::SnapshotBegin { id } => {
+                out.put_u8(4);
+                out.put_u64_le(*id);
             }
         }
         out.freeze()
@@ -141,6 +148,7 @@ impl GroupRecord {
                 level: u32_(&mut b)?,
                 next: u64_(&mut b)?,
             },
+            4 => GroupRecord::SnapshotBegin { id: u64_(&mut b)? },
             k => return Err(format!("unknown record kind {k}")),
         };
         if !b.is_empty() {
@@ -263,6 +271,7 @@ mod tests {
                 offset: u64::MAX - 1,
             },
             GroupRecord::Progress { level: 18, next: 5 },
+            GroupRecord::SnapshotBegin { id: 42 },
         ];
         for r in &records {
             let bytes = r.encode();
