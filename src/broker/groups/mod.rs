@@ -274,7 +274,7 @@ pub async fn compact(s: &Services, force: bool) -> Result<Option<u64>> {
     let (last, at) = s.groups.last_snapshot.get();
     let live = table(s).live_records() as u64;
     let since = s.groups.applied.get().saturating_sub(last);
-    let stale = at.is_none_or(|t| t.elapsed() >= COMPACT_EVERY);
+    let stale = at.map_or(true, |t| t.elapsed() >= COMPACT_EVERY);
     let due = force || (live > 0 && (since > 2 * live + 1024 || (stale && since > live)));
     if !due {
         return Ok(None);
