@@ -199,6 +199,19 @@ pub async fn catch_up(s: &Services) -> Result<()> {
     }
     loop {
         let stats = store.queue_stats(GROUPS_LOG, 0);
+        if c.applied.get() > stats.written_end_offset.0 {
+            // The log was truncated under the view (a replica dropping a diverged tail): what
+            // was applied from the dropped part must go too, so start over from the log.
+            log::warn!(
+                "shard {}: {GROUPS_LOG} ends at {} but {} were applied: reloading consumer groups",
+                s.shard.shard,
+                stats.written_end_offset.0,
+                c.applied.get()
+            );
+            *c.table.borrow_mut() = GroupTable::new(now_unix_us());
+            c.applied.set(0);
+            continue;
+        }
         let from = c.applied.get().max(stats.min_offset.0);
         if from >= stats.visible_end_offset.0 {
             c.applied.set(from);
