@@ -222,6 +222,7 @@ fn valid_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
                 rng.gen()
             },
             max_wait_ms: rng.gen_range(0..50),
+            group: None,
         }),
     };
     encode(&req.to_frame(id, Bytes::new()))
@@ -321,6 +322,7 @@ fn no_read(args: &Args) -> String {
             offset: 0,
             max_bytes: 1 << 30,
             max_wait_ms: 0,
+            group: None,
         });
         match s.write_all(&encode(&req.to_frame(sent, Bytes::new()))) {
             Ok(()) => {}
