@@ -13,7 +13,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ringmq::client::{Admin, Consumer, GroupConfig, GroupConsumer, GroupMessage, Producer, QueueSelector};
+use ringmq::client::{
+    Admin, Consumer, GroupConfig, GroupConsumer, GroupMessage, Producer, QueueSelector,
+};
 use ringmq::format::batch::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmq");
@@ -199,7 +201,11 @@ fn read_topic(addr: &str, topic: &str) -> Vec<Stored> {
                     payload: m.payload.to_vec(),
                 });
             }
-            assert!(f.next_offset > offset, "{topic}/{} read made no progress", s.queue);
+            assert!(
+                f.next_offset > offset,
+                "{topic}/{} read made no progress",
+                s.queue
+            );
             offset = f.next_offset;
         }
     }
@@ -299,7 +305,10 @@ fn set_up_groups(addr: &str) -> Before {
             if m.source.0 != TOPIC {
                 // Back from the level-1 retry: its second failure makes it dead.
                 assert_eq!(m.reconsume_times, 1, "{m:?}");
-                assert!(dead.contains(&(m.queue, m.offset)), "unexpected retry {m:?}");
+                assert!(
+                    dead.contains(&(m.queue, m.offset)),
+                    "unexpected retry {m:?}"
+                );
                 let sent = retrier.nack(m, 1, "second failure").expect("nack");
                 assert!(sent.topic.starts_with("%DLQ%"), "{sent:?}");
                 retried.set(retried.get() + 1);
@@ -320,7 +329,10 @@ fn set_up_groups(addr: &str) -> Before {
                 _ => retrier.ack(m),
             }
         },
-        || firsts.get() == N && retried.get() == produced.iter().filter(|(_, o)| o % 10 == 2).count(),
+        || {
+            firsts.get() == N
+                && retried.get() == produced.iter().filter(|(_, o)| o % 10 == 2).count()
+        },
     );
     assert!(dead_letters > 0);
     retrier.commit().expect("commit");
@@ -338,13 +350,30 @@ fn set_up_groups(addr: &str) -> Before {
     // The set-up did what the checks assume.
     for q in 0..QUEUES {
         let key = (TOPIC.to_string(), q);
-        assert_eq!(before.half[&key], Some(before.ends[&q] / 2), "{:?}", before.half);
-        assert_eq!(before.retrier[&key], Some(before.ends[&q]), "{:?}", before.retrier);
+        assert_eq!(
+            before.half[&key],
+            Some(before.ends[&q] / 2),
+            "{:?}",
+            before.half
+        );
+        assert_eq!(
+            before.retrier[&key],
+            Some(before.ends[&q]),
+            "{:?}",
+            before.retrier
+        );
     }
     assert_eq!(before.dlq.len(), dead.len(), "{:?}", before.dlq);
-    assert_eq!(before.retry_topic.len(), dead.len(), "only the level-1 retries are delivered yet");
+    assert_eq!(
+        before.retry_topic.len(),
+        dead.len(),
+        "only the level-1 retries are delivered yet"
+    );
     let due = before.scheduled.values().min().copied().unwrap_or(0) + LEVEL3_MS;
-    assert!(now_ms() < due, "the set-up took so long that the level-3 retries are due");
+    assert!(
+        now_ms() < due,
+        "the set-up took so long that the level-3 retries are due"
+    );
     eprintln!(
         "set up: {N} messages, {} scheduled at level 3, {} dead letters, {} ms before the first is due",
         before.scheduled.len(),
@@ -357,8 +386,16 @@ fn set_up_groups(addr: &str) -> Before {
 /// Checks the broker at `addr` (restarted or promoted) against `before`.
 fn check_after(addr: &str, before: &Before) {
     let admin = Admin::connect(addr).expect("admin");
-    assert_eq!(committed(&admin, HALF), before.half, "group half's committed offsets");
-    assert_eq!(committed(&admin, RETRY), before.retrier, "group retrier's committed offsets");
+    assert_eq!(
+        committed(&admin, HALF),
+        before.half,
+        "group half's committed offsets"
+    );
+    assert_eq!(
+        committed(&admin, RETRY),
+        before.retrier,
+        "group retrier's committed offsets"
+    );
     assert_eq!(
         read_topic(addr, &format!("%DLQ%{RETRY}")),
         before.dlq,
@@ -431,15 +468,23 @@ fn check_after(addr: &str, before: &Before) {
                 return false;
             }
             // Everything expected came: a little longer, so an extra message would show.
-            let at = *settle.get().get_or_insert_with(|| Instant::now() + Duration::from_millis(700));
+            let at = *settle
+                .get()
+                .get_or_insert_with(|| Instant::now() + Duration::from_millis(700));
             settle.set(Some(at));
             Instant::now() >= at
         },
     );
     let seen = seen.into_inner();
     let keys: BTreeSet<(u32, u64)> = seen.keys().copied().collect();
-    assert_eq!(keys, expect, "group half after the restart reads only what it had not committed");
-    assert!(seen.values().all(|n| *n == 1), "a message delivered twice: {seen:?}");
+    assert_eq!(
+        keys, expect,
+        "group half after the restart reads only what it had not committed"
+    );
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a message delivered twice: {seen:?}"
+    );
     half.close().expect("close");
     eprintln!(
         "checked: offsets of 2 groups, {} dead letters, {} scheduled retries each once and on time, {} uncommitted re-read",
@@ -483,7 +528,11 @@ fn sync_master_failover_keeps_offsets_retries_and_dlq() {
     );
     let slave = BrokerProcess::start(
         sdir.path(),
-        if common::available_cores() > 1 { "1," } else { "0," },
+        if common::available_cores() > 1 {
+            "1,"
+        } else {
+            "0,"
+        },
         &["--role", "slave", "--master", master.addr()],
     );
     common::wait_caught_up(
@@ -494,7 +543,213 @@ fn sync_master_failover_keeps_offsets_retries_and_dlq() {
     // No wait for the slave here: SYNC_MASTER acked every commit and send-back only once the
     // slave had it durable.
     master.kill9();
-    let epoch = Admin::connect(slave.addr()).unwrap().promote().expect("promote");
+    let epoch = Admin::connect(slave.addr())
+        .unwrap()
+        .promote()
+        .expect("promote");
     eprintln!("slave promoted, epoch {epoch}");
     check_after(slave.addr(), &before);
+}
+
+/// A line `ringmq consume --group --print-offsets` printed, as (queue, offset, body).
+fn parse_line(line: &str) -> (u32, u64, String) {
+    let (head, body) = line
+        .split_once('\t')
+        .unwrap_or_else(|| panic!("line {line:?}"));
+    let (q, o) = head
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("line {line:?}"));
+    (q.parse().unwrap(), o.parse().unwrap(), body.to_string())
+}
+
+/// The next line ended by a newline, without it; `None` at the end (a line cut by the kill,
+/// without its newline, was not printed whole).
+fn whole_line(r: &mut impl BufRead) -> Option<String> {
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(_) if line.ends_with('\n') => {
+            line.pop();
+            Some(line)
+        }
+        _ => None,
+    }
+}
+
+/// Spawns `ringmq consume --group cli --print-offsets` on `addr` with its stdout piped.
+fn spawn_group_cli(addr: &str, extra: &[&str]) -> Child {
+    let child = Command::new(BIN)
+        .args([
+            "consume", "--broker", addr, "--topic", "stream", "--group", "cli",
+        ])
+        .args(["--print-offsets", "--session-timeout-ms", "1500"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringmq consume");
+    LIVE.lock().unwrap().push(child.id());
+    child
+}
+
+#[test]
+fn a_consumer_killed_mid_stream_gets_only_its_uncommitted_messages_again() {
+    /// Messages printed and committed before the kill.
+    const EARLY: u64 = 400;
+    /// All messages; those after EARLY, in batches of 100 per queue with bodies of about 100
+    /// bytes, so one queue's fetch prints far more than a pipe holds.
+    const M: u64 = 8400;
+    const KILL_AFTER: usize = 500;
+    let _watchdog = watchdog(Duration::from_secs(90));
+    let tmp = common::data_dir();
+    let broker = BrokerProcess::start(
+        tmp.path(),
+        &shards().to_string(),
+        &["--flush-mode", "sync_flush"],
+    );
+    let addr = broker.addr().to_string();
+    let admin = Admin::connect(&addr).unwrap();
+    admin.create_topic("stream", QUEUES).unwrap();
+    admin.create_group("cli", 16, 0).unwrap();
+    let producer = Producer::connect(&addr).expect("producer");
+    let mut stored: BTreeMap<(u32, u64), String> = BTreeMap::new();
+    let mut produce = |from: u64, to: u64, pad: &str| {
+        for b in (from..to).step_by(100) {
+            let bodies: Vec<String> = (b..(b + 100).min(to))
+                .map(|i| format!("s-{i}{pad}"))
+                .collect();
+            let batch: Vec<Message> = bodies
+                .iter()
+                .map(|s| Message::new(s.clone().into_bytes()))
+                .collect();
+            let r = producer
+                .send_batch("stream", QueueSelector::RoundRobin, &batch)
+                .expect("send");
+            for (k, body) in bodies.into_iter().enumerate() {
+                stored.insert((r.queue, r.offset + k as u64), body);
+            }
+        }
+    };
+
+    // First a part that the consumer prints and commits.
+    produce(0, EARLY, "");
+    let mut first = spawn_group_cli(&addr, &[]);
+    let mut out = BufReader::new(first.stdout.take().unwrap());
+    let mut printed_first = Vec::new();
+    while printed_first.len() < EARLY as usize {
+        let line = whole_line(&mut out).expect("the consumer prints");
+        printed_first.push(parse_line(&line));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = committed(&admin, "cli");
+        let done: u64 = (0..QUEUES)
+            .filter_map(|q| c.get(&("stream".to_string(), q)).copied().flatten())
+            .sum();
+        if done == EARLY {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer never committed what it printed: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then a backlog with long bodies: the test reads KILL_AFTER more lines and stops reading,
+    // so the consumer blocks on the full pipe in the middle of printing a batch it has neither
+    // acked nor committed, and dies there.
+    produce(EARLY, M, &"x".repeat(96));
+    while printed_first.len() < EARLY as usize + KILL_AFTER {
+        let line = whole_line(&mut out).expect("the consumer prints");
+        printed_first.push(parse_line(&line));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    sigkill(&mut first);
+    // What it printed before it died is still in the pipe.
+    while let Some(line) = whole_line(&mut out) {
+        printed_first.push(parse_line(&line));
+    }
+
+    // The dead member's session ends; then nobody holds a queue and the offsets stand.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !admin.describe_group("cli").unwrap().members.is_empty() {
+        assert!(Instant::now() < deadline, "the killed member never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let committed = committed(&admin, "cli");
+    let cli_committed = |q: u32| committed.get(&("stream".to_string(), q)).copied().flatten();
+    let window = printed_first
+        .iter()
+        .filter(|(q, o, _)| cli_committed(*q).is_none_or(|c| *o >= c))
+        .count();
+
+    let mut second = spawn_group_cli(&addr, &["--exit-at-end"]);
+    let stdout = second.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed_second = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => printed_second.push(parse_line(&line)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                sigkill(&mut second);
+                panic!("the restarted consumer did not finish within 30 s");
+            }
+        }
+    }
+    let status = second.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err);
+    assert!(
+        status.success(),
+        "the restarted consumer exited with {status}: {err}"
+    );
+
+    let mut times: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    for (q, o, body) in printed_first.iter().chain(&printed_second) {
+        assert_eq!(
+            stored.get(&(*q, *o)),
+            Some(body),
+            "{q}/{o} printed with another body"
+        );
+        *times.entry((*q, *o)).or_default() += 1;
+    }
+    let missing: Vec<_> = stored.keys().filter(|k| !times.contains_key(k)).collect();
+    let twice = times.values().filter(|n| **n == 2).count();
+    let more = times.values().filter(|n| **n > 2).count();
+    eprintln!(
+        "killed after {} lines; committed {committed:?}; uncommitted window {window}; \
+         {twice} printed twice, {} missing; second run printed {}",
+        printed_first.len(),
+        missing.len(),
+        printed_second.len()
+    );
+    assert!(missing.is_empty(), "never printed (a gap): {missing:?}");
+    assert_eq!(more, 0, "a message printed more than twice");
+    assert!(
+        window > 0,
+        "the kill came when everything printed was committed"
+    );
+    assert_eq!(
+        twice, window,
+        "printed twice = printed before the kill and not committed"
+    );
+    // The second run starts exactly at each queue's committed offset.
+    for q in 0..QUEUES {
+        let resumed = printed_second.iter().find(|l| l.0 == q).map(|l| l.1);
+        let c = cli_committed(q);
+        assert!(
+            resumed.is_none() || resumed == c.or(Some(0)),
+            "queue {q}: resumed at {resumed:?}, committed {c:?}"
+        );
+    }
+    drop(broker);
 }
