@@ -198,6 +198,7 @@ fn produce_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
         message_count: count,
         timeout_ms: 1000,
         known_epoch: 0,
+        delay: None,
     });
     encode(&req.to_frame(id, body.freeze()))
 }
@@ -359,6 +360,7 @@ fn trickle(args: &Args) -> String {
         message_count: 1,
         timeout_ms: 1000,
         known_epoch: 0,
+        delay: None,
     });
     let frame = encode(&req.to_frame(1, body.freeze()));
     let hold = frame.len() - 64;
