@@ -656,3 +656,54 @@ fn commits_are_compacted_into_a_snapshot_that_a_restart_loads_from() {
         "loaded from the oldest record"
     );
 }
+
+/// A member gives a message back and dies before its commit passes it: the next holder of the
+/// queue gets it only from the retry topic, not again from the queue.
+#[test]
+fn a_message_given_back_is_never_delivered_again_from_its_queue() {
+    let b = TestBroker::start();
+    b.create_topic("once", 1);
+    let addr = b.addr();
+    produce(&addr, "once", (0..5).map(|i| format!("m{i}")));
+    let a = GroupConsumer::join(&addr, config("g", "once")).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 5 && Instant::now() < deadline {
+        got.extend(a.poll(Duration::from_millis(200)).unwrap());
+    }
+    assert_eq!(got.len(), 5);
+    // m1 stays in flight (so the commit cannot pass m2), m2 is given back, the rest acked.
+    for m in &got {
+        match &m.payload[..] {
+            b"m1" => {}
+            b"m2" => {
+                a.nack(m, 1, "try later").unwrap();
+            }
+            _ => a.ack(m),
+        }
+    }
+    a.commit().unwrap();
+    drop(a); // dies: no close, no further commit; its session times out
+    std::thread::sleep(Duration::from_millis(2300));
+    let b2 = GroupConsumer::join(&addr, config("g", "once")).unwrap();
+    let mut deliveries: Vec<(String, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        for m in b2.poll(Duration::from_millis(200)).unwrap() {
+            deliveries.push((
+                String::from_utf8_lossy(&m.payload).into(),
+                m.source.0.clone(),
+            ));
+            b2.ack(&m);
+        }
+    }
+    b2.close().unwrap();
+    let m2: Vec<_> = deliveries.iter().filter(|(p, _)| p == "m2").collect();
+    assert_eq!(
+        m2,
+        [&("m2".to_string(), "%RETRY%g".to_string())],
+        "m2 only as a retry: {deliveries:?}"
+    );
+    let again: BTreeSet<&str> = deliveries.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(again, ["m1", "m2", "m3", "m4"].into_iter().collect());
+}

@@ -9,8 +9,11 @@
 //! - once it has failed more than the group's `max_reconsume_times`, to this shard's queue
 //!   of `%DLQ%<group>`.
 //!
-//! Both are appends acked like a produce; the member treats the message as done once the
-//! send-back is acked, and its commit moves past it.
+//! Both are appends acked like a produce; then the group's coordinator records that the
+//! message was given back (a `SentBack` record), so if the member dies before its commit moves
+//! past the message, the next holder of the queue skips it there (the join hands it the
+//! given-back offsets): it comes back only through the retry topic. The member treats the
+//! message as done once the send-back is acked.
 //!
 //! A producer's delayed batch ([`produce_delayed`]) takes the same road, addressed to its own
 //! queue: with a delay level it waits that level; with a deliver-at time (at most
@@ -229,6 +232,9 @@ pub async fn send_back(s: &Services, b: SendBackRequest) -> Result<Response> {
         })
         .await?;
     let durability = ack::acknowledge(s, target_queue, &appended).await?;
+    // After the copy is acked: a crash between the two can deliver the message twice (here
+    // and as a retry), never lose it. With the marker, the next holder of the queue skips it.
+    groups::record_sent_back(s, &b.who, &b.topic, b.queue, b.offset).await?;
     Ok(Response::SentBack(SentBack {
         topic: destination,
         reconsume_times: times,

@@ -10,6 +10,10 @@
 //! reads again from the last commit: messages in flight at the crash come back (at least once,
 //! the duplicates only from the uncommitted window).
 //!
+//! A nacked message is done here once the broker acked the send-back; the broker also marks
+//! it given back, and a member that takes the queue over before the commit moved past it is
+//! told to skip it there, so it comes back only through the retry topic.
+//!
 //! A message not acked within the group's `consume_timeout` is nacked by the consumer itself
 //! at the next poll. On a rebalance (another member joined, left or timed out) the coordinator
 //! hands out a new generation: queues that moved away are dropped here at the next heartbeat,
@@ -135,6 +139,8 @@ struct QueueState {
     /// Whether `next_fetch` is known (a queue never committed starts at its oldest offset,
     /// learned with a first fetch).
     positioned: bool,
+    /// Offsets an earlier holder gave back (they come back as retries): not delivered here.
+    skip: std::collections::BTreeSet<u64>,
 }
 
 struct State {
@@ -359,6 +365,7 @@ impl Inner {
                 next_fetch: a.committed.unwrap_or(0),
                 committed: a.committed,
                 positioned: a.committed.is_some(),
+                skip: a.sent_back.into_iter().collect(),
                 ..QueueState::default()
             });
             queues.insert(key, q);
@@ -613,9 +620,11 @@ impl Inner {
                 q.next_fetch = f.next_offset;
                 q.at_end = f.next_offset >= f.end_offset;
                 let topic = done.key.0.clone();
+                let skip = &mut q.skip;
                 q.buffered.extend(
                     f.messages
                         .into_iter()
+                        .filter(|m| !skip.remove(&m.offset))
                         .map(|m| GroupMessage::from_consumed(&topic, m)),
                 );
                 Ok(())

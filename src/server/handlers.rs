@@ -227,8 +227,18 @@ pub async fn on_mesh_request(s: &Rc<Services>, request: MeshRequest) -> MeshRepl
                 })
                 .map_err(remote),
         ),
-        MeshRequest::CreateInternalTopic { name, queues } => MeshReply::Created(
+        MeshRequest::CreateInternalTopic { name, queues } => MeshReply::Done(
             groups::create_internal_topic(s, &name, queues)
+                .await
+                .map_err(remote),
+        ),
+        MeshRequest::RecordSentBack {
+            who,
+            topic,
+            queue,
+            offset,
+        } => MeshReply::Done(
+            groups::record_sent_back_here(s, &who, &topic, queue, offset)
                 .await
                 .map_err(remote),
         ),

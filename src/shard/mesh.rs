@@ -47,6 +47,13 @@ pub enum MeshRequest {
     /// To shard 0: create a topic the broker itself needs (a group's retry and dead-letter
     /// topics), which a client may not create.
     CreateInternalTopic { name: String, queues: u32 },
+    /// To a group's coordinator: `who` gave back (topic, queue, offset); record it.
+    RecordSentBack {
+        who: Membership,
+        topic: String,
+        queue: u32,
+        offset: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -59,8 +66,8 @@ pub enum MeshReply {
     Promoted(Result<u64, String>),
     /// A group's settings, or why the member was refused.
     MemberChecked(Result<GroupSettings, RemoteError>),
-    /// An internal topic exists now, or why it could not be created.
-    Created(Result<(), RemoteError>),
+    /// Done (an internal topic created, a given-back message recorded), or why not.
+    Done(Result<(), RemoteError>),
 }
 
 /// The one message type on the mesh.

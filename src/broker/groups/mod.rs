@@ -380,8 +380,8 @@ async fn ensure_group_topics(s: &Services, group: &str) -> Result<()> {
                 .call(0, MeshRequest::CreateInternalTopic { name, queues })
                 .await?
             {
-                MeshReply::Created(Ok(())) => {}
-                MeshReply::Created(Err(e)) => return Err(ServiceError::new(e.code, e.message)),
+                MeshReply::Done(Ok(())) => {}
+                MeshReply::Done(Err(e)) => return Err(ServiceError::new(e.code, e.message)),
                 other => return Err(internal(format!("shard 0 answered {other:?}"))),
             }
         }
@@ -519,6 +519,7 @@ pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
             topic: topic.clone(),
             queue: *queue,
             committed: table.committed(&j.group, topic, *queue),
+            sent_back: table.sent_back(&j.group, topic, *queue),
         })
         .collect();
     Ok(Response::GroupJoined(GroupJoined {
@@ -740,6 +741,54 @@ pub async fn check_member(
             consume_timeout_ms: g.consume_timeout_ms,
         }),
         MeshReply::MemberChecked(Err(e)) => Err(ServiceError::new(e.code, e.message)),
+        other => Err(internal(format!("shard {coordinator} answered {other:?}"))),
+    }
+}
+
+/// On the coordinator: records that `who` gave back (topic, queue, offset), so that whoever
+/// holds the queue next skips it there (it comes back through the retry topic).
+pub async fn record_sent_back_here(
+    s: &Services,
+    who: &Membership,
+    topic: &str,
+    queue: u32,
+    offset: u64,
+) -> Result<()> {
+    check_member_here(s, who, topic, queue).await?;
+    append_records(
+        s,
+        &[GroupRecord::SentBack {
+            group: who.group.clone(),
+            topic: topic.to_string(),
+            queue,
+            offset,
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
+/// From any shard: [`record_sent_back_here`] on the group's coordinator.
+pub async fn record_sent_back(
+    s: &Services,
+    who: &Membership,
+    topic: &str,
+    queue: u32,
+    offset: u64,
+) -> Result<()> {
+    let coordinator = coordinator_of(&who.group, s.shard.shards);
+    if coordinator == s.shard.shard {
+        return record_sent_back_here(s, who, topic, queue, offset).await;
+    }
+    let request = MeshRequest::RecordSentBack {
+        who: who.clone(),
+        topic: topic.to_string(),
+        queue,
+        offset,
+    };
+    match s.shard.mesh.call(coordinator, request).await? {
+        MeshReply::Done(Ok(())) => Ok(()),
+        MeshReply::Done(Err(e)) => Err(ServiceError::new(e.code, e.message)),
         other => Err(internal(format!("shard {coordinator} answered {other:?}"))),
     }
 }

@@ -9,6 +9,8 @@
 //! commit:   kind=2 u8 | group_len u16 | group | topic_len u16 | topic | queue u32 | offset u64
 //! progress: kind=3 u8 | level u32 | next_offset u64        (the delay scheduler's cursor)
 //! snapshot: kind=4 u8 | id u64      (a snapshot of the whole table follows; see `compact`)
+//! sentback: kind=5 u8 | group_len u16 | group | topic_len u16 | topic | queue u32 | offset u64
+//!           (a member gave this message back: it comes back as a retry, not from here)
 //! ```
 //!
 //! A message given back by a member (SendBack) is copied with its key, tag, payload and born
@@ -66,6 +68,13 @@ pub enum GroupRecord {
     Progress { level: u32, next: u64 },
     /// The records after this one restate the whole table as it was here.
     SnapshotBegin { id: u64 },
+    /// The message at (topic, queue, offset) was given back by a member of `group`.
+    SentBack {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+    },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -108,6 +117,18 @@ impl GroupRecord {
                 out.put_u8(4);
                 out.put_u64_le(*id);
             }
+            GroupRecord::SentBack {
+                group,
+                topic,
+                queue,
+                offset,
+            } => {
+                out.put_u8(5);
+                put_str(&mut out, group);
+                put_str(&mut out, topic);
+                out.put_u32_le(*queue);
+                out.put_u64_le(*offset);
+            }
         }
         out.freeze()
     }
@@ -149,6 +170,12 @@ impl GroupRecord {
                 next: u64_(&mut b)?,
             },
             4 => GroupRecord::SnapshotBegin { id: u64_(&mut b)? },
+            5 => GroupRecord::SentBack {
+                group: str_(&mut b)?,
+                topic: str_(&mut b)?,
+                queue: u32_(&mut b)?,
+                offset: u64_(&mut b)?,
+            },
             k => return Err(format!("unknown record kind {k}")),
         };
         if !b.is_empty() {
@@ -272,6 +299,12 @@ mod tests {
             },
             GroupRecord::Progress { level: 18, next: 5 },
             GroupRecord::SnapshotBegin { id: 42 },
+            GroupRecord::SentBack {
+                group: "g".into(),
+                topic: "t".into(),
+                queue: 3,
+                offset: 17,
+            },
         ];
         for r in &records {
             let bytes = r.encode();

@@ -17,6 +17,9 @@ pub const MAX_GROUPS: usize = 10_000;
 pub const MAX_MEMBERS: usize = 1_024;
 /// Committed offsets (group, topic, queue) one shard keeps, at most: ~100 bytes each.
 pub const MAX_COMMITTED_OFFSETS: usize = 262_144;
+/// Given-back offsets past their queue's commit one shard keeps, at most (past it a marker
+/// is dropped, and that message may come back from its queue as well as from the retry).
+pub const MAX_SENT_BACK: usize = 262_144;
 
 /// A group's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +57,9 @@ pub struct Group {
 pub struct GroupTable {
     groups: BTreeMap<String, Group>,
     offsets: HashMap<(String, String, u32), u64>,
+    /// Offsets at or past the committed one that a member gave back, per queue.
+    sent_back: HashMap<(String, String, u32), std::collections::BTreeSet<u64>>,
+    sent_back_count: usize,
     /// The delay scheduler's cursor per level (index `level - 1`).
     progress: [Option<u64>; 18],
     /// Generations only grow, also across restarts: they start at the wall clock in
@@ -68,6 +74,8 @@ impl GroupTable {
         GroupTable {
             groups: BTreeMap::new(),
             offsets: HashMap::new(),
+            sent_back: HashMap::new(),
+            sent_back_count: 0,
             progress: [None; 18],
             next_generation: now_unix_us.max(1),
             next_member: 1,
@@ -106,7 +114,35 @@ impl GroupTable {
                         "offset of {key:?} skipped: {MAX_COMMITTED_OFFSETS} offsets already"
                     ));
                 }
+                // Given-back offsets below the commit need no marker any more.
+                if let Some(set) = self.sent_back.get_mut(&key) {
+                    let keep = set.split_off(&offset);
+                    self.sent_back_count -= set.len();
+                    *set = keep;
+                    if set.is_empty() {
+                        self.sent_back.remove(&key);
+                    }
+                }
                 self.offsets.insert(key, offset);
+            }
+            GroupRecord::SentBack {
+                group,
+                topic,
+                queue,
+                offset,
+            } => {
+                let key = (group, topic, queue);
+                if self.offsets.get(&key).is_some_and(|c| offset < *c) {
+                    return Ok(());
+                }
+                if self.sent_back_count >= MAX_SENT_BACK {
+                    return Err(format!(
+                        "given-back marker of {key:?}/{offset} skipped: {MAX_SENT_BACK} already"
+                    ));
+                }
+                if self.sent_back.entry(key).or_default().insert(offset) {
+                    self.sent_back_count += 1;
+                }
             }
             GroupRecord::Progress { level, next } => {
                 if let Some(slot) = self.progress.get_mut((level as usize).wrapping_sub(1)) {
@@ -140,6 +176,18 @@ impl GroupTable {
                 offset: *offset,
             });
         }
+        let mut sent_back: Vec<_> = self.sent_back.iter().collect();
+        sent_back.sort();
+        for ((group, topic, queue), offsets) in sent_back {
+            for offset in offsets {
+                out.push(GroupRecord::SentBack {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    queue: *queue,
+                    offset: *offset,
+                });
+            }
+        }
         for (i, next) in self.progress.iter().enumerate() {
             if let Some(next) = next {
                 out.push(GroupRecord::Progress {
@@ -153,7 +201,17 @@ impl GroupTable {
 
     /// How many records [`Self::snapshot`] writes.
     pub fn live_records(&self) -> usize {
-        self.group_count() + self.offsets.len() + self.progress.iter().flatten().count()
+        self.group_count()
+            + self.offsets.len()
+            + self.sent_back_count
+            + self.progress.iter().flatten().count()
+    }
+
+    /// The offsets of (topic, queue) a member of `group` gave back, past the committed one.
+    pub fn sent_back(&self, group: &str, topic: &str, queue: u32) -> Vec<u64> {
+        self.sent_back
+            .get(&(group.to_string(), topic.to_string(), queue))
+            .map_or(Vec::new(), |s| s.iter().copied().collect())
     }
 
     pub fn settings(&self, group: &str) -> Option<Settings> {
@@ -469,10 +527,11 @@ mod tests {
             back.apply(r).unwrap();
         }
         assert_eq!(back.snapshot(), t.snapshot());
-        assert_eq!(back.committed("g", "t", 0), Some(9));
+        assert_eq!(back.committed("g", "t", 0), Some(13));
         assert_eq!(back.progress(3), Some(11));
         assert_eq!(back.settings("g"), t.settings("g"));
-        assert_eq!(t.live_records(), 1 + 3 + 1);
+        assert_eq!(back.sent_back("g", "t", 0), [15]);
+        assert_eq!(t.live_records(), 1 + 3 + 1 + 1);
     }
 
     #[test]

@@ -4782,6 +4782,7 @@ impl<'a> AssignedQueue<'a> {
   pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
   pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 8;
   pub const VT_OFFSET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SENT_BACK: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4794,6 +4795,7 @@ impl<'a> AssignedQueue<'a> {
   ) -> ::flatbuffers::WIPOffset<AssignedQueue<'bldr>> {
     let mut builder = AssignedQueueBuilder::new(_fbb);
     builder.add_offset(args.offset);
+    if let Some(x) = args.sent_back { builder.add_sent_back(x); }
     builder.add_queue(args.queue);
     if let Some(x) = args.topic { builder.add_topic(x); }
     builder.add_committed(args.committed);
@@ -4830,6 +4832,15 @@ impl<'a> AssignedQueue<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(AssignedQueue::VT_OFFSET, Some(0)).unwrap()}
   }
+  /// Offsets at or past the committed one that a member already gave back (SendBack): they
+  /// come back through the retry topic, so the new holder skips them here.
+  #[inline]
+  pub fn sent_back(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(AssignedQueue::VT_SENT_BACK, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for AssignedQueue<'_> {
@@ -4842,6 +4853,7 @@ impl ::flatbuffers::Verifiable for AssignedQueue<'_> {
      .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
      .visit_field::<bool>("committed", Self::VT_COMMITTED, false)?
      .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("sent_back", Self::VT_SENT_BACK, false)?
      .finish();
     Ok(())
   }
@@ -4851,6 +4863,7 @@ pub struct AssignedQueueArgs<'a> {
     pub queue: u32,
     pub committed: bool,
     pub offset: u64,
+    pub sent_back: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
 }
 impl<'a> Default for AssignedQueueArgs<'a> {
   #[inline]
@@ -4860,6 +4873,7 @@ impl<'a> Default for AssignedQueueArgs<'a> {
       queue: 0,
       committed: false,
       offset: 0,
+      sent_back: None,
     }
   }
 }
@@ -4886,6 +4900,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AssignedQueueBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(AssignedQueue::VT_OFFSET, offset, 0);
   }
   #[inline]
+  pub fn add_sent_back(&mut self, sent_back: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AssignedQueue::VT_SENT_BACK, sent_back);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AssignedQueueBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     AssignedQueueBuilder {
@@ -4908,6 +4926,7 @@ impl ::core::fmt::Debug for AssignedQueue<'_> {
       ds.field("queue", &self.queue());
       ds.field("committed", &self.committed());
       ds.field("offset", &self.offset());
+      ds.field("sent_back", &self.sent_back());
       ds.finish()
   }
 }

@@ -33,6 +33,8 @@ pub struct AssignedQueue {
     pub queue: u32,
     /// The group's committed offset (the next one to read); `None`: never committed.
     pub committed: Option<u64>,
+    /// Offsets past the committed one already given back (they come back as retries): skip.
+    pub sent_back: Vec<u64>,
 }
 
 /// The answer to a join or heartbeat: the member's id, the generation and its queues.
@@ -160,11 +162,13 @@ impl<'a> fb::JoinGroupResponse<'a> {
             .iter()
             .map(|a| {
                 let topic = fbb.create_string(&a.topic);
+                let sent_back = fbb.create_vector(&a.sent_back);
                 let args = fb::AssignedQueueArgs {
                     topic: Some(topic),
                     queue: a.queue,
                     committed: a.committed.is_some(),
                     offset: a.committed.unwrap_or(0),
+                    sent_back: Some(sent_back),
                 };
                 fb::AssignedQueue::create(fbb, &args)
             })
@@ -197,6 +201,7 @@ impl<'a> fb::JoinGroupResponse<'a> {
                     topic: a.topic().to_owned(),
                     queue: a.queue(),
                     committed: a.committed().then_some(a.offset()),
+                    sent_back: a.sent_back().into_iter().flatten().collect(),
                 })
                 .collect(),
         })
