@@ -259,6 +259,19 @@ pub async fn append_records(
         append_unlocked(s, records).await?
     };
     let durability = ack::acknowledge(s, 0, &appended).await?;
+    // The view applies only what is visible, and under ASYNC_FLUSH an ack comes before that:
+    // wait for it (bounded), so a join right after a create, or a describe right after a
+    // commit, sees the record. Past the bound the record is applied by a later catch-up.
+    let store = s.shard.store();
+    let last = appended.base_offset.0 + u64::from(appended.count.max(1)) - 1;
+    let bound = Duration::from_millis(s.shard.config.storage.flush_timeout_ms);
+    let _ = glommio::timer::timeout(bound, async {
+        store
+            .wait_visible_beyond(GROUPS_LOG, 0, QueueOffset(last))
+            .await;
+        Ok(())
+    })
+    .await;
     catch_up(s).await?;
     Ok(durability)
 }
