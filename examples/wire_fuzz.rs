@@ -198,6 +198,7 @@ fn produce_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
         message_count: count,
         timeout_ms: 1000,
         known_epoch: 0,
+        delay: None,
     });
     encode(&req.to_frame(id, body.freeze()))
 }
@@ -222,6 +223,7 @@ fn valid_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
                 rng.gen()
             },
             max_wait_ms: rng.gen_range(0..50),
+            group: None,
         }),
     };
     encode(&req.to_frame(id, Bytes::new()))
@@ -321,6 +323,7 @@ fn no_read(args: &Args) -> String {
             offset: 0,
             max_bytes: 1 << 30,
             max_wait_ms: 0,
+            group: None,
         });
         match s.write_all(&encode(&req.to_frame(sent, Bytes::new()))) {
             Ok(()) => {}
@@ -357,6 +360,7 @@ fn trickle(args: &Args) -> String {
         message_count: 1,
         timeout_ms: 1000,
         known_epoch: 0,
+        delay: None,
     });
     let frame = encode(&req.to_frame(1, body.freeze()));
     let hold = frame.len() - 64;

@@ -353,6 +353,7 @@ fn produce_request(
         message_count: count,
         timeout_ms: 5000,
         known_epoch: 0,
+        delay: None,
     });
     (req, buf.freeze())
 }

@@ -84,6 +84,7 @@ fn all_requests() -> Vec<Request> {
             message_count: 2,
             timeout_ms: 5000,
             known_epoch: 0,
+            delay: None,
         }),
         Request::Produce(ProduceRequest {
             topic: "t".into(),
@@ -94,6 +95,7 @@ fn all_requests() -> Vec<Request> {
             message_count: 1,
             timeout_ms: 0,
             known_epoch: u64::MAX,
+            delay: None,
         }),
         Request::Fetch(FetchRequest {
             topic: "orders".into(),
@@ -187,6 +189,7 @@ fn all_responses() -> Vec<Response> {
             duplicate: true,
             durability: Durability::ReplicaReceived,
             epoch: 7,
+            deliver_at_ms: 0,
         }),
         Response::Fetched(FetchHeader {
             queue: 3,

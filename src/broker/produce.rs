@@ -2,10 +2,10 @@
 
 use bytes::Bytes;
 
-use crate::broker::{ack, topics, Result, ServiceError, Services};
+use crate::broker::{ack, groups, retry, topics, Result, ServiceError, Services};
 use crate::format::batch::validate_batch;
 use crate::protocol::limits::MAX_BATCH_MESSAGES;
-use crate::protocol::{ErrorCode, ProduceAck, ProduceRequest, Response};
+use crate::protocol::{Delay, ErrorCode, ProduceAck, ProduceRequest, Response};
 use crate::storage::{AppendRequest, ProducerSeq};
 
 pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Response> {
@@ -32,6 +32,23 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
             ),
         ));
     }
+    // A deliver-at time already passed is no delay at all.
+    let delay = p
+        .delay
+        .filter(|d| !matches!(d, Delay::At(at) if *at <= groups::now_unix_ms()));
+    if let Some(delay) = delay {
+        let (appended, deliver_at_ms, durability) =
+            retry::produce_delayed(s, &p.topic, queue, delay, p.producer_id, &body).await?;
+        return Ok(Response::Produced(ProduceAck {
+            queue,
+            base_offset: appended.base_offset.0,
+            count: appended.count,
+            duplicate: false,
+            durability,
+            epoch: s.replication.epoch(),
+            deliver_at_ms,
+        }));
+    }
     let producer = (p.producer_id != 0).then_some(ProducerSeq {
         producer_id: p.producer_id,
         epoch: p.producer_epoch,
@@ -56,5 +73,6 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
         duplicate: appended.duplicate,
         durability,
         epoch: s.replication.epoch(),
+        deliver_at_ms: 0,
     }))
 }

@@ -1,4 +1,5 @@
-//! Retries, delays and dead letters: what happens to a message a group member gives back.
+//! Retries, delays and dead letters: what happens to a message a group member gives back,
+//! and to a producer's delayed message.
 //!
 //! SendBack runs on the shard that owns the message's queue. The message is copied, with its
 //! origin (first topic, queue, offset), its failure count and the member's error text as
@@ -10,6 +11,11 @@
 //!
 //! Both are appends acked like a produce; the member treats the message as done once the
 //! send-back is acked, and its commit moves past it.
+//!
+//! A producer's delayed batch ([`produce_delayed`]) takes the same road, addressed to its own
+//! queue: with a delay level it waits that level; with a deliver-at time (at most
+//! [`MAX_DELIVER_AHEAD_MS`] ahead) it waits the longest level that does not pass the time,
+//! and again from there (hops), so it is delivered at its time or less than a second after.
 //!
 //! The delay scheduler ([`run_scheduler`], one per shard, master only) reads each level's
 //! queue in order: every message of a level waits the same delay, so the queue is in due
@@ -26,14 +32,94 @@ use bytes::Bytes;
 use crate::broker::groups::records::{
     number_property, property, single_batch, stored_messages, with_broker_properties,
     without_schedule_properties, GroupRecord, DELAY_LEVELS_MS, PROP_DELIVER_AT, PROP_ERROR,
-    PROP_ORIGIN_OFFSET, PROP_ORIGIN_QUEUE, PROP_ORIGIN_TOPIC, PROP_RECONSUME, PROP_TARGET_QUEUE,
-    PROP_TARGET_TOPIC, SCHEDULE_LOG,
+    PROP_FINAL_AT, PROP_ORIGIN_OFFSET, PROP_ORIGIN_QUEUE, PROP_ORIGIN_TOPIC, PROP_RECONSUME,
+    PROP_TARGET_QUEUE, PROP_TARGET_TOPIC, SCHEDULE_LOG,
 };
 use crate::broker::groups::{self, dlq_topic, now_unix_ms, retry_topic};
 use crate::broker::{ack, topics, Result, ServiceError, Services};
-use crate::protocol::{ErrorCode, Response, SendBackRequest, SentBack};
+use crate::format::batch::BatchIter;
+use crate::protocol::{Delay, Durability, ErrorCode, Response, SendBackRequest, SentBack};
 use crate::replication::Role;
-use crate::storage::{AppendRequest, QueueOffset};
+use crate::storage::{AppendRequest, Appended, QueueOffset};
+
+/// Furthest ahead a producer's deliver-at time may be.
+pub const MAX_DELIVER_AHEAD_MS: u64 = 3 * 24 * 3600 * 1000;
+
+/// The level with the longest delay not over `remaining_ms` (level 1 below a second).
+pub fn level_for(remaining_ms: u64) -> u32 {
+    DELAY_LEVELS_MS
+        .iter()
+        .rposition(|d| *d <= remaining_ms)
+        .map_or(1, |i| i as u32 + 1)
+}
+
+/// A delayed batch, stored in the schedule (on the shard that owns `topic`/`queue`); returns
+/// the append, when it is due, and its durability.
+pub async fn produce_delayed(
+    s: &Services,
+    topic: &str,
+    queue: u32,
+    delay: Delay,
+    producer_id: u64,
+    batch: &[u8],
+) -> Result<(Appended, u64, Durability)> {
+    if producer_id != 0 {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            "a delayed send is not de-duplicated: send it with producer id 0",
+        ));
+    }
+    let now = now_unix_ms();
+    let (level, final_at) = match delay {
+        Delay::Level(l) if (1..=DELAY_LEVELS_MS.len() as u32).contains(&l) => {
+            (l, now + DELAY_LEVELS_MS[l as usize - 1])
+        }
+        Delay::Level(l) => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                format!("delay level {l} is not 1..=18"),
+            ))
+        }
+        Delay::At(at) if at > now + MAX_DELIVER_AHEAD_MS => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "deliver_at_ms {at} is {} ms ahead; at most {MAX_DELIVER_AHEAD_MS} (3 days)",
+                    at - now
+                ),
+            ))
+        }
+        Delay::At(at) => (level_for(at.saturating_sub(now)), at.max(now)),
+    };
+    let hop_due = now + DELAY_LEVELS_MS[level as usize - 1];
+    let props = [
+        (PROP_TARGET_TOPIC, topic.to_string()),
+        (PROP_TARGET_QUEUE, queue.to_string()),
+        (PROP_DELIVER_AT, hop_due.to_string()),
+        (PROP_FINAL_AT, final_at.to_string()),
+    ];
+    let mut body = bytes::BytesMut::new();
+    let mut out = crate::format::batch::BatchBuilder::new(&mut body);
+    for m in BatchIter::new(batch) {
+        let m = m.map_err(|e| ServiceError::new(ErrorCode::InvalidBatch, e.to_string()))?;
+        out.push(&with_broker_properties(&m.to_message(), &props))
+            .map_err(|e| ServiceError::new(ErrorCode::MessageTooLarge, e.to_string()))?;
+    }
+    let count = out.count();
+    let appended = s
+        .shard
+        .store()
+        .append(AppendRequest {
+            topic: SCHEDULE_LOG,
+            queue_id: level - 1,
+            message_count: count,
+            producer: None,
+            body: &body,
+        })
+        .await?;
+    let durability = ack::acknowledge(s, queue, &appended).await?;
+    Ok((appended, final_at, durability))
+}
 
 /// Longest error text kept with a message.
 pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
@@ -86,7 +172,10 @@ pub async fn send_back(s: &Services, b: SendBackRequest) -> Result<Response> {
     let Some(stored) = found else {
         return Err(ServiceError::new(
             ErrorCode::OffsetOutOfRange,
-            format!("{}/{} has no message at offset {}", b.topic, b.queue, b.offset),
+            format!(
+                "{}/{} has no message at offset {}",
+                b.topic, b.queue, b.offset
+            ),
         ));
     };
     let m = &stored.message;
@@ -95,8 +184,12 @@ pub async fn send_back(s: &Services, b: SendBackRequest) -> Result<Response> {
     let origin = match property(m, PROP_ORIGIN_TOPIC) {
         Some(topic) => (
             topic.to_string(),
-            number_property(m, PROP_ORIGIN_QUEUE).unwrap_or(0).to_string(),
-            number_property(m, PROP_ORIGIN_OFFSET).unwrap_or(0).to_string(),
+            number_property(m, PROP_ORIGIN_QUEUE)
+                .unwrap_or(0)
+                .to_string(),
+            number_property(m, PROP_ORIGIN_OFFSET)
+                .unwrap_or(0)
+                .to_string(),
         ),
         None => (b.topic.clone(), b.queue.to_string(), b.offset.to_string()),
     };
@@ -199,9 +292,27 @@ async fn deliver_due(s: &Services, level: u32) -> Result<()> {
         if number_property(m, PROP_DELIVER_AT).unwrap_or(0) > now {
             break;
         }
-        let target = property(m, PROP_TARGET_TOPIC).unwrap_or_default().to_string();
+        let target = property(m, PROP_TARGET_TOPIC)
+            .unwrap_or_default()
+            .to_string();
         let target_queue = number_property(m, PROP_TARGET_QUEUE).unwrap_or(0) as u32;
-        if topics::check_queue(s, &target, target_queue).is_err() {
+        let final_at = number_property(m, PROP_FINAL_AT).unwrap_or(0);
+        if final_at > now {
+            // Another hop: the longest level that does not pass its time.
+            let next_level = level_for(final_at - now);
+            let due = now + DELAY_LEVELS_MS[next_level as usize - 1];
+            let hop = with_broker_properties(m, &[(PROP_DELIVER_AT, due.to_string())]);
+            let body = single_batch(&hop).map_err(|e| ServiceError::new(ErrorCode::Internal, e))?;
+            store
+                .append(AppendRequest {
+                    topic: SCHEDULE_LOG,
+                    queue_id: next_level - 1,
+                    message_count: 1,
+                    producer: None,
+                    body: &body,
+                })
+                .await?;
+        } else if topics::check_queue(s, &target, target_queue).is_err() {
             log::warn!(
                 "shard {}: scheduled message at level {level} offset {} is for {target}/{target_queue}, \
                  which does not exist: dropped",

@@ -7,11 +7,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
-use ringmq::client::{Admin, ClientError, Consumer, GroupConfig, GroupConsumer, Producer, QueueSelector};
+use ringmq::client::{
+    Admin, ClientError, Consumer, GroupConfig, GroupConsumer, Producer, QueueSelector,
+};
 use ringmq::format::batch::Message;
 use ringmq::protocol::CommittedOffset;
 
-use super::ConsumeArgs;
+/// What `consume --group` was asked (from `ConsumeArgs`).
+pub struct GroupConsume {
+    pub broker: String,
+    pub topic: String,
+    pub group: String,
+    pub exit_at_end: bool,
+    pub print_offsets: bool,
+    pub reject: bool,
+    pub reject_level: u32,
+    pub session_timeout_ms: Option<u64>,
+}
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
@@ -52,11 +64,8 @@ fn now_ms() -> u64 {
 }
 
 /// `ringmq consume --group`: joins the group, prints bodies, commits what it printed.
-pub fn consume(args: ConsumeArgs, group: &str) -> Result<(), String> {
-    if args.queue.is_some() {
-        return Err("--queue and --group do not go together: the group assigns the queues".into());
-    }
-    let mut config = GroupConfig::new(group, &[args.topic.as_str()]);
+pub fn consume(args: GroupConsume) -> Result<(), String> {
+    let mut config = GroupConfig::new(&args.group, &[args.topic.as_str()]);
     if let Some(ms) = args.session_timeout_ms {
         config.session_timeout = Duration::from_millis(ms);
     }
@@ -94,7 +103,11 @@ pub fn consume(args: ConsumeArgs, group: &str) -> Result<(), String> {
         for m in &messages {
             if args.reject {
                 consumer
-                    .nack(m, args.reject_level, "rejected by `ringmq consume --reject`")
+                    .nack(
+                        m,
+                        args.reject_level,
+                        "rejected by `ringmq consume --reject`",
+                    )
                     .map_err(e)?;
                 rejected += 1;
             } else {
@@ -169,7 +182,11 @@ fn describe(admin: &Admin, group: &str) -> Result<(), String> {
             consumer
                 .fetch(&q.topic, q.queue, from, Duration::ZERO)
                 .ok()
-                .and_then(|f| f.messages.first().map(|m| now.saturating_sub(m.store_timestamp_ms)))
+                .and_then(|f| {
+                    f.messages
+                        .first()
+                        .map(|m| now.saturating_sub(m.store_timestamp_ms))
+                })
                 .unwrap_or(0)
         };
         println!(

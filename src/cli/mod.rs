@@ -14,6 +14,7 @@ use ringmq::client::{
     Admin, Consumer, Producer, ProducerConfig, QueueSelector, SendResult, StartFrom,
 };
 use ringmq::format::batch::Message;
+use ringmq::protocol::Delay;
 use ringmq::storage::{RecoveryMode, ShardStore, StorageConfig};
 
 #[derive(Subcommand)]
@@ -109,6 +110,14 @@ pub struct ProduceArgs {
     /// library's (10, about 11 s of backoff: enough to ride through a broker restart).
     #[arg(long)]
     pub retries: Option<u32>,
+    /// Delayed delivery: each message becomes visible after this delay level (1-18: 1s 5s
+    /// 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h). Sync sends, not de-duplicated.
+    #[arg(long, conflicts_with = "delay_ms")]
+    pub delay_level: Option<u32>,
+    /// Delayed delivery: each message becomes visible this many milliseconds after it is sent
+    /// (at most 3 days). Sync sends, not de-duplicated.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -145,6 +154,12 @@ pub struct ConsumeArgs {
     /// With --group: the member's session timeout.
     #[arg(long, requires = "group")]
     pub session_timeout_ms: Option<u64>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `-` for an empty field: a broker with no master, or one that predates the field, sends "".
@@ -273,6 +288,21 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
         } else {
             message
         };
+        let delay = match (args.delay_level, args.delay_ms) {
+            (Some(level), _) => Some(Delay::Level(level)),
+            (None, Some(ms)) => Some(Delay::At(now_ms() + ms)),
+            (None, None) => None,
+        };
+        if let Some(delay) = delay {
+            let r = producer
+                .send_delayed(&args.topic, selector, &message, delay)
+                .map_err(|e| format!("line {line_no}: {e}"))?;
+            if args.print_acks {
+                print_ack(&stdout, line_no, &r);
+            }
+            sent += 1;
+            continue;
+        }
         match args.mode {
             SendMode::Sync => match producer.send(&args.topic, selector, &message) {
                 Ok(r) => {
@@ -315,8 +345,22 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
 }
 
 pub fn consume(args: ConsumeArgs) -> Result<(), String> {
-    if let Some(group) = args.group.clone() {
-        return groups::consume(args, &group);
+    if let Some(group) = args.group {
+        if args.queue.is_some() {
+            return Err(
+                "--queue and --group do not go together: the group assigns the queues".into(),
+            );
+        }
+        return groups::consume(groups::GroupConsume {
+            broker: args.broker,
+            topic: args.topic,
+            group,
+            exit_at_end: args.exit_at_end,
+            print_offsets: args.print_offsets,
+            reject: args.reject,
+            reject_level: args.reject_level,
+            session_timeout_ms: args.session_timeout_ms,
+        });
     }
     let e = |e: ringmq::client::ClientError| e.to_string();
     let consumer = Consumer::connect(&args.broker).map_err(e)?;

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
 use crate::client::ClientError;
 use crate::protocol::{
-    BrokerInfo, CommitOffsetsRequest, CommittedOffset, Durability, GroupDescription,
-    GroupSettings, Membership, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
+    BrokerInfo, CommitOffsetsRequest, CommittedOffset, Durability, GroupDescription, GroupSettings,
+    Membership, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
 };
 
 /// A control client over one connection (any shard's port works: the broker forwards).

@@ -394,7 +394,15 @@ impl Inner {
                 .iter()
                 .filter(|(_, q)| q.positioned)
                 .filter_map(|((topic, queue), q)| {
-                    let at = q.in_flight.keys().next().copied().unwrap_or(q.next_fetch);
+                    // Fetched but not yet handed out counts as not done: the background
+                    // commit can run between a fetch's answer and the poll that takes it.
+                    let at = q
+                        .in_flight
+                        .keys()
+                        .next()
+                        .copied()
+                        .or_else(|| q.buffered.front().map(|m| m.source.2))
+                        .unwrap_or(q.next_fetch);
                     (q.committed != Some(at)).then(|| CommittedOffset {
                         topic: topic.clone(),
                         queue: *queue,

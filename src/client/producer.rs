@@ -39,7 +39,8 @@ use crate::client::ClientError;
 use crate::format::batch::{BatchBuilder, Message};
 use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
 use crate::protocol::{
-    Durability, ErrorCode, ProduceAck, ProduceRequest, RemoteError, Request, Response, RouteTable,
+    Delay, Durability, ErrorCode, ProduceAck, ProduceRequest, RemoteError, Request, Response,
+    RouteTable,
 };
 
 #[derive(Debug, Clone)]
@@ -106,6 +107,9 @@ pub struct SendResult {
     pub durability: Durability,
     /// The epoch of the master that acked.
     pub epoch: u64,
+    /// A delayed send ([`Producer::send_delayed`]): when the broker delivers it (Unix ms);
+    /// `offset` is then its place in the broker's schedule. 0: stored in its queue.
+    pub deliver_at_ms: u64,
 }
 
 type MessageCallback = Box<dyn FnOnce(Result<SendResult, ClientError>) + Send>;
@@ -292,6 +296,34 @@ impl Producer {
         conn.send_oneway(&request, body)
     }
 
+    /// SYNC, delayed: the message becomes visible in its queue after `delay` (a delay level,
+    /// or a time at most 3 days ahead). One attempt and no de-duplication (a delayed send is
+    /// not idempotent): on an error the caller decides whether to send again.
+    pub fn send_delayed(
+        &self,
+        topic: &str,
+        selector: QueueSelector<'_>,
+        message: &Message,
+        delay: Delay,
+    ) -> Result<SendResult, ClientError> {
+        let (queue, count, body) =
+            self.inner
+                .encode(topic, selector, std::slice::from_ref(message))?;
+        let conn = self.inner.cluster.connection_for(topic, queue)?;
+        let mut request = self.inner.request(topic, queue, 0, 0, 0, count);
+        if let Request::Produce(p) = &mut request {
+            p.delay = Some(delay);
+        }
+        let outcome = conn.call(&request, body, self.inner.config.request_timeout);
+        if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
+            self.inner.cluster.forget(conn.peer());
+        }
+        match outcome?.0 {
+            Response::Produced(ack) => Ok(to_result(ack)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// ASYNC: queues the message into its queue's open batch and returns at once; `callback`
     /// runs (on a client thread) with the message's own offset once the batch is acked or has
     /// failed for good. Blocks only when `max_in_flight_batches` are in flight, or the queue's
@@ -358,6 +390,7 @@ fn to_result(ack: ProduceAck) -> SendResult {
         duplicate: ack.duplicate,
         durability: ack.durability,
         epoch: ack.epoch,
+        deliver_at_ms: ack.deliver_at_ms,
     }
 }
 
@@ -436,6 +469,7 @@ impl Inner {
                 .as_millis()
                 .min(u32::MAX as u128) as u32,
             known_epoch: self.known_epoch.load(Ordering::Relaxed),
+            delay: None,
         })
     }
 
@@ -805,6 +839,7 @@ impl Inner {
                             duplicate: ack.duplicate,
                             durability: ack.durability,
                             epoch: ack.epoch,
+                            deliver_at_ms: ack.deliver_at_ms,
                         }),
                         Err(e) => Err(clone_error(e)),
                     });

@@ -42,12 +42,13 @@ pub mod preamble;
 pub use error::{ErrorCode, RemoteError, WireError};
 pub use frame::{Frame, FrameFlags};
 pub use limits::{
-    validate_group_name, validate_topic_name, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_EPOCH_ENTRIES, MAX_FRAME_BYTES,
-    MAX_GROUP_NAME_BYTES, MAX_HEADER_BYTES, MAX_TOPIC_NAME_BYTES, PREAMBLE_BYTES,
+    validate_group_name, validate_topic_name, MAX_BATCH_MESSAGES, MAX_BODY_BYTES,
+    MAX_EPOCH_ENTRIES, MAX_FRAME_BYTES, MAX_GROUP_NAME_BYTES, MAX_HEADER_BYTES,
+    MAX_TOPIC_NAME_BYTES, PREAMBLE_BYTES,
 };
 pub use messages::{
-    error_frame, error_frame_for, BrokerInfo, Durability, EpochEntry, FetchHeader, FetchRequest,
-    Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck, ReplData,
+    error_frame, error_frame_for, BrokerInfo, Delay, Durability, EpochEntry, FetchHeader,
+    FetchRequest, Opcode, ProduceAck, ProduceRequest, QueueRoute, QueueStat, ReplAck, ReplData,
     ReplFollowRequest, ReplFollowResponse, ReplicaStats, Request, Response, RouteTable, ShardStats,
     TopicInfo,
 };

@@ -45,7 +45,10 @@ pub fn assign(
         let mut free = Vec::new();
         for q in 0..*queues {
             let key = (topic.clone(), q);
-            match previous.get(&key).and_then(|p| members.iter().find(|m| *m == p)) {
+            match previous
+                .get(&key)
+                .and_then(|p| members.iter().find(|m| *m == p))
+            {
                 Some(owner) if count[owner] < cap[owner] => {
                     *count.get_mut(owner).expect("a member") += 1;
                     out.insert(key, owner.clone());
@@ -72,7 +75,12 @@ mod tests {
 
     fn topics(spec: &[(&str, u32, &[&str])]) -> BTreeMap<String, (u32, Vec<String>)> {
         spec.iter()
-            .map(|(t, n, ms)| (t.to_string(), (*n, ms.iter().map(|m| m.to_string()).collect())))
+            .map(|(t, n, ms)| {
+                (
+                    t.to_string(),
+                    (*n, ms.iter().map(|m| m.to_string()).collect()),
+                )
+            })
             .collect()
     }
 
@@ -97,7 +105,10 @@ mod tests {
                     counts.values().min().copied().unwrap_or(0),
                     counts.values().max().copied().unwrap_or(0),
                 );
-                assert!(hi - lo <= 1, "{members} members, {queues} queues: {counts:?}");
+                assert!(
+                    hi - lo <= 1,
+                    "{members} members, {queues} queues: {counts:?}"
+                );
             }
         }
     }
@@ -114,7 +125,10 @@ mod tests {
         let third = assign(&t2b, &second);
         let moved: Vec<_> = second.iter().filter(|(k, m)| third[*k] != **m).collect();
         assert!(moved.iter().all(|(_, m)| m.as_str() == "b"), "{moved:?}");
-        assert_eq!(per_member(&third).values().copied().collect::<Vec<_>>(), [6, 6]);
+        assert_eq!(
+            per_member(&third).values().copied().collect::<Vec<_>>(),
+            [6, 6]
+        );
     }
 
     #[test]

@@ -18,6 +18,16 @@
 //!
 //! Each group has a retry topic `%RETRY%<group>` and a dead-letter topic `%DLQ%<group>`, one
 //! queue per shard, created with the group; see `broker::retry`.
+//!
+//! Compaction ([`compact`]): retention deletes old segments, and with them old commits, and a
+//! start-up must not read every commit ever made. So every [`COMPACT_EVERY`] (or once the
+//! records since the last snapshot outnumber twice the live ones) the table is restated as a
+//! snapshot (a `SnapshotBegin` record, then one record per live key), and the snapshot's
+//! offset and id are kept in `<shard>/groups-snapshot` once it is acked. A view is then
+//! loaded from there rather than from the oldest record. The file is checked against the
+//! record it names (a replica that truncated its log, a lost file: the load starts at the
+//! oldest record instead, which is slower, never wrong), and it is advisory: the log alone
+//! always suffices.
 
 pub mod assignment;
 pub mod records;
@@ -30,8 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::broker::{ack, topics, Result, ServiceError, Services};
 use crate::protocol::{
     validate_group_name, AssignedQueue, CommitOffsetsRequest, ErrorCode, GroupDescription,
-    GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership,
-    Response,
+    GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, Response,
 };
 use crate::shard::mesh::{MeshReply, MeshRequest};
 use crate::shard::router::shard_of;
@@ -66,14 +75,26 @@ pub fn dlq_topic(group: &str) -> String {
     format!("%DLQ%{group}")
 }
 
+/// How often the table is restated as a snapshot (well under any retention: hours).
+pub const COMPACT_EVERY: Duration = Duration::from_secs(3600);
+/// The file naming the latest acked snapshot.
+pub const SNAPSHOT_FILE: &str = "groups-snapshot";
+
 /// A shard's coordinator state (used for the groups [`coordinator_of`] gives it, and for the
 /// delay scheduler's cursors, which live in the same per-shard log queue).
 pub struct Coordinator {
     table: RefCell<GroupTable>,
     /// The next offset of `%SYS%GROUPS` to apply.
     applied: Cell<u64>,
+    /// Whether the first catch-up looked for a snapshot to start from.
+    started: Cell<bool>,
     /// One catch-up at a time.
     catching_up: glommio::sync::Semaphore,
+    /// One append to `%SYS%GROUPS` at a time (a snapshot holds it while it restates the table,
+    /// so no record lands between the state it restates and its first record).
+    writing: glommio::sync::Semaphore,
+    /// The offset of the latest snapshot (0: none) and when it was written.
+    last_snapshot: Cell<(u64, Option<Instant>)>,
 }
 
 impl Default for Coordinator {
@@ -81,8 +102,62 @@ impl Default for Coordinator {
         Coordinator {
             table: RefCell::new(GroupTable::new(now_unix_us())),
             applied: Cell::new(0),
+            started: Cell::new(false),
             catching_up: glommio::sync::Semaphore::new(1),
+            writing: glommio::sync::Semaphore::new(1),
+            last_snapshot: Cell::new((0, None)),
         }
+    }
+}
+
+fn closed(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::new(ErrorCode::ShuttingDown, e.to_string())
+}
+
+/// `(offset, id)` of the snapshot `<shard>/groups-snapshot` names, if the file reads.
+fn read_snapshot_file(s: &Services) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(s.shard.shard_dir().join(SNAPSHOT_FILE)).ok()?;
+    let (offset, id) = text.trim().split_once(' ')?;
+    Some((offset.parse().ok()?, id.parse().ok()?))
+}
+
+fn write_snapshot_file(s: &Services, offset: u64, id: u64) -> std::io::Result<()> {
+    let dir = s.shard.shard_dir();
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{offset} {id}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// Where the first catch-up starts: the snapshot the file names, if the record at its offset
+/// is that snapshot's first record; else the oldest record.
+async fn load_start(s: &Services) -> u64 {
+    let Some((offset, id)) = read_snapshot_file(s) else {
+        return 0;
+    };
+    let store = s.shard.store();
+    let first = match store.read(GROUPS_LOG, 0, QueueOffset(offset), 1).await {
+        Ok(batch) => stored_messages(&batch.records, offset).ok(),
+        Err(_) => None,
+    };
+    let found = first
+        .and_then(|m| m.into_iter().next())
+        .filter(|m| m.offset == offset)
+        .and_then(|m| GroupRecord::decode(&m.message.payload).ok());
+    if found == Some(GroupRecord::SnapshotBegin { id }) {
+        s.groups.last_snapshot.set((offset, None));
+        offset
+    } else {
+        log::warn!(
+            "shard {}: {SNAPSHOT_FILE} names offset {offset}, which is not that snapshot;              loading consumer groups from the oldest record",
+            s.shard.shard
+        );
+        0
     }
 }
 
@@ -118,8 +193,25 @@ pub async fn catch_up(s: &Services) -> Result<()> {
         .await
         .map_err(|e| ServiceError::new(ErrorCode::ShuttingDown, e.to_string()))?;
     let store = s.shard.store();
+    if !c.started.get() {
+        c.started.set(true);
+        c.applied.set(load_start(s).await);
+    }
     loop {
         let stats = store.queue_stats(GROUPS_LOG, 0);
+        if c.applied.get() > stats.written_end_offset.0 {
+            // The log was truncated under the view (a replica dropping a diverged tail): what
+            // was applied from the dropped part must go too, so start over from the log.
+            log::warn!(
+                "shard {}: {GROUPS_LOG} ends at {} but {} were applied: reloading consumer groups",
+                s.shard.shard,
+                stats.written_end_offset.0,
+                c.applied.get()
+            );
+            *c.table.borrow_mut() = GroupTable::new(now_unix_us());
+            c.applied.set(0);
+            continue;
+        }
         let from = c.applied.get().max(stats.min_offset.0);
         if from >= stats.visible_end_offset.0 {
             c.applied.set(from);
@@ -134,7 +226,11 @@ pub async fn catch_up(s: &Services) -> Result<()> {
             match GroupRecord::decode(&m.message.payload) {
                 Ok(r) => {
                     if let Err(why) = table.apply(r) {
-                        log::warn!("shard {}: {GROUPS_LOG} offset {}: {why}", s.shard.shard, m.offset);
+                        log::warn!(
+                            "shard {}: {GROUPS_LOG} offset {}: {why}",
+                            s.shard.shard,
+                            m.offset
+                        );
                     }
                 }
                 Err(why) => log::warn!(
@@ -145,7 +241,9 @@ pub async fn catch_up(s: &Services) -> Result<()> {
             }
         }
         if batch.next_offset.0 <= from {
-            return Err(internal(format!("{GROUPS_LOG} read at {from} made no progress")));
+            return Err(internal(format!(
+                "{GROUPS_LOG} read at {from} made no progress"
+            )));
         }
         c.applied.set(batch.next_offset.0);
     }
@@ -156,9 +254,21 @@ pub async fn append_records(
     s: &Services,
     records: &[GroupRecord],
 ) -> Result<crate::protocol::Durability> {
+    let appended = {
+        let _one = s.groups.writing.acquire_permit(1).await.map_err(closed)?;
+        append_unlocked(s, records).await?
+    };
+    let durability = ack::acknowledge(s, 0, &appended).await?;
+    catch_up(s).await?;
+    Ok(durability)
+}
+
+async fn append_unlocked(
+    s: &Services,
+    records: &[GroupRecord],
+) -> Result<crate::storage::Appended> {
     let (body, count) = encode_batch(records);
-    let appended = s
-        .shard
+    Ok(s.shard
         .store()
         .append(AppendRequest {
             topic: GROUPS_LOG,
@@ -167,10 +277,81 @@ pub async fn append_records(
             producer: None,
             body: &body,
         })
-        .await?;
-    let durability = ack::acknowledge(s, 0, &appended).await?;
+        .await?)
+}
+
+/// Restates the table as a snapshot when it is due; returns the snapshot's offset if one was
+/// written. Master only.
+pub async fn compact(s: &Services, force: bool) -> Result<Option<u64>> {
     catch_up(s).await?;
-    Ok(durability)
+    let (last, at) = s.groups.last_snapshot.get();
+    let live = table(s).live_records() as u64;
+    let since = s.groups.applied.get().saturating_sub(last);
+    let stale = at.map_or(true, |t| t.elapsed() >= COMPACT_EVERY);
+    let due = force || (live > 0 && (since > 2 * live + 1024 || (stale && since > live)));
+    if !due {
+        return Ok(None);
+    }
+    let id = now_unix_us();
+    let (offset, appended) = {
+        let _one = s.groups.writing.acquire_permit(1).await.map_err(closed)?;
+        // Everything appended before must be in the table, so that the snapshot restates all
+        // of it: wait until it is visible, then apply it.
+        let store = s.shard.store();
+        let end = store.queue_stats(GROUPS_LOG, 0).written_end_offset.0;
+        if end > 0 {
+            let visible = glommio::timer::timeout(Duration::from_secs(5), async {
+                store
+                    .wait_visible_beyond(GROUPS_LOG, 0, QueueOffset(end - 1))
+                    .await;
+                Ok(())
+            })
+            .await;
+            if visible.is_err() {
+                return Ok(None); // not visible yet (a replica is behind): next time
+            }
+        }
+        catch_up(s).await?;
+        let mut records = vec![GroupRecord::SnapshotBegin { id }];
+        records.extend(table(s).snapshot());
+        let mut first = None;
+        let mut last = None;
+        for chunk in records.chunks(MAX_OFFSETS_PER_COMMIT) {
+            let a = append_unlocked(s, chunk).await?;
+            first.get_or_insert(a.base_offset.0);
+            last = Some(a);
+        }
+        (
+            first.expect("one record at least"),
+            last.expect("one chunk at least"),
+        )
+    };
+    ack::acknowledge(s, 0, &appended).await?;
+    write_snapshot_file(s, offset, id).map_err(|e| {
+        internal(format!(
+            "write {}: {e}",
+            s.shard.shard_dir().join(SNAPSHOT_FILE).display()
+        ))
+    })?;
+    s.groups.last_snapshot.set((offset, Some(Instant::now())));
+    catch_up(s).await?;
+    Ok(Some(offset))
+}
+
+/// Compacts `%SYS%GROUPS` when due (checked every second: a few comparisons when it is not)
+/// while this shard is a master.
+pub async fn run_compaction(s: std::rc::Rc<Services>) {
+    while !s.shard.is_shutting_down() {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        if s.replication.role() != crate::replication::Role::Master
+            || s.replication.fence_message().is_some()
+        {
+            continue;
+        }
+        if let Err(e) = compact(&s, false).await {
+            log::warn!("shard {}: compacting consumer groups: {e}", s.shard.shard);
+        }
+    }
 }
 
 /// The table, for a short look (no `.await` while it is borrowed).
@@ -228,7 +409,10 @@ async fn ensure_group(s: &Services, group: &str, settings: Option<Settings>) -> 
         if current.is_none() && table(s).group_count() >= table::MAX_GROUPS {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
-                format!("this broker shard coordinates {} groups, the most it may", table::MAX_GROUPS),
+                format!(
+                    "this broker shard coordinates {} groups, the most it may",
+                    table::MAX_GROUPS
+                ),
             ));
         }
         append_records(
@@ -252,7 +436,10 @@ pub async fn create(s: &Services, g: GroupSettings) -> Result<Response> {
     if g.max_reconsume_times > MAX_RECONSUME_TIMES {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("max_reconsume_times {} is over {MAX_RECONSUME_TIMES}", g.max_reconsume_times),
+            format!(
+                "max_reconsume_times {} is over {MAX_RECONSUME_TIMES}",
+                g.max_reconsume_times
+            ),
         ));
     }
     let consume_timeout_ms = match g.consume_timeout_ms {
@@ -284,7 +471,10 @@ pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
     if j.topics.is_empty() || j.topics.len() > MAX_TOPICS_PER_MEMBER {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}", j.topics.len()),
+            format!(
+                "a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}",
+                j.topics.len()
+            ),
         ));
     }
     for t in &j.topics {
@@ -358,7 +548,12 @@ async fn queue_end(s: &Services, topic: &str, queue: u32) -> Result<u64> {
         match s
             .shard
             .mesh
-            .call(owner, MeshRequest::LocalQueueStats { topic: topic.to_string() })
+            .call(
+                owner,
+                MeshRequest::LocalQueueStats {
+                    topic: topic.to_string(),
+                },
+            )
             .await?
         {
             MeshReply::QueueStats(v) => v,
@@ -379,7 +574,10 @@ pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
     if c.offsets.is_empty() || c.offsets.len() > MAX_OFFSETS_PER_COMMIT {
         return Err(ServiceError::new(
             ErrorCode::InvalidArgument,
-            format!("a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}", c.offsets.len()),
+            format!(
+                "a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}",
+                c.offsets.len()
+            ),
         ));
     }
     catch_up(s).await?;
@@ -428,7 +626,11 @@ pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
                 )?;
             }
         }
-        let keys: Vec<_> = c.offsets.iter().map(|o| (o.topic.clone(), o.queue)).collect();
+        let keys: Vec<_> = c
+            .offsets
+            .iter()
+            .map(|o| (o.topic.clone(), o.queue))
+            .collect();
         table.check_room(group, &keys)?;
     }
     let records: Vec<GroupRecord> = c

@@ -8,6 +8,7 @@
 //! settings: kind=1 u8 | group_len u16 | group | max_reconsume_times u32 | consume_timeout_ms u32
 //! commit:   kind=2 u8 | group_len u16 | group | topic_len u16 | topic | queue u32 | offset u64
 //! progress: kind=3 u8 | level u32 | next_offset u64        (the delay scheduler's cursor)
+//! snapshot: kind=4 u8 | id u64      (a snapshot of the whole table follows; see `compact`)
 //! ```
 //!
 //! A message given back by a member (SendBack) is copied with its key, tag, payload and born
@@ -37,6 +38,9 @@ pub const PROP_ERROR: &str = "%ERROR";
 pub const PROP_TARGET_TOPIC: &str = "%TARGET_TOPIC";
 pub const PROP_TARGET_QUEUE: &str = "%TARGET_QUEUE";
 pub const PROP_DELIVER_AT: &str = "%DELIVER_AT";
+/// A producer's delayed message with a deliver-at time: when it is finally due. It may wait
+/// through several levels (hops) on the way, each ending at or before this time.
+pub const PROP_FINAL_AT: &str = "%FINAL_AT";
 
 /// RocketMQ's delay levels, 1-based: level `n` waits `DELAY_LEVELS_MS[n - 1]`.
 pub const DELAY_LEVELS_MS: [u64; 18] = [
@@ -60,6 +64,8 @@ pub enum GroupRecord {
     },
     /// The delay scheduler has delivered every message of `level` below `next`.
     Progress { level: u32, next: u64 },
+    /// The records after this one restate the whole table as it was here.
+    SnapshotBegin { id: u64 },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -97,6 +103,10 @@ impl GroupRecord {
                 out.put_u8(3);
                 out.put_u32_le(*level);
                 out.put_u64_le(*next);
+            }
+            GroupRecord::SnapshotBegin { id } => {
+                out.put_u8(4);
+                out.put_u64_le(*id);
             }
         }
         out.freeze()
@@ -138,6 +148,7 @@ impl GroupRecord {
                 level: u32_(&mut b)?,
                 next: u64_(&mut b)?,
             },
+            4 => GroupRecord::SnapshotBegin { id: u64_(&mut b)? },
             k => return Err(format!("unknown record kind {k}")),
         };
         if !b.is_empty() {
@@ -220,9 +231,14 @@ pub fn with_broker_properties(m: &Message, props: &[(&str, String)]) -> Message 
 pub fn without_schedule_properties(m: &Message) -> Message {
     let mut out = m.clone();
     out.properties.retain(|(k, _)| {
-        ![PROP_TARGET_TOPIC, PROP_TARGET_QUEUE, PROP_DELIVER_AT]
-            .iter()
-            .any(|name| k.as_ref() == name.as_bytes())
+        ![
+            PROP_TARGET_TOPIC,
+            PROP_TARGET_QUEUE,
+            PROP_DELIVER_AT,
+            PROP_FINAL_AT,
+        ]
+        .iter()
+        .any(|name| k.as_ref() == name.as_bytes())
     });
     out
 }
@@ -255,12 +271,16 @@ mod tests {
                 offset: u64::MAX - 1,
             },
             GroupRecord::Progress { level: 18, next: 5 },
+            GroupRecord::SnapshotBegin { id: 42 },
         ];
         for r in &records {
             let bytes = r.encode();
             assert_eq!(&GroupRecord::decode(&bytes).unwrap(), r);
             for cut in 0..bytes.len() {
-                assert!(GroupRecord::decode(&bytes[..cut]).is_err(), "{r:?} cut at {cut}");
+                assert!(
+                    GroupRecord::decode(&bytes[..cut]).is_err(),
+                    "{r:?} cut at {cut}"
+                );
             }
             let mut longer = bytes.to_vec();
             longer.push(0);

@@ -85,7 +85,9 @@ impl GroupTable {
                 consume_timeout_ms,
             } => {
                 if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS {
-                    return Err(format!("group {group:?} skipped: {MAX_GROUPS} groups already"));
+                    return Err(format!(
+                        "group {group:?} skipped: {MAX_GROUPS} groups already"
+                    ));
                 }
                 self.groups.entry(group).or_default().settings = Some(Settings {
                     max_reconsume_times,
@@ -99,8 +101,7 @@ impl GroupTable {
                 offset,
             } => {
                 let key = (group, topic, queue);
-                if !self.offsets.contains_key(&key) && self.offsets.len() >= MAX_COMMITTED_OFFSETS
-                {
+                if !self.offsets.contains_key(&key) && self.offsets.len() >= MAX_COMMITTED_OFFSETS {
                     return Err(format!(
                         "offset of {key:?} skipped: {MAX_COMMITTED_OFFSETS} offsets already"
                     ));
@@ -112,8 +113,47 @@ impl GroupTable {
                     *slot = Some(next);
                 }
             }
+            GroupRecord::SnapshotBegin { .. } => {}
         }
         Ok(())
+    }
+
+    /// The records that restate this table (what a snapshot appends).
+    pub fn snapshot(&self) -> Vec<GroupRecord> {
+        let mut out = Vec::with_capacity(self.live_records());
+        for (group, g) in &self.groups {
+            if let Some(st) = g.settings {
+                out.push(GroupRecord::Settings {
+                    group: group.clone(),
+                    max_reconsume_times: st.max_reconsume_times,
+                    consume_timeout_ms: st.consume_timeout_ms,
+                });
+            }
+        }
+        let mut offsets: Vec<_> = self.offsets.iter().collect();
+        offsets.sort();
+        for ((group, topic, queue), offset) in offsets {
+            out.push(GroupRecord::Commit {
+                group: group.clone(),
+                topic: topic.clone(),
+                queue: *queue,
+                offset: *offset,
+            });
+        }
+        for (i, next) in self.progress.iter().enumerate() {
+            if let Some(next) = next {
+                out.push(GroupRecord::Progress {
+                    level: i as u32 + 1,
+                    next: *next,
+                });
+            }
+        }
+        out
+    }
+
+    /// How many records [`Self::snapshot`] writes.
+    pub fn live_records(&self) -> usize {
+        self.group_count() + self.offsets.len() + self.progress.iter().flatten().count()
     }
 
     pub fn settings(&self, group: &str) -> Option<Settings> {
@@ -148,14 +188,19 @@ impl GroupTable {
         if self.offsets.len() + new > MAX_COMMITTED_OFFSETS {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
-                format!("this broker shard keeps at most {MAX_COMMITTED_OFFSETS} committed offsets"),
+                format!(
+                    "this broker shard keeps at most {MAX_COMMITTED_OFFSETS} committed offsets"
+                ),
             ));
         }
         Ok(())
     }
 
     pub fn group_count(&self) -> usize {
-        self.groups.values().filter(|g| g.settings.is_some()).count()
+        self.groups
+            .values()
+            .filter(|g| g.settings.is_some())
+            .count()
     }
 
     pub fn progress(&self, level: u32) -> Option<u64> {
@@ -388,7 +433,9 @@ mod tests {
             .check_holder("g", &a, g1, Some(("t", 0)), now, &q)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::StaleGeneration);
-        // b times out: a gets every queue in a new generation.
+        // b times out (a heartbeats, b does not): a gets every queue in a new generation.
+        t.heartbeat("g", Some(&a), &topics, S, now + Duration::from_secs(6), &q)
+            .unwrap();
         let later = now + Duration::from_secs(11);
         t.heartbeat("g", Some(&a), &topics, S, later, &q).unwrap();
         let g3 = t.group("g").unwrap().generation;
@@ -401,6 +448,31 @@ mod tests {
         assert_eq!(err.code, ErrorCode::UnknownMember);
         assert!(t.leave("g", &a, &q) > g3);
         assert!(t.group("g").unwrap().assignment.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_applied_to_an_empty_table_restates_it() {
+        let mut t = table_with("g");
+        for (topic, queue, offset) in [("t", 0, 5), ("t", 1, 7), ("u", 0, 1), ("t", 0, 9)] {
+            t.apply(GroupRecord::Commit {
+                group: "g".into(),
+                topic: topic.into(),
+                queue,
+                offset,
+            })
+            .unwrap();
+        }
+        t.apply(GroupRecord::Progress { level: 3, next: 11 })
+            .unwrap();
+        let mut back = GroupTable::new(5);
+        for r in t.snapshot() {
+            back.apply(r).unwrap();
+        }
+        assert_eq!(back.snapshot(), t.snapshot());
+        assert_eq!(back.committed("g", "t", 0), Some(9));
+        assert_eq!(back.progress(3), Some(11));
+        assert_eq!(back.settings("g"), t.settings("g"));
+        assert_eq!(t.live_records(), 1 + 3 + 1);
     }
 
     #[test]

@@ -1874,6 +1874,8 @@ impl<'a> ProduceRequest<'a> {
   pub const VT_MESSAGE_COUNT: ::flatbuffers::VOffsetT = 14;
   pub const VT_TIMEOUT_MS: ::flatbuffers::VOffsetT = 16;
   pub const VT_KNOWN_EPOCH: ::flatbuffers::VOffsetT = 18;
+  pub const VT_DELAY_LEVEL: ::flatbuffers::VOffsetT = 20;
+  pub const VT_DELIVER_AT_MS: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1885,8 +1887,10 @@ impl<'a> ProduceRequest<'a> {
     args: &'args ProduceRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ProduceRequest<'bldr>> {
     let mut builder = ProduceRequestBuilder::new(_fbb);
+    builder.add_deliver_at_ms(args.deliver_at_ms);
     builder.add_known_epoch(args.known_epoch);
     builder.add_producer_id(args.producer_id);
+    builder.add_delay_level(args.delay_level);
     builder.add_timeout_ms(args.timeout_ms);
     builder.add_message_count(args.message_count);
     builder.add_base_sequence(args.base_sequence);
@@ -1957,6 +1961,23 @@ impl<'a> ProduceRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ProduceRequest::VT_KNOWN_EPOCH, Some(0)).unwrap()}
   }
+  /// Delayed delivery (added with consumer groups; 0: none): the batch's messages become
+  /// visible in the queue after delay level 1-18 (1s ... 2h), or at deliver_at_ms (Unix ms,
+  /// at most 3 days ahead). Not de-duplicated: send it with producer_id 0.
+  #[inline]
+  pub fn delay_level(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ProduceRequest::VT_DELAY_LEVEL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn deliver_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ProduceRequest::VT_DELIVER_AT_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
@@ -1973,6 +1994,8 @@ impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
      .visit_field::<u32>("message_count", Self::VT_MESSAGE_COUNT, false)?
      .visit_field::<u32>("timeout_ms", Self::VT_TIMEOUT_MS, false)?
      .visit_field::<u64>("known_epoch", Self::VT_KNOWN_EPOCH, false)?
+     .visit_field::<u32>("delay_level", Self::VT_DELAY_LEVEL, false)?
+     .visit_field::<u64>("deliver_at_ms", Self::VT_DELIVER_AT_MS, false)?
      .finish();
     Ok(())
   }
@@ -1986,6 +2009,8 @@ pub struct ProduceRequestArgs<'a> {
     pub message_count: u32,
     pub timeout_ms: u32,
     pub known_epoch: u64,
+    pub delay_level: u32,
+    pub deliver_at_ms: u64,
 }
 impl<'a> Default for ProduceRequestArgs<'a> {
   #[inline]
@@ -1999,6 +2024,8 @@ impl<'a> Default for ProduceRequestArgs<'a> {
       message_count: 0,
       timeout_ms: 0,
       known_epoch: 0,
+      delay_level: 0,
+      deliver_at_ms: 0,
     }
   }
 }
@@ -2041,6 +2068,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceRequestBuilder<'a, 'b,
     self.fbb_.push_slot::<u64>(ProduceRequest::VT_KNOWN_EPOCH, known_epoch, 0);
   }
   #[inline]
+  pub fn add_delay_level(&mut self, delay_level: u32) {
+    self.fbb_.push_slot::<u32>(ProduceRequest::VT_DELAY_LEVEL, delay_level, 0);
+  }
+  #[inline]
+  pub fn add_deliver_at_ms(&mut self, deliver_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(ProduceRequest::VT_DELIVER_AT_MS, deliver_at_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceRequestBuilder {
@@ -2067,6 +2102,8 @@ impl ::core::fmt::Debug for ProduceRequest<'_> {
       ds.field("message_count", &self.message_count());
       ds.field("timeout_ms", &self.timeout_ms());
       ds.field("known_epoch", &self.known_epoch());
+      ds.field("delay_level", &self.delay_level());
+      ds.field("deliver_at_ms", &self.deliver_at_ms());
       ds.finish()
   }
 }
@@ -3725,6 +3762,7 @@ impl<'a> ProduceResponse<'a> {
   pub const VT_DUPLICATE: ::flatbuffers::VOffsetT = 10;
   pub const VT_DURABILITY: ::flatbuffers::VOffsetT = 12;
   pub const VT_EPOCH: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DELIVER_AT_MS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3736,6 +3774,7 @@ impl<'a> ProduceResponse<'a> {
     args: &'args ProduceResponseArgs
   ) -> ::flatbuffers::WIPOffset<ProduceResponse<'bldr>> {
     let mut builder = ProduceResponseBuilder::new(_fbb);
+    builder.add_deliver_at_ms(args.deliver_at_ms);
     builder.add_epoch(args.epoch);
     builder.add_base_offset(args.base_offset);
     builder.add_count(args.count);
@@ -3791,6 +3830,15 @@ impl<'a> ProduceResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ProduceResponse::VT_EPOCH, Some(0)).unwrap()}
   }
+  /// A delayed batch: when it will be delivered (Unix ms); base_offset is then its place in
+  /// the broker's schedule, not in the queue. 0: stored in the queue.
+  #[inline]
+  pub fn deliver_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ProduceResponse::VT_DELIVER_AT_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceResponse<'_> {
@@ -3805,6 +3853,7 @@ impl ::flatbuffers::Verifiable for ProduceResponse<'_> {
      .visit_field::<bool>("duplicate", Self::VT_DUPLICATE, false)?
      .visit_field::<Durability>("durability", Self::VT_DURABILITY, false)?
      .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("deliver_at_ms", Self::VT_DELIVER_AT_MS, false)?
      .finish();
     Ok(())
   }
@@ -3816,6 +3865,7 @@ pub struct ProduceResponseArgs {
     pub duplicate: bool,
     pub durability: Durability,
     pub epoch: u64,
+    pub deliver_at_ms: u64,
 }
 impl<'a> Default for ProduceResponseArgs {
   #[inline]
@@ -3827,6 +3877,7 @@ impl<'a> Default for ProduceResponseArgs {
       duplicate: false,
       durability: Durability::Unknown,
       epoch: 0,
+      deliver_at_ms: 0,
     }
   }
 }
@@ -3861,6 +3912,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceResponseBuilder<'a, 'b
     self.fbb_.push_slot::<u64>(ProduceResponse::VT_EPOCH, epoch, 0);
   }
   #[inline]
+  pub fn add_deliver_at_ms(&mut self, deliver_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(ProduceResponse::VT_DELIVER_AT_MS, deliver_at_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceResponseBuilder {
@@ -3884,6 +3939,7 @@ impl ::core::fmt::Debug for ProduceResponse<'_> {
       ds.field("duplicate", &self.duplicate());
       ds.field("durability", &self.durability());
       ds.field("epoch", &self.epoch());
+      ds.field("deliver_at_ms", &self.deliver_at_ms());
       ds.finish()
   }
 }

@@ -123,7 +123,9 @@ fn strings<'a>(
     fbb.create_vector(&items)
 }
 
-fn read_strings(v: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<&str>>>) -> Vec<String> {
+fn read_strings(
+    v: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<&str>>>,
+) -> Vec<String> {
     v.into_iter().flatten().map(str::to_owned).collect()
 }
 

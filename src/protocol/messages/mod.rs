@@ -51,7 +51,7 @@ pub use groups::{
     GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, SendBackRequest,
     SentBack,
 };
-pub use produce::{Durability, ProduceAck, ProduceRequest};
+pub use produce::{Delay, Durability, ProduceAck, ProduceRequest};
 pub use replication::{EpochEntry, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse};
 pub use stats::{QueueStat, ReplicaStats, ShardStats};
 pub use topics::{QueueRoute, RouteTable, TopicInfo};
@@ -300,6 +300,7 @@ mod tests {
                 message_count: 5,
                 timeout_ms: 3000,
                 known_epoch: 0,
+                delay: None,
             });
             let frame = req.to_frame(9, Bytes::from_static(b"batch"));
             assert_eq!(Request::from_frame(&frame).unwrap(), req);

@@ -25,6 +25,18 @@ pub struct ProduceRequest {
     /// The newest master epoch the client has seen acking (0: none): a client's report that
     /// a newer master exists (see `replication::state::Replication::on_client_epoch`).
     pub known_epoch: u64,
+    /// Delayed delivery; `None`: visible as soon as acked. Delayed batches are not
+    /// de-duplicated (send them with producer id 0).
+    pub delay: Option<Delay>,
+}
+
+/// When a delayed batch is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delay {
+    /// RocketMQ's delay level 1..=18 (1s 5s 10s 30s 1m 2m ... 2h).
+    Level(u32),
+    /// At this wall-clock time, Unix ms.
+    At(u64),
 }
 
 /// The ack of a Produce request.
@@ -40,6 +52,9 @@ pub struct ProduceAck {
     pub durability: Durability,
     /// The epoch of the master that acked (0 from a broker that predates epochs in acks).
     pub epoch: u64,
+    /// A delayed batch: when it will be delivered (Unix ms); `base_offset` is then its place
+    /// in the broker's schedule. 0: stored in its queue.
+    pub deliver_at_ms: u64,
 }
 
 /// How durable an acked batch is: a ladder, each level saying more than the one before it.
@@ -113,6 +128,14 @@ impl<'a> fb::ProduceRequest<'a> {
             message_count: p.message_count,
             timeout_ms: p.timeout_ms,
             known_epoch: p.known_epoch,
+            delay_level: match p.delay {
+                Some(Delay::Level(l)) => l,
+                _ => 0,
+            },
+            deliver_at_ms: match p.delay {
+                Some(Delay::At(t)) => t,
+                _ => 0,
+            },
         };
         fb::ProduceRequest::create(fbb, &args)
     }
@@ -127,6 +150,16 @@ impl<'a> fb::ProduceRequest<'a> {
             message_count: self.message_count(),
             timeout_ms: self.timeout_ms(),
             known_epoch: self.known_epoch(),
+            delay: match (self.delay_level(), self.deliver_at_ms()) {
+                (0, 0) => None,
+                (0, at) => Some(Delay::At(at)),
+                (level, 0) => Some(Delay::Level(level)),
+                (level, at) => {
+                    return Err(format!(
+                        "delay_level {level} and deliver_at_ms {at} both set; one at most"
+                    ))
+                }
+            },
         })
     }
 }
@@ -140,6 +173,7 @@ impl<'a> fb::ProduceResponse<'a> {
             duplicate: ack.duplicate,
             durability: ack.durability.to_wire(),
             epoch: ack.epoch,
+            deliver_at_ms: ack.deliver_at_ms,
         };
         fb::ProduceResponse::create(fbb, &args)
     }
@@ -152,6 +186,7 @@ impl<'a> fb::ProduceResponse<'a> {
             duplicate: self.duplicate(),
             durability: Durability::from_wire(self.durability()),
             epoch: self.epoch(),
+            deliver_at_ms: self.deliver_at_ms(),
         })
     }
 }
