@@ -101,12 +101,17 @@ fn names_the_old_storage_rule_took_are_refused_on_the_wire_with_the_reason() {
     }
     let admin = Admin::connect(&b.addr()).unwrap();
     admin.create_topic(&longest, 1).unwrap();
-    admin.create_topic("%RETRY%group-1", 1).unwrap();
+    // `%` names are the broker's: a client may not create one, a group's creation does.
+    let err = admin.create_topic("%RETRY%group-1", 1).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidTopic), "{err}");
+    admin.create_group("group-1", 16, 0).unwrap();
     let names: Vec<String> = admin
         .list_topics()
         .unwrap()
         .into_iter()
         .map(|t| t.name)
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names.contains(&"%RETRY%group-1".to_string()), "{names:?}");
+    assert!(names.contains(&"%DLQ%group-1".to_string()), "{names:?}");
 }

@@ -224,6 +224,23 @@ impl GroupConsumer {
         }
     }
 
+    /// Marks every delivered message of (topic, queue) below `offset` done (as read: `topic`
+    /// is the source, the retry topic for a retry) and commits: "processed up to here".
+    pub fn commit_up_to(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<Option<Durability>, ClientError> {
+        {
+            let mut st = self.inner.state.lock().expect("group state");
+            if let Some(q) = st.queues.get_mut(&(topic.to_string(), queue)) {
+                q.in_flight.retain(|o, _| *o >= offset);
+            }
+        }
+        self.inner.commit()
+    }
+
     /// Gives the message back: it comes back after `delay_level` (1..=18; 0: the default,
     /// 3 + its reconsume count), or goes to the dead-letter queue. Then it is done here.
     pub fn nack(
