@@ -12,6 +12,10 @@
 //!   durability levels, print a verdict table.
 //! - `drill disk-full [--flush-mode ...]`: fill a small ext4 file system on a loop device
 //!   under load, free it, audit (root), print a verdict table.
+//! - `groups`: producers and the members of one consumer group (poll, ack, commit) on an
+//!   embedded broker: produce/consume rates, end-to-end and commit latency, duplicates, losses.
+//! - `backlog`: produce a backlog, then read it all with the plain consumer and with consumer
+//!   groups of 1, 2, ... members: msgs/s, MB/s and CPU per reader.
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -30,12 +34,17 @@
 //! - [`drill_partition`]: the partition drill and its audit.
 //! - [`drill_disk_full`]: the disk-full drill (its own loop-device file system).
 //! - [`machine`]: machine facts, core split and pinning.
+//! - [`embedded`]: the embedded broker, payload ids, loss/duplicate tally and CPU split that
+//!   [`groups`] and [`backlog`] share.
 
+mod backlog;
 mod broker_stats;
 mod drill;
 mod drill_disk_full;
 mod drill_load;
 mod drill_partition;
+mod embedded;
+mod groups;
 mod hist;
 mod machine;
 mod netns_cmd;
@@ -95,6 +104,13 @@ enum Command {
     /// resume after freeing, clean SIGTERM, restart audit). Prints a verdict table; exits
     /// non-zero on any failed round.
     Drill(drill::DrillArgs),
+    /// Consumer-group workload: producers and the members of one group (poll, ack, timed
+    /// explicit commits besides auto-commit) on a fresh embedded broker; reports produce and
+    /// consume rates, end-to-end and commit latency, duplicates and losses.
+    Groups(groups::GroupsArgs),
+    /// Produce a backlog (batched async), then read all of it with the plain consumer and with
+    /// consumer groups of --members sizes; msgs/s, MB/s and CPU of each reading.
+    Backlog(backlog::BacklogArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
     #[command(hide = true)]
@@ -162,6 +178,8 @@ fn main() -> ExitCode {
             drill::DrillKind::Partition => drill_partition::run(a),
             drill::DrillKind::DiskFull => drill_disk_full::run(a),
         },
+        Command::Groups(a) => groups::run(a),
+        Command::Backlog(a) => backlog::run(a),
         Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {

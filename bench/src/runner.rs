@@ -74,7 +74,13 @@ pub fn error_kind(e: &ClientError) -> String {
 }
 
 /// The temporary data dir of an embedded broker, removed on drop.
-struct TempDataDir(PathBuf);
+pub struct TempDataDir(PathBuf);
+
+impl TempDataDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for TempDataDir {
     fn drop(&mut self) {
@@ -92,7 +98,7 @@ fn is_root() -> bool {
 }
 
 /// A fresh, empty `root/name`, removed on drop.
-fn fresh_dir(root: &Path, name: &str) -> Result<TempDataDir, String> {
+pub fn fresh_dir(root: &Path, name: &str) -> Result<TempDataDir, String> {
     let dir = root.join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -276,7 +276,17 @@ impl GroupConsumer {
     /// Commits, leaves the group and stops the background thread.
     pub fn close(mut self) -> Result<(), ClientError> {
         self.stop_background();
-        let committed = self.inner.commit();
+        let mut committed = self.inner.commit();
+        if committed
+            .as_ref()
+            .is_err_and(|e| e.code() == Some(ErrorCode::StaleGeneration))
+        {
+            // Another member joined or left since this one's last heartbeat (e.g. members
+            // closing one after another). `commit` has just heartbeated into the new
+            // generation, keeping what this member still holds: commit that again, or the
+            // close fails and the offsets done since the last auto-commit are read again.
+            committed = self.inner.commit();
+        }
         let who = self.inner.membership();
         let left = self.inner.consumer.cluster().call_bootstrap(
             &Request::LeaveGroup {
