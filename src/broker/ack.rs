@@ -99,7 +99,7 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
 }
 
 /// The strongest durability the watermarks show for the batch, read after the waits.
-fn durability_reached(s: &Services, appended: &Appended) -> Durability {
+pub fn durability_reached(s: &Services, appended: &Appended) -> Durability {
     let end = appended.end;
     let tracker = s.replication.tracker();
     if tracker.acked(ReplicaAck::Durable) >= end.0 {
