@@ -624,7 +624,10 @@ fn commits_are_compacted_into_a_snapshot_that_a_restart_loads_from() {
     let offset: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
     // Past queue 0's only commit (the settings and that commit are the first records): a load
     // from the snapshot finds queue 0's offset only in the snapshot.
-    assert!(offset > 2, "the snapshot comes after queue 0's commit: {text}");
+    assert!(
+        offset > 2,
+        "the snapshot comes after queue 0's commit: {text}"
+    );
     let committed = |b: &TestBroker| {
         let d = Admin::connect(&b.addr())
             .unwrap()
