@@ -522,6 +522,24 @@ mod tests {
         }
         t.apply(GroupRecord::Progress { level: 3, next: 11 })
             .unwrap();
+        for offset in [8, 12, 15] {
+            t.apply(GroupRecord::SentBack {
+                group: "g".into(),
+                topic: "t".into(),
+                queue: 0,
+                offset,
+            })
+            .unwrap();
+        }
+        // A commit past a marker drops it; a marker below the commit is not kept.
+        t.apply(GroupRecord::Commit {
+            group: "g".into(),
+            topic: "t".into(),
+            queue: 0,
+            offset: 13,
+        })
+        .unwrap();
+        assert_eq!(t.sent_back("g", "t", 0), [15]);
         let mut back = GroupTable::new(5);
         for r in t.snapshot() {
             back.apply(r).unwrap();
