@@ -195,6 +195,11 @@ fn the_exposition_passes_promtool_and_counts_what_was_produced_and_fetched() {
         assert_eq!(text.matches(&help).count(), 1, "{name}");
     }
 
+    promtool_check(&text);
+}
+
+/// `promtool check metrics` on `text` (skipped without promtool; see `have`).
+fn promtool_check(text: &str) {
     if !have("promtool") {
         return;
     }
@@ -462,4 +467,51 @@ fn dashboard_exprs(json: &str) -> Vec<String> {
         out.push(expr);
     }
     out
+}
+
+/// Consumer-group series: a group's members, a retry waiting in the schedule, a dead letter.
+#[test]
+fn consumer_group_series_show_members_the_schedule_and_dead_letters() {
+    use ringmq::client::{Admin, GroupConfig, GroupConsumer};
+    let (b, metrics) = broker_with_metrics();
+    b.create_topic("jobs", 1);
+    produce(&b.addr(), "jobs", 2);
+    Admin::connect(&b.addr())
+        .unwrap()
+        .create_group("fragile", 0, 0)
+        .unwrap();
+    let patient = GroupConsumer::join(&b.addr(), GroupConfig::new("patient", &["jobs"])).unwrap();
+    let fragile = GroupConsumer::join(&b.addr(), GroupConfig::new("fragile", &["jobs"])).unwrap();
+    let take = |c: &GroupConsumer| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ms = c.poll(Duration::from_millis(200)).unwrap();
+            if !ms.is_empty() || Instant::now() > deadline {
+                return ms;
+            }
+        }
+    };
+    // `patient` gives one back for 2 hours (level 18); `fragile` allows no retry: its DLQ.
+    let m = take(&patient);
+    patient.nack(&m[0], 18, "later").unwrap();
+    let m = take(&fragile);
+    fragile.nack(&m[0], 0, "never").unwrap();
+    let text = scrape_until(metrics, |s| {
+        sum_of(
+            s,
+            "ringmq_dead_letter_messages",
+            &["topic=\"%DLQ%fragile\""],
+        ) == 1.0
+            && sum_of(s, "ringmq_scheduled_messages", &["level=\"18\""]) == 1.0
+    });
+    let s = samples(&text);
+    assert_eq!(
+        sum_of(&s, "ringmq_consumer_group_members", &["group=\"patient\""]),
+        1.0
+    );
+    assert_eq!(sum_of(&s, "ringmq_scheduled_messages", &[]), 1.0);
+    assert_eq!(sum_of(&s, "ringmq_dead_letter_messages", &[]), 1.0);
+    promtool_check(&text);
+    patient.close().unwrap();
+    fragile.close().unwrap();
 }

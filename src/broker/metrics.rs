@@ -8,6 +8,8 @@
 //! publishes the result for the HTTP thread and adds what only the node knows (disk, segment
 //! files, the oldest message).
 
+use crate::broker::groups;
+use crate::broker::groups::records::{DELAY_LEVELS_MS, SCHEDULE_LOG};
 use crate::broker::stats::local_shard_stats;
 use crate::broker::Services;
 use crate::metrics::Family;
@@ -166,7 +168,59 @@ pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Fam
     );
 
     out.extend(replication_families(&shard, r));
+    out.extend(group_families(s, &shard));
     out
+}
+
+/// Consumer groups: members of the groups this shard coordinates, delayed messages waiting in
+/// its schedule per level, and dead letters in its queues of each `%DLQ%` topic. (Lag needs the
+/// queue ends of other shards: `ringmq admin group describe` shows it.)
+fn group_families(s: &Services, shard: &str) -> Vec<Family> {
+    let mut members = Family::gauge(
+        "ringmq_consumer_group_members",
+        "Live members of each consumer group this shard coordinates.",
+    );
+    let mut scheduled = Family::gauge(
+        "ringmq_scheduled_messages",
+        "Retries and delayed messages waiting in this shard's schedule, per delay level.",
+    );
+    let mut dead = Family::gauge(
+        "ringmq_dead_letter_messages",
+        "Messages in this shard's queues of each dead-letter topic (%DLQ%<group>).",
+    );
+    let store = s.shard.store();
+    {
+        let table = groups::table(s);
+        for (group, g) in table.groups() {
+            members.push(
+                &[("shard", shard), ("group", group)],
+                g.members.len() as f64,
+            );
+        }
+        for level in 1..=DELAY_LEVELS_MS.len() as u32 {
+            let st = store.queue_stats(SCHEDULE_LOG, level - 1);
+            let cursor = table.progress(level).unwrap_or(0).max(st.min_offset.0);
+            let waiting = st.written_end_offset.0.saturating_sub(cursor);
+            if waiting > 0 {
+                let level = level.to_string();
+                scheduled.push(&[("shard", shard), ("level", &level)], waiting as f64);
+            }
+        }
+    }
+    for (topic, meta) in s.shard.topics().iter() {
+        if !topic.starts_with("%DLQ%") {
+            continue;
+        }
+        let depth: u64 = (0..meta.queues)
+            .filter(|q| s.shard.owner_of(topic, *q) == s.shard.shard)
+            .map(|q| {
+                let st = store.queue_stats(topic, q);
+                st.visible_end_offset.0 - st.min_offset.0
+            })
+            .sum();
+        dead.push(&[("shard", shard), ("topic", topic)], depth as f64);
+    }
+    vec![members, scheduled, dead]
 }
 
 fn replication_families(shard: &str, r: &ReplicaStats) -> Vec<Family> {

@@ -218,6 +218,14 @@ impl GroupTable {
         self.groups.get(group).and_then(|g| g.settings)
     }
 
+    /// Every existing group, by name.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &Group)> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.settings.is_some())
+            .map(|(n, g)| (n.as_str(), g))
+    }
+
     pub fn group(&self, group: &str) -> Option<&Group> {
         self.groups.get(group).filter(|g| g.settings.is_some())
     }
