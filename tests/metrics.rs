@@ -254,12 +254,14 @@ fn failed_produces_count_by_code_and_refusals_by_reason_and_unknown_topics_get_n
     // Half a frame, then silence: closed after partial_frame_timeout_ms (300 ms in tests).
     let mut stalled = TcpStream::connect(b.addr()).unwrap();
     stalled.write_all(b"RQMW").unwrap();
+    // Each shard publishes on its own every 0.5 s: wait for every count, not just the last one.
     let text = scrape_until(metrics, |s| {
         sum_of(
             s,
             "ringmq_refused_requests_total",
             &["reason=\"partial_frame_timeout\""],
         ) == 1.0
+            && sum_of(s, "ringmq_produce_requests_total", &["code=\"OK\""]) == 3.0
     });
     let s = samples(&text);
     assert_eq!(
