@@ -14,10 +14,11 @@
 //! - [`replication`]: a slave's shard follows its master's shard: epochs, the master's follower
 //!   session and replica tracker, the slave's follower loop.
 //! - [`broker`]: the request services (produce and its ack policy, fetch, topics, stats,
-//!   admin), with no sockets.
+//!   admin, consumer groups, retries and delays), with no sockets.
 //! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
 //!   the dispatcher that calls the services.
-//! - [`client`]: a blocking client library (plain threads, no runtime needed).
+//! - [`client`]: a blocking client library (plain threads, no runtime needed): admin,
+//!   producer, consumer, group consumer.
 //! - [`metrics`]: pure and below every layer: fixed-bucket histograms, the per-shard request
 //!   counters ([`metrics::ShardMetrics`]) and the Prometheus text format; the HTTP endpoint is
 //!   `server::metrics_http`.
