@@ -3,7 +3,7 @@
 //!
 //! SendBack runs on the shard that owns the message's queue. The message is copied, with its
 //! origin (first topic, queue, offset), its failure count and the member's error text as
-//! properties ([`records`]), either
+//! properties (`groups::records`), either
 //! - to `%SYS%SCHEDULE` queue `level - 1` of this shard, due `DELAY_LEVELS_MS[level - 1]`
 //!   from now and addressed to this shard's queue of `%RETRY%<group>`, or
 //! - once it has failed more than the group's `max_reconsume_times`, to this shard's queue
