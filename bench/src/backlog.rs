@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use ringmq::client::{
@@ -22,6 +22,7 @@ use crate::embedded::{
     CpuUse, EmbeddedBroker, Tally, PAYLOAD_HEADER_BYTES,
 };
 use crate::machine::{self, CoreSplit, MachineFacts};
+use crate::runner::lock;
 use crate::runner::{error_kind, interrupted};
 
 /// How long the members may take to settle their assignment before a group phase starts.
@@ -128,16 +129,10 @@ pub struct BacklogReport {
     pub phases: Vec<Phase>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 pub fn run(a: BacklogArgs) -> Result<(), String> {
     a.validate()?;
     crate::runner::install_interrupt_handler();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = crate::runner::unix_ms();
     let broker = EmbeddedBroker::start(&a.broker, &format!("backlog-{}", a.broker.mode))?;
     let outcome = drive(&a, &broker);
     let report = outcome.map(|(flush_mode, topic, phases)| BacklogReport {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use ringmq::client::{Admin, GroupConfig, GroupConsumer, Producer, ProducerConfig, QueueSelector};
@@ -29,6 +29,7 @@ use crate::embedded::{
 use crate::hist::{as_us, merge_all, new_hist, Hist, LatencySummary, SharedStats, ThreadStats};
 use crate::machine::{self, CoreSplit, MachineFacts};
 use crate::report::{fmt_us, hgrm};
+use crate::runner::lock;
 use crate::runner::{error_kind, interrupted};
 use crate::workload::SendMode;
 
@@ -246,16 +247,10 @@ struct ProducerLog {
 
 type SharedLog = Arc<Mutex<ProducerLog>>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 pub fn run(a: GroupsArgs) -> Result<(), String> {
     a.validate()?;
     crate::runner::install_interrupt_handler();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = crate::runner::unix_ms();
     let broker = EmbeddedBroker::start(&a.broker, &format!("groups-{}", a.broker.mode))?;
     let outcome = drive(&a, &broker);
     let (addr, split, fs) = (

@@ -57,7 +57,6 @@ mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -194,9 +193,7 @@ fn main() -> ExitCode {
 fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Result<(), String> {
     w.validate()?;
     runner::install_interrupt_handler();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = runner::unix_ms();
     let mut notes = Vec::new();
     let mut runs = Vec::new();
     match &w.broker {

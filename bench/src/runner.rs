@@ -492,7 +492,7 @@ fn drive(
     }
 
     let measure_start = ctx.base + warmup;
-    let p: Vec<_> = producer_stats.iter().map(lock).collect();
+    let p: Vec<_> = producer_stats.iter().map(|s| lock(s)).collect();
     let ack_hist = merge_all(p.iter().map(|s| &s.total));
     let messages: u64 = p.iter().map(|s| s.measured_msgs).sum();
     let bytes: u64 = p.iter().map(|s| s.measured_bytes).sum();
@@ -506,7 +506,7 @@ fn drive(
             *errors.entry(k.clone()).or_insert(0) += v;
         }
     }
-    let c: Vec<_> = consumer_stats.iter().map(lock).collect();
+    let c: Vec<_> = consumer_stats.iter().map(|s| lock(s)).collect();
     for s in &c {
         for (k, v) in &s.errors {
             *errors.entry(format!("consumer {k}")).or_insert(0) += v;
@@ -559,8 +559,16 @@ fn drive(
     })
 }
 
-fn lock(s: &SharedStats) -> std::sync::MutexGuard<'_, ThreadStats> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
+/// A mutex's guard, also after a panicking thread poisoned it (the stats are still counts).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A message whose payload starts with its intended send time (µs since the run's base).
@@ -568,10 +576,7 @@ fn make_message(template: &[u8], intended: Duration) -> Message {
     let mut buf = BytesMut::with_capacity(template.len());
     buf.put_u64_le(intended.as_micros() as u64);
     buf.extend_from_slice(&template[8..]);
-    let born_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Message::new(buf.freeze()).with_born_timestamp_ms(born_ms)
+    Message::new(buf.freeze()).with_born_timestamp_ms(unix_ms())
 }
 
 fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), String> {

@@ -319,7 +319,11 @@ impl Drop for GroupConsumer {
 
 impl Inner {
     fn membership(&self) -> Membership {
-        let st = self.state.lock().expect("group state");
+        self.who(&self.state.lock().expect("group state"))
+    }
+
+    /// This member as the broker knows it, from state already locked.
+    fn who(&self, st: &State) -> Membership {
         Membership {
             group: self.config.group.clone(),
             member: st.member.clone(),
@@ -434,12 +438,7 @@ impl Inner {
                     })
                 })
                 .collect();
-            let who = Membership {
-                group: self.config.group.clone(),
-                member: st.member.clone(),
-                generation: st.generation,
-            };
-            (who, offsets)
+            (self.who(&st), offsets)
         };
         if offsets.is_empty() {
             return Ok(None);
@@ -526,11 +525,7 @@ impl Inner {
         self.position_new_queues();
         let (who, wanted) = {
             let mut st = self.state.lock().expect("group state");
-            let who = Membership {
-                group: self.config.group.clone(),
-                member: st.member.clone(),
-                generation: st.generation,
-            };
+            let who = self.who(&st);
             let mut wanted = Vec::new();
             for (key, q) in st.queues.iter_mut() {
                 if q.positioned && !q.fetching && q.buffered.is_empty() {

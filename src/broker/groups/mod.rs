@@ -175,6 +175,34 @@ fn internal(what: impl std::fmt::Display) -> ServiceError {
     ServiceError::new(ErrorCode::Internal, what.to_string())
 }
 
+/// A request's setting: 0 means `default`; otherwise it must lie in `range`.
+fn setting(
+    name: &str,
+    value: u32,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32> {
+    match value {
+        0 => Ok(default),
+        v if range.contains(&v) => Ok(v),
+        v => Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("{name} {v} is outside {range:?}"),
+        )),
+    }
+}
+
+/// INVALID_ARGUMENT unless `1 <= n <= max`.
+fn check_count(what: &str, n: usize, max: usize) -> Result<()> {
+    if n == 0 || n > max {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("{what}: 1..={max}, not {n}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_group_name(group: &str) -> Result<()> {
     validate_group_name(group).map_err(|why| {
         ServiceError::new(
@@ -388,16 +416,12 @@ async fn ensure_group_topics(s: &Services, group: &str) -> Result<()> {
         if s.shard.shard == 0 {
             topic_writes::create_topic(&s.shard, &name, queues).await?;
         } else {
-            match s
+            let reply = s
                 .shard
                 .mesh
                 .call(0, MeshRequest::CreateInternalTopic { name, queues })
-                .await?
-            {
-                MeshReply::Done(Ok(())) => {}
-                MeshReply::Done(Err(e)) => return Err(ServiceError::new(e.code, e.message)),
-                other => return Err(internal(format!("shard 0 answered {other:?}"))),
-            }
+                .await?;
+            done(reply, 0)?;
         }
     }
     Ok(())
@@ -456,16 +480,12 @@ pub async fn create(s: &Services, g: GroupSettings) -> Result<Response> {
             ),
         ));
     }
-    let consume_timeout_ms = match g.consume_timeout_ms {
-        0 => Settings::default().consume_timeout_ms,
-        ms if CONSUME_TIMEOUT_MS.contains(&ms) => ms,
-        ms => {
-            return Err(ServiceError::new(
-                ErrorCode::InvalidArgument,
-                format!("consume_timeout_ms {ms} is outside {CONSUME_TIMEOUT_MS:?}"),
-            ))
-        }
-    };
+    let consume_timeout_ms = setting(
+        "consume_timeout_ms",
+        g.consume_timeout_ms,
+        Settings::default().consume_timeout_ms,
+        CONSUME_TIMEOUT_MS,
+    )?;
     let settings = Settings {
         max_reconsume_times: g.max_reconsume_times,
         consume_timeout_ms,
@@ -482,15 +502,11 @@ pub async fn create(s: &Services, g: GroupSettings) -> Result<Response> {
 pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
     s.check_writable("join consumer groups")?;
     check_group_name(&j.group)?;
-    if j.topics.is_empty() || j.topics.len() > MAX_TOPICS_PER_MEMBER {
-        return Err(ServiceError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "a member subscribes to 1..={MAX_TOPICS_PER_MEMBER} topics, not {}",
-                j.topics.len()
-            ),
-        ));
-    }
+    check_count(
+        "topics a member subscribes to",
+        j.topics.len(),
+        MAX_TOPICS_PER_MEMBER,
+    )?;
     for t in &j.topics {
         if t.starts_with('%') {
             return Err(ServiceError::new(
@@ -500,16 +516,12 @@ pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
         }
         topics::queue_count(s, t)?;
     }
-    let timeout_ms = match j.session_timeout_ms {
-        0 => DEFAULT_SESSION_TIMEOUT_MS,
-        ms if SESSION_TIMEOUT_MS.contains(&ms) => ms,
-        ms => {
-            return Err(ServiceError::new(
-                ErrorCode::InvalidArgument,
-                format!("session_timeout_ms {ms} is outside {SESSION_TIMEOUT_MS:?}"),
-            ))
-        }
-    };
+    let timeout_ms = setting(
+        "session_timeout_ms",
+        j.session_timeout_ms,
+        DEFAULT_SESSION_TIMEOUT_MS,
+        SESSION_TIMEOUT_MS,
+    )?;
     let settings = ensure_group(s, &j.group, None).await?;
     let mut subscribed: BTreeSet<String> = j.topics.iter().cloned().collect();
     subscribed.insert(retry_topic(&j.group));
@@ -586,15 +598,11 @@ pub async fn commit(s: &Services, c: CommitOffsetsRequest) -> Result<Response> {
     s.check_writable("commit offsets")?;
     let group = &c.who.group;
     check_group_name(group)?;
-    if c.offsets.is_empty() || c.offsets.len() > MAX_OFFSETS_PER_COMMIT {
-        return Err(ServiceError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "a commit names 1..={MAX_OFFSETS_PER_COMMIT} offsets, not {}",
-                c.offsets.len()
-            ),
-        ));
-    }
+    check_count(
+        "offsets in a commit",
+        c.offsets.len(),
+        MAX_OFFSETS_PER_COMMIT,
+    )?;
     catch_up(s).await?;
     if table(s).settings(group).is_none() {
         return Err(table::group_not_found(group));
@@ -800,9 +808,14 @@ pub async fn record_sent_back(
         queue,
         offset,
     };
-    match s.shard.mesh.call(coordinator, request).await? {
+    done(s.shard.mesh.call(coordinator, request).await?, coordinator)
+}
+
+/// What a `MeshReply::Done` from shard `from` says.
+fn done(reply: MeshReply, from: usize) -> Result<()> {
+    match reply {
         MeshReply::Done(Ok(())) => Ok(()),
         MeshReply::Done(Err(e)) => Err(ServiceError::new(e.code, e.message)),
-        other => Err(internal(format!("shard {coordinator} answered {other:?}"))),
+        other => Err(internal(format!("shard {from} answered {other:?}"))),
     }
 }
