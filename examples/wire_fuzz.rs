@@ -199,6 +199,7 @@ fn produce_frame(rng: &mut StdRng, id: u64) -> Vec<u8> {
         timeout_ms: 1000,
         known_epoch: 0,
         delay: None,
+        transaction: None,
     });
     encode(&req.to_frame(id, body.freeze()))
 }
@@ -361,6 +362,7 @@ fn trickle(args: &Args) -> String {
         timeout_ms: 1000,
         known_epoch: 0,
         delay: None,
+        transaction: None,
     });
     let frame = encode(&req.to_frame(1, body.freeze()));
     let hold = frame.len() - 64;

@@ -82,6 +82,12 @@ section_args! {
         /// Prometheus text endpoint (GET /metrics over HTTP, served by its own thread, never a
         /// shard): HOST:PORT, or `off` to serve none [default: 127.0.0.1:9400]
         metrics_listen: MetricsListen,
+        /// Transactions: check back a half message with no end after this long [default: 6000]
+        transaction_timeout_ms: u64,
+        /// Transactions: repeat an unanswered check this often [default: 6000]
+        transaction_check_interval_ms: u64,
+        /// Transactions: checks before a half message is rolled back as discarded [default: 15]
+        transaction_check_max: u32,
     } flags {
         /// Run on a file system without O_DIRECT (tmpfs), with a loud warning
         allow_non_direct_io,

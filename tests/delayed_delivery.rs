@@ -143,6 +143,7 @@ fn delays_out_of_bounds_and_idempotent_delayed_sends_are_refused() {
         timeout_ms: 5000,
         known_epoch: 0,
         delay: Some(Delay::Level(1)),
+        transaction: None,
     });
     let err = conn
         .call(&request, body.freeze(), Duration::from_secs(5))

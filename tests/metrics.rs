@@ -245,6 +245,7 @@ fn failed_produces_count_by_code_and_refusals_by_reason_and_unknown_topics_get_n
         timeout_ms: 5000,
         known_epoch: 0,
         delay: None,
+        transaction: None,
     });
     let err = Connection::connect(&b.addr())
         .unwrap()

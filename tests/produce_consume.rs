@@ -354,6 +354,7 @@ fn produce_request(
         timeout_ms: 5000,
         known_epoch: 0,
         delay: None,
+        transaction: None,
     });
     (req, buf.freeze())
 }

@@ -85,6 +85,7 @@ fn all_requests() -> Vec<Request> {
             timeout_ms: 5000,
             known_epoch: 0,
             delay: None,
+            transaction: None,
         }),
         Request::Produce(ProduceRequest {
             topic: "t".into(),
@@ -96,6 +97,7 @@ fn all_requests() -> Vec<Request> {
             timeout_ms: 0,
             known_epoch: u64::MAX,
             delay: None,
+            transaction: None,
         }),
         Request::Fetch(FetchRequest {
             topic: "orders".into(),

@@ -946,6 +946,7 @@ fn produce_reporting(addr: &str, topic: &str, known_epoch: u64) -> Result<(), Cl
         timeout_ms: 5000,
         known_epoch,
         delay: None,
+        transaction: None,
     });
     let conn =
         ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))?;

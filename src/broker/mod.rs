@@ -18,9 +18,10 @@
 //! - [`groups`]: consumer groups: the coordinator (membership, generations, assignment) and
 //!   committed offsets as records in the log.
 //! - [`retry`]: send-back of failed messages, the delay scheduler, dead letters.
+//! - [`transactions`]: half messages, their commit or rollback, check-backs.
 //! - [`error`]: [`ServiceError`] and how each lower-layer error maps to a wire code.
 //!
-//! New request families get a file (or a folder) here: transactions next.
+//! New request families get a file (or a folder) here.
 
 pub mod ack;
 pub mod admin;
@@ -32,6 +33,7 @@ pub mod produce;
 pub mod retry;
 pub mod stats;
 pub mod topics;
+pub mod transactions;
 
 use std::rc::Rc;
 
@@ -50,6 +52,8 @@ pub struct Services {
     pub replication: Rc<Replication>,
     /// Consumer groups this shard coordinates, and its delay scheduler's cursors.
     pub groups: groups::Coordinator,
+    /// Half messages of the queues this shard owns, and their check-backs.
+    pub transactions: transactions::Transactions,
 }
 
 impl Services {
@@ -58,6 +62,7 @@ impl Services {
             shard: replication.ctx.clone(),
             replication,
             groups: groups::Coordinator::default(),
+            transactions: transactions::Transactions::default(),
         }
     }
 

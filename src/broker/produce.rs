@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::broker::{ack, groups, retry, topics, Result, ServiceError, Services};
+use crate::broker::{ack, groups, retry, topics, transactions, Result, ServiceError, Services};
 use crate::format::batch::validate_batch;
 use crate::protocol::limits::MAX_BATCH_MESSAGES;
 use crate::protocol::{Delay, ErrorCode, ProduceAck, ProduceRequest, Response};
@@ -31,6 +31,16 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
                 p.message_count
             ),
         ));
+    }
+    if let Some(txn) = p.transaction {
+        if p.delay.is_some() {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                "a half message cannot be delayed",
+            ));
+        }
+        return transactions::produce_half(s, txn, &p.topic, queue, p.producer_id, &body, count)
+            .await;
     }
     // A deliver-at time already passed is no delay at all.
     let delay = p

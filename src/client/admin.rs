@@ -1,5 +1,5 @@
 //! Control requests: ping, topics, routes, broker info, queue and broker statistics,
-//! promotion, consumer-group settings and descriptions, operator commits.
+//! promotion, consumer-group settings and descriptions, operator commits, open transactions.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use crate::client::connection::{Connection, DEFAULT_REQUEST_TIMEOUT};
 use crate::client::ClientError;
 use crate::protocol::{
     BrokerInfo, CommitOffsetsRequest, CommittedOffset, Durability, GroupDescription, GroupSettings,
-    Membership, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo,
+    Membership, QueueStat, Request, Response, RouteTable, ShardStats, TopicInfo, TransactionList,
 };
 
 /// A control client over one connection (any shard's port works: the broker forwards).
@@ -52,6 +52,19 @@ impl Admin {
             Response::TopicCreated { .. } => Ok(()),
             r => Err(unexpected(r)),
         }
+    }
+
+    /// The open transactions of every shard (index = shard).
+    pub fn transactions(&self) -> Result<Vec<TransactionList>, ClientError> {
+        let shards = self.broker_info()?.shards;
+        (0..shards)
+            .map(
+                |shard| match self.call(Request::ListTransactions { shard })? {
+                    Response::Transactions(t) => Ok(t),
+                    r => Err(unexpected(r)),
+                },
+            )
+            .collect()
     }
 
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {

@@ -9,6 +9,8 @@
 //!   retries with backoff, batching by linger time and bytes.
 //! - [`consumer`]: pull with long polling from (queue, offset), or as an iterator.
 //! - [`group`]: a consumer-group member: assigned queues, ack/nack, committed offsets.
+//! - [`transaction`]: a transactional producer: half message, local transaction, end, and
+//!   answers to the broker's check-backs.
 //!
 //! Use it from a plain Rust program:
 //! ```no_run
@@ -23,6 +25,7 @@ pub mod connection;
 pub mod consumer;
 pub mod group;
 pub mod producer;
+pub mod transaction;
 
 pub use crate::protocol::Durability;
 pub use admin::Admin;
@@ -30,6 +33,7 @@ pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 pub use consumer::{ConsumedMessage, Consumer, StartFrom};
 pub use group::{GroupConfig, GroupConsumer, GroupMessage};
 pub use producer::{Producer, ProducerConfig, QueueSelector, SendResult};
+pub use transaction::{TransactionConfig, TransactionalProducer};
 
 use std::time::Duration;
 

@@ -400,28 +400,7 @@ impl Inner {
     }
 
     fn select(&self, route: &RouteTable, selector: QueueSelector<'_>) -> Result<u32, ClientError> {
-        let n = route.queues.len() as u32;
-        if n == 0 {
-            return Err(ClientError::Unexpected(format!(
-                "topic {} has no queues",
-                route.topic
-            )));
-        }
-        Ok(match selector {
-            QueueSelector::RoundRobin => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
-            QueueSelector::KeyHash(key) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                (h.finish() % u64::from(n)) as u32
-            }
-            QueueSelector::Queue(q) if q < n => q,
-            QueueSelector::Queue(q) => {
-                return Err(ClientError::InvalidArgument(format!(
-                    "topic {} has queues 0..{n}; there is no queue {q}",
-                    route.topic
-                )))
-            }
-        })
+        select_queue(route, selector, &self.round_robin)
     }
 
     /// Chooses the queue and encodes the batch: (queue, message count, body).
@@ -470,6 +449,7 @@ impl Inner {
                 .min(u32::MAX as u128) as u32,
             known_epoch: self.known_epoch.load(Ordering::Relaxed),
             delay: None,
+            transaction: None,
         })
     }
 
@@ -925,6 +905,36 @@ fn keeper_loop(inner: Weak<Inner>, wake: mpsc::Receiver<()>) {
 }
 
 /// A random u64 without a dependency: std's SipHash keys are random per process.
+/// The queue `selector` picks in `route` (`round_robin` counts the round-robin picks).
+pub(crate) fn select_queue(
+    route: &RouteTable,
+    selector: QueueSelector<'_>,
+    round_robin: &AtomicU32,
+) -> Result<u32, ClientError> {
+    let n = route.queues.len() as u32;
+    if n == 0 {
+        return Err(ClientError::Unexpected(format!(
+            "topic {} has no queues",
+            route.topic
+        )));
+    }
+    Ok(match selector {
+        QueueSelector::RoundRobin => round_robin.fetch_add(1, Ordering::Relaxed) % n,
+        QueueSelector::KeyHash(key) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            (h.finish() % u64::from(n)) as u32
+        }
+        QueueSelector::Queue(q) if q < n => q,
+        QueueSelector::Queue(q) => {
+            return Err(ClientError::InvalidArgument(format!(
+                "topic {} has queues 0..{n}; there is no queue {q}",
+                route.topic
+            )))
+        }
+    })
+}
+
 pub(crate) fn random_u64() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::BuildHasher;

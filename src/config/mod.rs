@@ -259,6 +259,14 @@ pub struct ServerConfig {
     /// The Prometheus endpoint: `off` or `host:port`. Served by a thread of its own, never by
     /// a shard. Default `127.0.0.1:9400`.
     pub metrics_listen: MetricsListen,
+    /// Transactions: a half message with no end this long after it was stored is checked back
+    /// with a live member of its producer group. Default 6000 (RocketMQ's).
+    pub transaction_timeout_ms: u64,
+    /// Transactions: how often an unresolved check is repeated. Default 6000.
+    pub transaction_check_interval_ms: u64,
+    /// Transactions: checks before a half message is rolled back and recorded as discarded.
+    /// Default 15 (RocketMQ's).
+    pub transaction_check_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -276,6 +284,9 @@ impl Default for ServerConfig {
             allow_non_direct_io: false,
             io_memory_bytes: 0,
             metrics_listen: MetricsListen::default(),
+            transaction_timeout_ms: 6_000,
+            transaction_check_interval_ms: 6_000,
+            transaction_check_max: 15,
         }
     }
 }
@@ -308,6 +319,23 @@ impl ServerConfig {
                 "max_inflight_bytes_per_connection is {} but must hold one max-size request ({} bytes)",
                 self.max_inflight_bytes_per_connection,
                 crate::protocol::MAX_BODY_BYTES
+            ));
+        }
+        for (name, value) in [
+            ("transaction_timeout_ms", self.transaction_timeout_ms),
+            (
+                "transaction_check_interval_ms",
+                self.transaction_check_interval_ms,
+            ),
+        ] {
+            if !(100..=86_400_000).contains(&value) {
+                problems.push(format!("{name} is {value}; it must be 100..=86400000"));
+            }
+        }
+        if !(1..=1000).contains(&self.transaction_check_max) {
+            problems.push(format!(
+                "transaction_check_max is {}; it must be 1..=1000",
+                self.transaction_check_max
             ));
         }
         if let CoreSelection::Count(0) = self.cores {

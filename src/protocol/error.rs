@@ -172,6 +172,9 @@ error_codes! {
         /// Consumer group: the member id is not (or no longer) in the group: it left or its
         /// session timed out. Join again.
         81 => UnknownMember "UNKNOWN_MEMBER" final,
+        /// Transactions: no half message with this offset and transaction id (a wrong handle,
+        /// or one resolved so long ago that the broker no longer remembers how).
+        90 => TransactionNotFound "TRANSACTION_NOT_FOUND" final,
     }
 }
 

@@ -57,4 +57,8 @@ pub use messages::{
     GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, SendBackRequest,
     SentBack,
 };
+pub use messages::{
+    CheckTransactionsRequest, EndTransactionRequest, OpenTransaction, Transaction,
+    TransactionCheck, TransactionEnded, TransactionList, TransactionOutcome, TransactionState,
+};
 pub use preamble::{MAGIC, VERSION};

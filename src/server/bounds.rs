@@ -61,7 +61,8 @@ const LISTING_RESPONSE_BYTES: u64 = (PREAMBLE_BYTES + MAX_HEADER_BYTES as usize)
 /// what it asked for does not bound a large first record.
 pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
     match request {
-        Request::Fetch(_) => {
+        // A check-back answer carries half messages, bounded like a fetch.
+        Request::Fetch(_) | Request::CheckTransactions(_) => {
             SMALL_RESPONSE_BYTES + u64::from(MAX_FETCH_BYTES).max(max_record_bytes)
         }
         Request::ListTopics
@@ -70,7 +71,8 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         | Request::BrokerStats
         | Request::QueueStats { .. }
         | Request::JoinGroup(_)
-        | Request::DescribeGroup { .. } => LISTING_RESPONSE_BYTES,
+        | Request::DescribeGroup { .. }
+        | Request::ListTransactions { .. } => LISTING_RESPONSE_BYTES,
         Request::Ping
         | Request::CreateTopic { .. }
         | Request::Produce(_)
@@ -79,7 +81,8 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         | Request::LeaveGroup { .. }
         | Request::CommitOffsets(_)
         | Request::SendBack(_)
-        | Request::CreateGroup(_) => SMALL_RESPONSE_BYTES,
+        | Request::CreateGroup(_)
+        | Request::EndTransaction(_) => SMALL_RESPONSE_BYTES,
     }
 }
 

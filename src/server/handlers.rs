@@ -11,7 +11,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::broker::{
-    admin, fetch, groups, produce, retry, stats, topics, Result, ServiceError, Services,
+    admin, fetch, groups, produce, retry, stats, topics, transactions, Result, ServiceError,
+    Services,
 };
 use crate::metrics::TopicSlot;
 use crate::protocol::{ErrorCode, Frame, GroupSettings, RemoteError, Request, Response};
@@ -153,8 +154,24 @@ fn owner(s: &Services, request: &Request) -> Option<usize> {
         }
         Request::CommitOffsets(c) => Some(coordinator(s, &c.who.group)),
         Request::CreateGroup(g) => Some(coordinator(s, &g.group)),
+        Request::EndTransaction(e) => Some(s.shard.owner_of(&e.topic, e.queue)),
+        // A shard out of range is answered by the receiver (INVALID_ARGUMENT).
+        Request::CheckTransactions(c) => Some(c.shard as usize).filter(|n| *n < s.shard.shards),
+        Request::ListTransactions { shard } => {
+            Some(*shard as usize).filter(|n| *n < s.shard.shards)
+        }
         _ => None,
     }
+}
+
+fn check_shard(s: &Services, shard: u32) -> Result<()> {
+    if shard as usize >= s.shard.shards {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("shard {shard}: this broker has {} shards", s.shard.shards),
+        ));
+    }
+    Ok(())
 }
 
 fn coordinator(s: &Services, group: &str) -> usize {
@@ -190,6 +207,15 @@ async fn execute(s: &Rc<Services>, request: Request, body: Bytes) -> Result<(Res
         Request::SendBack(b) => (retry::send_back(s, b).await?, empty),
         Request::CreateGroup(g) => (groups::create(s, g).await?, empty),
         Request::DescribeGroup { group } => (groups::describe(s, &group).await?, empty),
+        Request::EndTransaction(e) => (transactions::end(s, e).await?, empty),
+        Request::CheckTransactions(c) => {
+            check_shard(s, c.shard)?;
+            transactions::check_poll(s, c).await?
+        }
+        Request::ListTransactions { shard } => {
+            check_shard(s, shard)?;
+            (transactions::list(s).await?, empty)
+        }
         Request::ReplFollow(_) => {
             return Err(ServiceError::new(
                 ErrorCode::InvalidArgument,

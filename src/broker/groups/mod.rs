@@ -405,10 +405,18 @@ fn queues_of(s: &Services) -> impl Fn(&str) -> u32 + '_ {
     |t: &str| s.shard.topic(t).map_or(0, |m| m.queues)
 }
 
-/// Creates the group's retry and dead-letter topics when they do not exist yet (one queue
-/// per shard, so each shard's scheduler delivers into a queue it owns).
+/// Creates the group's retry and dead-letter topics when they do not exist yet.
 async fn ensure_group_topics(s: &Services, group: &str) -> Result<()> {
-    for name in [retry_topic(group), dlq_topic(group)] {
+    ensure_internal_topics(s, [retry_topic(group), dlq_topic(group)]).await
+}
+
+/// Creates broker topics with one queue per shard (so each shard writes into a queue it
+/// owns) when they do not exist yet; shard 0, the topic table's writer, creates them.
+pub async fn ensure_internal_topics(
+    s: &Services,
+    names: impl IntoIterator<Item = String>,
+) -> Result<()> {
+    for name in names {
         if s.shard.topic(&name).is_some() {
             continue;
         }

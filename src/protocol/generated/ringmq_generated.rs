@@ -113,6 +113,185 @@ impl<'a> ::flatbuffers::Verifiable for Durability {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Durability {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_TRANSACTION_OUTCOME: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_TRANSACTION_OUTCOME: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_TRANSACTION_OUTCOME: [TransactionOutcome; 3] = [
+  TransactionOutcome::Unknown,
+  TransactionOutcome::Commit,
+  TransactionOutcome::Rollback,
+];
+
+/// What a producer (or its checker) says about a transaction.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct TransactionOutcome(pub u8);
+#[allow(non_upper_case_globals)]
+impl TransactionOutcome {
+  /// Not decided yet: the broker asks again later.
+  pub const Unknown: Self = Self(0);
+  pub const Commit: Self = Self(1);
+  pub const Rollback: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Unknown,
+    Self::Commit,
+    Self::Rollback,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Unknown => Some("Unknown"),
+      Self::Commit => Some("Commit"),
+      Self::Rollback => Some("Rollback"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for TransactionOutcome {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for TransactionOutcome {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for TransactionOutcome {
+    type Output = TransactionOutcome;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for TransactionOutcome {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for TransactionOutcome {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for TransactionOutcome {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_TRANSACTION_STATE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_TRANSACTION_STATE: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_TRANSACTION_STATE: [TransactionState; 3] = [
+  TransactionState::Open,
+  TransactionState::Committed,
+  TransactionState::RolledBack,
+];
+
+/// Where a half message stands at the broker.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct TransactionState(pub u8);
+#[allow(non_upper_case_globals)]
+impl TransactionState {
+  pub const Open: Self = Self(0);
+  pub const Committed: Self = Self(1);
+  pub const RolledBack: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Open,
+    Self::Committed,
+    Self::RolledBack,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Open => Some("Open"),
+      Self::Committed => Some("Committed"),
+      Self::RolledBack => Some("RolledBack"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for TransactionState {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for TransactionState {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for TransactionState {
+    type Output = TransactionState;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for TransactionState {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for TransactionState {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for TransactionState {}
 /// One entry of a shard's epoch history: `epoch` began at CommitLog byte `start`. A history is
 /// listed oldest first; an epoch ends where the next one starts.
 // struct EpochEntry, aligned to 8
@@ -1876,6 +2055,8 @@ impl<'a> ProduceRequest<'a> {
   pub const VT_KNOWN_EPOCH: ::flatbuffers::VOffsetT = 18;
   pub const VT_DELAY_LEVEL: ::flatbuffers::VOffsetT = 20;
   pub const VT_DELIVER_AT_MS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_PRODUCER_GROUP: ::flatbuffers::VOffsetT = 24;
+  pub const VT_TRANSACTION_ID: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1890,6 +2071,8 @@ impl<'a> ProduceRequest<'a> {
     builder.add_deliver_at_ms(args.deliver_at_ms);
     builder.add_known_epoch(args.known_epoch);
     builder.add_producer_id(args.producer_id);
+    if let Some(x) = args.transaction_id { builder.add_transaction_id(x); }
+    if let Some(x) = args.producer_group { builder.add_producer_group(x); }
     builder.add_delay_level(args.delay_level);
     builder.add_timeout_ms(args.timeout_ms);
     builder.add_message_count(args.message_count);
@@ -1978,6 +2161,23 @@ impl<'a> ProduceRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ProduceRequest::VT_DELIVER_AT_MS, Some(0)).unwrap()}
   }
+  /// Added with transactions: a half message of this producer group's transaction
+  /// (transaction_id unique per transaction, chosen by the producer). Stored durably but
+  /// invisible until EndTransaction commits it. Empty: a plain produce.
+  #[inline]
+  pub fn producer_group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ProduceRequest::VT_PRODUCER_GROUP, None)}
+  }
+  #[inline]
+  pub fn transaction_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ProduceRequest::VT_TRANSACTION_ID, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
@@ -1996,6 +2196,8 @@ impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
      .visit_field::<u64>("known_epoch", Self::VT_KNOWN_EPOCH, false)?
      .visit_field::<u32>("delay_level", Self::VT_DELAY_LEVEL, false)?
      .visit_field::<u64>("deliver_at_ms", Self::VT_DELIVER_AT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("producer_group", Self::VT_PRODUCER_GROUP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("transaction_id", Self::VT_TRANSACTION_ID, false)?
      .finish();
     Ok(())
   }
@@ -2011,6 +2213,8 @@ pub struct ProduceRequestArgs<'a> {
     pub known_epoch: u64,
     pub delay_level: u32,
     pub deliver_at_ms: u64,
+    pub producer_group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub transaction_id: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for ProduceRequestArgs<'a> {
   #[inline]
@@ -2026,6 +2230,8 @@ impl<'a> Default for ProduceRequestArgs<'a> {
       known_epoch: 0,
       delay_level: 0,
       deliver_at_ms: 0,
+      producer_group: None,
+      transaction_id: None,
     }
   }
 }
@@ -2076,6 +2282,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceRequestBuilder<'a, 'b,
     self.fbb_.push_slot::<u64>(ProduceRequest::VT_DELIVER_AT_MS, deliver_at_ms, 0);
   }
   #[inline]
+  pub fn add_producer_group(&mut self, producer_group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ProduceRequest::VT_PRODUCER_GROUP, producer_group);
+  }
+  #[inline]
+  pub fn add_transaction_id(&mut self, transaction_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ProduceRequest::VT_TRANSACTION_ID, transaction_id);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceRequestBuilder {
@@ -2104,6 +2318,8 @@ impl ::core::fmt::Debug for ProduceRequest<'_> {
       ds.field("known_epoch", &self.known_epoch());
       ds.field("delay_level", &self.delay_level());
       ds.field("deliver_at_ms", &self.deliver_at_ms());
+      ds.field("producer_group", &self.producer_group());
+      ds.field("transaction_id", &self.transaction_id());
       ds.finish()
   }
 }
@@ -6933,6 +7149,1259 @@ impl ::core::fmt::Debug for DescribeGroupResponse<'_> {
       ds.field("consume_timeout_ms", &self.consume_timeout_ms());
       ds.field("members", &self.members());
       ds.field("queues", &self.queues());
+      ds.finish()
+  }
+}
+pub enum EndTransactionRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 40: ends a transaction. Sent to the owner of (topic, queue), the half message's
+/// real queue; names the half message by its offset in the ack and by its transaction id.
+pub struct EndTransactionRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EndTransactionRequest<'a> {
+  type Inner = EndTransactionRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EndTransactionRequest<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HALF_OFFSET: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PRODUCER_GROUP: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TRANSACTION_ID: ::flatbuffers::VOffsetT = 12;
+  pub const VT_OUTCOME: ::flatbuffers::VOffsetT = 14;
+  pub const VT_FROM_CHECK: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EndTransactionRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EndTransactionRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<EndTransactionRequest<'bldr>> {
+    let mut builder = EndTransactionRequestBuilder::new(_fbb);
+    builder.add_half_offset(args.half_offset);
+    if let Some(x) = args.transaction_id { builder.add_transaction_id(x); }
+    if let Some(x) = args.producer_group { builder.add_producer_group(x); }
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_from_check(args.from_check);
+    builder.add_outcome(args.outcome);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EndTransactionRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(EndTransactionRequest::VT_QUEUE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn half_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EndTransactionRequest::VT_HALF_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn producer_group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EndTransactionRequest::VT_PRODUCER_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn transaction_id(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EndTransactionRequest::VT_TRANSACTION_ID, None).unwrap()}
+  }
+  #[inline]
+  pub fn outcome(&self) -> TransactionOutcome {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<TransactionOutcome>(EndTransactionRequest::VT_OUTCOME, Some(TransactionOutcome::Unknown)).unwrap()}
+  }
+  /// An answer to a check-back (not the producer's own end).
+  #[inline]
+  pub fn from_check(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(EndTransactionRequest::VT_FROM_CHECK, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for EndTransactionRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<u64>("half_offset", Self::VT_HALF_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("producer_group", Self::VT_PRODUCER_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("transaction_id", Self::VT_TRANSACTION_ID, true)?
+     .visit_field::<TransactionOutcome>("outcome", Self::VT_OUTCOME, false)?
+     .visit_field::<bool>("from_check", Self::VT_FROM_CHECK, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EndTransactionRequestArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub half_offset: u64,
+    pub producer_group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub transaction_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub outcome: TransactionOutcome,
+    pub from_check: bool,
+}
+impl<'a> Default for EndTransactionRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    EndTransactionRequestArgs {
+      topic: None, // required field
+      queue: 0,
+      half_offset: 0,
+      producer_group: None, // required field
+      transaction_id: None, // required field
+      outcome: TransactionOutcome::Unknown,
+      from_check: false,
+    }
+  }
+}
+
+pub struct EndTransactionRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EndTransactionRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EndTransactionRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(EndTransactionRequest::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_half_offset(&mut self, half_offset: u64) {
+    self.fbb_.push_slot::<u64>(EndTransactionRequest::VT_HALF_OFFSET, half_offset, 0);
+  }
+  #[inline]
+  pub fn add_producer_group(&mut self, producer_group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EndTransactionRequest::VT_PRODUCER_GROUP, producer_group);
+  }
+  #[inline]
+  pub fn add_transaction_id(&mut self, transaction_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EndTransactionRequest::VT_TRANSACTION_ID, transaction_id);
+  }
+  #[inline]
+  pub fn add_outcome(&mut self, outcome: TransactionOutcome) {
+    self.fbb_.push_slot::<TransactionOutcome>(EndTransactionRequest::VT_OUTCOME, outcome, TransactionOutcome::Unknown);
+  }
+  #[inline]
+  pub fn add_from_check(&mut self, from_check: bool) {
+    self.fbb_.push_slot::<bool>(EndTransactionRequest::VT_FROM_CHECK, from_check, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EndTransactionRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EndTransactionRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EndTransactionRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, EndTransactionRequest::VT_TOPIC,"topic");
+    self.fbb_.required(o, EndTransactionRequest::VT_PRODUCER_GROUP,"producer_group");
+    self.fbb_.required(o, EndTransactionRequest::VT_TRANSACTION_ID,"transaction_id");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for EndTransactionRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("EndTransactionRequest");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("half_offset", &self.half_offset());
+      ds.field("producer_group", &self.producer_group());
+      ds.field("transaction_id", &self.transaction_id());
+      ds.field("outcome", &self.outcome());
+      ds.field("from_check", &self.from_check());
+      ds.finish()
+  }
+}
+pub enum EndTransactionResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 40.
+pub struct EndTransactionResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EndTransactionResponse<'a> {
+  type Inner = EndTransactionResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EndTransactionResponse<'a> {
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DUPLICATE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DURABILITY: ::flatbuffers::VOffsetT = 10;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EndTransactionResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EndTransactionResponseArgs
+  ) -> ::flatbuffers::WIPOffset<EndTransactionResponse<'bldr>> {
+    let mut builder = EndTransactionResponseBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
+    builder.add_offset(args.offset);
+    builder.add_durability(args.durability);
+    builder.add_duplicate(args.duplicate);
+    builder.add_state(args.state);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn state(&self) -> TransactionState {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<TransactionState>(EndTransactionResponse::VT_STATE, Some(TransactionState::Open)).unwrap()}
+  }
+  /// Committed: the offset of the first message in its real queue.
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EndTransactionResponse::VT_OFFSET, Some(0)).unwrap()}
+  }
+  /// The transaction had been ended before (a retry): state is the first end's.
+  #[inline]
+  pub fn duplicate(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(EndTransactionResponse::VT_DUPLICATE, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn durability(&self) -> Durability {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Durability>(EndTransactionResponse::VT_DURABILITY, Some(Durability::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EndTransactionResponse::VT_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for EndTransactionResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<TransactionState>("state", Self::VT_STATE, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<bool>("duplicate", Self::VT_DUPLICATE, false)?
+     .visit_field::<Durability>("durability", Self::VT_DURABILITY, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EndTransactionResponseArgs {
+    pub state: TransactionState,
+    pub offset: u64,
+    pub duplicate: bool,
+    pub durability: Durability,
+    pub epoch: u64,
+}
+impl<'a> Default for EndTransactionResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    EndTransactionResponseArgs {
+      state: TransactionState::Open,
+      offset: 0,
+      duplicate: false,
+      durability: Durability::Unknown,
+      epoch: 0,
+    }
+  }
+}
+
+pub struct EndTransactionResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EndTransactionResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_state(&mut self, state: TransactionState) {
+    self.fbb_.push_slot::<TransactionState>(EndTransactionResponse::VT_STATE, state, TransactionState::Open);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(EndTransactionResponse::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_duplicate(&mut self, duplicate: bool) {
+    self.fbb_.push_slot::<bool>(EndTransactionResponse::VT_DUPLICATE, duplicate, false);
+  }
+  #[inline]
+  pub fn add_durability(&mut self, durability: Durability) {
+    self.fbb_.push_slot::<Durability>(EndTransactionResponse::VT_DURABILITY, durability, Durability::Unknown);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(EndTransactionResponse::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EndTransactionResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EndTransactionResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EndTransactionResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for EndTransactionResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("EndTransactionResponse");
+      ds.field("state", &self.state());
+      ds.field("offset", &self.offset());
+      ds.field("duplicate", &self.duplicate());
+      ds.field("durability", &self.durability());
+      ds.field("epoch", &self.epoch());
+      ds.finish()
+  }
+}
+pub enum CheckTransactionsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 41: a member of a producer group waits (long poll) for check-backs of that group's
+/// open transactions on one shard. The waiting request is what makes it a live member.
+pub struct CheckTransactionsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CheckTransactionsRequest<'a> {
+  type Inner = CheckTransactionsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CheckTransactionsRequest<'a> {
+  pub const VT_PRODUCER_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CheckTransactionsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CheckTransactionsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CheckTransactionsRequest<'bldr>> {
+    let mut builder = CheckTransactionsRequestBuilder::new(_fbb);
+    builder.add_max_wait_ms(args.max_wait_ms);
+    builder.add_shard(args.shard);
+    if let Some(x) = args.member { builder.add_member(x); }
+    if let Some(x) = args.producer_group { builder.add_producer_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn producer_group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CheckTransactionsRequest::VT_PRODUCER_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn member(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CheckTransactionsRequest::VT_MEMBER, None).unwrap()}
+  }
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CheckTransactionsRequest::VT_SHARD, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn max_wait_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CheckTransactionsRequest::VT_MAX_WAIT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CheckTransactionsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("producer_group", Self::VT_PRODUCER_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("member", Self::VT_MEMBER, true)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CheckTransactionsRequestArgs<'a> {
+    pub producer_group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub member: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shard: u32,
+    pub max_wait_ms: u32,
+}
+impl<'a> Default for CheckTransactionsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CheckTransactionsRequestArgs {
+      producer_group: None, // required field
+      member: None, // required field
+      shard: 0,
+      max_wait_ms: 0,
+    }
+  }
+}
+
+pub struct CheckTransactionsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CheckTransactionsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_producer_group(&mut self, producer_group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CheckTransactionsRequest::VT_PRODUCER_GROUP, producer_group);
+  }
+  #[inline]
+  pub fn add_member(&mut self, member: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CheckTransactionsRequest::VT_MEMBER, member);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(CheckTransactionsRequest::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_max_wait_ms(&mut self, max_wait_ms: u32) {
+    self.fbb_.push_slot::<u32>(CheckTransactionsRequest::VT_MAX_WAIT_MS, max_wait_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CheckTransactionsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CheckTransactionsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CheckTransactionsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CheckTransactionsRequest::VT_PRODUCER_GROUP,"producer_group");
+    self.fbb_.required(o, CheckTransactionsRequest::VT_MEMBER,"member");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CheckTransactionsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CheckTransactionsRequest");
+      ds.field("producer_group", &self.producer_group());
+      ds.field("member", &self.member());
+      ds.field("shard", &self.shard());
+      ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.finish()
+  }
+}
+pub enum TransactionCheckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TransactionCheck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TransactionCheck<'a> {
+  type Inner = TransactionCheck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TransactionCheck<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HALF_OFFSET: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TRANSACTION_ID: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CHECKS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_BATCH_LEN: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TransactionCheck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TransactionCheckArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<TransactionCheck<'bldr>> {
+    let mut builder = TransactionCheckBuilder::new(_fbb);
+    builder.add_half_offset(args.half_offset);
+    builder.add_batch_len(args.batch_len);
+    builder.add_checks(args.checks);
+    if let Some(x) = args.transaction_id { builder.add_transaction_id(x); }
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(TransactionCheck::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(TransactionCheck::VT_QUEUE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn half_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TransactionCheck::VT_HALF_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn transaction_id(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(TransactionCheck::VT_TRANSACTION_ID, None).unwrap()}
+  }
+  /// Checks so far, this one included.
+  #[inline]
+  pub fn checks(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(TransactionCheck::VT_CHECKS, Some(0)).unwrap()}
+  }
+  /// Length of this check's message batch in the response body (the batches follow each
+  /// other in the order of the checks).
+  #[inline]
+  pub fn batch_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(TransactionCheck::VT_BATCH_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TransactionCheck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<u64>("half_offset", Self::VT_HALF_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("transaction_id", Self::VT_TRANSACTION_ID, true)?
+     .visit_field::<u32>("checks", Self::VT_CHECKS, false)?
+     .visit_field::<u32>("batch_len", Self::VT_BATCH_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TransactionCheckArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub half_offset: u64,
+    pub transaction_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub checks: u32,
+    pub batch_len: u32,
+}
+impl<'a> Default for TransactionCheckArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    TransactionCheckArgs {
+      topic: None, // required field
+      queue: 0,
+      half_offset: 0,
+      transaction_id: None, // required field
+      checks: 0,
+      batch_len: 0,
+    }
+  }
+}
+
+pub struct TransactionCheckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TransactionCheckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransactionCheck::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(TransactionCheck::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_half_offset(&mut self, half_offset: u64) {
+    self.fbb_.push_slot::<u64>(TransactionCheck::VT_HALF_OFFSET, half_offset, 0);
+  }
+  #[inline]
+  pub fn add_transaction_id(&mut self, transaction_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransactionCheck::VT_TRANSACTION_ID, transaction_id);
+  }
+  #[inline]
+  pub fn add_checks(&mut self, checks: u32) {
+    self.fbb_.push_slot::<u32>(TransactionCheck::VT_CHECKS, checks, 0);
+  }
+  #[inline]
+  pub fn add_batch_len(&mut self, batch_len: u32) {
+    self.fbb_.push_slot::<u32>(TransactionCheck::VT_BATCH_LEN, batch_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TransactionCheckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TransactionCheckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TransactionCheck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, TransactionCheck::VT_TOPIC,"topic");
+    self.fbb_.required(o, TransactionCheck::VT_TRANSACTION_ID,"transaction_id");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TransactionCheck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TransactionCheck");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("half_offset", &self.half_offset());
+      ds.field("transaction_id", &self.transaction_id());
+      ds.field("checks", &self.checks());
+      ds.field("batch_len", &self.batch_len());
+      ds.finish()
+  }
+}
+pub enum CheckTransactionsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 41. The body holds each check's half message as a batch.
+pub struct CheckTransactionsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CheckTransactionsResponse<'a> {
+  type Inner = CheckTransactionsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CheckTransactionsResponse<'a> {
+  pub const VT_CHECKS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CheckTransactionsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CheckTransactionsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CheckTransactionsResponse<'bldr>> {
+    let mut builder = CheckTransactionsResponseBuilder::new(_fbb);
+    if let Some(x) = args.checks { builder.add_checks(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn checks(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TransactionCheck<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TransactionCheck>>>>(CheckTransactionsResponse::VT_CHECKS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CheckTransactionsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TransactionCheck>>>>("checks", Self::VT_CHECKS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CheckTransactionsResponseArgs<'a> {
+    pub checks: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TransactionCheck<'a>>>>>,
+}
+impl<'a> Default for CheckTransactionsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CheckTransactionsResponseArgs {
+      checks: None,
+    }
+  }
+}
+
+pub struct CheckTransactionsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CheckTransactionsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_checks(&mut self, checks: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TransactionCheck<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CheckTransactionsResponse::VT_CHECKS, checks);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CheckTransactionsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CheckTransactionsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CheckTransactionsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CheckTransactionsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CheckTransactionsResponse");
+      ds.field("checks", &self.checks());
+      ds.finish()
+  }
+}
+pub enum ListTransactionsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 42: the open transactions of one shard.
+pub struct ListTransactionsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListTransactionsRequest<'a> {
+  type Inner = ListTransactionsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListTransactionsRequest<'a> {
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListTransactionsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListTransactionsRequestArgs
+  ) -> ::flatbuffers::WIPOffset<ListTransactionsRequest<'bldr>> {
+    let mut builder = ListTransactionsRequestBuilder::new(_fbb);
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListTransactionsRequest::VT_SHARD, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListTransactionsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListTransactionsRequestArgs {
+    pub shard: u32,
+}
+impl<'a> Default for ListTransactionsRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    ListTransactionsRequestArgs {
+      shard: 0,
+    }
+  }
+}
+
+pub struct ListTransactionsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListTransactionsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(ListTransactionsRequest::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListTransactionsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListTransactionsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListTransactionsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListTransactionsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListTransactionsRequest");
+      ds.field("shard", &self.shard());
+      ds.finish()
+  }
+}
+pub enum OpenTransactionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct OpenTransaction<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for OpenTransaction<'a> {
+  type Inner = OpenTransaction<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> OpenTransaction<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HALF_OFFSET: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PRODUCER_GROUP: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TRANSACTION_ID: ::flatbuffers::VOffsetT = 12;
+  pub const VT_AGE_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_CHECKS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    OpenTransaction { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args OpenTransactionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<OpenTransaction<'bldr>> {
+    let mut builder = OpenTransactionBuilder::new(_fbb);
+    builder.add_age_ms(args.age_ms);
+    builder.add_half_offset(args.half_offset);
+    builder.add_messages(args.messages);
+    builder.add_checks(args.checks);
+    if let Some(x) = args.transaction_id { builder.add_transaction_id(x); }
+    if let Some(x) = args.producer_group { builder.add_producer_group(x); }
+    builder.add_queue(args.queue);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(OpenTransaction::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn queue(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(OpenTransaction::VT_QUEUE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn half_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(OpenTransaction::VT_HALF_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn producer_group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(OpenTransaction::VT_PRODUCER_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn transaction_id(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(OpenTransaction::VT_TRANSACTION_ID, None).unwrap()}
+  }
+  #[inline]
+  pub fn age_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(OpenTransaction::VT_AGE_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn checks(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(OpenTransaction::VT_CHECKS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn messages(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(OpenTransaction::VT_MESSAGES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for OpenTransaction<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<u64>("half_offset", Self::VT_HALF_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("producer_group", Self::VT_PRODUCER_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("transaction_id", Self::VT_TRANSACTION_ID, true)?
+     .visit_field::<u64>("age_ms", Self::VT_AGE_MS, false)?
+     .visit_field::<u32>("checks", Self::VT_CHECKS, false)?
+     .visit_field::<u32>("messages", Self::VT_MESSAGES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct OpenTransactionArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub queue: u32,
+    pub half_offset: u64,
+    pub producer_group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub transaction_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub age_ms: u64,
+    pub checks: u32,
+    pub messages: u32,
+}
+impl<'a> Default for OpenTransactionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    OpenTransactionArgs {
+      topic: None, // required field
+      queue: 0,
+      half_offset: 0,
+      producer_group: None, // required field
+      transaction_id: None, // required field
+      age_ms: 0,
+      checks: 0,
+      messages: 0,
+    }
+  }
+}
+
+pub struct OpenTransactionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> OpenTransactionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OpenTransaction::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_queue(&mut self, queue: u32) {
+    self.fbb_.push_slot::<u32>(OpenTransaction::VT_QUEUE, queue, 0);
+  }
+  #[inline]
+  pub fn add_half_offset(&mut self, half_offset: u64) {
+    self.fbb_.push_slot::<u64>(OpenTransaction::VT_HALF_OFFSET, half_offset, 0);
+  }
+  #[inline]
+  pub fn add_producer_group(&mut self, producer_group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OpenTransaction::VT_PRODUCER_GROUP, producer_group);
+  }
+  #[inline]
+  pub fn add_transaction_id(&mut self, transaction_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OpenTransaction::VT_TRANSACTION_ID, transaction_id);
+  }
+  #[inline]
+  pub fn add_age_ms(&mut self, age_ms: u64) {
+    self.fbb_.push_slot::<u64>(OpenTransaction::VT_AGE_MS, age_ms, 0);
+  }
+  #[inline]
+  pub fn add_checks(&mut self, checks: u32) {
+    self.fbb_.push_slot::<u32>(OpenTransaction::VT_CHECKS, checks, 0);
+  }
+  #[inline]
+  pub fn add_messages(&mut self, messages: u32) {
+    self.fbb_.push_slot::<u32>(OpenTransaction::VT_MESSAGES, messages, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> OpenTransactionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    OpenTransactionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<OpenTransaction<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, OpenTransaction::VT_TOPIC,"topic");
+    self.fbb_.required(o, OpenTransaction::VT_PRODUCER_GROUP,"producer_group");
+    self.fbb_.required(o, OpenTransaction::VT_TRANSACTION_ID,"transaction_id");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for OpenTransaction<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("OpenTransaction");
+      ds.field("topic", &self.topic());
+      ds.field("queue", &self.queue());
+      ds.field("half_offset", &self.half_offset());
+      ds.field("producer_group", &self.producer_group());
+      ds.field("transaction_id", &self.transaction_id());
+      ds.field("age_ms", &self.age_ms());
+      ds.field("checks", &self.checks());
+      ds.field("messages", &self.messages());
+      ds.finish()
+  }
+}
+pub enum ListTransactionsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Opcode 42.
+pub struct ListTransactionsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListTransactionsResponse<'a> {
+  type Inner = ListTransactionsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListTransactionsResponse<'a> {
+  pub const VT_OPEN: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DISCARDED: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OPEN_TOTAL: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListTransactionsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListTransactionsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListTransactionsResponse<'bldr>> {
+    let mut builder = ListTransactionsResponseBuilder::new(_fbb);
+    builder.add_open_total(args.open_total);
+    builder.add_discarded(args.discarded);
+    if let Some(x) = args.open { builder.add_open(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn open(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<OpenTransaction<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<OpenTransaction>>>>(ListTransactionsResponse::VT_OPEN, None)}
+  }
+  /// Rolled back after the most check-backs, since this broker started.
+  #[inline]
+  pub fn discarded(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ListTransactionsResponse::VT_DISCARDED, Some(0)).unwrap()}
+  }
+  /// Open transactions on the shard; `open` lists the oldest (at most 1,000).
+  #[inline]
+  pub fn open_total(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ListTransactionsResponse::VT_OPEN_TOTAL, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListTransactionsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<OpenTransaction>>>>("open", Self::VT_OPEN, false)?
+     .visit_field::<u64>("discarded", Self::VT_DISCARDED, false)?
+     .visit_field::<u64>("open_total", Self::VT_OPEN_TOTAL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListTransactionsResponseArgs<'a> {
+    pub open: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<OpenTransaction<'a>>>>>,
+    pub discarded: u64,
+    pub open_total: u64,
+}
+impl<'a> Default for ListTransactionsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListTransactionsResponseArgs {
+      open: None,
+      discarded: 0,
+      open_total: 0,
+    }
+  }
+}
+
+pub struct ListTransactionsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListTransactionsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_open(&mut self, open: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<OpenTransaction<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListTransactionsResponse::VT_OPEN, open);
+  }
+  #[inline]
+  pub fn add_discarded(&mut self, discarded: u64) {
+    self.fbb_.push_slot::<u64>(ListTransactionsResponse::VT_DISCARDED, discarded, 0);
+  }
+  #[inline]
+  pub fn add_open_total(&mut self, open_total: u64) {
+    self.fbb_.push_slot::<u64>(ListTransactionsResponse::VT_OPEN_TOTAL, open_total, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListTransactionsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListTransactionsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListTransactionsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListTransactionsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListTransactionsResponse");
+      ds.field("open", &self.open());
+      ds.field("discarded", &self.discarded());
+      ds.field("open_total", &self.open_total());
       ds.finish()
   }
 }

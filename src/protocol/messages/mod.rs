@@ -15,6 +15,7 @@
 //! | fetch | Fetch 11 (response body: stored batches) | [`fetch`] |
 //! | replication | ReplFollow 20; stream only: ReplData 21, ReplAck 22 | [`replication`] |
 //! | groups | JoinGroup 30, LeaveGroup 31, CommitOffsets 32, SendBack 33, CreateGroup 34, DescribeGroup 35 | [`groups`] |
+//! | transactions | EndTransaction 40, CheckTransactions 41 (response body: half messages), ListTransactions 42 | [`transactions`] |
 //!
 //! A new request is a row in the table and its types and table mapping in its family's file
 //! (a new family: one more file), plus its tables in `schema/ringmq.fbs`.
@@ -43,6 +44,7 @@ pub mod replication;
 pub mod stats;
 mod table;
 pub mod topics;
+pub mod transactions;
 
 pub use admin::BrokerInfo;
 pub use fetch::{FetchHeader, FetchRequest};
@@ -55,6 +57,10 @@ pub use produce::{Delay, Durability, ProduceAck, ProduceRequest};
 pub use replication::{EpochEntry, ReplAck, ReplData, ReplFollowRequest, ReplFollowResponse};
 pub use stats::{QueueStat, ReplicaStats, ShardStats};
 pub use topics::{QueueRoute, RouteTable, TopicInfo};
+pub use transactions::{
+    CheckTransactionsRequest, EndTransactionRequest, OpenTransaction, Transaction,
+    TransactionCheck, TransactionEnded, TransactionList, TransactionOutcome, TransactionState,
+};
 
 table::opcodes! {
     /// What a frame asks for. Numbers are stable; a retired opcode is never reused.
@@ -150,6 +156,21 @@ table::opcodes! {
     35 => DescribeGroup "DESCRIBE_GROUP" {
         request: DescribeGroup { group: String } = DescribeGroupRequest,
         response: GroupDescribed(GroupDescription) = DescribeGroupResponse,
+    },
+    /// Commit or roll back a half message (or answer a check-back), at its real queue's owner.
+    40 => EndTransaction "END_TRANSACTION" {
+        request: EndTransaction(EndTransactionRequest) = EndTransactionRequest,
+        response: TransactionEnded(TransactionEnded) = EndTransactionResponse,
+    },
+    /// A producer-group member's long poll for check-backs on one shard; the response body
+    /// holds the half messages.
+    41 => CheckTransactions "CHECK_TRANSACTIONS" {
+        request: CheckTransactions(CheckTransactionsRequest) = CheckTransactionsRequest,
+        response: TransactionChecks(Vec<TransactionCheck>) = CheckTransactionsResponse,
+    },
+    42 => ListTransactions "LIST_TRANSACTIONS" {
+        request: ListTransactions { shard: u32 } = ListTransactionsRequest,
+        response: Transactions(TransactionList) = ListTransactionsResponse,
     },
 }
 
@@ -301,6 +322,7 @@ mod tests {
                 timeout_ms: 3000,
                 known_epoch: 0,
                 delay: None,
+                transaction: None,
             });
             let frame = req.to_frame(9, Bytes::from_static(b"batch"));
             assert_eq!(Request::from_frame(&frame).unwrap(), req);

@@ -6,6 +6,7 @@ use std::fmt;
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 use crate::protocol::generated as fb;
+use crate::protocol::Transaction;
 
 /// Header of a Produce request. The message batch itself is the frame body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub struct ProduceRequest {
     /// Delayed delivery; `None`: visible as soon as acked. Delayed batches are not
     /// de-duplicated (send them with producer id 0).
     pub delay: Option<Delay>,
+    /// A half message of this transaction: stored, invisible until EndTransaction commits it.
+    pub transaction: Option<Transaction>,
 }
 
 /// When a delayed batch is delivered.
@@ -119,6 +122,13 @@ impl fmt::Display for Durability {
 impl<'a> fb::ProduceRequest<'a> {
     pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, p: &ProduceRequest) -> WIPOffset<Self> {
         let topic = fbb.create_string(&p.topic);
+        let (group, id) = match &p.transaction {
+            Some(t) => (
+                Some(fbb.create_string(&t.producer_group)),
+                Some(fbb.create_string(&t.id)),
+            ),
+            None => (None, None),
+        };
         let args = fb::ProduceRequestArgs {
             topic: Some(topic),
             queue: p.queue,
@@ -136,6 +146,8 @@ impl<'a> fb::ProduceRequest<'a> {
                 Some(Delay::At(t)) => t,
                 _ => 0,
             },
+            producer_group: group,
+            transaction_id: id,
         };
         fb::ProduceRequest::create(fbb, &args)
     }
@@ -158,6 +170,20 @@ impl<'a> fb::ProduceRequest<'a> {
                     return Err(format!(
                         "delay_level {level} and deliver_at_ms {at} both set; one at most"
                     ))
+                }
+            },
+            transaction: match (self.producer_group(), self.transaction_id()) {
+                (None | Some(""), None | Some("")) => None,
+                (Some(group), Some(id)) if !group.is_empty() && !id.is_empty() => {
+                    Some(Transaction {
+                        producer_group: group.to_owned(),
+                        id: id.to_owned(),
+                    })
+                }
+                _ => {
+                    return Err(
+                        "a half message needs both producer_group and transaction_id".into(),
+                    )
                 }
             },
         })
