@@ -88,6 +88,12 @@ section_args! {
         transaction_check_interval_ms: u64,
         /// Transactions: checks before a half message is rolled back as discarded [default: 15]
         transaction_check_max: u32,
+        /// Refuse (SYSTEM_BUSY) a produce that waited longer than this for the log, 0 = no
+        /// bound [default: 1000]
+        max_queue_wait_ms: u64,
+        /// Refuse (SYSTEM_BUSY) produces while appended bytes lead durable ones by more than
+        /// this, 0 = no bound [default: 268435456]
+        max_flush_lag_bytes: u64,
     } flags {
         /// Run on a file system without O_DIRECT (tmpfs), with a loud warning
         allow_non_direct_io,
