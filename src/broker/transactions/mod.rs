@@ -47,7 +47,7 @@
 pub mod table;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -97,9 +97,9 @@ pub struct Transactions {
     in_flight: RefCell<HashMap<String, Appended>>,
     /// The half whose commit copy this process appended or found (see [`ensure_copy`]).
     confirmed_copy: Cell<Option<u64>>,
-    /// Checks issued and not yet handed to a member, per producer group: (half, checks so
-    /// far including this one).
-    offered: RefCell<HashMap<String, VecDeque<(u64, u32)>>>,
+    /// Checks issued and not yet handed to a member, per producer group: half -> checks so
+    /// far including this one (oldest half first; a new round's offer replaces the last).
+    offered: RefCell<HashMap<String, BTreeMap<u64, u32>>>,
     discarded: Cell<u64>,
     /// One writer of `%SYS%TXN` at a time (and a commit's copy with its record).
     writing: Semaphore,
@@ -653,10 +653,9 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
         let halves: Vec<(u64, u32)> = {
             let mut offered = t.offered.borrow_mut();
             match offered.get_mut(&c.producer_group) {
-                Some(q) => {
-                    let n = q.len().min(CHECKS_PER_POLL);
-                    q.drain(..n).collect()
-                }
+                Some(q) => std::iter::from_fn(|| q.pop_first())
+                    .take(CHECKS_PER_POLL)
+                    .collect(),
                 None => Vec::new(),
             }
         };
@@ -691,10 +690,10 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
         }
         if !left.is_empty() {
             let mut offered = t.offered.borrow_mut();
-            let q = offered.entry(c.producer_group.clone()).or_default();
-            for item in left.into_iter().rev() {
-                q.push_front(item);
-            }
+            offered
+                .entry(c.producer_group.clone())
+                .or_default()
+                .extend(left);
         }
         if !checks.is_empty() || Instant::now() >= deadline || s.shard.is_shutting_down() {
             return Ok((Response::TransactionChecks(checks), body.freeze()));
@@ -823,10 +822,8 @@ async fn check_round(s: &Services) -> Result<()> {
             last = Some(append_op(s, &Op::Checked { halves }).await?);
             let mut offered = t.offered.borrow_mut();
             for (half, count, group) in checked {
-                let q = offered.entry(group).or_default();
                 // An offer nobody took is replaced by this round's.
-                q.retain(|(h, _)| *h != half);
-                q.push_back((half, count));
+                offered.entry(group).or_default().insert(half, count);
             }
         }
         last
