@@ -22,8 +22,15 @@ use ringmq::protocol::{ProduceRequest, Request};
 
 /// A broker on free ports with its metrics endpoint on a free port too.
 fn broker_with_metrics() -> (TestBroker, SocketAddr) {
+    broker_with_metrics_and(|_| {})
+}
+
+fn broker_with_metrics_and(
+    tune: impl FnOnce(&mut ringmq::config::Config),
+) -> (TestBroker, SocketAddr) {
     let tmp = data_dir();
     let mut cfg = test_config(tmp.path());
+    tune(&mut cfg);
     cfg.server.metrics_listen = MetricsListen::Addr("127.0.0.1:0".into());
     let b = TestBroker::start_with(cfg, tmp);
     let addr = b
@@ -517,4 +524,36 @@ fn consumer_group_series_show_members_the_schedule_and_dead_letters() {
     promtool_check(&text);
     patient.close().unwrap();
     fragile.close().unwrap();
+}
+
+/// Transaction series: open half messages, and those rolled back after the most checks.
+#[test]
+fn transaction_series_show_open_halves_and_discards() {
+    use ringmq::client::transaction::{CheckBack, TransactionConfig};
+    use ringmq::client::TransactionalProducer;
+    use ringmq::protocol::TransactionOutcome;
+    // Checked at 0.2 s and 2.2 s, discarded at 4.2 s: open long enough to be seen.
+    let (b, metrics) = broker_with_metrics_and(|c| {
+        c.server.transaction_timeout_ms = 200;
+        c.server.transaction_check_interval_ms = 2_000;
+        c.server.transaction_check_max = 2;
+    });
+    b.create_topic("pay", 2);
+    let p = TransactionalProducer::start(
+        TransactionConfig::new(b.addr(), "billing"),
+        std::sync::Arc::new(|_: &CheckBack| TransactionOutcome::Unknown),
+    )
+    .unwrap();
+    let msg = [Message::new("x")];
+    p.send_half("pay", QueueSelector::Queue(0), &msg).unwrap();
+    let ended = p.send_half("pay", QueueSelector::Queue(1), &msg).unwrap();
+    scrape_until(metrics, |s| {
+        sum_of(s, "ringmq_transactions_open", &[]) == 2.0
+    });
+    p.end(&ended, TransactionOutcome::Rollback).unwrap();
+    let text = scrape_until(metrics, |s| {
+        sum_of(s, "ringmq_transactions_discarded_total", &[]) == 1.0
+            && sum_of(s, "ringmq_transactions_open", &[]) == 0.0
+    });
+    promtool_check(&text);
 }

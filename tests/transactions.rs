@@ -419,3 +419,85 @@ fn bad_transactional_requests_get_clear_errors() {
     // Nothing half-stored by the refusals.
     assert_eq!(open_count(&b.addr()), 0);
 }
+
+fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ringmq");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_rehearses_commit_rollback_and_check_backs() {
+    let b = quick_broker(15);
+    b.create_topic("t", 2);
+    let addr = b.addr();
+    let produce = |outcome: &str, extra: &[&str], lines: &str| {
+        let mut args = vec![
+            "produce",
+            "--broker",
+            &addr,
+            "--topic",
+            "t",
+            "--print-acks",
+            "--transaction",
+            outcome,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = cli(&args, lines);
+        assert!(ok, "produce --transaction {outcome}: {err}");
+        (out, err)
+    };
+    let (out, _) = produce("commit", &[], "a\nb\n");
+    assert_eq!(out.matches("state=committed").count(), 2, "{out}");
+    let (out, _) = produce("rollback", &[], "c\n");
+    assert!(out.contains("state=rolled-back"), "{out}");
+    // Left open, with nobody to answer for a while: `admin transactions` lists it.
+    let (_, err) = produce("unknown", &["--check-wait-ms", "1"], "d\n");
+    assert!(err.contains("still open"), "{err}");
+    let (ok, listing, err) = cli(&["admin", "--broker", &addr, "transactions"], "");
+    assert!(ok, "{err}");
+    assert!(listing.contains("group=ringmq-cli"), "{listing}");
+    assert!(listing.contains("open=1"), "{listing}");
+    // A member answering commit resolves its own and the earlier one of its group.
+    let (_, err) = produce("unknown", &["--check-answer", "commit"], "e\n");
+    assert!(err.contains("resolved by check-backs"), "{err}");
+    wait_for(
+        "d is committed by a check-back",
+        Duration::from_secs(10),
+        || payloads(&addr, "t", 2).len() == 4,
+    );
+    let mut seen = payloads(&addr, "t", 2);
+    seen.sort();
+    assert_eq!(seen, vec!["a", "b", "d", "e"]);
+    // Flags that make no sense together are refused before anything is sent.
+    let (ok, _, err) = cli(
+        &[
+            "produce",
+            "--broker",
+            &addr,
+            "--topic",
+            "t",
+            "--check-answer",
+            "commit",
+        ],
+        "x\n",
+    );
+    assert!(!ok && err.contains("--transaction"), "{err}");
+}

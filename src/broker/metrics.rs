@@ -11,7 +11,7 @@
 use crate::broker::groups;
 use crate::broker::groups::records::{DELAY_LEVELS_MS, SCHEDULE_LOG};
 use crate::broker::stats::local_shard_stats;
-use crate::broker::Services;
+use crate::broker::{transactions, Services};
 use crate::metrics::Family;
 use crate::protocol::ReplicaStats;
 
@@ -169,6 +169,21 @@ pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Fam
 
     out.extend(replication_families(&shard, r));
     out.extend(group_families(s, &shard));
+    let (open, discarded) = transactions::counts(s);
+    out.push(
+        Family::gauge(
+            "ringmq_transactions_open",
+            "Half messages stored on this shard and not ended yet (as far as it has applied).",
+        )
+        .with(sh, open as f64),
+    );
+    out.push(
+        Family::counter(
+            "ringmq_transactions_discarded_total",
+            "Half messages rolled back after transaction_check_max unanswered check-backs since              the broker started (copied to %TXN_DISCARDED%<group>).",
+        )
+        .with(sh, discarded as f64),
+    );
     out
 }
 

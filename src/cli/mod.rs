@@ -1,7 +1,8 @@
 //! The client-side subcommands of `ringmq`: admin, produce, consume; the consumer-group ones
-//! in [`groups`].
+//! in [`groups`], the transactional ones in [`transactions`].
 
 pub mod groups;
+pub mod transactions;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,12 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: groups::DlqCommand,
     },
+    /// Open transactions (half messages without an end) of every shard, with their age and
+    /// check-backs: `shard=<s> topic=<t> queue=<q> half_offset=<o> group=<g> transaction=<id>
+    /// age_ms=<a> checks=<c> messages=<m>`, then `shard=<s> open=<n> listed=<n>
+    /// discarded=<n>` per shard (discarded: rolled back after the most check-backs since start;
+    /// their messages are in `%TXN_DISCARDED%<group>`).
+    Transactions,
     /// Make the broker (a slave) a master; prints `promoted: epoch <N>`.
     Promote,
     /// Replication state of every shard, one line each in a stable key=value format:
@@ -118,6 +125,22 @@ pub struct ProduceArgs {
     /// (at most 3 days). Sync sends, not de-duplicated.
     #[arg(long)]
     pub delay_ms: Option<u64>,
+    /// Transactional rehearsal: send each line as a half message (stored, invisible) and end
+    /// it with this outcome; `unknown` sends no end, stays connected and answers the broker's
+    /// check-backs with --check-answer. With --print-acks, prints `half line=<N> queue=<Q>
+    /// half_offset=<O> level=<L> transaction=<ID>` and `end line=<N> state=<S> offset=<O>
+    /// level=<L>`.
+    #[arg(long, value_enum, conflicts_with_all = ["delay_level", "delay_ms", "key_by_line"])]
+    pub transaction: Option<transactions::Outcome>,
+    /// With --transaction unknown: the answer to each check-back.
+    #[arg(long, value_enum, default_value = "unknown", requires = "transaction")]
+    pub check_answer: transactions::Outcome,
+    /// The producer group of --transaction (check-backs go to any live member of it).
+    #[arg(long, default_value = "ringmq-cli", requires = "transaction")]
+    pub producer_group: String,
+    /// With --transaction unknown: how long to stay for check-backs (ms) [default: 60000]
+    #[arg(long, default_value_t = 60_000, requires = "transaction")]
+    pub check_wait_ms: u64,
 }
 
 #[derive(Args)]
@@ -227,6 +250,7 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
                 );
             }
         }
+        AdminCommand::Transactions => transactions::list(&admin)?,
         AdminCommand::Promote => {
             let epoch = admin.promote().map_err(e)?;
             println!("promoted: epoch {epoch}");
@@ -257,6 +281,18 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
 }
 
 pub fn produce(args: ProduceArgs) -> Result<(), String> {
+    if let Some(outcome) = args.transaction {
+        return transactions::produce(transactions::TransactionRun {
+            broker: &args.broker,
+            topic: &args.topic,
+            queue: args.queue,
+            producer_group: &args.producer_group,
+            outcome,
+            check_answer: args.check_answer,
+            check_wait: Duration::from_millis(args.check_wait_ms),
+            print_acks: args.print_acks,
+        });
+    }
     let mut config = ProducerConfig::new(&args.broker);
     if let Some(retries) = args.retries {
         config.retries = retries;

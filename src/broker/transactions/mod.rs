@@ -100,8 +100,9 @@ pub struct Transactions {
     in_flight: RefCell<HashMap<String, Appended>>,
     /// The half whose commit copy this process appended or found (see [`ensure_copy`]).
     confirmed_copy: Cell<Option<u64>>,
-    /// Checks issued and not yet handed to a member, per producer group.
-    offered: RefCell<HashMap<String, VecDeque<u64>>>,
+    /// Checks issued and not yet handed to a member, per producer group: (half, checks so
+    /// far including this one).
+    offered: RefCell<HashMap<String, VecDeque<(u64, u32)>>>,
     discarded: Cell<u64>,
     /// The epoch in which the checker made sure every open half's topic exists (see
     /// [`ensure_topic`]): once per process and promotion.
@@ -694,7 +695,7 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
     let deadline =
         Instant::now() + Duration::from_millis(u64::from(c.max_wait_ms.min(MAX_CHECK_WAIT_MS)));
     loop {
-        let halves: Vec<u64> = {
+        let halves: Vec<(u64, u32)> = {
             let mut offered = t.offered.borrow_mut();
             match offered.get_mut(&c.producer_group) {
                 Some(q) => {
@@ -706,14 +707,10 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
         };
         let mut checks = Vec::new();
         let mut body = BytesMut::new();
-        for half in halves {
+        let mut left = Vec::new();
+        for (half, count) in halves {
             if body.len() >= crate::protocol::limits::MAX_FETCH_BYTES as usize {
-                // Bounded like a fetch: the rest stays on offer for the next poll.
-                t.offered
-                    .borrow_mut()
-                    .entry(c.producer_group.clone())
-                    .or_default()
-                    .push_front(half);
+                left.push((half, count)); // bounded like a fetch: offered again next poll
                 continue;
             }
             let Lookup::Open(h) = t.table.borrow().lookup(half) else {
@@ -732,10 +729,17 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
                 queue: h.info.queue,
                 half_offset: half,
                 transaction_id: h.info.id.clone(),
-                checks: h.checks,
+                checks: count,
                 batch_len: batch.len() as u32,
             });
             body.extend_from_slice(&batch);
+        }
+        if !left.is_empty() {
+            let mut offered = t.offered.borrow_mut();
+            let q = offered.entry(c.producer_group.clone()).or_default();
+            for item in left.into_iter().rev() {
+                q.push_front(item);
+            }
         }
         if !checks.is_empty() || Instant::now() >= deadline || s.shard.is_shutting_down() {
             return Ok((Response::TransactionChecks(checks), body.freeze()));
@@ -836,7 +840,7 @@ async fn check_round(s: &Services) -> Result<()> {
         let mut checked = Vec::new();
         for (half, h) in due {
             if h.checks < check_max {
-                checked.push((half, h.info.group));
+                checked.push((half, h.checks + 1, h.info.group));
                 continue;
             }
             // Copied first: if the discard record survives a crash, so does the copy.
@@ -875,14 +879,14 @@ async fn check_round(s: &Services) -> Result<()> {
             );
         }
         if !checked.is_empty() {
-            let halves = checked.iter().map(|(h, _)| *h).collect();
+            let halves = checked.iter().map(|(h, _, _)| *h).collect();
             last = Some(append_op(s, &Op::Checked { halves }).await?);
             let mut offered = t.offered.borrow_mut();
-            for (half, group) in checked {
+            for (half, count, group) in checked {
                 let q = offered.entry(group).or_default();
-                if !q.contains(&half) {
-                    q.push_back(half);
-                }
+                // An offer nobody took is replaced by this round's.
+                q.retain(|(h, _)| *h != half);
+                q.push_back((half, count));
             }
         }
         last
