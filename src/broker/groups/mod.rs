@@ -417,22 +417,27 @@ pub async fn ensure_internal_topics(
     names: impl IntoIterator<Item = String>,
 ) -> Result<()> {
     for name in names {
-        if s.shard.topic(&name).is_some() {
-            continue;
-        }
-        let queues = s.shard.shards as u32;
-        if s.shard.shard == 0 {
-            topic_writes::create_topic(&s.shard, &name, queues).await?;
-        } else {
-            let reply = s
-                .shard
-                .mesh
-                .call(0, MeshRequest::CreateInternalTopic { name, queues })
-                .await?;
-            done(reply, 0)?;
-        }
+        create_topic_from_any_shard(s, name, s.shard.shards as u32).await?;
     }
     Ok(())
+}
+
+/// Creates `name` with `queues` queues if this shard does not know it, through shard 0 (the
+/// topic table's one writer) from whichever shard runs this.
+pub async fn create_topic_from_any_shard(s: &Services, name: String, queues: u32) -> Result<()> {
+    if s.shard.topic(&name).is_some() {
+        return Ok(());
+    }
+    if s.shard.shard == 0 {
+        topic_writes::create_topic(&s.shard, &name, queues).await?;
+        return Ok(());
+    }
+    let reply = s
+        .shard
+        .mesh
+        .call(0, MeshRequest::CreateInternalTopic { name, queues })
+        .await?;
+    done(reply, 0)
 }
 
 /// Shard 0, for another shard's coordinator: see [`MeshRequest::CreateInternalTopic`].

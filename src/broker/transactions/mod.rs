@@ -64,8 +64,6 @@ use crate::protocol::{
     TransactionList, TransactionOutcome, TransactionState,
 };
 use crate::replication::Role;
-use crate::shard::mesh::{MeshReply, MeshRequest};
-use crate::shard::topic_writes;
 use crate::storage::{AppendRequest, Appended, QueueOffset};
 
 use table::{
@@ -485,21 +483,7 @@ async fn ensure_topic(s: &Services, topic: &str, queues: u32) -> Result<()> {
          that had not copied it yet): creating it with {queues} queue(s), as its half recorded",
         s.shard.shard
     );
-    if s.shard.shard == 0 {
-        topic_writes::create_topic(&s.shard, topic, queues).await?;
-        return Ok(());
-    }
-    let name = topic.to_string();
-    match s
-        .shard
-        .mesh
-        .call(0, MeshRequest::CreateInternalTopic { name, queues })
-        .await?
-    {
-        MeshReply::Done(Ok(())) => Ok(()),
-        MeshReply::Done(Err(e)) => Err(ServiceError::new(e.code, e.message)),
-        other => Err(internal(format!("shard 0 answered {other:?}"))),
-    }
+    groups::create_topic_from_any_shard(s, topic.to_string(), queues).await
 }
 
 /// Makes sure the last commit's copy is in its real queue (see the module doc); caller holds
