@@ -574,49 +574,57 @@ pub fn check_memlock(
     io_memory_bytes: u64,
 ) -> Row {
     let why = "glommio registers io_uring buffers (io_memory_bytes per shard, 10 MiB by \
-               default); without CAP_IPC_LOCK they count against memlock. Here memlock is \
-               8 MiB and cannot be raised even by root (no CAP_SYS_RESOURCE), and about 6 MiB \
-               of it is usable for io memory";
+               default), charged to memlock without CAP_IPC_LOCK; the broker refuses a \
+               non-root start whose shards do not fit. Here memlock is 8 MiB and cannot be \
+               raised even by root (no CAP_SYS_RESOURCE); about 6 MiB of it is usable";
     let (soft, hard) = match limits {
         Ok(l) => *l,
-        Err(e) if ipc_lock => {
+        Err(e) if root => {
             return Row::new(
                 "memlock",
                 Status::Ok,
-                format!("unknown ({e}); moot: CAP_IPC_LOCK"),
+                format!("unknown ({e}); moot: root"),
                 why,
             )
         }
         Err(e) => return Row::unknown("memlock", e, why),
     };
     let needed = preflight::memlock_needed_bytes(shards, io_memory_bytes);
-    let mut value = format!(
-        "soft {}, hard {}; {} shard(s) need {}",
+    let value = format!(
+        "soft {}, hard {}; {} shard(s) need {}; {}, {}CAP_IPC_LOCK",
         limit_text(soft),
         limit_text(hard),
         shards,
-        human_bytes(needed)
+        human_bytes(needed),
+        if root { "root" } else { "not root" },
+        if ipc_lock { "" } else { "no " },
     );
-    if ipc_lock {
-        value.push_str(&format!(
-            "; moot: CAP_IPC_LOCK{}",
-            if root { " (root)" } else { "" }
-        ));
-    }
+    let short = soft.is_some_and(|l| needed > l);
     let fix = "set io_memory_bytes so shards x io_memory_bytes + 1 MiB fits (e.g. \
                --io-memory-bytes 2097152), raise it (systemd LimitMEMLOCK=, \
-               /etc/security/limits.conf), or run with CAP_IPC_LOCK";
-    match preflight::check_memlock_limit(ipc_lock, soft, shards, io_memory_bytes) {
+               /etc/security/limits.conf), or run as root";
+    match preflight::check_memlock_limit(root, soft, shards, io_memory_bytes) {
         Err(e) => Row::new("memlock", Status::Fail, value, format!("{why}: {e}")).fix(fix),
-        Ok(()) if !ipc_lock && soft.is_some_and(|l| needed + MEMLOCK_COMFORT_MARGIN_BYTES > l) => {
-            Row::new(
-                "memlock",
-                Status::Warn,
-                format!("{value}; less than 2 MiB to spare"),
-                why,
-            )
-            .fix(fix)
+        // Root without the capability (a container that dropped it): the broker starts, and
+        // glommio skips the registration with a warning (measured here with
+        // `setpriv --bounding-set=-ipc_lock`): I/O then runs on unregistered buffers.
+        Ok(()) if root && !ipc_lock && short => Row::new(
+            "memlock",
+            Status::Warn,
+            format!("{value}: glommio will skip registering its buffers"),
+            why,
+        )
+        .fix("give the broker CAP_IPC_LOCK (docker run --cap-add IPC_LOCK), or lower io_memory_bytes"),
+        Ok(()) if root || soft.is_none() => {
+            Row::new("memlock", Status::Ok, format!("{value}; moot"), why)
         }
+        Ok(()) if soft.is_some_and(|l| needed + MEMLOCK_COMFORT_MARGIN_BYTES > l) => Row::new(
+            "memlock",
+            Status::Warn,
+            format!("{value}; less than 2 MiB to spare"),
+            why,
+        )
+        .fix(fix),
         Ok(()) => Row::new("memlock", Status::Ok, value, why),
     }
 }
@@ -1077,11 +1085,15 @@ mod tests {
     }
 
     #[test]
-    fn memlock_is_moot_with_cap_ipc_lock_and_fails_like_preflight_without() {
+    fn memlock_is_moot_for_root_and_fails_like_preflight_without() {
         let eight = Ok((Some(8 << 20), Some(8 << 20)));
         let r = check_memlock(&eight, true, true, 2, 0);
         assert_eq!(r.status, Status::Ok);
-        assert!(r.value.contains("moot: CAP_IPC_LOCK (root)"), "{}", r.value);
+        assert!(r.value.ends_with("root, CAP_IPC_LOCK; moot"), "{}", r.value);
+        // Root without CAP_IPC_LOCK: starts, but glommio skips its buffer registration.
+        let r = check_memlock(&eight, true, false, 2, 0);
+        assert_eq!(r.status, Status::Warn);
+        assert!(r.fix.unwrap().contains("IPC_LOCK"));
         // Non-root, glommio's default 10 MiB: refused by preflight, so FAIL.
         let r = check_memlock(&eight, false, false, 1, 0);
         assert_eq!(r.status, Status::Fail);

@@ -30,7 +30,7 @@ pub enum PreflightError {
     IoUringDisabled(u32),
     #[error("io_uring is not available ({0}): RingMQ needs io_uring; check seccomp/container policy and the kernel config")]
     IoUringUnavailable(std::io::Error),
-    #[error("memlock limit is {limit_bytes} bytes but {shards} shards need {needed_bytes}: raise `ulimit -l`, run with CAP_IPC_LOCK (root usually has it), or lower io_memory_bytes / the shard count")]
+    #[error("memlock limit is {limit_bytes} bytes but {shards} shards need {needed_bytes}: raise `ulimit -l`, run as root, or lower io_memory_bytes / the shard count")]
     MemlockTooSmall {
         limit_bytes: u64,
         needed_bytes: u64,
@@ -69,7 +69,7 @@ pub fn check(
     };
     check_kernel(&report.kernel)?;
     check_io_uring()?;
-    check_memlock_limit(has_ipc_lock(), memlock_limit(), shards, io_memory_bytes)?;
+    check_memlock_limit(is_root(), memlock_limit(), shards, io_memory_bytes)?;
     report.direct_io = check_data_dir(data_dir)?;
     if !report.direct_io {
         if !allow_non_direct_io {
@@ -158,7 +158,8 @@ const CAP_IPC_LOCK: u32 = 14;
 
 /// Whether this process has CAP_IPC_LOCK in its effective set (from `/proc/self/status`;
 /// where that cannot be read, whether it is root). Root usually has it, but a container may
-/// drop it (Docker does by default), and then memlock limits root too.
+/// drop it (Docker does by default); then glommio's buffer registration meets memlock, and
+/// glommio skips it with a warning and runs on unregistered buffers (seen here).
 pub fn has_ipc_lock() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
@@ -202,15 +203,15 @@ pub fn memlock_needed_bytes(shards: usize, io_memory_bytes: u64) -> u64 {
     per_shard * shards as u64 + (1 << 20)
 }
 
-/// The memlock verdict: moot with CAP_IPC_LOCK or no limit, else the limit must cover
+/// The memlock verdict: moot for root or without a limit, else the limit must cover
 /// [`memlock_needed_bytes`].
 pub fn check_memlock_limit(
-    ipc_lock: bool,
+    root: bool,
     limit_bytes: Option<u64>,
     shards: usize,
     io_memory_bytes: u64,
 ) -> Result<(), PreflightError> {
-    let Some(limit_bytes) = limit_bytes.filter(|_| !ipc_lock) else {
+    let Some(limit_bytes) = limit_bytes.filter(|_| !root) else {
         return Ok(());
     };
     let needed = memlock_needed_bytes(shards, io_memory_bytes);
