@@ -88,6 +88,12 @@ section_args! {
         transaction_check_interval_ms: u64,
         /// Transactions: checks before a half message is rolled back as discarded [default: 15]
         transaction_check_max: u32,
+        /// Refuse (SYSTEM_BUSY) a produce that waited longer than this for the log, 0 = no
+        /// bound [default: 1000]
+        max_queue_wait_ms: u64,
+        /// Refuse (SYSTEM_BUSY) produces while appended bytes lead durable ones by more than
+        /// this, 0 = no bound [default: 268435456]
+        max_flush_lag_bytes: u64,
     } flags {
         /// Run on a file system without O_DIRECT (tmpfs), with a loud warning
         allow_non_direct_io,
@@ -124,10 +130,20 @@ section_args! {
         /// Delete sealed segments last written more than this many hours ago, 0 = keep all
         /// [default: 72]
         retention_hours: u64,
+        /// Delete the oldest sealed segments while the log takes more bytes than this, 0 = no
+        /// bound [default: 0]
+        retention_bytes: u64,
+        /// Above this disk usage, delete expired segments at once [default: 0.75]
+        disk_clean_ratio: f64,
+        /// With --force-clean: above this disk usage, delete unexpired segments [default: 0.85]
+        disk_force_clean_ratio: f64,
         /// Start from the index snapshot and check older records in the background (true), or
         /// scan and check the whole log before serving (false) [default: true]
         index_snapshot: bool,
     } flags {
+        /// Delete unexpired segments (unconsumed messages!) while the disk is used above
+        /// --disk-force-clean-ratio; each deletion is logged with the queues it cut
+        force_clean,
     }
 }
 

@@ -557,3 +557,56 @@ fn transaction_series_show_open_halves_and_discards() {
     });
     promtool_check(&text);
 }
+
+/// Consumer-group lag: the queue's end minus the group's committed offset, also for a queue
+/// another shard owns than the group's coordinator.
+#[test]
+fn consumer_group_lag_is_the_end_minus_the_committed_offset() {
+    use ringmq::client::Admin;
+    use ringmq::protocol::CommittedOffset;
+    let (b, metrics) = broker_with_metrics();
+    b.create_topic("jobs", 2);
+    let p = Producer::connect(&b.addr()).unwrap();
+    for q in 0..2u32 {
+        for i in 0..(5 + q) {
+            p.send(
+                "jobs",
+                QueueSelector::Queue(q),
+                &Message::new(format!("{i}")),
+            )
+            .unwrap();
+        }
+    }
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.create_group("slow", 0, 0).unwrap();
+    admin
+        .commit_offsets(
+            "slow",
+            vec![
+                CommittedOffset {
+                    topic: "jobs".into(),
+                    queue: 0,
+                    offset: 2,
+                },
+                CommittedOffset {
+                    topic: "jobs".into(),
+                    queue: 1,
+                    offset: 1,
+                },
+            ],
+        )
+        .unwrap();
+    let text = scrape_until(metrics, |s| {
+        sum_of(s, "ringmq_consumer_group_lag", &["queue=\"0\""]) == 3.0
+            && sum_of(s, "ringmq_consumer_group_lag", &["queue=\"1\""]) == 5.0
+    });
+    assert_eq!(
+        sum_of(
+            &samples(&text),
+            "ringmq_consumer_group_lag",
+            &["group=\"slow\""]
+        ),
+        8.0
+    );
+    promtool_check(&text);
+}

@@ -402,3 +402,182 @@ fn retention_deletes_only_the_expired_prefix_of_sealed_segments() {
         s.close().await.unwrap();
     });
 }
+
+/// Retention by size on the real disk: with `retention_bytes` of three 1 MiB segments, the
+/// retention task (every second) deletes the oldest sealed segments until the log fits; what
+/// is kept reads back, what went reads as OFFSET_OUT_OF_RANGE naming the oldest offset.
+#[test]
+fn retention_by_size_keeps_the_log_within_its_bound() {
+    let dir = data_dir();
+    let path = dir.path().join("shard-0");
+    on_executor(move || async move {
+        let config = StorageConfig {
+            retention_bytes: 3 << 20,
+            ..cfg(FlushMode::SyncFlush)
+        };
+        let (s, _) = ShardStore::open(&path, config).await.unwrap();
+        let expect = append_many(&s, 1, 60, 8).await; // ~5 MiB: several 1 MiB segments
+        let segments = || {
+            std::fs::read_dir(path.join("commitlog"))
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .chars()
+                        .all(|c| c.is_ascii_digit())
+                })
+                .count()
+        };
+        assert!(segments() >= 5, "{} segments", segments());
+        let mut waited = 0;
+        // Three in the log (sealed and active) plus the spare prepared for the next roll.
+        while segments() > 4 {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            waited += 1;
+            assert!(waited < 50, "still {} segments after 5 s", segments());
+        }
+        let st = s.queue_stats("disk", 0);
+        assert!(st.min_offset.0 > 0, "{st:?}");
+        let e = s.read("disk", 0, QueueOffset(0), 1).await.unwrap_err();
+        assert!(e.to_string().contains(&st.min_offset.0.to_string()), "{e}");
+        let mins: Vec<u64> = (0..8)
+            .map(|q| s.queue_stats("disk", q).min_offset.0)
+            .collect();
+        let kept: Vec<_> = expect
+            .iter()
+            .copied()
+            .filter(|&(q, off, _)| off >= mins[q as usize])
+            .collect();
+        assert!(!kept.is_empty());
+        check_all(&s, &kept).await;
+        s.close().await.unwrap();
+    });
+}
+
+/// The clean watermark and forced deletion, on a small loop-device file system: above
+/// `disk_clean_ratio` expired segments go within seconds (not at the minute's check); above
+/// `disk_force_clean_ratio` unexpired ones go only with `force_clean`, oldest first, until
+/// the usage is below it.
+#[test]
+fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_in() {
+    let fs = match common::loopfs::LoopFs::new(64) {
+        Ok(fs) => fs,
+        Err(why) => return common::loopfs::skip("clean_ratio_and_forced_deletion", &why),
+    };
+    let mount = fs.mount.clone();
+    let path = mount.join("shard-0");
+    let filler = mount.join("filler");
+    on_executor(move || async move {
+        let segments = |p: &std::path::Path| {
+            let mut v: Vec<_> = std::fs::read_dir(p.join("commitlog"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .chars()
+                        .all(|c| c.is_ascii_digit())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let wait_until = |what: &str, mut done: Box<dyn FnMut() -> bool>| {
+            let what = what.to_string();
+            async move {
+                for _ in 0..80 {
+                    if done() {
+                        return;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("{what}: not within 8 s");
+            }
+        };
+        // Phase 1: clean ratio. Expired segments, disk above 75 %.
+        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        append_many(&s, 1, 60, 8).await;
+        let before = segments(&path);
+        assert!(before.len() >= 5, "{before:?}");
+        let old = SystemTime::now() - Duration::from_secs(100 * 3600);
+        for seg in &before[..2] {
+            let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        let used = |m: &std::path::Path| ringmq::storage::space::fs_space(m).unwrap().used_ratio();
+        // Fill to ~80 %: above the clean ratio, below the force ratio.
+        fill_to(&mount, &filler, 0.80);
+        assert!(
+            used(&mount) > 0.75 && used(&mount) < 0.85,
+            "{}",
+            used(&mount)
+        );
+        let p = path.clone();
+        wait_until(
+            "expired segments deleted above the clean ratio",
+            Box::new(move || segments(&p).len() == before.len() - 2),
+        )
+        .await;
+        s.close().await.unwrap();
+        drop(s);
+        std::fs::remove_file(&filler).unwrap();
+
+        // Phase 2: unexpired segments, disk above 85 %: kept without force_clean...
+        let (s, _) = ShardStore::open(&path, cfg(FlushMode::SyncFlush))
+            .await
+            .unwrap();
+        append_many(&s, 2, 60, 8).await;
+        let now = segments(&path);
+        fill_to(&mount, &filler, 0.90);
+        glommio::timer::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            segments(&path),
+            now,
+            "deleted unexpired segments without force_clean"
+        );
+        s.close().await.unwrap();
+        drop(s);
+        // ... and deleted, oldest first, with it, until the usage is below the force ratio.
+        let forced = StorageConfig {
+            force_clean: true,
+            ..cfg(FlushMode::SyncFlush)
+        };
+        let (s, _) = ShardStore::open(&path, forced).await.unwrap();
+        let m = mount.clone();
+        wait_until(
+            "forced deletion brings usage below disk_force_clean_ratio",
+            Box::new(move || used(&m) <= 0.85),
+        )
+        .await;
+        let left = segments(&path);
+        assert!(left.len() < now.len(), "{left:?}");
+        assert!(left.iter().all(|p| now.contains(p)), "only the oldest went");
+        assert_eq!(left[..], now[now.len() - left.len()..], "a prefix went");
+        s.close().await.unwrap();
+    });
+    drop(fs);
+}
+
+/// Writes `filler` until the file system holding `mount` is used at about `ratio`.
+fn fill_to(mount: &std::path::Path, filler: &std::path::Path, ratio: f64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(filler)
+        .unwrap();
+    let chunk = vec![0u8; 256 << 10];
+    while ringmq::storage::space::fs_space(mount)
+        .unwrap()
+        .used_ratio()
+        < ratio
+    {
+        f.write_all(&chunk).unwrap();
+        f.sync_data().unwrap();
+    }
+}

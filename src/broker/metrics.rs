@@ -284,3 +284,52 @@ fn replication_families(shard: &str, r: &ReplicaStats) -> Vec<Family> {
             .with(sh, r.epoch as f64),
     ]
 }
+
+/// Most lag series one shard exports (a series per group and queue could be hundreds of
+/// thousands; `ringmq admin group describe` shows them all).
+pub const MAX_LAG_SERIES: usize = 10_000;
+
+/// Consumer-group lag: messages between each committed offset of the groups this shard
+/// coordinates and its queue's visible end. Async: the ends of queues other shards own come
+/// over the mesh (one request per topic and shard, each time the metrics are published).
+pub async fn group_lag_family(s: &Services) -> Family {
+    let shard = s.shard.shard.to_string();
+    let mut lag = Family::gauge(
+        "ringmq_consumer_group_lag",
+        "Messages between a consumer group's committed offset and its queue's end (groups this \
+         shard coordinates; at most 10000 series per shard).",
+    );
+    let mut committed: Vec<(String, String, u32, u64)> = groups::table(s)
+        .all_committed()
+        .map(|(g, t, q, o)| (g.to_string(), t.to_string(), q, o))
+        .collect();
+    committed.sort();
+    committed.truncate(MAX_LAG_SERIES);
+    let mut ends: std::collections::HashMap<String, std::collections::HashMap<u32, u64>> =
+        std::collections::HashMap::new();
+    for (group, topic, queue, offset) in &committed {
+        if !ends.contains_key(topic) {
+            let all = match crate::broker::stats::queue_stats(s, topic).await {
+                Ok(crate::protocol::Response::QueueStats(all)) => all,
+                _ => continue, // deleted, or the mesh is stopping: no series this time
+            };
+            ends.insert(
+                topic.clone(),
+                all.into_iter().map(|q| (q.queue, q.end_offset)).collect(),
+            );
+        }
+        if let Some(end) = ends.get(topic).and_then(|e| e.get(queue)) {
+            let queue = queue.to_string();
+            lag.push(
+                &[
+                    ("shard", shard.as_str()),
+                    ("group", group),
+                    ("topic", topic),
+                    ("queue", &queue),
+                ],
+                end.saturating_sub(*offset) as f64,
+            );
+        }
+    }
+    lag
+}

@@ -1,5 +1,7 @@
 //! Produce: check the target and the batch, append it once, answer as the ack policy says.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 use crate::broker::{ack, groups, retry, topics, transactions, Result, ServiceError, Services};
@@ -59,22 +61,41 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
             deliver_at_ms,
         }));
     }
+    check_flush_lag(s)?;
     let producer = (p.producer_id != 0).then_some(ProducerSeq {
         producer_id: p.producer_id,
         epoch: p.producer_epoch,
         base_sequence: p.base_sequence,
     });
-    let appended = s
-        .shard
-        .store()
-        .append(AppendRequest {
-            topic: &p.topic,
-            queue_id: queue,
-            message_count: count,
-            producer,
-            body: &body,
-        })
-        .await?;
+    let store = s.shard.store();
+    let append = store.append(AppendRequest {
+        topic: &p.topic,
+        queue_id: queue,
+        message_count: count,
+        producer,
+        body: &body,
+    });
+    let wait_ms = s.shard.config.server.max_queue_wait_ms;
+    let appended = if wait_ms == 0 {
+        append.await?
+    } else {
+        // Cancel-safe: an append assigns its offsets after its last await, so a timed-out
+        // one stored nothing.
+        match glommio::timer::timeout(Duration::from_millis(wait_ms), async { Ok(append.await) })
+            .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ServiceError::new(
+                    ErrorCode::SystemBusy,
+                    format!(
+                        "the log did not take the batch within max_queue_wait_ms {wait_ms} \
+                         (writes queued behind the disk); retry later"
+                    ),
+                ))
+            }
+        }
+    };
     let durability = ack::acknowledge(s, queue, &appended).await?;
     Ok(Response::Produced(ProduceAck {
         queue,
@@ -85,4 +106,26 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
         epoch: s.replication.epoch(),
         deliver_at_ms: 0,
     }))
+}
+
+/// SYSTEM_BUSY while the log's appended bytes lead its durable ones by more than
+/// `max_flush_lag_bytes`: the disk is behind, and under ASYNC_FLUSH that lead is what a crash
+/// would take back.
+fn check_flush_lag(s: &Services) -> Result<()> {
+    let bound = s.shard.config.server.max_flush_lag_bytes;
+    if bound == 0 {
+        return Ok(());
+    }
+    let w = s.shard.store().watermarks();
+    let lag = w.appended.0.saturating_sub(w.durable.0);
+    if lag > bound {
+        return Err(ServiceError::new(
+            ErrorCode::SystemBusy,
+            format!(
+                "the flush is {lag} bytes behind the log, over max_flush_lag_bytes {bound}; \
+                 retry later"
+            ),
+        ));
+    }
+    Ok(())
 }

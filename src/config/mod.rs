@@ -267,6 +267,15 @@ pub struct ServerConfig {
     /// Transactions: checks before a half message is rolled back and recorded as discarded.
     /// Default 15 (RocketMQ's).
     pub transaction_check_max: u32,
+    /// Flow control: a produce that waited longer than this for the log to take it (its turn
+    /// in the append line, room for its write, the next segment) is refused with SYSTEM_BUSY
+    /// (retriable) instead of waiting on. 0: no bound. Default 1000 (RocketMQ's queue bound is
+    /// 200 ms; ours also covers a segment roll, which on this disk can take ~0.7 s).
+    pub max_queue_wait_ms: u64,
+    /// Flow control: while the log's appended bytes lead its durable ones by more than this,
+    /// produces are refused with SYSTEM_BUSY (under ASYNC_FLUSH this bounds what a crash can
+    /// take back). 0: no bound. Default 268435456 (256 MiB).
+    pub max_flush_lag_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -287,6 +296,8 @@ impl Default for ServerConfig {
             transaction_timeout_ms: 6_000,
             transaction_check_interval_ms: 6_000,
             transaction_check_max: 15,
+            max_queue_wait_ms: 1_000,
+            max_flush_lag_bytes: 256 << 20,
         }
     }
 }
@@ -336,6 +347,16 @@ impl ServerConfig {
             problems.push(format!(
                 "transaction_check_max is {}; it must be 1..=1000",
                 self.transaction_check_max
+            ));
+        }
+        if self.max_flush_lag_bytes != 0
+            && self.max_flush_lag_bytes < crate::protocol::MAX_BODY_BYTES as u64
+        {
+            problems.push(format!(
+                "max_flush_lag_bytes is {} but must be 0 (no bound) or hold one max-size \
+                 request ({} bytes)",
+                self.max_flush_lag_bytes,
+                crate::protocol::MAX_BODY_BYTES
             ));
         }
         if let CoreSelection::Count(0) = self.cores {

@@ -99,7 +99,8 @@ pub async fn publish(services: Rc<Services>, slots: Arc<MetricsSlots>, listener:
             ("shard_budget", conn.shard_busy_refusals),
             ("partial_frame_timeout", conn.partial_frame_timeouts),
         ];
-        let families = crate::broker::metrics::shard_families(&services, &refusals);
+        let mut families = crate::broker::metrics::shard_families(&services, &refusals);
+        families.push(crate::broker::metrics::group_lag_family(&services).await);
         slots.put(ctx.shard, families);
         let tick = async {
             glommio::timer::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;

@@ -67,6 +67,22 @@ pub struct StorageConfig {
     /// Deletes only whole sealed segments, never the active one; consumers and replicas behind
     /// the oldest kept offset then start at it. 0 keeps everything. Default 72.
     pub retention_hours: u64,
+    /// Retention by size: while the log's segments (sealed and active) take more than this
+    /// many bytes, the oldest sealed ones are deleted, checked every second. 0 (default): no
+    /// bound. At least `segment_bytes` when set.
+    pub retention_bytes: u64,
+    /// While the data dir's file system is used above this ratio, expired segments are
+    /// deleted at once (checked every second) instead of at the next minute's check. Default
+    /// 0.75 (RocketMQ's cleaning threshold).
+    pub disk_clean_ratio: f64,
+    /// Forced deletion of segments that have not expired, while the file system is used above
+    /// `disk_force_clean_ratio`: the oldest sealed segment goes, one per second, with a log
+    /// line naming every queue that lost messages. It deletes messages nobody consumed yet
+    /// (RocketMQ does this at 85 % by default, a top complaint of its users), so it is off
+    /// (false) unless the operator turns it on.
+    pub force_clean: bool,
+    /// See `force_clean`. Default 0.85 (RocketMQ's), at least `disk_clean_ratio`.
+    pub disk_force_clean_ratio: f64,
     /// Start from the index snapshot when one fits (default `true`): the open reads the
     /// consume-queue files and scans only the log written after the snapshot; the records
     /// before it are checked in the background while the shard serves (a corrupt one is then
@@ -89,6 +105,10 @@ impl Default for StorageConfig {
             recovery: RecoveryMode::Strict,
             disk_reject_ratio: DISK_REJECT_RATIO_DEFAULT,
             retention_hours: 72,
+            retention_bytes: 0,
+            disk_clean_ratio: 0.75,
+            force_clean: false,
+            disk_force_clean_ratio: 0.85,
             index_snapshot: true,
         }
     }
@@ -140,6 +160,26 @@ impl StorageConfig {
                 "disk_reject_ratio is {} but must be in {DISK_REJECT_RATIO_MIN}..=1.0 (a fraction \
                  of the file system, like 0.90)",
                 self.disk_reject_ratio
+            ));
+        }
+        if !(self.disk_clean_ratio >= DISK_REJECT_RATIO_MIN && self.disk_clean_ratio <= 1.0) {
+            problems.push(format!(
+                "disk_clean_ratio is {} but must be in {DISK_REJECT_RATIO_MIN}..=1.0",
+                self.disk_clean_ratio
+            ));
+        }
+        if !(self.disk_force_clean_ratio >= self.disk_clean_ratio
+            && self.disk_force_clean_ratio <= 1.0)
+        {
+            problems.push(format!(
+                "disk_force_clean_ratio is {} but must be in disk_clean_ratio ({})..=1.0",
+                self.disk_force_clean_ratio, self.disk_clean_ratio
+            ));
+        }
+        if self.retention_bytes != 0 && self.retention_bytes < self.segment_bytes {
+            problems.push(format!(
+                "retention_bytes is {} but must be 0 (no bound) or at least segment_bytes ({})",
+                self.retention_bytes, self.segment_bytes
             ));
         }
         problems

@@ -248,7 +248,8 @@ impl<B: StorageBackend> ShardStore<B> {
                 StorageError::io("remove index snapshot", dir.join(SNAPSHOT_FILE), e)
             })?;
         }
-        if inner.log.cfg.retention_hours > 0 {
+        let cfg = &inner.log.cfg;
+        if cfg.retention_hours > 0 || cfg.retention_bytes > 0 || cfg.force_clean {
             let weak = Rc::downgrade(&inner);
             glommio::spawn_local_into(run_retention(weak), background_queue())
                 .map_err(|e| {
@@ -637,6 +638,86 @@ impl<B: StorageBackend> ShardStore<B> {
         Ok(n)
     }
 
+    /// Retention by size: deletes the oldest sealed segments while all segments together
+    /// (sealed and active, `segment_bytes` each) take more than `retention_bytes`. Returns how
+    /// many were removed.
+    pub fn drop_oversize_segments(&self) -> Result<u64, StorageError> {
+        let cfg = &self.inner.log.cfg;
+        if cfg.retention_bytes == 0 {
+            return Ok(0);
+        }
+        let sealed = self.inner.log.sealed_segments_before(LogPosition(u64::MAX));
+        let total = (sealed.len() as u64 + 1) * cfg.segment_bytes;
+        let over = total.saturating_sub(cfg.retention_bytes);
+        let n = over.div_ceil(cfg.segment_bytes) as usize;
+        let Some(last) = sealed.get(n.min(sealed.len()).wrapping_sub(1)) else {
+            return Ok(0);
+        };
+        let end = last.end();
+        let removed = self.drop_segments_before(LogPosition(end))?;
+        log::info!(
+            "storage: retention: removed {removed} segments of {} to keep the log within \
+             retention_bytes {} (the log now starts at {end})",
+            self.inner.dir.display(),
+            cfg.retention_bytes
+        );
+        Ok(removed)
+    }
+
+    /// Forced deletion (only with `force_clean`): deletes the oldest sealed segment, expired
+    /// or not, because the disk is used at `used` (above `disk_force_clean_ratio`), and logs
+    /// every queue whose oldest messages went with it. Returns how many were removed (0 or 1).
+    pub fn drop_for_space(&self, used: f64) -> Result<u64, StorageError> {
+        let sealed = self.inner.log.sealed_segments_before(LogPosition(u64::MAX));
+        let Some(oldest) = sealed.first() else {
+            log::warn!(
+                "storage: disk usage {:.1} % is above disk_force_clean_ratio but {} has no \
+                 sealed segment left to delete",
+                used * 100.0,
+                self.inner.dir.display()
+            );
+            return Ok(0);
+        };
+        let before = self.queue_mins();
+        let removed = self.drop_segments_before(LogPosition(oldest.end()))?;
+        let cut: Vec<String> = self
+            .queue_mins()
+            .into_iter()
+            .filter_map(|(q, min)| {
+                let was = before.get(&q).copied().unwrap_or(0);
+                (min > was).then(|| format!("{}/{} {was}..{min}", q.0, q.1))
+            })
+            .collect();
+        log::warn!(
+            "storage: forced deletion: removed segment {}..{} of {} before it expired, because \
+             disk usage {:.1} % is above disk_force_clean_ratio {:.1} %; messages dropped \
+             (queue first..new first offset): {}",
+            oldest.base,
+            oldest.end(),
+            self.inner.dir.display(),
+            used * 100.0,
+            self.inner.log.cfg.disk_force_clean_ratio * 100.0,
+            if cut.is_empty() {
+                "none".to_string()
+            } else {
+                cut.join(", ")
+            }
+        );
+        Ok(removed)
+    }
+
+    /// The oldest offset of every queue.
+    fn queue_mins(&self) -> HashMap<(String, u32), u64> {
+        let idx = self.inner.idx.borrow();
+        idx.topics
+            .iter()
+            .flat_map(|(topic, qs)| {
+                qs.iter()
+                    .map(move |(q, state)| ((topic.clone(), *q), state.min_offset()))
+            })
+            .collect()
+    }
+
     /// Flushes everything, stops the flusher and persists the indexes.
     pub async fn close(&self) -> Result<(), StorageError> {
         let log = &self.inner.log;
@@ -1009,21 +1090,43 @@ fn restore_snapshot<B: StorageBackend>(
     None
 }
 
-/// How often the retention task looks at segment ages.
+/// How often retention by age looks at segment ages while the disk is below
+/// `disk_clean_ratio`.
 const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the retention task looks at the disk and the log's size.
+const RETENTION_TICK: Duration = Duration::from_secs(1);
 
-/// Retention by age, once a minute while the store is open (see
-/// [`ShardStore::drop_expired_segments`]). A failure is logged and tried again next time.
+/// Retention while the store is open: by age every minute, or every second while the disk is
+/// used above `disk_clean_ratio` ([`ShardStore::drop_expired_segments`]); by size every second
+/// ([`ShardStore::drop_oversize_segments`]); and forced deletion, when the operator turned it
+/// on ([`ShardStore::drop_for_space`]). A failure is logged and tried again next time.
 async fn run_retention<B: StorageBackend>(inner: Weak<Inner<B>>) {
+    let mut last_age_check = Instant::now();
     loop {
-        glommio::timer::sleep(RETENTION_CHECK_INTERVAL).await;
+        glommio::timer::sleep(RETENTION_TICK).await;
         let Some(inner) = inner.upgrade() else { return };
         if inner.log.marks().stopped() {
             return;
         }
         let store = ShardStore { inner };
-        if let Err(e) = store.drop_expired_segments(SystemTime::now()) {
-            log::warn!("storage: retention: {e}");
+        let cfg = &store.inner.log.cfg;
+        let used = crate::storage::space::fs_space(&store.inner.dir)
+            .map(|s| s.used_ratio())
+            .ok();
+        let crowded = used.is_some_and(|u| u > cfg.disk_clean_ratio);
+        if crowded || last_age_check.elapsed() >= RETENTION_CHECK_INTERVAL {
+            last_age_check = Instant::now();
+            if let Err(e) = store.drop_expired_segments(SystemTime::now()) {
+                log::warn!("storage: retention: {e}");
+            }
+        }
+        if let Err(e) = store.drop_oversize_segments() {
+            log::warn!("storage: retention by size: {e}");
+        }
+        if let Some(used) = used.filter(|u| cfg.force_clean && *u > cfg.disk_force_clean_ratio) {
+            if let Err(e) = store.drop_for_space(used) {
+                log::warn!("storage: forced deletion: {e}");
+            }
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests: a temp dir on the real disk, an embedded broker
 //! on it ([`TestBroker`]: start, create a topic, stop, restart or reopen on the same dir), the
 //! one executor helper for async storage tests ([`on_executor`]), a small real file system on a
-//! loop device for disk-full tests ([`loopfs`]), and two hosts on one machine
-//! ([`netns`]).
+//! loop device for disk-full tests ([`loopfs`]), two hosts on one machine ([`netns`]), and
+//! broker processes on loopback for crash drills ([`process`]).
 #![allow(dead_code)]
 
 pub mod loopfs;
 pub mod netns;
+pub mod process;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -507,6 +507,15 @@ fn signal(child: &Child, sig: libc::c_int) {
 /// Pids of the broker processes started by this test binary, for [`kill_all_brokers`].
 static LIVE_BROKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// Adds a broker process started elsewhere (see [`super::process`]) to those
+/// [`kill_all_brokers`] kills.
+pub fn track_broker(pid: u32) {
+    LIVE_BROKERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(pid);
+}
+
 /// SIGKILLs every broker this process started that may still run (a watchdog's last act
 /// before aborting a hung test, when no `Drop` will run). A pid already reaped and reused is
 /// the remote risk; tests run for seconds, not long enough for pids to wrap.

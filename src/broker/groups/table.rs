@@ -236,6 +236,13 @@ impl GroupTable {
             .copied()
     }
 
+    /// Every committed offset: (group, topic, queue, offset), in no order.
+    pub fn all_committed(&self) -> impl Iterator<Item = (&str, &str, u32, u64)> {
+        self.offsets
+            .iter()
+            .map(|((g, t, q), o)| (g.as_str(), t.as_str(), *q, *o))
+    }
+
     /// Committed offsets of `group`, sorted.
     pub fn committed_of(&self, group: &str) -> BTreeMap<QueueKey, u64> {
         self.offsets

@@ -8,7 +8,8 @@
 //! failovers; nothing is deleted in place:
 //!
 //! ```text
-//! half:     the producer's messages + %TXN_ID, %TXN_GROUP, %TXN_TOPIC, %TXN_QUEUE, %TXN_COUNT
+//! half:     the producer's messages + %TXN_ID, %TXN_GROUP, %TXN_TOPIC, %TXN_QUEUE, %TXN_COUNT,
+//!           %TXN_QUEUES (the topic's queue count, see [`ensure_topic`])
 //! commit:   %TXN_OP=commit   %TXN_HALF=<offset> %TXN_COPY_FROM=<real queue end before the copy>
 //! rollback: %TXN_OP=rollback %TXN_HALF=<offset>
 //! checked:  %TXN_OP=checked  %TXN_HALF=<offset>,<offset>,...   (a check-back was issued)
@@ -47,7 +48,7 @@
 pub mod table;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,8 @@ use crate::protocol::{
     TransactionList, TransactionOutcome, TransactionState,
 };
 use crate::replication::Role;
+use crate::shard::mesh::{MeshReply, MeshRequest};
+use crate::shard::topic_writes;
 use crate::storage::{AppendRequest, Appended, QueueOffset};
 
 use table::{
@@ -97,10 +100,13 @@ pub struct Transactions {
     in_flight: RefCell<HashMap<String, Appended>>,
     /// The half whose commit copy this process appended or found (see [`ensure_copy`]).
     confirmed_copy: Cell<Option<u64>>,
-    /// Checks issued and not yet handed to a member, per producer group: (half, checks so
-    /// far including this one).
-    offered: RefCell<HashMap<String, VecDeque<(u64, u32)>>>,
+    /// Checks issued and not yet handed to a member, per producer group: half -> checks so
+    /// far including this one (oldest half first; a new round's offer replaces the last).
+    offered: RefCell<HashMap<String, BTreeMap<u64, u32>>>,
     discarded: Cell<u64>,
+    /// The epoch in which the checker made sure every open half's topic exists (see
+    /// [`ensure_topic`]): once per process and promotion.
+    topics_checked_in: Cell<Option<u64>>,
     /// One writer of `%SYS%TXN` at a time (and a commit's copy with its record).
     writing: Semaphore,
     catching_up: Semaphore,
@@ -263,16 +269,23 @@ fn apply(
     Ok(())
 }
 
-/// The floor the next record carries: the oldest open (or in-flight) half, else the record.
+/// The floor the next record carries: the oldest open (or in-flight) half or remembered end,
+/// else the record.
 fn next_floor(s: &Services) -> u64 {
     let t = &s.transactions;
     let next = s.shard.store().queue_stats(TXN_LOG, 0).written_end_offset.0;
     let in_flight = t.in_flight.borrow().values().map(|a| a.base_offset.0).min();
-    [t.table.borrow().oldest_open(), in_flight, Some(next)]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(next)
+    let table = t.table.borrow();
+    [
+        table.oldest_open(),
+        table.oldest_remembered_end(),
+        in_flight,
+        Some(next),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(next)
 }
 
 /// Appends one op record (caller holds the writer permit).
@@ -351,6 +364,7 @@ pub async fn produce_half(
                 topic: topic.to_string(),
                 queue,
                 count,
+                queues: topics::queue_count(s, topic)?,
             };
             let props = info.properties(next_floor(s));
             let mut body = BytesMut::new();
@@ -458,6 +472,36 @@ async fn append_copy(s: &Services, half: u64, topic: &str, queue: u32) -> Result
     Ok(appended)
 }
 
+/// Creates `topic` with `queues` queues if this broker does not know it: a slave copies its
+/// master's topics at most a second late, and a topic whose only records are half messages
+/// (in `%SYS%TXN`) gives it no reason to copy sooner, so a slave promoted just after such a
+/// topic was created lacks it. Its half messages recorded it; without it they could never end.
+async fn ensure_topic(s: &Services, topic: &str, queues: u32) -> Result<()> {
+    if queues == 0 || s.shard.topic(topic).is_some() {
+        return Ok(());
+    }
+    log::warn!(
+        "shard {}: topic {topic:?} of an open transaction is unknown here (a promoted slave \
+         that had not copied it yet): creating it with {queues} queue(s), as its half recorded",
+        s.shard.shard
+    );
+    if s.shard.shard == 0 {
+        topic_writes::create_topic(&s.shard, topic, queues).await?;
+        return Ok(());
+    }
+    let name = topic.to_string();
+    match s
+        .shard
+        .mesh
+        .call(0, MeshRequest::CreateInternalTopic { name, queues })
+        .await?
+    {
+        MeshReply::Done(Ok(())) => Ok(()),
+        MeshReply::Done(Err(e)) => Err(ServiceError::new(e.code, e.message)),
+        other => Err(internal(format!("shard 0 answered {other:?}"))),
+    }
+}
+
 /// Makes sure the last commit's copy is in its real queue (see the module doc); caller holds
 /// the writer permit and has caught up.
 async fn ensure_copy(s: &Services) -> Result<()> {
@@ -468,6 +512,7 @@ async fn ensure_copy(s: &Services) -> Result<()> {
     if t.confirmed_copy.get() == Some(u.half) {
         return Ok(());
     }
+    ensure_topic(s, &u.topic, u.queues).await?;
     if topics::check_queue(s, &u.topic, u.queue).is_err() {
         log::warn!(
             "shard {}: committed half {} is for {}/{}, which does not exist: not copied",
@@ -653,10 +698,9 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
         let halves: Vec<(u64, u32)> = {
             let mut offered = t.offered.borrow_mut();
             match offered.get_mut(&c.producer_group) {
-                Some(q) => {
-                    let n = q.len().min(CHECKS_PER_POLL);
-                    q.drain(..n).collect()
-                }
+                Some(q) => std::iter::from_fn(|| q.pop_first())
+                    .take(CHECKS_PER_POLL)
+                    .collect(),
                 None => Vec::new(),
             }
         };
@@ -691,10 +735,10 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
         }
         if !left.is_empty() {
             let mut offered = t.offered.borrow_mut();
-            let q = offered.entry(c.producer_group.clone()).or_default();
-            for item in left.into_iter().rev() {
-                q.push_front(item);
-            }
+            offered
+                .entry(c.producer_group.clone())
+                .or_default()
+                .extend(left);
         }
         if !checks.is_empty() || Instant::now() >= deadline || s.shard.is_shutting_down() {
             return Ok((Response::TransactionChecks(checks), body.freeze()));
@@ -771,6 +815,21 @@ async fn check_round(s: &Services) -> Result<()> {
     let last = {
         let _one = t.writing.one().await?;
         catch_up(s).await?;
+        let epoch = s.replication.epoch();
+        if t.topics_checked_in.get() != Some(epoch) {
+            // Before any end can be routed to this broker: a client finds the shard by topic.
+            let missing: HashMap<String, u32> = t
+                .table
+                .borrow()
+                .open_halves()
+                .filter(|(_, h)| s.shard.topic(&h.info.topic).is_none())
+                .map(|(_, h)| (h.info.topic.clone(), h.info.queues))
+                .collect();
+            for (topic, queues) in missing {
+                ensure_topic(s, &topic, queues).await?;
+            }
+            t.topics_checked_in.set(Some(epoch));
+        }
         ensure_copy(s).await?;
         let due = t.table.borrow().due(now_unix_ms(), CHECKS_PER_ROUND);
         if due.is_empty() {
@@ -823,10 +882,8 @@ async fn check_round(s: &Services) -> Result<()> {
             last = Some(append_op(s, &Op::Checked { halves }).await?);
             let mut offered = t.offered.borrow_mut();
             for (half, count, group) in checked {
-                let q = offered.entry(group).or_default();
                 // An offer nobody took is replaced by this round's.
-                q.retain(|(h, _)| *h != half);
-                q.push_back((half, count));
+                offered.entry(group).or_default().insert(half, count);
             }
         }
         last

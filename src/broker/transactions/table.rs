@@ -18,8 +18,12 @@ pub const PROP_TXN_TOPIC: &str = "%TXN_TOPIC";
 pub const PROP_TXN_QUEUE: &str = "%TXN_QUEUE";
 /// Messages in the half's batch.
 pub const PROP_TXN_COUNT: &str = "%TXN_COUNT";
+/// The real topic's queue count when the half was stored: a promoted slave that never copied
+/// the topic (created just before the failover) creates it from this.
+pub const PROP_TXN_QUEUES: &str = "%TXN_QUEUES";
 /// On every record of the log: the lowest offset a load must start from (the oldest half
-/// still open when the record was written, or the record itself).
+/// still open, or whose end is still remembered, when the record was written; or the record
+/// itself).
 pub const PROP_TXN_FLOOR: &str = "%TXN_FLOOR";
 /// An op record: `commit`, `rollback`, `checked` or `discard`.
 pub const PROP_TXN_OP: &str = "%TXN_OP";
@@ -127,6 +131,8 @@ pub struct HalfInfo {
     pub topic: String,
     pub queue: u32,
     pub count: u32,
+    /// The real topic's queue count (0: not recorded).
+    pub queues: u32,
 }
 
 impl HalfInfo {
@@ -137,6 +143,7 @@ impl HalfInfo {
             (PROP_TXN_TOPIC, self.topic.clone()),
             (PROP_TXN_QUEUE, self.queue.to_string()),
             (PROP_TXN_COUNT, self.count.to_string()),
+            (PROP_TXN_QUEUES, self.queues.to_string()),
             (PROP_TXN_FLOOR, floor.to_string()),
         ]
     }
@@ -154,6 +161,7 @@ impl HalfInfo {
             topic: get(PROP_TXN_TOPIC)?.to_string(),
             queue: number(PROP_TXN_QUEUE)?,
             count: number(PROP_TXN_COUNT)?.max(1),
+            queues: number(PROP_TXN_QUEUES).unwrap_or(0),
         })
     }
 }
@@ -210,6 +218,8 @@ pub struct UnconfirmedCopy {
     pub half: u64,
     pub topic: String,
     pub queue: u32,
+    /// The topic's queue count, as the half recorded it.
+    pub queues: u32,
     pub copy_from: u64,
 }
 
@@ -227,7 +237,7 @@ pub enum Lookup {
 pub struct TxnTable {
     open: BTreeMap<u64, OpenHalf>,
     /// The ended transactions remembered, oldest first in `ended_order`.
-    ended: HashMap<u64, (String, Ended)>,
+    ended: BTreeMap<u64, (String, Ended)>,
     ended_order: VecDeque<u64>,
     /// Transaction id -> half offset, for open and remembered halves.
     by_id: HashMap<String, u64>,
@@ -244,6 +254,12 @@ impl TxnTable {
     /// The lowest open half, if any.
     pub fn oldest_open(&self) -> Option<u64> {
         self.open.keys().next().copied()
+    }
+
+    /// The lowest half whose end is remembered, if any: a load must start at or below it, or
+    /// a restart forgets ends it had remembered (a retried end would be refused).
+    pub fn oldest_remembered_end(&self) -> Option<u64> {
+        self.ended.keys().next().copied()
     }
 
     pub fn by_id(&self, id: &str) -> Option<u64> {
@@ -312,6 +328,7 @@ impl TxnTable {
                         half: *half,
                         topic: h.info.topic,
                         queue: h.info.queue,
+                        queues: h.info.queues,
                         copy_from: *copy_from,
                     });
                 }
@@ -375,6 +392,7 @@ mod tests {
             topic: "t".into(),
             queue: 1,
             count: 1,
+            queues: 2,
         }
     }
 
@@ -463,6 +481,27 @@ mod tests {
         }
         assert_eq!(t.open_count(), 1);
         assert_eq!(t.by_id("batch"), Some(20));
+    }
+
+    #[test]
+    fn the_oldest_remembered_end_bounds_the_floor_whatever_the_order_of_ends() {
+        let mut t = TxnTable::default();
+        for n in 0..3 {
+            t.apply_half(n, info(&n.to_string()), 0, 1);
+        }
+        assert_eq!(t.oldest_remembered_end(), None);
+        t.apply_op(&Op::Rollback { half: 1 }, 0, 1);
+        t.apply_op(
+            &Op::Commit {
+                half: 0,
+                copy_from: 0,
+            },
+            0,
+            1,
+        );
+        // Half 2 is the oldest open one, but a restart must still know how 0 and 1 ended.
+        assert_eq!(t.oldest_open(), Some(2));
+        assert_eq!(t.oldest_remembered_end(), Some(0));
     }
 
     #[test]
