@@ -5,7 +5,7 @@
 //! `apply(&mut Section)` from the same list: a setting is named once here, never copied field
 //! by field.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
@@ -193,6 +193,16 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// `--config`, if given.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    /// `--data-dir`, if given (it overrides the file's `data_dir`).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.server.data_dir.as_deref()
+    }
+
     /// The defaults, overridden by the `--config` file, overridden by the flags given.
     pub fn into_config(self) -> Result<Config, String> {
         let mut c = match &self.config {

@@ -45,6 +45,10 @@ enum Command {
     Produce(cli::ProduceArgs),
     /// Print one message body per line.
     Consume(cli::ConsumeArgs),
+    /// Check this host for a broker (`--check`): a table of settings, each OK, WARN or FAIL
+    /// with why and what to run; exits non-zero when a broker would refuse to start. Takes
+    /// the broker's flags (`--config`, `--data-dir`, ...).
+    Tune(Box<cli::tune::TuneArgs>),
 }
 
 fn run_broker(args: BrokerArgs) -> Result<(), String> {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Admin { broker, command } => cli::admin(&broker, command),
         Command::Produce(args) => cli::produce(args),
         Command::Consume(args) => cli::consume(args),
+        Command::Tune(args) => cli::tune::tune(*args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,9 @@
 //! The client-side subcommands of `ringmq`: admin, produce, consume; the consumer-group ones
-//! in [`groups`], the transactional ones in [`transactions`].
+//! in [`groups`], the transactional ones in [`transactions`]; the host checker in [`tune`].
 
 pub mod groups;
 pub mod transactions;
+pub mod tune;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};

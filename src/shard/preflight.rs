@@ -3,6 +3,10 @@
 //! io_uring setup failures inside glommio surface as panics or opaque errors deep in the
 //! reactor; these checks look at the same things first (kernel, io_uring availability,
 //! memlock, the data dir and whether it honours O_DIRECT) and say what to do.
+//!
+//! Each check is a reading of the host plus a verdict over what was read (`check_*` taking
+//! values); `ringmq tune --check` prints the same verdicts, so it fails exactly where a broker
+//! start would.
 
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
@@ -65,7 +69,7 @@ pub fn check(
     };
     check_kernel(&report.kernel)?;
     check_io_uring()?;
-    check_memlock(shards, io_memory_bytes)?;
+    check_memlock_limit(is_root(), memlock_limit(), shards, io_memory_bytes)?;
     report.direct_io = check_data_dir(data_dir)?;
     if !report.direct_io {
         if !allow_non_direct_io {
@@ -81,21 +85,23 @@ pub fn check(
     Ok(report)
 }
 
-fn kernel_release() -> String {
+/// The running kernel's release string (`uname -r`), or "unknown".
+pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Parses "6.18.44-fc" into (6, 18).
-fn parse_kernel(release: &str) -> Option<(u32, u32)> {
+pub fn parse_kernel(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
 }
 
-fn check_kernel(release: &str) -> Result<(), PreflightError> {
+/// Refuses a kernel older than [`MIN_KERNEL`]; an unparseable release passes.
+pub fn check_kernel(release: &str) -> Result<(), PreflightError> {
     match parse_kernel(release) {
         Some(v) if v >= MIN_KERNEL => Ok(()),
         // An unparseable release string is not worth refusing to start over.
@@ -107,14 +113,28 @@ fn check_kernel(release: &str) -> Result<(), PreflightError> {
 }
 
 fn check_io_uring() -> Result<(), PreflightError> {
-    if let Ok(s) = fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        let v: u32 = s.trim().parse().unwrap_or(0);
-        // 1 = only privileged users or the io_uring group; 2 = nobody.
-        if v == 2 || (v == 1 && !is_root()) {
-            return Err(PreflightError::IoUringDisabled(v));
-        }
+    check_io_uring_sysctl(io_uring_disabled_sysctl(), is_root())?;
+    probe_io_uring()
+}
+
+/// `kernel.io_uring_disabled`, or `None` where the kernel has no such sysctl (before 6.6: on).
+pub fn io_uring_disabled_sysctl() -> Option<u32> {
+    fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .ok()
+        .map(|s| s.trim().parse().unwrap_or(0))
+}
+
+/// The sysctl's verdict: 1 = only privileged users or the io_uring group; 2 = nobody.
+pub fn check_io_uring_sysctl(disabled: Option<u32>, root: bool) -> Result<(), PreflightError> {
+    match disabled {
+        Some(v) if v == 2 || (v == 1 && !root) => Err(PreflightError::IoUringDisabled(v)),
+        _ => Ok(()),
     }
-    // Set up (and close) a tiny ring: the direct way to know io_uring works here.
+}
+
+/// Sets up (and closes) a tiny ring: the direct way to know io_uring works here (seccomp and
+/// container policies block it without any sysctl saying so).
+pub fn probe_io_uring() -> Result<(), PreflightError> {
     let mut params = [0u8; 120]; // struct io_uring_params
                                  // SAFETY: io_uring_setup reads and writes `params`, which is large enough for the struct.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
@@ -133,11 +153,32 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn check_memlock(shards: usize, io_memory_bytes: u64) -> Result<(), PreflightError> {
-    if is_root() {
-        // Root has CAP_IPC_LOCK: registered buffers are not limited by RLIMIT_MEMLOCK.
-        return Ok(());
-    }
+/// Linux's CAP_IPC_LOCK: io_uring does not charge registered buffers to memlock for it.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether this process has CAP_IPC_LOCK in its effective set (from `/proc/self/status`;
+/// where that cannot be read, whether it is root). Root usually has it, but a container may
+/// drop it (Docker does by default); then glommio's buffer registration meets memlock, and
+/// glommio skips it with a warning and runs on unregistered buffers (seen here).
+pub fn has_ipc_lock() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| cap_eff_has(&s, CAP_IPC_LOCK))
+        .unwrap_or_else(is_root)
+}
+
+/// Whether the `CapEff:` line of a `/proc/<pid>/status` text has capability `cap`.
+pub fn cap_eff_has(status: &str, cap: u32) -> Option<bool> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let mask = u64::from_str_radix(hex, 16).ok()?;
+    Some(mask & (1 << cap) != 0)
+}
+
+/// RLIMIT_MEMLOCK's soft limit in bytes, `None` when unlimited or unreadable.
+pub fn memlock_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -146,18 +187,37 @@ fn check_memlock(shards: usize, io_memory_bytes: u64) -> Result<(), PreflightErr
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
         || lim.rlim_cur == libc::RLIM_INFINITY
     {
-        return Ok(());
+        return None;
     }
+    Some(lim.rlim_cur)
+}
+
+/// Locked memory `shards` executors need: their registered buffers plus a margin for the
+/// rings themselves.
+pub fn memlock_needed_bytes(shards: usize, io_memory_bytes: u64) -> u64 {
     let per_shard = if io_memory_bytes == 0 {
         GLOMMIO_DEFAULT_IO_MEMORY_BYTES
     } else {
         io_memory_bytes
     };
-    // Rings themselves take some locked memory too; keep a margin.
-    let needed = per_shard * shards as u64 + (1 << 20);
-    if needed > lim.rlim_cur {
+    per_shard * shards as u64 + (1 << 20)
+}
+
+/// The memlock verdict: moot for root or without a limit, else the limit must cover
+/// [`memlock_needed_bytes`].
+pub fn check_memlock_limit(
+    root: bool,
+    limit_bytes: Option<u64>,
+    shards: usize,
+    io_memory_bytes: u64,
+) -> Result<(), PreflightError> {
+    let Some(limit_bytes) = limit_bytes.filter(|_| !root) else {
+        return Ok(());
+    };
+    let needed = memlock_needed_bytes(shards, io_memory_bytes);
+    if needed > limit_bytes {
         return Err(PreflightError::MemlockTooSmall {
-            limit_bytes: lim.rlim_cur,
+            limit_bytes,
             needed_bytes: needed,
             shards,
         });
@@ -167,7 +227,7 @@ fn check_memlock(shards: usize, io_memory_bytes: u64) -> Result<(), PreflightErr
 
 /// Creates the data dir if needed, proves it is writable, and tells whether it honours
 /// O_DIRECT (by writing one aligned block through it, the only test that cannot lie).
-fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
+pub fn check_data_dir(data_dir: &Path) -> Result<bool, PreflightError> {
     let err = |what, source| PreflightError::DataDir {
         path: data_dir.display().to_string(),
         what,
@@ -269,6 +329,31 @@ mod tests {
         assert!(check_kernel("5.10.0").is_ok());
         assert!(check_kernel("5.4.0-generic").is_err());
         assert!(check_kernel("garbage").is_ok());
+    }
+
+    #[test]
+    fn io_uring_sysctl_and_memlock_verdicts() {
+        assert!(check_io_uring_sysctl(None, false).is_ok());
+        assert!(check_io_uring_sysctl(Some(0), false).is_ok());
+        assert!(check_io_uring_sysctl(Some(1), true).is_ok());
+        assert!(check_io_uring_sysctl(Some(1), false).is_err());
+        assert!(check_io_uring_sysctl(Some(2), true).is_err());
+        // 8 MiB (this machine's limit): one shard at glommio's 10 MiB default does not fit.
+        let limit = Some(8 << 20);
+        assert!(check_memlock_limit(false, limit, 1, 0).is_err());
+        assert!(check_memlock_limit(false, limit, 2, 3 << 20).is_ok());
+        assert!(
+            check_memlock_limit(true, limit, 8, 0).is_ok(),
+            "CAP_IPC_LOCK"
+        );
+        assert!(check_memlock_limit(false, None, 8, 0).is_ok(), "unlimited");
+        let status = "Name:\tx\nCapEff:\t000001fffeffffff\n";
+        assert_eq!(cap_eff_has(status, CAP_IPC_LOCK), Some(true));
+        assert_eq!(
+            cap_eff_has("CapEff:\t0000000000000000\n", CAP_IPC_LOCK),
+            Some(false)
+        );
+        assert_eq!(cap_eff_has("no caps here", CAP_IPC_LOCK), None);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub use config::StorageConfig;
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
-pub use store::{AppendHook, BackgroundCheck, ShardStore, StorageFault};
+pub use store::{AppendHook, BackgroundCheck, ShardStore, StorageFault, COMMITLOG_DIR};
 pub use stream::LogChunk;
 
 /// When an append counts as stored (see DESIGN.md, "Flush modes").

@@ -433,6 +433,19 @@ impl<B: StorageBackend> OpenedLog<B> {
     }
 }
 
+/// Whether `log_dir` holds a segment file. Without one, an open first prepares a whole
+/// segment (`segment_bytes` of zeros), and fails on a file system with less room than that.
+pub fn log_has_segments(log_dir: &Path) -> bool {
+    std::fs::read_dir(log_dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(parse_segment_name)
+                .is_some()
+        })
+    })
+}
+
 /// Opens the segments (creating the first when there is none) and the checkpoint in `dir`,
 /// and removes leftover `.tmp` files. Reads no record.
 pub(crate) async fn open_log<B: StorageBackend>(

@@ -63,6 +63,9 @@ pub(super) struct Inner<B: StorageBackend> {
     order: AppendOrder,
 }
 
+/// The commit log's directory inside a shard's directory.
+pub const COMMITLOG_DIR: &str = "commitlog";
+
 /// Called with the log end after each append, on the shard's thread, before the append
 /// returns.
 pub type AppendHook = Rc<dyn Fn(LogPosition)>;
@@ -134,7 +137,7 @@ impl<B: StorageBackend> ShardStore<B> {
         limit: Option<u64>,
     ) -> Result<(ShardStore<B>, RecoveryReport), StorageError> {
         cfg.validate()?;
-        let log_dir = dir.join("commitlog");
+        let log_dir = dir.join(COMMITLOG_DIR);
         let t0 = Instant::now();
         let opened = open_log(&backend, &log_dir, &cfg).await?;
         // A snapshot is only trusted by a strict open that truncates nothing on request; any
