@@ -985,3 +985,41 @@ fn a_client_that_has_seen_a_newer_epoch_fences_the_master_until_its_peer_answers
         "only the two acked"
     );
 }
+
+/// A topic grown on the master grows on its slave too (the topic sync copies the count), and
+/// the messages of the new queues replicate.
+#[test]
+fn a_slave_follows_a_topic_that_grew_on_its_master() {
+    let m = master(ReplicationMode::AsyncMaster);
+    m.create_topic("grow", 1);
+    let s = slave_of(&m);
+    send_sync(&m.addr(), "grow", 1, 3);
+    wait_caught_up(&m);
+    Admin::connect(&m.addr())
+        .unwrap()
+        .alter_topic("grow", 3)
+        .unwrap();
+    let sent = send_sync(&m.addr(), "grow", 3, 9);
+    wait_caught_up(&m);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queues = Admin::connect(&s.addr())
+            .unwrap()
+            .route("grow")
+            .map(|r| r.queues.len())
+            .unwrap_or(0);
+        if queues == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slave has {queues} queues"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_slave = read_all(&s.addr(), "grow", 3);
+    for msg in &sent {
+        assert!(on_slave.contains(msg), "{msg:?} missing on the slave");
+    }
+    assert!(on_slave.iter().any(|(q, _, _)| *q == 2));
+}

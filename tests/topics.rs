@@ -115,3 +115,73 @@ fn names_the_old_storage_rule_took_are_refused_on_the_wire_with_the_reason() {
     assert!(names.contains(&"%RETRY%group-1".to_string()), "{names:?}");
     assert!(names.contains(&"%DLQ%group-1".to_string()), "{names:?}");
 }
+
+/// AlterTopic grows a topic: the new queues take messages on the shards `shard_of` gives
+/// them, the old ones keep theirs, the count survives a restart; shrinking, an unknown topic
+/// and a broker topic are refused with the reason.
+#[test]
+fn a_topic_grows_its_queues_and_never_shrinks() {
+    use ringmq::client::{Consumer, Producer, QueueSelector};
+    use ringmq::format::batch::Message;
+    let mut b = TestBroker::start();
+    b.create_topic("orders", 2);
+    let p = Producer::connect(&b.addr()).unwrap();
+    p.send("orders", QueueSelector::Queue(1), &Message::new("old"))
+        .unwrap();
+    drop(p);
+    let admin = Admin::connect(&b.addr()).unwrap();
+    admin.alter_topic("orders", 5).unwrap();
+    admin.alter_topic("orders", 5).unwrap(); // the same count: a no-op
+    let route = admin.route("orders").unwrap();
+    assert_eq!(route.queues.len(), 5);
+    let shards: std::collections::BTreeSet<u32> = route.queues.iter().map(|q| q.shard).collect();
+    assert_eq!(
+        shards.len(),
+        b.shard_addrs().len(),
+        "the new queues spread over the shards"
+    );
+    let p = Producer::connect(&b.addr()).unwrap();
+    for q in 0..5 {
+        p.send(
+            "orders",
+            QueueSelector::Queue(q),
+            &Message::new(format!("q{q}")),
+        )
+        .unwrap();
+    }
+    let check = |b: &TestBroker| {
+        let c = Consumer::connect(&b.addr()).unwrap();
+        let all = common::read_all(&c, "orders", 5);
+        let bodies: Vec<(u32, String)> = all
+            .into_iter()
+            .map(|(q, _, p)| (q, String::from_utf8(p).unwrap()))
+            .collect();
+        assert_eq!(
+            bodies,
+            vec![
+                (0, "q0".to_string()),
+                (1, "old".to_string()),
+                (1, "q1".to_string()),
+                (2, "q2".to_string()),
+                (3, "q3".to_string()),
+                (4, "q4".to_string()),
+            ]
+        );
+    };
+    check(&b);
+    drop(p);
+    drop(admin);
+    b.restart();
+    check(&b);
+    let admin = Admin::connect(&b.addr()).unwrap();
+    for (name, queues, code, why) in [
+        ("orders", 3, ErrorCode::InvalidArgument, "not shrink"),
+        ("nope", 3, ErrorCode::TopicNotFound, "does not exist"),
+        ("%DLQ%x", 3, ErrorCode::InvalidTopic, "broker's own"),
+    ] {
+        let e = admin.alter_topic(name, queues).unwrap_err();
+        assert_eq!(e.code(), Some(code), "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert_eq!(admin.route("orders").unwrap().queues.len(), 5);
+}

@@ -40,7 +40,10 @@ impl From<TopicError> for ServiceError {
     fn from(e: TopicError) -> Self {
         let code = match e {
             TopicError::InvalidName { .. } => ErrorCode::InvalidTopic,
-            TopicError::InvalidQueueCount { .. } => ErrorCode::InvalidArgument,
+            TopicError::InvalidQueueCount { .. } | TopicError::Shrink { .. } => {
+                ErrorCode::InvalidArgument
+            }
+            TopicError::NotFound { .. } => ErrorCode::TopicNotFound,
             TopicError::Exists { .. } => ErrorCode::TopicExists,
             // The topic table could not be written for lack of space: retriable, like a
             // produce on a full disk.

@@ -43,6 +43,18 @@ pub fn check_not_reserved(topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// AlterTopic, on shard 0: grows a topic's queue count. The new queues spread over the shards
+/// like a new topic's (`shard_of` of their numbers); the existing ones stay where they are.
+pub async fn alter(s: &Services, name: &str, queues: u32) -> Result<Response> {
+    s.check_writable("alter topics")?;
+    check_not_reserved(name)?;
+    topic_writes::grow_topic(&s.shard, name, queues).await?;
+    Ok(Response::TopicAltered {
+        name: name.to_string(),
+        queues,
+    })
+}
+
 /// Runs on shard 0 (the dispatcher forwards it there).
 pub async fn create(s: &Services, name: &str, queues: u32) -> Result<Response> {
     // A slave's topics are copied from its master; a local one would diverge.

@@ -80,6 +80,13 @@ pub enum TopicCommand {
     },
     /// List topics.
     List,
+    /// Grow a topic's queue count (never shrinks: messages in the queues past a smaller count
+    /// would be unreachable). The new queues spread over the shards; a slave follows.
+    Alter {
+        name: String,
+        #[arg(long)]
+        queues: u32,
+    },
 }
 
 /// How `produce` sends.
@@ -208,6 +215,12 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
         } => {
             admin.create_topic(&name, queues).map_err(e)?;
             println!("topic {name} ready with {queues} queue(s)");
+        }
+        AdminCommand::Topic {
+            command: TopicCommand::Alter { name, queues },
+        } => {
+            admin.alter_topic(&name, queues).map_err(e)?;
+            println!("topic {name} now has {queues} queue(s)");
         }
         AdminCommand::Topic {
             command: TopicCommand::List,

@@ -67,6 +67,17 @@ impl Admin {
             .collect()
     }
 
+    /// Grows a topic to `queues` queues (refused if it has more).
+    pub fn alter_topic(&self, name: &str, queues: u32) -> Result<(), ClientError> {
+        match self.call(Request::AlterTopic {
+            name: name.to_string(),
+            queues,
+        })? {
+            Response::TopicAltered { .. } => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.call(Request::ListTopics)? {
             Response::Topics(t) => Ok(t),

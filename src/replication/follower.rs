@@ -34,6 +34,7 @@ use crate::replication::epoch::EpochHistory;
 use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
 use crate::replication::state::Replication;
 use crate::replication::ReplicationError;
+use crate::shard::topic_writes;
 use crate::storage::{FlushMode, LogPosition, ShardStore};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -506,11 +507,15 @@ async fn sync_topics(repl: &Rc<Replication>, control: &mut Link) -> Result<(), R
         (other, _) => return Err(control.protocol(format!("ListTopics answered with {other:?}"))),
     };
     for t in topics {
-        if repl.ctx.topic(&t.name).map(|m| m.queues) != Some(t.queues) {
-            crate::shard::topic_writes::create_topic(&repl.ctx, &t.name, t.queues)
-                .await
-                .map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
-        }
+        let copied = match repl.ctx.topic(&t.name).map(|m| m.queues) {
+            None => topic_writes::create_topic(&repl.ctx, &t.name, t.queues).await,
+            // Grown on the master (a topic never shrinks).
+            Some(here) if here < t.queues => {
+                topic_writes::grow_topic(&repl.ctx, &t.name, t.queues).await
+            }
+            Some(_) => Ok(()),
+        };
+        copied.map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
     }
     Ok(())
 }

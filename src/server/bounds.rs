@@ -75,6 +75,7 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         | Request::ListTransactions { .. } => LISTING_RESPONSE_BYTES,
         Request::Ping
         | Request::CreateTopic { .. }
+        | Request::AlterTopic { .. }
         | Request::Produce(_)
         | Request::Promote
         | Request::ReplFollow(_)

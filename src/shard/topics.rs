@@ -37,6 +37,17 @@ pub enum TopicError {
     InvalidQueueCount { name: String, queues: u32 },
     #[error("topic {name:?} already exists with {queues} queues")]
     Exists { name: String, queues: u32 },
+    #[error("topic {name:?} does not exist")]
+    NotFound { name: String },
+    #[error(
+        "topic {name:?} has {queues} queues; it can grow, not shrink to {wanted} (messages in \
+         the queues past {wanted} would be unreachable)"
+    )]
+    Shrink {
+        name: String,
+        queues: u32,
+        wanted: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +161,34 @@ impl TopicTable {
                     queues: existing.queues,
                 });
             }
+        }
+        let mut next = self.clone();
+        next.topics.insert(name.to_string(), TopicMeta { queues });
+        Ok(next)
+    }
+}
+
+impl TopicTable {
+    /// A copy with `name` grown to `queues` queues (the same count: unchanged). A topic never
+    /// shrinks: its messages in the queues past the new count would be unreachable.
+    pub fn with_more_queues(&self, name: &str, queues: u32) -> Result<TopicTable, TopicError> {
+        let Some(existing) = self.get(name) else {
+            return Err(TopicError::NotFound {
+                name: name.to_string(),
+            });
+        };
+        if queues < existing.queues {
+            return Err(TopicError::Shrink {
+                name: name.to_string(),
+                queues: existing.queues,
+                wanted: queues,
+            });
+        }
+        if queues > MAX_QUEUES_PER_TOPIC {
+            return Err(TopicError::InvalidQueueCount {
+                name: name.to_string(),
+                queues,
+            });
         }
         let mut next = self.clone();
         next.topics.insert(name.to_string(), TopicMeta { queues });

@@ -56,6 +56,8 @@ macro_rules! name_and_queues {
 
 name_and_queues!(CreateTopicRequest, CreateTopicRequestArgs);
 name_and_queues!(TopicCreatedResponse, TopicCreatedResponseArgs);
+name_and_queues!(AlterTopicRequest, AlterTopicRequestArgs);
+name_and_queues!(AlterTopicResponse, AlterTopicResponseArgs);
 
 impl<'a> fb::ListTopicsResponse<'a> {
     pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, topics: &[TopicInfo]) -> WIPOffset<Self> {
