@@ -709,3 +709,47 @@ fn a_message_given_back_is_never_delivered_again_from_its_queue() {
     let again: BTreeSet<&str> = deliveries.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(again, ["m1", "m2", "m3", "m4"].into_iter().collect());
 }
+
+#[test]
+fn a_group_takes_up_the_queues_of_a_topic_that_grew() {
+    let b = TestBroker::start();
+    b.create_topic("grows", 2);
+    let addr = b.addr();
+    let mut cfg = config("growers", "grows");
+    cfg.session_timeout = Duration::from_millis(1200); // heartbeats every 400 ms
+    let c = GroupConsumer::join(&addr, cfg).expect("join");
+    // The member also holds its group's retry topic: count the queues of `grows` only.
+    let held = |c: &GroupConsumer| {
+        let a = c.assignment();
+        a.into_iter().filter(|(t, _)| t == "grows").count()
+    };
+    assert_eq!(held(&c), 2);
+    Admin::connect(&addr)
+        .unwrap()
+        .alter_topic("grows", 4)
+        .expect("alter");
+    // The member keeps heartbeating; one of its heartbeats sees the topic grew.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&c) < 4 && Instant::now() < deadline {
+        let _ = c.poll(Duration::from_millis(100)).expect("poll");
+    }
+    assert_eq!(
+        held(&c),
+        4,
+        "the member never got the new queues: {:?}",
+        c.assignment()
+    );
+    let p = Producer::connect(&addr).expect("producer");
+    for q in 2..4 {
+        p.send(
+            "grows",
+            QueueSelector::Queue(q),
+            &Message::new(format!("new{q}")),
+        )
+        .expect("send");
+    }
+    let mut got = drain(&c, 2, Duration::from_secs(10));
+    got.sort();
+    assert_eq!(got, vec!["new2".to_string(), "new3".to_string()]);
+    c.close().expect("close");
+}

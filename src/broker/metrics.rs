@@ -180,7 +180,8 @@ pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Fam
     out.push(
         Family::counter(
             "ringmq_transactions_discarded_total",
-            "Half messages rolled back after transaction_check_max unanswered check-backs since              the broker started (copied to %TXN_DISCARDED%<group>).",
+            "Half messages rolled back after transaction_check_max unanswered check-backs since \
+             the broker started (copied to %TXN_DISCARDED%<group>).",
         )
         .with(sh, discarded as f64),
     );

@@ -313,7 +313,13 @@ impl GroupTable {
                 };
                 m.last_seen = now;
                 m.session_timeout = session_timeout;
-                if m.topics == topics {
+                // Every queue of a subscribed topic has a holder, so a topic whose last queue
+                // has none grew (`admin topic alter`) since the last rebalance.
+                let grown = topics.iter().any(|t| {
+                    let n = queues_of(t);
+                    n > 0 && !g.assignment.contains_key(&(t.clone(), n - 1))
+                });
+                if m.topics == topics && !grown {
                     return Ok(id.to_string());
                 }
                 m.topics = topics.to_vec();
