@@ -140,6 +140,9 @@ section_args! {
         /// Start from the index snapshot and check older records in the background (true), or
         /// scan and check the whole log before serving (false) [default: true]
         index_snapshot: bool,
+        /// Pace of zeroing the next segment while the log is far from its end, bytes/s (faster
+        /// as the active segment fills); 0 = full speed [default: 33554432]
+        prepare_bytes_per_sec: u64,
     } flags {
         /// Delete unexpired segments (unconsumed messages!) while the disk is used above
         /// --disk-force-clean-ratio; each deletion is logged with the queues it cut

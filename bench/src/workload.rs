@@ -265,6 +265,12 @@ pub struct Workload {
     #[arg(long, default_value_t = 64)]
     pub segment_mib: u64,
 
+    /// Embedded broker: pace of zeroing the next segment while the log is far from its end,
+    /// bytes/s (the broker's `prepare_bytes_per_sec`; 0 = full speed, as before issue 16).
+    #[arg(long, default_value_t = ringmq::storage::PREPARE_BYTES_PER_SEC_DEFAULT)]
+    #[serde(default = "default_prepare_bytes_per_sec")]
+    pub prepare_bytes_per_sec: u64,
+
     /// Embedded broker: the temporary data dir `.ringmq-bench-<pid>-<mode>` is created in this
     /// directory (must be on a real disk with O_DIRECT, not tmpfs) and removed afterwards.
     #[arg(long, default_value = ".", value_name = "DIR")]
@@ -275,6 +281,10 @@ pub struct Workload {
     #[arg(long, value_enum, default_value_t = SlaveNet::Auto)]
     #[serde(default)]
     pub slave_net: SlaveNet,
+}
+
+fn default_prepare_bytes_per_sec() -> u64 {
+    ringmq::storage::PREPARE_BYTES_PER_SEC_DEFAULT
 }
 
 impl Workload {

@@ -44,14 +44,16 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::format::record::{build_header, RecordHeader, HEADER_BYTES};
-use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
+use crate::storage::backend::{
+    align_down, align_up, BackendFile, IoBuf, StorageBackend, PACED_WRITE_BYTES,
+};
 use crate::storage::counters::{Counters, FlushCycle};
 use crate::storage::error::StorageError;
 use crate::storage::recovery::RecoveredLog;
-use crate::storage::segment::{segment_path, Seg, Segment};
+use crate::storage::segment::{segment_path, zeroing_wait, Seg, Segment};
 use crate::storage::signal::Signal;
 use crate::storage::space::{fs_space, is_disk_full, over_ratio_reason};
 use crate::storage::{FlushMode, LogPosition, StorageConfig};
@@ -370,9 +372,24 @@ impl<B: StorageBackend> CommitLog<B> {
         let log = self.clone();
         glommio::spawn_local(async move {
             let path = segment_path(&log.dir, base);
+            let (started, appended_then) = (Instant::now(), log.st.borrow().append_pos);
+            let seg_bytes = log.cfg.segment_bytes;
+            let pace = |zeroed: u64| {
+                let st = log.st.borrow();
+                let elapsed = started.elapsed().as_secs_f64().max(0.05);
+                let rate = st.append_pos.saturating_sub(appended_then) as f64 / elapsed;
+                let room = st.active.end().saturating_sub(st.append_pos);
+                zeroing_wait(
+                    room,
+                    seg_bytes - zeroed,
+                    rate,
+                    log.cfg.prepare_bytes_per_sec,
+                    PACED_WRITE_BYTES as u64,
+                )
+            };
             let r = async {
                 log.backend
-                    .create_zeroed(&path, log.cfg.segment_bytes)
+                    .create_zeroed_paced(&path, seg_bytes, &pace)
                     .await
                     .map_err(|e| ("preparing", e))?;
                 log.backend.open(&path).await.map_err(|e| ("opening", e))

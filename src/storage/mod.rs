@@ -66,7 +66,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use backend::{DmaBackend, StorageBackend};
-pub use config::StorageConfig;
+pub use config::{StorageConfig, PREPARE_BYTES_PER_SEC_DEFAULT};
 pub use error::StorageError;
 pub use probe::prime_dma_probe;
 pub use recovery::RecoveryReport;
