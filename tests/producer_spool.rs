@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::process::BrokerProcess;
 use ringmq::client::{
-    Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector, SendOutcome,
-    SpoolConfig,
+    Admin, ClientError, Consumer, Producer, ProducerConfig, QueueSelector, SendOutcome, SpoolConfig,
 };
 use ringmq::format::batch::Message;
 
@@ -43,9 +42,22 @@ fn start_broker(dir: &Path, port: u16) -> BrokerProcess {
 }
 
 /// `ringmq produce --spool` over `lines`; returns its output.
-fn produce(port: u16, spool: &Path, lines: &[String], extra: &[&str], env: &[(&str, &str)]) -> Output {
+fn produce(
+    port: u16,
+    spool: &Path,
+    lines: &[String],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
-        .args(["produce", "--topic", TOPIC, "--print-acks", "--retries", "1"])
+        .args([
+            "produce",
+            "--topic",
+            TOPIC,
+            "--print-acks",
+            "--retries",
+            "1",
+        ])
         .args(["--broker", &format!("127.0.0.1:{port}")])
         .arg("--spool")
         .arg(spool)
@@ -146,7 +158,12 @@ fn check_exactly_once(
         .iter()
         .filter(|l| !seen.contains_key(l.as_str()))
         .collect();
-    assert!(missing.is_empty(), "lost: {} line(s), first {:?}", missing.len(), missing.first());
+    assert!(
+        missing.is_empty(),
+        "lost: {} line(s), first {:?}",
+        missing.len(),
+        missing.first()
+    );
 }
 
 fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -186,7 +203,10 @@ fn broker_down_everything_spools_then_every_message_arrives_once_in_order() {
     let s = stored(broker.addr());
     check_exactly_once(&s, &all, &all);
     assert_eq!(s.values().map(Vec::len).sum::<usize>(), 350);
-    assert!(s.len() > 1, "round robin spread the spooled lines over queues: {s:?}");
+    assert!(
+        s.len() > 1,
+        "round robin spread the spooled lines over queues: {s:?}"
+    );
 }
 
 #[test]
@@ -237,7 +257,14 @@ fn sigkill_while_spooling_and_while_draining_loses_nothing_and_duplicates_nothin
     // 1. Spooling (no broker), SIGKILLed part-way: what it reported spooled must survive.
     let first = lines("k", 2000);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
-        .args(["produce", "--topic", TOPIC, "--print-acks", "--retries", "1"])
+        .args([
+            "produce",
+            "--topic",
+            TOPIC,
+            "--print-acks",
+            "--retries",
+            "1",
+        ])
         .args(["--broker", &format!("127.0.0.1:{port}")])
         .arg("--spool")
         .arg(&spool)
@@ -267,7 +294,11 @@ fn sigkill_while_spooling_and_while_draining_loses_nothing_and_duplicates_nothin
     }
     let _ = child.wait();
     let _ = writer.join();
-    assert_eq!(reported.len(), 300, "the producer reported too few spooled lines");
+    assert_eq!(
+        reported.len(),
+        300,
+        "the producer reported too few spooled lines"
+    );
 
     // 2. Draining, crashed after the broker stored some entries and before the spool
     // recorded them acked: the restarted drain re-sends those with the same ids.
@@ -281,7 +312,11 @@ fn sigkill_while_spooling_and_while_draining_loses_nothing_and_duplicates_nothin
         &[],
         &[("RINGMQ_SPOOL_FAILPOINT", "drain-abort-after-acks=100")],
     );
-    assert!(!out.status.success(), "the failpoint did not fire: {}", stderr(&out));
+    assert!(
+        !out.status.success(),
+        "the failpoint did not fire: {}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("failpoint"), "{}", stderr(&out));
     let partial = stored(broker.addr()).values().map(Vec::len).sum::<usize>();
     assert!(partial >= 100, "the crashed drain had stored {partial}");
@@ -352,7 +387,10 @@ fn a_corrupt_spool_tail_is_detected_by_crc_truncated_and_never_resent() {
     let out = produce(port, &spool, &[], &[], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("CRC mismatch") && err.contains("truncating"), "{err}");
+    assert!(
+        err.contains("CRC mismatch") && err.contains("truncating"),
+        "{err}"
+    );
     assert!(err.contains("re-sent 9"), "{err}");
     let s = stored(broker.addr());
     check_exactly_once(&s, &sent, &sent[..9]);

@@ -581,8 +581,7 @@ impl Producer {
     fn no_spool(&self) -> Result<(), ClientError> {
         if self.inner.spool.is_some() {
             return Err(ClientError::InvalidArgument(
-                "this producer has a spool: send with send_or_spool / send_batch_or_spool"
-                    .into(),
+                "this producer has a spool: send with send_or_spool / send_batch_or_spool".into(),
             ));
         }
         Ok(())
@@ -1161,7 +1160,11 @@ impl Inner {
 
     /// Gives the next unassigned entries (spool order) their queue and sequence, recorded
     /// (fsync'd) before any of them is sent.
-    fn assign(&self, spool: &Spool, pending: &[crate::client::spool::PendingEntry]) -> Result<(), ClientError> {
+    fn assign(
+        &self,
+        spool: &Spool,
+        pending: &[crate::client::spool::PendingEntry],
+    ) -> Result<(), ClientError> {
         let mut out = Vec::new();
         for p in pending.iter().take(DRAIN_ASSIGN_ENTRIES) {
             let selector = match &p.selector {
@@ -1287,7 +1290,10 @@ fn drain_loop(inner: Weak<Inner>, wake: mpsc::Receiver<()>) {
             if inner.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let spool = inner.spool.as_ref().expect("the drain thread runs with a spool");
+            let spool = inner
+                .spool
+                .as_ref()
+                .expect("the drain thread runs with a spool");
             let now = Instant::now();
             if spool.pending_count() == 0 {
                 failures = 0;

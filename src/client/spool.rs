@@ -188,7 +188,7 @@ impl Spool {
         let (producer_id, epoch) = match read_identity(dir)? {
             Some(id) => id,
             None => {
-                let id = (crate::client::producer::random_u64() | 1, 0);
+                let id = (random_id() | 1, 0);
                 write_identity(dir, id.0, id.1)?;
                 id
             }
@@ -274,7 +274,7 @@ impl Spool {
         let mut st = self.state.lock().expect("spool lock");
         let (pid, epoch) = if st.epoch == u16::MAX {
             // The entries pending carry their own producer id, so they still de-dup.
-            (crate::client::producer::random_u64() | 1, 0)
+            (random_id() | 1, 0)
         } else {
             (st.producer_id, st.epoch + 1)
         };
@@ -392,7 +392,10 @@ impl Spool {
         payload.put_slice(body);
         let (segment, offset) = self.write_record(&mut st, &payload)?;
         st.next_id += 1;
-        st.segments.get_mut(&segment).expect("written segment").unacked += 1;
+        st.segments
+            .get_mut(&segment)
+            .expect("written segment")
+            .unacked += 1;
         st.pending.insert(
             id,
             PendingEntry {
@@ -416,7 +419,10 @@ impl Spool {
             .pending
             .get(&id)
             .ok_or_else(|| ClientError::Spool(format!("entry {id} is not pending")))?;
-        let seg = st.segments.get(&p.segment).expect("pending entry's segment");
+        let seg = st
+            .segments
+            .get(&p.segment)
+            .expect("pending entry's segment");
         let mut buf = vec![0u8; p.len as usize];
         seg.file
             .read_exact_at(&mut buf, p.offset + HEAD_BYTES as u64)
@@ -602,6 +608,20 @@ impl Spool {
         }
         Ok(())
     }
+}
+
+/// A random producer id (std's SipHash keys are random per process; the producer module has
+/// the same trick, not imported here so the two modules stay layered).
+fn random_id() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
