@@ -1085,6 +1085,9 @@ impl Inner {
     }
 }
 
+/// (topic, queue).
+type QueueKey = (String, u32);
+
 /// Spooled entries a drain gives a queue and sequence in one fsync'd batch of markers.
 const DRAIN_ASSIGN_ENTRIES: usize = 256;
 /// Spooled batches of one queue a drain has in flight. Below the broker's de-dup window
@@ -1113,7 +1116,7 @@ impl Inner {
             }
             // Entries that have their sequence go first: one not yet assigned takes the next
             // sequence of its queue, which must come after theirs.
-            let mut groups: Vec<((String, u32), Vec<(u64, Assignment)>)> = Vec::new();
+            let mut groups: Vec<(QueueKey, Vec<(u64, Assignment)>)> = Vec::new();
             for p in &pending {
                 let Some(a) = p.assignment else { continue };
                 let key = (p.topic.clone(), a.queue);
