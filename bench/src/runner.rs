@@ -69,6 +69,8 @@ pub fn error_kind(e: &ClientError) -> String {
         ClientError::Wire(_) => "Wire",
         ClientError::Unexpected(_) => "Unexpected",
         ClientError::InvalidArgument(_) => "InvalidArgument",
+        ClientError::SpoolFull { .. } => "SpoolFull",
+        ClientError::Spool(_) => "Spool",
     }
     .to_string()
 }

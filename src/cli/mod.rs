@@ -1,7 +1,9 @@
 //! The client-side subcommands of `ringmq`: admin, produce, consume; the consumer-group ones
-//! in [`groups`], the transactional ones in [`transactions`]; the host checker in [`tune`].
+//! in [`groups`], the transactional ones in [`transactions`], `produce --spool` in [`spool`];
+//! the host checker in [`tune`].
 
 pub mod groups;
+pub mod spool;
 pub mod transactions;
 pub mod tune;
 
@@ -143,6 +145,19 @@ pub struct ProduceArgs {
     /// With --transaction unknown: the answer to each check-back.
     #[arg(long, value_enum, default_value = "unknown", requires = "transaction")]
     pub check_answer: transactions::Outcome,
+    /// A local spool directory: a line the broker cannot ack within the retries (no broker,
+    /// no route yet, DISK_FULL, SYSTEM_BUSY ...) is appended to an fsync'd file there and
+    /// counted as spooled; a run with the same DIR first re-sends what an earlier run
+    /// spooled, exactly once (same producer id and sequences). Works with no broker up at
+    /// all. Exits 0 when every line was acked or spooled; prints `produce: acked=N
+    /// spooled=M spool_pending=P` on stderr, and with --print-acks also `spooled line=<N>
+    /// entry=<E>` for each spooled line. Sync sends only.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["transaction", "delay_level", "delay_ms"])]
+    pub spool: Option<PathBuf>,
+    /// With --spool: the bound on the spool's files; past it a line fails with a "spool
+    /// is full" error naming the size and DIR [default: 268435456 (256 MiB)]
+    #[arg(long, value_name = "N", requires = "spool")]
+    pub spool_max_bytes: Option<u64>,
     /// The producer group of --transaction (check-backs go to any live member of it).
     #[arg(long, default_value = "ringmq-cli", requires = "transaction")]
     pub producer_group: String,
@@ -310,6 +325,12 @@ pub fn produce(args: ProduceArgs) -> Result<(), String> {
     let mut config = ProducerConfig::new(&args.broker);
     if let Some(retries) = args.retries {
         config.retries = retries;
+    }
+    if let Some(dir) = &args.spool {
+        if args.mode != SendMode::Sync {
+            return Err("--spool sends sync only (drop --mode)".into());
+        }
+        return spool::produce(&args, config, dir);
     }
     let producer = Producer::with_config(config).map_err(|e| e.to_string())?;
     let stdout = Arc::new(Mutex::new(std::io::stdout()));

@@ -21,14 +21,20 @@ pub struct Cluster {
 impl Cluster {
     /// Connects to `bootstrap` at once, so a wrong address fails fast.
     pub fn connect(bootstrap: &str, request_timeout: Duration) -> Result<Cluster, ClientError> {
-        let c = Cluster {
+        let c = Cluster::lazy(bootstrap, request_timeout);
+        c.connection(bootstrap)?;
+        Ok(c)
+    }
+
+    /// Connects on first use: for a producer with a spool, which must start (and spool)
+    /// while no broker answers.
+    pub fn lazy(bootstrap: &str, request_timeout: Duration) -> Cluster {
+        Cluster {
             bootstrap: bootstrap.to_string(),
             request_timeout,
             routes: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
-        };
-        c.connection(bootstrap)?;
-        Ok(c)
+        }
     }
 
     /// The connection to `addr`, opened on first use.

@@ -9,6 +9,8 @@
 //!   retries with backoff, batching by linger time and bytes.
 //! - [`consumer`]: pull with long polling from (queue, offset), or as an iterator.
 //! - [`group`]: a consumer-group member: assigned queues, ack/nack, committed offsets.
+//! - [`spool`]: the producer's local spool: fsync'd segment files for batches the broker
+//!   could not ack, re-sent exactly once (same producer id, epoch and sequence) by a drain.
 //! - [`transaction`]: a transactional producer: half message, local transaction, end, and
 //!   answers to the broker's check-backs.
 //!
@@ -25,6 +27,7 @@ pub mod connection;
 pub mod consumer;
 pub mod group;
 pub mod producer;
+pub mod spool;
 pub mod transaction;
 
 pub use crate::protocol::Durability;
@@ -32,7 +35,8 @@ pub use admin::Admin;
 pub use connection::{Connection, Pending, DEFAULT_REQUEST_TIMEOUT};
 pub use consumer::{ConsumedMessage, Consumer, StartFrom};
 pub use group::{GroupConfig, GroupConsumer, GroupMessage};
-pub use producer::{Producer, ProducerConfig, QueueSelector, SendResult};
+pub use producer::{DrainReport, Producer, ProducerConfig, QueueSelector, SendOutcome, SendResult};
+pub use spool::{SpoolConfig, SpoolReceipt};
 pub use transaction::{TransactionConfig, TransactionalProducer};
 
 use std::time::Duration;
@@ -58,6 +62,20 @@ pub enum ClientError {
     Unexpected(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The spool cannot take this batch without going past its bound.
+    #[error(
+        "the spool in {dir} is full: {used_bytes} of its {max_bytes} bytes are used by \
+         {entries} entr(ies) not yet acked (raise max_bytes, or let the broker drain it)"
+    )]
+    SpoolFull {
+        dir: String,
+        max_bytes: u64,
+        used_bytes: u64,
+        entries: u64,
+    },
+    /// The spool's files cannot be read or written (or are corrupt); see the message.
+    #[error("spool: {0}")]
+    Spool(String),
 }
 
 impl ClientError {

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::client::cluster::Cluster;
-use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
+use crate::client::connection::{Pending, DEFAULT_REQUEST_TIMEOUT};
+use crate::client::spool::{Assignment, Spool, SpoolConfig, SpoolReceipt, SpoolSelector};
 use crate::client::ClientError;
 use crate::format::batch::{BatchBuilder, Message};
 use crate::protocol::limits::PRODUCER_WINDOW_BATCHES;
@@ -66,6 +67,10 @@ pub struct ProducerConfig {
     /// ASYNC: batches in flight (all queues) before `send_async` blocks. Default 1024. Per
     /// queue there are never more than [`PRODUCER_WINDOW_BATCHES`] (the broker's de-dup window).
     pub max_in_flight_batches: usize,
+    /// A local spool for the batches of [`Producer::send_or_spool`] that cannot be acked
+    /// within the retry budget. Default none. With one, the producer starts while no broker
+    /// answers, and takes its producer id from the spool (see [`crate::client::spool`]).
+    pub spool: Option<SpoolConfig>,
 }
 
 impl ProducerConfig {
@@ -80,6 +85,7 @@ impl ProducerConfig {
             linger: Duration::from_millis(2),
             batch_bytes: 64 << 10,
             max_in_flight_batches: 1024,
+            spool: None,
         }
     }
 }
@@ -91,6 +97,26 @@ pub enum QueueSelector<'a> {
     /// Same key, same queue (ordering per key).
     KeyHash(&'a [u8]),
     Queue(u32),
+}
+
+/// What became of a [`Producer::send_or_spool`]: acked by the broker, or (only once its
+/// bytes are fsync'd in the spool) spooled for a later drain. Never a fake ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    Acked(SendResult),
+    Spooled(SpoolReceipt),
+}
+
+/// What one [`Producer::drain_spool`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Entries the broker acked in this drain (a re-send it had stored counts too).
+    pub acked_entries: u64,
+    pub acked_messages: u64,
+    /// Of those, entries the broker had stored before (recognised by its de-dup).
+    pub duplicates: u64,
+    /// Entries still in the spool.
+    pub pending_entries: u64,
 }
 
 /// Where a message (or batch) was stored.
@@ -113,7 +139,14 @@ pub struct SendResult {
 }
 
 type MessageCallback = Box<dyn FnOnce(Result<SendResult, ClientError>) + Send>;
-type BatchCallback = Box<dyn FnOnce(Result<ProduceAck, ClientError>) + Send>;
+/// The epoch and base sequence a batch was given in its lane.
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    epoch: u16,
+    base_sequence: u32,
+}
+
+type BatchCallback = Box<dyn FnOnce(Result<ProduceAck, ClientError>, Assigned) + Send>;
 
 struct OpenBatch {
     buf: BytesMut,
@@ -143,6 +176,14 @@ struct Inner {
     /// The newest master epoch seen in an ack, sent with every produce: a master older than
     /// it learns from us that it may have been superseded.
     known_epoch: AtomicU64,
+    /// The spool, if configured; then `producer_id` is the spool's and every lane starts at
+    /// `base_epoch`, the epoch this run took from it.
+    spool: Option<Arc<Spool>>,
+    base_epoch: u16,
+    /// One drain at a time (the background one or [`Producer::drain_spool`]).
+    drain_lock: Mutex<()>,
+    /// Wakes the drain thread when something was spooled.
+    drain_tx: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 /// The batches of one queue in flight, in sequence order.
@@ -188,6 +229,15 @@ struct Slot {
     on_done: Option<BatchCallback>,
 }
 
+impl Slot {
+    fn assigned(&self) -> Assigned {
+        Assigned {
+            epoch: self.epoch,
+            base_sequence: self.base_sequence,
+        }
+    }
+}
+
 /// A producer; share it across threads by reference or `Arc`.
 pub struct Producer {
     inner: Arc<Inner>,
@@ -200,9 +250,30 @@ impl Producer {
     }
 
     pub fn with_config(config: ProducerConfig) -> Result<Producer, ClientError> {
-        let producer_id = random_u64() | 1; // 0 means "not idempotent" on the wire
         let (keeper_tx, keeper_rx) = mpsc::channel();
-        let cluster = Cluster::connect(&config.broker, config.request_timeout)?;
+        let (drain_tx, drain_rx) = mpsc::channel();
+        let (producer_id, base_epoch, spool, cluster) = match &config.spool {
+            Some(sc) => {
+                if !config.idempotent {
+                    return Err(ClientError::InvalidArgument(
+                        "a spool needs an idempotent producer: its re-sends are \
+                         de-duplicated by producer id and sequence"
+                            .into(),
+                    ));
+                }
+                let spool = Arc::new(Spool::open(sc)?);
+                let (pid, epoch) = spool.begin_run()?;
+                let cluster = Cluster::lazy(&config.broker, config.request_timeout);
+                (pid, epoch, Some(spool), cluster)
+            }
+            // 0 means "not idempotent" on the wire.
+            None => (
+                random_u64() | 1,
+                0,
+                None,
+                Cluster::connect(&config.broker, config.request_timeout)?,
+            ),
+        };
         let inner = Arc::new(Inner {
             config,
             cluster,
@@ -216,6 +287,10 @@ impl Producer {
             fill_order: Mutex::new(()),
             next_slot_id: AtomicU64::new(1),
             known_epoch: AtomicU64::new(0),
+            spool,
+            base_epoch,
+            drain_lock: Mutex::new(()),
+            drain_tx: Mutex::new(Some(drain_tx)),
         });
         let linger = {
             let weak = Arc::downgrade(&inner);
@@ -231,10 +306,17 @@ impl Producer {
                 .spawn(move || keeper_loop(weak, keeper_rx))
                 .expect("spawn retry thread")
         };
-        Ok(Producer {
-            inner,
-            threads: vec![linger, keeper],
-        })
+        let mut threads = vec![linger, keeper];
+        if inner.spool.is_some() {
+            let weak = Arc::downgrade(&inner);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("ringmq-spool".into())
+                    .spawn(move || drain_loop(weak, drain_rx))
+                    .expect("spawn spool thread"),
+            );
+        }
+        Ok(Producer { inner, threads })
     }
 
     pub fn producer_id(&self) -> u64 {
@@ -258,6 +340,7 @@ impl Producer {
         selector: QueueSelector<'_>,
         messages: &[Message],
     ) -> Result<SendResult, ClientError> {
+        self.no_spool()?;
         let inner = &self.inner;
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -269,7 +352,7 @@ impl Producer {
                 queue,
                 count,
                 body,
-                Box::new(move |outcome| {
+                Box::new(move |outcome, _| {
                     let _ = tx.send(outcome);
                 }),
             );
@@ -335,6 +418,7 @@ impl Producer {
         message: &Message,
         callback: impl FnOnce(Result<SendResult, ClientError>) + Send + 'static,
     ) -> Result<(), ClientError> {
+        self.no_spool()?;
         let route = self.inner.route(topic)?;
         let queue = self.inner.select(&route, selector)?;
         let key = (topic.to_string(), queue);
@@ -360,6 +444,149 @@ impl Producer {
         Ok(())
     }
 
+    /// With a spool: a SYNC send that falls back to the spool. Returns
+    /// [`SendOutcome::Acked`] when the broker acked within the retry budget, and
+    /// [`SendOutcome::Spooled`] once the batch is fsync'd in the spool when it could not be
+    /// (no broker, no route yet, DISK_FULL, SYSTEM_BUSY ... after the retries). While anything
+    /// is spooled, every send goes to the spool (after it, in order), and the drain (in the
+    /// background, or [`Producer::drain_spool`]) re-sends it all in order.
+    pub fn send_or_spool(
+        &self,
+        topic: &str,
+        selector: QueueSelector<'_>,
+        message: &Message,
+    ) -> Result<SendOutcome, ClientError> {
+        self.send_batch_or_spool(topic, selector, std::slice::from_ref(message))
+    }
+
+    /// [`Producer::send_or_spool`] for a batch (stored as one record, spooled as one entry).
+    pub fn send_batch_or_spool(
+        &self,
+        topic: &str,
+        selector: QueueSelector<'_>,
+        messages: &[Message],
+    ) -> Result<SendOutcome, ClientError> {
+        let inner = &self.inner;
+        let Some(spool) = inner.spool.clone() else {
+            return Err(ClientError::InvalidArgument(
+                "send_or_spool needs a producer with a spool (ProducerConfig::spool)".into(),
+            ));
+        };
+        if messages.is_empty() {
+            return Err(ClientError::InvalidArgument("an empty batch".into()));
+        }
+        let mut buf = BytesMut::new();
+        let mut builder = BatchBuilder::new(&mut buf);
+        for m in messages {
+            builder
+                .push(m)
+                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        }
+        let count = builder.count();
+        let body = buf.freeze();
+        let spool_selector = match selector {
+            QueueSelector::RoundRobin => SpoolSelector::RoundRobin,
+            QueueSelector::KeyHash(k) => SpoolSelector::Key(Bytes::copy_from_slice(k)),
+            QueueSelector::Queue(q) => SpoolSelector::Queue(q),
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let _order = inner.fill_order.lock().expect("fill order lock");
+            let queue = if spool.pending_count() > 0 {
+                None
+            } else {
+                match inner.route(topic).and_then(|r| inner.select(&r, selector)) {
+                    Ok(q) => Some(q),
+                    // No broker or no route yet: the drain chooses the queue later.
+                    Err(e) if e.is_retriable() => None,
+                    Err(e) => return Err(e),
+                }
+            };
+            let Some(queue) = queue else {
+                let receipt = spool.append(topic, &spool_selector, count, &body, None, 0)?;
+                inner.wake_drain();
+                return Ok(SendOutcome::Spooled(receipt));
+            };
+            // Reserved now, so that falling back to the spool cannot fail for room after the
+            // batch took a sequence (a hole would stop every later batch of the queue).
+            let reserved = Spool::entry_bytes(topic, &spool_selector, body.len());
+            spool.reserve(reserved)?;
+            let me = inner.clone();
+            let topic2 = topic.to_string();
+            let body2 = body.clone();
+            Inner::enqueue(
+                inner,
+                topic,
+                queue,
+                count,
+                body,
+                Box::new(move |outcome, assigned| {
+                    let result = match outcome {
+                        Ok(ack) => {
+                            spool.release(reserved);
+                            Ok(SendOutcome::Acked(to_result(ack)))
+                        }
+                        Err(e) if e.is_retriable() => {
+                            log::debug!("spooling a batch of queue {queue}: {e}");
+                            let assignment = Assignment {
+                                producer_id: me.producer_id,
+                                epoch: assigned.epoch,
+                                queue,
+                                base_sequence: assigned.base_sequence,
+                            };
+                            let r = spool.append(
+                                &topic2,
+                                &spool_selector,
+                                count,
+                                &body2,
+                                Some(assignment),
+                                reserved,
+                            );
+                            me.wake_drain();
+                            r.map(SendOutcome::Spooled)
+                        }
+                        Err(e) => {
+                            spool.release(reserved);
+                            Err(e)
+                        }
+                    };
+                    let _ = tx.send(result);
+                }),
+            );
+        }
+        match rx.recv() {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ClientError::ConnectionClosed("producer dropped".into())),
+        }
+    }
+
+    /// Re-sends the spool, in order, until it is empty or a send fails (the error is
+    /// returned; what was acked until then is recorded). Each entry goes with the producer
+    /// id, epoch, queue and sequence it was given (an entry spooled before a route was
+    /// known gets them first, fsync'd), so the broker's de-dup makes the re-send of a batch
+    /// it already stored harmless. A background thread calls this with backoff while the
+    /// spool is not empty; calling it directly (at start, say) is optional.
+    pub fn drain_spool(&self) -> Result<DrainReport, ClientError> {
+        Inner::drain(&self.inner)
+    }
+
+    /// Entries in the spool not yet acked (0 without a spool).
+    pub fn spool_pending(&self) -> usize {
+        self.inner.spool.as_ref().map_or(0, |s| s.pending_count())
+    }
+
+    /// Plain sends would take sequences the spool cannot account for: with a spool, a batch
+    /// that fails for good would leave a hole in its queue's sequence that stops every
+    /// spooled batch behind it.
+    fn no_spool(&self) -> Result<(), ClientError> {
+        if self.inner.spool.is_some() {
+            return Err(ClientError::InvalidArgument(
+                "this producer has a spool: send with send_or_spool / send_batch_or_spool".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Sends every open batch now and waits until nothing is in flight.
     pub fn flush(&self) {
         Inner::flush_open_batches(&self.inner, Duration::ZERO);
@@ -376,6 +603,7 @@ impl Drop for Producer {
         self.flush();
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.keeper_tx.lock().expect("keeper lock").take();
+        self.inner.drain_tx.lock().expect("drain lock").take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -494,7 +722,7 @@ impl Inner {
                     queue,
                     wire: Mutex::new(()),
                     state: Mutex::new(LaneState {
-                        epoch: 0,
+                        epoch: self.base_epoch,
                         next_sequence: 0,
                         window: VecDeque::new(),
                         round: 0,
@@ -528,8 +756,8 @@ impl Inner {
             *n += 1;
         }
         let me = inner.clone();
-        let on_done: BatchCallback = Box::new(move |outcome| {
-            on_done(outcome);
+        let on_done: BatchCallback = Box::new(move |outcome, assigned| {
+            on_done(outcome, assigned);
             let (lock, cv) = &me.in_flight;
             *lock.lock().expect("in-flight lock") -= 1;
             cv.notify_all();
@@ -625,7 +853,8 @@ impl Inner {
         if let Ok(ack) = &outcome {
             self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
         }
-        let mut finished: Vec<(BatchCallback, Result<ProduceAck, ClientError>)> = Vec::new();
+        let mut finished: Vec<(BatchCallback, Result<ProduceAck, ClientError>, Assigned)> =
+            Vec::new();
         let mut scheduled = false;
         {
             let mut st = lane.state.lock().expect("lane lock");
@@ -648,7 +877,8 @@ impl Inner {
                         .on_done
                         .take()
                         .expect("an unfinished batch has a callback");
-                    finished.push((cb, Ok(ack)));
+                    let assigned = slot.assigned();
+                    finished.push((cb, Ok(ack), assigned));
                     st.failures = 0;
                     st.cause = None;
                 }
@@ -660,6 +890,25 @@ impl Inner {
                     st.round += 1;
                     st.resume_at = Some(Instant::now() + wait);
                     scheduled = true;
+                }
+                // With a spool, a window that ran out of retries goes to the spool whole, in
+                // sequence order (the callbacks run in window order, on this thread), each
+                // batch with the epoch and sequence it was sent with: the drain re-sends them
+                // as they are, so one the broker stored (its ack lost) is de-duplicated. The
+                // lane keeps its epoch and sequence, so what follows stays contiguous.
+                Err(e) if e.is_retriable() && self.spool.is_some() => {
+                    for slot in st.window.iter_mut().filter(|s| !s.done) {
+                        slot.done = true;
+                        let cb = slot
+                            .on_done
+                            .take()
+                            .expect("an unfinished batch has a callback");
+                        let assigned = slot.assigned();
+                        finished.push((cb, Err(clone_retriable(&e)), assigned));
+                    }
+                    st.round += 1;
+                    st.failures = 0;
+                    st.resume_at = None;
                 }
                 Err(e) => {
                     // Every batch of the window fails: the ones after this one cannot be
@@ -695,9 +944,16 @@ impl Inner {
                                 _ => ClientError::Unexpected(format!("{why}: {e}")),
                             }
                         };
-                        finished.push((cb, Err(err)));
+                        let assigned = slot.assigned();
+                        finished.push((cb, Err(err), assigned));
                     }
                     st.epoch = st.epoch.wrapping_add(1);
+                    if let Some(spool) = &self.spool {
+                        // A later run must take a newer epoch than this one.
+                        if let Err(e) = spool.note_epoch(st.epoch) {
+                            log::error!("{e}");
+                        }
+                    }
                     st.next_sequence = 0;
                     st.round += 1;
                     st.failures = 0;
@@ -717,8 +973,8 @@ impl Inner {
                 let _ = tx.send(());
             }
         }
-        for (cb, outcome) in finished {
-            cb(outcome);
+        for (cb, outcome, assigned) in finished {
+            cb(outcome, assigned);
         }
     }
 
@@ -809,7 +1065,7 @@ impl Inner {
             key.1,
             batch.count,
             batch.buf.freeze(),
-            Box::new(move |outcome| {
+            Box::new(move |outcome, _| {
                 for (i, cb) in callbacks.into_iter().enumerate() {
                     cb(match &outcome {
                         Ok(ack) => Ok(SendResult {
@@ -829,6 +1085,257 @@ impl Inner {
     }
 }
 
+/// (topic, queue).
+type QueueKey = (String, u32);
+
+/// Spooled entries a drain gives a queue and sequence in one fsync'd batch of markers.
+const DRAIN_ASSIGN_ENTRIES: usize = 256;
+/// Spooled batches of one queue a drain has in flight. Below the broker's de-dup window
+/// ([`PRODUCER_WINDOW_BATCHES`]), so every batch a crashed drain may re-send unrecorded is
+/// still recognised.
+const DRAIN_WINDOW_BATCHES: usize = 64;
+const _: () = assert!(DRAIN_WINDOW_BATCHES <= PRODUCER_WINDOW_BATCHES);
+
+impl Inner {
+    fn wake_drain(&self) {
+        if let Some(tx) = self.drain_tx.lock().expect("drain lock").as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn drain(inner: &Arc<Inner>) -> Result<DrainReport, ClientError> {
+        let Some(spool) = inner.spool.clone() else {
+            return Ok(DrainReport::default());
+        };
+        let _one = inner.drain_lock.lock().expect("drain lock");
+        let mut report = DrainReport::default();
+        let result = loop {
+            let pending = spool.pending();
+            if pending.is_empty() {
+                break Ok(());
+            }
+            // Entries that have their sequence go first: one not yet assigned takes the next
+            // sequence of its queue, which must come after theirs.
+            let mut groups: Vec<(QueueKey, Vec<(u64, Assignment)>)> = Vec::new();
+            for p in &pending {
+                let Some(a) = p.assignment else { continue };
+                let key = (p.topic.clone(), a.queue);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push((p.id, a)),
+                    None => groups.push((key, vec![(p.id, a)])),
+                }
+            }
+            if groups.is_empty() {
+                if let Err(e) = inner.assign(&spool, &pending) {
+                    break Err(e);
+                }
+                continue;
+            }
+            let mut failed = None;
+            for ((topic, queue), mut entries) in groups {
+                // In sequence order within each (producer, epoch), epochs in spool order: a
+                // window that failed together was spooled in window order, but a batch that
+                // failed later may have been spooled after one the drain assigned.
+                let mut ranks: Vec<(u64, u16)> = Vec::new();
+                for (_, a) in &entries {
+                    if !ranks.contains(&(a.producer_id, a.epoch)) {
+                        ranks.push((a.producer_id, a.epoch));
+                    }
+                }
+                entries.sort_by_key(|(_, a)| {
+                    let rank = ranks
+                        .iter()
+                        .position(|r| *r == (a.producer_id, a.epoch))
+                        .expect("ranked");
+                    (rank, a.base_sequence)
+                });
+                if let Err(e) = inner.drain_queue(&spool, &topic, queue, &entries, &mut report) {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        };
+        report.pending_entries = spool.pending_count() as u64;
+        result.map(|()| report)
+    }
+
+    /// Gives the next unassigned entries (spool order) their queue and sequence, recorded
+    /// (fsync'd) before any of them is sent.
+    fn assign(
+        &self,
+        spool: &Spool,
+        pending: &[crate::client::spool::PendingEntry],
+    ) -> Result<(), ClientError> {
+        let mut out = Vec::new();
+        for p in pending.iter().take(DRAIN_ASSIGN_ENTRIES) {
+            let selector = match &p.selector {
+                SpoolSelector::RoundRobin => QueueSelector::RoundRobin,
+                SpoolSelector::Key(k) => QueueSelector::KeyHash(k),
+                SpoolSelector::Queue(q) => QueueSelector::Queue(*q),
+            };
+            let queue = match self.route(&p.topic).and_then(|r| self.select(&r, selector)) {
+                Ok(q) => q,
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            };
+            let lane = self.lane(&p.topic, queue);
+            let mut st = lane.state.lock().expect("lane lock");
+            out.push((
+                p.id,
+                Assignment {
+                    producer_id: self.producer_id,
+                    epoch: st.epoch,
+                    queue,
+                    base_sequence: st.next_sequence,
+                },
+            ));
+            st.next_sequence = st.next_sequence.wrapping_add(p.count);
+        }
+        spool.record_assign(&out)
+    }
+
+    /// Sends one queue's assigned entries in order: the first alone (a broker that has no
+    /// state for this producer and epoch accepts any sequence, so a later batch must not
+    /// overtake it), then up to [`DRAIN_WINDOW_BATCHES`] at a time. Stops at the first error.
+    fn drain_queue(
+        &self,
+        spool: &Spool,
+        topic: &str,
+        queue: u32,
+        entries: &[(u64, Assignment)],
+        report: &mut DrainReport,
+    ) -> Result<(), ClientError> {
+        let conn = self.cluster.connection_for(topic, queue)?;
+        let peer = conn.peer().to_string();
+        let mut i = 0;
+        let mut window = 1;
+        while i < entries.len() {
+            let end = (i + window).min(entries.len());
+            let mut sent: Vec<(u64, u32, Pending)> = Vec::new();
+            let mut failed = None;
+            for (id, a) in &entries[i..end] {
+                let e = spool.read(*id)?;
+                let request = self.request(
+                    topic,
+                    a.queue,
+                    a.producer_id,
+                    a.epoch,
+                    a.base_sequence,
+                    e.count,
+                );
+                match conn.send(&request, e.body) {
+                    Ok(p) => sent.push((*id, e.count, p)),
+                    Err(err) => {
+                        failed = Some(err);
+                        break;
+                    }
+                }
+            }
+            let mut acked = Vec::new();
+            for (id, count, p) in sent {
+                let outcome = p.wait(self.config.request_timeout);
+                if matches!(outcome, Err(ClientError::Timeout(_))) {
+                    self.cluster.forget(&peer);
+                }
+                match self.after_attempt(&peer, outcome) {
+                    Ok(ack) => {
+                        self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
+                        acked.push(id);
+                        report.acked_entries += 1;
+                        report.acked_messages += u64::from(count);
+                        report.duplicates += u64::from(ack.duplicate);
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            crash_drill(report.acked_entries);
+            spool.record_acked(&acked)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            i = end;
+            window = DRAIN_WINDOW_BATCHES;
+        }
+        Ok(())
+    }
+}
+
+/// `RINGMQ_SPOOL_FAILPOINT=drain-abort-after-acks=N`: the process aborts once a drain has
+/// heard N acks, before it records them, so a test can crash exactly between the broker's
+/// store and the spool's `Acked` marker. Never set in production.
+fn crash_drill(acked: u64) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("RINGMQ_SPOOL_FAILPOINT")
+            .ok()
+            .and_then(|v| v.strip_prefix("drain-abort-after-acks=")?.parse().ok())
+    });
+    if at.is_some_and(|n| acked >= n) {
+        log::error!("failpoint drain-abort-after-acks: aborting after {acked} ack(s)");
+        std::process::abort();
+    }
+}
+
+/// Drains the spool while it is not empty, with backoff after a failed drain; woken when
+/// something is spooled.
+fn drain_loop(inner: Weak<Inner>, wake: mpsc::Receiver<()>) {
+    /// A look at an idle spool this often, in case a wake-up was missed.
+    const IDLE: Duration = Duration::from_secs(1);
+    let mut failures = 0u32;
+    let mut next_try = Instant::now();
+    loop {
+        let wait = {
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let spool = inner
+                .spool
+                .as_ref()
+                .expect("the drain thread runs with a spool");
+            let now = Instant::now();
+            if spool.pending_count() == 0 {
+                failures = 0;
+                IDLE
+            } else if now < next_try {
+                next_try - now
+            } else {
+                match Inner::drain(&inner) {
+                    Ok(r) => {
+                        failures = 0;
+                        if r.acked_entries > 0 {
+                            log::info!(
+                                "spool drained: {} entr(ies) acked ({} already stored)",
+                                r.acked_entries,
+                                r.duplicates
+                            );
+                        }
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        let wait = inner.backoff(failures);
+                        failures = failures.saturating_add(1);
+                        log::debug!("spool drain failed ({e}); next try in {wait:?}");
+                        next_try = Instant::now() + wait;
+                        wait
+                    }
+                }
+            }
+        };
+        if wait.is_zero() {
+            continue;
+        }
+        match wake.recv_timeout(wait) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 /// A sequence error is a consequence: an earlier batch of the queue was not stored.
 fn is_sequence_error(e: &ClientError) -> bool {
     matches!(
@@ -845,6 +1352,14 @@ fn with_consequence(cause: ClientError, consequence: &ClientError) -> ClientErro
             message: format!("{} (a later batch then got: {consequence})", r.message),
         }),
         other => other,
+    }
+}
+
+/// The same error for every batch of a window going to the spool, still retriable.
+fn clone_retriable(e: &ClientError) -> ClientError {
+    match e {
+        ClientError::Connect { .. } => ClientError::ConnectionClosed(e.to_string()),
+        other => clone_error(other),
     }
 }
 

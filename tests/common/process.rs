@@ -34,9 +34,22 @@ impl BrokerProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> BrokerProcess {
+        Self::start_on_port(dir, cores, 0, extra, env)
+    }
+
+    /// Like [`BrokerProcess::start_with_env`], shard i on `port + i` (0: free ports), for a
+    /// client that must know the address before the broker is up.
+    pub fn start_on_port(
+        dir: &Path,
+        cores: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringmq"));
+        let port = port.to_string();
         command
-            .args(["broker", "--metrics-listen", "off", "--port", "0"])
+            .args(["broker", "--metrics-listen", "off", "--port", &port])
             .args(["--segment-bytes", "33554432", "--cores", cores])
             .arg("--data-dir")
             .arg(dir)
