@@ -224,12 +224,14 @@ fn all_responses() -> Vec<Response> {
             master_end: 1 << 40,
             want_durable: true,
             epochs: history(),
+            reset: true,
         }),
         Response::ReplFollowing(ReplFollowResponse {
             start: 0,
             master_end: 0,
             want_durable: false,
             epochs: vec![],
+            reset: false,
         }),
     ]
 }
@@ -1022,6 +1024,7 @@ fn the_longest_epoch_history_round_trips_and_a_longer_one_is_refused() {
         master_end: 0,
         want_durable: false,
         epochs: Some(items),
+        reset: false,
     };
     let root = fb::ReplFollowResponse::create(&mut fbb, &args);
     fbb.finish_minimal(root);
@@ -1030,6 +1033,7 @@ fn the_longest_epoch_history_round_trips_and_a_longer_one_is_refused() {
         master_end: 0,
         want_durable: false,
         epochs: vec![],
+        reset: false,
     });
     let frame = with_header(resp.to_frame(9, Bytes::new()), fbb.finished_data());
     let err = Response::from_frame(Opcode::ReplFollow, &frame).unwrap_err();

@@ -1023,3 +1023,81 @@ fn a_slave_follows_a_topic_that_grew_on_its_master() {
     }
     assert!(on_slave.iter().any(|(q, _, _)| *q == 2));
 }
+
+/// Issue 14: a slave that was away while its master's retention deleted everything past the
+/// slave's log end starts over at the master's oldest segment (an empty log there) instead of
+/// asking, again and again, for bytes the master no longer has; it then serves what the master
+/// keeps, at the master's offsets, and follows on.
+#[test]
+fn a_slave_behind_the_masters_oldest_segment_starts_over_there() {
+    const SEGMENT: u64 = 64 << 10;
+    let tmp = data_dir();
+    let mut cfg = master_cfg(ReplicationMode::AsyncMaster, tmp.path());
+    cfg.storage.segment_bytes = SEGMENT;
+    cfg.storage.retention_bytes = 4 * SEGMENT;
+    let m = TestBroker::start_with(cfg, tmp);
+    m.create_topic("kept", 1);
+    let stmp = data_dir();
+    let mut scfg = test_config(stmp.path());
+    scfg.server.cores = CoreSelection::List(vec![core_for_slave()]);
+    scfg.replication.role = Role::Slave;
+    scfg.replication.master = Some(m.addr());
+    scfg.storage.segment_bytes = SEGMENT;
+    let mut s = TestBroker::start_with(scfg, stmp);
+    let body = |i: u32| format!("{i:06}-{}", "x".repeat(2000)).into_bytes();
+    let p = Producer::connect(&m.addr()).unwrap();
+    let send = |range: std::ops::Range<u32>| {
+        for i in range {
+            p.send("kept", QueueSelector::Queue(0), &Message::new(body(i)))
+                .unwrap();
+        }
+    };
+    send(0..20);
+    wait_caught_up(&m);
+    let slave_end = log_end(&s.addr());
+    s.stop();
+    // ~2 MB: 30 segments, of which retention keeps about 4.
+    send(20..1000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let oldest = loop {
+        let st = Admin::connect(&m.addr())
+            .unwrap()
+            .queue_stats("kept")
+            .unwrap();
+        if st[0].min_offset > 20 {
+            break st[0].min_offset;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention kept everything"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.restart();
+    send(1000..1010);
+    wait_caught_up(&m);
+    assert!(log_end(&s.addr()) > slave_end + 4 * SEGMENT);
+    let min_of =
+        |addr: &str| Admin::connect(addr).unwrap().queue_stats("kept").unwrap()[0].min_offset;
+    let read_from = |addr: &str, mut offset: u64| {
+        let c = Consumer::connect(addr).unwrap();
+        let mut out = Vec::new();
+        loop {
+            let f = c.fetch("kept", 0, offset, Duration::ZERO).expect("fetch");
+            if f.messages.is_empty() {
+                return out;
+            }
+            out.extend(f.messages.iter().map(|m| (m.offset, m.payload.to_vec())));
+            offset = f.next_offset;
+        }
+    };
+    let (master_min, slave_min) = (min_of(&m.addr()), min_of(&s.addr()));
+    assert!(
+        slave_min >= oldest && slave_min <= master_min,
+        "the slave starts at {slave_min}: the master kept {oldest} then, {master_min} now"
+    );
+    let on_master = read_from(&m.addr(), master_min);
+    let on_slave = read_from(&s.addr(), master_min);
+    assert_eq!(on_slave, on_master, "the slave holds what the master keeps");
+    assert_eq!(on_slave.last().unwrap().1, body(1009));
+}

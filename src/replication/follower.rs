@@ -273,7 +273,14 @@ async fn follow_once(
     let Some(history) = EpochHistory::from_entries(answer.epochs.clone()) else {
         return Err(link.protocol("the master's epoch history is not ordered"));
     };
-    if answer.start > our_end {
+    if answer.reset {
+        if answer.start % repl.ctx.config.storage.segment_bytes != 0 {
+            return Err(link.protocol(format!(
+                "the master asks for a reset to {}, which is not a segment boundary",
+                answer.start
+            )));
+        }
+    } else if answer.start > our_end {
         return Err(link.protocol(format!(
             "the master would stream from {} but our log ends at {our_end}",
             answer.start
@@ -289,7 +296,16 @@ async fn follow_once(
             ),
         });
     }
-    if answer.start < our_end {
+    if answer.reset {
+        log::warn!(
+            "shard {}: the master keeps nothing below {} and our log (ending at {our_end}) \
+             shares nothing with it from there: dropping our log and starting an empty one at {}",
+            repl.ctx.shard,
+            answer.start,
+            answer.start
+        );
+        reset_store(repl, answer.start).await?;
+    } else if answer.start < our_end {
         log::warn!(
             "shard {}: our log diverged from the master's at {}; truncating {} bytes",
             repl.ctx.shard,
@@ -497,6 +513,26 @@ async fn truncate_store(repl: &Rc<Replication>, at: u64) -> Result<(), Replicati
     // What was confirmed beyond `at` belonged to the diverged history: the records written
     // there next are confirmed only when the new master says so.
     repl.truncated_to(at);
+    Ok(())
+}
+
+/// Closes the store, drops its whole log and opens an empty one starting at `base`.
+async fn reset_store(repl: &Rc<Replication>, base: u64) -> Result<(), ReplicationError> {
+    let old = repl.ctx.store();
+    old.close().await?;
+    let (store, report) = ShardStore::open_reset(
+        &repl.ctx.shard_dir(),
+        repl.ctx.config.storage.clone(),
+        LogPosition(base),
+    )
+    .await?;
+    log::warn!(
+        "shard {}: reopened empty at {base}: {report}",
+        repl.ctx.shard
+    );
+    repl.ctx.set_store(store);
+    // Nothing is confirmed until the master says so.
+    repl.start_confirmed_at(base);
     Ok(())
 }
 

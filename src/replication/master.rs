@@ -196,7 +196,13 @@ pub async fn serve_follower(
     // A history out of order shares nothing with ours: the follower re-syncs from 0.
     let theirs = EpochHistory::from_entries(req.epochs.clone()).unwrap_or_default();
     let epochs = repl.epochs();
-    let start = divergence(&epochs, master_end, &theirs, req.log_end);
+    let agreed = divergence(&epochs, master_end, &theirs, req.log_end);
+    // Where the logs agree may lie below our oldest segment (retention deleted it while the
+    // follower was away): what the follower lacks is gone here, so it starts over at our
+    // oldest segment with an empty log instead of asking for bytes we no longer have.
+    let oldest = store.first_position().0;
+    let reset = agreed < oldest;
+    let start = agreed.max(oldest);
     let tracker = repl.tracker();
     let id = tracker.begin_session(1);
     // Only SYNC_MASTER waits for the slave's fdatasync; otherwise it syncs at its own pace.
@@ -207,6 +213,7 @@ pub async fn serve_follower(
         master_end,
         want_durable,
         epochs: epochs.entries().to_vec(),
+        reset,
     })
     .to_frame(request_id, Bytes::new())
     .encode(&mut out);
@@ -219,7 +226,12 @@ pub async fn serve_follower(
          {master_end}){}",
         repl.ctx.shard,
         req.log_end,
-        if start < req.log_end {
+        if reset {
+            format!(
+                "; our logs agree only below our oldest segment {oldest} (retention deleted \
+                 the rest), so it drops its log and starts an empty one there"
+            )
+        } else if start < req.log_end {
             format!("; it truncates {} bytes", req.log_end - start)
         } else {
             String::new()

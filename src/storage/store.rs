@@ -13,7 +13,9 @@ use bytes::Bytes;
 use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
 use crate::storage::backend::{DmaBackend, StorageBackend};
-use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_INTERVAL_MS, WRITE_RESERVATION_BYTES};
+use crate::storage::checkpoint::{
+    Checkpoint, CHECKPOINT_FILE, CHECKPOINT_INTERVAL_MS, WRITE_RESERVATION_BYTES,
+};
 use crate::storage::commitlog::CommitLog;
 use crate::storage::error::StorageError;
 use crate::storage::flush::run_flusher;
@@ -27,7 +29,7 @@ use crate::storage::recovery::{
     decide, open_log, recover_log, scrub, Action, Observation, OpenedLog, RecoveryReport,
     ScanStart, ScrubOutcome,
 };
-use crate::storage::segment::Segment;
+use crate::storage::segment::{parse_segment_name, segment_path, Segment};
 use crate::storage::signal::Signal;
 use crate::storage::space::is_disk_full;
 use crate::storage::tail_feed::TailFeed;
@@ -103,6 +105,62 @@ impl ShardStore<DmaBackend> {
     ) -> Result<(ShardStore<DmaBackend>, RecoveryReport), StorageError> {
         crate::storage::probe::prime_dma_probe(dir).await?;
         Self::open_limited(DmaBackend, dir, cfg, Some(limit.0)).await
+    }
+
+    /// Drops the whole log and everything derived from it, then opens an empty log whose
+    /// first segment starts at `base` (a segment boundary): what a replica does when its
+    /// master keeps nothing of what the replica's log shares with it (the master's retention
+    /// deleted its segments below `base`). The checkpoint goes first, then the segments newest
+    /// first, so a crash part-way leaves an empty log or a prefix of the old one, never a
+    /// checkpoint that claims more than the log holds; the next handshake resets again.
+    pub async fn open_reset(
+        dir: &Path,
+        cfg: StorageConfig,
+        base: LogPosition,
+    ) -> Result<(ShardStore<DmaBackend>, RecoveryReport), StorageError> {
+        crate::storage::probe::prime_dma_probe(dir).await?;
+        if base.0 % cfg.segment_bytes != 0 {
+            return Err(StorageError::InvalidArgument(format!(
+                "a log can only start at a segment boundary (a multiple of {}), not at {}",
+                cfg.segment_bytes, base.0
+            )));
+        }
+        let backend = DmaBackend;
+        remove_snapshot(dir)
+            .map_err(|e| StorageError::io("remove index snapshot", dir.join(SNAPSHOT_FILE), e))?;
+        let cq_dir = dir.join("consumequeue");
+        match std::fs::remove_dir_all(&cq_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("remove consume queues", &cq_dir, e)),
+        }
+        let log_dir = dir.join(COMMITLOG_DIR);
+        backend
+            .create_dir_all(&log_dir)
+            .map_err(|e| StorageError::io("create dir", &log_dir, e))?;
+        let ckpt = log_dir.join(CHECKPOINT_FILE);
+        if ckpt.exists() {
+            backend
+                .remove(&ckpt)
+                .map_err(|e| StorageError::io("remove checkpoint", &ckpt, e))?;
+        }
+        let names = backend
+            .list(&log_dir)
+            .map_err(|e| StorageError::io("list", &log_dir, e))?;
+        let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        bases.sort_unstable_by(|a, b| b.cmp(a));
+        for b in bases {
+            let p = segment_path(&log_dir, b);
+            backend
+                .remove(&p)
+                .map_err(|e| StorageError::io("remove segment", &p, e))?;
+        }
+        let p = segment_path(&log_dir, base.0);
+        backend
+            .create_zeroed(&p, cfg.segment_bytes)
+            .await
+            .map_err(|e| StorageError::io("prepare segment", &p, e))?;
+        Self::open_limited(backend, dir, cfg, None).await
     }
 }
 
@@ -515,6 +573,11 @@ impl<B: StorageBackend> ShardStore<B> {
                 records: q.entries.len() as u64,
             },
         }
+    }
+
+    /// Where the log begins: the base of its oldest segment (0 until retention drops one).
+    pub fn first_position(&self) -> LogPosition {
+        self.inner.log.first_segment_base()
     }
 
     pub fn watermarks(&self) -> Watermarks {

@@ -208,6 +208,13 @@ impl<B: StorageBackend> ShardStore<B> {
             {
                 let mut idx = self.inner.idx.borrow_mut();
                 let q = idx.queue_mut(v.topic, h.queue_id);
+                // A log that begins past 0 (retention, or a reset to the master's oldest
+                // segment) may not hold a queue's first records: a queue it has never seen
+                // starts where the master's record says.
+                let unseen = q.entries.is_empty() && q.next_offset == 0;
+                if unseen && log.first_segment_base().0 > 0 {
+                    q.next_offset = h.base_queue_offset;
+                }
                 if q.next_offset != h.base_queue_offset {
                     return Err(StorageError::Diverged {
                         position: claimed,

@@ -4655,6 +4655,7 @@ impl<'a> ReplFollowResponse<'a> {
   pub const VT_MASTER_END: ::flatbuffers::VOffsetT = 6;
   pub const VT_WANT_DURABLE: ::flatbuffers::VOffsetT = 8;
   pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RESET: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4669,6 +4670,7 @@ impl<'a> ReplFollowResponse<'a> {
     builder.add_master_end(args.master_end);
     builder.add_start(args.start);
     if let Some(x) = args.epochs { builder.add_epochs(x); }
+    builder.add_reset(args.reset);
     builder.add_want_durable(args.want_durable);
     builder.finish()
   }
@@ -4706,6 +4708,16 @@ impl<'a> ReplFollowResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochEntry>>>(ReplFollowResponse::VT_EPOCHS, None)}
   }
+  /// The follower's log shares nothing the master still has (retention deleted the master's
+  /// segments below `start`, the oldest it keeps, past where the logs agree): the follower
+  /// drops its whole log and starts an empty one at `start`.
+  #[inline]
+  pub fn reset(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ReplFollowResponse::VT_RESET, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ReplFollowResponse<'_> {
@@ -4718,6 +4730,7 @@ impl ::flatbuffers::Verifiable for ReplFollowResponse<'_> {
      .visit_field::<u64>("master_end", Self::VT_MASTER_END, false)?
      .visit_field::<bool>("want_durable", Self::VT_WANT_DURABLE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochEntry>>>("epochs", Self::VT_EPOCHS, false)?
+     .visit_field::<bool>("reset", Self::VT_RESET, false)?
      .finish();
     Ok(())
   }
@@ -4727,6 +4740,7 @@ pub struct ReplFollowResponseArgs<'a> {
     pub master_end: u64,
     pub want_durable: bool,
     pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochEntry>>>,
+    pub reset: bool,
 }
 impl<'a> Default for ReplFollowResponseArgs<'a> {
   #[inline]
@@ -4736,6 +4750,7 @@ impl<'a> Default for ReplFollowResponseArgs<'a> {
       master_end: 0,
       want_durable: false,
       epochs: None,
+      reset: false,
     }
   }
 }
@@ -4762,6 +4777,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplFollowResponseBuilder<'a,
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplFollowResponse::VT_EPOCHS, epochs);
   }
   #[inline]
+  pub fn add_reset(&mut self, reset: bool) {
+    self.fbb_.push_slot::<bool>(ReplFollowResponse::VT_RESET, reset, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplFollowResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ReplFollowResponseBuilder {
@@ -4783,6 +4802,7 @@ impl ::core::fmt::Debug for ReplFollowResponse<'_> {
       ds.field("master_end", &self.master_end());
       ds.field("want_durable", &self.want_durable());
       ds.field("epochs", &self.epochs());
+      ds.field("reset", &self.reset());
       ds.finish()
   }
 }

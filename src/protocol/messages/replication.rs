@@ -92,6 +92,9 @@ pub struct ReplFollowResponse {
     pub want_durable: bool,
     /// The master's epoch history, oldest first, at most [`MAX_EPOCH_ENTRIES`].
     pub epochs: Vec<EpochEntry>,
+    /// The follower drops its whole log and starts an empty one at `start`: what it lacks
+    /// (or diverged on) lies below the oldest segment the master keeps.
+    pub reset: bool,
 }
 
 /// Header of a ReplData frame, master to slave. The frame body is the CommitLog bytes
@@ -291,6 +294,7 @@ impl<'a> fb::ReplFollowResponse<'a> {
             master_end: f.master_end,
             want_durable: f.want_durable,
             epochs: Some(epochs),
+            reset: f.reset,
         };
         fb::ReplFollowResponse::create(fbb, &args)
     }
@@ -301,6 +305,7 @@ impl<'a> fb::ReplFollowResponse<'a> {
             master_end: self.master_end(),
             want_durable: self.want_durable(),
             epochs: read_epochs(self.epochs())?,
+            reset: self.reset(),
         })
     }
 }
