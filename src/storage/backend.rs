@@ -78,7 +78,7 @@ pub trait BackendFile: 'static {
 }
 
 /// See [`StorageBackend::create_zeroed_paced`].
-pub type Pace<'a> = &'a dyn Fn(u64) -> Duration;
+pub type Pace<'a> = &'a dyn Fn(u64) -> Option<Duration>;
 
 /// A directory of files.
 #[allow(async_fn_in_trait)]
@@ -89,11 +89,12 @@ pub trait StorageBackend: Clone + 'static {
     /// Creates `path` with `len` bytes of written zeros, durably and atomically (a crash leaves
     /// either no file or the whole file). Replaces an existing file.
     async fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<()> {
-        self.create_zeroed_paced(path, len, &|_| Duration::ZERO)
+        self.create_zeroed_paced(path, len, &|_| Some(Duration::ZERO))
             .await
     }
     /// [`Self::create_zeroed`] at a pace: before each part, `pace(bytes zeroed so far)` says
-    /// how long to wait first. No wait: a burst of large writes; a wait: one small write.
+    /// how long to wait first. No wait: a burst of large writes; a wait: one small write;
+    /// `None`: give up (the file is removed; the error is [`io::ErrorKind::Interrupted`]).
     async fn create_zeroed_paced(&self, path: &Path, len: u64, pace: Pace<'_>) -> io::Result<()>;
     /// Names of the files in `dir` (not recursive), unsorted.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
@@ -198,7 +199,12 @@ async fn write_zeroed(tmp: &Path, path: &Path, len: u64, pace: Pace<'_>) -> io::
     let written = async {
         let mut pos = 0u64;
         while pos < len {
-            let wait = pace(pos);
+            let Some(wait) = pace(pos) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "segment preparation given up (the log is closing)",
+                ));
+            };
             let (writes, bytes) = if wait.is_zero() {
                 (PREPARE_WRITES_IN_FLIGHT, PREPARE_WRITE_BYTES)
             } else {

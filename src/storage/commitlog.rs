@@ -376,16 +376,19 @@ impl<B: StorageBackend> CommitLog<B> {
             let seg_bytes = log.cfg.segment_bytes;
             let pace = |zeroed: u64| {
                 let st = log.st.borrow();
+                if st.closing || st.poisoned.is_some() {
+                    return None;
+                }
                 let elapsed = started.elapsed().as_secs_f64().max(0.05);
                 let rate = st.append_pos.saturating_sub(appended_then) as f64 / elapsed;
                 let room = st.active.end().saturating_sub(st.append_pos);
-                zeroing_wait(
+                Some(zeroing_wait(
                     room,
                     seg_bytes - zeroed,
                     rate,
                     log.cfg.prepare_bytes_per_sec,
                     PACED_WRITE_BYTES as u64,
-                )
+                ))
             };
             let r = async {
                 log.backend
@@ -414,6 +417,8 @@ impl<B: StorageBackend> CommitLog<B> {
                             path,
                         }))
                     }
+                    // Given up because the log closes: `create_zeroed` removed its `.tmp`.
+                    Err((_, e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err((what, e)) if is_disk_full(&e) => {
                         // Nothing of it is left behind (`create_zeroed` removes its partial
                         // file); the space watch tries again.
@@ -972,6 +977,14 @@ impl<B: StorageBackend> CommitLog<B> {
         self.st.borrow_mut().closing = true;
         // Every task waiting on the log re-checks: the checkpoint task ends on it.
         self.notify_all();
+    }
+
+    /// Resolves once no segment is being prepared (a closing log's preparation gives up at
+    /// its next paced write and removes its `.tmp`).
+    pub async fn wait_no_preparation(&self) {
+        self.changed
+            .wait_until(|| !self.st.borrow().preparing)
+            .await;
     }
 
     /// Test-only fault: the next `n` flush cycles skip their fdatasync.

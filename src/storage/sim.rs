@@ -298,9 +298,14 @@ impl StorageBackend for SimBackend {
     }
 
     async fn create_zeroed_paced(&self, path: &Path, len: u64, pace: Pace<'_>) -> io::Result<()> {
-        // The simulated disk has no device cache to share: the pace is asked (so its callers
-        // run) but not waited for.
-        let _ = pace(0);
+        // The simulated disk has no device cache to share: the pace is asked once (it may give
+        // up) but not waited for.
+        if pace(0).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "preparation given up",
+            ));
+        }
         futures_lite::future::yield_now().await;
         self.check_generation()?;
         let mut d = self.disk.borrow_mut();

@@ -792,6 +792,8 @@ impl<B: StorageBackend> ShardStore<B> {
                 .wait_until(|| log.marks().inflight_writes == 0)
                 .await;
         }
+        // A segment preparation under way gives up and removes its partial file.
+        log.wait_no_preparation().await;
         if let Some(e) = log.poisoned_error() {
             return Err(e);
         }
