@@ -168,6 +168,37 @@ struct State {
 pub struct Spool {
     config: SpoolConfig,
     state: Mutex<State>,
+    /// `<dir>/lock`, flock'ed for as long as the spool is open: a second producer on the same
+    /// directory would re-use this one's identity and sequences, and the broker's de-dup would
+    /// then drop one producer's batches as the other's duplicates.
+    _lock: std::fs::File,
+}
+
+/// Takes `<dir>/lock` (an exclusive, non-blocking flock), or says who holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, ClientError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| spool_err(dir, "cannot open the lock file", e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            ClientError::Spool(format!(
+                "the spool {} is in use by another producer (it holds {}); one producer per \
+                 spool directory",
+                dir.display(),
+                path.display()
+            ))
+        } else {
+            spool_err(dir, "cannot lock", e)
+        });
+    }
+    Ok(f)
 }
 
 fn spool_err(dir: &Path, what: &str, e: impl std::fmt::Display) -> ClientError {
@@ -185,6 +216,7 @@ impl Spool {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| spool_err(dir, "cannot create the spool", e))?;
+        let lock = lock_dir(dir)?;
         let (producer_id, epoch) = match read_identity(dir)? {
             Some(id) => id,
             None => {
@@ -243,6 +275,7 @@ impl Spool {
         let spool = Spool {
             config: config.clone(),
             state: Mutex::new(st),
+            _lock: lock,
         };
         {
             let mut st = spool.state.lock().expect("spool lock");
@@ -876,6 +909,18 @@ mod tests {
             .collect();
         v.sort();
         v.pop().unwrap()
+    }
+
+    #[test]
+    fn one_producer_at_a_time_per_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Spool::open(&config(tmp.path())).unwrap();
+        let Err(e) = Spool::open(&config(tmp.path())) else {
+            panic!("a second open of a spool in use must be refused");
+        };
+        assert!(e.to_string().contains("in use by another producer"), "{e}");
+        drop(first);
+        Spool::open(&config(tmp.path())).expect("free again once the first is closed");
     }
 
     #[test]
