@@ -111,6 +111,48 @@ fn a_committed_half_is_visible_once_and_a_rolled_back_one_never() {
     assert_eq!(open_count(&addr), 0);
 }
 
+/// Under ASYNC_FLUSH an end is acked before its record is visible (the view of the
+/// transactions is built from visible records): a second end that comes in that window must
+/// still find the first, never commit the half again (the bench found every commit visible
+/// twice).
+#[test]
+fn an_end_repeated_before_the_first_is_flushed_is_a_duplicate() {
+    let tmp = common::data_dir();
+    let mut cfg = test_config(tmp.path());
+    cfg.storage.flush_mode = ringmq::storage::FlushMode::AsyncFlush;
+    cfg.storage.flush_interval_ms = 1500;
+    let b = TestBroker::start_with(cfg, tmp);
+    b.create_topic("orders", 2);
+    let addr = b.addr();
+    let p = producer(&addr, "shop", answer(TransactionOutcome::Unknown));
+    for (i, outcome) in [TransactionOutcome::Commit, TransactionOutcome::Rollback]
+        .into_iter()
+        .enumerate()
+    {
+        let h = p
+            .send_half(
+                "orders",
+                QueueSelector::Queue(0),
+                &[Message::new(format!("a{i}"))],
+            )
+            .expect("half");
+        let first = p.end(&h, outcome).expect("end");
+        assert!(!first.duplicate);
+        let again = p.end(&h, TransactionOutcome::Commit).expect("end again");
+        assert!(
+            again.duplicate,
+            "the second end committed the half again: {again:?}"
+        );
+        assert_eq!(again.state, first.state);
+        assert_eq!(again.offset, first.offset);
+    }
+    wait_for("the commit is visible", Duration::from_secs(10), || {
+        !payloads(&addr, "orders", 2).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(1600)); // a second copy would be flushed by now
+    assert_eq!(payloads(&addr, "orders", 2), vec!["a0"]);
+}
+
 #[test]
 fn send_runs_the_local_transaction_between_half_and_end() {
     let b = TestBroker::start();

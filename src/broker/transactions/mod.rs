@@ -98,6 +98,11 @@ pub struct Transactions {
     in_flight: RefCell<HashMap<String, Appended>>,
     /// The half whose commit copy this process appended or found (see [`ensure_copy`]).
     confirmed_copy: Cell<Option<u64>>,
+    /// Ends this process appended that the view has not applied yet (their records are not
+    /// visible until durable): half -> the end. The view is built from visible records only,
+    /// so without this a second end (a retry, a member's check-back answer) arriving before
+    /// the first end's record is visible found the half open and committed it again.
+    ended_unapplied: RefCell<BTreeMap<u64, UnappliedEnd>>,
     /// Checks issued and not yet handed to a member, per producer group: half -> checks so
     /// far including this one (oldest half first; a new round's offer replaces the last).
     offered: RefCell<HashMap<String, BTreeMap<u64, u32>>>,
@@ -108,6 +113,17 @@ pub struct Transactions {
     /// One writer of `%SYS%TXN` at a time (and a commit's copy with its record).
     writing: Semaphore,
     catching_up: Semaphore,
+}
+
+/// An end appended and not applied yet (see `TxnState::ended_unapplied`).
+#[derive(Clone)]
+struct UnappliedEnd {
+    id: String,
+    state: TransactionState,
+    /// The copy's offset in the real queue (a commit), else 0.
+    offset: u64,
+    /// The end record's offset in `%SYS%TXN`: applied once the view has read past it.
+    record: u64,
 }
 
 /// glommio's semaphore with one permit and a `Default`.
@@ -205,6 +221,7 @@ pub async fn catch_up(s: &Services) -> Result<()> {
                 *t.table.borrow_mut() = TxnTable::default();
                 t.applied.set(None);
                 t.confirmed_copy.set(None);
+                t.ended_unapplied.borrow_mut().clear();
                 continue;
             }
             Some(a) => a,
@@ -246,6 +263,9 @@ pub async fn catch_up(s: &Services) -> Result<()> {
             )));
         }
         t.applied.set(Some(read.next_offset.0));
+        t.ended_unapplied
+            .borrow_mut()
+            .retain(|_, e| e.record >= read.next_offset.0);
     }
 }
 
@@ -306,9 +326,10 @@ async fn append_op(s: &Services, op: &Op) -> Result<Appended> {
         .await?)
 }
 
-/// An ack for something stored earlier (a duplicate): everything written so far.
+/// An ack for something stored earlier (a duplicate): everything appended so far (an earlier
+/// end may still be in the log's buffer, not written yet).
 fn everything_so_far(s: &Services) -> Appended {
-    let end = s.shard.store().watermarks().written;
+    let end = s.shard.store().watermarks().appended;
     Appended {
         base_offset: QueueOffset(0),
         count: 0,
@@ -593,6 +614,10 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
         let _one = t.writing.one().await?;
         catch_up(s).await?;
         ensure_copy(s).await?;
+        let unapplied = t.ended_unapplied.borrow().get(&e.half_offset).cloned();
+        if let Some(u) = unapplied.filter(|u| u.id == e.transaction.id) {
+            break 'end (u.state, u.offset, true, everything_so_far(s));
+        }
         let found = t.table.borrow().lookup(e.half_offset);
         let open = match found {
             Lookup::Ended(id, ended) if id == e.transaction.id => {
@@ -638,6 +663,15 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
                     },
                 )
                 .await?;
+                t.ended_unapplied.borrow_mut().insert(
+                    e.half_offset,
+                    UnappliedEnd {
+                        id: e.transaction.id.clone(),
+                        state: TransactionState::RolledBack,
+                        offset: 0,
+                        record: a.base_offset.0,
+                    },
+                );
                 (TransactionState::RolledBack, 0, false, a)
             }
             TransactionOutcome::Commit => {
@@ -657,6 +691,18 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
                     std::process::abort();
                 }
                 let a = append_copy(s, e.half_offset, &e.topic, e.queue).await?;
+                // The copy follows its commit record in the log: a crash that keeps the record
+                // and loses the copy restarts with no confirmed copy, and the replay repairs it.
+                t.confirmed_copy.set(Some(e.half_offset));
+                t.ended_unapplied.borrow_mut().insert(
+                    e.half_offset,
+                    UnappliedEnd {
+                        id: e.transaction.id.clone(),
+                        state: TransactionState::Committed,
+                        offset: a.base_offset.0,
+                        record: op.base_offset.0,
+                    },
+                );
                 (TransactionState::Committed, a.base_offset.0, false, a)
             }
         }
@@ -695,6 +741,9 @@ pub async fn check_poll(s: &Services, c: CheckTransactionsRequest) -> Result<(Re
             if body.len() >= crate::protocol::limits::MAX_FETCH_BYTES as usize {
                 left.push((half, count)); // bounded like a fetch: offered again next poll
                 continue;
+            }
+            if t.ended_unapplied.borrow().contains_key(&half) {
+                continue; // ended since it was offered (not applied yet)
             }
             let Lookup::Open(h) = t.table.borrow().lookup(half) else {
                 continue; // ended since it was offered
@@ -815,7 +864,8 @@ async fn check_round(s: &Services) -> Result<()> {
             t.topics_checked_in.set(Some(epoch));
         }
         ensure_copy(s).await?;
-        let due = t.table.borrow().due(now_unix_ms(), CHECKS_PER_ROUND);
+        let mut due = t.table.borrow().due(now_unix_ms(), CHECKS_PER_ROUND);
+        due.retain(|(half, _)| !t.ended_unapplied.borrow().contains_key(half));
         if due.is_empty() {
             return Ok(());
         }
