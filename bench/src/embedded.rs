@@ -27,7 +27,7 @@ pub const PAYLOAD_HEADER_BYTES: usize = 16;
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct BrokerArgs {
     /// sync-flush or async-flush: the embedded broker's flush mode.
-    #[arg(long, default_value = "sync-flush", value_parser = parse_flush_mode)]
+    #[arg(long, visible_alias = "flush-mode", default_value = "sync-flush", value_parser = parse_flush_mode)]
     pub mode: Mode,
     /// Embedded broker: number of shards (cores 0..N-1 of this process' cores).
     #[arg(long, default_value_t = 1)]
@@ -84,6 +84,16 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     pub fn start(args: &BrokerArgs, name: &str) -> Result<EmbeddedBroker, String> {
+        Self::start_with(args, name, |_| {})
+    }
+
+    /// [`EmbeddedBroker::start`] with `tune` applied to the config last (a workload's own
+    /// broker settings, e.g. the transactions' check-back timing).
+    pub fn start_with(
+        args: &BrokerArgs,
+        name: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<EmbeddedBroker, String> {
         let allowed = machine::allowed_cores();
         let split = CoreSplit::plan(
             &allowed,
@@ -102,7 +112,7 @@ impl EmbeddedBroker {
         )?;
         let data_dir = dir.path().to_path_buf();
         let flush_mode: FlushMode = args.mode.flush_mode();
-        let config = Config {
+        let mut config = Config {
             server: runner::bench_server_config(&data_dir, "127.0.0.1", args.broker_cores),
             storage: StorageConfig {
                 flush_mode,
@@ -112,6 +122,7 @@ impl EmbeddedBroker {
             },
             ..Config::default()
         };
+        tune(&mut config);
         let broker = Broker::start(config)
             .map_err(|e| format!("cannot start the embedded {} broker: {e}", args.mode))?;
         Ok(EmbeddedBroker {

@@ -16,6 +16,10 @@
 //!   embedded broker: produce/consume rates, end-to-end and commit latency, duplicates, losses.
 //! - `backlog`: produce a backlog, then read it all with the plain consumer and with consumer
 //!   groups of 1, 2, ... members: msgs/s, MB/s and CPU per reader.
+//! - `transactions`: plain SYNC sends, then transactional sends (half + commit, optionally
+//!   half + rollback) of one message each, then halves left UNKNOWN that the broker checks
+//!   back, on one embedded broker with a short check-back timeout: msgs/s, half / end /
+//!   whole latency, the ratio to plain sends, check-back latency, an audit of every topic.
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -34,6 +38,7 @@
 //! - [`drill_partition`]: the partition drill and its audit.
 //! - [`drill_disk_full`]: the disk-full drill (its own loop-device file system).
 //! - [`machine`]: machine facts, core split and pinning.
+//! - [`transactions`]: the transactional produce and check-back workload.
 //! - [`embedded`]: the embedded broker, payload ids, loss/duplicate tally and CPU split that
 //!   [`groups`] and [`backlog`] share.
 
@@ -53,6 +58,7 @@ mod runner;
 mod slave;
 mod storage;
 mod svg;
+mod transactions;
 mod workload;
 
 use std::path::PathBuf;
@@ -110,6 +116,12 @@ enum Command {
     /// Produce a backlog (batched async), then read all of it with the plain consumer and with
     /// consumer groups of --members sizes; msgs/s, MB/s and CPU of each reading.
     Backlog(backlog::BacklogArgs),
+    /// Transactional produce next to plain SYNC sends on one embedded broker: plain sends,
+    /// half + commit (timed apart and whole), optionally half + rollback, then halves left
+    /// UNKNOWN that the broker checks back (latency from the half's ack to the checker and to
+    /// the committed message's delivery); audits that every committed message is visible once
+    /// and no rolled back one.
+    Transactions(transactions::TransactionsArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
     #[command(hide = true)]
@@ -179,6 +191,7 @@ fn main() -> ExitCode {
         },
         Command::Groups(a) => groups::run(a),
         Command::Backlog(a) => backlog::run(a),
+        Command::Transactions(a) => transactions::run(a),
         Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {
