@@ -356,6 +356,10 @@ impl Ctx {
 }
 
 pub fn run(a: TransactionsArgs) -> Result<(), String> {
+    // Off unless RUST_LOG asks: the broker's and the clients' warnings (a check-back answer
+    // that failed, say) explain an audit that failed.
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+        .try_init();
     a.validate()?;
     crate::runner::install_interrupt_handler();
     let started_unix_ms = crate::runner::unix_ms();

@@ -462,8 +462,15 @@ fn check_loop(
                 outcome,
                 true,
             );
-            if ended.is_ok() {
-                inner.answered.fetch_add(1, Ordering::Relaxed);
+            match ended {
+                Ok(_) => {
+                    inner.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                // The broker asks again at its next check; say why this answer did not land.
+                Err(e) => log::warn!(
+                    "transaction {:?}: the answer {outcome:?} to a check-back failed: {e}",
+                    check.transaction_id
+                ),
             }
         }
     }

@@ -103,6 +103,11 @@ pub struct Transactions {
     /// so without this a second end (a retry, a member's check-back answer) arriving before
     /// the first end's record is visible found the half open and committed it again.
     ended_unapplied: RefCell<BTreeMap<u64, UnappliedEnd>>,
+    /// Halves whose commit copy this process appended, until the view has applied their
+    /// commit: `ensure_copy` need not search the real queue for them (the search waits until
+    /// that queue is all visible, under the writer permit: one flush interval per end under
+    /// ASYNC_FLUSH once a second commit came before the first was applied).
+    copied_here: RefCell<std::collections::BTreeSet<u64>>,
     /// Checks issued and not yet handed to a member, per producer group: half -> checks so
     /// far including this one (oldest half first; a new round's offer replaces the last).
     offered: RefCell<HashMap<String, BTreeMap<u64, u32>>>,
@@ -222,6 +227,7 @@ pub async fn catch_up(s: &Services) -> Result<()> {
                 t.applied.set(None);
                 t.confirmed_copy.set(None);
                 t.ended_unapplied.borrow_mut().clear();
+                t.copied_here.borrow_mut().clear();
                 continue;
             }
             Some(a) => a,
@@ -514,6 +520,14 @@ async fn ensure_copy(s: &Services) -> Result<()> {
     let Some(u) = t.table.borrow().unconfirmed_copy().cloned() else {
         return Ok(());
     };
+    {
+        let mut copied = t.copied_here.borrow_mut();
+        if copied.contains(&u.half) {
+            t.confirmed_copy.set(Some(u.half));
+        }
+        let table = t.table.borrow();
+        copied.retain(|h| matches!(table.lookup(*h), Lookup::Open(_)));
+    }
     if t.confirmed_copy.get() == Some(u.half) {
         return Ok(());
     }
@@ -602,7 +616,11 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
             && e.half_offset < stats.written_end_offset.0)
     {
         let bound = Duration::from_millis(s.shard.config.storage.flush_timeout_ms);
+        let appended = store.watermarks().appended;
         let _ = glommio::timer::timeout(bound, async {
+            // Under ASYNC_FLUSH the half becomes visible at the next background flush (500 ms
+            // by default, and every end waited for it): ask for the flush now.
+            let _ = store.wait_durable(appended).await;
             store
                 .wait_visible_beyond(TXN_LOG, 0, QueueOffset(e.half_offset))
                 .await;
@@ -693,7 +711,7 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
                 let a = append_copy(s, e.half_offset, &e.topic, e.queue).await?;
                 // The copy follows its commit record in the log: a crash that keeps the record
                 // and loses the copy restarts with no confirmed copy, and the replay repairs it.
-                t.confirmed_copy.set(Some(e.half_offset));
+                t.copied_here.borrow_mut().insert(e.half_offset);
                 t.ended_unapplied.borrow_mut().insert(
                     e.half_offset,
                     UnappliedEnd {
