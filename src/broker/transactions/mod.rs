@@ -74,6 +74,8 @@ use table::{
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest a CheckTransactions waits.
 pub const MAX_CHECK_WAIT_MS: u32 = 30_000;
+/// Halves whose copies `copied_here` remembers (8 bytes each).
+const COPIED_HERE_MAX: usize = 65_536;
 /// Checks handed out per CheckTransactions answer.
 const CHECKS_PER_POLL: usize = 32;
 /// Halves checked (or discarded) per round of the checker.
@@ -103,8 +105,8 @@ pub struct Transactions {
     /// so without this a second end (a retry, a member's check-back answer) arriving before
     /// the first end's record is visible found the half open and committed it again.
     ended_unapplied: RefCell<BTreeMap<u64, UnappliedEnd>>,
-    /// Halves whose commit copy this process appended, until the view has applied their
-    /// commit: `ensure_copy` need not search the real queue for them (the search waits until
+    /// Halves whose commit copy this process appended (the last [`COPIED_HERE_MAX`]):
+    /// `ensure_copy` need not search the real queue for them (the search waits until
     /// that queue is all visible, under the writer permit: one flush interval per end under
     /// ASYNC_FLUSH once a second commit came before the first was applied).
     copied_here: RefCell<std::collections::BTreeSet<u64>>,
@@ -520,13 +522,8 @@ async fn ensure_copy(s: &Services) -> Result<()> {
     let Some(u) = t.table.borrow().unconfirmed_copy().cloned() else {
         return Ok(());
     };
-    {
-        let mut copied = t.copied_here.borrow_mut();
-        if copied.contains(&u.half) {
-            t.confirmed_copy.set(Some(u.half));
-        }
-        let table = t.table.borrow();
-        copied.retain(|h| matches!(table.lookup(*h), Lookup::Open(_)));
+    if t.copied_here.borrow().contains(&u.half) {
+        t.confirmed_copy.set(Some(u.half));
     }
     if t.confirmed_copy.get() == Some(u.half) {
         return Ok(());
@@ -711,7 +708,15 @@ pub async fn end(s: &Services, e: EndTransactionRequest) -> Result<Response> {
                 let a = append_copy(s, e.half_offset, &e.topic, e.queue).await?;
                 // The copy follows its commit record in the log: a crash that keeps the record
                 // and loses the copy restarts with no confirmed copy, and the replay repairs it.
-                t.copied_here.borrow_mut().insert(e.half_offset);
+                {
+                    // Bounded: a commit of a half older than the last COPIED_HERE_MAX copies
+                    // is searched for, as after a restart.
+                    let mut copied = t.copied_here.borrow_mut();
+                    copied.insert(e.half_offset);
+                    while copied.len() > COPIED_HERE_MAX {
+                        copied.pop_first();
+                    }
+                }
                 t.ended_unapplied.borrow_mut().insert(
                     e.half_offset,
                     UnappliedEnd {
