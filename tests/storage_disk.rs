@@ -502,6 +502,7 @@ fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_
             .await
             .unwrap();
         append_many(&s, 1, 60, 8).await;
+        s.wait_spare_segment().await; // zeroed at a pace: there before the names are taken
         let before = segments(&path);
         assert!(before.len() >= 5, "{before:?}");
         let old = SystemTime::now() - Duration::from_secs(100 * 3600);
@@ -532,6 +533,8 @@ fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_
             .await
             .unwrap();
         append_many(&s, 2, 60, 8).await;
+        // The next segment is zeroed at a pace: let it be there before the snapshot of names.
+        s.wait_spare_segment().await;
         let now = segments(&path);
         fill_to(&mount, &filler, 0.90);
         glommio::timer::sleep(Duration::from_millis(2500)).await;
