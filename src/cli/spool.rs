@@ -19,7 +19,8 @@ pub fn produce(args: &ProduceArgs, mut config: ProducerConfig, dir: &Path) -> Re
     // What an earlier run left goes first; new lines would go to the spool behind it anyway.
     let earlier = producer.spool_pending();
     if earlier > 0 {
-        match producer.drain_spool() {
+        // The background drain may have started first: count what every drain did.
+        match producer.drain_spool().map(|_| producer.spool_drained()) {
             Ok(r) => eprintln!(
                 "produce: re-sent {} spooled entr(ies) of an earlier run ({} already stored)",
                 r.acked_entries, r.duplicates

@@ -182,6 +182,10 @@ struct Inner {
     base_epoch: u16,
     /// One drain at a time (the background one or [`Producer::drain_spool`]).
     drain_lock: Mutex<()>,
+    /// What every drain of this producer did so far (the background thread's and
+    /// [`Producer::drain_spool`]'s): a drain that found the spool empty because the other
+    /// had just emptied it reports nothing, these totals still do.
+    drained: Mutex<DrainReport>,
     /// Wakes the drain thread when something was spooled.
     drain_tx: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -290,6 +294,7 @@ impl Producer {
             spool,
             base_epoch,
             drain_lock: Mutex::new(()),
+            drained: Mutex::new(DrainReport::default()),
             drain_tx: Mutex::new(Some(drain_tx)),
         });
         let linger = {
@@ -568,6 +573,12 @@ impl Producer {
     /// spool is not empty; calling it directly (at start, say) is optional.
     pub fn drain_spool(&self) -> Result<DrainReport, ClientError> {
         Inner::drain(&self.inner)
+    }
+
+    /// What all drains of this producer did so far, the background one's included
+    /// (`pending_entries` as the last drain left it).
+    pub fn spool_drained(&self) -> DrainReport {
+        *self.inner.drained.lock().expect("drained lock")
     }
 
     /// Entries in the spool not yet acked (0 without a spool).
@@ -1158,6 +1169,13 @@ impl Inner {
             }
         };
         report.pending_entries = spool.pending_count() as u64;
+        {
+            let mut total = inner.drained.lock().expect("drained lock");
+            total.acked_entries += report.acked_entries;
+            total.acked_messages += report.acked_messages;
+            total.duplicates += report.duplicates;
+            total.pending_entries = report.pending_entries;
+        }
         result.map(|()| report)
     }
 
