@@ -193,6 +193,78 @@ pub struct BrokerArgs {
     storage: StorageArgs,
     #[command(flatten)]
     replication: ReplicationArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// A broker group on etcd (opt-in): without `--cluster` the broker runs alone or in a pair
+/// configured by hand.
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Join a broker group on etcd: `etcd=HOST:PORT[,HOST:PORT...]` (its client endpoints).
+    /// The group elects its master and fails over by itself; --role, --master and --peer
+    /// are decided by the group then
+    #[arg(long, value_name = "etcd=HOST:PORT,...")]
+    cluster: Option<String>,
+    /// Name of the cluster in etcd (several can share one etcd)
+    #[arg(long, default_value = "ringmq")]
+    cluster_name: String,
+    /// The broker group (a master and its slaves, same --cores); needed with --cluster
+    #[arg(long)]
+    group: Option<String>,
+    /// This broker's name in its group, unique there; needed with --cluster
+    #[arg(long)]
+    node: Option<String>,
+    /// TTL of this broker's etcd lease: a master acks for at most 3/4 of it after its last
+    /// renewal, and a dead master is replaced about this long after it died
+    #[arg(long, default_value_t = 3)]
+    lease_ttl_secs: u64,
+    /// A slave further behind its master than this may not take over
+    #[arg(long, default_value_t = 4 << 20)]
+    in_sync_lag_bytes: u64,
+    /// A slave whose lag is older than this may not take over
+    #[arg(long, default_value_t = 5000)]
+    in_sync_max_ms: u64,
+    /// Let a slave that is not in sync take over when no in-sync one can (under
+    /// ASYNC_MASTER this may lose acknowledged messages)
+    #[arg(long)]
+    allow_unclean_election: bool,
+}
+
+impl ClusterArgs {
+    /// The cluster settings, `None` without `--cluster`.
+    pub fn cluster_config(&self) -> Result<Option<ringmq::cluster::ClusterConfig>, String> {
+        let Some(spec) = &self.cluster else {
+            if self.group.is_some() || self.node.is_some() {
+                return Err("--group and --node are for a broker in a cluster: add --cluster \
+                            etcd=HOST:PORT"
+                    .into());
+            }
+            return Ok(None);
+        };
+        let list = spec.strip_prefix("etcd=").ok_or_else(|| {
+            format!("--cluster {spec:?}: expected etcd=HOST:PORT[,HOST:PORT...]")
+        })?;
+        let need = |v: &Option<String>, flag: &str| {
+            v.clone()
+                .ok_or_else(|| format!("--cluster needs {flag} NAME"))
+        };
+        let config = ringmq::cluster::ClusterConfig {
+            endpoints: ringmq::cluster::etcd::Etcd::parse_endpoints(list),
+            cluster: self.cluster_name.clone(),
+            group: need(&self.group, "--group")?,
+            node: need(&self.node, "--node")?,
+            lease_ttl: std::time::Duration::from_secs(self.lease_ttl_secs),
+            in_sync_lag_bytes: self.in_sync_lag_bytes,
+            in_sync_max_ms: self.in_sync_max_ms,
+            allow_unclean_election: self.allow_unclean_election,
+        };
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(Some(config))
+    }
 }
 
 impl BrokerArgs {
@@ -204,6 +276,11 @@ impl BrokerArgs {
     /// `--data-dir`, if given (it overrides the file's `data_dir`).
     pub fn data_dir(&self) -> Option<&Path> {
         self.server.data_dir.as_deref()
+    }
+
+    /// With `--cluster`, the cluster settings.
+    pub fn cluster_config(&self) -> Result<Option<ringmq::cluster::ClusterConfig>, String> {
+        self.cluster.cluster_config()
     }
 
     /// The defaults, overridden by the `--config` file, overridden by the flags given.

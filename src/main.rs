@@ -52,7 +52,14 @@ enum Command {
 }
 
 fn run_broker(args: BrokerArgs) -> Result<(), String> {
-    ringmq::server::run_until_signalled(args.into_config()?)
+    let cluster = args.cluster_config()?;
+    let config = args.into_config()?;
+    match cluster {
+        None => ringmq::server::run_until_signalled(config),
+        Some(cluster) => {
+            ringmq::cluster::run_until_signalled(config, cluster).map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn ping(broker: &str, count: u32) -> Result<(), String> {

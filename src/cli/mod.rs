@@ -2,6 +2,7 @@
 //! in [`groups`], the transactional ones in [`transactions`], `produce --spool` in [`spool`];
 //! the host checker in [`tune`].
 
+pub mod cluster;
 pub mod groups;
 pub mod spool;
 pub mod transactions;
@@ -57,6 +58,18 @@ pub enum AdminCommand {
     /// peer_received=<n> peer_durable=<n> log_end=<n> lag_bytes=<n> lag_ms=<n> catchup_bps=<n>
     /// connects=<n>`.
     Replication,
+    /// A broker cluster on etcd, read from etcd (no broker needed): each group's master with
+    /// its term and lease, the in-sync set, and every member: `group=<g> master=<node>
+    /// addr=<a> term=<t> lease=<id> in_sync=<n,..>` then `  member=<node> addr=<a>
+    /// role=<r> epoch=<e> log_end=<n> following=<a> streaming=<bool> lag_bytes=<n>
+    /// lag_ms=<n> updated_ms_ago=<n>` per member.
+    Cluster {
+        /// etcd client endpoints `HOST:PORT[,...]` (an `etcd=` prefix is accepted)
+        #[arg(long)]
+        etcd: String,
+        #[arg(long, default_value = "ringmq")]
+        cluster_name: String,
+    },
     /// Offline (the broker must be stopped): open every shard of a data directory with
     /// `recovery = skip-corrupt`, quarantining each corrupt record before the durable
     /// checkpoint (its bytes go to `<shard>/quarantine/<position>.bin`, a gap record takes its
@@ -222,6 +235,10 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
         // Offline: works on the files, talks to no broker.
         return repair(data_dir, config.as_deref());
     }
+    if let AdminCommand::Cluster { etcd, cluster_name } = &command {
+        // From etcd: the brokers may be down.
+        return cluster::show(etcd, cluster_name);
+    }
     let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
     let e = |e: ringmq::client::ClientError| e.to_string();
     match command {
@@ -280,6 +297,7 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
             }
         }
         AdminCommand::Transactions => transactions::list(&admin)?,
+        AdminCommand::Cluster { .. } => unreachable!("answered from etcd above"),
         AdminCommand::Promote => {
             let epoch = admin.promote().map_err(e)?;
             println!("promoted: epoch {epoch}");

@@ -47,6 +47,11 @@ pub struct ReplicationConfig {
     /// brokers never mint the same epoch. Default: a random id made once and kept in
     /// `<data_dir>/node_id`.
     pub node_id: Option<u32>,
+    /// Accept a follower from any host, not only the pair's peer. Set by a broker in a group
+    /// on etcd, whose followers are the group's members (elected at run time, so no fixed
+    /// peer). Until there is authentication, keep it off on a broker reachable by others.
+    /// Default false.
+    pub followers_from_any_host: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -61,6 +66,7 @@ impl Default for ReplicationConfig {
             replica_catchup_bytes_per_sec: 64 << 20,
             force_master: false,
             node_id: None,
+            followers_from_any_host: false,
         }
     }
 }
@@ -100,7 +106,9 @@ impl ReplicationConfig {
     /// Whether a master streams its log to a follower at all: it names a peer, or waits for a
     /// slave (SYNC_MASTER). A lone ASYNC_MASTER refuses ReplFollow.
     pub fn accepts_followers(&self) -> bool {
-        self.pair_peer().is_some() || self.mode == ReplicationMode::SyncMaster
+        self.pair_peer().is_some()
+            || self.mode == ReplicationMode::SyncMaster
+            || self.followers_from_any_host
     }
 }
 

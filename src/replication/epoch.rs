@@ -152,7 +152,13 @@ impl EpochHistory {
     /// compares as "no epoch", so the worst case is a full re-sync of a slave, never a wrong
     /// match.
     pub fn begin(&mut self, end: u64, node: u32) -> u64 {
-        let epoch = pack(term_of(self.current()) + 1, node);
+        self.begin_at_term(end, node, 0)
+    }
+
+    /// Like [`EpochHistory::begin`], with a term of at least `min_term` (a cluster's
+    /// election revision).
+    pub fn begin_at_term(&mut self, end: u64, node: u32, min_term: u64) -> u64 {
+        let epoch = pack((term_of(self.current()) + 1).max(min_term), node);
         self.entries.retain(|e| e.start < end);
         self.entries.push(EpochEntry { epoch, start: end });
         if self.entries.len() > MAX_KEPT {

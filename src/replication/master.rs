@@ -103,7 +103,8 @@ async fn check_follower(
                 .to_string(),
         ));
     }
-    if let Some(peer) = repl.ctx.config.replication.pair_peer() {
+    let any_host = repl.ctx.config.replication.followers_from_any_host;
+    if let Some(peer) = repl.ctx.config.replication.pair_peer().filter(|_| !any_host) {
         let from_peer = match remote {
             Some(r) => is_peer_host(peer, r.ip()).await,
             None => false,

@@ -5,6 +5,7 @@
 //!   moves the tracker with the follower's acks.
 //! - [`follower`]: the slave side — connect, agree on a start point (truncating a diverged
 //!   tail), append what arrives, acknowledge; serve reads only up to what the master confirmed.
+//! - [`lease`]: in a broker group on etcd, a master acks only while it holds its lease.
 //! - [`peer_watch`]: a master asks its peer whether it was superseded (then it fences itself).
 //! - [`confirmed`]: the confirmed position kept across restarts.
 //! - [`state`]: a shard's replication state (role, epochs, fence, tracker, visibility cap).
@@ -18,6 +19,7 @@
 pub mod confirmed;
 pub mod epoch;
 pub mod follower;
+pub mod lease;
 pub mod master;
 pub mod peer_watch;
 pub mod promotion;

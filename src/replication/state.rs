@@ -6,8 +6,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::replication::epoch::{EpochError, EpochHistory};
+use crate::replication::lease::Lease;
 use crate::replication::tracker::ReplicaTracker;
 use crate::replication::{ReplicationMode, Role};
 use crate::shard::ShardContext;
@@ -47,6 +49,9 @@ pub struct Replication {
     stop_following: Cell<bool>,
     /// A master that must not take writes (see [`Fence`]).
     fence: RefCell<Option<Fence>>,
+    /// In a broker group on etcd: the lease without which this master acks nothing (see
+    /// `replication/lease.rs`). `None` outside a cluster.
+    lease: RefCell<Option<Arc<Lease>>>,
     /// Notified when the fence changes (the listener closes client connections when this
     /// master is superseded).
     fence_changed: Signal,
@@ -82,6 +87,7 @@ impl Replication {
             visible_floor: Cell::new(0),
             stop_following: Cell::new(false),
             fence: RefCell::new(None),
+            lease: RefCell::new(None),
             fence_changed: Signal::default(),
             peer_check_due: Cell::new(false),
             confirmed_saved: Cell::new(0),
@@ -159,7 +165,10 @@ impl Replication {
         let store = self.store();
         let end = store.watermarks().appended.0;
         let mut epochs = self.epochs();
-        let epoch = epochs.begin(end, self.node_id());
+        // In a cluster the term is the election key's create revision: unique in etcd, so
+        // no two masters of a group share one, and higher for every later election.
+        let min_term = self.lease.borrow().as_ref().map_or(0, |l| l.term());
+        let epoch = epochs.begin_at_term(end, self.node_id(), min_term);
         self.set_epochs(epochs).await?;
         debug_assert_eq!(
             store.watermarks().appended.0,
@@ -312,10 +321,21 @@ impl Replication {
         self.fence_changed.wait_until(|| self.is_superseded()).await
     }
 
+    /// Acks from now on need `lease` held (a master in a broker group on etcd).
+    pub fn set_lease(&self, lease: Option<Arc<Lease>>) {
+        *self.lease.borrow_mut() = lease;
+    }
+
     /// Why writes are refused (for NOT_MASTER), if they are.
     pub fn fence_message(&self) -> Option<String> {
         match &*self.fence.borrow() {
-            None => None,
+            None => match &*self.lease.borrow() {
+                Some(lease) if self.role() == Role::Master && !lease.holds() => Some(
+                    "this master does not hold its cluster lease (not renewed at etcd in time,                      or lost): it acks nothing, since another broker may be elected"
+                        .to_string(),
+                ),
+                _ => None,
+            },
             Some(Fence::PeerUnheard { peer }) => Some(format!(
                 "this master is fenced (read-only): its peer {peer} has not answered since it \
                  started, and the peer may be the master now; start it with --force-master to \

@@ -23,6 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::broker::Services;
 use crate::config::{Config, ConfigError};
 use crate::replication::epoch::EpochHistory;
+use crate::replication::lease::Lease;
 use crate::replication::state::Replication;
 use crate::replication::Role;
 use crate::server::metrics_http::{MetricsServer, MetricsSlots};
@@ -78,8 +79,18 @@ impl Broker {
 
     /// Like [`Broker::start`], stopping when `shutdown` becomes true (a signal handler's flag).
     pub fn start_with_shutdown(
+        config: Config,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Broker, BrokerError> {
+        Self::start_with_lease(config, shutdown, None)
+    }
+
+    /// Like [`Broker::start_with_shutdown`], for a member of a broker group on etcd: as a
+    /// master it acks only while `lease` holds (see `replication/lease.rs`).
+    pub fn start_with_lease(
         mut config: Config,
         shutdown: Arc<AtomicBool>,
+        lease: Option<Arc<Lease>>,
     ) -> Result<Broker, BrokerError> {
         config.validate()?;
         let available: Vec<usize> = core_affinity::get_core_ids()
@@ -171,6 +182,7 @@ impl Broker {
                 ready: ready_tx.clone(),
                 start_fenced,
                 metrics: metrics_slots.clone(),
+                lease: lease.clone(),
             };
             let mut builder =
                 LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
@@ -398,6 +410,8 @@ struct ShardArgs {
     start_fenced: bool,
     /// Where the shard publishes its metrics snapshot, unless metrics are off.
     metrics: Option<Arc<MetricsSlots>>,
+    /// In a broker group on etcd: the lease a master acks under.
+    lease: Option<Arc<Lease>>,
 }
 
 async fn run_shard(args: ShardArgs) -> Result<(), String> {
@@ -442,6 +456,7 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     ));
     let repl = Rc::new(Replication::new(ctx.clone()));
     repl.load_epochs(epochs);
+    repl.set_lease(args.lease.clone());
     let confirmed = match crate::replication::confirmed::load(&dir) {
         Ok(c) => c,
         Err(e) => {

@@ -8,6 +8,7 @@
 pub mod loopfs;
 pub mod netns;
 pub mod process;
+pub mod tcp_proxy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,651 @@
+//! One broker of a broker group on etcd: the control thread that decides what the embedded
+//! broker is (master, slave of whom, or not running yet), from the group's keys in etcd.
+//!
+//! - **Session**: a lease granted at start, renewed by a keep-alive thread every quarter TTL.
+//!   Every renewal etcd confirmed moves the shards' [`Lease`] to the time it was *sent* plus
+//!   [`ACK_WINDOW`] of the TTL, while this broker acts as master. etcd expires the lease no
+//!   earlier than it received that renewal plus the whole TTL, so this master stops acking a
+//!   quarter TTL before another broker can be elected (the margin covers a clock-rate
+//!   difference of up to 25 % between the hosts and an ack on its way out).
+//! - **Election**: with no `master` key, a member that may take over (the last master, one
+//!   the master listed in `in_sync`, any member of a group that never had a master, or any
+//!   member when `allow_unclean_election`) creates it under its lease; the one with the
+//!   longest log goes first (the others wait [`RANK_DELAY`] per member ahead of them). The
+//!   key's create revision becomes the term of the winner's new epoch
+//!   ([`Lease::set_term`]), which starts at its log end: nothing it had is truncated.
+//! - **Following**: a member that sees another's `master` key runs its broker as that
+//!   master's slave (restarting it when the master changes); the slave's handshake truncates
+//!   a diverged tail — under SYNC_MASTER only bytes that were never acked.
+//! - **Stepping down**: a master whose key is gone or held by another, or whose lease etcd
+//!   says is gone, revokes its [`Lease`] at once (no more acks), stops its broker and starts
+//!   over with a new session: it rejoins as a slave of the new master.
+//! - **In sync**: the master writes `in_sync` (guarded by its key) with the slaves whose
+//!   records say they stream from it, while its own stats show every shard's replica within
+//!   `in_sync_lag_bytes` and `in_sync_max_ms`.
+//!
+//! The control thread never runs on a shard executor; it talks to its own broker like any
+//! client (over loopback) and to etcd with the blocking [`Etcd`] client.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::client::Admin;
+use crate::cluster::etcd::{Etcd, EtcdError, KeyValue};
+use crate::cluster::records::{unix_ms, GroupKeys, InSyncRecord, MasterRecord, MemberRecord};
+use crate::config::Config;
+use crate::protocol::ReplicaStats;
+use crate::replication::lease::Lease;
+use crate::replication::Role;
+use crate::server::Broker;
+
+/// Of the lease TTL, how long after a renewal was sent a master may still ack.
+pub const ACK_WINDOW: f64 = 0.75;
+/// How often the control thread looks at the group's keys.
+const TICK: Duration = Duration::from_millis(100);
+/// How often a member rewrites its record (and a master the in-sync set).
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
+/// A candidate waits this long for each eligible member with a longer log.
+const RANK_DELAY: Duration = Duration::from_millis(500);
+
+/// `ringmq broker --cluster ...`: where etcd is and who this broker is in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// Name of the cluster (a key prefix: several clusters can share one etcd).
+    pub cluster: String,
+    /// The broker group this broker belongs to (a master and its slaves).
+    pub group: String,
+    /// This broker's name in the group, unique in it.
+    pub node: String,
+    /// TTL of the session lease (whole seconds at etcd; at least 2 with etcd's defaults).
+    pub lease_ttl: Duration,
+    /// A slave further behind than this is not in sync (may not take over).
+    pub in_sync_lag_bytes: u64,
+    /// A slave whose lag is older than this is not in sync.
+    pub in_sync_max_ms: u64,
+    /// Let an out-of-sync member take over when no in-sync one does (may lose acked
+    /// messages under ASYNC_MASTER).
+    pub allow_unclean_election: bool,
+}
+
+impl ClusterConfig {
+    /// Every problem of these settings, empty when they are valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.endpoints.is_empty() {
+            p.push("--cluster needs at least one etcd endpoint: etcd=HOST:PORT[,...]".into());
+        }
+        for (what, v) in [
+            ("--cluster-name", &self.cluster),
+            ("--group", &self.group),
+            ("--node", &self.node),
+        ] {
+            if v.is_empty() || v.contains('/') || v.chars().any(char::is_whitespace) {
+                p.push(format!(
+                    "{what} {v:?} must be a non-empty name without '/' or spaces"
+                ));
+            }
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            p.push("--lease-ttl-secs must be at least 1".into());
+        }
+        p
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster settings: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// Runs this broker in its group until SIGINT or SIGTERM.
+pub fn run_until_signalled(config: Config, cluster: ClusterConfig) -> Result<(), ClusterError> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.clone())
+            .map_err(|e| ClusterError::Broker(format!("cannot install the signal handler: {e}")))?;
+    }
+    let mut node = Node::new(config, cluster, shutdown)?;
+    let outcome = node.run();
+    node.leave();
+    outcome
+}
+
+/// The lease renewals of one session, on their own thread.
+struct Session {
+    id: u64,
+    shared: Arc<SessionShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SessionShared {
+    stop: AtomicBool,
+    /// etcd said the lease is gone.
+    lost: AtomicBool,
+    /// While set, every confirmed renewal extends the shards' lease.
+    acting_master: AtomicBool,
+    /// When the last renewal etcd confirmed (or the grant) was sent.
+    renewed_sent: Mutex<Instant>,
+    lease: Arc<Lease>,
+    window: Duration,
+}
+
+impl SessionShared {
+    fn extend_from_last_renewal(&self) {
+        let sent = *self.renewed_sent.lock().expect("renewal lock");
+        self.lease.extend_to(sent + self.window);
+    }
+}
+
+impl Session {
+    fn start(etcd: &Arc<Etcd>, ttl: Duration, lease: Arc<Lease>) -> Result<Session, EtcdError> {
+        let sent = Instant::now();
+        let id = etcd.grant_lease(ttl.as_secs().max(1))?;
+        let shared = Arc::new(SessionShared {
+            stop: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            acting_master: AtomicBool::new(false),
+            renewed_sent: Mutex::new(sent),
+            lease,
+            window: ttl.mul_f64(ACK_WINDOW),
+        });
+        let thread = {
+            let (etcd, shared) = (etcd.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("ringmq-lease".into())
+                .spawn(move || keep_alive_loop(&etcd, id, ttl, &shared))
+                .map_err(|e| EtcdError::Protocol {
+                    endpoint: "-".into(),
+                    detail: format!("cannot start the lease thread: {e}"),
+                })?
+        };
+        Ok(Session {
+            id,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn lost(&self) -> bool {
+        self.shared.lost.load(Ordering::Acquire)
+    }
+
+    fn act_as_master(&self, on: bool) {
+        self.shared.acting_master.store(on, Ordering::Release);
+        if on {
+            self.shared.extend_from_last_renewal();
+        } else {
+            self.shared.lease.revoke();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn keep_alive_loop(etcd: &Etcd, id: u64, ttl: Duration, shared: &SessionShared) {
+    let every = ttl / 4;
+    let mut failing_since: Option<Instant> = None;
+    while !shared.stop.load(Ordering::Acquire) {
+        let sent = Instant::now();
+        match etcd.keep_alive(id) {
+            Ok(Some(_)) => {
+                *shared.renewed_sent.lock().expect("renewal lock") = sent;
+                if shared.acting_master.load(Ordering::Acquire) {
+                    shared.lease.extend_to(sent + shared.window);
+                }
+                if let Some(since) = failing_since.take() {
+                    log::info!(
+                        "cluster: lease {id:x} renewed again after {:?}",
+                        since.elapsed()
+                    );
+                }
+            }
+            Ok(None) => {
+                log::error!("cluster: etcd says lease {id:x} is gone");
+                shared.lease.revoke();
+                shared.lost.store(true, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    log::warn!("cluster: cannot renew lease {id:x}: {e}");
+                    failing_since = Some(sent);
+                }
+            }
+        }
+        let next = sent + every;
+        while !shared.stop.load(Ordering::Acquire) && Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(20).min(every));
+        }
+    }
+}
+
+/// What the embedded broker is now.
+struct Running {
+    broker: Broker,
+    stop: Arc<AtomicBool>,
+    role: Role,
+    /// A slave: the master it follows.
+    following: Option<String>,
+}
+
+struct Node {
+    base: Config,
+    cluster: ClusterConfig,
+    keys: GroupKeys,
+    etcd: Arc<Etcd>,
+    shutdown: Arc<AtomicBool>,
+    lease: Arc<Lease>,
+    session: Session,
+    /// Shard 0's advertised address.
+    addr: String,
+    running: Option<Running>,
+    /// The create revision of the election key while we hold it.
+    term: Option<u64>,
+    /// Since when no master key was seen (for the rank delay).
+    masterless_since: Option<Instant>,
+    last_publish: Option<Instant>,
+    admin: Option<Admin>,
+}
+
+impl Node {
+    fn new(
+        config: Config,
+        cluster: ClusterConfig,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Node, ClusterError> {
+        let problems = cluster.problems();
+        if !problems.is_empty() {
+            return Err(ClusterError::Config(problems.join("; ")));
+        }
+        if config.server.port == 0 {
+            return Err(ClusterError::Config(
+                "a broker in a cluster needs a fixed --port: the others reach it there".into(),
+            ));
+        }
+        let addr = format!("{}:{}", config.server.advertised_host(), config.server.port);
+        // Every call well inside a quarter TTL, so a hung endpoint cannot make a renewal late.
+        let timeout = (cluster.lease_ttl / 5).max(Duration::from_millis(200));
+        let etcd = Arc::new(Etcd::new(&cluster.endpoints, timeout)?);
+        let lease = Arc::new(Lease::new());
+        let session = Session::start(&etcd, cluster.lease_ttl, lease.clone())?;
+        log::info!(
+            "cluster {}: group {} node {} at {addr}; etcd {}; lease {:x} (TTL {:?})",
+            cluster.cluster,
+            cluster.group,
+            cluster.node,
+            cluster.endpoints.join(","),
+            session.id,
+            cluster.lease_ttl
+        );
+        Ok(Node {
+            keys: GroupKeys::new(&cluster.cluster, &cluster.group),
+            base: config,
+            cluster,
+            etcd,
+            shutdown,
+            lease,
+            session,
+            addr,
+            running: None,
+            term: None,
+            masterless_since: None,
+            last_publish: None,
+            admin: None,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), ClusterError> {
+        while !self.shutdown.load(Ordering::Acquire) {
+            if self.session.lost() {
+                self.step_down("etcd says our lease is gone")?;
+            }
+            match self.etcd.get(&self.keys.master()) {
+                Ok(master) => self.on_master_key(master)?,
+                Err(e) => log::debug!("cluster: reading the master key: {e}"),
+            }
+            if self.last_publish.map_or(true, |t| t.elapsed() >= PUBLISH_INTERVAL) {
+                self.publish();
+                self.last_publish = Some(Instant::now());
+            }
+            std::thread::sleep(TICK);
+        }
+        Ok(())
+    }
+
+    fn on_master_key(&mut self, master: Option<KeyValue>) -> Result<(), ClusterError> {
+        let Some(kv) = master else {
+            if self.term.is_some() {
+                return self.step_down("our election key is gone (lease expired at etcd)");
+            }
+            let since = *self.masterless_since.get_or_insert_with(Instant::now);
+            if let Some(wait) = self.campaign_delay()? {
+                if since.elapsed() >= wait {
+                    self.campaign()?;
+                }
+            }
+            return Ok(());
+        };
+        self.masterless_since = None;
+        if kv.lease == self.session.id {
+            // Ours (a campaign that won, or a restart of the loop after one).
+            if self.term.is_none() {
+                self.become_master(kv.create_revision)?;
+            }
+            return Ok(());
+        }
+        if self.term.is_some() {
+            return self.step_down("another broker holds the election key");
+        }
+        let record: MasterRecord = match serde_json::from_slice(&kv.value) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("cluster: the master key holds no master record ({e}); ignoring it");
+                return Ok(());
+            }
+        };
+        if record.node == self.cluster.node {
+            // A previous run of ours: its lease expires soon, then we may campaign.
+            return Ok(());
+        }
+        let following = self.running.as_ref().and_then(|r| r.following.clone());
+        if following.as_deref() != Some(record.addr.as_str()) {
+            log::info!(
+                "cluster: the master of group {} is {} at {}; following it",
+                self.cluster.group,
+                record.node,
+                record.addr
+            );
+            self.stop_broker();
+            self.start_broker(Role::Slave, Some(record.addr))?;
+        }
+        Ok(())
+    }
+
+    /// `Some(wait)` when this member may take over (after `wait`), `None` when it may not.
+    fn campaign_delay(&mut self) -> Result<Option<Duration>, ClusterError> {
+        let in_sync = match self.etcd.get(&self.keys.in_sync()) {
+            Ok(Some(kv)) => serde_json::from_slice::<InSyncRecord>(&kv.value).ok(),
+            Ok(None) => None,
+            Err(e) => {
+                log::debug!("cluster: reading the in-sync set: {e}");
+                return Ok(None);
+            }
+        };
+        let me = &self.cluster.node;
+        let eligible: Option<Vec<String>> = match &in_sync {
+            // A group that never had a master: anyone.
+            None => None,
+            Some(r) => {
+                let mut v = r.nodes.clone();
+                v.push(r.master.clone());
+                Some(v)
+            }
+        };
+        let allowed = match &eligible {
+            None => true,
+            Some(v) => v.contains(me) || self.cluster.allow_unclean_election,
+        };
+        if !allowed {
+            log::debug!("cluster: not in the in-sync set {eligible:?}; not campaigning");
+            return Ok(None);
+        }
+        // Longest log first: count the eligible members whose records show more.
+        let members = self.etcd.get_prefix(&self.keys.members()).unwrap_or_default();
+        let mine = self.log_end();
+        let ahead = members
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())
+            .filter(|m| &m.node != me)
+            .filter(|m| eligible.as_ref().map_or(true, |v| v.contains(&m.node)))
+            .filter(|m| m.log_end > mine || (m.log_end == mine && m.node < *me))
+            .count();
+        Ok(Some(RANK_DELAY * ahead as u32))
+    }
+
+    fn campaign(&mut self) -> Result<(), ClusterError> {
+        let record = MasterRecord {
+            node: self.cluster.node.clone(),
+            addr: self.addr.clone(),
+        };
+        let value = serde_json::to_vec(&record).expect("a record serializes");
+        match self
+            .etcd
+            .create_if_absent(&self.keys.master(), &value, Some(self.session.id))?
+        {
+            Ok(kv) => self.become_master(kv.create_revision),
+            // Lost the race: the next tick follows the winner.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn become_master(&mut self, term: u64) -> Result<(), ClusterError> {
+        self.lease.set_term(term);
+        self.term = Some(term);
+        self.session.act_as_master(true);
+        match self.running.as_ref().map(|r| r.role) {
+            Some(Role::Slave) => {
+                let epoch = self
+                    .admin()
+                    .and_then(|a| a.promote().map_err(|e| e.to_string()))
+                    .map_err(|e| ClusterError::Broker(format!("cannot promote: {e}")))?;
+                if let Some(r) = self.running.as_mut() {
+                    r.role = Role::Master;
+                    r.following = None;
+                }
+                log::info!(
+                    "cluster: elected master of group {} (term {term}); promoted, epoch {}",
+                    self.cluster.group,
+                    crate::replication::epoch::describe(epoch)
+                );
+            }
+            Some(Role::Master) => {}
+            None => {
+                self.start_broker(Role::Master, None)?;
+                log::info!(
+                    "cluster: elected master of group {} (term {term})",
+                    self.cluster.group
+                );
+            }
+        }
+        eprintln!("cluster: master of group {} term {term}", self.cluster.group);
+        self.publish();
+        Ok(())
+    }
+
+    fn step_down(&mut self, why: &str) -> Result<(), ClusterError> {
+        log::warn!("cluster: stepping down: {why}");
+        self.session.act_as_master(false);
+        self.lease.set_term(0);
+        self.term = None;
+        self.stop_broker();
+        self.session.stop();
+        self.session = Session::start(&self.etcd, self.cluster.lease_ttl, self.lease.clone())?;
+        log::info!("cluster: new session, lease {:x}", self.session.id);
+        Ok(())
+    }
+
+    fn start_broker(&mut self, role: Role, master: Option<String>) -> Result<(), ClusterError> {
+        let mut config = self.base.clone();
+        config.replication.role = role;
+        config.replication.master = master.clone();
+        config.replication.peer = None;
+        // The lease fences this master, not a peer check; the group's members follow.
+        config.replication.force_master = true;
+        config.replication.followers_from_any_host = true;
+        let stop = Arc::new(AtomicBool::new(false));
+        let broker = Broker::start_with_lease(config, stop.clone(), Some(self.lease.clone()))
+            .map_err(|e| ClusterError::Broker(e.to_string()))?;
+        for (i, a) in broker.addresses().iter().enumerate() {
+            eprintln!("shard {i} listening on {a}");
+        }
+        eprintln!(
+            "cluster: broker started as {role:?}{}",
+            master
+                .as_deref()
+                .map_or(String::new(), |m| format!(" of {m}"))
+        );
+        self.running = Some(Running {
+            broker,
+            stop,
+            role,
+            following: master,
+        });
+        self.admin = None;
+        self.publish();
+        Ok(())
+    }
+
+    fn stop_broker(&mut self) {
+        self.admin = None;
+        if let Some(r) = self.running.take() {
+            r.stop.store(true, Ordering::Release);
+            if let Err(e) = r.broker.wait() {
+                log::warn!("cluster: the broker stopped with an error: {e}");
+            }
+        }
+    }
+
+    fn admin(&mut self) -> Result<&Admin, String> {
+        if self.admin.is_none() {
+            self.admin = Some(Admin::connect(&self.addr).map_err(|e| e.to_string())?);
+        }
+        Ok(self.admin.as_ref().expect("set above"))
+    }
+
+    fn stats(&mut self) -> Option<Vec<crate::protocol::ShardStats>> {
+        self.running.as_ref()?;
+        match self.admin().and_then(|a| a.broker_stats().map_err(|e| e.to_string())) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::debug!("cluster: own broker stats: {e}");
+                self.admin = None;
+                None
+            }
+        }
+    }
+
+    fn log_end(&mut self) -> u64 {
+        self.stats()
+            .map_or(0, |s| s.iter().map(|s| s.written).sum::<u64>())
+    }
+
+    /// Rewrites our member record, and as master the in-sync set.
+    fn publish(&mut self) {
+        let stats = self.stats();
+        let shards = stats.as_deref().unwrap_or(&[]);
+        let role = match self.running.as_ref().map(|r| r.role) {
+            None => "waiting",
+            Some(Role::Master) if self.term.is_some() => "master",
+            Some(Role::Master) => "fenced",
+            Some(Role::Slave) => "slave",
+        };
+        let record = MemberRecord {
+            node: self.cluster.node.clone(),
+            addr: self.addr.clone(),
+            role: role.to_string(),
+            epoch: shards.first().map_or(0, |s| s.replication.epoch),
+            log_end: shards.iter().map(|s| s.written).sum(),
+            following: self.running.as_ref().and_then(|r| r.following.clone()),
+            streaming: !shards.is_empty()
+                && shards
+                    .iter()
+                    .all(|s| s.replication.link == ReplicaStats::LINK_STREAMING),
+            lag_bytes: shards
+                .iter()
+                .map(|s| s.replication.lag_bytes)
+                .max()
+                .unwrap_or(0),
+            lag_ms: shards
+                .iter()
+                .map(|s| s.replication.lag_ms)
+                .max()
+                .unwrap_or(0),
+            updated_unix_ms: unix_ms(),
+        };
+        let value = serde_json::to_vec(&record).expect("a record serializes");
+        if let Err(e) = self.etcd.put(
+            &self.keys.member(&self.cluster.node),
+            &value,
+            Some(self.session.id),
+        ) {
+            log::debug!("cluster: publishing our member record: {e}");
+        }
+        if let Some(term) = self.term {
+            self.publish_in_sync(term, &record);
+        }
+    }
+
+    fn publish_in_sync(&mut self, term: u64, me: &MemberRecord) {
+        let caught_up = me.streaming
+            && me.lag_bytes <= self.cluster.in_sync_lag_bytes
+            && me.lag_ms <= self.cluster.in_sync_max_ms;
+        let nodes = if caught_up {
+            self.etcd
+                .get_prefix(&self.keys.members())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())
+                .filter(|m| {
+                    m.node != me.node
+                        && m.role == "slave"
+                        && m.streaming
+                        && m.following.as_deref() == Some(self.addr.as_str())
+                })
+                .map(|m| m.node)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let record = InSyncRecord {
+            master: me.node.clone(),
+            term,
+            nodes,
+            updated_unix_ms: unix_ms(),
+        };
+        let value = serde_json::to_vec(&record).expect("a record serializes");
+        match self
+            .etcd
+            .put_if_guard(&self.keys.master(), term, &self.keys.in_sync(), &value, None)
+        {
+            Ok(true) => {}
+            Ok(false) => log::warn!("cluster: in-sync set not written: our election key is gone"),
+            Err(e) => log::debug!("cluster: writing the in-sync set: {e}"),
+        }
+    }
+
+    /// At shutdown: stop acking, stop the broker, hand the election over at once (an
+    /// in-sync slave takes over without waiting for the lease to expire), end the session.
+    fn leave(&mut self) {
+        self.session.act_as_master(false);
+        self.stop_broker();
+        if let Some(term) = self.term.take() {
+            match self.etcd.delete_if_created_at(&self.keys.master(), term) {
+                Ok(_) => log::info!("cluster: resigned as master of group {}", self.cluster.group),
+                Err(e) => log::warn!("cluster: cannot resign (the lease will expire): {e}"),
+            }
+        }
+        self.session.stop();
+        if let Err(e) = self.etcd.revoke_lease(self.session.id) {
+            log::debug!("cluster: revoking our lease: {e}");
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! What a broker group keeps in etcd, as JSON values under `/ringmq/<cluster>/groups/<group>/`:
+//!
+//! - `master`: the election key, [`MasterRecord`], bound to the master's lease. Its create
+//!   revision is the term of the master's epoch, so no two masters share one.
+//! - `members/<node>`: each member's [`MemberRecord`] under its own lease, rewritten every
+//!   [`crate::cluster::node::PUBLISH_INTERVAL`]: address, role, epoch, log end, lag.
+//! - `in_sync`: [`InSyncRecord`], written by the master only while it holds `master` (a
+//!   guarded put): the members caught up with it. It outlives the master's lease, so after
+//!   the master is gone its slaves know which of them may take over.
+
+use serde::{Deserialize, Serialize};
+
+/// Keys of one broker group.
+#[derive(Debug, Clone)]
+pub struct GroupKeys {
+    prefix: String,
+}
+
+impl GroupKeys {
+    pub fn new(cluster: &str, group: &str) -> GroupKeys {
+        GroupKeys {
+            prefix: format!("{}{group}/", groups_prefix(cluster)),
+        }
+    }
+
+    pub fn master(&self) -> String {
+        format!("{}master", self.prefix)
+    }
+
+    pub fn in_sync(&self) -> String {
+        format!("{}in_sync", self.prefix)
+    }
+
+    pub fn members(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+
+    pub fn member(&self, node: &str) -> String {
+        format!("{}{node}", self.members())
+    }
+}
+
+/// Where every group of `cluster` lives.
+pub fn groups_prefix(cluster: &str) -> String {
+    format!("/ringmq/{cluster}/groups/")
+}
+
+/// The election key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterRecord {
+    pub node: String,
+    /// Shard 0's `host:port`.
+    pub addr: String,
+}
+
+/// A member as it last described itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub node: String,
+    pub addr: String,
+    /// `master`, `slave`, or `waiting` (no broker running: no master known yet).
+    pub role: String,
+    /// The broker's current epoch (0 while waiting).
+    pub epoch: u64,
+    /// The bytes of its log, summed over shards (a slave's own appended position).
+    pub log_end: u64,
+    /// A slave: whom it follows (shard 0's address).
+    pub following: Option<String>,
+    /// A slave: every shard streams from its master.
+    pub streaming: bool,
+    /// A master: its largest replica lag over shards, in bytes and in ms.
+    pub lag_bytes: u64,
+    pub lag_ms: u64,
+    /// Wall clock of the write, for `ringmq admin cluster` (never used to decide anything).
+    pub updated_unix_ms: u64,
+}
+
+/// The master's view of which members are caught up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InSyncRecord {
+    /// The master that wrote it, and its term.
+    pub master: String,
+    pub term: u64,
+    /// Members (other than the master) within the in-sync bounds when it was written.
+    pub nodes: Vec<String>,
+    pub updated_unix_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

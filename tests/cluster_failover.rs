@@ -1,0 +1,323 @@
+//! A broker group on a real etcd cluster (3 members on 127.0.0.1), brokers as real
+//! processes: the master is replaced by its in-sync slave without anyone's help, nothing
+//! acked is lost or doubled, a master cut off from etcd stops acking before the slave takes
+//! over, and an old master rejoins as a slave.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdCluster;
+use common::process::BrokerProcess;
+use common::tcp_proxy::TcpProxy;
+use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
+use ringmq::cluster::etcd::Etcd;
+use ringmq::format::batch::Message;
+
+const TOPIC: &str = "orders";
+const QUEUES: u32 = 2;
+const GROUP: &str = "g1";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A member of group g1 on core `core`, one shard, etcd at `etcd`.
+fn member(dir: &Path, core: usize, port: u16, node: &str, etcd: &str, mode: &str) -> BrokerProcess {
+    let cluster = format!("etcd={etcd}");
+    BrokerProcess::start_on_port(
+        dir,
+        &format!("{core},"),
+        port,
+        &[
+            "--cluster",
+            &cluster,
+            "--group",
+            GROUP,
+            "--node",
+            node,
+            "--replication",
+            mode,
+            "--lease-ttl-secs",
+            "2",
+        ],
+        &[],
+    )
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The in-sync set the master published, as JSON text.
+fn in_sync(etcd: &Etcd) -> String {
+    etcd.get(&format!("/ringmq/ringmq/groups/{GROUP}/in_sync"))
+        .ok()
+        .flatten()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .unwrap_or_default()
+}
+
+fn role(addr: &str) -> Option<String> {
+    Admin::connect(addr)
+        .and_then(|a| a.broker_info())
+        .ok()
+        .map(|i| i.role)
+}
+
+/// Every message of the topic on `addr`, by queue.
+fn stored(addr: &str) -> HashMap<u32, Vec<u64>> {
+    let consumer = Consumer::connect(addr).unwrap();
+    let mut out: HashMap<u32, Vec<u64>> = HashMap::new();
+    for (q, _, payload) in common::read_all(&consumer, TOPIC, QUEUES) {
+        let n = String::from_utf8(payload).unwrap().parse().unwrap();
+        out.entry(q).or_default().push(n);
+    }
+    out
+}
+
+/// One ack as the client heard it.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    n: u64,
+    epoch: u64,
+    at: Instant,
+}
+
+#[test]
+fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() {
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+    let old_epoch = Admin::connect(&addr_a).unwrap().broker_info().unwrap().epoch;
+
+    // A pipelined producer that knows both brokers, paced so the run spans the failover.
+    let mut config = ProducerConfig::new(format!("{addr_a},{addr_b}"));
+    config.linger = Duration::from_millis(1);
+    let producer = Producer::with_config(config).unwrap();
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    const TOTAL: u64 = 3000;
+    let mut killed_at = None;
+    let mut a = Some(a);
+    for n in 0..TOTAL {
+        let (acks, failures) = (acks.clone(), failures.clone());
+        producer
+            .send_async(
+                TOPIC,
+                QueueSelector::Queue((n % u64::from(QUEUES)) as u32),
+                &Message::new(n.to_string().into_bytes()),
+                move |r| match r {
+                    Ok(r) => acks.lock().unwrap().push(Ack {
+                        n,
+                        epoch: r.epoch,
+                        at: Instant::now(),
+                    }),
+                    Err(e) => failures.lock().unwrap().push(format!("{n}: {e}")),
+                },
+            )
+            .unwrap();
+        if killed_at.is_none() && acks.lock().unwrap().len() >= 1000 {
+            a.take().unwrap().kill9();
+            killed_at = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    producer.flush();
+    wait_until("every send to finish", Duration::from_secs(60), || {
+        acks.lock().unwrap().len() + failures.lock().unwrap().len() == TOTAL as usize
+    });
+    let killed_at = killed_at.expect("the master was killed");
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "sends failed: {failures:?}");
+    let acks = acks.lock().unwrap().clone();
+    let first_new = acks
+        .iter()
+        .filter(|a| a.epoch != old_epoch)
+        .map(|a| a.at)
+        .min()
+        .expect("acks from the new master");
+    let new_epochs: Vec<u64> = acks
+        .iter()
+        .map(|a| a.epoch)
+        .filter(|e| *e != old_epoch)
+        .collect();
+    assert!(
+        new_epochs.iter().all(|e| *e > old_epoch),
+        "a new master acked with an epoch not newer than the old one's {old_epoch}"
+    );
+    eprintln!(
+        "failover: kill -> first ack from the new master {:?} (lease TTL 2 s)",
+        first_new.saturating_duration_since(killed_at)
+    );
+    assert_eq!(role(&addr_b).as_deref(), Some("master"));
+
+    // Every acked message exactly once on the new master, each queue in order.
+    let s = stored(&addr_b);
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for (q, ns) in &s {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "queue {q} is out of order or doubled"
+        );
+        for n in ns {
+            *count.entry(*n).or_default() += 1;
+        }
+    }
+    for ack in &acks {
+        assert_eq!(
+            count.get(&ack.n).copied().unwrap_or(0),
+            1,
+            "acked message {} is stored {} time(s) on the new master",
+            ack.n,
+            count.get(&ack.n).copied().unwrap_or(0)
+        );
+    }
+
+    // The old master comes back as a slave of the new one and catches up.
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to rejoin as a slave", Duration::from_secs(20), || {
+        role(&addr_a).as_deref() == Some("slave")
+    });
+    assert!(a.log().contains(&format!("as Slave of {addr_b}")), "{}", a.log());
+    common::wait_caught_up(&Admin::connect(&addr_b).unwrap(), Duration::from_secs(20));
+    drop(b);
+}
+
+#[test]
+fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    // a reaches etcd only through the proxy; its clients and its slave reach it directly.
+    let proxy = TcpProxy::start(&etcd.endpoints()[0]);
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = member(&tmp.path().join("a"), 0, pa, "a", proxy.addr(), "async_master");
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "async_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+    let epoch_a = Admin::connect(&addr_a).unwrap().broker_info().unwrap().epoch;
+
+    // Clients of each broker (no fail-over: each keeps to its broker), one sync send at a
+    // time, every ack timed.
+    let acks: Arc<Mutex<Vec<(String, Ack)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (who, addr) in [("a", addr_a.clone()), ("b", addr_b.clone())] {
+        let (acks, stop) = (acks.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut config = ProducerConfig::new(addr);
+            config.retries = 0;
+            config.request_timeout = Duration::from_secs(2);
+            let Ok(producer) = Producer::with_config(config) else {
+                return;
+            };
+            let mut n = if who == "a" { 0 } else { 1_000_000 };
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let m = Message::new(n.to_string().into_bytes());
+                if let Ok(r) = producer.send(TOPIC, QueueSelector::Queue(0), &m) {
+                    let at = Instant::now();
+                    acks.lock().unwrap().push((
+                        who.to_string(),
+                        Ack {
+                            n,
+                            epoch: r.epoch,
+                            at,
+                        },
+                    ));
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }));
+    }
+    wait_until("acks from a", Duration::from_secs(10), || {
+        acks.lock().unwrap().len() > 50
+    });
+    let cut_at = Instant::now();
+    proxy.cut();
+    wait_until("b to take over", Duration::from_secs(20), || {
+        acks.lock().unwrap().iter().any(|(w, _)| w == "b")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    let last_a = acks
+        .iter()
+        .filter(|(w, _)| w == "a")
+        .map(|(_, a)| a.at)
+        .max()
+        .unwrap();
+    let first_b = acks
+        .iter()
+        .filter(|(w, _)| w == "b")
+        .map(|(_, a)| *a)
+        .min_by_key(|a| a.at)
+        .unwrap();
+    eprintln!(
+        "partition: a's last ack {:?} after the cut, b's first {:?} after the cut",
+        last_a.saturating_duration_since(cut_at),
+        first_b.at.saturating_duration_since(cut_at)
+    );
+    assert!(
+        last_a < first_b.at,
+        "two masters acked in the same window: a's last ack came {:?} after b's first",
+        last_a.saturating_duration_since(first_b.at)
+    );
+    assert!(first_b.epoch > epoch_a, "b acked with an epoch not newer than a's");
+
+    // Healed, a learns that b is the master and rejoins as its slave.
+    proxy.heal();
+    wait_until("a to rejoin as a slave", Duration::from_secs(20), || {
+        role(&addr_a).as_deref() == Some("slave")
+    });
+    assert_eq!(role(&addr_b).as_deref(), Some("master"));
+    drop((a, b));
+}
