@@ -228,5 +228,8 @@ fn only_server_level_code_imports_the_cluster_layer() {
                 .map(move |b| format!("{a} imports {b}"))
         })
         .collect();
-    assert!(broken.is_empty(), "cluster imported from below: {broken:#?}");
+    assert!(
+        broken.is_empty(),
+        "cluster imported from below: {broken:#?}"
+    );
 }
