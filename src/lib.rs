@@ -17,6 +17,8 @@
 //!   admin, consumer groups, retries and delays), with no sockets.
 //! - [`server`]: the running broker: shard executors, listeners, the per-connection loop and
 //!   the dispatcher that calls the services.
+//! - [`cluster`]: broker groups on etcd (opt-in): the etcd client, membership, election, lease
+//!   fencing.
 //! - [`client`]: a blocking client library (plain threads, no runtime needed): admin,
 //!   producer, consumer, group consumer.
 //! - [`metrics`]: pure and below every layer: fixed-bucket histograms, the per-shard request
@@ -27,6 +29,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod format;
 pub mod metrics;

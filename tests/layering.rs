@@ -201,3 +201,35 @@ fn the_metrics_module_imports_nothing_else_of_the_crate() {
     );
     assert!(broken.is_empty(), "metrics must stay a leaf: {broken:#?}");
 }
+
+/// The cluster layer (etcd, membership, election) is opt-in and sits beside the server: the
+/// layers a single broker is built from never import it, so a broker without etcd runs none
+/// of it.
+#[test]
+fn only_server_level_code_imports_the_cluster_layer() {
+    let edges = imports(&modules());
+    let below = [
+        "storage",
+        "shard",
+        "broker",
+        "replication",
+        "protocol",
+        "format",
+        "metrics",
+        "config",
+    ];
+    let broken: Vec<String> = edges
+        .iter()
+        .filter(|(a, _)| below.contains(&top(a)))
+        .flat_map(|(a, targets)| {
+            targets
+                .iter()
+                .filter(|b| top(b) == "cluster")
+                .map(move |b| format!("{a} imports {b}"))
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "cluster imported from below: {broken:#?}"
+    );
+}

@@ -1,10 +1,12 @@
 //! Helpers shared by the integration tests: a temp dir on the real disk, an embedded broker
 //! on it ([`TestBroker`]: start, create a topic, stop, restart or reopen on the same dir), the
 //! one executor helper for async storage tests ([`on_executor`]), a small real file system on a
-//! loop device for disk-full tests ([`loopfs`]), two hosts on one machine ([`netns`]), and
-//! broker processes on loopback for crash drills ([`process`]).
+//! loop device for disk-full tests ([`loopfs`]), two hosts on one machine ([`netns`]),
+//! broker processes on loopback for crash drills ([`process`]), and real etcd clusters for
+//! the cluster tests ([`etcd`]).
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod loopfs;
 pub mod netns;
 pub mod process;
