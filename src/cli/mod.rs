@@ -104,6 +104,10 @@ pub enum SendMode {
 
 #[derive(Args)]
 pub struct ProduceArgs {
+    /// A broker address, or a comma-separated list of brokers (a master and its slave:
+    /// `HOST:PORT,HOST:PORT`). With a list, the producer uses the first that answers and
+    /// fails over to the next when one is lost or is no longer the master (NOT_MASTER), re-
+    /// sending what was not acked there without duplicates.
     #[arg(long, default_value = "127.0.0.1:10911")]
     pub broker: String,
     #[arg(long)]
@@ -168,6 +172,9 @@ pub struct ProduceArgs {
 
 #[derive(Args)]
 pub struct ConsumeArgs {
+    /// A broker address, or a comma-separated list of brokers (a master and its slave:
+    /// `HOST:PORT,HOST:PORT`). With a list, the consumer uses the first that answers and
+    /// fails over to the next when one is lost, going on from the same offsets.
     #[arg(long, default_value = "127.0.0.1:10911")]
     pub broker: String,
     #[arg(long)]
