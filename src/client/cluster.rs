@@ -135,10 +135,15 @@ impl Cluster {
     }
 
     /// `peer` failed a request sent at generation `seen` in a way another broker of the list
-    /// may not: forgets its connection and every cached route, and moves the bootstrap to the
+    /// may not: forgets every cached route, and moves the bootstrap to the
     /// next address when `peer` is the bootstrap or one of its shards (an address its routes
     /// named). Nothing happens with a single address, or when someone already failed over
     /// since `seen`. Returns whether it failed over.
+    ///
+    /// The connection to `peer` is kept: a lost one is forgotten by [`Cluster::note_failure`],
+    /// and one that answered NOT_MASTER is healthy (closing it failed the other requests on
+    /// it, a route asked of the same broker among them) and may serve it again once it is
+    /// promoted.
     pub fn fail_over(&self, peer: &str, seen: u64) -> bool {
         if !self.can_fail_over() {
             return false;
@@ -166,7 +171,6 @@ impl Cluster {
             routes
         };
         drop(routes);
-        self.forget(peer);
         true
     }
 
@@ -200,9 +204,9 @@ impl Cluster {
         loop {
             let seen = self.generation();
             let addr = self.bootstrap();
-            let outcome = self.connection(&addr).and_then(|conn| {
-                conn.call(request, Bytes::new(), self.request_timeout + extra)
-            });
+            let outcome = self
+                .connection(&addr)
+                .and_then(|conn| conn.call(request, Bytes::new(), self.request_timeout + extra));
             tries -= 1;
             match outcome {
                 Err(e) if self.note_failure(&addr, seen, &e) && tries > 0 => continue,
@@ -302,7 +306,10 @@ mod tests {
             .err()
             .expect("nothing listens there");
         let text = err.to_string();
-        assert!(text.contains("127.0.0.1:1") && text.contains("127.0.0.2:1"), "{text}");
+        assert!(
+            text.contains("127.0.0.1:1") && text.contains("127.0.0.2:1"),
+            "{text}"
+        );
         assert!(err.is_failover(), "{text}");
     }
 

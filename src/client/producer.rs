@@ -655,8 +655,26 @@ fn to_result(ack: ProduceAck) -> SendResult {
 }
 
 impl Inner {
+    /// The route of `topic`. With a broker list, a fail-over error (no broker of the list
+    /// answered, say, while one is being promoted) is asked again with backoff for up to
+    /// `failover_timeout`, so a send is not refused in the middle of a failover.
     fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
-        self.cluster.route(topic)
+        let mut failing_since = None;
+        let mut attempt = 0;
+        loop {
+            match self.cluster.route(topic) {
+                Err(e) if self.cluster.can_fail_over() && e.is_failover() => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.failover_timeout {
+                        return Err(e);
+                    }
+                    log::debug!("route of {topic}: {e}; asking again");
+                    std::thread::sleep(self.backoff(attempt));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn select(&self, route: &RouteTable, selector: QueueSelector<'_>) -> Result<u32, ClientError> {
