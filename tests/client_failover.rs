@@ -73,6 +73,9 @@ fn number(payload: &str) -> usize {
         .unwrap_or_else(|| panic!("payload {payload:?}"))
 }
 
+/// What a send heard, if anything yet.
+type Answer = Option<Result<Ack, ClientError>>;
+
 /// One ack the producer heard: when, and from which master epoch.
 struct Ack {
     at: Instant,
@@ -125,8 +128,7 @@ fn producer_drill() -> usize {
     let slave_addr = slave.addr().to_string();
 
     let list = format!("{},{}", master.addr(), slave.addr());
-    let results: Arc<Mutex<Vec<Option<Result<Ack, ClientError>>>>> =
-        Arc::new(Mutex::new((0..TOTAL).map(|_| None).collect()));
+    let results: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new((0..TOTAL).map(|_| None).collect()));
     let acked = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
     let sender = {
@@ -231,7 +233,7 @@ fn producer_drill() -> usize {
                 panic!("message {n} stored twice: {q0}/{o0} and {q}/{offset}");
             }
             assert!(
-                last.is_none_or(|l| l < n),
+                last.map_or(true, |l| l < n),
                 "queue {q} out of order: {n} at offset {offset} after {last:?}"
             );
             last = Some(n);

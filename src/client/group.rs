@@ -706,7 +706,8 @@ impl Inner {
             }
             if let Some(e) = error {
                 let cluster = self.consumer.cluster();
-                if !e.is_retriable() && !(cluster.can_fail_over() && e.is_failover()) {
+                let failover = cluster.can_fail_over() && e.is_failover();
+                if !(e.is_retriable() || failover) {
                     return Err(e);
                 }
                 std::thread::sleep(Duration::from_millis(50));
