@@ -280,14 +280,15 @@ fn a_consumer_given_master_and_slave_reads_on_across_a_failover_with_no_gap_or_r
 
     // Reads slowly (small fetches, a pause after each), so it is mid-stream at the kill.
     let read = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (list, read) = (list.clone(), read.clone());
+        let (list, read, stop) = (list.clone(), read.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut consumer = Consumer::connect(&list).unwrap();
             consumer.max_bytes = 2048;
             let mut offsets = vec![0u64; QUEUES as usize];
             let mut got: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
-            while read.load(Ordering::Relaxed) < BEFORE + AFTER {
+            while read.load(Ordering::Relaxed) < BEFORE + AFTER && !stop.load(Ordering::Relaxed) {
                 for q in 0..QUEUES {
                     let f = consumer
                         .fetch("c", q, offsets[q as usize], Duration::from_millis(50))
@@ -329,6 +330,12 @@ fn a_consumer_given_master_and_slave_reads_on_across_a_failover_with_no_gap_or_r
                 .unwrap();
         }
     }
+    // A consumer that skipped a message would wait for it for ever: it gets 20 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read.load(Ordering::Relaxed) < BEFORE + AFTER && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
     let got = reader.join().expect("the consumer thread");
     eprintln!("the master was killed after the consumer read {read_at_kill} of {BEFORE}");
     assert!(
