@@ -106,8 +106,8 @@ pub enum SendMode {
 pub struct ProduceArgs {
     /// A broker address, or a comma-separated list of brokers (a master and its slave:
     /// `HOST:PORT,HOST:PORT`). With a list, the producer uses the first that answers and
-    /// fails over to the next when one is lost or is no longer the master (NOT_MASTER), re-
-    /// sending what was not acked there without duplicates.
+    /// fails over to the next when one is lost or is no longer the master (NOT_MASTER),
+    /// sending again there what was not acked, without duplicates.
     #[arg(long, default_value = "127.0.0.1:10911")]
     pub broker: String,
     #[arg(long)]
