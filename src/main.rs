@@ -36,6 +36,7 @@ enum Command {
     },
     /// Topics, routes, broker info, queue statistics.
     Admin {
+        /// A broker address, or a comma-separated list: the first that answers is asked.
         #[arg(long, global = true, default_value = "127.0.0.1:10911")]
         broker: String,
         #[command(subcommand)]
@@ -66,7 +67,8 @@ fn ping(broker: &str, count: u32) -> Result<(), String> {
     let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
     for _ in 0..count.max(1) {
         let rtt = admin.ping().map_err(|e| e.to_string())?;
-        println!("pong from {broker} in {} us", rtt.as_micros());
+        let peer = admin.connection().peer();
+        println!("pong from {peer} in {} us", rtt.as_micros());
     }
     Ok(())
 }

@@ -117,6 +117,10 @@ pub enum SendMode {
 
 #[derive(Args)]
 pub struct ProduceArgs {
+    /// A broker address, or a comma-separated list of brokers (a master and its slave:
+    /// `HOST:PORT,HOST:PORT`). With a list, the producer uses the first that answers and
+    /// fails over to the next when one is lost or is no longer the master (NOT_MASTER),
+    /// sending again there what was not acked, without duplicates.
     #[arg(long, default_value = "127.0.0.1:10911")]
     pub broker: String,
     #[arg(long)]
@@ -181,6 +185,9 @@ pub struct ProduceArgs {
 
 #[derive(Args)]
 pub struct ConsumeArgs {
+    /// A broker address, or a comma-separated list of brokers (a master and its slave:
+    /// `HOST:PORT,HOST:PORT`). With a list, the consumer uses the first that answers and
+    /// fails over to the next when one is lost, going on from the same offsets.
     #[arg(long, default_value = "127.0.0.1:10911")]
     pub broker: String,
     #[arg(long)]

@@ -23,11 +23,24 @@ fn unexpected(r: Response) -> ClientError {
 }
 
 impl Admin {
+    /// Connects to `addr`, or to the first broker of a comma-separated list that answers
+    /// (the error names every address tried). Requests then go to that broker only: an
+    /// admin request (a promotion, say) is about one broker, so it never fails over.
     pub fn connect(addr: &str) -> Result<Admin, ClientError> {
-        Ok(Admin {
-            conn: Connection::connect(addr)?,
-            timeout: DEFAULT_REQUEST_TIMEOUT,
-        })
+        let addrs = crate::client::cluster::parse_brokers(addr);
+        let mut failures = Vec::new();
+        for a in &addrs {
+            match Connection::connect(a) {
+                Ok(conn) => {
+                    return Ok(Admin {
+                        conn,
+                        timeout: DEFAULT_REQUEST_TIMEOUT,
+                    })
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(crate::client::cluster::connect_error(&addrs, failures))
     }
 
     fn call(&self, request: Request) -> Result<Response, ClientError> {

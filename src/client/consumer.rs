@@ -3,9 +3,15 @@
 //! Fetches go straight to the shard that owns the queue (from the route table). The broker
 //! returns whole stored records; a record may start before the requested offset (a batch is
 //! one record), so messages below the requested offset are skipped here.
+//!
+//! Fail-over: with a broker list ("master,slave"), a fetch that hears NOT_MASTER or
+//! SHUTTING_DOWN, or whose connection is lost or refused, fails the cluster over to the next
+//! broker (see [`crate::client::cluster`]) and is asked again there, from the same offset,
+//! with backoff, for up to [`Consumer::failover_timeout`]. A slave holds the same records at
+//! the same offsets as its master, so the reader goes on where it was: no gap, no repeat.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -20,6 +26,11 @@ use crate::protocol::{FetchRequest, Membership, Request, Response, RouteTable};
 pub const DEFAULT_FETCH_MAX_BYTES: u32 = 1 << 20;
 /// Default long-poll wait.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(1000);
+/// Default time a fetch keeps failing over (with a broker list) before it reports the error.
+pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(15);
+/// First wait between fail-over attempts of a fetch; doubles up to [`FAILOVER_BACKOFF_MAX`].
+const FAILOVER_BACKOFF: Duration = Duration::from_millis(50);
+const FAILOVER_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Where to start reading a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,14 +145,20 @@ pub struct Consumer {
     cluster: Cluster,
     pub max_bytes: u32,
     pub max_wait: Duration,
+    /// With a broker list: how long one fetch keeps failing over and asking again before it
+    /// returns the error. Default [`DEFAULT_FAILOVER_TIMEOUT`]. Ignored with one address.
+    pub failover_timeout: Duration,
 }
 
 impl Consumer {
+    /// Connects to `broker`: an address, or a comma-separated list of brokers (the first that
+    /// answers is used; the others are failed over to).
     pub fn connect(broker: &str) -> Result<Consumer, ClientError> {
         Ok(Consumer {
             cluster: Cluster::connect(broker, DEFAULT_REQUEST_TIMEOUT)?,
             max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_wait: DEFAULT_MAX_WAIT,
+            failover_timeout: DEFAULT_FAILOVER_TIMEOUT,
         })
     }
 
@@ -154,7 +171,8 @@ impl Consumer {
         &self.cluster
     }
 
-    /// One fetch: waits up to `max_wait` for data at `offset`.
+    /// One fetch: waits up to `max_wait` for data at `offset`. With a broker list, fails over
+    /// and asks again (see the module doc).
     pub fn fetch(
         &self,
         topic: &str,
@@ -162,13 +180,52 @@ impl Consumer {
         offset: u64,
         max_wait: Duration,
     ) -> Result<Fetched, ClientError> {
-        let conn = self.cluster.connection_for(topic, queue)?;
+        let mut failing_since = None;
+        let mut backoff = FAILOVER_BACKOFF;
+        loop {
+            let seen = self.cluster.generation();
+            let (peer, outcome) = self.fetch_once(topic, queue, offset, max_wait);
+            let e = match outcome {
+                Ok(f) => return Ok(f),
+                Err(e) => e,
+            };
+            let peer = match (&e, peer) {
+                (ClientError::Connect { addr, .. }, None) => Some(addr.clone()),
+                (_, peer) => peer,
+            };
+            let Some(peer) = peer else { return Err(e) };
+            if !self.cluster.note_failure(&peer, seen, &e) {
+                return Err(e);
+            }
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.failover_timeout {
+                return Err(e);
+            }
+            log::debug!("fetch of {topic}/{queue} at {offset} from {peer}: {e}; failing over");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(FAILOVER_BACKOFF_MAX);
+        }
+    }
+
+    /// One attempt of [`Consumer::fetch`], with the peer it went to (if it got one).
+    fn fetch_once(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        max_wait: Duration,
+    ) -> (Option<String>, Result<Fetched, ClientError>) {
+        let conn = match self.cluster.connection_for(topic, queue) {
+            Ok(c) => c,
+            Err(e) => return (None, Err(e)),
+        };
         let request = fetch_request(topic, queue, offset, self.max_bytes, max_wait, None);
         let outcome = conn.call(&request, Bytes::new(), DEFAULT_REQUEST_TIMEOUT + max_wait);
-        if matches!(outcome, Err(ClientError::ConnectionClosed(_))) {
-            self.cluster.forget(conn.peer());
-        }
-        parse_fetched(outcome?, queue, offset)
+        let peer = conn.peer().to_string();
+        (
+            Some(peer),
+            outcome.and_then(|r| parse_fetched(r, queue, offset)),
+        )
     }
 
     /// The first offset `from` stands for.

@@ -20,6 +20,13 @@
 //! and the broker refuses this member's fetches and commits of the old generation, so it can
 //! never move a queue's offset once it lost the queue.
 //!
+//! Fail-over: with a broker list ("master,slave"), coordinator requests (join, heartbeat,
+//! commit, send-back) go to the next broker when one is lost or is not the master, and a
+//! fetch that failed that way fails the cluster over and is started again at the next poll
+//! (see [`crate::client::cluster`]). The new master does not know this member: its heartbeat
+//! joins anew, and the queues it is given back start from the group's committed offsets
+//! (replicated with the log) or go on from where this member was.
+//!
 //! Blocking and thread-safe: every method takes `&self`.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -155,6 +162,9 @@ struct FetchDone {
     key: (String, u32),
     offset: u64,
     generation: u64,
+    /// Where it went, at which fail-over generation (see [`crate::client::cluster`]).
+    peer: Option<String>,
+    seen: u64,
     outcome: Result<Fetched, ClientError>,
 }
 
@@ -546,29 +556,40 @@ impl Inner {
                 Some(who.clone()),
             );
             let generation = who.generation;
+            let seen = self.consumer.cluster().generation();
+            let mut peer = None;
             let sent = self
                 .consumer
                 .cluster()
                 .connection_for(&key.0, key.1)
                 .and_then(|conn| {
                     let k = key.clone();
+                    let to = conn.peer().to_string();
+                    peer = Some(to.clone());
                     conn.send_callback(&request, Bytes::new(), move |outcome| {
                         let outcome = outcome.and_then(|r| parse_fetched(r, k.1, offset));
                         let _ = tx.send(FetchDone {
                             key: k,
                             offset,
                             generation,
+                            peer: Some(to),
+                            seen,
                             outcome,
                         });
                     })
                     .inspect_err(|_| self.consumer.cluster().forget(conn.peer()))
                 });
             if let Err(e) = sent {
+                if let ClientError::Connect { addr, .. } = &e {
+                    peer.get_or_insert_with(|| addr.clone());
+                }
                 // Completes like an answered fetch, so the queue is retried.
                 let _ = self.results_tx.lock().expect("results").send(FetchDone {
                     key,
                     offset,
                     generation,
+                    peer,
+                    seen,
                     outcome: Err(e),
                 });
             }
@@ -635,6 +656,12 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
+                if let Some(peer) = &done.peer {
+                    // Failed over (with a list): the next poll starts this fetch again there.
+                    if self.consumer.cluster().note_failure(peer, done.seen, &e) {
+                        return Err(e);
+                    }
+                }
                 match e.code() {
                     Some(ErrorCode::OffsetOutOfRange) => {
                         // Retention removed what was to be read next: go on from the oldest.
@@ -678,7 +705,9 @@ impl Inner {
                 return Ok(out);
             }
             if let Some(e) = error {
-                if !e.is_retriable() {
+                let cluster = self.consumer.cluster();
+                let failover = cluster.can_fail_over() && e.is_failover();
+                if !(e.is_retriable() || failover) {
                     return Err(e);
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`connection`]: one pipelined connection to one broker port (a reader thread matches
 //!   responses to requests by id).
-//! - [`cluster`]: routes and one connection per shard, shared by producers and consumers.
+//! - [`cluster`]: the bootstrap list, routes and one connection per shard, shared by producers
+//!   and consumers; fail-over to the next broker of the list (a master and its slave).
 //! - [`admin`]: control requests (ping, topics, routes, broker info, queue stats).
 //! - [`producer`]: SYNC / ASYNC / ONEWAY sends, routing to the owning shard, idempotent
 //!   retries with backoff, batching by linger time and bytes.
@@ -86,6 +87,20 @@ impl ClientError {
             | ClientError::ConnectionClosed(_)
             | ClientError::Timeout(_) => true,
             ClientError::Remote(r) => r.code.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// Whether another broker of a bootstrap list may take the request this broker failed:
+    /// it is not (or no longer) the master, it is shutting down, or its connection was lost
+    /// or refused. With a list, producers and consumers fail over on these (see
+    /// [`cluster`]); with one address they keep their usual meaning.
+    pub fn is_failover(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::ConnectionClosed(_) => true,
+            ClientError::Remote(r) => {
+                matches!(r.code, ErrorCode::NotMaster | ErrorCode::ShuttingDown)
+            }
             _ => false,
         }
     }

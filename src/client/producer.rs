@@ -22,6 +22,13 @@
 //!   consequence of an earlier refusal (DISK_FULL, say) reports that refusal.
 //! - Deadline: a batch with no answer `request_timeout` after it was written counts as a lost
 //!   connection (the connection is dropped and the lane starts a new round).
+//! - Fail-over: with a bootstrap list ("master,slave"), NOT_MASTER, SHUTTING_DOWN and a closed
+//!   or refused connection fail the cluster over to the next broker (see
+//!   [`crate::client::cluster`]) and count as retriable: the lane re-sends its window there with
+//!   the same producer id, epoch and sequences, so a batch the old master had replicated before
+//!   it died is de-duplicated by the new one (the slave rebuilt the producer table from the
+//!   log it was sent). Such rounds go on past `retries` until `failover_timeout` has passed
+//!   since the lane's first failure. With one address, NOT_MASTER stays final.
 //! - ONEWAY sends carry no producer id: nothing retries them, so there is nothing to de-duplicate,
 //!   and a lost one must not leave a hole in a lane's sequence.
 
@@ -46,7 +53,9 @@ use crate::protocol::{
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    /// Any shard's address; routes come from there.
+    /// Any shard's address; routes come from there. Or a comma-separated list of brokers
+    /// ("master,slave"): the producer connects to the first that answers and fails over to
+    /// the next when one is lost or is no longer the master (see `failover_timeout`).
     pub broker: String,
     /// Send a producer id and sequences so retries are de-duplicated. Default true.
     pub idempotent: bool,
@@ -67,6 +76,13 @@ pub struct ProducerConfig {
     /// ASYNC: batches in flight (all queues) before `send_async` blocks. Default 1024. Per
     /// queue there are never more than [`PRODUCER_WINDOW_BATCHES`] (the broker's de-dup window).
     pub max_in_flight_batches: usize,
+    /// With a broker list: how long a queue keeps re-sending after fail-over errors
+    /// (NOT_MASTER, SHUTTING_DOWN, a closed or refused connection), counted from its first
+    /// failure since its last ack. Those rounds back off as usual (`retry_backoff` doubling to
+    /// `retry_backoff_max`) but are not limited to `retries` while this lasts: the default
+    /// `retries` and backoffs may be spent in about 5.6 s (jitter), shorter than a slave takes
+    /// to be promoted. Default 15 s. Ignored with one address.
+    pub failover_timeout: Duration,
     /// A local spool for the batches of [`Producer::send_or_spool`] that cannot be acked
     /// within the retry budget. Default none. With one, the producer starts while no broker
     /// answers, and takes its producer id from the spool (see [`crate::client::spool`]).
@@ -85,6 +101,7 @@ impl ProducerConfig {
             linger: Duration::from_millis(2),
             batch_bytes: 64 << 10,
             max_in_flight_batches: 1024,
+            failover_timeout: Duration::from_secs(15),
             spool: None,
         }
     }
@@ -216,6 +233,8 @@ struct LaneState {
     resume_at: Option<Instant>,
     /// Failed rounds since the last ack.
     failures: u32,
+    /// When the first of them failed: the start of `failover_timeout`.
+    failing_since: Option<Instant>,
     /// The last error since the last ack that was not a sequence error (from any round):
     /// what a failure of the window reports when its last error is only a consequence of it.
     cause: Option<ClientError>,
@@ -503,7 +522,7 @@ impl Producer {
                 match inner.route(topic).and_then(|r| inner.select(&r, selector)) {
                     Ok(q) => Some(q),
                     // No broker or no route yet: the drain chooses the queue later.
-                    Err(e) if e.is_retriable() => None,
+                    Err(e) if inner.is_retriable(&e) => None,
                     Err(e) => return Err(e),
                 }
             };
@@ -531,7 +550,9 @@ impl Producer {
                             spool.release(reserved);
                             Ok(SendOutcome::Acked(to_result(ack)))
                         }
-                        Err(e) if e.is_retriable() => {
+                        // As the lane judged it (a fail-over error with a list too): the lane
+                        // kept this batch's sequence, so it must be spooled, not dropped.
+                        Err(e) if me.is_retriable(&e) => {
                             log::debug!("spooling a batch of queue {queue}: {e}");
                             let assignment = Assignment {
                                 producer_id: me.producer_id,
@@ -634,8 +655,26 @@ fn to_result(ack: ProduceAck) -> SendResult {
 }
 
 impl Inner {
+    /// The route of `topic`. With a broker list, a fail-over error (no broker of the list
+    /// answered, say, while one is being promoted) is asked again with backoff for up to
+    /// `failover_timeout`, so a send is not refused in the middle of a failover.
     fn route(&self, topic: &str) -> Result<Arc<RouteTable>, ClientError> {
-        self.cluster.route(topic)
+        let mut failing_since = None;
+        let mut attempt = 0;
+        loop {
+            match self.cluster.route(topic) {
+                Err(e) if self.cluster.can_fail_over() && e.is_failover() => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.failover_timeout {
+                        return Err(e);
+                    }
+                    log::debug!("route of {topic}: {e}; asking again");
+                    std::thread::sleep(self.backoff(attempt));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn select(&self, route: &RouteTable, selector: QueueSelector<'_>) -> Result<u32, ClientError> {
@@ -692,24 +731,50 @@ impl Inner {
         })
     }
 
+    /// The ack of one attempt sent to `peer` at fail-over generation `seen`; a lost
+    /// connection is forgotten, and a fail-over error fails the cluster over (with a list).
     fn after_attempt(
         &self,
         peer: &str,
+        seen: u64,
         outcome: Result<(Response, Bytes), ClientError>,
     ) -> Result<ProduceAck, ClientError> {
         match outcome {
             Ok((Response::Produced(ack), _)) => Ok(ack),
             Ok((other, _)) => Err(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => {
-                if matches!(
-                    e,
-                    ClientError::ConnectionClosed(_) | ClientError::Connect { .. }
-                ) {
-                    self.cluster.forget(peer);
-                }
+                self.cluster.note_failure(peer, seen, &e);
                 Err(e)
             }
         }
+    }
+
+    /// Whether sending again may succeed: the usual retriable errors, and with a broker list
+    /// the fail-over ones (NOT_MASTER included: the next broker may be the master).
+    fn is_retriable(&self, e: &ClientError) -> bool {
+        e.is_retriable() || (self.cluster.can_fail_over() && e.is_failover())
+    }
+
+    /// After a failed attempt of the lane's current round: schedules the next round (after a
+    /// backoff) and returns true while the retry budget lasts: `retries` rounds since the last
+    /// ack, or for fail-over errors also until `failover_timeout` since the first failure.
+    fn retry_round(&self, st: &mut LaneState, e: &ClientError) -> bool {
+        if !self.is_retriable(e) {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *st.failing_since.get_or_insert(now);
+        let failing_over = self.cluster.can_fail_over() && e.is_failover();
+        let within = st.failures < self.config.retries
+            || (failing_over && now.duration_since(since) < self.config.failover_timeout);
+        if !within {
+            return false;
+        }
+        let wait = self.backoff(st.failures);
+        st.failures = st.failures.saturating_add(1);
+        st.round += 1;
+        st.resume_at = Some(now + wait);
+        true
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -739,6 +804,7 @@ impl Inner {
                         round: 0,
                         resume_at: None,
                         failures: 0,
+                        failing_since: None,
                         cause: None,
                     }),
                     room: Condvar::new(),
@@ -835,9 +901,13 @@ impl Inner {
                 );
                 (round, slot.id, request, slot.body.clone())
             };
+            let seen = inner.cluster.generation();
             let conn = match inner.cluster.connection_for(&lane.topic, lane.queue) {
                 Ok(c) => c,
                 Err(e) => {
+                    if let ClientError::Connect { addr, .. } = &e {
+                        inner.cluster.note_failure(addr, seen, &e);
+                    }
                     inner.on_outcome(lane, id, round, Err(e));
                     continue;
                 }
@@ -847,7 +917,7 @@ impl Inner {
             let peer = conn.peer().to_string();
             // A failed write has already completed the callback with the error.
             let _ = conn.send_callback(&request, body, move |outcome| {
-                let outcome = me.after_attempt(&peer, outcome);
+                let outcome = me.after_attempt(&peer, seen, outcome);
                 me.on_outcome(&lane2, id, round, outcome);
             });
         }
@@ -891,23 +961,18 @@ impl Inner {
                     let assigned = slot.assigned();
                     finished.push((cb, Ok(ack), assigned));
                     st.failures = 0;
+                    st.failing_since = None;
                     st.cause = None;
                 }
                 // The lane started over since this attempt: the batch is re-sent anyway.
                 Err(_) if round != st.round => return,
-                Err(e) if e.is_retriable() && st.failures < self.config.retries => {
-                    let wait = self.backoff(st.failures);
-                    st.failures += 1;
-                    st.round += 1;
-                    st.resume_at = Some(Instant::now() + wait);
-                    scheduled = true;
-                }
+                Err(e) if self.retry_round(&mut st, &e) => scheduled = true,
                 // With a spool, a window that ran out of retries goes to the spool whole, in
                 // sequence order (the callbacks run in window order, on this thread), each
                 // batch with the epoch and sequence it was sent with: the drain re-sends them
                 // as they are, so one the broker stored (its ack lost) is de-duplicated. The
                 // lane keeps its epoch and sequence, so what follows stays contiguous.
-                Err(e) if e.is_retriable() && self.spool.is_some() => {
+                Err(e) if self.is_retriable(&e) && self.spool.is_some() => {
                     for slot in st.window.iter_mut().filter(|s| !s.done) {
                         slot.done = true;
                         let cb = slot
@@ -919,6 +984,7 @@ impl Inner {
                     }
                     st.round += 1;
                     st.failures = 0;
+                    st.failing_since = None;
                     st.resume_at = None;
                 }
                 Err(e) => {
@@ -968,6 +1034,7 @@ impl Inner {
                     st.next_sequence = 0;
                     st.round += 1;
                     st.failures = 0;
+                    st.failing_since = None;
                     st.resume_at = None;
                 }
             }
@@ -1225,6 +1292,7 @@ impl Inner {
         entries: &[(u64, Assignment)],
         report: &mut DrainReport,
     ) -> Result<(), ClientError> {
+        let seen = self.cluster.generation();
         let conn = self.cluster.connection_for(topic, queue)?;
         let peer = conn.peer().to_string();
         let mut i = 0;
@@ -1257,7 +1325,7 @@ impl Inner {
                 if matches!(outcome, Err(ClientError::Timeout(_))) {
                     self.cluster.forget(&peer);
                 }
-                match self.after_attempt(&peer, outcome) {
+                match self.after_attempt(&peer, seen, outcome) {
                     Ok(ack) => {
                         self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
                         acked.push(id);

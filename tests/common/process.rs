@@ -128,6 +128,15 @@ impl BrokerProcess {
             .join("\n")
     }
 
+    /// SIGSTOP: the broker freezes where it is (what it sent is sent, nothing more is done),
+    /// so a following [`BrokerProcess::kill9`] dies at a chosen point of its work.
+    pub fn freeze(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill with the pid of our own unreaped child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(mut self) {
         self.sigkill();
