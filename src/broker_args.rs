@@ -236,15 +236,17 @@ impl ClusterArgs {
     pub fn cluster_config(&self) -> Result<Option<ringmq::cluster::ClusterConfig>, String> {
         let Some(spec) = &self.cluster else {
             if self.group.is_some() || self.node.is_some() {
-                return Err("--group and --node are for a broker in a cluster: add --cluster \
+                return Err(
+                    "--group and --node are for a broker in a cluster: add --cluster \
                             etcd=HOST:PORT"
-                    .into());
+                        .into(),
+                );
             }
             return Ok(None);
         };
-        let list = spec.strip_prefix("etcd=").ok_or_else(|| {
-            format!("--cluster {spec:?}: expected etcd=HOST:PORT[,HOST:PORT...]")
-        })?;
+        let list = spec
+            .strip_prefix("etcd=")
+            .ok_or_else(|| format!("--cluster {spec:?}: expected etcd=HOST:PORT[,HOST:PORT...]"))?;
         let need = |v: &Option<String>, flag: &str| {
             v.clone()
                 .ok_or_else(|| format!("--cluster needs {flag} NAME"))

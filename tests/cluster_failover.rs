@@ -119,7 +119,11 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
     wait_until("b in the in-sync set", Duration::from_secs(15), || {
         in_sync(&client).contains("\"b\"")
     });
-    let old_epoch = Admin::connect(&addr_a).unwrap().broker_info().unwrap().epoch;
+    let old_epoch = Admin::connect(&addr_a)
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
 
     // A pipelined producer that knows both brokers, paced so the run spans the failover.
     let mut config = ProducerConfig::new(format!("{addr_a},{addr_b}"));
@@ -131,19 +135,19 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
     let mut killed_at = None;
     let mut a = Some(a);
     for n in 0..TOTAL {
-        let (acks, failures) = (acks.clone(), failures.clone());
+        let (acked, failed) = (acks.clone(), failures.clone());
         producer
             .send_async(
                 TOPIC,
                 QueueSelector::Queue((n % u64::from(QUEUES)) as u32),
                 &Message::new(n.to_string().into_bytes()),
                 move |r| match r {
-                    Ok(r) => acks.lock().unwrap().push(Ack {
+                    Ok(r) => acked.lock().unwrap().push(Ack {
                         n,
                         epoch: r.epoch,
                         at: Instant::now(),
                     }),
-                    Err(e) => failures.lock().unwrap().push(format!("{n}: {e}")),
+                    Err(e) => failed.lock().unwrap().push(format!("{n}: {e}")),
                 },
             )
             .unwrap();
@@ -209,7 +213,11 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
     wait_until("a to rejoin as a slave", Duration::from_secs(20), || {
         role(&addr_a).as_deref() == Some("slave")
     });
-    assert!(a.log().contains(&format!("as Slave of {addr_b}")), "{}", a.log());
+    assert!(
+        a.log().contains(&format!("as Slave of {addr_b}")),
+        "{}",
+        a.log()
+    );
     common::wait_caught_up(&Admin::connect(&addr_b).unwrap(), Duration::from_secs(20));
     drop(b);
 }
@@ -227,11 +235,25 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
     let tmp = common::data_dir();
     let (pa, pb) = (free_port(), free_port());
     let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let a = member(&tmp.path().join("a"), 0, pa, "a", proxy.addr(), "async_master");
+    let a = member(
+        &tmp.path().join("a"),
+        0,
+        pa,
+        "a",
+        proxy.addr(),
+        "async_master",
+    );
     wait_until("a to be elected", Duration::from_secs(15), || {
         a.log().contains("cluster: master of group g1")
     });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "async_master");
+    let b = member(
+        &tmp.path().join("b"),
+        1,
+        pb,
+        "b",
+        &endpoints,
+        "async_master",
+    );
     Admin::connect(&addr_a)
         .unwrap()
         .create_topic(TOPIC, QUEUES)
@@ -239,7 +261,11 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
     wait_until("b in the in-sync set", Duration::from_secs(15), || {
         in_sync(&client).contains("\"b\"")
     });
-    let epoch_a = Admin::connect(&addr_a).unwrap().broker_info().unwrap().epoch;
+    let epoch_a = Admin::connect(&addr_a)
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
 
     // Clients of each broker (no fail-over: each keeps to its broker), one sync send at a
     // time, every ack timed.
@@ -311,7 +337,10 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
         "two masters acked in the same window: a's last ack came {:?} after b's first",
         last_a.saturating_duration_since(first_b.at)
     );
-    assert!(first_b.epoch > epoch_a, "b acked with an epoch not newer than a's");
+    assert!(
+        first_b.epoch > epoch_a,
+        "b acked with an epoch not newer than a's"
+    );
 
     // Healed, a learns that b is the master and rejoins as its slave.
     proxy.heal();

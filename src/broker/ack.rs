@@ -8,6 +8,9 @@
 //! as a slave); a missed deadline is its own status (FLUSH_DISK_TIMEOUT,
 //! FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE), never a silent downgrade; and an ack carries the
 //! strongest durability the watermarks show, which is at least what the modes promise.
+//! In a broker group on etcd, a SYNC_MASTER whose published in-sync set holds no slave acks
+//! without one (RocketMQ 5's SyncStateSet rule): such an ack says `disk`, and no slave that
+//! lacks it may be elected.
 
 use std::time::Duration;
 
@@ -57,7 +60,10 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
         }
     };
     let replica = async {
-        if config.replication.mode != ReplicationMode::SyncMaster {
+        // A group on etcd whose in-sync set holds no slave acks on the master alone.
+        if config.replication.mode != ReplicationMode::SyncMaster
+            || s.replication.acks_without_replica()
+        {
             return Ok(());
         }
         let deadline = Duration::from_millis(config.replication.replica_timeout_ms);
@@ -95,6 +101,11 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
     }
     local?;
     replica?;
+    if config.replication.mode == ReplicationMode::SyncMaster
+        && s.replication.acks_without_replica()
+    {
+        s.replication.reveal_up_to(appended.end.0);
+    }
     Ok(durability_reached(s, appended))
 }
 

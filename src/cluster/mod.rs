@@ -10,5 +10,12 @@
 //! # Layout
 //! - [`etcd`]: a small blocking etcd v3 client over its JSON gateway (HTTP/1.1, no runtime):
 //!   leases, put/get, prefix reads, and the three transactions elections need.
+//! - [`records`]: the group's keys in etcd and their JSON values.
+//! - [`node`]: the control thread of one broker in a group: session lease, election,
+//!   following, stepping down, the in-sync set.
 
 pub mod etcd;
+pub mod node;
+pub mod records;
+
+pub use node::{run_until_signalled, ClusterConfig, ClusterError};

@@ -34,9 +34,9 @@ use crate::client::Admin;
 use crate::cluster::etcd::{Etcd, EtcdError, KeyValue};
 use crate::cluster::records::{unix_ms, GroupKeys, InSyncRecord, MasterRecord, MemberRecord};
 use crate::config::Config;
-use crate::protocol::ReplicaStats;
+use crate::protocol::{ReplicaStats, ShardStats};
 use crate::replication::lease::Lease;
-use crate::replication::Role;
+use crate::replication::{ReplicationMode, Role};
 use crate::server::Broker;
 
 /// Of the lease TTL, how long after a renewal was sent a master may still ack.
@@ -264,6 +264,9 @@ struct Node {
     masterless_since: Option<Instant>,
     last_publish: Option<Instant>,
     admin: Option<Admin>,
+    /// SYNC_MASTER acking alone, a slave back: each shard's log end when acks began to wait
+    /// for it again; it joins the in-sync set once it holds that much.
+    rejoin_at: Option<Vec<u64>>,
 }
 
 impl Node {
@@ -310,6 +313,7 @@ impl Node {
             masterless_since: None,
             last_publish: None,
             admin: None,
+            rejoin_at: None,
         })
     }
 
@@ -322,7 +326,10 @@ impl Node {
                 Ok(master) => self.on_master_key(master)?,
                 Err(e) => log::debug!("cluster: reading the master key: {e}"),
             }
-            if self.last_publish.map_or(true, |t| t.elapsed() >= PUBLISH_INTERVAL) {
+            if self
+                .last_publish
+                .map_or(true, |t| t.elapsed() >= PUBLISH_INTERVAL)
+            {
                 self.publish();
                 self.last_publish = Some(Instant::now());
             }
@@ -390,7 +397,8 @@ impl Node {
                 return Ok(None);
             }
         };
-        let me = &self.cluster.node;
+        let me = self.cluster.node.clone();
+        let me = &me;
         let eligible: Option<Vec<String>> = match &in_sync {
             // A group that never had a master: anyone.
             None => None,
@@ -409,7 +417,10 @@ impl Node {
             return Ok(None);
         }
         // Longest log first: count the eligible members whose records show more.
-        let members = self.etcd.get_prefix(&self.keys.members()).unwrap_or_default();
+        let members = self
+            .etcd
+            .get_prefix(&self.keys.members())
+            .unwrap_or_default();
         let mine = self.log_end();
         let ahead = members
             .iter()
@@ -466,7 +477,10 @@ impl Node {
                 );
             }
         }
-        eprintln!("cluster: master of group {} term {term}", self.cluster.group);
+        eprintln!(
+            "cluster: master of group {} term {term}",
+            self.cluster.group
+        );
         self.publish();
         Ok(())
     }
@@ -474,6 +488,8 @@ impl Node {
     fn step_down(&mut self, why: &str) -> Result<(), ClusterError> {
         log::warn!("cluster: stepping down: {why}");
         self.session.act_as_master(false);
+        self.lease.set_solo(false);
+        self.rejoin_at = None;
         self.lease.set_term(0);
         self.term = None;
         self.stop_broker();
@@ -533,7 +549,10 @@ impl Node {
 
     fn stats(&mut self) -> Option<Vec<crate::protocol::ShardStats>> {
         self.running.as_ref()?;
-        match self.admin().and_then(|a| a.broker_stats().map_err(|e| e.to_string())) {
+        match self
+            .admin()
+            .and_then(|a| a.broker_stats().map_err(|e| e.to_string()))
+        {
             Ok(s) => Some(s),
             Err(e) => {
                 log::debug!("cluster: own broker stats: {e}");
@@ -590,15 +609,21 @@ impl Node {
             log::debug!("cluster: publishing our member record: {e}");
         }
         if let Some(term) = self.term {
-            self.publish_in_sync(term, &record);
+            let shards = shards.to_vec();
+            self.publish_in_sync(term, &record, &shards);
         }
     }
 
-    fn publish_in_sync(&mut self, term: u64, me: &MemberRecord) {
+    /// Writes the in-sync set. Under SYNC_MASTER the order of two steps keeps every ack on
+    /// every member that may be elected: a slave leaves the set in etcd *before* acks stop
+    /// waiting for it ([`Lease::set_solo`]), and acks wait for the slave again *before* it
+    /// is put back, once it holds everything appended when they started to wait.
+    fn publish_in_sync(&mut self, term: u64, me: &MemberRecord, shards: &[ShardStats]) {
+        let sync_master = self.base.replication.mode == ReplicationMode::SyncMaster;
         let caught_up = me.streaming
             && me.lag_bytes <= self.cluster.in_sync_lag_bytes
             && me.lag_ms <= self.cluster.in_sync_max_ms;
-        let nodes = if caught_up {
+        let mut nodes: Vec<String> = if caught_up {
             self.etcd
                 .get_prefix(&self.keys.members())
                 .unwrap_or_default()
@@ -615,6 +640,28 @@ impl Node {
         } else {
             Vec::new()
         };
+        if sync_master && self.lease.solo() && !nodes.is_empty() {
+            // Acking alone: first make acks wait for the slave again, then let it in once it
+            // has everything up to where the log ends now.
+            match &self.rejoin_at {
+                None => {
+                    self.lease.set_solo(false);
+                    self.rejoin_at = Some(shards.iter().map(|s| s.written).collect());
+                    log::info!("cluster: a slave is back; acks wait for it again");
+                    nodes.clear();
+                }
+                Some(ends) => {
+                    let has_all = ends.len() == shards.len()
+                        && shards
+                            .iter()
+                            .zip(ends)
+                            .all(|(s, end)| s.replication.peer_durable >= *end);
+                    if !has_all {
+                        nodes.clear();
+                    }
+                }
+            }
+        }
         let record = InSyncRecord {
             master: me.node.clone(),
             term,
@@ -622,11 +669,29 @@ impl Node {
             updated_unix_ms: unix_ms(),
         };
         let value = serde_json::to_vec(&record).expect("a record serializes");
-        match self
-            .etcd
-            .put_if_guard(&self.keys.master(), term, &self.keys.in_sync(), &value, None)
-        {
-            Ok(true) => {}
+        match self.etcd.put_if_guard(
+            &self.keys.master(),
+            term,
+            &self.keys.in_sync(),
+            &value,
+            None,
+        ) {
+            Ok(true) => {
+                if record.nodes.is_empty() {
+                    if sync_master && self.rejoin_at.is_none() && !self.lease.solo() {
+                        log::warn!(
+                            "cluster: no slave is in sync; SYNC_MASTER acks go without one \
+                             (durability disk) until one is back"
+                        );
+                        self.lease.set_solo(true);
+                    }
+                } else {
+                    if self.rejoin_at.take().is_some() {
+                        log::info!("cluster: in sync again: {:?}", record.nodes);
+                    }
+                    self.lease.set_solo(false);
+                }
+            }
             Ok(false) => log::warn!("cluster: in-sync set not written: our election key is gone"),
             Err(e) => log::debug!("cluster: writing the in-sync set: {e}"),
         }
@@ -639,7 +704,10 @@ impl Node {
         self.stop_broker();
         if let Some(term) = self.term.take() {
             match self.etcd.delete_if_created_at(&self.keys.master(), term) {
-                Ok(_) => log::info!("cluster: resigned as master of group {}", self.cluster.group),
+                Ok(_) => log::info!(
+                    "cluster: resigned as master of group {}",
+                    self.cluster.group
+                ),
                 Err(e) => log::warn!("cluster: cannot resign (the lease will expire): {e}"),
             }
         }

@@ -13,7 +13,7 @@
 //! Shared by the control thread (plain threads) and every shard: atomics, no lock. Without a
 //! cluster there is no lease and nothing changes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The lease of one broker, as the shards see it.
@@ -26,6 +26,10 @@ pub struct Lease {
     /// The term a new epoch of this broker takes at least: the create revision of the
     /// election key it holds, unique in the etcd cluster (0 = none).
     term: AtomicU64,
+    /// SYNC_MASTER: acks need no replica, because the group's in-sync set in etcd names no
+    /// slave (written there *before* this is set, so no slave that lacks these acks may take
+    /// over). Cleared before a slave is put back in the set.
+    solo: AtomicBool,
 }
 
 impl Default for Lease {
@@ -41,6 +45,7 @@ impl Lease {
             origin: Instant::now(),
             valid_until_ns: AtomicU64::new(0),
             term: AtomicU64::new(0),
+            solo: AtomicBool::new(false),
         }
     }
 
@@ -80,6 +85,15 @@ impl Lease {
     /// Set before this broker becomes master under a newly won election key.
     pub fn set_term(&self, term: u64) {
         self.term.store(term, Ordering::Release);
+    }
+
+    /// Whether SYNC_MASTER acks may go without a replica (see the field).
+    pub fn solo(&self) -> bool {
+        self.solo.load(Ordering::Acquire)
+    }
+
+    pub fn set_solo(&self, solo: bool) {
+        self.solo.store(solo, Ordering::Release);
     }
 }
 

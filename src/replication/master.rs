@@ -104,7 +104,13 @@ async fn check_follower(
         ));
     }
     let any_host = repl.ctx.config.replication.followers_from_any_host;
-    if let Some(peer) = repl.ctx.config.replication.pair_peer().filter(|_| !any_host) {
+    if let Some(peer) = repl
+        .ctx
+        .config
+        .replication
+        .pair_peer()
+        .filter(|_| !any_host)
+    {
         let from_peer = match remote {
             Some(r) => is_peer_host(peer, r.ip()).await,
             None => false,

@@ -195,6 +195,14 @@ impl Replication {
         self.store().set_visible_cap(Some(LogPosition(cap)));
     }
 
+    /// SYNC_MASTER acking without a replica (see [`Replication::acks_without_replica`]):
+    /// consumers see what was acked that way. Never lowered.
+    pub fn reveal_up_to(&self, pos: u64) {
+        let cap = pos.max(self.visible_floor.get());
+        self.visible_floor.set(cap);
+        self.store().set_visible_cap(Some(LogPosition(cap)));
+    }
+
     /// Slave: the master confirmed everything below `confirmed`; serve reads only below it
     /// (the store also keeps them below our own durable mark). Never lowered.
     pub fn confirm_up_to(&self, confirmed: u64) {
@@ -319,6 +327,12 @@ impl Replication {
     /// Resolves once a newer epoch has been heard of (see [`Replication::fence_superseded`]).
     pub async fn superseded(&self) {
         self.fence_changed.wait_until(|| self.is_superseded()).await
+    }
+
+    /// SYNC_MASTER in a broker group whose in-sync set names no slave: acks wait for no
+    /// replica (and say the durability they reached, `disk` at most).
+    pub fn acks_without_replica(&self) -> bool {
+        self.lease.borrow().as_ref().is_some_and(|l| l.solo())
     }
 
     /// Acks from now on need `lease` held (a master in a broker group on etcd).
