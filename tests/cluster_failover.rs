@@ -350,3 +350,123 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
     assert_eq!(role(&addr_b).as_deref(), Some("master"));
     drop((a, b));
 }
+
+/// The in-sync rule: a slave that missed acks may not take over. The slave dies, the master
+/// goes on alone (its acks say `disk`, and the published in-sync set names no slave), then
+/// the master dies and the stale slave comes back: it stays out of office, and the old
+/// master, back, is elected again with every ack.
+#[test]
+fn a_slave_that_missed_acks_is_never_elected() {
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+
+    b.kill9();
+    let mut config = ProducerConfig::new(addr_a.clone());
+    config.retries = 50;
+    let producer = Producer::with_config(config).unwrap();
+    for n in 0..100u64 {
+        let r = producer
+            .send(
+                TOPIC,
+                QueueSelector::Queue((n % u64::from(QUEUES)) as u32),
+                &Message::new(n.to_string().into_bytes()),
+            )
+            .unwrap_or_else(|e| panic!("message {n} alone on the master: {e}"));
+        assert_eq!(
+            r.durability,
+            ringmq::protocol::Durability::Disk,
+            "an ack without a slave must say disk"
+        );
+    }
+    drop(producer);
+    assert!(!in_sync(&client).contains("\"b\""), "{}", in_sync(&client));
+    a.kill9();
+
+    // The stale slave alone: it must not take over, however long it waits.
+    let b = BrokerProcessLater::start(&tmp.path().join("b"), 1, pb, "b", &endpoints);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_ne!(
+        role(&addr_b).as_deref(),
+        Some("master"),
+        "a slave that missed acks took over"
+    );
+    let master = client
+        .get(&format!("/ringmq/ringmq/groups/{GROUP}/master"))
+        .unwrap();
+    assert!(master.is_none(), "someone holds the election: {master:?}");
+
+    // The old master comes back: elected again; the slave follows and catches up.
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to be elected again", Duration::from_secs(20), || {
+        role(&addr_a).as_deref() == Some("master")
+    });
+    wait_until("b to follow a", Duration::from_secs(20), || {
+        role(&addr_b).as_deref() == Some("slave")
+    });
+    // Consumers of a SYNC_MASTER see what the slave has too: wait until it has it all.
+    common::wait_caught_up(&Admin::connect(&addr_a).unwrap(), Duration::from_secs(20));
+    for addr in [&addr_a, &addr_b] {
+        let s = stored(addr);
+        let total: usize = s.values().map(Vec::len).sum();
+        assert_eq!(total, 100, "{addr} lacks acked messages: {s:?}");
+    }
+    drop((a, b));
+}
+
+/// A member that prints nothing until it is elected or follows someone: started without
+/// waiting for its listeners.
+struct BrokerProcessLater {
+    child: std::process::Child,
+}
+
+impl BrokerProcessLater {
+    fn start(dir: &Path, core: usize, port: u16, node: &str, etcd: &str) -> BrokerProcessLater {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+            .args([
+                "broker",
+                "--metrics-listen",
+                "off",
+                "--segment-bytes",
+                "33554432",
+            ])
+            .args(["--cores", &format!("{core},"), "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--cluster", &format!("etcd={etcd}"), "--group", GROUP])
+            .args(["--node", node, "--replication", "sync_master"])
+            .args(["--lease-ttl-secs", "2"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn broker");
+        common::netns::track_broker(child.id());
+        BrokerProcessLater { child }
+    }
+}
+
+impl Drop for BrokerProcessLater {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
