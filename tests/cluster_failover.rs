@@ -47,10 +47,15 @@ fn member(dir: &Path, core: usize, port: u16, node: &str, etcd: &str, mode: &str
             "--replication",
             mode,
             "--lease-ttl-secs",
-            "2",
+            &lease_ttl_secs(),
         ],
         &[],
     )
+}
+
+/// The lease TTL of the drills: 2 s, or `RINGMQ_TEST_LEASE_TTL_SECS` to measure another.
+fn lease_ttl_secs() -> String {
+    std::env::var("RINGMQ_TEST_LEASE_TTL_SECS").unwrap_or_else(|_| "2".into())
 }
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
@@ -181,8 +186,9 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
         "a new master acked with an epoch not newer than the old one's {old_epoch}"
     );
     eprintln!(
-        "failover: kill -> first ack from the new master {:?} (lease TTL 2 s)",
-        first_new.saturating_duration_since(killed_at)
+        "failover: kill -> first ack from the new master {:?} (lease TTL {} s)",
+        first_new.saturating_duration_since(killed_at),
+        lease_ttl_secs()
     );
     assert_eq!(role(&addr_b).as_deref(), Some("master"));
 
@@ -219,6 +225,30 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
         a.log()
     );
     common::wait_caught_up(&Admin::connect(&addr_b).unwrap(), Duration::from_secs(20));
+
+    // What a person sees: b the master, a its slave, a in sync.
+    wait_until("a in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"a\"")
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args(["admin", "cluster", "--etcd", &endpoints])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("group=g1 master=b addr={addr_b}")) && text.contains("in_sync=a"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("member=a addr={addr_a} role=slave")),
+        "{text}"
+    );
+    eprintln!("{text}");
     drop(b);
 }
 
@@ -453,7 +483,7 @@ impl BrokerProcessLater {
             .arg(dir)
             .args(["--cluster", &format!("etcd={etcd}"), "--group", GROUP])
             .args(["--node", node, "--replication", "sync_master"])
-            .args(["--lease-ttl-secs", "2"])
+            .args(["--lease-ttl-secs", &lease_ttl_secs()])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

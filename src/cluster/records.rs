@@ -3,7 +3,7 @@
 //! - `master`: the election key, [`MasterRecord`], bound to the master's lease. Its create
 //!   revision is the term of the master's epoch, so no two masters share one.
 //! - `members/<node>`: each member's [`MemberRecord`] under its own lease, rewritten every
-//!   [`crate::cluster::node::PUBLISH_INTERVAL`]: address, role, epoch, log end, lag.
+//!   half second (the control thread's publish interval): address, role, epoch, log end, lag.
 //! - `in_sync`: [`InSyncRecord`], written by the master only while it holds `master` (a
 //!   guarded put): the members caught up with it. It outlives the master's lease, so after
 //!   the master is gone its slaves know which of them may take over.
