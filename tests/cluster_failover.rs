@@ -500,3 +500,115 @@ impl Drop for BrokerProcessLater {
         let _ = self.child.wait();
     }
 }
+
+/// What lives in the log moves with an automatic failover: open half messages (ended on
+/// the new master by the same transactional producer, which follows the list) and a
+/// consumer group's committed offsets (a member joining the new master goes on after them).
+#[test]
+fn half_messages_and_group_offsets_move_with_the_master() {
+    use ringmq::client::{GroupConfig, GroupConsumer, TransactionConfig, TransactionalProducer};
+    use ringmq::protocol::TransactionOutcome;
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let both = format!("{addr_a},{addr_b}");
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+
+    // 20 halves left open, 40 plain messages, 20 of them consumed and committed.
+    let checker: ringmq::client::transaction::Checker = Arc::new(|_| TransactionOutcome::Unknown);
+    let tp =
+        TransactionalProducer::start(TransactionConfig::new(both.clone(), "pg"), checker).unwrap();
+    let halves: Vec<_> = (0..20u64)
+        .map(|i| {
+            let m = Message::new(format!("tx-{i}").into_bytes());
+            tp.send_half(TOPIC, QueueSelector::Queue((i % 2) as u32), &[m])
+                .unwrap()
+        })
+        .collect();
+    let producer = Producer::with_config(ProducerConfig::new(both.clone())).unwrap();
+    for n in 0..40u64 {
+        let m = Message::new(format!("plain-{n}").into_bytes());
+        producer
+            .send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m)
+            .unwrap();
+    }
+    let mut first_read = Vec::new();
+    {
+        let group = GroupConsumer::join(&both, GroupConfig::new("cg", &[TOPIC])).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while first_read.len() < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "the group read {}",
+                first_read.len()
+            );
+            for m in group.poll(Duration::from_millis(200)).unwrap() {
+                group.ack(&m);
+                first_read.push(String::from_utf8(m.payload.to_vec()).unwrap());
+            }
+        }
+        group.commit().unwrap();
+        group.close().unwrap();
+    }
+    // The commit is a log record: wait until the slave has it.
+    common::wait_caught_up(&Admin::connect(&addr_a).unwrap(), Duration::from_secs(20));
+
+    a.kill9();
+    // Ended on the new master: the first ten committed, the rest rolled back.
+    for (i, half) in halves.iter().enumerate() {
+        let outcome = if i < 10 {
+            TransactionOutcome::Commit
+        } else {
+            TransactionOutcome::Rollback
+        };
+        tp.end(half, outcome)
+            .unwrap_or_else(|e| panic!("ending half {i} after the failover: {e}"));
+    }
+    assert_eq!(role(&addr_b).as_deref(), Some("master"));
+
+    // A member of the same group on the new master reads on after the committed offsets.
+    let group = GroupConsumer::join(&both, GroupConfig::new("cg", &[TOPIC])).unwrap();
+    let mut second_read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second_read.len() < 30 && Instant::now() < deadline {
+        for m in group.poll(Duration::from_millis(200)).unwrap() {
+            group.ack(&m);
+            second_read.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for m in group.poll(Duration::from_millis(200)).unwrap() {
+        second_read.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    let mut all: Vec<String> = first_read.iter().chain(&second_read).cloned().collect();
+    all.sort();
+    let mut expected: Vec<String> = (0..40)
+        .map(|n| format!("plain-{n}"))
+        .chain((0..10).map(|i| format!("tx-{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        all, expected,
+        "after the failover the group read again or missed (first {first_read:?}, then \
+         {second_read:?})"
+    );
+    drop(group);
+    drop(b);
+}

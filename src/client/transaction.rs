@@ -32,7 +32,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -48,7 +48,7 @@ use crate::protocol::{
 
 #[derive(Debug, Clone)]
 pub struct TransactionConfig {
-    /// Any shard's address.
+    /// Any shard's address, or a broker list (`a,b`: a master and its slave) to fail over in.
     pub broker: String,
     /// The producer group: the broker checks back with any live member of it.
     pub producer_group: String,
@@ -59,6 +59,10 @@ pub struct TransactionConfig {
     pub retry_backoff: Duration,
     /// How long one check-back poll waits at the broker. Default 2 s.
     pub check_wait: Duration,
+    /// With a broker list (`a,b`): how long a half or an end keeps failing over (NOT_MASTER,
+    /// a dead broker) past `retries`, while the group elects a new master. Halves and ends
+    /// are idempotent (by transaction id), so a re-send is harmless. Default 15 s.
+    pub failover_timeout: Duration,
 }
 
 impl TransactionConfig {
@@ -70,6 +74,7 @@ impl TransactionConfig {
             retries: 10,
             retry_backoff: Duration::from_millis(50),
             check_wait: Duration::from_secs(2),
+            failover_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -325,23 +330,37 @@ impl Inner {
     ) -> Result<Response, ClientError> {
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 0;
+        let started = Instant::now();
         loop {
-            let outcome = self.cluster.connection_for(topic, queue).and_then(|conn| {
+            let seen = self.cluster.generation();
+            let mut peer = None;
+            let outcome = self.cluster.owner_address(topic, queue).and_then(|addr| {
+                let conn = self.cluster.connection(&addr);
+                peer = Some(addr);
+                let conn = conn?;
                 let r = conn.call(request, body.clone(), self.config.request_timeout);
                 if matches!(r, Err(ClientError::ConnectionClosed(_))) {
                     self.cluster.forget(conn.peer());
                 }
                 r
             });
-            match outcome {
+            let e = match outcome {
                 Ok((response, _)) => return Ok(response),
-                Err(e) if e.is_retriable() && attempt < self.config.retries => {
-                    attempt += 1;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            // With a list, NOT_MASTER or a dead broker moves to the next one (routes dropped).
+            let failing_over = match &peer {
+                Some(p) => self.cluster.note_failure(p, seen, &e),
+                None => self.cluster.can_fail_over() && e.is_failover(),
+            };
+            let retry = (e.is_retriable() && attempt < self.config.retries)
+                || (failing_over && started.elapsed() < self.config.failover_timeout);
+            if !retry {
+                return Err(e);
             }
+            attempt += 1;
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -406,6 +425,17 @@ fn parse_checks(checks: Vec<TransactionCheck>, body: &Bytes) -> Result<Vec<Check
     Ok(out)
 }
 
+/// Shard `shard`'s address at the broker the list points at now.
+fn shard_address(inner: &Inner, shard: u32) -> Option<String> {
+    match inner
+        .cluster
+        .call_bootstrap(&Request::BrokerInfo, Duration::ZERO)
+    {
+        Ok((Response::BrokerInfo(info), _)) => info.shard_addresses.get(shard as usize).cloned(),
+        _ => None,
+    }
+}
+
 /// One shard's check-backs: poll, ask the checker, send its answer; until the producer stops.
 fn check_loop(
     inner: &Inner,
@@ -420,8 +450,10 @@ fn check_loop(
         max_wait_ms: inner.config.check_wait.as_millis() as u32,
     });
     let mut backoff = inner.config.retry_backoff;
+    let mut addr = addr.to_string();
     while !inner.stopping.load(Ordering::Relaxed) {
-        let polled = inner.cluster.connection(addr).and_then(|conn| {
+        let seen = inner.cluster.generation();
+        let polled = inner.cluster.connection(&addr).and_then(|conn| {
             let r = conn.call(
                 &request,
                 Bytes::new(),
@@ -435,7 +467,15 @@ fn check_loop(
         let checks = match polled {
             Ok((Response::TransactionChecks(checks), body)) => parse_checks(checks, &body),
             Ok((other, _)) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                // With a list, poll this shard of the broker the list fails over to.
+                if inner.cluster.note_failure(&addr, seen, &e) {
+                    if let Some(a) = shard_address(inner, shard) {
+                        addr = a;
+                    }
+                }
+                Err(e.to_string())
+            }
         };
         let checks = match checks {
             Ok(c) => {
