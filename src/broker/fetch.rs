@@ -19,6 +19,13 @@ pub async fn fetch(s: &Services, f: FetchRequest) -> Result<(Response, Bytes)> {
         groups::check_member(s, who, &f.topic, f.queue).await?;
     }
     let ctx = &s.shard;
+    if s.replication.acks_without_replica() {
+        // A SYNC_MASTER acking alone (its group's in-sync set names no slave): what it made
+        // durable is what it acks, so consumers see it without waiting for a slave (also
+        // what it acked before a restart, capped at the saved confirmed position until now).
+        s.replication
+            .reveal_up_to(ctx.store().watermarks().durable.0);
+    }
     let stats = ctx.store().queue_stats(&f.topic, f.queue);
     let wait_ms = f.max_wait_ms.min(MAX_LONG_POLL_MS);
     if f.offset >= stats.visible_end_offset.0 && wait_ms > 0 {
