@@ -318,6 +318,49 @@ mod tests {
             .unwrap()
     }
 
+    fn cluster(args: &[&str]) -> Result<Option<ringmq::cluster::ClusterConfig>, String> {
+        let argv = std::iter::once("ringmq").chain(args.iter().copied());
+        Cli::try_parse_from(argv)
+            .expect("flags parse")
+            .broker
+            .cluster_config()
+    }
+
+    #[test]
+    fn cluster_flags_need_each_other_and_say_what_is_missing() {
+        assert_eq!(cluster(&[]).unwrap(), None);
+        let c = cluster(&[
+            "--cluster",
+            "etcd=127.0.0.1:2379,127.0.0.2:2379",
+            "--group",
+            "g1",
+            "--node",
+            "a",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoints, ["127.0.0.1:2379", "127.0.0.2:2379"]);
+        assert_eq!((c.cluster.as_str(), c.group.as_str()), ("ringmq", "g1"));
+        assert_eq!(c.lease_ttl, std::time::Duration::from_secs(3));
+        let e = cluster(&["--cluster", "etcd=127.0.0.1:2379", "--node", "a"]).unwrap_err();
+        assert!(e.contains("--group"), "{e}");
+        let e =
+            cluster(&["--cluster", "127.0.0.1:2379", "--group", "g", "--node", "a"]).unwrap_err();
+        assert!(e.contains("etcd=HOST:PORT"), "{e}");
+        let e = cluster(&["--group", "g1"]).unwrap_err();
+        assert!(e.contains("--cluster"), "{e}");
+        let e = cluster(&[
+            "--cluster",
+            "etcd=127.0.0.1:2379",
+            "--group",
+            "a/b",
+            "--node",
+            "a",
+        ])
+        .unwrap_err();
+        assert!(e.contains("without '/'"), "{e}");
+    }
+
     #[test]
     fn no_flags_is_the_default_config() {
         assert_eq!(config(&[]), Config::default());

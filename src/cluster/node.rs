@@ -118,6 +118,32 @@ pub fn run_until_signalled(config: Config, cluster: ClusterConfig) -> Result<(),
     outcome
 }
 
+/// Who may take over, by the in-sync set the last master published: that master and the
+/// members it listed. `None`: anyone (a group that never had a master has no set).
+pub fn eligible_members(in_sync: Option<&InSyncRecord>) -> Option<Vec<String>> {
+    in_sync.map(|r| {
+        let mut v = r.nodes.clone();
+        v.push(r.master.clone());
+        v
+    })
+}
+
+/// How many eligible members go before `me` (log end `mine`): those with a longer log, and
+/// on a tie those with a smaller name, so two candidates never wait the same time.
+pub fn members_ahead(
+    me: &str,
+    mine: u64,
+    members: &[MemberRecord],
+    eligible: Option<&[String]>,
+) -> usize {
+    members
+        .iter()
+        .filter(|m| m.node != me)
+        .filter(|m| eligible.map_or(true, |v| v.contains(&m.node)))
+        .filter(|m| m.log_end > mine || (m.log_end == mine && m.node.as_str() < me))
+        .count()
+}
+
 /// The lease renewals of one session, on their own thread.
 struct Session {
     id: u64,
@@ -398,37 +424,24 @@ impl Node {
             }
         };
         let me = self.cluster.node.clone();
-        let me = &me;
-        let eligible: Option<Vec<String>> = match &in_sync {
-            // A group that never had a master: anyone.
-            None => None,
-            Some(r) => {
-                let mut v = r.nodes.clone();
-                v.push(r.master.clone());
-                Some(v)
-            }
-        };
+        let eligible = eligible_members(in_sync.as_ref());
         let allowed = match &eligible {
             None => true,
-            Some(v) => v.contains(me) || self.cluster.allow_unclean_election,
+            Some(v) => v.contains(&me) || self.cluster.allow_unclean_election,
         };
         if !allowed {
             log::debug!("cluster: not in the in-sync set {eligible:?}; not campaigning");
             return Ok(None);
         }
-        // Longest log first: count the eligible members whose records show more.
-        let members = self
+        let members: Vec<MemberRecord> = self
             .etcd
             .get_prefix(&self.keys.members())
-            .unwrap_or_default();
-        let mine = self.log_end();
-        let ahead = members
+            .unwrap_or_default()
             .iter()
-            .filter_map(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())
-            .filter(|m| &m.node != me)
-            .filter(|m| eligible.as_ref().map_or(true, |v| v.contains(&m.node)))
-            .filter(|m| m.log_end > mine || (m.log_end == mine && m.node < *me))
-            .count();
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        let mine = self.log_end();
+        let ahead = members_ahead(&me, mine, &members, eligible.as_deref());
         Ok(Some(RANK_DELAY * ahead as u32))
     }
 
@@ -715,5 +728,64 @@ impl Node {
         if let Err(e) = self.etcd.revoke_lease(self.session.id) {
             log::debug!("cluster: revoking our lease: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(node: &str, log_end: u64) -> MemberRecord {
+        MemberRecord {
+            node: node.into(),
+            addr: format!("127.0.0.1:{log_end}"),
+            role: "slave".into(),
+            epoch: 0,
+            log_end,
+            following: None,
+            streaming: true,
+            lag_bytes: 0,
+            lag_ms: 0,
+            updated_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_last_master_and_its_in_sync_slaves_may_take_over() {
+        assert_eq!(eligible_members(None), None, "a new group: anyone");
+        let record = InSyncRecord {
+            master: "a".into(),
+            term: 7,
+            nodes: vec!["b".into()],
+            updated_unix_ms: 0,
+        };
+        let v = eligible_members(Some(&record)).unwrap();
+        assert!(v.contains(&"a".to_string()) && v.contains(&"b".to_string()));
+        assert!(!v.contains(&"c".to_string()), "c was not in sync");
+        let alone = InSyncRecord {
+            nodes: Vec::new(),
+            ..record
+        };
+        assert_eq!(
+            eligible_members(Some(&alone)).unwrap(),
+            vec!["a".to_string()]
+        );
+    }
+
+    #[test]
+    fn the_longest_log_goes_first_and_ties_go_by_name() {
+        let members = [member("a", 100), member("b", 300), member("c", 300)];
+        let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(members_ahead("b", 300, &members, Some(&all)), 0);
+        assert_eq!(
+            members_ahead("c", 300, &members, Some(&all)),
+            1,
+            "b wins the tie"
+        );
+        assert_eq!(members_ahead("a", 100, &members, Some(&all)), 2);
+        // A longer log that may not take over does not delay anyone.
+        let not_c: Vec<String> = vec!["a".into(), "b".into()];
+        assert_eq!(members_ahead("a", 100, &members, Some(&not_c)), 1);
+        assert_eq!(members_ahead("a", 100, &members, None), 2);
     }
 }
