@@ -52,6 +52,10 @@ fn a_kept_alive_lease_keeps_its_key_and_an_abandoned_one_loses_it() {
         assert!(ttl.is_some_and(|t| t >= 1), "keepalive answered {ttl:?}");
         std::thread::sleep(Duration::from_millis(300));
     }
+    // What `admin cluster` shows of a lease: time left and granted, or gone.
+    etcd.keep_alive(kept).unwrap();
+    let (left, granted) = etcd.time_to_live(kept).unwrap().expect("the kept lease");
+    assert!(granted >= 1 && left <= granted, "{left}/{granted}");
     let key = etcd
         .get("/t/lease/kept")
         .unwrap()
@@ -64,6 +68,7 @@ fn a_kept_alive_lease_keeps_its_key_and_an_abandoned_one_loses_it() {
             .is_none()),
         "the key of an abandoned lease is still there"
     );
+    assert_eq!(etcd.time_to_live(abandoned).unwrap(), None);
     assert_eq!(
         etcd.keep_alive(abandoned).unwrap(),
         None,

@@ -49,12 +49,20 @@ pub fn show(endpoints: &str, cluster: &str) -> Result<(), String> {
     let now = unix_ms();
     for (group, (master, in_sync, members)) in groups {
         let (node, addr, term, lease) = match &master {
-            Some((m, term, lease)) => (
-                m.node.as_str(),
-                m.addr.as_str(),
-                term.to_string(),
-                format!("{lease:x}"),
-            ),
+            Some((m, term, lease)) => {
+                // How long the master's lease would last if it stopped renewing now.
+                let ttl = match etcd.time_to_live(*lease) {
+                    Ok(Some((left, granted))) => format!("{left}/{granted}s"),
+                    Ok(None) => "gone".to_string(),
+                    Err(_) => "?".to_string(),
+                };
+                (
+                    m.node.as_str(),
+                    m.addr.as_str(),
+                    term.to_string(),
+                    format!("{lease:x} lease_ttl={ttl}"),
+                )
+            }
             None => ("none", "-", "-".to_string(), "-".to_string()),
         };
         let in_sync = in_sync.map_or("-".to_string(), |r| {

@@ -60,7 +60,7 @@ pub enum AdminCommand {
     Replication,
     /// A broker cluster on etcd, read from etcd (no broker needed): each group's master with
     /// its term and lease, the in-sync set, and every member: `group=<g> master=<node>
-    /// addr=<a> term=<t> lease=<id> in_sync=<n,..>` then `  member=<node> addr=<a>
+    /// addr=<a> term=<t> lease=<id> lease_ttl=<left>/<granted>s in_sync=<n,..>` then `  member=<node> addr=<a>
     /// role=<r> epoch=<e> log_end=<n> following=<a> streaming=<bool> lag_bytes=<n>
     /// lag_ms=<n> updated_ms_ago=<n>` per member.
     Cluster {

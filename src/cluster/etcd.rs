@@ -201,6 +201,19 @@ impl Etcd {
         }
     }
 
+    /// Seconds `lease` has left and was granted with, `None` if it is gone (etcd says TTL -1).
+    pub fn time_to_live(&self, lease: u64) -> Result<Option<(u64, u64)>, EtcdError> {
+        let a = self.call("/v3/lease/timetolive", &json!({ "ID": lease.to_string() }))?;
+        if matches!(&a.json["TTL"], Value::String(s) if s == "-1")
+            || a.json["TTL"].as_i64() == Some(-1)
+        {
+            return Ok(None);
+        }
+        let left = int(&a.json, "TTL").map_err(|e| a.protocol(e))?;
+        let granted = int(&a.json, "grantedTTL").map_err(|e| a.protocol(e))?;
+        Ok(Some((left, granted)))
+    }
+
     /// Revokes `lease`, deleting every key attached to it. A lease already gone is `Ok`.
     pub fn revoke_lease(&self, lease: u64) -> Result<(), EtcdError> {
         match self.call("/v3/lease/revoke", &json!({ "ID": lease.to_string() })) {
