@@ -349,7 +349,12 @@ impl Node {
                 self.step_down("etcd says our lease is gone")?;
             }
             match self.etcd.get(&self.keys.master()) {
-                Ok(master) => self.on_master_key(master)?,
+                // etcd trouble (a campaign or a promotion cut short) is tried again next
+                // tick; a broker that cannot start is not.
+                Ok(master) => match self.on_master_key(master) {
+                    Err(ClusterError::Etcd(e)) => log::warn!("cluster: {e}; trying again"),
+                    other => other?,
+                },
                 Err(e) => log::debug!("cluster: reading the master key: {e}"),
             }
             if self
@@ -467,10 +472,19 @@ impl Node {
         self.session.act_as_master(true);
         match self.running.as_ref().map(|r| r.role) {
             Some(Role::Slave) => {
-                let epoch = self
+                let promoted = self
                     .admin()
-                    .and_then(|a| a.promote().map_err(|e| e.to_string()))
-                    .map_err(|e| ClusterError::Broker(format!("cannot promote: {e}")))?;
+                    .and_then(|a| a.promote().map_err(|e| e.to_string()));
+                let epoch = match promoted {
+                    Ok(epoch) => epoch,
+                    Err(e) => {
+                        // Hand the election back rather than hold it with a broker that
+                        // cannot serve as master; the next tick starts over.
+                        log::error!("cluster: elected but cannot promote the broker: {e}");
+                        let _ = self.etcd.delete_if_created_at(&self.keys.master(), term);
+                        return self.step_down("the promotion failed");
+                    }
+                };
                 if let Some(r) = self.running.as_mut() {
                     r.role = Role::Master;
                     r.following = None;
@@ -507,7 +521,20 @@ impl Node {
         self.term = None;
         self.stop_broker();
         self.session.stop();
-        self.session = Session::start(&self.etcd, self.cluster.lease_ttl, self.lease.clone())?;
+        // A new session, however long etcd takes to answer (nothing runs meanwhile).
+        loop {
+            match Session::start(&self.etcd, self.cluster.lease_ttl, self.lease.clone()) {
+                Ok(session) => {
+                    self.session = session;
+                    break;
+                }
+                Err(e) if !self.shutdown.load(Ordering::Acquire) => {
+                    log::warn!("cluster: cannot start a new session: {e}; trying again");
+                    std::thread::sleep(self.cluster.lease_ttl / 4);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         log::info!("cluster: new session, lease {:x}", self.session.id);
         Ok(())
     }
