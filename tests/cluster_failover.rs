@@ -635,3 +635,113 @@ fn half_messages_and_group_offsets_move_with_the_master() {
     drop(group);
     drop(b);
 }
+
+/// Under SYNC_MASTER a master cut off from etcd acks nothing its slave lacks; the slave takes
+/// over and writes on; the old master, healed, rejoins as a slave, dropping only its tail
+/// that was never acked, and ends up with the new master's log exactly.
+#[test]
+fn a_sync_master_cut_off_from_etcd_rejoins_with_only_its_unacked_tail_dropped() {
+    let _serial = one_at_a_time();
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let proxy = TcpProxy::start(&etcd.endpoints()[0]);
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = member(
+        &tmp.path().join("a"),
+        0,
+        pa,
+        "a",
+        proxy.addr(),
+        "sync_master",
+    );
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+
+    // One client per broker, each keeping to its broker; every ack remembered.
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (base, addr) in [(0u64, addr_a.clone()), (1_000_000, addr_b.clone())] {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut config = ProducerConfig::new(addr);
+            config.retries = 0;
+            config.request_timeout = Duration::from_secs(2);
+            let Ok(producer) = Producer::with_config(config) else {
+                return;
+            };
+            let mut n = base;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let m = Message::new(n.to_string().into_bytes());
+                match producer.send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m) {
+                    Ok(_) => acked.lock().unwrap().push(n),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+    }
+    wait_until("acks from a", Duration::from_secs(10), || {
+        acked.lock().unwrap().len() > 50
+    });
+    proxy.cut();
+    wait_until("b to take over and ack", Duration::from_secs(20), || {
+        acked.lock().unwrap().iter().any(|n| *n > 1_000_000)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    // Every ack, from either master, once on the new master.
+    let on_b = stored(&addr_b);
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for ns in on_b.values() {
+        for n in ns {
+            *count.entry(*n).or_default() += 1;
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    for n in &acked {
+        assert_eq!(
+            count.get(n),
+            Some(&1),
+            "acked message {n} on the new master"
+        );
+    }
+
+    // Healed: a rejoins as b's slave and holds exactly b's log.
+    proxy.heal();
+    wait_until("a to rejoin as a slave", Duration::from_secs(20), || {
+        role(&addr_a).as_deref() == Some("slave")
+    });
+    common::wait_caught_up(&Admin::connect(&addr_b).unwrap(), Duration::from_secs(20));
+    let (on_a, on_b) = (stored(&addr_a), stored(&addr_b));
+    assert_eq!(
+        on_a, on_b,
+        "the old master's queues differ from the new master's"
+    );
+    eprintln!(
+        "acked {} ({} by the new master); the new master holds {}",
+        acked.len(),
+        acked.iter().filter(|n| **n > 1_000_000).count(),
+        on_b.values().map(Vec::len).sum::<usize>()
+    );
+    drop((a, b));
+}
