@@ -745,3 +745,106 @@ fn a_sync_master_cut_off_from_etcd_rejoins_with_only_its_unacked_tail_dropped() 
     );
     drop((a, b));
 }
+
+/// A consumer-group member that stays joined across an automatic failover goes on by itself
+/// at the new master, after the offsets it had committed: nothing lost, nothing committed
+/// read again.
+#[test]
+fn a_group_member_stays_joined_across_an_automatic_failover() {
+    use ringmq::client::{GroupConfig, GroupConsumer};
+    let _serial = one_at_a_time();
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let tmp = common::data_dir();
+    let (pa, pb) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let both = format!("{addr_a},{addr_b}");
+    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
+    wait_until("a to be elected", Duration::from_secs(15), || {
+        a.log().contains("cluster: master of group g1")
+    });
+    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_topic(TOPIC, QUEUES)
+        .unwrap();
+    wait_until("b in the in-sync set", Duration::from_secs(15), || {
+        in_sync(&client).contains("\"b\"")
+    });
+    let producer = Producer::with_config(ProducerConfig::new(both.clone())).unwrap();
+    let send = |range: std::ops::Range<u64>| {
+        for n in range {
+            let m = Message::new(n.to_string().into_bytes());
+            producer
+                .send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m)
+                .unwrap_or_else(|e| panic!("message {n}: {e}"));
+        }
+    };
+    send(0..40);
+    let group = GroupConsumer::join(&both, GroupConfig::new("cg", &[TOPIC])).unwrap();
+    let mut before = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while before.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "read {} before the kill",
+            before.len()
+        );
+        for m in group.poll(Duration::from_millis(200)).unwrap_or_default() {
+            group.ack(&m);
+            before.push(
+                String::from_utf8(m.payload.to_vec())
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            );
+        }
+    }
+    group.commit().unwrap();
+    common::wait_caught_up(&Admin::connect(&addr_a).unwrap(), Duration::from_secs(20));
+
+    a.kill9();
+    // Sent straight to the new master, so only the member has a failover to follow.
+    wait_until("b to take over", Duration::from_secs(20), || {
+        role(&addr_b).as_deref() == Some("master")
+    });
+    drop(send);
+    let mut config = ProducerConfig::new(addr_b.clone());
+    config.retries = 50;
+    let on_b = Producer::with_config(config).unwrap();
+    for n in 40..60u64 {
+        let m = Message::new(n.to_string().into_bytes());
+        on_b.send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m)
+            .unwrap_or_else(|e| panic!("message {n} to the new master: {e}"));
+    }
+    let mut after = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while after.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the member read {after:?} after the failover"
+        );
+        // Errors while the group elects a new master are the member's to ride out.
+        for m in group.poll(Duration::from_millis(200)).unwrap_or_default() {
+            group.ack(&m);
+            after.push(
+                String::from_utf8(m.payload.to_vec())
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            );
+        }
+    }
+    after.sort();
+    assert_eq!(
+        after,
+        (40..60).collect::<Vec<u64>>(),
+        "after the failover the member read committed messages again or missed some"
+    );
+    drop(group);
+    drop(b);
+}
