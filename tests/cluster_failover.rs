@@ -812,7 +812,6 @@ fn a_group_member_stays_joined_across_an_automatic_failover() {
     wait_until("b to take over", Duration::from_secs(20), || {
         role(&addr_b).as_deref() == Some("master")
     });
-    drop(send);
     let mut config = ProducerConfig::new(addr_b.clone());
     config.retries = 50;
     let on_b = Producer::with_config(config).unwrap();
