@@ -33,6 +33,10 @@ struct Member {
 
 pub struct EtcdCluster {
     binary: PathBuf,
+    /// The address the members listen on: 127.0.0.1, or a host's address in a namespace.
+    host: String,
+    /// The network namespace the members run in (`None`: the test's own).
+    ns: Option<String>,
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
@@ -74,6 +78,18 @@ impl EtcdCluster {
     /// `members` etcd processes forming one cluster, every one answering; None (after
     /// printing SKIP) when etcd is not installed. Panics if the cluster does not come up.
     pub fn start(members: usize) -> Option<EtcdCluster> {
+        Self::start_on(None, "127.0.0.1", members)
+    }
+
+    /// Like [`EtcdCluster::start`], the members inside network namespace `ns` on `host`
+    /// (one of [`super::netns::TwoHosts`]'s addresses): the other host reaches them over the
+    /// veth, and a partition cuts it off. Reach them from the test with
+    /// [`super::netns::in_ns`]. Ports are free in a new namespace, so the first try's are used.
+    pub fn start_in(ns: &str, host: &str, members: usize) -> Option<EtcdCluster> {
+        Self::start_on(Some(ns), host, members)
+    }
+
+    fn start_on(ns: Option<&str>, host: &str, members: usize) -> Option<EtcdCluster> {
         assert!(members > 0, "an etcd cluster has at least one member");
         let Some(binary) = etcd_binary() else {
             let msg = "SKIP: etcd is not installed (apt-get install etcd-server)";
@@ -85,7 +101,7 @@ impl EtcdCluster {
         };
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(&binary, members) {
+            match Self::try_start(&binary, ns, host, members) {
                 Ok(cluster) => return Some(cluster),
                 Err(e) => failures.push(e),
             }
@@ -96,7 +112,12 @@ impl EtcdCluster {
         );
     }
 
-    fn try_start(binary: &Path, n: usize) -> Result<EtcdCluster, String> {
+    fn try_start(
+        binary: &Path,
+        ns: Option<&str>,
+        host: &str,
+        n: usize,
+    ) -> Result<EtcdCluster, String> {
         let ports = free_ports(2 * n);
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -108,7 +129,7 @@ impl EtcdCluster {
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{host}:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         let tmp = super::data_dir();
@@ -119,6 +140,8 @@ impl EtcdCluster {
         );
         let mut cluster = EtcdCluster {
             binary: binary.to_path_buf(),
+            host: host.to_string(),
+            ns: ns.map(str::to_string),
             members,
             initial_cluster,
             token,
@@ -166,10 +189,19 @@ impl EtcdCluster {
             .try_clone()
             .map_err(|e| format!("clone a log fd: {e}"))?;
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let client = format!("http://{}:{}", self.host, m.client_port);
+        let peer = format!("http://{}:{}", self.host, m.peer_port);
         let data_dir = self.tmp.path().join(format!("{}.etcd", m.name));
-        let child = Command::new(&self.binary)
+        // `ip netns exec` execs etcd in the namespace: the child's pid is etcd's.
+        let mut command = match &self.ns {
+            None => Command::new(&self.binary),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+        };
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -199,8 +231,17 @@ impl EtcdCluster {
             Etcd::new(std::slice::from_ref(&endpoint), Duration::from_secs(1)).expect("endpoint");
         let key = format!("/ringmq-test/ready/{}", self.members[i].name);
         let deadline = Instant::now() + READY_TIMEOUT;
+        let etcd = std::sync::Arc::new(etcd);
         loop {
-            let last = match etcd.put(&key, b"ready", None).and_then(|_| etcd.get(&key)) {
+            let ask = {
+                let (etcd, key) = (etcd.clone(), key.clone());
+                move || etcd.put(&key, b"ready", None).and_then(|_| etcd.get(&key))
+            };
+            let answer = match &self.ns {
+                None => ask(),
+                Some(ns) => super::netns::in_ns(ns, ask),
+            };
+            let last = match answer {
                 Ok(Some(kv)) if kv.value == b"ready" => return Ok(()),
                 Ok(other) => format!("read back {other:?}"),
                 Err(e) => e.to_string(),
@@ -229,7 +270,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}:{}", self.host, m.client_port))
             .collect()
     }
 
