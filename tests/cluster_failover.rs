@@ -100,6 +100,64 @@ fn stored(addr: &str) -> HashMap<u32, Vec<u64>> {
     out
 }
 
+/// Group g1 of two members, ready: a elected, b following, the topic created, b in the
+/// in-sync set. With `proxied`, a reaches etcd only through `proxy` (its clients and its
+/// slave reach it directly), so a test can cut that one path.
+struct Pair {
+    etcd: EtcdCluster,
+    client: Etcd,
+    /// etcd's endpoints, comma-joined.
+    endpoints: String,
+    tmp: tempfile::TempDir,
+    pa: u16,
+    pb: u16,
+    addr_a: String,
+    addr_b: String,
+    a: BrokerProcess,
+    b: BrokerProcess,
+    proxy: Option<TcpProxy>,
+}
+
+impl Pair {
+    fn start(mode: &str, proxied: bool) -> Option<Pair> {
+        let etcd = EtcdCluster::start(3)?;
+        let endpoints = etcd.endpoint_list();
+        let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+        let proxy = proxied.then(|| TcpProxy::start(&etcd.endpoints()[0]));
+        let etcd_of_a = proxy
+            .as_ref()
+            .map_or(endpoints.clone(), |p| p.addr().to_string());
+        let tmp = common::data_dir();
+        let (pa, pb) = (free_port(), free_port());
+        let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+        let a = member(&tmp.path().join("a"), 0, pa, "a", &etcd_of_a, mode);
+        wait_until("a to be elected", Duration::from_secs(15), || {
+            a.log().contains("cluster: master of group g1")
+        });
+        let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, mode);
+        Admin::connect(&addr_a)
+            .unwrap()
+            .create_topic(TOPIC, QUEUES)
+            .unwrap();
+        wait_until("b in the in-sync set", Duration::from_secs(15), || {
+            in_sync(&client).contains("\"b\"")
+        });
+        Some(Pair {
+            etcd,
+            client,
+            endpoints,
+            tmp,
+            pa,
+            pb,
+            addr_a,
+            addr_b,
+            a,
+            b,
+            proxy,
+        })
+    }
+}
+
 /// One ack as the client heard it.
 #[derive(Debug, Clone, Copy)]
 struct Ack {
@@ -112,26 +170,22 @@ struct Ack {
 fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() {
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client,
+        endpoints,
+        tmp,
+        pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+    }) = Pair::start("sync_master", false)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
     let old_epoch = Admin::connect(&addr_a)
         .unwrap()
         .broker_info()
@@ -264,42 +318,23 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
 fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy,
+    }) = Pair::start("async_master", true)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    // a reaches etcd only through the proxy; its clients and its slave reach it directly.
-    let proxy = TcpProxy::start(&etcd.endpoints()[0]);
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let a = member(
-        &tmp.path().join("a"),
-        0,
-        pa,
-        "a",
-        proxy.addr(),
-        "async_master",
-    );
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(
-        &tmp.path().join("b"),
-        1,
-        pb,
-        "b",
-        &endpoints,
-        "async_master",
-    );
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
+    let proxy = proxy.expect("a proxied pair");
     let epoch_a = Admin::connect(&addr_a)
         .unwrap()
         .broker_info()
@@ -398,26 +433,22 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
 fn a_slave_that_missed_acks_is_never_elected() {
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client,
+        endpoints,
+        tmp,
+        pa,
+        pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+    }) = Pair::start("sync_master", false)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
 
     b.kill9();
     let mut config = ProducerConfig::new(addr_a.clone());
@@ -532,27 +563,23 @@ fn half_messages_and_group_offsets_move_with_the_master() {
     use ringmq::protocol::TransactionOutcome;
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+    }) = Pair::start("sync_master", false)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     let both = format!("{addr_a},{addr_b}");
-    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
 
     // 20 halves left open, 40 plain messages, 20 of them consumed and committed.
     let checker: ringmq::client::transaction::Checker = Arc::new(|_| TransactionOutcome::Unknown);
@@ -643,34 +670,23 @@ fn half_messages_and_group_offsets_move_with_the_master() {
 fn a_sync_master_cut_off_from_etcd_rejoins_with_only_its_unacked_tail_dropped() {
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy,
+    }) = Pair::start("sync_master", true)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    let proxy = TcpProxy::start(&etcd.endpoints()[0]);
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let a = member(
-        &tmp.path().join("a"),
-        0,
-        pa,
-        "a",
-        proxy.addr(),
-        "sync_master",
-    );
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
+    let proxy = proxy.expect("a proxied pair");
 
     // One client per broker, each keeping to its broker; every ack remembered.
     let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -754,27 +770,23 @@ fn a_group_member_stays_joined_across_an_automatic_failover() {
     use ringmq::client::{GroupConfig, GroupConsumer};
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let Some(Pair {
+        etcd: _etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+    }) = Pair::start("sync_master", false)
+    else {
         return;
     };
-    let endpoints = etcd.endpoint_list();
-    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
-    let tmp = common::data_dir();
-    let (pa, pb) = (free_port(), free_port());
-    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     let both = format!("{addr_a},{addr_b}");
-    let a = member(&tmp.path().join("a"), 0, pa, "a", &endpoints, "sync_master");
-    wait_until("a to be elected", Duration::from_secs(15), || {
-        a.log().contains("cluster: master of group g1")
-    });
-    let b = member(&tmp.path().join("b"), 1, pb, "b", &endpoints, "sync_master");
-    Admin::connect(&addr_a)
-        .unwrap()
-        .create_topic(TOPIC, QUEUES)
-        .unwrap();
-    wait_until("b in the in-sync set", Duration::from_secs(15), || {
-        in_sync(&client).contains("\"b\"")
-    });
     let producer = Producer::with_config(ProducerConfig::new(both.clone())).unwrap();
     let send = |range: std::ops::Range<u64>| {
         for n in range {

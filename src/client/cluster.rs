@@ -200,17 +200,29 @@ impl Cluster {
         request: &Request,
         extra: Duration,
     ) -> Result<(Response, Bytes), ClientError> {
+        self.ask_bootstrap(request, self.request_timeout + extra)
+            .map(|(answer, _)| answer)
+    }
+
+    /// [`Cluster::call_bootstrap`]'s loop; also returns the fail-over generation the answer
+    /// was asked at.
+    fn ask_bootstrap(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<((Response, Bytes), u64), ClientError> {
         let mut tries = self.bootstraps.len();
         loop {
             let seen = self.generation();
             let addr = self.bootstrap();
             let outcome = self
                 .connection(&addr)
-                .and_then(|conn| conn.call(request, Bytes::new(), self.request_timeout + extra));
+                .and_then(|conn| conn.call(request, Bytes::new(), timeout));
             tries -= 1;
             match outcome {
+                Ok(answer) => return Ok((answer, seen)),
                 Err(e) if self.note_failure(&addr, seen, &e) && tries > 0 => continue,
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -225,30 +237,20 @@ impl Cluster {
         let request = Request::GetRoute {
             topic: topic.to_string(),
         };
-        let mut tries = self.bootstraps.len();
-        loop {
-            let seen = self.generation();
-            let addr = self.bootstrap();
-            let outcome = self
-                .connection(&addr)
-                .and_then(|conn| conn.call(&request, Bytes::new(), self.request_timeout));
-            tries -= 1;
-            let route = match outcome {
-                Ok((Response::Route(r), _)) => Arc::new(r),
-                Ok((other, _)) => return Err(ClientError::Unexpected(format!("{other:?}"))),
-                Err(e) if self.note_failure(&addr, seen, &e) && tries > 0 => continue,
-                Err(e) => return Err(e),
-            };
-            let current = self.current.lock().expect("bootstrap lock");
-            // Not cached when a fail-over happened meanwhile: it may be the old master's.
-            if current.1 == seen {
-                self.routes
-                    .lock()
-                    .expect("routes lock")
-                    .insert(topic.to_string(), route.clone());
-            }
-            return Ok(route);
+        let (answer, seen) = self.ask_bootstrap(&request, self.request_timeout)?;
+        let route = match answer {
+            (Response::Route(r), _) => Arc::new(r),
+            (other, _) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        let current = self.current.lock().expect("bootstrap lock");
+        // Not cached when a fail-over happened meanwhile: it may be the old master's.
+        if current.1 == seen {
+            self.routes
+                .lock()
+                .expect("routes lock")
+                .insert(topic.to_string(), route.clone());
         }
+        Ok(route)
     }
 
     /// The address of the shard that owns `queue` of `topic`.
