@@ -198,7 +198,12 @@ impl Replication {
     /// SYNC_MASTER acking without a replica (see [`Replication::acks_without_replica`]):
     /// consumers see what was acked that way. Never lowered.
     pub fn reveal_up_to(&self, pos: u64) {
-        let cap = pos.max(self.visible_floor.get());
+        // The store's cap is the floor already (every setter keeps them equal): called per
+        // fetch and per ack, it only moves the cap when there is more to show.
+        if pos <= self.visible_floor.get() {
+            return;
+        }
+        let cap = pos;
         self.visible_floor.set(cap);
         self.store().set_visible_cap(Some(LogPosition(cap)));
     }
