@@ -17,6 +17,7 @@ use common::tcp_proxy::TcpProxy;
 use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
 use ringmq::cluster::etcd::Etcd;
 use ringmq::format::batch::Message;
+use ringmq::protocol::Durability;
 
 const TOPIC: &str = "orders";
 const QUEUES: u32 = 2;
@@ -39,25 +40,49 @@ fn free_port() -> u16 {
 
 /// A member of group g1 on core `core`, one shard, etcd at `etcd`.
 fn member(dir: &Path, core: usize, port: u16, node: &str, etcd: &str, mode: &str) -> BrokerProcess {
+    member_with_metrics(dir, core, port, node, etcd, mode, None)
+}
+
+/// [`member`], its metrics endpoint on `127.0.0.1:metrics` if given.
+fn member_with_metrics(
+    dir: &Path,
+    core: usize,
+    port: u16,
+    node: &str,
+    etcd: &str,
+    mode: &str,
+    metrics: Option<u16>,
+) -> BrokerProcess {
     let cluster = format!("etcd={etcd}");
-    BrokerProcess::start_on_port(
-        dir,
-        &format!("{core},"),
-        port,
-        &[
-            "--cluster",
-            &cluster,
-            "--group",
-            GROUP,
-            "--node",
-            node,
-            "--replication",
-            mode,
-            "--lease-ttl-secs",
-            &lease_ttl_secs(),
-        ],
-        &[],
-    )
+    let metrics = metrics.map(|p| format!("127.0.0.1:{p}"));
+    let mut extra = vec![
+        "--cluster",
+        &cluster,
+        "--group",
+        GROUP,
+        "--node",
+        node,
+        "--replication",
+        mode,
+    ];
+    let ttl = lease_ttl_secs();
+    extra.extend(["--lease-ttl-secs", &ttl]);
+    if let Some(m) = &metrics {
+        extra.extend(["--metrics-listen", m]);
+    }
+    BrokerProcess::start_on_port(dir, &format!("{core},"), port, &extra, &[])
+}
+
+/// One sample of a broker's metrics (`name{labels}` as exposed), if it is there.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The lease TTL of the drills: 2 s, or `RINGMQ_TEST_LEASE_TTL_SECS` to measure another.
@@ -116,6 +141,8 @@ struct Pair {
     a: BrokerProcess,
     b: BrokerProcess,
     proxy: Option<TcpProxy>,
+    /// a's metrics endpoint (127.0.0.1).
+    metrics_a: u16,
 }
 
 impl Pair {
@@ -130,7 +157,9 @@ impl Pair {
         let tmp = common::data_dir();
         let (pa, pb) = (free_port(), free_port());
         let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-        let a = member(&tmp.path().join("a"), 0, pa, "a", &etcd_of_a, mode);
+        let metrics_a = free_port();
+        let dir_a = tmp.path().join("a");
+        let a = member_with_metrics(&dir_a, 0, pa, "a", &etcd_of_a, mode, Some(metrics_a));
         wait_until("a to be elected", Duration::from_secs(15), || {
             a.log().contains("cluster: master of group g1")
         });
@@ -154,6 +183,7 @@ impl Pair {
             a,
             b,
             proxy,
+            metrics_a,
         })
     }
 }
@@ -182,6 +212,7 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
         a,
         b,
         proxy: _proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("sync_master", false)
     else {
         return;
@@ -330,6 +361,7 @@ fn a_master_cut_off_from_etcd_stops_acking_before_its_slave_takes_over() {
         a,
         b,
         proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("async_master", true)
     else {
         return;
@@ -445,6 +477,7 @@ fn a_slave_that_missed_acks_is_never_elected() {
         a,
         b,
         proxy: _proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("sync_master", false)
     else {
         return;
@@ -575,6 +608,7 @@ fn half_messages_and_group_offsets_move_with_the_master() {
         a,
         b,
         proxy: _proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("sync_master", false)
     else {
         return;
@@ -682,6 +716,7 @@ fn a_sync_master_cut_off_from_etcd_rejoins_with_only_its_unacked_tail_dropped() 
         a,
         b,
         proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("sync_master", true)
     else {
         return;
@@ -782,6 +817,7 @@ fn a_group_member_stays_joined_across_an_automatic_failover() {
         a,
         b,
         proxy: _proxy,
+        metrics_a: _metrics_a,
     }) = Pair::start("sync_master", false)
     else {
         return;
@@ -858,4 +894,165 @@ fn a_group_member_stays_joined_across_an_automatic_failover() {
     );
     drop(group);
     drop(b);
+}
+
+/// etcd losing one member changes nothing; etcd losing its quorum stops no SYNC_MASTER: no
+/// election can happen without etcd, and every ack of a master whose lease lapsed still waits
+/// for its in-sync slave, which would stop confirming before it could take over. The master
+/// says so (log line, `ringmq_cluster_etcd_reachable`, `ringmq_cluster_lease_state`) and its
+/// lease holds again once the quorum is back, with no failover on the way.
+#[test]
+fn etcd_losing_a_member_or_its_quorum_stops_no_sync_master() {
+    let _serial = one_at_a_time();
+    let _watchdog = common::watchdog(Duration::from_secs(180));
+    let Some(Pair {
+        mut etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+        metrics_a,
+    }) = Pair::start("sync_master", false)
+    else {
+        return;
+    };
+    let ttl = Duration::from_secs(lease_ttl_secs().parse().unwrap());
+    let epoch_a = Admin::connect(&addr_a)
+        .unwrap()
+        .broker_info()
+        .unwrap()
+        .epoch;
+    let lease = |state: &str| {
+        metric(
+            metrics_a,
+            &format!("ringmq_cluster_lease_state{{shard=\"0\",state=\"{state}\"}}"),
+        )
+    };
+    let reachable = || metric(metrics_a, "ringmq_cluster_etcd_reachable{shard=\"0\"}");
+    wait_until(
+        "a's lease held in its metrics",
+        Duration::from_secs(10),
+        || lease("held") == Some(1.0),
+    );
+    assert_eq!(reachable(), Some(1.0));
+
+    // One producer that knows both brokers, one send at a time; every ack remembered.
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Acks that did not say the slave had the batch.
+    let alone: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sender = {
+        let (acks, failures, stop) = (acks.clone(), failures.clone(), stop.clone());
+        let alone = alone.clone();
+        let producer =
+            Producer::with_config(ProducerConfig::new(format!("{addr_a},{addr_b}"))).unwrap();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let m = Message::new(n.to_string().into_bytes());
+                match producer.send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m) {
+                    Ok(r) => {
+                        if !matches!(
+                            r.durability,
+                            Durability::ReplicaReceived | Durability::ReplicaDurable
+                        ) {
+                            alone
+                                .lock()
+                                .unwrap()
+                                .push(format!("{n}: {:?}", r.durability));
+                        }
+                        acks.lock().unwrap().push(Ack {
+                            n,
+                            epoch: r.epoch,
+                            at: Instant::now(),
+                        })
+                    }
+                    Err(e) => failures.lock().unwrap().push(format!("{n}: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let acked = || acks.lock().unwrap().len();
+    // Acks keep coming for `span`: at least `min` of them, the last one recent.
+    let acks_go_on = |what: &str, span: Duration| {
+        let before = acked();
+        std::thread::sleep(span);
+        let during = acked() - before;
+        let last = acks.lock().unwrap().last().map(|a| a.at.elapsed());
+        eprintln!("{what}: {during} acks in {span:?}");
+        assert!(
+            during >= 20 && last.is_some_and(|l| l < Duration::from_secs(1)),
+            "{what}: acks stopped ({during} in {span:?}, the last {last:?} ago; failures {:?})",
+            failures.lock().unwrap()
+        );
+    };
+    let no_failover = |what: &str| {
+        assert_eq!(role(&addr_a).as_deref(), Some("master"), "{what}: a's role");
+        assert_eq!(role(&addr_b).as_deref(), Some("slave"), "{what}: b's role");
+    };
+    wait_until("first acks", Duration::from_secs(10), || acked() > 20);
+
+    // One member down: nothing changes.
+    etcd.kill(2);
+    acks_go_on("one etcd member down", ttl * 3);
+    no_failover("one etcd member down");
+
+    // Quorum lost: a's lease lapses, and it says so, but it goes on acking with b.
+    etcd.kill(1);
+    wait_until("a's lease to lapse", ttl * 5, || {
+        lease("lapsed") == Some(1.0)
+    });
+    assert_eq!(reachable(), Some(0.0), "etcd reachable without a quorum");
+    acks_go_on("etcd without a quorum", ttl * 3);
+    no_failover("etcd without a quorum");
+    wait_until("a to log its lapse", Duration::from_secs(5), || {
+        a.log()
+            .contains("acks go on only as the in-sync slave confirms them")
+    });
+
+    // Quorum back: the lease holds again, no election happened.
+    etcd.restart(1);
+    etcd.restart(2);
+    wait_until("a's lease to hold again", ttl * 10, || {
+        lease("held") == Some(1.0)
+    });
+    assert_eq!(reachable(), Some(1.0));
+    acks_go_on("quorum back", ttl * 2);
+    no_failover("quorum back");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    sender.join().unwrap();
+
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "sends failed: {failures:?}");
+    let alone = alone.lock().unwrap().clone();
+    assert!(
+        alone.is_empty(),
+        "acks without the slave (a went solo: {}): {alone:?}",
+        a.log().contains("no slave is in sync")
+    );
+    let acks = acks.lock().unwrap().clone();
+    assert!(
+        acks.iter().all(|x| x.epoch == epoch_a),
+        "an ack from another epoch than a's {epoch_a}: a failover happened"
+    );
+    common::wait_caught_up(&Admin::connect(&addr_a).unwrap(), Duration::from_secs(20));
+    let (on_a, on_b) = (stored(&addr_a), stored(&addr_b));
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for n in on_a.values().flatten() {
+        *count.entry(*n).or_default() += 1;
+    }
+    for x in &acks {
+        assert_eq!(count.get(&x.n), Some(&1), "acked message {} on a", x.n);
+    }
+    assert_eq!(on_a, on_b, "the slave's queues differ from the master's");
+    drop((a, b));
 }

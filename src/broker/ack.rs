@@ -10,12 +10,15 @@
 //! strongest durability the watermarks show, which is at least what the modes promise.
 //! In a broker group on etcd, a SYNC_MASTER whose published in-sync set holds no slave acks
 //! without one (RocketMQ 5's SyncStateSet rule): such an ack says `disk`, and no slave that
-//! lacks it may be elected.
+//! lacks it may be elected. A SYNC_MASTER whose lease lapsed (etcd unreachable) acks only
+//! what its slave confirms, and answers NOT_MASTER when the slave does not (see
+//! `replication/lease.rs`).
 
 use std::time::Duration;
 
 use crate::broker::{Result, ServiceError, Services};
 use crate::protocol::{Durability, ErrorCode};
+use crate::replication::lease::LeaseState;
 use crate::replication::tracker::ReplicaWaitError;
 use crate::replication::{ReplicaAck, ReplicationMode};
 use crate::storage::{Appended, FlushMode};
@@ -100,6 +103,19 @@ pub async fn acknowledge(s: &Services, queue: u32, appended: &Appended) -> Resul
         ));
     }
     local?;
+    if replica.is_err() && s.replication.lease_state() == Some(LeaseState::Lapsed) {
+        // Our lease lapsed and the slave stopped confirming: it may have been elected (it
+        // stops confirming first). NOT_MASTER sends a client with a broker list onwards.
+        return Err(ServiceError::new(
+            ErrorCode::NotMaster,
+            format!(
+                "stored at queue {queue} offset {} but not acknowledged: this master's cluster \
+                 lease was not renewed in time (etcd unreachable or without a quorum) and its \
+                 slave did not confirm the batch; the slave may be the master now",
+                appended.base_offset
+            ),
+        ));
+    }
     replica?;
     if config.replication.mode == ReplicationMode::SyncMaster
         && s.replication.acks_without_replica()

@@ -14,6 +14,7 @@ use crate::broker::stats::local_shard_stats;
 use crate::broker::{transactions, Services};
 use crate::metrics::Family;
 use crate::protocol::ReplicaStats;
+use crate::replication::lease::LeaseState;
 
 /// The families of this shard, every sample labelled `shard`. `refusals` are refusals counted
 /// outside the services (by the connections: the shard budget, partial-frame timeouts).
@@ -168,6 +169,7 @@ pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Fam
     );
 
     out.extend(replication_families(&shard, r));
+    out.extend(cluster_families(s, &shard));
     out.extend(group_families(s, &shard));
     let (open, discarded) = transactions::counts(s);
     out.push(
@@ -283,6 +285,36 @@ fn replication_families(shard: &str, r: &ReplicaStats) -> Vec<Family> {
         .with(sh, r.connects as f64),
         Family::gauge("ringmq_replication_epoch", "The shard's current epoch.")
             .with(sh, r.epoch as f64),
+    ]
+}
+
+/// In a broker group on etcd: whether etcd answers our lease renewals, and where a master's
+/// lease stands (`lapsed`: not renewed in time, see `replication/lease.rs`). Nothing outside
+/// a cluster.
+fn cluster_families(s: &Services, shard: &str) -> Vec<Family> {
+    let Some(answering) = s.replication.etcd_answering() else {
+        return Vec::new();
+    };
+    let mut lease = Family::gauge(
+        "ringmq_cluster_lease_state",
+        "1 for where this master's cluster lease stands (held, lapsed, not_held; all 0 on a \
+         slave). Lapsed: etcd did not confirm a renewal in time.",
+    );
+    let state = s.replication.lease_state();
+    for st in [LeaseState::Held, LeaseState::Lapsed, LeaseState::NotHeld] {
+        lease.push(
+            &[("shard", shard), ("state", st.name())],
+            (state == Some(st)) as u8 as f64,
+        );
+    }
+    vec![
+        Family::gauge(
+            "ringmq_cluster_etcd_reachable",
+            "1 if etcd answered the last lease renewal, 0 if it did not (unreachable, or \
+             without a quorum: no election can happen then).",
+        )
+        .with(&[("shard", shard)], answering as u8 as f64),
+        lease,
     ]
 }
 

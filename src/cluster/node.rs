@@ -35,7 +35,7 @@ use crate::cluster::etcd::{Etcd, EtcdError, KeyValue};
 use crate::cluster::records::{unix_ms, GroupKeys, InSyncRecord, MasterRecord, MemberRecord};
 use crate::config::Config;
 use crate::protocol::{ReplicaStats, ShardStats};
-use crate::replication::lease::Lease;
+use crate::replication::lease::{Lease, LeaseState};
 use crate::replication::{ReplicationMode, Role};
 use crate::server::Broker;
 
@@ -233,6 +233,7 @@ fn keep_alive_loop(etcd: &Etcd, id: u64, ttl: Duration, shared: &SessionShared) 
         let sent = Instant::now();
         match etcd.keep_alive(id) {
             Ok(Some(_)) => {
+                shared.lease.set_etcd_answering(true);
                 *shared.renewed_sent.lock().expect("renewal lock") = sent;
                 if shared.acting_master.load(Ordering::Acquire) {
                     shared.lease.extend_to(sent + shared.window);
@@ -251,6 +252,7 @@ fn keep_alive_loop(etcd: &Etcd, id: u64, ttl: Duration, shared: &SessionShared) 
                 return;
             }
             Err(e) => {
+                shared.lease.set_etcd_answering(false);
                 if failing_since.is_none() {
                     log::warn!("cluster: cannot renew lease {id:x}: {e}");
                     failing_since = Some(sent);
@@ -293,6 +295,8 @@ struct Node {
     /// SYNC_MASTER acking alone, a slave back: each shard's log end when acks began to wait
     /// for it again; it joins the in-sync set once it holds that much.
     rejoin_at: Option<Vec<u64>>,
+    /// Our lease as master lapsed (said once, see [`Node::note_lapse`]).
+    lapsed: bool,
 }
 
 impl Node {
@@ -340,6 +344,7 @@ impl Node {
             last_publish: None,
             admin: None,
             rejoin_at: None,
+            lapsed: false,
         })
     }
 
@@ -348,6 +353,7 @@ impl Node {
             if self.session.lost() {
                 self.step_down("etcd says our lease is gone")?;
             }
+            self.note_lapse();
             match self.etcd.get(&self.keys.master()) {
                 // etcd trouble (a campaign or a promotion cut short) is tried again next
                 // tick; a broker that cannot start is not.
@@ -367,6 +373,31 @@ impl Node {
             std::thread::sleep(TICK);
         }
         Ok(())
+    }
+
+    /// Says once when our lease as master lapsed (etcd unreachable or without a quorum: no
+    /// election can happen, but we cannot tell that from being cut off alone) and what that
+    /// means for acks, and once when it holds again.
+    fn note_lapse(&mut self) {
+        let lapsed = self.term.is_some() && self.lease.state() == LeaseState::Lapsed;
+        if lapsed == self.lapsed {
+            return;
+        }
+        self.lapsed = lapsed;
+        if !lapsed {
+            log::info!("cluster: our lease holds again; acking as before");
+        } else if self.base.replication.mode == ReplicationMode::SyncMaster && !self.lease.solo() {
+            log::warn!(
+                "cluster: our lease was not renewed in time (etcd unreachable or without a \
+                 quorum): staying master; acks go on only as the in-sync slave confirms them"
+            );
+        } else {
+            log::warn!(
+                "cluster: our lease was not renewed in time (etcd unreachable or without a \
+                 quorum): staying master, but acking nothing until etcd answers (no slave's \
+                 confirmation fences our acks)"
+            );
+        }
     }
 
     fn on_master_key(&mut self, master: Option<KeyValue>) -> Result<(), ClusterError> {
@@ -663,10 +694,21 @@ impl Node {
         let caught_up = me.streaming
             && me.lag_bytes <= self.cluster.in_sync_lag_bytes
             && me.lag_ms <= self.cluster.in_sync_max_ms;
+        let members = if caught_up {
+            // An unanswered read is no news: publishing "no slave" from it would make a
+            // SYNC_MASTER ack alone while its slave is fine.
+            match self.etcd.get_prefix(&self.keys.members()) {
+                Ok(members) => members,
+                Err(e) => {
+                    log::debug!("cluster: reading the members: {e}");
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let mut nodes: Vec<String> = if caught_up {
-            self.etcd
-                .get_prefix(&self.keys.members())
-                .unwrap_or_default()
+            members
                 .iter()
                 .filter_map(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())
                 .filter(|m| {

@@ -10,6 +10,16 @@
 //! checks the lease after its waits, like the fence, so a record stored while the lease ran
 //! out is not acknowledged (an idempotent producer retries it at the new master).
 //!
+//! A lease that *lapsed* (not renewed in time, etcd unreachable or without a quorum) is not
+//! the same as one *revoked* (etcd said it is gone, or we step down): without etcd no other
+//! broker can be elected, but we cannot tell a lost quorum from a partition that cut only us
+//! off. A SYNC_MASTER whose in-sync set names its slave keeps acking through a lapse, because
+//! every ack waits for that slave anyway, and the slave stops confirming before it takes over
+//! (promotion stops the follower first): whatever it confirmed, it holds. A master with
+//! nothing else to fence it (ASYNC_MASTER, or a SYNC_MASTER acking alone) acks nothing once
+//! its lease lapsed. (Kafka's leaders behave the same way without their controller quorum:
+//! they serve with the ISR they have, and cannot shrink it.)
+//!
 //! Shared by the control thread (plain threads) and every shard: atomics, no lock. Without a
 //! cluster there is no lease and nothing changes.
 
@@ -30,6 +40,28 @@ pub struct Lease {
     /// slave (written there *before* this is set, so no slave that lacks these acks may take
     /// over). Cleared before a slave is put back in the set.
     solo: AtomicBool,
+    /// Whether etcd answered the last renewal (for metrics and logs).
+    etcd_answering: AtomicBool,
+}
+
+/// Where a lease stands, as an ack sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Never held, or revoked: acks stop.
+    NotHeld,
+    Held,
+    /// Held once, not renewed in time: see the module doc for who may still ack.
+    Lapsed,
+}
+
+impl LeaseState {
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseState::NotHeld => "not_held",
+            LeaseState::Held => "held",
+            LeaseState::Lapsed => "lapsed",
+        }
+    }
 }
 
 impl Default for Lease {
@@ -46,6 +78,7 @@ impl Lease {
             valid_until_ns: AtomicU64::new(0),
             term: AtomicU64::new(0),
             solo: AtomicBool::new(false),
+            etcd_answering: AtomicBool::new(true),
         }
     }
 
@@ -75,6 +108,27 @@ impl Lease {
         let until = self.valid_until_ns.load(Ordering::Acquire);
         let now = self.nanos(Instant::now());
         (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Held, lapsed (not renewed in time) or not held (never, or revoked).
+    pub fn state(&self) -> LeaseState {
+        let until = self.valid_until_ns.load(Ordering::Acquire);
+        if until == 0 {
+            LeaseState::NotHeld
+        } else if until > self.nanos(Instant::now()) {
+            LeaseState::Held
+        } else {
+            LeaseState::Lapsed
+        }
+    }
+
+    /// Whether etcd answered the last renewal.
+    pub fn etcd_answering(&self) -> bool {
+        self.etcd_answering.load(Ordering::Acquire)
+    }
+
+    pub fn set_etcd_answering(&self, answering: bool) {
+        self.etcd_answering.store(answering, Ordering::Release);
     }
 
     /// The term a new epoch takes at least (see the field).
@@ -110,9 +164,12 @@ mod tests {
         // A late renewal with an earlier deadline does not shorten it.
         lease.extend_to(Instant::now() + Duration::from_millis(1));
         assert!(lease.remaining().unwrap() > Duration::from_secs(50));
+        assert_eq!(lease.state(), LeaseState::Held);
         lease.revoke();
         assert!(!lease.holds());
+        assert_eq!(lease.state(), LeaseState::NotHeld, "revoked is not lapsed");
         lease.extend_to(Instant::now() - Duration::from_millis(1));
         assert!(!lease.holds(), "a deadline in the past is not held");
+        assert_eq!(lease.state(), LeaseState::Lapsed);
     }
 }

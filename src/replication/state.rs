@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::replication::epoch::{EpochError, EpochHistory};
-use crate::replication::lease::Lease;
+use crate::replication::lease::{Lease, LeaseState};
 use crate::replication::tracker::ReplicaTracker;
 use crate::replication::{ReplicationMode, Role};
 use crate::shard::ShardContext;
@@ -345,16 +345,48 @@ impl Replication {
         *self.lease.borrow_mut() = lease;
     }
 
+    /// The lease's state, on a master in a broker group on etcd (`None` elsewhere).
+    pub fn lease_state(&self) -> Option<LeaseState> {
+        let lease = self.lease.borrow();
+        let lease = lease.as_ref()?;
+        (self.role() == Role::Master).then(|| lease.state())
+    }
+
+    /// Whether etcd answered the last lease renewal (`None` outside a cluster).
+    pub fn etcd_answering(&self) -> Option<bool> {
+        self.lease.borrow().as_ref().map(|l| l.etcd_answering())
+    }
+
+    /// Why a master in a broker group may not ack without its lease (see
+    /// `replication/lease.rs`): a lapsed lease still lets a SYNC_MASTER with a slave in its
+    /// in-sync set ack what that slave confirms.
+    fn lease_fence(&self) -> Option<String> {
+        match self.lease_state()? {
+            LeaseState::Held => None,
+            LeaseState::NotHeld => Some(
+                "this master does not hold its cluster lease (lost at etcd, or stepping down): \
+                 it acks nothing, since another broker may be elected"
+                    .to_string(),
+            ),
+            LeaseState::Lapsed
+                if self.ctx.config.replication.mode == ReplicationMode::SyncMaster
+                    && !self.acks_without_replica() =>
+            {
+                None
+            }
+            LeaseState::Lapsed => Some(
+                "this master's cluster lease was not renewed in time (etcd unreachable or \
+                 without a quorum): it acks nothing until etcd answers, since another broker \
+                 may be elected and no slave's confirmation fences its acks"
+                    .to_string(),
+            ),
+        }
+    }
+
     /// Why writes are refused (for NOT_MASTER), if they are.
     pub fn fence_message(&self) -> Option<String> {
         match &*self.fence.borrow() {
-            None => match &*self.lease.borrow() {
-                Some(lease) if self.role() == Role::Master && !lease.holds() => Some(
-                    "this master does not hold its cluster lease (not renewed at etcd in time,                      or lost): it acks nothing, since another broker may be elected"
-                        .to_string(),
-                ),
-                _ => None,
-            },
+            None => self.lease_fence(),
             Some(Fence::PeerUnheard { peer }) => Some(format!(
                 "this master is fenced (read-only): its peer {peer} has not answered since it \
                  started, and the peer may be the master now; start it with --force-master to \

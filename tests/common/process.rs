@@ -48,8 +48,13 @@ impl BrokerProcess {
     ) -> BrokerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringmq"));
         let port = port.to_string();
+        command.arg("broker");
+        // Off unless asked for: tests run side by side and would all want the default port.
+        if !extra.contains(&"--metrics-listen") {
+            command.args(["--metrics-listen", "off"]);
+        }
         command
-            .args(["broker", "--metrics-listen", "off", "--port", &port])
+            .args(["--port", &port])
             .args(["--segment-bytes", "33554432", "--cores", cores])
             .arg("--data-dir")
             .arg(dir)
