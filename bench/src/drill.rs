@@ -18,8 +18,8 @@
 //! not exceed it. Messages acked between the reading and the kill are counted apart (no reading
 //! covers them). Damage and duplicates fail in both modes.
 //!
-//! The `partition` drill is in `drill_partition.rs` and the `disk-full` drill in
-//! `drill_disk_full.rs` (they share the flags, the payloads, the log reader and the audit
+//! The `partition` drill is in `drill_partition.rs`, the `disk-full` drill in
+//! `drill_disk_full.rs` and the `failover` drill in `drill_failover.rs` (they share the flags, the payloads, the log reader and the audit
 //! defined here).
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +61,11 @@ pub enum DrillKind {
     /// broker answers DISK_FULL, read while full, free the space, time the resume, SIGTERM,
     /// restart and audit (repeated `--rounds` times).
     DiskFull,
+    /// SIGKILL the master of a broker group on etcd (a 3-member etcd the drill starts itself,
+    /// two SYNC_MASTER brokers) under pipelined load from producers that know both brokers;
+    /// time the kill to the first ack from the new master, audit every ack on it (repeated
+    /// `--rounds` times; needs Debian's etcd-server).
+    Failover,
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +133,12 @@ pub struct DrillArgs {
     /// it (the slave's acknowledgement was already on the master); later ones may not.
     #[arg(long, default_value_t = 500)]
     pub in_flight_grace_ms: u64,
+    /// failover: the brokers' etcd lease TTL (seconds; `ringmq broker`'s default is 3).
+    #[arg(long, default_value_t = 3)]
+    pub lease_ttl_secs: u64,
+    /// failover: how long the load goes on after the first ack from the new master.
+    #[arg(long, default_value_t = 1000)]
+    pub after_failover_ms: u64,
     /// disk-full: size of the loop-device file system (MiB).
     #[arg(long, default_value_t = 300)]
     pub fs_mib: u64,

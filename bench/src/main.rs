@@ -37,6 +37,7 @@
 //! - [`drill`]: the crash drill and its audit; the drills' flags, payloads and log reader.
 //! - [`drill_partition`]: the partition drill and its audit.
 //! - [`drill_disk_full`]: the disk-full drill (its own loop-device file system).
+//! - [`drill_failover`]: the failover drill (its own etcd cluster, a broker group of two).
 //! - [`machine`]: machine facts, core split and pinning.
 //! - [`transactions`]: the transactional produce and check-back workload.
 //! - [`embedded`]: the embedded broker, payload ids, loss/duplicate tally and CPU split that
@@ -46,6 +47,7 @@ mod backlog;
 mod broker_stats;
 mod drill;
 mod drill_disk_full;
+mod drill_failover;
 mod drill_load;
 mod drill_partition;
 mod embedded;
@@ -188,6 +190,7 @@ fn main() -> ExitCode {
             drill::DrillKind::Kill => drill::run(a),
             drill::DrillKind::Partition => drill_partition::run(a),
             drill::DrillKind::DiskFull => drill_disk_full::run(a),
+            drill::DrillKind::Failover => drill_failover::run(a),
         },
         Command::Groups(a) => groups::run(a),
         Command::Backlog(a) => backlog::run(a),

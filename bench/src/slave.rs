@@ -66,6 +66,18 @@ pub struct ServeArgs {
     /// TOML config (as written by `Config::to_toml`).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Join a broker group on etcd at these client endpoints (`HOST:PORT,...`; the failover
+    /// drill's brokers), as `ringmq broker --cluster etcd=...` does.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub etcd: Option<String>,
+    #[arg(long, default_value = "ringmq")]
+    pub cluster_name: String,
+    #[arg(long, default_value = "g")]
+    pub group: String,
+    #[arg(long, default_value = "n")]
+    pub node: String,
+    #[arg(long, default_value_t = 3)]
+    pub lease_ttl_secs: u64,
 }
 
 /// The hidden `serve-broker` subcommand: the slave process of a replication mode. Prints one
@@ -75,7 +87,21 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .format_timestamp_micros()
         .init();
     let config = Config::from_file(&args.config).map_err(|e| e.to_string())?;
-    ringmq::server::run_until_signalled(config)
+    let Some(etcd) = &args.etcd else {
+        return ringmq::server::run_until_signalled(config);
+    };
+    let cluster = ringmq::cluster::ClusterConfig {
+        endpoints: ringmq::cluster::etcd::Etcd::parse_endpoints(etcd),
+        cluster: args.cluster_name.clone(),
+        group: args.group.clone(),
+        node: args.node.clone(),
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        // `ringmq broker`'s defaults.
+        in_sync_lag_bytes: 4 << 20,
+        in_sync_max_ms: 5000,
+        allow_unclean_election: false,
+    };
+    ringmq::cluster::run_until_signalled(config, cluster).map_err(|e| e.to_string())
 }
 
 /// A network namespace joined to the root namespace by a veth pair; deleted on drop.
@@ -329,6 +355,16 @@ impl SlaveProcess {
     /// confined to `cores` (all of the process, so its shards take exactly these cores), and
     /// waits for its addresses.
     pub fn spawn(config: &Path, host: &SlaveHost, cores: &[usize]) -> Result<SlaveProcess, String> {
+        Self::spawn_with(config, &[], host, cores)
+    }
+
+    /// [`SlaveProcess::spawn`] with more `serve-broker` flags (`extra`: the cluster's).
+    pub fn spawn_with(
+        config: &Path,
+        extra: &[String],
+        host: &SlaveHost,
+        cores: &[usize],
+    ) -> Result<SlaveProcess, String> {
         // SAFETY: the set is zeroed, then filled with indices checked against CPU_SETSIZE.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         for &c in cores {
@@ -351,6 +387,7 @@ impl SlaveProcess {
         cmd.arg("serve-broker")
             .arg("--config")
             .arg(config)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

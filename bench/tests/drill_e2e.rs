@@ -1,6 +1,7 @@
 //! `ringmq-bench drill kill` end to end: a real broker process killed with SIGKILL under load,
 //! restarted and audited; and `drill partition`: a master and a slave process in two network
-//! namespaces, the link cut under load and healed. The verdicts themselves are unit-tested in
+//! namespaces, the link cut under load and healed; and `drill failover`: the master of a broker
+//! group on etcd killed under load. The verdicts themselves are unit-tested in
 //! `bench/src/drill.rs` and `bench/src/drill_partition.rs`.
 //!
 //! The partition test makes network namespaces: run it under `flock /tmp/ringmq-netns.lock`.
@@ -144,4 +145,39 @@ fn a_sync_master_cut_off_its_slave_acks_nothing_it_cannot_keep() {
         left.is_empty(),
         "the drill left namespaces behind: {left:?}"
     );
+}
+
+#[test]
+fn a_killed_master_of_a_group_on_etcd_is_replaced_and_no_acked_message_is_lost() {
+    let (ok, stdout, stderr) = drill_with(
+        &[
+            "failover",
+            "--rounds",
+            "1",
+            "--lease-ttl-secs",
+            "2",
+            "--after-failover-ms",
+            "300",
+        ],
+        "failover",
+    );
+    if !ok && stderr.contains("etcd is not installed") {
+        let msg = "SKIP: etcd is not installed (apt-get install etcd-server)";
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{msg} (CI=true: a skipped test is a failure)"
+        );
+        eprintln!("{msg}");
+        return;
+    }
+    assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let rows = verdict_rows(&stdout);
+    assert_eq!(rows.len(), 1, "{stdout}");
+    let cells: Vec<&str> = rows[0].split('|').map(str::trim).collect();
+    assert_eq!(cells[cells.len() - 2], "PASS", "{stdout}\n{stderr}");
+    let by_new: u64 = cells[4].parse().unwrap();
+    assert!(by_new > 0, "the new master acked nothing: {stdout}");
+    assert!(cells[5].ends_with(" ms"), "no failover time: {stdout}");
+    assert_eq!(cells[6], "0", "acked messages lost: {stdout}");
+    assert!(stdout.contains("median"), "{stdout}");
 }
