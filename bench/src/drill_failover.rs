@@ -510,6 +510,11 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
+    /// The members' process ids (for their CPU use).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     fn client(&self) -> Result<Etcd, String> {
         Etcd::new(&self.endpoints, Duration::from_secs(1)).map_err(|e| e.to_string())
     }

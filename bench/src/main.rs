@@ -20,6 +20,7 @@
 //!   half + rollback) of one message each, then halves left UNKNOWN that the broker checks
 //!   back, on one embedded broker with a short check-back timeout: msgs/s, half / end /
 //!   whole latency, the ratio to plain sends, check-back latency, an audit of every topic.
+//! - `etcd-load`: the etcd traffic of N simulated broker groups and a failover storm.
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -38,6 +39,7 @@
 //! - [`drill_partition`]: the partition drill and its audit.
 //! - [`drill_disk_full`]: the disk-full drill (its own loop-device file system).
 //! - [`drill_failover`]: the failover drill (its own etcd cluster, a broker group of two).
+//! - [`etcd_load`]: the etcd load of many broker groups.
 //! - [`machine`]: machine facts, core split and pinning.
 //! - [`transactions`]: the transactional produce and check-back workload.
 //! - [`embedded`]: the embedded broker, payload ids, loss/duplicate tally and CPU split that
@@ -51,6 +53,7 @@ mod drill_failover;
 mod drill_load;
 mod drill_partition;
 mod embedded;
+mod etcd_load;
 mod groups;
 mod hist;
 mod machine;
@@ -108,8 +111,9 @@ enum Command {
     /// cuts a master off its slave (two network namespaces) under load, heals the link and
     /// checks both logs and that no SYNC_MASTER ack claimed the slave while it was cut off;
     /// `disk-full` fills a loop-device file system under load (DISK_FULL, reads while full,
-    /// resume after freeing, clean SIGTERM, restart audit). Prints a verdict table; exits
-    /// non-zero on any failed round.
+    /// resume after freeing, clean SIGTERM, restart audit); `failover` SIGKILLs the master of
+    /// a broker group on etcd under load and times the automatic failover. Prints a verdict
+    /// table; exits non-zero on any failed round.
     Drill(drill::DrillArgs),
     /// Consumer-group workload: producers and the members of one group (poll, ack, timed
     /// explicit commits besides auto-commit) on a fresh embedded broker; reports produce and
@@ -124,6 +128,10 @@ enum Command {
     /// the committed message's delivery); audits that every committed message is visible once
     /// and no rolled back one.
     Transactions(transactions::TransactionsArgs),
+    /// The etcd traffic of N broker groups without the brokers (simulated members doing what
+    /// a member's control and lease threads do), then a failover storm: calls/s by kind,
+    /// latency, lapsed leases, etcd's CPU, the storm's duration (for docs/scale.md).
+    EtcdLoad(etcd_load::EtcdLoadArgs),
     /// Run a broker from a TOML config until SIGTERM (the slave process of the replication
     /// modes).
     #[command(hide = true)]
@@ -195,6 +203,7 @@ fn main() -> ExitCode {
         Command::Groups(a) => groups::run(a),
         Command::Backlog(a) => backlog::run(a),
         Command::Transactions(a) => transactions::run(a),
+        Command::EtcdLoad(a) => etcd_load::run(a),
         Command::ServeBroker(a) => slave::serve(a),
     };
     match outcome {
