@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use common::etcd::EtcdCluster;
 use common::process::BrokerProcess;
 use common::tcp_proxy::TcpProxy;
-use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
+use ringmq::client::{
+    Admin, Consumer, GroupConfig, GroupConsumer, Producer, ProducerConfig, QueueSelector,
+};
 use ringmq::cluster::etcd::Etcd;
 use ringmq::format::batch::Message;
 use ringmq::protocol::Durability;
@@ -592,7 +594,7 @@ impl Drop for BrokerProcessLater {
 /// consumer group's committed offsets (a member joining the new master goes on after them).
 #[test]
 fn half_messages_and_group_offsets_move_with_the_master() {
-    use ringmq::client::{GroupConfig, GroupConsumer, TransactionConfig, TransactionalProducer};
+    use ringmq::client::{TransactionConfig, TransactionalProducer};
     use ringmq::protocol::TransactionOutcome;
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
@@ -802,7 +804,6 @@ fn a_sync_master_cut_off_from_etcd_rejoins_with_only_its_unacked_tail_dropped() 
 /// read again.
 #[test]
 fn a_group_member_stays_joined_across_an_automatic_failover() {
-    use ringmq::client::{GroupConfig, GroupConsumer};
     let _serial = one_at_a_time();
     let _watchdog = common::watchdog(Duration::from_secs(120));
     let Some(Pair {
@@ -1055,4 +1056,147 @@ fn etcd_losing_a_member_or_its_quorum_stops_no_sync_master() {
     }
     assert_eq!(on_a, on_b, "the slave's queues differ from the master's");
     drop((a, b));
+}
+
+/// A scheduled retry and a dead letter move with an automatic failover: both are records in
+/// the log the slave replicated, so the same group member, following the failover by itself,
+/// gets the retry from the new master when it is due (not before, and nothing it committed),
+/// and the new master's `%DLQ%` topic holds exactly the dead message.
+#[test]
+fn retries_and_dead_letters_move_with_an_automatic_failover() {
+    let _serial = one_at_a_time();
+    let _watchdog = common::watchdog(Duration::from_secs(120));
+    let Some(Pair {
+        etcd: _etcd,
+        client: _client,
+        endpoints: _endpoints,
+        tmp: _tmp,
+        pa: _pa,
+        pb: _pb,
+        addr_a,
+        addr_b,
+        a,
+        b,
+        proxy: _proxy,
+        metrics_a: _metrics_a,
+    }) = Pair::start("sync_master", false)
+    else {
+        return;
+    };
+    const GROUP_NAME: &str = "rg";
+    const LEVEL2_MS: u64 = 5_000;
+    Admin::connect(&addr_a)
+        .unwrap()
+        .create_group(GROUP_NAME, 1, 0)
+        .unwrap();
+    let both = format!("{addr_a},{addr_b}");
+    let producer = Producer::with_config(ProducerConfig::new(both.clone())).unwrap();
+    for n in 0..20u64 {
+        let m = Message::new(n.to_string().into_bytes());
+        producer
+            .send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m)
+            .unwrap_or_else(|e| panic!("message {n}: {e}"));
+    }
+    let number = |m: &ringmq::client::GroupMessage| -> u64 {
+        String::from_utf8(m.payload.to_vec())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // n % 5 == 1: retry at level 2 (due after the failover); n % 5 == 2: level 1, then dead.
+    let group = GroupConsumer::join(&both, GroupConfig::new(GROUP_NAME, &[TOPIC])).unwrap();
+    let mut firsts = 0;
+    let mut dead = Vec::new();
+    let mut scheduled_at = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while firsts < 20 || dead.len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "before the kill: {firsts} read, dead {dead:?}"
+        );
+        for m in group.poll(Duration::from_millis(200)).unwrap_or_default() {
+            let n = number(&m);
+            if m.reconsume_times > 0 {
+                assert_eq!(n % 5, 2, "a retry of {n} before the kill");
+                let sent = group.nack(&m, 1, "second failure").unwrap();
+                assert!(sent.topic.starts_with("%DLQ%"), "{sent:?}");
+                dead.push(n);
+                continue;
+            }
+            firsts += 1;
+            match n % 5 {
+                1 => {
+                    scheduled_at.insert(n, Instant::now());
+                    group.nack(&m, 2, "later").unwrap();
+                }
+                2 => {
+                    group.nack(&m, 1, "first failure").unwrap();
+                }
+                _ => group.ack(&m),
+            }
+        }
+    }
+    group.commit().unwrap();
+    common::wait_caught_up(&Admin::connect(&addr_a).unwrap(), Duration::from_secs(20));
+
+    a.kill9();
+    // The member rides out the election and gets each scheduled retry once, when due.
+    let mut retried = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while retried.len() < scheduled_at.len() {
+        assert!(
+            Instant::now() < deadline,
+            "after the failover the member got only the retries {retried:?} of {:?}",
+            scheduled_at.keys()
+        );
+        for m in group.poll(Duration::from_millis(200)).unwrap_or_default() {
+            let n = number(&m);
+            assert_eq!(
+                m.reconsume_times, 1,
+                "after the failover: {n} again, not as a retry (committed before the kill)"
+            );
+            let due = scheduled_at[&n] + Duration::from_millis(LEVEL2_MS);
+            assert!(
+                Instant::now() + Duration::from_millis(200) >= due,
+                "retry of {n} delivered {:?} early",
+                due - Instant::now()
+            );
+            group.ack(&m);
+            retried.push(n);
+        }
+    }
+    assert_eq!(role(&addr_b).as_deref(), Some("master"), "b took over");
+    // Nothing more comes.
+    let more = group.poll(Duration::from_millis(1500)).unwrap_or_default();
+    assert!(
+        more.is_empty(),
+        "after the retries: {:?}",
+        more.iter().map(number).collect::<Vec<_>>()
+    );
+    group.commit().unwrap();
+    retried.sort();
+    let mut expected: Vec<u64> = scheduled_at.keys().copied().collect();
+    expected.sort();
+    assert_eq!(retried, expected, "each scheduled retry once");
+
+    let admin = Admin::connect(&addr_b).unwrap();
+    let consumer = Consumer::connect(&addr_b).unwrap();
+    let dlq = format!("%DLQ%{GROUP_NAME}");
+    let mut on_b: Vec<u64> = Vec::new();
+    for s in admin.queue_stats(&dlq).unwrap() {
+        let f = consumer
+            .fetch(&dlq, s.queue, s.min_offset, Duration::ZERO)
+            .unwrap();
+        on_b.extend(f.messages.iter().map(|m| {
+            String::from_utf8(m.payload.to_vec())
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        }));
+    }
+    on_b.sort();
+    dead.sort();
+    assert_eq!(on_b, dead, "the new master's dead-letter queue");
+    drop(group);
+    drop(b);
 }
