@@ -1,10 +1,13 @@
-//! Broker-side figures: fsyncs/s, acks per fsync, unflushed-bytes high-water mark, and in the
-//! replication modes the slave's lag as the master sees it.
+//! Broker-side figures: fsyncs/s, appends (produce requests) per fsync, the largest unflushed
+//! byte count of the measured window, and in the replication modes the slave's lag as the
+//! master sees it.
 //!
 //! [`snapshot`] reads the broker's counters with the BrokerStats request (summed over shards);
 //! a broker that cannot answer gives "n/a" figures rather than failing the run.
-//! [`ReplicationWatch`] polls the master's BrokerStats every [`LAG_POLL_INTERVAL`] during the
-//! load: lag is a gauge, so its maximum can only be seen by sampling it.
+//! [`ReplicationWatch`] polls the broker's BrokerStats every [`LAG_POLL_INTERVAL`] during the
+//! load: lag and unflushed bytes are gauges, so their maxima in the measured window can only
+//! be seen by sampling them (the broker's own unflushed maximum counts from its start, warm-up
+//! included).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,10 +30,8 @@ pub const LAG_POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub struct BrokerCounters {
     /// fdatasync calls completed since start.
     pub fsyncs: u64,
-    /// Records appended since start: one per produce batch, so one per ack.
-    pub acks: u64,
-    /// Largest unflushed (appended, not yet durable) byte count seen since start.
-    pub unflushed_bytes_hwm: u64,
+    /// Records appended since start: one per produce request (batch).
+    pub appends: u64,
 }
 
 /// Reads the broker's counters, summed over its shards.
@@ -41,8 +42,7 @@ pub fn snapshot(admin: &Admin) -> Option<BrokerCounters> {
             .iter()
             .fold(BrokerCounters::default(), |acc, s| BrokerCounters {
                 fsyncs: acc.fsyncs + s.fsyncs,
-                acks: acc.acks + s.appends,
-                unflushed_bytes_hwm: acc.unflushed_bytes_hwm.max(s.unflushed_bytes_max),
+                appends: acc.appends + s.appends,
             }),
     )
 }
@@ -51,26 +51,31 @@ pub fn snapshot(admin: &Admin) -> Option<BrokerCounters> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct BrokerStats {
     pub fsyncs_per_sec: Option<f64>,
-    pub acks_per_fsync: Option<f64>,
-    pub unflushed_bytes_hwm: Option<f64>,
+    /// Records (produce requests) appended per fdatasync: how many requests one group commit
+    /// covered. Not acks: an ack may cover a batch of many messages.
+    pub appends_per_fsync: Option<f64>,
+    /// The largest unflushed byte count (summed over shards) the polls saw in the measured
+    /// window; sampled every [`LAG_POLL_INTERVAL`], so a shorter peak may be missed.
+    pub unflushed_max_bytes: Option<f64>,
 }
 
 impl BrokerStats {
-    /// Figures between two snapshots `secs` apart.
+    /// Figures between two snapshots `secs` apart; `unflushed_max` from the polls.
     pub fn between(
         before: Option<BrokerCounters>,
         after: Option<BrokerCounters>,
         secs: f64,
+        unflushed_max: Option<u64>,
     ) -> BrokerStats {
         let (Some(b), Some(a)) = (before, after) else {
             return BrokerStats::default();
         };
         let fsyncs = a.fsyncs.saturating_sub(b.fsyncs);
-        let acks = a.acks.saturating_sub(b.acks);
+        let appends = a.appends.saturating_sub(b.appends);
         BrokerStats {
             fsyncs_per_sec: (secs > 0.0).then(|| fsyncs as f64 / secs),
-            acks_per_fsync: (fsyncs > 0).then(|| acks as f64 / fsyncs as f64),
-            unflushed_bytes_hwm: Some(a.unflushed_bytes_hwm as f64),
+            appends_per_fsync: (fsyncs > 0).then(|| appends as f64 / fsyncs as f64),
+            unflushed_max_bytes: unflushed_max.map(|b| b as f64),
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct ReplicationFigures {
 pub struct LagTracker {
     figures: ReplicationFigures,
     first_connects: Option<u64>,
+    /// Largest unflushed bytes (summed over shards) in the measured window's polls.
+    unflushed_max: Option<u64>,
 }
 
 impl LagTracker {
@@ -119,6 +126,8 @@ impl LagTracker {
         let lag_bytes = r.iter().map(|r| r.lag_bytes).max().unwrap_or(0);
         let lag_ms = r.iter().map(|r| r.lag_ms).max().unwrap_or(0);
         if measured {
+            let unflushed = shards.iter().map(|s| s.unflushed_bytes).sum::<u64>();
+            self.unflushed_max = Some(self.unflushed_max.unwrap_or(0).max(unflushed));
             f.max_lag_bytes = Some(f.max_lag_bytes.unwrap_or(0).max(lag_bytes));
             f.max_lag_ms = Some(f.max_lag_ms.unwrap_or(0).max(lag_ms));
         }
@@ -127,6 +136,11 @@ impl LagTracker {
 
     pub fn on_failed_poll(&mut self) {
         self.figures.polls_failed += 1;
+    }
+
+    /// The largest unflushed byte count the measured window's polls saw.
+    pub fn unflushed_max(&self) -> Option<u64> {
+        self.unflushed_max
     }
 
     pub fn figures(&self) -> ReplicationFigures {
@@ -174,9 +188,13 @@ impl ReplicationWatch {
         Ok(ReplicationWatch { stop, thread })
     }
 
-    pub fn finish(self) -> ReplicationFigures {
+    /// The slave's figures and the largest unflushed byte count of the measured window.
+    pub fn finish(self) -> (ReplicationFigures, Option<u64>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().map(|t| t.figures()).unwrap_or_default()
+        self.thread
+            .join()
+            .map(|t| (t.figures(), t.unflushed_max()))
+            .unwrap_or_default()
     }
 }
 
@@ -196,20 +214,18 @@ mod tests {
     fn deltas_over_the_window() {
         let b = BrokerCounters {
             fsyncs: 100,
-            acks: 1000,
-            unflushed_bytes_hwm: 10,
+            appends: 1000,
         };
         let a = BrokerCounters {
             fsyncs: 300,
-            acks: 3000,
-            unflushed_bytes_hwm: 4096,
+            appends: 3000,
         };
-        let s = BrokerStats::between(Some(b), Some(a), 2.0);
+        let s = BrokerStats::between(Some(b), Some(a), 2.0, Some(4096));
         assert_eq!(s.fsyncs_per_sec, Some(100.0));
-        assert_eq!(s.acks_per_fsync, Some(10.0));
-        assert_eq!(s.unflushed_bytes_hwm, Some(4096.0));
+        assert_eq!(s.appends_per_fsync, Some(10.0));
+        assert_eq!(s.unflushed_max_bytes, Some(4096.0));
         assert_eq!(
-            BrokerStats::between(None, Some(a), 2.0),
+            BrokerStats::between(None, Some(a), 2.0, None),
             BrokerStats::default()
         );
         assert_eq!(fmt_opt(None, 1), "n/a");
@@ -232,10 +248,31 @@ mod tests {
     #[test]
     fn lag_maxima_count_only_in_the_measured_window() {
         let mut t = LagTracker::default();
-        t.on_poll(&[shard(2, 9_999_999, 9_999, 1), shard(2, 0, 0, 1)], false);
-        t.on_poll(&[shard(2, 4096, 3, 1), shard(2, 100, 7, 1)], true);
+        let unflushed = |mut s: ShardStats, bytes: u64| {
+            s.unflushed_bytes = bytes;
+            s
+        };
+        t.on_poll(
+            &[
+                unflushed(shard(2, 9_999_999, 9_999, 1), 1 << 30),
+                shard(2, 0, 0, 1),
+            ],
+            false,
+        );
+        t.on_poll(
+            &[
+                unflushed(shard(2, 4096, 3, 1), 300),
+                unflushed(shard(2, 100, 7, 1), 200),
+            ],
+            true,
+        );
         t.on_poll(&[shard(2, 0, 0, 1), shard(2, 0, 0, 1)], true);
         t.on_failed_poll();
+        assert_eq!(
+            t.unflushed_max(),
+            Some(500),
+            "the warm-up's 1 GiB does not count"
+        );
         let f = t.figures();
         assert_eq!(f.max_lag_bytes, Some(4096));
         assert_eq!(f.max_lag_ms, Some(7));

@@ -573,7 +573,7 @@ fn rounds(args: &DrillArgs, dir: &Path, rng: &mut Rng) -> Result<Vec<PartitionAu
             std::thread::sleep(POLL_INTERVAL);
         }
         let catch_up_ms = load_end.elapsed().as_millis() as u64;
-        let lag = watch.finish();
+        let (lag, _) = watch.finish();
         let master_log = drill::read_everything(&master_addr, args.queues)?;
         let slave_log = if caught_up {
             Some(drill::read_everything(&slave_addr, args.queues)?)

@@ -416,15 +416,8 @@ fn drive(
         split.describe()
     );
 
-    let watch = if replicated {
-        Some(ReplicationWatch::start(
-            addr,
-            ctx.base + warmup,
-            &split.load_cores,
-        )?)
-    } else {
-        None
-    };
+    // Every mode: the watch also samples unflushed bytes in the measured window.
+    let watch = ReplicationWatch::start(addr, ctx.base + warmup, &split.load_cores)?;
     let consumer_stats: Vec<SharedStats> = (0..consumers).map(|_| ThreadStats::shared()).collect();
     let consumer_threads: Vec<JoinHandle<Result<(), String>>> = assignments
         .into_iter()
@@ -489,7 +482,8 @@ fn drive(
     done.store(true, Ordering::Relaxed);
     let (timeline, stats_before) = progress.join().expect("progress thread");
     let stats_after = broker_stats::snapshot(&admin);
-    let replica_lag = watch.map(ReplicationWatch::finish);
+    let (lag, unflushed_max) = watch.finish();
+    let replica_lag = replicated.then_some(lag);
     if !failures.is_empty() {
         return Err(format!("[{label}] {}", failures.join("; ")));
     }
@@ -543,7 +537,7 @@ fn drive(
         latency: LatencySummary::from_hist(&ack_hist),
         e2e_latency: e2e_hist.as_ref().map(LatencySummary::from_hist),
         errors,
-        broker_stats: BrokerStats::between(stats_before, stats_after, measured_secs),
+        broker_stats: BrokerStats::between(stats_before, stats_after, measured_secs, unflushed_max),
         replication: match info.replication.as_str() {
             "" => "unknown".to_string(),
             r => r.to_lowercase(),
