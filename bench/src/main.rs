@@ -73,7 +73,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::machine::MachineFacts;
 use crate::report::Report;
-use crate::workload::{parse_modes, Mode, Workload, DEFAULT_COMPARE_MODES};
+use crate::workload::{parse_modes, Mode, Preset, Workload, DEFAULT_COMPARE_MODES};
 
 #[derive(Parser)]
 #[command(
@@ -151,6 +151,14 @@ struct RunArgs {
     /// (with --broker: the broker's own flush mode is measured).
     #[arg(long, default_value = "sync-flush", value_parser = clap::value_parser!(ModeArg))]
     mode: ModeArg,
+    /// A named workload of the performance issue: sets the mode, producers, batch, send mode
+    /// and message size (256 B); w1 w2 w3a w3b w3c durable, w4a w4b ASYNC_FLUSH.
+    #[arg(
+        long = "workload",
+        value_enum,
+        conflicts_with_all = ["mode", "producers", "batch", "send_mode", "message_bytes"]
+    )]
+    preset: Option<Preset>,
     #[command(flatten)]
     workload: Workload,
     #[command(flatten)]
@@ -191,7 +199,14 @@ impl std::str::FromStr for ModeList {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Run(a) => bench("run", &[a.mode.0], a.workload, a.output.out),
+        Command::Run(a) => {
+            let (mode, mut workload) = (a.mode.0, a.workload);
+            let mode = a.preset.map_or(mode, |p| {
+                p.apply(&mut workload);
+                p.mode()
+            });
+            bench("run", &[mode], workload, a.output.out)
+        }
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
         Command::Storage(a) => storage::run(a),
         Command::Drill(a) => match a.kind {

@@ -186,6 +186,54 @@ impl fmt::Display for SlaveNet {
     }
 }
 
+/// The named workloads of the performance issue (`run --workload w1` gives one row of its
+/// table): 256 B messages; W1–W3 durable (SYNC_FLUSH), W4 with no fsync on the ack path
+/// (ASYNC_FLUSH). W5, consuming a backlog, is the `backlog` subcommand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Preset {
+    /// 1 producer, 1 message per request, durable ack.
+    W1,
+    /// 50 producers, 1 message per request, durable.
+    W2,
+    /// 1 producer, 1000-message batches, durable.
+    W3a,
+    /// 50 producers, 16-message batches, durable.
+    W3b,
+    /// 1 producer, pipelined async sends, durable.
+    W3c,
+    /// ASYNC_FLUSH, 2 producers x 1000-message batches.
+    W4a,
+    /// ASYNC_FLUSH, 1 producer, pipelined async sends.
+    W4b,
+}
+
+impl Preset {
+    /// The broker mode the preset measures.
+    pub fn mode(self) -> Mode {
+        match self {
+            Preset::W4a | Preset::W4b => Mode::AsyncFlush,
+            _ => Mode::SyncFlush,
+        }
+    }
+
+    /// Sets the shape of the load (producers, batch, send mode, message size).
+    pub fn apply(self, w: &mut Workload) {
+        let (producers, batch, send_mode) = match self {
+            Preset::W1 => (1, 1, SendMode::Sync),
+            Preset::W2 => (50, 1, SendMode::Sync),
+            Preset::W3a => (1, 1000, SendMode::Sync),
+            Preset::W3b => (50, 16, SendMode::Sync),
+            Preset::W3c => (1, 1, SendMode::Async),
+            Preset::W4a => (2, 1000, SendMode::Sync),
+            Preset::W4b => (1, 1, SendMode::Async),
+        };
+        w.producers = producers;
+        w.batch = batch;
+        w.send_mode = send_mode;
+        w.message_bytes = 256;
+    }
+}
+
 /// The workload: the same settings are used for every mode of a `compare`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Workload {
