@@ -55,13 +55,28 @@ fn member_with_metrics(
     mode: &str,
     metrics: Option<u16>,
 ) -> BrokerProcess {
+    member_of(GROUP, dir, core, port, node, etcd, mode, metrics)
+}
+
+/// [`member_with_metrics`] of broker group `group`.
+#[allow(clippy::too_many_arguments)]
+fn member_of(
+    group: &str,
+    dir: &Path,
+    core: usize,
+    port: u16,
+    node: &str,
+    etcd: &str,
+    mode: &str,
+    metrics: Option<u16>,
+) -> BrokerProcess {
     let cluster = format!("etcd={etcd}");
     let metrics = metrics.map(|p| format!("127.0.0.1:{p}"));
     let mut extra = vec![
         "--cluster",
         &cluster,
         "--group",
-        GROUP,
+        group,
         "--node",
         node,
         "--replication",
@@ -1199,4 +1214,213 @@ fn retries_and_dead_letters_move_with_an_automatic_failover() {
     assert_eq!(on_b, dead, "the new master's dead-letter queue");
     drop(group);
     drop(b);
+}
+
+/// Three broker groups on one etcd: the masters of two are SIGKILLed at once (a small failover
+/// storm); each of those fails over to its own slave with every ack kept, and the third group
+/// goes on acking with the master it has, untouched. No group's keys or clients meet
+/// another's.
+#[test]
+fn three_groups_on_one_etcd_fail_over_independently() {
+    let _serial = one_at_a_time();
+    let _watchdog = common::watchdog(Duration::from_secs(180));
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let endpoints = etcd.endpoint_list();
+    let client = Etcd::new(&etcd.endpoints(), Duration::from_secs(1)).unwrap();
+    let tmp = common::data_dir();
+    const GROUPS: [&str; 3] = ["ga", "gb", "gc"];
+    struct Group {
+        name: &'static str,
+        addr_a: String,
+        addr_b: String,
+        a: Option<BrokerProcess>,
+        /// Kept running until the end.
+        _b: BrokerProcess,
+        epoch_a: u64,
+    }
+    let mut groups = Vec::new();
+    for name in GROUPS {
+        let (pa, pb) = (free_port(), free_port());
+        let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+        let dir = tmp.path().join(name);
+        let a = member_of(
+            name,
+            &dir.join("a"),
+            0,
+            pa,
+            "a",
+            &endpoints,
+            "sync_master",
+            None,
+        );
+        wait_until(
+            &format!("a of {name} to be elected"),
+            Duration::from_secs(20),
+            || {
+                a.log()
+                    .contains(&format!("cluster: master of group {name}"))
+            },
+        );
+        Admin::connect(&addr_a)
+            .unwrap()
+            .create_topic(TOPIC, QUEUES)
+            .unwrap();
+        let b = member_of(
+            name,
+            &dir.join("b"),
+            1,
+            pb,
+            "b",
+            &endpoints,
+            "sync_master",
+            None,
+        );
+        let key = format!("/ringmq/ringmq/groups/{name}/in_sync");
+        wait_until(
+            &format!("b in {name}'s in-sync set"),
+            Duration::from_secs(20),
+            || {
+                client
+                    .get(&key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|kv| String::from_utf8_lossy(&kv.value).contains("\"b\""))
+            },
+        );
+        let epoch_a = Admin::connect(&addr_a)
+            .unwrap()
+            .broker_info()
+            .unwrap()
+            .epoch;
+        groups.push(Group {
+            name,
+            addr_a,
+            addr_b,
+            a: Some(a),
+            _b: b,
+            epoch_a,
+        });
+    }
+
+    // One producer per group, given its group's two brokers; every ack remembered.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acks: Vec<Arc<Mutex<Vec<Ack>>>> = GROUPS.iter().map(|_| Arc::default()).collect();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut senders = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let (stop, acks, failures) = (stop.clone(), acks[g].clone(), failures.clone());
+        let brokers = format!("{},{}", group.addr_a, group.addr_b);
+        let name = group.name;
+        senders.push(std::thread::spawn(move || {
+            let producer = Producer::with_config(ProducerConfig::new(brokers)).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let m = Message::new(n.to_string().into_bytes());
+                match producer.send(TOPIC, QueueSelector::Queue((n % 2) as u32), &m) {
+                    Ok(r) => acks.lock().unwrap().push(Ack {
+                        n,
+                        epoch: r.epoch,
+                        at: Instant::now(),
+                    }),
+                    Err(e) => failures.lock().unwrap().push(format!("{name} {n}: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }));
+    }
+    wait_until("acks in every group", Duration::from_secs(10), || {
+        acks.iter().all(|a| a.lock().unwrap().len() > 20)
+    });
+
+    // The storm: ga's and gb's masters die together.
+    let killed_at = Instant::now();
+    for group in &mut groups[..2] {
+        group.a.take().unwrap().kill9();
+    }
+    for (g, group) in groups[..2].iter().enumerate() {
+        let epoch_a = group.epoch_a;
+        wait_until(
+            &format!("{}'s new master to ack", group.name),
+            Duration::from_secs(30),
+            || acks[g].lock().unwrap().iter().any(|x| x.epoch != epoch_a),
+        );
+    }
+    let recovered_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for t in senders {
+        t.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "sends failed: {failures:?}");
+
+    for (g, group) in groups.iter().enumerate() {
+        let acks = acks[g].lock().unwrap().clone();
+        let (master, killed) = if g < 2 {
+            (&group.addr_b, true)
+        } else {
+            (&group.addr_a, false)
+        };
+        assert_eq!(
+            role(master).as_deref(),
+            Some("master"),
+            "{}'s master",
+            group.name
+        );
+        if killed {
+            let first = acks.iter().find(|x| x.epoch != group.epoch_a).unwrap();
+            eprintln!(
+                "{}: kill -> first ack from the new master {:?}",
+                group.name,
+                first.at - killed_at
+            );
+        } else {
+            assert!(
+                acks.iter().all(|x| x.epoch == group.epoch_a),
+                "{} changed master although its master was not killed",
+                group.name
+            );
+            let during = acks
+                .iter()
+                .filter(|x| x.at > killed_at && x.at < recovered_at)
+                .count();
+            assert!(
+                during > 0,
+                "{} stopped acking while the other groups failed over",
+                group.name
+            );
+        }
+        // Every ack once on the group's master, and nothing of another group there.
+        let mut count: HashMap<u64, usize> = HashMap::new();
+        for n in stored(master).values().flatten() {
+            *count.entry(*n).or_default() += 1;
+        }
+        for x in &acks {
+            assert_eq!(
+                count.get(&x.n),
+                Some(&1),
+                "{}: acked message {}",
+                group.name,
+                x.n
+            );
+        }
+        let top = acks.iter().map(|x| x.n).max().unwrap_or(0);
+        assert!(
+            count.keys().all(|n| *n <= top),
+            "{} holds messages it was never sent",
+            group.name
+        );
+    }
+    // Each group's master key names its own node and nobody else's.
+    let masters = client
+        .get_prefix("/ringmq/ringmq/groups/")
+        .unwrap()
+        .into_iter()
+        .filter(|kv| kv.key.ends_with("/master"))
+        .count();
+    assert_eq!(masters, 3, "one master key per group");
+    drop(groups);
 }
