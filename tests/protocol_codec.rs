@@ -70,6 +70,13 @@ fn all_requests() -> Vec<Request> {
             name: "orders".into(),
             queues: 8,
         },
+        Request::AlterTopic {
+            name: "orders".into(),
+            queues: 12,
+        },
+        Request::DeleteTopic {
+            name: "orders".into(),
+        },
         Request::ListTopics,
         Request::GetRoute {
             topic: "orders".into(),
@@ -140,6 +147,14 @@ fn all_responses() -> Vec<Response> {
         Response::TopicCreated {
             name: "orders".into(),
             queues: 8,
+        },
+        Response::TopicAltered {
+            name: "orders".into(),
+            queues: 12,
+        },
+        Response::TopicDeleted {
+            name: "orders".into(),
+            queues: 12,
         },
         Response::Topics(vec![]),
         Response::Topics(vec![
@@ -324,7 +339,10 @@ fn every_response_round_trips_through_bytes() {
 
 #[test]
 fn a_produce_body_is_a_valid_batch_after_the_trip() {
-    let req = &all_requests()[5];
+    let req = &all_requests()
+        .into_iter()
+        .find(|r| matches!(r, Request::Produce(_)))
+        .unwrap();
     let mut bytes = encode(&req.to_frame(1, sample_batch()));
     let frame = Frame::decode(&mut bytes).unwrap().unwrap();
     let Request::Produce(p) = Request::from_frame(&frame).unwrap() else {

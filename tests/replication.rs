@@ -1116,3 +1116,61 @@ fn a_slave_behind_the_masters_oldest_segment_starts_over_there() {
     assert_eq!(on_slave, on_master, "the slave holds what the master keeps");
     assert_eq!(on_slave.last().unwrap().1, body(1009));
 }
+
+/// Issue 14: a topic deleted on the master is deleted on its slave, through the record the
+/// master's topic log holds (the slave's copy of the master's topic list only ever adds), and
+/// stays deleted when the slave is promoted.
+#[test]
+fn a_slave_follows_a_topic_deleted_on_its_master_and_keeps_it_deleted_as_master() {
+    let m = master(ReplicationMode::AsyncMaster);
+    m.create_topic("doomed", 2);
+    m.create_topic("kept", 1);
+    let s = slave_of(&m);
+    send_sync(&m.addr(), "doomed", 2, 4);
+    let kept = send_sync(&m.addr(), "kept", 1, 3);
+    wait_caught_up(&m);
+    let on_slave = |topic: &str| {
+        Admin::connect(&s.addr())
+            .unwrap()
+            .list_topics()
+            .unwrap()
+            .iter()
+            .any(|t| t.name == topic)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !on_slave("doomed") {
+        assert!(Instant::now() < deadline, "the slave never had the topic");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Admin::connect(&m.addr())
+        .unwrap()
+        .delete_topic("doomed")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_slave("doomed") {
+        assert!(
+            Instant::now() < deadline,
+            "the slave still lists the topic its master deleted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = Consumer::connect(&s.addr()).unwrap();
+    let e = c
+        .fetch("doomed", 0, 0, Duration::from_millis(10))
+        .unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::TopicNotFound), "{e}");
+
+    // Promoted, it keeps the deletion, and the other topic's messages.
+    Admin::connect(&s.addr()).unwrap().promote().unwrap();
+    let e = no_retries(&s.addr())
+        .send("doomed", QueueSelector::Queue(0), &Message::new("late"))
+        .unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::TopicNotFound), "{e}");
+    let e = Admin::connect(&s.addr())
+        .unwrap()
+        .create_topic("doomed", 2)
+        .unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::TopicExists), "{e}");
+    let read = read_all(&s.addr(), "kept", 1);
+    assert_eq!(read, kept);
+}

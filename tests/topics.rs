@@ -185,3 +185,93 @@ fn a_topic_grows_its_queues_and_never_shrinks() {
     }
     assert_eq!(admin.route("orders").unwrap().queues.len(), 5);
 }
+
+fn code_of(e: &ringmq::client::ClientError) -> Option<ErrorCode> {
+    match e {
+        ringmq::client::ClientError::Remote(r) => Some(r.code),
+        _ => None,
+    }
+}
+
+/// What a producer, a consumer and an admin see of a deleted topic.
+fn assert_deleted(b: &TestBroker, name: &str) {
+    use ringmq::client::{Consumer, Producer, QueueSelector};
+    use ringmq::format::batch::Message;
+    let admin = Admin::connect(&b.addr()).unwrap();
+    let listed: Vec<String> = admin
+        .list_topics()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(!listed.contains(&name.to_string()), "{listed:?}");
+    let mut cfg = ringmq::client::ProducerConfig::new(b.addr());
+    cfg.retries = 0;
+    let p = Producer::with_config(cfg).unwrap();
+    let e = p
+        .send(name, QueueSelector::Queue(0), &Message::new("late"))
+        .unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::TopicNotFound), "{e}");
+    let c = Consumer::connect(&b.addr()).unwrap();
+    let e = c.fetch(name, 0, 0, Duration::from_millis(10)).unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::TopicNotFound), "{e}");
+    let e = admin.create_topic(name, 2).unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::TopicExists), "{e}");
+    assert!(e.to_string().contains("was deleted"), "{e}");
+    assert_eq!(admin.delete_topic(name).unwrap(), 0, "a repeated delete");
+}
+
+/// Issue 14: `admin topic delete`. The topic is gone at once for producers, consumers and the
+/// list, stays gone across a restart, and its name is not taken again; other topics keep
+/// their messages. The change is a record in the topic log before it is in the table file: a
+/// broker whose table file lost it (an older file put back) finds it in the log again.
+#[test]
+fn a_deleted_topic_is_gone_at_once_and_for_good_even_when_the_table_file_lost_the_change() {
+    use ringmq::client::{Consumer, Producer, QueueSelector};
+    use ringmq::format::batch::Message;
+    let mut b = TestBroker::start();
+    b.create_topic("doomed", 2);
+    b.create_topic("kept", 2);
+    let p = Producer::connect(&b.addr()).unwrap();
+    for q in 0..2 {
+        for t in ["doomed", "kept"] {
+            p.send(t, QueueSelector::Queue(q), &Message::new(format!("{t}{q}")))
+                .unwrap();
+        }
+    }
+    drop(p);
+    let before = std::fs::read(b.dir.join("topics.toml")).unwrap();
+    let admin = Admin::connect(&b.addr()).unwrap();
+    let e = admin.delete_topic("nope").unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::TopicNotFound), "{e}");
+    let e = admin.delete_topic("%SYS%TOPICS").unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::InvalidTopic), "{e}");
+    assert_eq!(admin.delete_topic("doomed").unwrap(), 2);
+    drop(admin);
+    assert_deleted(&b, "doomed");
+
+    b.restart();
+    assert_deleted(&b, "doomed");
+
+    // The table file as it was before the delete: the log still has the change.
+    b.stop();
+    std::fs::write(b.dir.join("topics.toml"), &before).unwrap();
+    b.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Admin::connect(&b.addr())
+        .unwrap()
+        .list_topics()
+        .unwrap()
+        .iter()
+        .any(|t| t.name == "doomed")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deletion in the topic log was not applied again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_deleted(&b, "doomed");
+    let kept = common::read_all(&Consumer::connect(&b.addr()).unwrap(), "kept", 2);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+}

@@ -44,7 +44,8 @@ impl From<TopicError> for ServiceError {
                 ErrorCode::InvalidArgument
             }
             TopicError::NotFound { .. } => ErrorCode::TopicNotFound,
-            TopicError::Exists { .. } => ErrorCode::TopicExists,
+            // The name is taken, by a live topic or a deleted one's tombstone.
+            TopicError::Exists { .. } | TopicError::Deleted { .. } => ErrorCode::TopicExists,
             // The topic table could not be written for lack of space: retriable, like a
             // produce on a full disk.
             TopicError::Io { ref source, .. } if is_disk_full(source) => ErrorCode::DiskFull,

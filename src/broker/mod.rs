@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod produce;
 pub mod retry;
 pub mod stats;
+pub mod topic_log;
 pub mod topics;
 pub mod transactions;
 
@@ -54,6 +55,8 @@ pub struct Services {
     pub groups: groups::Coordinator,
     /// Half messages of the queues this shard owns, and their check-backs.
     pub transactions: transactions::Transactions,
+    /// Shard 0: the topic log's writer and reader state.
+    pub topic_log: topic_log::TopicLog,
 }
 
 impl Services {
@@ -63,6 +66,7 @@ impl Services {
             replication,
             groups: groups::Coordinator::default(),
             transactions: transactions::Transactions::default(),
+            topic_log: topic_log::TopicLog::default(),
         }
     }
 

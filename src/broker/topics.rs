@@ -1,8 +1,10 @@
-//! Topics: create (on shard 0), list, route; and the topic/queue checks other services use.
+//! Topics: create, alter and delete (on shard 0, through the topic log), list, route; and the
+//! topic/queue checks other services use.
 
+use crate::broker::topic_log;
 use crate::broker::{Result, ServiceError, Services};
 use crate::protocol::{ErrorCode, QueueRoute, Response, RouteTable, TopicInfo};
-use crate::shard::topic_writes;
+use crate::shard::topics::TopicChange;
 
 fn topic_not_found(topic: &str) -> ServiceError {
     ServiceError::new(
@@ -48,7 +50,11 @@ pub fn check_not_reserved(topic: &str) -> Result<()> {
 pub async fn alter(s: &Services, name: &str, queues: u32) -> Result<Response> {
     s.check_writable("alter topics")?;
     check_not_reserved(name)?;
-    topic_writes::grow_topic(&s.shard, name, queues).await?;
+    let change = TopicChange::Grow {
+        name: name.to_string(),
+        queues,
+    };
+    topic_log::change(s, change).await?;
     Ok(Response::TopicAltered {
         name: name.to_string(),
         queues,
@@ -60,8 +66,34 @@ pub async fn create(s: &Services, name: &str, queues: u32) -> Result<Response> {
     // A slave's topics are copied from its master; a local one would diverge.
     s.check_writable("create topics")?;
     check_not_reserved(name)?;
-    topic_writes::create_topic(&s.shard, name, queues).await?;
+    let change = TopicChange::Create {
+        name: name.to_string(),
+        queues,
+    };
+    topic_log::change(s, change).await?;
     Ok(Response::TopicCreated {
+        name: name.to_string(),
+        queues,
+    })
+}
+
+/// DeleteTopic, on shard 0: the topic is gone for producers and consumers at once (TOPIC_NOT_
+/// FOUND); its messages stay in the log until retention drops their segments (the log is
+/// shared by every topic of a shard), and its name stays taken (a tombstone) meanwhile.
+/// Answered with the queue count it had; deleting a deleted topic succeeds again.
+pub async fn delete(s: &Services, name: &str) -> Result<Response> {
+    s.check_writable("delete topics")?;
+    check_not_reserved(name)?;
+    let queues = match s.shard.topics().get(name) {
+        Some(m) => m.queues,
+        None if s.shard.topics().is_deleted(name) => 0,
+        None => return Err(topic_not_found(name)),
+    };
+    let change = TopicChange::Delete {
+        name: name.to_string(),
+    };
+    topic_log::change(s, change).await?;
+    Ok(Response::TopicDeleted {
         name: name.to_string(),
         queues,
     })

@@ -102,6 +102,10 @@ pub enum TopicCommand {
         #[arg(long)]
         queues: u32,
     },
+    /// Delete a topic: producers and consumers get TOPIC_NOT_FOUND at once; its messages stay
+    /// in the log until retention drops them, and its name cannot be used again meanwhile.
+    /// A slave follows.
+    Delete { name: String },
 }
 
 /// How `produce` sends.
@@ -261,6 +265,14 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
             admin.alter_topic(&name, queues).map_err(e)?;
             println!("topic {name} now has {queues} queue(s)");
         }
+        AdminCommand::Topic {
+            command: TopicCommand::Delete { name },
+        } => match admin.delete_topic(&name).map_err(e)? {
+            0 => println!("topic {name} was already deleted"),
+            queues => {
+                println!("topic {name} deleted ({queues} queue(s)); its messages go with retention")
+            }
+        },
         AdminCommand::Topic {
             command: TopicCommand::List,
         } => {

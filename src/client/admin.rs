@@ -91,6 +91,16 @@ impl Admin {
         }
     }
 
+    /// Deletes a topic; returns the queue count it had (0: it was deleted before).
+    pub fn delete_topic(&self, name: &str) -> Result<u32, ClientError> {
+        match self.call(Request::DeleteTopic {
+            name: name.to_string(),
+        })? {
+            Response::TopicDeleted { queues, .. } => Ok(queues),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.call(Request::ListTopics)? {
             Response::Topics(t) => Ok(t),

@@ -35,6 +35,7 @@ use crate::replication::master::{HEARTBEAT, LINK_TIMEOUT};
 use crate::replication::state::Replication;
 use crate::replication::ReplicationError;
 use crate::shard::topic_writes;
+use crate::shard::topics::TopicChange;
 use crate::storage::{FlushMode, LogPosition, ShardStore};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -536,22 +537,23 @@ async fn reset_store(repl: &Rc<Replication>, base: u64) -> Result<(), Replicatio
     Ok(())
 }
 
-/// Creates locally every topic the master has (shard 0 is the topic table's writer).
+/// Merges every topic the master lists into the local table (shard 0 is its writer). The
+/// topic log (`broker::topic_log`) brings each change in log order; this copy is the
+/// catch-all for topics whose records retention dropped before this slave read them. A
+/// merge never undoes a deletion, so a list answered just before one cannot revive it.
 async fn sync_topics(repl: &Rc<Replication>, control: &mut Link) -> Result<(), ReplicationError> {
     let topics = match control.call(Request::ListTopics).await? {
         (Response::Topics(t), _) => t,
         (other, _) => return Err(control.protocol(format!("ListTopics answered with {other:?}"))),
     };
     for t in topics {
-        let copied = match repl.ctx.topic(&t.name).map(|m| m.queues) {
-            None => topic_writes::create_topic(&repl.ctx, &t.name, t.queues).await,
-            // Grown on the master (a topic never shrinks).
-            Some(here) if here < t.queues => {
-                topic_writes::grow_topic(&repl.ctx, &t.name, t.queues).await
-            }
-            Some(_) => Ok(()),
+        let change = TopicChange::Create {
+            name: t.name.clone(),
+            queues: t.queues,
         };
-        copied.map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
+        topic_writes::merge_change(&repl.ctx, &change)
+            .await
+            .map_err(|e| control.protocol(format!("copying topic {}: {e}", t.name)))?;
     }
     Ok(())
 }

@@ -76,6 +76,7 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         Request::Ping
         | Request::CreateTopic { .. }
         | Request::AlterTopic { .. }
+        | Request::DeleteTopic { .. }
         | Request::Produce(_)
         | Request::Promote
         | Request::ReplFollow(_)

@@ -504,6 +504,7 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
     // Delivers delayed retries when due; idle on a slave.
     glommio::spawn_local(crate::broker::retry::run_scheduler(services.clone())).detach();
     glommio::spawn_local(crate::broker::groups::run_compaction(services.clone())).detach();
+    glommio::spawn_local(crate::broker::topic_log::follow(services.clone())).detach();
     glommio::spawn_local(crate::broker::transactions::run_checker(services.clone())).detach();
     if let (Some(slots), Some(addr)) = (args.metrics.clone(), listener_addr) {
         glommio::spawn_local(crate::server::metrics_http::publish(

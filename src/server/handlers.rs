@@ -144,7 +144,9 @@ fn count_refusal(s: &Services, code: ErrorCode) {
 /// The shard that must execute `request`, when it is not "whichever shard received it".
 fn owner(s: &Services, request: &Request) -> Option<usize> {
     match request {
-        Request::CreateTopic { .. } | Request::AlterTopic { .. } => Some(0),
+        Request::CreateTopic { .. } | Request::AlterTopic { .. } | Request::DeleteTopic { .. } => {
+            Some(0)
+        }
         Request::Produce(p) => p.queue.map(|q| s.shard.owner_of(&p.topic, q)),
         Request::Fetch(f) => Some(s.shard.owner_of(&f.topic, f.queue)),
         Request::SendBack(b) => Some(s.shard.owner_of(&b.topic, b.queue)),
@@ -194,6 +196,7 @@ async fn execute(s: &Rc<Services>, request: Request, body: Bytes) -> Result<(Res
         Request::Ping => (Response::Pong, empty),
         Request::CreateTopic { name, queues } => (topics::create(s, &name, queues).await?, empty),
         Request::AlterTopic { name, queues } => (topics::alter(s, &name, queues).await?, empty),
+        Request::DeleteTopic { name } => (topics::delete(s, &name).await?, empty),
         Request::ListTopics => (topics::list(s), empty),
         Request::GetRoute { topic } => (topics::route(s, &topic)?, empty),
         Request::BrokerInfo => (admin::broker_info(s), empty),

@@ -1,13 +1,14 @@
 //! Shard 0's writes to the topic table: persist the new version, then push it to every shard.
 //!
-//! Both a client's CreateTopic (through `broker::topics`) and a slave copying its master's
-//! topics (`replication::follower`) come here, so there is one writer and one order of steps.
+//! A client's change (through `broker::topic_log`, after its record is in the log), a record
+//! read back from the topic log, and a slave copying its master's topic list
+//! (`replication::follower`) all come here, so there is one writer and one order of steps.
 
 use std::sync::Arc;
 
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{MeshError, MeshRequest};
-use crate::shard::topics::{TopicError, TopicTable};
+use crate::shard::topics::{TopicChange, TopicError, TopicTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicWriteError {
@@ -19,32 +20,37 @@ pub enum TopicWriteError {
     Closed(String),
 }
 
-/// Runs on shard 0 only: adds `name` with `queues` queues (a no-op if it exists with that
-/// many), saves the table, pushes it to every shard, and only then returns.
-pub async fn create_topic(
-    ctx: &ShardContext,
-    name: &str,
-    queues: u32,
-) -> Result<(), TopicWriteError> {
-    let changed = write_table(ctx, |t| t.with_topic(name, queues)).await?;
+/// Runs on shard 0 only: makes a client's `change`, checked against the table (a create of a
+/// topic that exists with that many queues is a no-op; see `TopicTable::with_change`), saves
+/// the table, pushes it to every shard, and only then returns.
+pub async fn apply_change(ctx: &ShardContext, change: &TopicChange) -> Result<(), TopicWriteError> {
+    let changed = write_table(ctx, |t| t.with_change(change)).await?;
     if changed {
-        log::info!("created topic {name:?} with {queues} queue(s)");
+        log_change(change);
     }
     Ok(())
 }
 
-/// Runs on shard 0 only: grows `name` to `queues` queues (a no-op at its current count; never
-/// shrinks), like [`create_topic`].
-pub async fn grow_topic(
-    ctx: &ShardContext,
-    name: &str,
-    queues: u32,
-) -> Result<(), TopicWriteError> {
-    let changed = write_table(ctx, |t| t.with_more_queues(name, queues)).await?;
+/// Runs on shard 0 only: merges a `change` that was made elsewhere (read from the topic log,
+/// or a master's topic list): never refused, a no-op when the table already has it.
+pub async fn merge_change(ctx: &ShardContext, change: &TopicChange) -> Result<(), TopicWriteError> {
+    let changed = write_table(ctx, |t| Ok(t.merged(change))).await?;
     if changed {
-        log::info!("topic {name:?} now has {queues} queue(s)");
+        log_change(change);
     }
     Ok(())
+}
+
+fn log_change(change: &TopicChange) {
+    match change {
+        TopicChange::Create { name, queues } => {
+            log::info!("created topic {name:?} with {queues} queue(s)")
+        }
+        TopicChange::Grow { name, queues } => {
+            log::info!("topic {name:?} now has {queues} queue(s)")
+        }
+        TopicChange::Delete { name } => log::info!("deleted topic {name:?}"),
+    }
 }
 
 /// The one writer's steps: the next table from the current one, then (if it differs) save

@@ -37,14 +37,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::broker::{ack, topics, Result, ServiceError, Services};
+use crate::broker::{ack, topic_log, topics, Result, ServiceError, Services};
 use crate::protocol::{
     validate_group_name, AssignedQueue, CommitOffsetsRequest, ErrorCode, GroupDescription,
     GroupJoined, GroupQueueInfo, GroupSettings, JoinGroupRequest, MemberInfo, Membership, Response,
 };
 use crate::shard::mesh::{MeshReply, MeshRequest};
 use crate::shard::router::shard_of;
-use crate::shard::topic_writes;
+use crate::shard::topics::TopicChange;
 use crate::storage::{AppendRequest, QueueOffset};
 
 use records::{encode_batch, stored_messages, GroupRecord, GROUPS_LOG};
@@ -429,8 +429,7 @@ pub async fn create_topic_from_any_shard(s: &Services, name: String, queues: u32
         return Ok(());
     }
     if s.shard.shard == 0 {
-        topic_writes::create_topic(&s.shard, &name, queues).await?;
-        return Ok(());
+        return create_internal_topic(s, &name, queues).await;
     }
     let reply = s
         .shard
@@ -442,8 +441,11 @@ pub async fn create_topic_from_any_shard(s: &Services, name: String, queues: u32
 
 /// Shard 0, for another shard's coordinator: see [`MeshRequest::CreateInternalTopic`].
 pub async fn create_internal_topic(s: &Services, name: &str, queues: u32) -> Result<()> {
-    topic_writes::create_topic(&s.shard, name, queues).await?;
-    Ok(())
+    let change = TopicChange::Create {
+        name: name.to_string(),
+        queues,
+    };
+    topic_log::change(s, change).await
 }
 
 /// Makes the group exist (with `settings`, or the defaults when it is new and none are given).

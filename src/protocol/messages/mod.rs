@@ -9,7 +9,7 @@
 //! | family | opcodes | file |
 //! |---|---|---|
 //! | admin | Ping 1, BrokerInfo 5, Promote 7 | [`admin`] |
-//! | topics | CreateTopic 2, ListTopics 3, GetRoute 4, AlterTopic 8 | [`topics`] |
+//! | topics | CreateTopic 2, ListTopics 3, GetRoute 4, AlterTopic 8, DeleteTopic 9 | [`topics`] |
 //! | stats | BrokerStats 6, QueueStats 12 | [`stats`] |
 //! | produce | Produce 10 (body: a message batch) | [`produce`] |
 //! | fetch | Fetch 11 (response body: stored batches) | [`fetch`] |
@@ -112,6 +112,11 @@ table::opcodes! {
     8 => AlterTopic "ALTER_TOPIC" {
         request: AlterTopic { name: String, queues: u32 } = AlterTopicRequest,
         response: TopicAltered { name: String, queues: u32 } = AlterTopicResponse,
+    },
+    /// Delete a topic (at shard 0, like CreateTopic).
+    9 => DeleteTopic "DELETE_TOPIC" {
+        request: DeleteTopic { name: String } = DeleteTopicRequest,
+        response: TopicDeleted { name: String, queues: u32 } = DeleteTopicResponse,
     },
     /// The request body is the message batch.
     10 => Produce "PRODUCE" {
@@ -304,12 +309,12 @@ mod tests {
         let nums: Vec<u16> = Opcode::ALL.iter().map(|o| o.as_u16()).collect();
         assert_eq!(
             nums,
-            [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 20, 21, 22, 30, 31, 32, 33, 34, 35, 40, 41, 42]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 30, 31, 32, 33, 34, 35, 40, 41, 42]
         );
         for o in Opcode::ALL {
             assert_eq!(Opcode::from_u16(o.as_u16()), Some(o));
         }
-        for n in [0, 9, 13, 19, 23, 29, 36, 39, 43, u16::MAX] {
+        for n in [0, 13, 19, 23, 29, 36, 39, 43, u16::MAX] {
             assert_eq!(Opcode::from_u16(n), None);
         }
     }

@@ -58,6 +58,18 @@ name_and_queues!(CreateTopicRequest, CreateTopicRequestArgs);
 name_and_queues!(TopicCreatedResponse, TopicCreatedResponseArgs);
 name_and_queues!(AlterTopicRequest, AlterTopicRequestArgs);
 name_and_queues!(AlterTopicResponse, AlterTopicResponseArgs);
+name_and_queues!(DeleteTopicResponse, DeleteTopicResponseArgs);
+
+impl<'a> fb::DeleteTopicRequest<'a> {
+    pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, name: &str) -> WIPOffset<Self> {
+        let name = fbb.create_string(name);
+        fb::DeleteTopicRequest::create(fbb, &fb::DeleteTopicRequestArgs { name: Some(name) })
+    }
+
+    pub(crate) fn decode(self) -> Result<String, String> {
+        Ok(self.name().to_owned())
+    }
+}
 
 impl<'a> fb::ListTopicsResponse<'a> {
     pub(crate) fn encode(fbb: &mut FlatBufferBuilder<'a>, topics: &[TopicInfo]) -> WIPOffset<Self> {
