@@ -3,8 +3,11 @@
 //! stores, and a restart finds it again even if the table file missed it.
 //!
 //! On a master, [`change`] checks the change against the table, appends its record, waits for
-//! the ack rule and for the record's own durability (a topic change is rare; it never rests
-//! on memory alone), and only then writes the table (`shard::topic_writes`). Every shard 0, of
+//! the record's durability on this broker (a topic change is rare; it never rests on memory
+//! alone), and only then writes the table (`shard::topic_writes`). It does not wait for the
+//! slave: a failover in the moment between the ack and the slave receiving the record (a
+//! loopback slave: well under a millisecond) leaves the new master without the change (a
+//! created topic missing, a deleted one still there); the operator repeats it there. Every shard 0, of
 //! a master or a slave, runs [`follow`]: it merges each visible record of the log into the
 //! table ([`TopicTable::merged`](crate::shard::topics::TopicTable::merged): order-free and
 //! idempotent, so a replay after a restart, or a record the master already applied, changes
@@ -20,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::broker::{ack, Result, ServiceError, Services};
+use crate::broker::{Result, ServiceError, Services};
 use crate::format::batch::{BatchBuilder, BatchIter, Message};
 use crate::format::record::RecordIter;
 use crate::protocol::ErrorCode;
@@ -112,9 +115,10 @@ pub async fn change(s: &Services, change: TopicChange) -> Result<()> {
             body: &body,
         })
         .await?;
-    ack::acknowledge(s, 0, &appended).await?;
-    // Under ASYNC_FLUSH the ack rule is memory; the table file below is durable at once, and
-    // must never hold a change its log lost.
+    // Durable here, whatever the flush mode: the table file below is durable at once and must
+    // never hold a change its log lost. Not waited for: the slave, which gets the record with
+    // the log stream; a SYNC_MASTER takes topic changes before its slave is up (the usual
+    // order of a set-up), so a failover right after a change can miss it (see the module doc).
     store.wait_durable(appended.end).await?;
     topic_writes::apply_change(&s.shard, &change).await?;
     Ok(())

@@ -309,7 +309,10 @@ mod tests {
         let nums: Vec<u16> = Opcode::ALL.iter().map(|o| o.as_u16()).collect();
         assert_eq!(
             nums,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 30, 31, 32, 33, 34, 35, 40, 41, 42]
+            [
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 30, 31, 32, 33, 34, 35, 40, 41,
+                42
+            ]
         );
         for o in Opcode::ALL {
             assert_eq!(Opcode::from_u16(o.as_u16()), Some(o));
