@@ -394,3 +394,39 @@ fn garbage_answers_are_protocol_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A watch on one key: created, then one message per change (a put, a delete), nothing for
+/// another key, and a clear end when its member goes away.
+#[test]
+fn a_watch_reports_each_change_of_its_key_and_ends_when_its_member_dies() {
+    use ringmq::cluster::etcd::WatchNews;
+    let Some(mut cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let etcd = cluster.client();
+    let mut watch = etcd.watch("/t/watch/key").unwrap();
+    let next = |w: &mut ringmq::cluster::etcd::KeyWatch| w.next(Duration::from_secs(5)).unwrap();
+    assert_eq!(next(&mut watch), Some(WatchNews::Created));
+    etcd.put("/t/watch/other", b"x", None).unwrap();
+    assert_eq!(watch.next(Duration::from_millis(300)).unwrap(), None);
+    etcd.put("/t/watch/key", b"1", None).unwrap();
+    assert_eq!(next(&mut watch), Some(WatchNews::Changed));
+    etcd.put("/t/watch/key", b"2", None).unwrap();
+    assert_eq!(next(&mut watch), Some(WatchNews::Changed));
+    assert!(etcd
+        .delete_if_created_at(
+            "/t/watch/key",
+            etcd.get("/t/watch/key").unwrap().unwrap().create_revision
+        )
+        .unwrap());
+    assert_eq!(next(&mut watch), Some(WatchNews::Changed));
+    assert_eq!(watch.next(Duration::from_millis(300)).unwrap(), None);
+
+    cluster.kill(0);
+    let end = (0..50).find_map(|_| watch.next(Duration::from_millis(100)).err());
+    let e = end.expect("the watch never ended after its member died");
+    assert!(
+        e.to_string().contains("closed") || e.to_string().contains("receive"),
+        "{e}"
+    );
+}

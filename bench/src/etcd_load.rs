@@ -4,7 +4,9 @@
 //! groups breaks first. Each simulated member does exactly what a member's control thread and
 //! lease thread do (`src/cluster/node.rs`), with the same client (`cluster::etcd::Etcd`):
 //!
-//! - every 100 ms (the control tick): read the group's master key;
+//! - a watch on the group's master key (the broker's own `MasterWatch` thread); every 100 ms
+//!   (the control tick) read that key when the rule of `Node::master_key_due` says so: the
+//!   watch saw a change, no watch is open, or no master holds the key; else once a second;
 //! - every 500 ms (the publish interval): put its member record (a real `MemberRecord`'s size)
 //!   under its lease; the master also reads the members (prefix) and writes the in-sync set
 //!   guarded by its election key;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hdrhistogram::Histogram;
 use ringmq::cluster::etcd::Etcd;
+use ringmq::cluster::node::{MasterWatch, WATCHED_READ_INTERVAL};
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
 
 use crate::drill_failover::EtcdCluster;
@@ -246,7 +249,8 @@ fn one_run(
     let wanted = |op: Op| -> f64 {
         let per = |every: Duration| 1.0 / every.as_secs_f64();
         match op {
-            Op::GetMaster => members as f64 * per(TICK),
+            // Once a second with a watch and a master (the steady state).
+            Op::GetMaster => members as f64 * per(WATCHED_READ_INTERVAL),
             Op::PutMember => members as f64 * per(PUBLISH),
             Op::GetMembers | Op::PutInSync => groups as f64 * per(PUBLISH),
             Op::KeepAlive => members as f64 * per(ttl / 4),
@@ -377,6 +381,9 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
     let mut last_publish = Instant::now() - PUBLISH;
     let mut master = first && term != 0;
     let mut gave_up = false;
+    let watch = MasterWatch::start(etcd.clone(), keys.master()).expect("a watch thread");
+    let mut last_read: Option<Instant> = None;
+    let mut masterless = false;
     while !s.stop_all.load(Ordering::Acquire) {
         let tick = Instant::now();
         if master && !gave_up && s.stop_steady.load(Ordering::Acquire) {
@@ -390,16 +397,23 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
             std::thread::sleep(TICK);
             continue;
         }
-        let current = s.stats.time(Op::GetMaster, || etcd.get(&keys.master()));
-        if let Ok(None) = current {
-            if !master && s.stop_steady.load(Ordering::Acquire) {
-                let value = format!("{{\"node\":\"{node}\",\"addr\":\"127.0.0.1:10921\"}}");
-                if let Ok(Ok(_)) = s.stats.time(Op::Campaign, || {
-                    etcd.create_if_absent(&keys.master(), value.as_bytes(), Some(lease))
-                }) {
-                    s.new_masters.lock().unwrap().push(Instant::now());
-                    master = true;
-                }
+        let due = watch.take_changed()
+            || !watch.live()
+            || masterless
+            || last_read.map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL);
+        // Not due: masterless was false, and stays so.
+        let current = due.then(|| {
+            last_read = Some(Instant::now());
+            s.stats.time(Op::GetMaster, || etcd.get(&keys.master()))
+        });
+        masterless = matches!(current, Some(Ok(None)));
+        if masterless && !master && s.stop_steady.load(Ordering::Acquire) {
+            let value = format!("{{\"node\":\"{node}\",\"addr\":\"127.0.0.1:10921\"}}");
+            if let Ok(Ok(_)) = s.stats.time(Op::Campaign, || {
+                etcd.create_if_absent(&keys.master(), value.as_bytes(), Some(lease))
+            }) {
+                s.new_masters.lock().unwrap().push(Instant::now());
+                master = true;
             }
         }
         if last_publish.elapsed() >= PUBLISH {

@@ -1455,6 +1455,8 @@ fn clone_error(e: &ClientError) -> ClientError {
         ClientError::Remote(r) => ClientError::Remote(r.clone()),
         ClientError::Timeout(d) => ClientError::Timeout(*d),
         ClientError::ConnectionClosed(s) => ClientError::ConnectionClosed(s.clone()),
+        // Its text as is: wrapping an Unexpected's text again said "unexpected response:" twice.
+        ClientError::Unexpected(s) => ClientError::Unexpected(s.clone()),
         other => ClientError::Unexpected(other.to_string()),
     }
 }

@@ -359,12 +359,11 @@ impl Etcd {
         })
     }
 
-    /// One request to one endpoint.
-    fn attempt(&self, endpoint: &str, path: &str, body: &str) -> Result<Value, Attempt> {
-        let next = |detail: String, sent: bool| Attempt::Next { detail, sent };
+    /// Connects to `endpoint` and sends one POST of `body` to `path`.
+    fn send(&self, endpoint: &str, path: &str, body: &str) -> Result<TcpStream, String> {
         let addrs = endpoint
             .to_socket_addrs()
-            .map_err(|e| next(format!("cannot resolve: {e}"), false))?;
+            .map_err(|e| format!("cannot resolve: {e}"))?;
         let mut stream = None;
         let mut connect_error = format!("{endpoint} resolves to no address");
         for addr in addrs {
@@ -377,8 +376,7 @@ impl Etcd {
                 Err(e) => connect_error = format!("connect {addr}: {e}"),
             }
         }
-        let mut stream = stream.ok_or_else(|| next(connect_error, false))?;
-        let deadline = Instant::now() + self.timeout;
+        let mut stream = stream.ok_or(connect_error)?;
         let request = format!(
             "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
              Grpc-Metadata-hasleader: true\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -387,7 +385,46 @@ impl Etcd {
         stream
             .set_write_timeout(Some(self.timeout))
             .and_then(|()| stream.write_all(request.as_bytes()))
-            .map_err(|e| next(format!("send: {e}"), false))?;
+            .map_err(|e| format!("send: {e}"))?;
+        Ok(stream)
+    }
+
+    /// Opens a watch on `key` from now on: at the endpoint that answered last, else the next
+    /// ones. etcd's gateway answers a watch with a chunked body that never ends, one JSON
+    /// message per event batch; read them with [`KeyWatch::next`].
+    pub fn watch(&self, key: &str) -> Result<KeyWatch, EtcdError> {
+        let body = json!({ "create_request": { "key": encode(key.as_bytes()) } }).to_string();
+        let n = self.endpoints.len();
+        let start = self.last.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let endpoint = &self.endpoints[(start + k) % n];
+            match self.send(endpoint, "/v3/watch", &body) {
+                Ok(stream) => {
+                    return Ok(KeyWatch {
+                        stream,
+                        endpoint: endpoint.clone(),
+                        raw: Vec::new(),
+                        data: Vec::new(),
+                        in_body: false,
+                    })
+                }
+                Err(detail) => failures.push(format!("{endpoint}: {detail}")),
+            }
+        }
+        Err(EtcdError::Unreachable {
+            endpoints: self.endpoints.join(","),
+            detail: failures.join("; "),
+        })
+    }
+
+    /// One request to one endpoint.
+    fn attempt(&self, endpoint: &str, path: &str, body: &str) -> Result<Value, Attempt> {
+        let next = |detail: String, sent: bool| Attempt::Next { detail, sent };
+        let mut stream = self
+            .send(endpoint, path, body)
+            .map_err(|detail| next(detail, false))?;
+        let deadline = Instant::now() + self.timeout;
 
         let mut buf = Vec::new();
         let mut chunk = vec![0u8; 64 << 10];
@@ -428,6 +465,184 @@ impl Etcd {
             }
         };
         interpret(endpoint, response)
+    }
+}
+
+/// What one message of a watch said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchNews {
+    /// The watch is in place: every change from now on comes as [`WatchNews::Changed`].
+    Created,
+    /// The key was put or deleted (one or more events).
+    Changed,
+    /// A message without events (a progress notification).
+    Progress,
+}
+
+/// An open watch on one key: one HTTP connection whose answer does not end.
+pub struct KeyWatch {
+    stream: TcpStream,
+    endpoint: String,
+    /// Bytes received and not yet taken apart (the head, then chunks).
+    raw: Vec<u8>,
+    /// Chunk data not yet parsed as messages.
+    data: Vec<u8>,
+    /// The head was read and said 200 and chunked.
+    in_body: bool,
+}
+
+impl KeyWatch {
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn broken(&self, detail: impl Into<String>) -> EtcdError {
+        EtcdError::Protocol {
+            endpoint: self.endpoint.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The next message, waiting up to `wait` for it: `Ok(None)` when none came in time. An
+    /// error ends the watch (the connection closed, etcd cancelled the watch or answered
+    /// with an error, or sent what does not parse): open a new one.
+    pub fn next(&mut self, wait: Duration) -> Result<Option<WatchNews>, EtcdError> {
+        let deadline = Instant::now() + wait;
+        let mut chunk = vec![0u8; 16 << 10];
+        loop {
+            if let Some(news) = self.parsed()? {
+                return Ok(Some(news));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let read = self
+                .stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| self.stream.read(&mut chunk));
+            match read {
+                Ok(0) => return Err(self.broken("the watch connection closed")),
+                Ok(n) => {
+                    if self.raw.len() + n > MAX_BODY_BYTES {
+                        return Err(self.broken("a watch message over the size limit"));
+                    }
+                    self.raw.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(self.broken(format!("receive: {e}"))),
+            }
+        }
+    }
+
+    /// A complete message from what was received, if there is one.
+    fn parsed(&mut self) -> Result<Option<WatchNews>, EtcdError> {
+        if !self.in_body {
+            let Some(head) = parse_head(&self.raw, false).map_err(|e| self.broken(e))? else {
+                return Ok(None);
+            };
+            if head.status != 200 || !head.chunked {
+                let body = String::from_utf8_lossy(&self.raw[head.len..]).into_owned();
+                return Err(self.broken(format!(
+                    "the watch was answered with HTTP {}: {}",
+                    head.status,
+                    excerpt(body.as_bytes())
+                )));
+            }
+            self.raw.drain(..head.len);
+            self.in_body = true;
+        }
+        if take_chunks(&mut self.raw, &mut self.data).map_err(|e| self.broken(e))? {
+            return Err(self.broken("etcd ended the watch"));
+        }
+        let mut messages = serde_json::Deserializer::from_slice(&self.data).into_iter::<Value>();
+        let message = match messages.next() {
+            None => return Ok(None),
+            Some(Err(e)) if e.is_eof() => return Ok(None),
+            Some(Err(e)) => return Err(self.broken(format!("a watch message: {e}"))),
+            Some(Ok(m)) => m,
+        };
+        let used = messages.byte_offset();
+        self.data.drain(..used);
+        watch_news(&message).map_err(|e| self.broken(e)).map(Some)
+    }
+}
+
+/// What a watch message says, or the error or cancellation it carries.
+fn watch_news(message: &Value) -> Result<WatchNews, String> {
+    if let Value::Object(o) = message {
+        if o.contains_key("error") {
+            let (code, text) = grpc_error(o);
+            return Err(format!(
+                "the watch failed: {text}{}",
+                code.map_or(String::new(), |c| format!(" (code {c})"))
+            ));
+        }
+    }
+    let result = &message["result"];
+    if !result.is_object() {
+        return Err(format!("a watch message without a result: {message}"));
+    }
+    if result["canceled"].as_bool() == Some(true) {
+        return Err(format!(
+            "etcd cancelled the watch: {}",
+            result["cancel_reason"]
+                .as_str()
+                .unwrap_or("no reason given")
+        ));
+    }
+    if result["created"].as_bool() == Some(true) {
+        return Ok(WatchNews::Created);
+    }
+    match &result["events"] {
+        Value::Array(events) if !events.is_empty() => Ok(WatchNews::Changed),
+        _ => Ok(WatchNews::Progress),
+    }
+}
+
+/// Moves the data of every complete chunk at the start of `raw` to `out`. `Ok(true)` once
+/// the last (empty) chunk came: the body ended.
+fn take_chunks(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, String> {
+    loop {
+        let Some(line_end) = find(&raw[..raw.len().min(MAX_CHUNK_LINE_BYTES + 2)], b"\r\n") else {
+            if raw.len() > MAX_CHUNK_LINE_BYTES {
+                return Err("a chunk line too long".into());
+            }
+            return Ok(false);
+        };
+        let line = &raw[..line_end];
+        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
+        let size_text = std::str::from_utf8(size_text).unwrap_or("?").trim();
+        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("a bad chunk size {}", excerpt(line)));
+        }
+        let size = usize::from_str_radix(size_text, 16)
+            .ok()
+            .filter(|s| *s <= MAX_BODY_BYTES)
+            .ok_or_else(|| format!("a chunk over {MAX_BODY_BYTES} bytes"))?;
+        if size == 0 {
+            return Ok(true);
+        }
+        let start = line_end + 2;
+        if raw.len() < start + size + 2 {
+            return Ok(false);
+        }
+        if &raw[start + size..start + size + 2] != b"\r\n" {
+            return Err("a chunk not followed by CRLF".into());
+        }
+        if out.len() + size > MAX_BODY_BYTES {
+            return Err("watch data over the size limit".into());
+        }
+        out.extend_from_slice(&raw[start..start + size]);
+        raw.drain(..start + size + 2);
     }
 }
 
@@ -636,15 +851,62 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, String>
             Ok(None)
         }
     };
+    let Some(Head {
+        status,
+        chunked,
+        length,
+        len: head_len,
+    }) = parse_head(buf, eof)?
+    else {
+        return Ok(None);
+    };
+    let body = &buf[head_len..];
+    let body = if chunked {
+        match dechunk(body, eof)? {
+            Some(b) => b,
+            None => return Ok(None),
+        }
+    } else if let Some(n) = length {
+        if body.len() < n {
+            return need_more(&format!("after {} of {n} body bytes", body.len()));
+        }
+        body[..n].to_vec()
+    } else if body.len() > MAX_BODY_BYTES {
+        return Err(format!("a body over {MAX_BODY_BYTES} bytes"));
+    } else if eof {
+        body.to_vec()
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(HttpResponse { status, body }))
+}
+
+/// An HTTP/1.1 response's status line and headers.
+struct Head {
+    status: u16,
+    chunked: bool,
+    length: Option<usize>,
+    /// Bytes of the head, with the empty line that ends it.
+    len: usize,
+}
+
+/// The head of a response from what was read so far: `Ok(None)` while more is needed.
+fn parse_head(buf: &[u8], eof: bool) -> Result<Option<Head>, String> {
     let Some(head_end) = find(&buf[..buf.len().min(MAX_HEAD_BYTES)], b"\r\n\r\n") else {
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(format!("headers longer than {MAX_HEAD_BYTES} bytes"));
         }
-        return need_more(if buf.is_empty() {
-            "without an answer"
-        } else {
-            "inside the headers"
-        });
+        if !eof {
+            return Ok(None);
+        }
+        return Err(format!(
+            "the connection closed {}",
+            if buf.is_empty() {
+                "without an answer"
+            } else {
+                "inside the headers"
+            }
+        ));
     };
     let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "headers that are not UTF-8")?;
     let mut lines = head.split("\r\n");
@@ -678,25 +940,12 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, String>
             length = Some(n);
         }
     }
-    let body = &buf[head_end + 4..];
-    let body = if chunked {
-        match dechunk(body, eof)? {
-            Some(b) => b,
-            None => return Ok(None),
-        }
-    } else if let Some(n) = length {
-        if body.len() < n {
-            return need_more(&format!("after {} of {n} body bytes", body.len()));
-        }
-        body[..n].to_vec()
-    } else if body.len() > MAX_BODY_BYTES {
-        return Err(format!("a body over {MAX_BODY_BYTES} bytes"));
-    } else if eof {
-        body.to_vec()
-    } else {
-        return Ok(None);
-    };
-    Ok(Some(HttpResponse { status, body }))
+    Ok(Some(Head {
+        status,
+        chunked,
+        length,
+        len: head_end + 4,
+    }))
 }
 
 /// The data of a complete chunked body, `None` while more is needed.
@@ -826,6 +1075,42 @@ fn decode(text: &str) -> Result<Vec<u8>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::{take_chunks, watch_news, WatchNews};
+
+    #[test]
+    fn a_watch_stream_is_taken_apart_chunk_by_chunk_and_message_by_message() {
+        let mut raw = b"1b\r\n{\"result\":{\"created\":true}}\r\n5\r\n{\"res\r\n".to_vec();
+        let mut data = Vec::new();
+        assert_eq!(take_chunks(&mut raw, &mut data), Ok(false));
+        assert_eq!(data, b"{\"result\":{\"created\":true}}{\"res");
+        assert!(raw.is_empty());
+        raw.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(take_chunks(&mut raw, &mut data), Ok(true));
+        let mut bad = b"zz\r\n".to_vec();
+        assert!(take_chunks(&mut bad, &mut data).is_err());
+
+        let m = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        assert_eq!(
+            watch_news(&m(r#"{"result":{"created":true}}"#)),
+            Ok(WatchNews::Created)
+        );
+        assert_eq!(
+            watch_news(&m(r#"{"result":{"events":[{"type":"DELETE"}]}}"#)),
+            Ok(WatchNews::Changed)
+        );
+        assert_eq!(
+            watch_news(&m(r#"{"result":{"header":{}}}"#)),
+            Ok(WatchNews::Progress)
+        );
+        for bad in [
+            r#"{"result":{"canceled":true,"cancel_reason":"compacted"}}"#,
+            r#"{"error":{"grpc_code":14,"message":"no leader"}}"#,
+            r#"[]"#,
+        ] {
+            assert!(watch_news(&m(bad)).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

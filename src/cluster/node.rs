@@ -23,6 +23,11 @@
 //!   records say they stream from it, while its own stats show every shard's replica within
 //!   `in_sync_lag_bytes` and `in_sync_max_ms`.
 //!
+//! - **Watching**: a thread of its own keeps a watch open on the `master` key; while it is
+//!   open and a master holds the key, the control thread reads the key once a second instead
+//!   of every tick, and at once when the watch says it changed (a master gone is seen as
+//!   soon as etcd deletes its key). Without a watch, or with no master, it reads every tick.
+//!
 //! The control thread never runs on a shard executor; it talks to its own broker like any
 //! client (over loopback) and to etcd with the blocking [`Etcd`] client.
 
@@ -31,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::Admin;
-use crate::cluster::etcd::{Etcd, EtcdError, KeyValue};
+use crate::cluster::etcd::{Etcd, EtcdError, KeyValue, WatchNews};
 use crate::cluster::records::{unix_ms, GroupKeys, InSyncRecord, MasterRecord, MemberRecord};
 use crate::config::Config;
 use crate::protocol::{ReplicaStats, ShardStats};
@@ -43,6 +48,9 @@ use crate::server::Broker;
 pub const ACK_WINDOW: f64 = 0.75;
 /// How often the control thread looks at the group's keys.
 const TICK: Duration = Duration::from_millis(100);
+/// How often it reads the master key while a watch on it is open and a master holds it: the
+/// watch says at once when the key changes; the read is the check behind it.
+pub const WATCHED_READ_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a member rewrites its record (and a master the in-sync set).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
 /// A candidate waits this long for each eligible member with a longer log.
@@ -226,6 +234,100 @@ impl Drop for Session {
     }
 }
 
+/// The watch on the group's master key, kept open by a thread of its own (`ringmq-bench
+/// etcd-load` runs the same one per simulated member).
+pub struct MasterWatch {
+    shared: Arc<WatchShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WatchShared {
+    stop: AtomicBool,
+    /// A watch is open (etcd confirmed it).
+    live: AtomicBool,
+    /// The key changed (or the watch was just opened or lost) since the control thread last
+    /// looked.
+    changed: AtomicBool,
+}
+
+impl MasterWatch {
+    pub fn start(etcd: Arc<Etcd>, key: String) -> std::io::Result<MasterWatch> {
+        let shared = Arc::new(WatchShared::default());
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ringmq-watch".into())
+                .spawn(move || watch_loop(&etcd, &key, &shared))?
+        };
+        Ok(MasterWatch {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn live(&self) -> bool {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// Whether the key changed since the last call.
+    pub fn take_changed(&self) -> bool {
+        self.shared.changed.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for MasterWatch {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Keeps a watch open on `key` until told to stop; reopens a lost one after a pause.
+fn watch_loop(etcd: &Etcd, key: &str, shared: &WatchShared) {
+    let stopped = || shared.stop.load(Ordering::Acquire);
+    let lost = |why: &str| {
+        if shared.live.swap(false, Ordering::AcqRel) {
+            log::info!("cluster: the watch on {key} is gone ({why}); reading it every tick");
+        }
+        // What happened while it was open and gone is read at the next tick.
+        shared.changed.store(true, Ordering::Release);
+        for _ in 0..10 {
+            if stopped() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    while !stopped() {
+        let mut watch = match etcd.watch(key) {
+            Ok(w) => w,
+            Err(e) => {
+                lost(&e.to_string());
+                continue;
+            }
+        };
+        while !stopped() {
+            match watch.next(Duration::from_millis(200)) {
+                Ok(Some(WatchNews::Created)) => {
+                    // A change between the last read and now is not in the watch: read once.
+                    shared.changed.store(true, Ordering::Release);
+                    shared.live.store(true, Ordering::Release);
+                }
+                Ok(Some(WatchNews::Changed)) => shared.changed.store(true, Ordering::Release),
+                Ok(Some(WatchNews::Progress)) | Ok(None) => {}
+                Err(e) => {
+                    lost(&e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+    shared.live.store(false, Ordering::Release);
+}
+
 fn keep_alive_loop(etcd: &Etcd, id: u64, ttl: Duration, shared: &SessionShared) {
     let every = ttl / 4;
     let mut failing_since: Option<Instant> = None;
@@ -297,6 +399,11 @@ struct Node {
     rejoin_at: Option<Vec<u64>>,
     /// Our lease as master lapsed (said once, see [`Node::note_lapse`]).
     lapsed: bool,
+    watch: MasterWatch,
+    /// When the master key was last read, and whether the next tick must read it again (an
+    /// error cut the last look short).
+    last_read: Option<Instant>,
+    read_again: bool,
 }
 
 impl Node {
@@ -329,8 +436,11 @@ impl Node {
             session.id,
             cluster.lease_ttl
         );
+        let keys = GroupKeys::new(&cluster.cluster, &cluster.group);
+        let watch = MasterWatch::start(etcd.clone(), keys.master())
+            .map_err(|e| ClusterError::Config(format!("cannot start the watch thread: {e}")))?;
         Ok(Node {
-            keys: GroupKeys::new(&cluster.cluster, &cluster.group),
+            keys,
             base: config,
             cluster,
             etcd,
@@ -345,6 +455,9 @@ impl Node {
             admin: None,
             rejoin_at: None,
             lapsed: false,
+            watch,
+            last_read: None,
+            read_again: false,
         })
     }
 
@@ -354,14 +467,21 @@ impl Node {
                 self.step_down("etcd says our lease is gone")?;
             }
             self.note_lapse();
-            match self.etcd.get(&self.keys.master()) {
-                // etcd trouble (a campaign or a promotion cut short) is tried again next
-                // tick; a broker that cannot start is not.
-                Ok(master) => match self.on_master_key(master) {
-                    Err(ClusterError::Etcd(e)) => log::warn!("cluster: {e}; trying again"),
-                    other => other?,
-                },
-                Err(e) => log::debug!("cluster: reading the master key: {e}"),
+            if self.master_key_due() {
+                self.last_read = Some(Instant::now());
+                self.read_again = true;
+                match self.etcd.get(&self.keys.master()) {
+                    // etcd trouble (a campaign or a promotion cut short) is tried again next
+                    // tick; a broker that cannot start is not.
+                    Ok(master) => match self.on_master_key(master) {
+                        Err(ClusterError::Etcd(e)) => log::warn!("cluster: {e}; trying again"),
+                        other => {
+                            other?;
+                            self.read_again = false;
+                        }
+                    },
+                    Err(e) => log::debug!("cluster: reading the master key: {e}"),
+                }
             }
             if self
                 .last_publish
@@ -373,6 +493,20 @@ impl Node {
             std::thread::sleep(TICK);
         }
         Ok(())
+    }
+
+    /// Whether this tick reads the master key: always without an open watch, with no master
+    /// (the election's timing counts ticks), after an error, and when the watch saw a change;
+    /// otherwise once per [`WATCHED_READ_INTERVAL`].
+    fn master_key_due(&mut self) -> bool {
+        let changed = self.watch.take_changed();
+        changed
+            || self.read_again
+            || !self.watch.live()
+            || self.masterless_since.is_some()
+            || self
+                .last_read
+                .map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL)
     }
 
     /// Says once when our lease as master lapsed (etcd unreachable or without a quorum: no
