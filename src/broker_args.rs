@@ -13,7 +13,7 @@ use ringmq::config::{
     Config, CoreSelection, MetricsListen, ReplicationConfig, ServerConfig, StorageConfig,
 };
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::storage::{FlushMode, RecoveryMode};
+use ringmq::storage::{FlushMode, RecoveryMode, SegmentPrepare};
 
 /// Declares a clap args struct for one config section and its `apply`. A setting is
 /// `field: T`, the flag `--<field>` taking a `T` that replaces the section's field (of type
@@ -143,6 +143,9 @@ section_args! {
         /// Pace of zeroing the next segment while the log is far from its end, bytes/s (faster
         /// as the active segment fills); 0 = full speed [default: 33554432]
         prepare_bytes_per_sec: u64,
+        /// How a new segment is prepared: zero (write zeros), allocate (fallocate) or auto
+        /// (zero under sync_flush, allocate under async_flush) [default: auto]
+        segment_prepare: SegmentPrepare,
     } flags {
         /// Delete unexpired segments (unconsumed messages!) while the disk is used above
         /// --disk-force-clean-ratio; each deletion is logged with the queues it cut

@@ -5,7 +5,9 @@
 //! Cases: (a) raw floor — 4 KiB O_DIRECT pwrite + fdatasync into an already written file, and
 //! 1 MiB O_DIRECT sequential writes with several in flight; (b) SYNC_FLUSH appends of 256 B and
 //! 1 KiB records with 1/8/64/256 concurrent appenders (append + wait_durable, closed loop);
-//! (c) ASYNC_FLUSH 1 KiB appends. Latencies in µs with HdrHistogram.
+//! (c) ASYNC_FLUSH 1 KiB appends, with segments prepared as the broker does by default
+//! (fallocated) and with written zeros (the SYNC_FLUSH default), so the cost of the zeros to
+//! the bandwidth shows in one run. Latencies in µs with HdrHistogram.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use glommio::io::{DmaFile, OpenOptions};
 use hdrhistogram::Histogram;
 use ringmq::format::batch::{BatchBuilder, Message, MIN_MESSAGE_BYTES};
 use ringmq::format::record::HEADER_BYTES;
-use ringmq::storage::{AppendRequest, FlushMode, ShardStore, StorageConfig};
+use ringmq::storage::{AppendRequest, FlushMode, SegmentPrepare, ShardStore, StorageConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
@@ -96,11 +98,23 @@ async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, S
     for &size in sizes {
         for &c in concs {
             eprintln!("SYNC_FLUSH {size} B x {c} appenders ...");
-            rows.push(appends(dir, FlushMode::SyncFlush, size, c, dur).await?);
+            rows.push(
+                appends(
+                    dir,
+                    FlushMode::SyncFlush,
+                    SegmentPrepare::Auto,
+                    size,
+                    c,
+                    dur,
+                )
+                .await?,
+            );
         }
     }
-    eprintln!("ASYNC_FLUSH 1 KiB ...");
-    rows.push(appends(dir, FlushMode::AsyncFlush, 1024, 1, dur).await?);
+    for prepare in [SegmentPrepare::Auto, SegmentPrepare::Zero] {
+        eprintln!("ASYNC_FLUSH 1 KiB, segment_prepare {prepare} ...");
+        rows.push(appends(dir, FlushMode::AsyncFlush, prepare, 1024, 1, dur).await?);
+    }
     Ok(rows)
 }
 
@@ -240,13 +254,15 @@ fn body_for(record_bytes: usize) -> Vec<u8> {
 async fn appends(
     dir: &Path,
     mode: FlushMode,
+    prepare: SegmentPrepare,
     record_bytes: usize,
     appenders: u32,
     dur: Duration,
 ) -> Result<Row, String> {
-    let case_dir = dir.join(format!("{mode}-{record_bytes}-{appenders}"));
+    let case_dir = dir.join(format!("{mode}-{prepare}-{record_bytes}-{appenders}"));
     let cfg = StorageConfig {
         flush_mode: mode,
+        segment_prepare: prepare,
         ..StorageConfig::default()
     };
     let (store, _) = ShardStore::open(&case_dir, cfg)
@@ -302,7 +318,14 @@ async fn appends(
     let h = h.borrow();
     let label = match mode {
         FlushMode::SyncFlush => format!("SYNC_FLUSH {record_bytes} B x {appenders} appenders"),
-        FlushMode::AsyncFlush => format!("ASYNC_FLUSH {record_bytes} B x {appenders} appender"),
+        FlushMode::AsyncFlush => {
+            let how = if prepare.allocates(mode) {
+                "fallocated"
+            } else {
+                "zeroed"
+            };
+            format!("ASYNC_FLUSH {record_bytes} B x {appenders} appender, {how} segments")
+        }
     };
     Ok(Row {
         case: label,

@@ -96,6 +96,12 @@ pub trait StorageBackend: Clone + 'static {
     /// how long to wait first. No wait: a burst of large writes; a wait: one small write;
     /// `None`: give up (the file is removed; the error is [`io::ErrorKind::Interrupted`]).
     async fn create_zeroed_paced(&self, path: &Path, len: u64, pace: Pace<'_>) -> io::Result<()>;
+    /// Creates `path` with `len` bytes that read as zeros without writing them (fallocate:
+    /// unwritten extents), durably and atomically like [`Self::create_zeroed`]. A backend
+    /// without such a thing writes the zeros.
+    async fn create_allocated(&self, path: &Path, len: u64) -> io::Result<()> {
+        self.create_zeroed(path, len).await
+    }
     /// Names of the files in `dir` (not recursive), unsorted.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
@@ -277,6 +283,37 @@ impl StorageBackend for DmaBackend {
         if r.is_err() {
             // A partial file would keep the disk full after the failure (issue 14: a failed
             // start left a 267 MiB `.tmp` behind).
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    async fn create_allocated(&self, path: &Path, len: u64) -> io::Result<()> {
+        let tmp = tmp_path(path);
+        let (t, p) = (tmp.clone(), path.to_path_buf());
+        // fallocate of a GiB is a metadata update (milliseconds, a journal commit in the
+        // fsyncs): on the blocking pool, like the rename below.
+        let r = glommio::executor()
+            .spawn_blocking(move || {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&t)?;
+                let len = libc::off_t::try_from(len)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+                // SAFETY: a valid open descriptor; mode 0 allocates and extends the file.
+                if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f.sync_all()?;
+                drop(f);
+                std::fs::rename(&t, &p)?;
+                sync_dir(p.parent().unwrap_or(Path::new(".")))
+            })
+            .await;
+        if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         r

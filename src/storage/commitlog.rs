@@ -390,11 +390,16 @@ impl<B: StorageBackend> CommitLog<B> {
                     PACED_WRITE_BYTES as u64,
                 ))
             };
+            let allocate = log.cfg.segment_prepare.allocates(log.cfg.flush_mode);
             let r = async {
-                log.backend
-                    .create_zeroed_paced(&path, seg_bytes, &pace)
-                    .await
-                    .map_err(|e| ("preparing", e))?;
+                let prepared = if allocate {
+                    log.backend.create_allocated(&path, seg_bytes).await
+                } else {
+                    log.backend
+                        .create_zeroed_paced(&path, seg_bytes, &pace)
+                        .await
+                };
+                prepared.map_err(|e| ("preparing", e))?;
                 log.backend.open(&path).await.map_err(|e| ("opening", e))
             }
             .await;

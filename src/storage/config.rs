@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::backend::BLOCK_BYTES;
-use super::{FlushMode, RecoveryMode, StorageError};
+use super::{FlushMode, RecoveryMode, SegmentPrepare, StorageError};
 use crate::format::record::MAX_RECORD_BYTES;
 
 /// Smallest segment file. The store caps a record at `min(max_record_bytes, segment_bytes)`,
@@ -99,6 +99,11 @@ pub struct StorageConfig {
     /// of what is left of the active one is. 0: zero at full speed (4 MiB in flight).
     /// Default 33554432 (32 MiB/s: a 1 GiB segment in 32 s).
     pub prepare_bytes_per_sec: u64,
+    /// How the next segment is prepared: `zero` (written zeros, at `prepare_bytes_per_sec`),
+    /// `allocate` (fallocate, nothing written) or `auto` (default: `zero` under SYNC_FLUSH,
+    /// whose fdatasyncs are cheaper over written blocks; `allocate` under ASYNC_FLUSH, whose
+    /// bandwidth the zeros halved). See [`SegmentPrepare`].
+    pub segment_prepare: SegmentPrepare,
 }
 
 impl Default for StorageConfig {
@@ -121,6 +126,7 @@ impl Default for StorageConfig {
             disk_force_clean_ratio: 0.85,
             index_snapshot: true,
             prepare_bytes_per_sec: PREPARE_BYTES_PER_SEC_DEFAULT,
+            segment_prepare: SegmentPrepare::Auto,
         }
     }
 }

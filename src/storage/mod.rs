@@ -105,6 +105,60 @@ impl FromStr for FlushMode {
     }
 }
 
+/// How a new segment is prepared before the log writes into it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentPrepare {
+    /// `zero` under SYNC_FLUSH, `allocate` under ASYNC_FLUSH (the default).
+    #[default]
+    Auto,
+    /// Write zeros over the whole file, at a pace: the log then only overwrites written
+    /// blocks, and an fdatasync flushes data alone (into unwritten extents it costs about 2x,
+    /// NOTES.md). Costs one write of the segment's size, which competes with the log's own.
+    Zero,
+    /// fallocate the file: no bytes written (unwritten extents read as zeros, so recovery
+    /// sees the same), but each log write converts extents and each fdatasync journals that.
+    /// What ASYNC_FLUSH's bandwidth wants: the zeros took about half of it.
+    Allocate,
+}
+
+impl SegmentPrepare {
+    /// Whether segments are fallocated under `flush_mode`.
+    pub fn allocates(self, flush_mode: FlushMode) -> bool {
+        match self {
+            SegmentPrepare::Auto => flush_mode == FlushMode::AsyncFlush,
+            SegmentPrepare::Zero => false,
+            SegmentPrepare::Allocate => true,
+        }
+    }
+}
+
+impl fmt::Display for SegmentPrepare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SegmentPrepare::Auto => "auto",
+            SegmentPrepare::Zero => "zero",
+            SegmentPrepare::Allocate => "allocate",
+        })
+    }
+}
+
+impl FromStr for SegmentPrepare {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(SegmentPrepare::Auto),
+            "zero" => Ok(SegmentPrepare::Zero),
+            "allocate" => Ok(SegmentPrepare::Allocate),
+            _ => Err(format!(
+                "unknown segment preparation {s:?} (auto | zero | allocate)"
+            )),
+        }
+    }
+}
+
 /// What recovery does with a bad record *before* the durable checkpoint (bytes that were once
 /// durable, so not a torn write). A bad tail past the checkpoint is always truncated.
 #[derive(

@@ -57,7 +57,7 @@ use crate::format::record::{
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_FILE};
 use crate::storage::error::StorageError;
-use crate::storage::segment::{parse_segment_name, segment_path, Seg, Segment};
+use crate::storage::segment::{create_segment, parse_segment_name, segment_path, Seg, Segment};
 use crate::storage::{RecoveryMode, StorageConfig};
 
 /// What recovery saw at one decision point.
@@ -467,8 +467,7 @@ pub(crate) async fn open_log<B: StorageBackend>(
     let fresh = bases.is_empty();
     if bases.is_empty() {
         let p = segment_path(dir, 0);
-        backend
-            .create_zeroed(&p, cfg.segment_bytes)
+        create_segment(backend, &p, cfg)
             .await
             .map_err(|e| StorageError::io("prepare segment", &p, e))?;
         bases.push(0);

@@ -64,6 +64,20 @@ impl<F> Segment<F> {
 }
 
 /// `00000000000001048576` for base 1048576.
+/// Creates the segment file at `path` at full speed, the way `cfg.segment_prepare` says (the
+/// first segment of a new or reset log; later ones are prepared ahead, at a pace, by the log).
+pub(crate) async fn create_segment<B: StorageBackend>(
+    backend: &B,
+    path: &Path,
+    cfg: &crate::storage::StorageConfig,
+) -> std::io::Result<()> {
+    if cfg.segment_prepare.allocates(cfg.flush_mode) {
+        backend.create_allocated(path, cfg.segment_bytes).await
+    } else {
+        backend.create_zeroed(path, cfg.segment_bytes).await
+    }
+}
+
 pub(crate) fn segment_name(base: u64) -> String {
     format!("{base:0NAME_DIGITS$}")
 }

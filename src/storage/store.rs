@@ -29,7 +29,7 @@ use crate::storage::recovery::{
     decide, open_log, recover_log, scrub, Action, Observation, OpenedLog, RecoveryReport,
     ScanStart, ScrubOutcome,
 };
-use crate::storage::segment::{parse_segment_name, segment_path, Segment};
+use crate::storage::segment::{create_segment, parse_segment_name, segment_path, Segment};
 use crate::storage::signal::Signal;
 use crate::storage::space::is_disk_full;
 use crate::storage::tail_feed::TailFeed;
@@ -156,8 +156,7 @@ impl ShardStore<DmaBackend> {
                 .map_err(|e| StorageError::io("remove segment", &p, e))?;
         }
         let p = segment_path(&log_dir, base.0);
-        backend
-            .create_zeroed(&p, cfg.segment_bytes)
+        create_segment(&backend, &p, &cfg)
             .await
             .map_err(|e| StorageError::io("prepare segment", &p, e))?;
         Self::open_limited(backend, dir, cfg, None).await
