@@ -30,7 +30,8 @@
 //! - [`workload`]: the flags shared by every load subcommand, the modes.
 //! - [`runner`]: embedded broker, producer/consumer threads, progress, gathering.
 //! - [`hist`]: HdrHistograms, per-thread stats, the open-loop pacer.
-//! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the chart.
+//! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the charts.
+//! - [`sweep`]: one mode at several open-loop rates, latency against the rate reached.
 //! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...) and the slave's lag.
 //! - [`slave`]: the slave process of the replication modes, its network namespace.
 //! - [`netns_cmd`]: the `ip`/`sysctl` commands and stale-namespace sweep, shared with the
@@ -63,6 +64,7 @@ mod runner;
 mod slave;
 mod storage;
 mod svg;
+mod sweep;
 mod transactions;
 mod workload;
 
@@ -103,6 +105,10 @@ enum Command {
     /// Run the same workload against each mode in turn (each on a fresh embedded broker) and
     /// print one table with a row per mode and the ratios to the first mode.
     Compare(CompareArgs),
+    /// One mode at several open-loop rates (`--rates 1000,2000,4000`), a fresh embedded broker
+    /// per rate: latency against the rate reached, where the mode saturates; a table, and with
+    /// --out sweep.json and sweep.svg.
+    Sweep(sweep::SweepArgs),
     /// Storage engine alone (no network): raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
     Storage(storage::StorageArgs),
     /// Rehearse a fault and audit the acks: `kill` SIGKILLs a broker process under pipelined
@@ -208,6 +214,7 @@ fn main() -> ExitCode {
             bench("run", &[mode], workload, a.output.out)
         }
         Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
+        Command::Sweep(a) => sweep::run(a),
         Command::Storage(a) => storage::run(a),
         Command::Drill(a) => match a.kind {
             drill::DrillKind::Kill => drill::run(a),

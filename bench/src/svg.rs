@@ -131,6 +131,108 @@ fn line(s: &mut String, x1: f64, y1: f64, x2: f64, y2: f64, style: &str) {
     );
 }
 
+/// One point of a rate sweep: the rate reached and its latency percentiles (µs).
+pub struct SweepPoint {
+    pub achieved: f64,
+    pub percentiles: [(&'static str, u64); 3],
+}
+
+/// A rate sweep as an SVG document: latency (log scale) against the rate reached (linear),
+/// one line per percentile, so a reader sees where the mode saturates.
+pub fn sweep_chart(title: &str, points: &[SweepPoint]) -> String {
+    let (top, h) = (P1_TOP, P1_H + 120.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{:.0}" font-family="sans-serif">"#,
+        top + h + 70.0
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    text(&mut s, WIDTH / 2.0, 30.0, "middle", 15, title);
+    text(
+        &mut s,
+        LEFT + PLOT_W / 2.0,
+        top - 4.0,
+        "middle",
+        13,
+        "Latency against the rate reached (open loop, one run per target rate)",
+    );
+    let x_hi = nice(points.iter().map(|p| p.achieved).fold(1.0, f64::max));
+    let lat = points
+        .iter()
+        .flat_map(|p| p.percentiles.iter().map(|q| q.1.max(1) as f64));
+    let (lo, hi) = lat.fold((f64::MAX, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let y_lo = if lo == f64::MAX {
+        0.0
+    } else {
+        lo.log10().floor()
+    };
+    let y_hi = hi.log10().ceil().max(y_lo + 1.0);
+    let px = |x: f64| LEFT + x / x_hi * PLOT_W;
+    let py = |us: f64| top + h - (us.log10() - y_lo) / (y_hi - y_lo) * h;
+    let _ = writeln!(
+        s,
+        r##"<rect x="{LEFT}" y="{top}" width="{PLOT_W}" height="{h}" fill="none" stroke="#333"/>"##
+    );
+    for i in 0..=5 {
+        let v = x_hi * f64::from(i) / 5.0;
+        let x = px(v);
+        line(&mut s, x, top, x, top + h, r##"stroke="#ddd""##);
+        text(&mut s, x, top + h + 16.0, "middle", 11, &fmt_count(v));
+    }
+    text(
+        &mut s,
+        LEFT + PLOT_W / 2.0,
+        top + h + 34.0,
+        "middle",
+        12,
+        "msgs/s reached",
+    );
+    let mut e = y_lo as i32;
+    while f64::from(e) <= y_hi {
+        let y = py(10f64.powi(e));
+        line(&mut s, LEFT, y, LEFT + PLOT_W, y, r##"stroke="#ddd""##);
+        text(&mut s, LEFT - 6.0, y + 4.0, "end", 11, &decade_label(e));
+        e += 1;
+    }
+    for (i, color) in COLORS.iter().take(3).enumerate() {
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (px(p.achieved), py(p.percentiles[i].1.max(1) as f64)))
+            .collect();
+        polyline(&mut s, &pts, color, false);
+        for &(x, y) in &pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{color}"/>"#
+            );
+        }
+        let Some(first) = points.first() else {
+            continue;
+        };
+        let ly = top + 14.0 + i as f64 * 24.0;
+        let lx = LEFT + PLOT_W + 14.0;
+        line(
+            &mut s,
+            lx,
+            ly,
+            lx + 26.0,
+            ly,
+            &format!(r#"stroke="{color}" stroke-width="2""#),
+        );
+        text(
+            &mut s,
+            lx + 32.0,
+            ly + 4.0,
+            "start",
+            12,
+            first.percentiles[i].0,
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 /// The whole chart as an SVG document.
 pub fn chart(report: &Report, runs: &[ModeRun]) -> String {
     let mut s = String::new();

@@ -301,3 +301,62 @@ fn bad_flags_are_refused_with_a_message() {
         .unwrap();
     assert!(!output.status.success());
 }
+
+#[test]
+fn sweep_runs_each_rate_and_writes_its_table_json_and_chart() {
+    let dir = temp_dir("sweep");
+    let out = dir.join("out");
+    let output = bench()
+        .args(["sweep", "--mode", "async-flush", "--rates", "200,400"])
+        .args([
+            "--duration-secs",
+            "1",
+            "--warmup-secs",
+            "0",
+            "--segment-mib",
+            "32",
+        ])
+        .arg("--data-root")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run ringmq-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    for rate in ["200", "400"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("| {rate} |"))),
+            "no row for {rate}:\n{stdout}"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let targets: Vec<u64> = rows
+        .iter()
+        .map(|r| r["target_msgs_per_sec"].as_u64().unwrap())
+        .collect();
+    assert_eq!(targets, [200, 400], "{report:#}");
+    for r in rows {
+        assert!(r["msgs_per_sec"].as_f64().unwrap() > 0.0, "{r:#}");
+        assert!(r["latency"]["p99_us"].as_u64().unwrap() > 0, "{r:#}");
+    }
+    let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<circle").count(), 6, "2 rates x 3 percentiles");
+    // Only the output dir is left: the embedded brokers' data dirs are gone.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["out"], "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
