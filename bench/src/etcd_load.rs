@@ -8,8 +8,9 @@
 //!   (the control tick) read that key when the rule of `Node::master_key_due` says so: the
 //!   watch saw a change, no watch is open, or no master holds the key; else once a second;
 //! - every 500 ms (the publish interval): put its member record (a real `MemberRecord`'s size)
-//!   under its lease; the master also reads the members (prefix) and writes the in-sync set
-//!   guarded by its election key;
+//!   under its lease; the master also reads the members (prefix), and writes the in-sync set
+//!   guarded by its election key when it changes (never, in steady state) and every
+//!   `IN_SYNC_REFRESH` (10 s);
 //! - every TTL/4: renew its lease (a thread of its own, as in the broker).
 //!
 //! Member 0 of every group creates the election key first. After `--duration-secs` of steady
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hdrhistogram::Histogram;
 use ringmq::cluster::etcd::Etcd;
-use ringmq::cluster::node::{MasterWatch, WATCHED_READ_INTERVAL};
+use ringmq::cluster::node::{MasterWatch, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL};
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
 
 use crate::drill_failover::EtcdCluster;
@@ -252,7 +253,8 @@ fn one_run(
             // Once a second with a watch and a master (the steady state).
             Op::GetMaster => members as f64 * per(WATCHED_READ_INTERVAL),
             Op::PutMember => members as f64 * per(PUBLISH),
-            Op::GetMembers | Op::PutInSync => groups as f64 * per(PUBLISH),
+            Op::GetMembers => groups as f64 * per(PUBLISH),
+            Op::PutInSync => groups as f64 * per(IN_SYNC_REFRESH),
             Op::KeepAlive => members as f64 * per(ttl / 4),
             Op::Campaign => 0.0,
         }
@@ -384,6 +386,7 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
     let watch = MasterWatch::start(etcd.clone(), keys.master()).expect("a watch thread");
     let mut last_read: Option<Instant> = None;
     let mut masterless = false;
+    let mut last_in_sync: Option<Instant> = None;
     while !s.stop_all.load(Ordering::Acquire) {
         let tick = Instant::now();
         if master && !gave_up && s.stop_steady.load(Ordering::Acquire) {
@@ -427,19 +430,23 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
                 let _ = s
                     .stats
                     .time(Op::GetMembers, || etcd.get_prefix(&keys.members()));
-                let in_sync = format!(
-                    "{{\"master\":\"{node}\",\"term\":{term},\"nodes\":[\"b\"],\"updated_unix_ms\":{}}}",
-                    unix_ms()
-                );
-                let _ = s.stats.time(Op::PutInSync, || {
-                    etcd.put_if_guard(
-                        &keys.master(),
-                        term,
-                        &keys.in_sync(),
-                        in_sync.as_bytes(),
-                        None,
-                    )
-                });
+                // The set does not change in steady state: written at the refresh only.
+                if last_in_sync.map_or(true, |t| t.elapsed() >= IN_SYNC_REFRESH) {
+                    last_in_sync = Some(Instant::now());
+                    let in_sync = format!(
+                        "{{\"master\":\"{node}\",\"term\":{term},\"nodes\":[\"b\"],\"updated_unix_ms\":{}}}",
+                        unix_ms()
+                    );
+                    let _ = s.stats.time(Op::PutInSync, || {
+                        etcd.put_if_guard(
+                            &keys.master(),
+                            term,
+                            &keys.in_sync(),
+                            in_sync.as_bytes(),
+                            None,
+                        )
+                    });
+                }
             }
         }
         if let Some(rest) = TICK.checked_sub(tick.elapsed()) {

@@ -21,7 +21,8 @@
 //!   over with a new session: it rejoins as a slave of the new master.
 //! - **In sync**: the master writes `in_sync` (guarded by its key) with the slaves whose
 //!   records say they stream from it, while its own stats show every shard's replica within
-//!   `in_sync_lag_bytes` and `in_sync_max_ms`.
+//!   `in_sync_lag_bytes` and `in_sync_max_ms`; when that set changes, and every
+//!   [`IN_SYNC_REFRESH`] otherwise.
 //!
 //! - **Watching**: a thread of its own keeps a watch open on the `master` key; while it is
 //!   open and a master holds the key, the control thread reads the key once a second instead
@@ -53,6 +54,9 @@ const TICK: Duration = Duration::from_millis(100);
 pub const WATCHED_READ_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a member rewrites its record (and a master the in-sync set).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
+/// The in-sync set is rewritten when it changes, and at least this often (for `admin cluster`'s
+/// "updated ... ago"; the set itself is only news when it changes).
+pub const IN_SYNC_REFRESH: Duration = Duration::from_secs(10);
 /// A candidate waits this long for each eligible member with a longer log.
 const RANK_DELAY: Duration = Duration::from_millis(500);
 
@@ -400,6 +404,8 @@ struct Node {
     /// Our lease as master lapsed (said once, see [`Node::note_lapse`]).
     lapsed: bool,
     watch: MasterWatch,
+    /// The in-sync set last written (its term and nodes) and when.
+    in_sync_written: Option<(u64, Vec<String>, Instant)>,
     /// When the master key was last read, and whether the next tick must read it again (an
     /// error cut the last look short).
     last_read: Option<Instant>,
@@ -456,6 +462,7 @@ impl Node {
             rejoin_at: None,
             lapsed: false,
             watch,
+            in_sync_written: None,
             last_read: None,
             read_again: false,
         })
@@ -884,15 +891,28 @@ impl Node {
             nodes,
             updated_unix_ms: unix_ms(),
         };
-        let value = serde_json::to_vec(&record).expect("a record serializes");
-        match self.etcd.put_if_guard(
-            &self.keys.master(),
-            term,
-            &self.keys.in_sync(),
-            &value,
-            None,
-        ) {
+        // Unchanged and fresh enough: what etcd holds is still true, so no raft write (the
+        // same state updates follow as after a write).
+        let unchanged = self.in_sync_written.as_ref().is_some_and(|(t, n, at)| {
+            *t == term && *n == record.nodes && at.elapsed() < IN_SYNC_REFRESH
+        });
+        let written = if unchanged {
+            Ok(true)
+        } else {
+            let value = serde_json::to_vec(&record).expect("a record serializes");
+            self.etcd.put_if_guard(
+                &self.keys.master(),
+                term,
+                &self.keys.in_sync(),
+                &value,
+                None,
+            )
+        };
+        match written {
             Ok(true) => {
+                if !unchanged {
+                    self.in_sync_written = Some((term, record.nodes.clone(), Instant::now()));
+                }
                 if record.nodes.is_empty() {
                     if sync_master && self.rejoin_at.is_none() && !self.lease.solo() {
                         log::warn!(
@@ -908,8 +928,14 @@ impl Node {
                     self.lease.set_solo(false);
                 }
             }
-            Ok(false) => log::warn!("cluster: in-sync set not written: our election key is gone"),
-            Err(e) => log::debug!("cluster: writing the in-sync set: {e}"),
+            Ok(false) => {
+                self.in_sync_written = None;
+                log::warn!("cluster: in-sync set not written: our election key is gone")
+            }
+            Err(e) => {
+                self.in_sync_written = None;
+                log::debug!("cluster: writing the in-sync set: {e}")
+            }
         }
     }
 
