@@ -242,6 +242,15 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
     runner::install_interrupt_handler();
     let started_unix_ms = runner::unix_ms();
     let mut notes = Vec::new();
+    if w.rate.is_none() {
+        let note = "closed loop: each producer waits for its acks before sending more, so the \
+                    latency table leaves out the queueing an open loop would see; pass --rate \
+                    for latency from intended send times, or `ringmq-bench sweep` for several \
+                    rates"
+            .to_string();
+        eprintln!("note: {note}");
+        notes.push(note);
+    }
     let mut runs = Vec::new();
     match &w.broker {
         Some(addr) => {
