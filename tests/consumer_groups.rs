@@ -753,3 +753,29 @@ fn a_group_takes_up_the_queues_of_a_topic_that_grew() {
     assert_eq!(got, vec!["new2".to_string(), "new3".to_string()]);
     c.close().expect("close");
 }
+
+/// Issue 14: a member of a group whose topic is deleted hears TOPIC_NOT_FOUND at its next poll
+/// instead of polling an empty assignment forever.
+#[test]
+fn a_member_hears_that_its_topic_was_deleted() {
+    let b = TestBroker::start();
+    b.create_topic("gone", 2);
+    produce(&b.addr(), "gone", (0..4).map(|i| i.to_string()));
+    let c = GroupConsumer::join(&b.addr(), config("g", "gone")).unwrap();
+    assert_eq!(drain(&c, 4, Duration::from_secs(10)).len(), 4);
+    ringmq::client::Admin::connect(&b.addr())
+        .unwrap()
+        .delete_topic("gone")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let e = loop {
+        match c.poll(Duration::from_millis(200)) {
+            Err(e) => break e,
+            Ok(_) => assert!(Instant::now() < deadline, "no error 15 s after the delete"),
+        }
+    };
+    assert!(
+        e.to_string().contains("TOPIC_NOT_FOUND") || e.to_string().contains("does not exist"),
+        "{e}"
+    );
+}
