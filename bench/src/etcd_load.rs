@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hdrhistogram::Histogram;
 use ringmq::cluster::etcd::Etcd;
-use ringmq::cluster::node::{MasterWatch, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL};
+use ringmq::cluster::node::{master_key_due, MasterWatch, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL};
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
 
 use crate::drill_failover::EtcdCluster;
@@ -400,10 +400,7 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
             std::thread::sleep(TICK);
             continue;
         }
-        let due = watch.take_changed()
-            || !watch.live()
-            || masterless
-            || last_read.map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL);
+        let due = master_key_due(&watch, masterless, last_read);
         // Not due: masterless was false, and stays so.
         let current = due.then(|| {
             last_read = Some(Instant::now());

@@ -73,6 +73,18 @@ fn decade_label(e: i32) -> String {
 }
 
 /// 1, 2 or 5 times a power of ten, at least `x`.
+/// The horizontal grid lines and labels of a log latency axis, one per decade from 10^y_lo to
+/// 10^y_hi µs; `py` maps µs to the plot's y.
+fn decade_grid(s: &mut String, y_lo: f64, y_hi: f64, py: impl Fn(f64) -> f64) {
+    let mut e = y_lo as i32;
+    while f64::from(e) <= y_hi {
+        let y = py(10f64.powi(e));
+        line(s, LEFT, y, LEFT + PLOT_W, y, r##"stroke="#ddd""##);
+        text(s, LEFT - 6.0, y + 4.0, "end", 11, &decade_label(e));
+        e += 1;
+    }
+}
+
 fn nice(x: f64) -> f64 {
     if x <= 0.0 {
         return 1.0;
@@ -188,13 +200,7 @@ pub fn sweep_chart(title: &str, points: &[SweepPoint]) -> String {
         12,
         "msgs/s reached",
     );
-    let mut e = y_lo as i32;
-    while f64::from(e) <= y_hi {
-        let y = py(10f64.powi(e));
-        line(&mut s, LEFT, y, LEFT + PLOT_W, y, r##"stroke="#ddd""##);
-        text(&mut s, LEFT - 6.0, y + 4.0, "end", 11, &decade_label(e));
-        e += 1;
-    }
+    decade_grid(&mut s, y_lo, y_hi, py);
     for (i, color) in COLORS.iter().take(3).enumerate() {
         let pts: Vec<(f64, f64)> = points
             .iter()
@@ -362,13 +368,7 @@ fn latency_panel(s: &mut String, runs: &[ModeRun]) {
         12,
         "percentile",
     );
-    let mut e = y_lo as i32;
-    while f64::from(e) <= y_hi {
-        let y = py(10f64.powi(e));
-        line(s, LEFT, y, LEFT + PLOT_W, y, r##"stroke="#ddd""##);
-        text(s, LEFT - 6.0, y + 4.0, "end", 11, &decade_label(e));
-        e += 1;
-    }
+    decade_grid(s, y_lo, y_hi, py);
     let _ = writeln!(
         s,
         r#"<text x="20" y="{:.1}" text-anchor="middle" font-size="12" transform="rotate(-90 20 {:.1})">latency</text>"#,

@@ -21,11 +21,11 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use crate::broker::groups::records::{single_batch, stored_messages};
 use crate::broker::{Result, ServiceError, Services};
-use crate::format::batch::{BatchBuilder, BatchIter, Message};
-use crate::format::record::RecordIter;
+use crate::format::batch::Message;
 use crate::protocol::ErrorCode;
 use crate::shard::topic_writes;
 use crate::shard::topics::TopicChange;
@@ -98,13 +98,8 @@ pub async fn change(s: &Services, change: TopicChange) -> Result<()> {
     if current.with_change(&change)? == *current {
         return Ok(());
     }
-    let body = {
-        let mut out = BytesMut::new();
-        BatchBuilder::new(&mut out)
-            .push(&Message::new(encode(&change)))
-            .map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?;
-        out.freeze()
-    };
+    let body = single_batch(&Message::new(encode(&change)))
+        .map_err(|e| ServiceError::new(ErrorCode::Internal, e))?;
     let store = s.shard.store();
     let appended = store
         .append(AppendRequest {
@@ -172,10 +167,13 @@ async fn catch_up(s: &Services) -> Result<()> {
         let batch = store
             .read(TOPICS_LOG, 0, QueueOffset(from), 1 << 20)
             .await?;
-        for (offset, payload) in changes_in(&batch.records, from)? {
-            match decode(&payload) {
+        let messages = stored_messages(&batch.records, from).map_err(|e| {
+            ServiceError::new(ErrorCode::StorageError, format!("{TOPICS_LOG}: {e}"))
+        })?;
+        for m in messages {
+            match decode(&m.message.payload) {
                 Ok(change) => topic_writes::merge_change(&s.shard, &change).await?,
-                Err(why) => log::warn!("shard 0: {TOPICS_LOG} offset {offset} skipped: {why}"),
+                Err(why) => log::warn!("shard 0: {TOPICS_LOG} offset {} skipped: {why}", m.offset),
             }
         }
         if batch.next_offset.0 <= from {
@@ -186,24 +184,6 @@ async fn catch_up(s: &Services) -> Result<()> {
         }
         s.topic_log.applied.set(Some(batch.next_offset.0));
     }
-}
-
-/// (offset, payload) of each message at `from` or later in `records` (whole stored records).
-fn changes_in(records: &Bytes, from: u64) -> Result<Vec<(u64, Bytes)>> {
-    let bad = |e: String| ServiceError::new(ErrorCode::StorageError, format!("{TOPICS_LOG}: {e}"));
-    let mut out = Vec::new();
-    for record in RecordIter::new(records) {
-        let record = record.map_err(|e| bad(e.to_string()))?;
-        let batch = records.slice_ref(record.body);
-        for (i, m) in BatchIter::new(&batch).enumerate() {
-            let m = m.map_err(|e| bad(e.to_string()))?;
-            let offset = record.header.base_queue_offset + i as u64;
-            if offset >= from {
-                out.push((offset, m.to_message_in(&batch).payload));
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

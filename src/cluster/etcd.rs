@@ -618,16 +618,7 @@ fn take_chunks(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, String> {
             }
             return Ok(false);
         };
-        let line = &raw[..line_end];
-        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
-        let size_text = std::str::from_utf8(size_text).unwrap_or("?").trim();
-        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("a bad chunk size {}", excerpt(line)));
-        }
-        let size = usize::from_str_radix(size_text, 16)
-            .ok()
-            .filter(|s| *s <= MAX_BODY_BYTES)
-            .ok_or_else(|| format!("a chunk over {MAX_BODY_BYTES} bytes"))?;
+        let size = chunk_size(&raw[..line_end], MAX_BODY_BYTES)?;
         if size == 0 {
             return Ok(true);
         }
@@ -948,6 +939,19 @@ fn parse_head(buf: &[u8], eof: bool) -> Result<Option<Head>, String> {
     }))
 }
 
+/// The size a chunk-size line announces (extensions after `;` ignored), at most `room`.
+fn chunk_size(line: &[u8], room: usize) -> Result<usize, String> {
+    let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
+    let size_text = std::str::from_utf8(size_text).unwrap_or("?").trim();
+    if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("a bad chunk size {}", excerpt(line)));
+    }
+    usize::from_str_radix(size_text, 16)
+        .ok()
+        .filter(|s| *s <= room)
+        .ok_or_else(|| format!("a chunked body over {MAX_BODY_BYTES} bytes"))
+}
+
 /// The data of a complete chunked body, `None` while more is needed.
 fn dechunk(body: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
     let need_more = || {
@@ -972,15 +976,7 @@ fn dechunk(body: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
         let Some(line) = line_at(pos)? else {
             return need_more();
         };
-        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
-        let size_text = std::str::from_utf8(size_text).unwrap_or("?").trim();
-        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("a bad chunk size {}", excerpt(line)));
-        }
-        let size = usize::from_str_radix(size_text, 16)
-            .ok()
-            .filter(|s| *s <= MAX_BODY_BYTES - total)
-            .ok_or_else(|| format!("a chunked body over {MAX_BODY_BYTES} bytes"))?;
+        let size = chunk_size(line, MAX_BODY_BYTES - total)?;
         pos += line.len() + 2;
         if size == 0 {
             // Trailers (etcd sends one on errors), up to the empty line.

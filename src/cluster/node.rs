@@ -289,6 +289,17 @@ impl Drop for MasterWatch {
     }
 }
 
+/// The read rule behind a [`MasterWatch`]: read the master key when the watch saw a change (or
+/// just opened), when no watch is open, when no master holds the key, and otherwise once per
+/// [`WATCHED_READ_INTERVAL`] since `last_read`. Takes the watch's change flag.
+pub fn master_key_due(watch: &MasterWatch, masterless: bool, last_read: Option<Instant>) -> bool {
+    let changed = watch.take_changed();
+    changed
+        || !watch.live()
+        || masterless
+        || last_read.map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL)
+}
+
 /// Keeps a watch open on `key` until told to stop; reopens a lost one after a pause.
 fn watch_loop(etcd: &Etcd, key: &str, shared: &WatchShared) {
     let stopped = || shared.stop.load(Ordering::Acquire);
@@ -506,14 +517,8 @@ impl Node {
     /// (the election's timing counts ticks), after an error, and when the watch saw a change;
     /// otherwise once per [`WATCHED_READ_INTERVAL`].
     fn master_key_due(&mut self) -> bool {
-        let changed = self.watch.take_changed();
-        changed
-            || self.read_again
-            || !self.watch.live()
-            || self.masterless_since.is_some()
-            || self
-                .last_read
-                .map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL)
+        self.read_again
+            || master_key_due(&self.watch, self.masterless_since.is_some(), self.last_read)
     }
 
     /// Says once when our lease as master lapsed (etcd unreachable or without a quorum: no
