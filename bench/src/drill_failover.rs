@@ -125,7 +125,8 @@ fn one_round(
 ) -> Result<Round, String> {
     let cluster = format!("drill-{}-{round}", std::process::id());
     let round_dir = dir.join(format!("round-{round}"));
-    let (pa, pb) = (free_port()?, free_port()?);
+    let ports = free_ports(2)?;
+    let (pa, pb) = (ports[0], ports[1]);
     let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     let a = member(args, &round_dir, etcd, &cluster, "a", pa, 0)?;
     wait_for("a to be elected", SETTLE_TIMEOUT, || {
@@ -304,10 +305,17 @@ fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Res
     Ok(())
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+/// `n` distinct free ports: every listener is held until all are bound, so the kernel cannot
+/// hand the same port out twice (it did: an etcd cluster once got two members on one port).
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
@@ -444,7 +452,7 @@ impl EtcdCluster {
              drill runs its own 3-member cluster",
         )?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let ports: Vec<u16> = (0..2 * n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let ports = free_ports(2 * n)?;
         let initial: Vec<String> = (0..n)
             .map(|i| format!("m{i}=http://127.0.0.1:{}", ports[2 * i + 1]))
             .collect();

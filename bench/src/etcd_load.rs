@@ -8,7 +8,8 @@
 //!   (the control tick) read that key when the rule of `Node::master_key_due` says so: the
 //!   watch saw a change, no watch is open, or no master holds the key; else once a second;
 //! - every 500 ms (the publish interval): put its member record (a real `MemberRecord`'s size)
-//!   under its lease; the master also reads the members (prefix), and writes the in-sync set
+//!   under its lease when `member_record_due` says so (its standing changed, no master, or
+//!   the refresh, under half the TTL, is due); the master also reads the members (prefix), and writes the in-sync set
 //!   guarded by its election key when it changes (never, in steady state) and every
 //!   `IN_SYNC_REFRESH` (10 s);
 //! - every TTL/4: renew its lease (a thread of its own, as in the broker).
@@ -31,7 +32,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hdrhistogram::Histogram;
 use ringmq::cluster::etcd::Etcd;
-use ringmq::cluster::node::{master_key_due, MasterWatch, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL};
+use ringmq::cluster::node::{
+    master_key_due, member_record_due, member_refresh, MasterWatch, IN_SYNC_REFRESH,
+    WATCHED_READ_INTERVAL,
+};
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
 
 use crate::drill_failover::EtcdCluster;
@@ -252,7 +256,8 @@ fn one_run(
         match op {
             // Once a second with a watch and a master (the steady state).
             Op::GetMaster => members as f64 * per(WATCHED_READ_INTERVAL),
-            Op::PutMember => members as f64 * per(PUBLISH),
+            // Nothing of a member's standing changes in steady state: the refresh only.
+            Op::PutMember => members as f64 * per(member_refresh(ttl)),
             Op::GetMembers => groups as f64 * per(PUBLISH),
             Op::PutInSync => groups as f64 * per(IN_SYNC_REFRESH),
             Op::KeepAlive => members as f64 * per(ttl / 4),
@@ -387,6 +392,7 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
     let mut last_read: Option<Instant> = None;
     let mut masterless = false;
     let mut last_in_sync: Option<Instant> = None;
+    let mut member_written: Option<(MemberRecord, Instant)> = None;
     while !s.stop_all.load(Ordering::Acquire) {
         let tick = Instant::now();
         if master && !gave_up && s.stop_steady.load(Ordering::Acquire) {
@@ -419,10 +425,17 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
         if last_publish.elapsed() >= PUBLISH {
             last_publish = Instant::now();
             let role = if master { "master" } else { "slave" };
-            let value = serde_json::to_vec(&record(role)).expect("a record serializes");
-            let _ = s.stats.time(Op::PutMember, || {
-                etcd.put(&keys.member(node), &value, Some(lease))
-            });
+            let next = record(role);
+            let last = member_written.as_ref().map(|(r, at)| (r, *at));
+            if member_record_due(last, &next, masterless, member_refresh(ttl)) {
+                let value = serde_json::to_vec(&next).expect("a record serializes");
+                let put = s.stats.time(Op::PutMember, || {
+                    etcd.put(&keys.member(node), &value, Some(lease))
+                });
+                if put.is_ok() {
+                    member_written = Some((next, Instant::now()));
+                }
+            }
             if master && !s.stop_steady.load(Ordering::Acquire) {
                 let _ = s
                     .stats

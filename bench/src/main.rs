@@ -21,6 +21,8 @@
 //!   back, on one embedded broker with a short check-back timeout: msgs/s, half / end /
 //!   whole latency, the ratio to plain sends, check-back latency, an audit of every topic.
 //! - `etcd-load`: the etcd traffic of N simulated broker groups and a failover storm.
+//! - `stalls`: SYNC latency in a fresh broker's first seconds and around segment rolls,
+//!   against the steady state (open loop).
 //! - `serve-broker --config FILE` (hidden): that slave process (and the drill's broker).
 //!
 //! Output: a markdown table on stdout, a progress line per second on stderr, and with `--out
@@ -32,6 +34,7 @@
 //! - [`hist`]: HdrHistograms, per-thread stats, the open-loop pacer.
 //! - [`report`]: table, JSON, `.hgrm`; [`svg`]: the charts.
 //! - [`sweep`]: one mode at several open-loop rates, latency against the rate reached.
+//! - [`stalls`]: start-up and segment-roll latency against the steady state.
 //! - [`broker_stats`]: broker-side flush figures (fsyncs/s ...) and the slave's lag.
 //! - [`slave`]: the slave process of the replication modes, its network namespace.
 //! - [`netns_cmd`]: the `ip`/`sysctl` commands and stale-namespace sweep, shared with the
@@ -62,6 +65,7 @@ mod netns_cmd;
 mod report;
 mod runner;
 mod slave;
+mod stalls;
 mod storage;
 mod svg;
 mod sweep;
@@ -109,6 +113,11 @@ enum Command {
     /// per rate: latency against the rate reached, where the mode saturates; a table, and with
     /// --out sweep.json and sweep.svg.
     Sweep(sweep::SweepArgs),
+    /// Do start-up and segment rolls stall acks? Open-loop SYNC sends on a fresh embedded
+    /// broker: the first seconds (1 GiB segments, empty data dir) against the seconds after,
+    /// and sends around segment rolls (small segments) against the others; p99 ratios against
+    /// the target (≤ 2×), and with --out stalls.json.
+    Stalls(stalls::StallsArgs),
     /// Storage engine alone (no network): raw disk floor vs SYNC_FLUSH / ASYNC_FLUSH appends.
     Storage(storage::StorageArgs),
     /// Rehearse a fault and audit the acks: `kill` SIGKILLs a broker process under pipelined
@@ -176,6 +185,12 @@ struct CompareArgs {
     /// Modes to compare, in order; ratios are relative to the first.
     #[arg(long, default_value = DEFAULT_COMPARE_MODES, value_parser = clap::value_parser!(ModeList))]
     modes: ModeList,
+    /// Without --rate, each mode runs twice: closed loop (the throughput table), then open loop
+    /// at this share of the rate it reached, for the headline latency table (a closed loop
+    /// hides queueing: a stalled ack delays the next send instead of counting against it).
+    /// 0 = the closed-loop run only.
+    #[arg(long, default_value_t = 0.7)]
+    open_loop_share: f64,
     #[command(flatten)]
     workload: Workload,
     #[command(flatten)]
@@ -211,10 +226,18 @@ fn main() -> ExitCode {
                 p.apply(&mut workload);
                 p.mode()
             });
-            bench("run", &[mode], workload, a.output.out)
+            bench("run", &[mode], workload, None, a.output.out)
         }
-        Command::Compare(a) => bench("compare", &a.modes.0, a.workload, a.output.out),
+        Command::Compare(a) => {
+            if !(0.0..=1.0).contains(&a.open_loop_share) {
+                eprintln!("error: --open-loop-share must be within 0..=1 (0 = closed loop only)");
+                return ExitCode::FAILURE;
+            }
+            let share = (a.open_loop_share > 0.0).then_some(a.open_loop_share);
+            bench("compare", &a.modes.0, a.workload, share, a.output.out)
+        }
         Command::Sweep(a) => sweep::run(a),
+        Command::Stalls(a) => stalls::run(a),
         Command::Storage(a) => storage::run(a),
         Command::Drill(a) => match a.kind {
             drill::DrillKind::Kill => drill::run(a),
@@ -237,12 +260,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Result<(), String> {
+/// Runs `modes` with the workload `w`; with `open_loop_share` (compare without --rate) each
+/// mode runs again open loop at that share of the rate its closed-loop run reached.
+fn bench(
+    command: &str,
+    modes: &[Mode],
+    w: Workload,
+    open_loop_share: Option<f64>,
+    out: Option<PathBuf>,
+) -> Result<(), String> {
     w.validate()?;
     runner::install_interrupt_handler();
     let started_unix_ms = runner::unix_ms();
     let mut notes = Vec::new();
-    if w.rate.is_none() {
+    let open_loop_share = open_loop_share.filter(|_| w.rate.is_none());
+    if let Some(share) = open_loop_share {
+        let note = format!(
+            "each mode ran closed loop (throughput), then open loop at {:.0} % of the rate it \
+             reached (latency: the headline table); --rate R runs every mode at R instead, \
+             --open-loop-share 0 skips the open-loop runs",
+            share * 100.0
+        );
+        eprintln!("note: {note}");
+        notes.push(note);
+    } else if w.rate.is_none() {
         let note = "closed loop: each producer waits for its acks before sending more, so the \
                     latency table leaves out the queueing an open loop would see; pass --rate \
                     for latency from intended send times, or `ringmq-bench sweep` for several \
@@ -252,6 +293,14 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
         notes.push(note);
     }
     let mut runs = Vec::new();
+    let mut open_runs = Vec::new();
+    // The open-loop run of a mode after its closed-loop one (`run` runs it with `w`).
+    let open_workload = |closed: &runner::ModeRun| {
+        let share = open_loop_share?;
+        let mut open = w.clone();
+        open.rate = Some(((closed.result.msgs_per_sec * share) as u64).max(1));
+        Some(open)
+    };
     match &w.broker {
         Some(addr) => {
             let (reported, mode) = runner::remote_mode(addr)?;
@@ -267,14 +316,27 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
                 eprintln!("note: {note}");
                 notes.push(note);
             }
-            runs.push(runner::run_remote(&label, addr, &w)?);
+            let run = runner::run_remote(&label, addr, &w)?;
+            if let Some(open) = open_workload(&run) {
+                open_runs.push(runner::run_remote(&label, addr, &open)?);
+            }
+            runs.push(run);
         }
         None => {
             for &mode in modes {
                 if runner::interrupted() {
                     break;
                 }
-                match runner::run_embedded(mode, &w) {
+                match runner::run_embedded(mode, &w).and_then(|run| {
+                    if let Some(open) = open_workload(&run).filter(|_| !runner::interrupted()) {
+                        eprintln!(
+                            "[{mode}] again, open loop at {} msgs/s",
+                            open.rate.unwrap_or(0)
+                        );
+                        open_runs.push(runner::run_embedded(mode, &open)?);
+                    }
+                    Ok(run)
+                }) {
                     Ok(run) => runs.push(run),
                     // Interrupted while a mode was starting: report the modes before it.
                     Err(e) if runner::interrupted() => {
@@ -305,10 +367,12 @@ fn bench(command: &str, modes: &[Mode], w: Workload, out: Option<PathBuf>) -> Re
         notes,
         ratios: report::ratios(&results),
         modes: results,
+        open_loop_share: open_loop_share.filter(|_| !open_runs.is_empty()),
+        open_loop: open_runs.iter().map(|r| r.result.clone()).collect(),
     };
     println!("{}", report.table());
     if let Some(dir) = out {
-        let files = report::write_outputs(&dir, &mut report, &runs)
+        let files = report::write_outputs(&dir, &mut report, &runs, &open_runs)
             .map_err(|e| format!("cannot write the report into {}: {e}", dir.display()))?;
         for f in files {
             eprintln!("wrote {}", f.display());

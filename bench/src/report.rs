@@ -48,6 +48,9 @@ pub struct ModeResult {
     pub messages: u64,
     pub bytes: u64,
     pub msgs_per_sec: f64,
+    /// Open loop: the rate offered (`--rate`, or compare's share of the closed-loop rate).
+    #[serde(default)]
+    pub offered_msgs_per_sec: Option<u64>,
     /// Payload megabytes (10^6 bytes) per second.
     pub mb_per_sec: f64,
     /// What `latency` measures.
@@ -103,6 +106,12 @@ pub struct Report {
     pub notes: Vec<String>,
     pub modes: Vec<ModeResult>,
     pub ratios: Vec<Ratio>,
+    /// compare without --rate: each mode again, open loop at `open_loop_share` of the rate
+    /// its closed-loop run reached (the headline latency table).
+    #[serde(default)]
+    pub open_loop_share: Option<f64>,
+    #[serde(default)]
+    pub open_loop: Vec<ModeResult>,
 }
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
@@ -218,6 +227,43 @@ impl Report {
                  largest lag_bytes (master log end - slave received) and lag_ms (age of the \
                  oldest byte the slave lacks); link: streaming at every poll, no reconnect.",
                 LAG_POLL_INTERVAL.as_millis()
+            );
+        }
+        if let (Some(share), false) = (self.open_loop_share, self.open_loop.is_empty()) {
+            let _ = writeln!(
+                s,
+                "\nLatency, open loop at {:.0} % of each mode's closed-loop rate (from each \
+                 send's intended time, so a stall counts against every send it delays; a closed \
+                 loop leaves that queueing out by design):\n",
+                share * 100.0
+            );
+            let _ = writeln!(
+                s,
+                "| mode | offered msgs/s | msgs/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+            for m in &self.open_loop {
+                let l = &m.latency;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                    m.mode,
+                    m.offered_msgs_per_sec
+                        .map_or("-".to_string(), |r| r.to_string()),
+                    m.msgs_per_sec,
+                    l.p50_us,
+                    l.p90_us,
+                    l.p99_us,
+                    l.p999_us,
+                    l.p9999_us,
+                    l.max_us,
+                    fmt_errors(&m.errors),
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nThroughput, closed loop (each producer sends again when acked; its latency \
+                 is service time):"
             );
         }
         let _ = writeln!(
@@ -375,14 +421,21 @@ fn file_stem(mode: &str) -> String {
 }
 
 /// Writes `report.json`, `report.md` (the table), one `.hgrm` per mode (and per mode's
-/// end-to-end latency) and `latency.svg` into `dir`. Returns the files written.
+/// end-to-end latency, and `<mode>.open.hgrm` per open-loop run) and `latency.svg` into `dir`. Returns the files written.
 pub fn write_outputs(
     dir: &Path,
     report: &mut Report,
     runs: &[ModeRun],
+    open_runs: &[ModeRun],
 ) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut files = Vec::new();
+    for (m, run) in report.open_loop.iter_mut().zip(open_runs) {
+        let name = format!("{}.open.hgrm", file_stem(&m.mode));
+        std::fs::write(dir.join(&name), hgrm(&run.ack_hist, 1.0))?;
+        files.push(dir.join(&name));
+        m.hgrm_file = Some(name);
+    }
     for (m, run) in report.modes.iter_mut().zip(runs) {
         let stem = file_stem(&m.mode);
         let name = format!("{stem}.hgrm");
@@ -444,6 +497,8 @@ pub(crate) mod tests {
             notes: vec!["a note".into()],
             ratios: ratios(&modes),
             modes,
+            open_loop_share: None,
+            open_loop: Vec::new(),
         }
     }
 
@@ -461,6 +516,7 @@ pub(crate) mod tests {
             messages: h.len(),
             bytes: h.len() * 1024,
             msgs_per_sec: h.len() as f64 / 8.0 / scale as f64,
+            offered_msgs_per_sec: None,
             mb_per_sec: 1.0,
             latency_kind: "send -> ack".into(),
             latency: LatencySummary::from_hist(&h),

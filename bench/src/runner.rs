@@ -529,6 +529,7 @@ fn drive(
         messages,
         bytes,
         msgs_per_sec: rate(messages as f64),
+        offered_msgs_per_sec: w.rate,
         mb_per_sec: rate(bytes as f64) / 1e6,
         latency_kind: match w.send_mode {
             SendMode::Sync | SendMode::Async => "send -> ack".into(),

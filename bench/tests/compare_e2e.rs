@@ -54,15 +54,22 @@ fn compare_writes_a_row_per_mode_and_all_files() {
         output.status
     );
 
-    // The table: one row per mode in the main table, the e2e table and the ratio table.
+    // The tables: one row per mode in the open-loop (headline) table, the closed-loop one, the
+    // e2e table and the ratio table.
     let rows = |mode: &str| {
         stdout
             .lines()
             .filter(|l| l.starts_with(&format!("| {mode} |")))
             .count()
     };
-    assert_eq!(rows("sync-flush"), 2, "{stdout}");
-    assert_eq!(rows("async-flush"), 3, "{stdout}");
+    assert_eq!(rows("sync-flush"), 3, "{stdout}");
+    assert_eq!(rows("async-flush"), 4, "{stdout}");
+    let open_at = stdout.find("Latency, open loop at 70 %").expect(&stdout);
+    let closed_at = stdout.find("Throughput, closed loop").expect(&stdout);
+    assert!(
+        open_at < closed_at,
+        "the open-loop table comes first:\n{stdout}"
+    );
     assert!(stdout.contains("Relative to sync-flush"), "{stdout}");
     assert!(stdout.contains("load threads on cores"), "{stdout}");
     // Progress lines on stderr, one per second at least.
@@ -79,6 +86,8 @@ fn compare_writes_a_row_per_mode_and_all_files() {
         "async-flush.hgrm",
         "sync-flush.e2e.hgrm",
         "async-flush.e2e.hgrm",
+        "sync-flush.open.hgrm",
+        "async-flush.open.hgrm",
     ] {
         let p = out.join(f);
         assert!(p.is_file(), "{} missing", p.display());
@@ -92,6 +101,20 @@ fn compare_writes_a_row_per_mode_and_all_files() {
     assert_eq!(modes[1]["mode"], "async-flush");
     assert!(modes[0]["messages"].as_u64().unwrap() > 0);
     assert_eq!(json["ratios"].as_array().unwrap().len(), 1);
+    // Each open-loop run was offered 70 % of what its closed-loop run reached.
+    let open = json["open_loop"].as_array().unwrap();
+    assert_eq!(open.len(), 2, "{json:#}");
+    for (o, c) in open.iter().zip(modes) {
+        assert_eq!(o["mode"], c["mode"]);
+        let offered = o["offered_msgs_per_sec"].as_u64().unwrap();
+        let closed = c["msgs_per_sec"].as_f64().unwrap();
+        assert_eq!(offered, ((closed * 0.7) as u64).max(1), "{o:#}");
+        assert!(o["messages"].as_u64().unwrap() > 0, "{o:#}");
+    }
+    assert!(
+        modes[0]["offered_msgs_per_sec"].is_null(),
+        "closed loop offers no rate"
+    );
     let hgrm = std::fs::read_to_string(out.join("sync-flush.hgrm")).unwrap();
     assert!(hgrm.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)"));
     assert!(hgrm.contains("#[Buckets = "));
@@ -124,6 +147,9 @@ fn replication_mode_leaves_nothing_behind(net: &str) {
             "sync-master-received",
             "--slave-net",
             net,
+            // The closed-loop run only: the replication columns are what is checked here.
+            "--open-loop-share",
+            "0",
             "--duration-secs",
             "1",
             "--warmup-secs",
@@ -353,6 +379,73 @@ fn sweep_runs_each_rate_and_writes_its_table_json_and_chart() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<circle").count(), 6, "2 rates x 3 percentiles");
     // Only the output dir is left: the embedded brokers' data dirs are gone.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["out"], "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stalls_measures_start_up_and_rolls_against_the_steady_state() {
+    let dir = temp_dir("stalls");
+    let out = dir.join("out");
+    let output = bench()
+        .args([
+            "stalls",
+            "--startup-segment-mib",
+            "8",
+            "--startup-secs",
+            "1",
+        ])
+        .args(["--steady-after-secs", "1", "--startup-duration-secs", "2"])
+        .args(["--startup-rate", "500"])
+        .args(["--segment-mib", "1", "--roll-rate", "1000"])
+        .args(["--roll-message-bytes", "2048", "--roll-producers", "2"])
+        .args(["--roll-duration-secs", "3", "--roll-warmup-secs", "0"])
+        .arg("--data-root")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run ringmq-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    for phase in ["startup", "roll"] {
+        let rows = stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {phase} |")))
+            .count();
+        assert_eq!(rows, 2, "{phase}: a stalled and a steady row\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stalls.json")).unwrap()).unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "{report:#}");
+    let count = |p: &serde_json::Value, w: &str| p[w]["latency"]["count"].as_u64().unwrap();
+    // Open loop: every intended send is made once and lands in exactly one window.
+    let startup = &phases[0];
+    assert_eq!(startup["phase"], "startup");
+    assert_eq!(startup["segment_bytes"], 8 << 20);
+    assert_eq!(count(startup, "stalled") + count(startup, "steady"), 1000);
+    assert_eq!(count(startup, "stalled"), 500, "{startup:#}");
+    // 2 KiB x 1000/s fills a 1 MiB segment about every half second.
+    let roll = &phases[1];
+    assert_eq!(roll["phase"], "roll");
+    assert_eq!(count(roll, "stalled") + count(roll, "steady"), 3000);
+    let rolls = roll["rolls"].as_array().unwrap();
+    assert!(rolls.len() >= 3, "{roll:#}");
+    assert!(
+        count(roll, "stalled") > 0 && count(roll, "steady") > 0,
+        "{roll:#}"
+    );
+    assert!(roll["p99_ratio"].as_f64().is_some(), "{roll:#}");
     let left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -52,8 +52,12 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often it reads the master key while a watch on it is open and a master holds it: the
 /// watch says at once when the key changes; the read is the check behind it.
 pub const WATCHED_READ_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a member rewrites its record (and a master the in-sync set).
+/// How often a member looks at its record (and a master at the in-sync set), and rewrites it
+/// while the group has no master.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
+/// A member's record whose standing did not change is rewritten at most this rarely (for its
+/// log end and lag); see [`member_refresh`].
+pub const MEMBER_REFRESH_MAX: Duration = Duration::from_secs(5);
 /// The in-sync set is rewritten when it changes, and at least this often (for `admin cluster`'s
 /// "updated ... ago"; the set itself is only news when it changes).
 pub const IN_SYNC_REFRESH: Duration = Duration::from_secs(10);
@@ -138,6 +142,29 @@ pub fn eligible_members(in_sync: Option<&InSyncRecord>) -> Option<Vec<String>> {
         v.push(r.master.clone());
         v
     })
+}
+
+/// How often a member rewrites a record whose standing did not change: under half the lease
+/// TTL (and at most [`MEMBER_REFRESH_MAX`]). Why under the TTL: a master's key vanishes at
+/// least one TTL after its last renewal, so by the time a slave sees no master, every live
+/// member's record was rewritten after the master stopped feeding their logs, and the
+/// election ranks by final log ends, not by ones from before the master died.
+pub fn member_refresh(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 2).clamp(PUBLISH_INTERVAL, MEMBER_REFRESH_MAX)
+}
+
+/// Whether a member rewrites its record now: never written, its standing changed, the group
+/// has no master (candidates rank by log end), or the last write is `refresh` old.
+pub fn member_record_due(
+    last: Option<(&MemberRecord, Instant)>,
+    next: &MemberRecord,
+    masterless: bool,
+    refresh: Duration,
+) -> bool {
+    let Some((last, at)) = last else {
+        return true;
+    };
+    masterless || !last.same_standing(next) || at.elapsed() >= refresh
 }
 
 /// How many eligible members go before `me` (log end `mine`): those with a longer log, and
@@ -417,6 +444,8 @@ struct Node {
     watch: MasterWatch,
     /// The in-sync set last written (its term and nodes) and when.
     in_sync_written: Option<(u64, Vec<String>, Instant)>,
+    /// Our member record as last written, and when.
+    member_written: Option<(MemberRecord, Instant)>,
     /// When the master key was last read, and whether the next tick must read it again (an
     /// error cut the last look short).
     last_read: Option<Instant>,
@@ -474,6 +503,7 @@ impl Node {
             lapsed: false,
             watch,
             in_sync_written: None,
+            member_written: None,
             last_read: None,
             read_again: false,
         })
@@ -703,6 +733,8 @@ impl Node {
             match Session::start(&self.etcd, self.cluster.lease_ttl, self.lease.clone()) {
                 Ok(session) => {
                     self.session = session;
+                    // Our record went with the old lease: write it again at the next look.
+                    self.member_written = None;
                     break;
                 }
                 Err(e) if !self.shutdown.load(Ordering::Acquire) => {
@@ -784,7 +816,8 @@ impl Node {
             .map_or(0, |s| s.iter().map(|s| s.written).sum::<u64>())
     }
 
-    /// Rewrites our member record, and as master the in-sync set.
+    /// Rewrites our member record when [`member_record_due`] says so, and as master the
+    /// in-sync set when it changed.
     fn publish(&mut self) {
         let stats = self.stats();
         let shards = stats.as_deref().unwrap_or(&[]);
@@ -817,13 +850,22 @@ impl Node {
                 .unwrap_or(0),
             updated_unix_ms: unix_ms(),
         };
-        let value = serde_json::to_vec(&record).expect("a record serializes");
-        if let Err(e) = self.etcd.put(
-            &self.keys.member(&self.cluster.node),
-            &value,
-            Some(self.session.id),
-        ) {
-            log::debug!("cluster: publishing our member record: {e}");
+        let due = member_record_due(
+            self.member_written.as_ref().map(|(r, at)| (r, *at)),
+            &record,
+            self.masterless_since.is_some(),
+            member_refresh(self.cluster.lease_ttl),
+        );
+        if due {
+            let value = serde_json::to_vec(&record).expect("a record serializes");
+            match self.etcd.put(
+                &self.keys.member(&self.cluster.node),
+                &value,
+                Some(self.session.id),
+            ) {
+                Ok(_) => self.member_written = Some((record.clone(), Instant::now())),
+                Err(e) => log::debug!("cluster: publishing our member record: {e}"),
+            }
         }
         if let Some(term) = self.term {
             let shards = shards.to_vec();
@@ -1021,5 +1063,88 @@ mod tests {
         let not_c: Vec<String> = vec!["a".into(), "b".into()];
         assert_eq!(members_ahead("a", 100, &members, Some(&not_c)), 1);
         assert_eq!(members_ahead("a", 100, &members, None), 2);
+    }
+
+    #[test]
+    fn a_member_record_is_rewritten_on_a_change_of_standing_while_masterless_or_when_old() {
+        let refresh = Duration::from_secs(5);
+        let written = member("b", 100);
+        let now = Instant::now();
+        assert!(
+            member_record_due(None, &written, false, refresh),
+            "never written"
+        );
+        // Only the log end and lag moved: no write until the refresh.
+        let grown = MemberRecord {
+            log_end: 900,
+            lag_bytes: 5,
+            lag_ms: 1,
+            updated_unix_ms: 42,
+            ..written.clone()
+        };
+        assert!(!member_record_due(
+            Some((&written, now)),
+            &grown,
+            false,
+            refresh
+        ));
+        let old = now - Duration::from_secs(6);
+        assert!(member_record_due(
+            Some((&written, old)),
+            &grown,
+            false,
+            refresh
+        ));
+        // What the others decide on: at once.
+        for changed in [
+            MemberRecord {
+                role: "master".into(),
+                ..written.clone()
+            },
+            MemberRecord {
+                epoch: 9,
+                ..written.clone()
+            },
+            MemberRecord {
+                streaming: false,
+                ..written.clone()
+            },
+            MemberRecord {
+                following: Some("127.0.0.1:1".into()),
+                ..written.clone()
+            },
+        ] {
+            assert!(member_record_due(
+                Some((&written, now)),
+                &changed,
+                false,
+                refresh
+            ));
+        }
+        // No master: candidates rank by log end, so it is always fresh.
+        assert!(member_record_due(
+            Some((&written, now)),
+            &grown,
+            true,
+            refresh
+        ));
+    }
+
+    #[test]
+    fn a_record_is_always_refreshed_within_half_a_lease_ttl() {
+        for ttl in [1, 2, 3, 10, 60] {
+            let ttl = Duration::from_secs(ttl);
+            let r = member_refresh(ttl);
+            assert!(r <= (ttl / 2).max(PUBLISH_INTERVAL), "{ttl:?}: {r:?}");
+            assert!(
+                r < ttl,
+                "{ttl:?}: {r:?}: the election would rank stale log ends"
+            );
+            assert!(r >= PUBLISH_INTERVAL && r <= MEMBER_REFRESH_MAX);
+        }
+        assert_eq!(
+            member_refresh(Duration::from_secs(3)),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! - `master`: the election key, [`MasterRecord`], bound to the master's lease. Its create
 //!   revision is the term of the master's epoch, so no two masters share one.
-//! - `members/<node>`: each member's [`MemberRecord`] under its own lease, rewritten every
-//!   half second (the control thread's publish interval): address, role, epoch, log end, lag.
+//! - `members/<node>`: each member's [`MemberRecord`] under its own lease: address, role,
+//!   epoch, log end, lag. Rewritten at once when its standing changes (what others decide on:
+//!   role, epoch, whom it follows, whether it streams), every half second while the group has
+//!   no master (the election ranks by log end), and otherwise at the refresh interval
+//!   (`cluster::node::member_refresh`, under half the lease TTL) for its log end and lag.
 //! - `in_sync`: [`InSyncRecord`], written by the master only while it holds `master` (a
 //!   guarded put): the members caught up with it. It outlives the master's lease, so after
 //!   the master is gone its slaves know which of them may take over.
@@ -73,6 +76,19 @@ pub struct MemberRecord {
     pub lag_ms: u64,
     /// Wall clock of the write, for `ringmq admin cluster` (never used to decide anything).
     pub updated_unix_ms: u64,
+}
+
+impl MemberRecord {
+    /// Whether `other` says the same about what the others decide on (everything but the log
+    /// end, the lag and the time of the write, which move all the time).
+    pub fn same_standing(&self, other: &MemberRecord) -> bool {
+        self.node == other.node
+            && self.addr == other.addr
+            && self.role == other.role
+            && self.epoch == other.epoch
+            && self.following == other.following
+            && self.streaming == other.streaming
+    }
 }
 
 /// The master's view of which members are caught up.
