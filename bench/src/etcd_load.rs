@@ -134,8 +134,14 @@ pub fn run(args: EtcdLoadArgs) -> Result<(), String> {
             let dir = args
                 .data_root
                 .join(format!(".ringmq-etcd-load-{}", std::process::id()));
-            let cluster = EtcdCluster::start(&dir, 3);
-            Some((cluster?, dir))
+            match EtcdCluster::start(&dir, 3) {
+                Ok(cluster) => Some((cluster, dir)),
+                Err(e) => {
+                    // Its members are stopped (dropped); their data and logs go too.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            }
         }
     };
     let endpoints = match (&args.etcd, &own) {
