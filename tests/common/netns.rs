@@ -7,8 +7,19 @@
 //!   lo, rq0 127.77.<s>.1/24  <==== veth ====>  rq0 127.77.<s>.2/24, lo
 //! ```
 //!
-//! Only loopback-range addresses: 127.77.<s>.x on the veth ends, `route_localnet=1` in both
-//! namespaces (else the kernel drops 127/8 packets on a non-loopback device), and lo holds
+//! Or N hosts on one switch ([`Hosts`]): a namespace per host, each joined by a veth pair to
+//! a bridge in a hub namespace that has no address of its own, for drills with many brokers
+//! (and etcd and the clients on a host of their own), where one host's cable can be pulled.
+//!
+//! ```text
+//!   rq-<pid>-<n>-h0  rq0 127.77.<s>.1/24 <== veth ==> h0 ┐
+//!   rq-<pid>-<n>-h1  rq0 127.77.<s>.2/24 <== veth ==> h1 ├ bridge rqbr0 in rq-<pid>-<n>-hub
+//!   ...                                                  │
+//!   rq-<pid>-<n>-hK  rq0 127.77.<s>.K+1/24 <= veth ==> hK ┘
+//! ```
+//!
+//! Only loopback-range addresses: 127.77.<s>.x on the veth ends, `route_localnet=1` in every
+//! host namespace (else the kernel drops 127/8 packets on a non-loopback device), and lo holds
 //! 127.0.0.1/32 instead of its usual /8 (else a down link would turn the other host's address
 //! into a local one, and a partition would answer "connection refused" instead of silence).
 //!
@@ -30,11 +41,13 @@
 //!   proxy that *accepts* any TCP connection (and answers HTTP 400), so a client there does
 //!   not get "connection refused" but a peer that speaks the wrong protocol.
 //! - Dropping a [`TwoHosts`] deletes both namespaces (and so the veth); it kills nothing.
+//!   Dropping a [`Hosts`] deletes every host's namespace and the hub's, likewise.
 //!   Dropping an [`NsBroker`] that still runs kills it with SIGKILL, so a failing test never
 //!   leaves a broker behind, and prints its stderr tail if the test is panicking. The order
 //!   of the two drops does not matter: a namespace lives on until its last process exits.
 //! - A test process killed from outside leaves its namespaces behind; the next
-//!   [`TwoHosts::create`] deletes those whose creator pid no longer exists.
+//!   [`TwoHosts::create`] or [`Hosts::create`] deletes those whose creator pid no longer
+//!   exists.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -79,10 +92,10 @@ fn ip_or_panic(args: &[&str]) {
     }
 }
 
-/// Why a two-host test cannot run: `SKIP: <why>` on stderr and None, or a panic under
+/// Why a namespace test cannot run: `SKIP: <why>` on stderr and None, or a panic under
 /// `CI=true`.
-fn skip(why: &str) -> Option<TwoHosts> {
-    let msg = format!("SKIP: two-host tests need root and iproute2 (ip netns): {why}");
+fn skip<T>(why: &str) -> Option<T> {
+    let msg = format!("SKIP: network-namespace tests need root and iproute2 (ip netns): {why}");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg} (CI=true: a skipped test is a failure)");
     }
@@ -249,15 +262,190 @@ impl Drop for TwoHosts {
     }
 }
 
-/// Deletes namespaces named by this harness (`rq-<pid>-<n>-<a|b>`) whose creating process
+/// The bridge inside a [`Hosts`] hub namespace.
+const BRIDGE: &str = "rqbr0";
+/// Most hosts on one switch: their addresses are .1 to .N of one /24.
+const HOSTS_MAX: usize = 250;
+
+/// N hosts on one switch: a network namespace per host, each joined by a veth pair to a
+/// bridge in a hub namespace. See the module doc.
+pub struct Hosts {
+    hub: String,
+    hosts: Vec<String>,
+    addrs: Vec<String>,
+}
+
+impl Hosts {
+    /// Creates `n` hosts and the switch, or prints `SKIP: <why>` and returns None when this
+    /// machine cannot (as [`TwoHosts::create`]; a panic under `CI=true`). Panics on any other
+    /// failure; namespaces made before it are deleted.
+    pub fn create(n: usize) -> Option<Hosts> {
+        assert!(
+            (1..=HOSTS_MAX).contains(&n),
+            "{n} hosts: one switch takes 1 to {HOSTS_MAX}"
+        );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip("not running as root");
+        }
+        if ip(&["-V"]).is_err() {
+            return skip("`ip` (iproute2) is not installed");
+        }
+        remove_stale_namespaces();
+        let pid = std::process::id();
+        'names: for _ in 0..CREATE_ATTEMPTS {
+            let k = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
+            let hub = format!("rq-{pid}-{k}-hub");
+            match ip(&["netns", "add", &hub]) {
+                Ok(()) => {}
+                Err(e) if e.contains("File exists") => continue,
+                Err(e) if e.contains("Operation not permitted") => return skip(&e),
+                Err(e) => panic!("{e}"),
+            }
+            let subnet = pid.wrapping_add(k) % 254 + 1;
+            // From here on Drop deletes what was made if a step panics.
+            let mut hosts = Hosts {
+                hub,
+                hosts: Vec::with_capacity(n),
+                addrs: Vec::with_capacity(n),
+            };
+            for i in 0..n {
+                let ns = format!("rq-{pid}-{k}-h{i}");
+                match ip(&["netns", "add", &ns]) {
+                    Ok(()) => {}
+                    // Dropping `hosts` deletes the hub and the hosts made so far.
+                    Err(e) if e.contains("File exists") => continue 'names,
+                    Err(e) => panic!("{e}"),
+                }
+                hosts.hosts.push(ns);
+                hosts.addrs.push(format!("127.77.{subnet}.{}", i + 1));
+            }
+            hosts.wire();
+            return Some(hosts);
+        }
+        panic!("no free namespace names after {CREATE_ATTEMPTS} attempts (see `ip netns list`)");
+    }
+
+    fn wire(&self) {
+        let hub = self.hub.as_str();
+        ip_or_panic(&["-n", hub, "link", "add", BRIDGE, "type", "bridge"]);
+        ip_or_panic(&["-n", hub, "link", "set", BRIDGE, "up"]);
+        for (i, (ns, addr)) in self.hosts.iter().zip(&self.addrs).enumerate() {
+            let port = Self::port(i);
+            #[rustfmt::skip]
+            ip_or_panic(&[
+                "link", "add", VETH, "netns", ns, "type", "veth",
+                "peer", "name", &port, "netns", hub,
+            ]);
+            ip_or_panic(&["-n", hub, "link", "set", &port, "master", BRIDGE]);
+            ip_or_panic(&["-n", hub, "link", "set", &port, "up"]);
+            ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
+            ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
+            ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
+            ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
+            sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
+            sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
+            ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+        }
+        for i in 1..self.hosts.len() {
+            self.wait_reachable(0, i);
+        }
+    }
+
+    /// The switch port (the hub's veth end) of host `i`.
+    fn port(i: usize) -> String {
+        format!("h{i}")
+    }
+
+    /// How many hosts there are.
+    pub fn count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Host `i`'s namespace (for `in_ns`, `NsBroker::start`, `EtcdCluster::start_in`).
+    pub fn ns(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+
+    /// Host `i`'s IP address, e.g. "127.77.3.1" for host 0.
+    pub fn addr(&self, i: usize) -> &str {
+        &self.addrs[i]
+    }
+
+    /// The switch's namespace (it holds the bridge and no address).
+    pub fn hub(&self) -> &str {
+        &self.hub
+    }
+
+    /// Pulls host `i`'s cable at the switch: its port goes down, so nothing gets to or from
+    /// the other hosts (silence, not "refused": packets are dropped, connects time out), while
+    /// inside the host its own address still works (a client there keeps its connections to
+    /// a broker there; the host's end only loses its carrier).
+    pub fn cut(&self, i: usize) {
+        ip_or_panic(&["-n", &self.hub, "link", "set", &Self::port(i), "down"]);
+    }
+
+    /// Plugs host `i` in again and returns once a TCP handshake between it and another host
+    /// gets through (established connections resume at their next retransmission).
+    pub fn heal(&self, i: usize) {
+        ip_or_panic(&["-n", &self.hub, "link", "set", &Self::port(i), "up"]);
+        if let Some(other) = (0..self.hosts.len()).find(|j| *j != i) {
+            self.wait_reachable(i, other);
+        }
+    }
+
+    /// Waits until a connect from host `from` to a port of host `to` gets an answer
+    /// ("connection refused" is one: it proves the path both ways without a listener).
+    fn wait_reachable(&self, from: usize, to: usize) {
+        let target: SocketAddr = format!("{}:9", self.addrs[to])
+            .parse()
+            .expect("an IPv4 address");
+        let connected = in_ns(&self.hosts[from], move || {
+            let deadline = Instant::now() + LINK_UP_TIMEOUT;
+            let mut last = None;
+            while Instant::now() < deadline {
+                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(last)
+        });
+        if let Err(e) = connected {
+            panic!(
+                "{} cannot reach {target} within {LINK_UP_TIMEOUT:?}: {e:?}",
+                self.hosts[from]
+            );
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Each host's veth end goes with its namespace, and the hub's peer with it.
+        for ns in self.hosts.iter().chain(std::iter::once(&self.hub)) {
+            if let Err(e) = ip(&["netns", "delete", ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// Deletes namespaces named by this harness (`rq-<pid>-<n>-<a|b|hub|h<i>>`) whose creating process
 /// is gone (a test binary killed from outside never runs Drop).
 fn remove_stale_namespaces() {
     netns_cmd::remove_stale_namespaces(|name| {
         let parts: Vec<&str> = name.split('-').collect();
+        let host = |p: &str| {
+            p.strip_prefix('h')
+                .is_some_and(|i| i.parse::<usize>().is_ok())
+        };
         let ours = parts.len() == 4
             && parts[0] == "rq"
             && parts[2].parse::<u32>().is_ok()
-            && (parts[3] == "a" || parts[3] == "b");
+            && (parts[3] == "a" || parts[3] == "b" || parts[3] == "hub" || host(parts[3]));
         ours.then(|| parts[1].parse().ok()).flatten()
     });
 }
@@ -318,10 +506,34 @@ impl NsBroker {
         data_dir: &Path,
         extra_args: &[&str],
     ) -> Result<NsBroker, String> {
+        Self::try_start_on_cores(ns, host_ip, data_dir, "1", extra_args)
+    }
+
+    /// Like `start`, the broker's one shard on `cores` (`--cores`: `1` is core 0, `1,` core
+    /// 1 alone), so that the brokers of a many-host test do not all share core 0.
+    pub fn start_on_cores(
+        ns: &str,
+        host_ip: &str,
+        data_dir: &Path,
+        cores: &str,
+        extra_args: &[&str],
+    ) -> NsBroker {
+        Self::try_start_on_cores(ns, host_ip, data_dir, cores, extra_args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `try_start`, on `cores` (see [`NsBroker::start_on_cores`]).
+    pub fn try_start_on_cores(
+        ns: &str,
+        host_ip: &str,
+        data_dir: &Path,
+        cores: &str,
+        extra_args: &[&str],
+    ) -> Result<NsBroker, String> {
         let port = BROKER_PORT.to_string();
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ringmq"), "broker"])
-            .args(["--listen-host", host_ip, "--port", &port, "--cores", "1"])
+            .args(["--listen-host", host_ip, "--port", &port, "--cores", cores])
             .args(["--metrics-listen", "off"])
             .args(["--segment-bytes", "33554432", "--data-dir"])
             .arg(data_dir)
