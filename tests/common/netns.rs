@@ -225,29 +225,7 @@ impl TwoHosts {
     /// Waits until a connect from b to a port of a gets an answer. "Connection refused" is an
     /// answer: it proves the path both ways without needing a listener.
     fn wait_until_connected(&self) {
-        let target: SocketAddr = format!("{}:9", self.addr_a)
-            .parse()
-            .expect("an IPv4 address");
-        let ns_b = self.ns_b.clone();
-        let connected = in_ns(&ns_b, move || {
-            let deadline = Instant::now() + LINK_UP_TIMEOUT;
-            let mut last = None;
-            while Instant::now() < deadline {
-                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(last)
-        });
-        if let Err(e) = connected {
-            panic!(
-                "{} cannot reach {} within {LINK_UP_TIMEOUT:?}: {e:?}",
-                self.ns_b, target
-            );
-        }
+        wait_reachable(&self.ns_b, &self.addr_a);
     }
 }
 
@@ -397,28 +375,7 @@ impl Hosts {
     /// Waits until a connect from host `from` to a port of host `to` gets an answer
     /// ("connection refused" is one: it proves the path both ways without a listener).
     fn wait_reachable(&self, from: usize, to: usize) {
-        let target: SocketAddr = format!("{}:9", self.addrs[to])
-            .parse()
-            .expect("an IPv4 address");
-        let connected = in_ns(&self.hosts[from], move || {
-            let deadline = Instant::now() + LINK_UP_TIMEOUT;
-            let mut last = None;
-            while Instant::now() < deadline {
-                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(last)
-        });
-        if let Err(e) = connected {
-            panic!(
-                "{} cannot reach {target} within {LINK_UP_TIMEOUT:?}: {e:?}",
-                self.hosts[from]
-            );
-        }
+        wait_reachable(&self.hosts[from], &self.addrs[to]);
     }
 }
 
@@ -430,6 +387,28 @@ impl Drop for Hosts {
                 eprintln!("cleanup: {e}");
             }
         }
+    }
+}
+
+/// Waits until a connect from namespace `ns` to a port of `addr` gets an answer. "Connection
+/// refused" is an answer: it proves the path both ways without needing a listener.
+fn wait_reachable(ns: &str, addr: &str) {
+    let target: SocketAddr = format!("{addr}:9").parse().expect("an IPv4 address");
+    let connected = in_ns(ns, move || {
+        let deadline = Instant::now() + LINK_UP_TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(last)
+    });
+    if let Err(e) = connected {
+        panic!("{ns} cannot reach {target} within {LINK_UP_TIMEOUT:?}: {e:?}");
     }
 }
 
