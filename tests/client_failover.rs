@@ -92,7 +92,7 @@ fn a_pipelined_producer_given_master_and_slave_follows_a_failover_without_loss_o
     const RUNS: usize = 8;
     let _watchdog = watchdog(Duration::from_secs(240));
     for run in 1..=RUNS {
-        let duplicates = producer_drill();
+        let duplicates = producer_drill(MasterEnd::Killed);
         if duplicates > 0 {
             return;
         }
@@ -103,13 +103,39 @@ fn a_pipelined_producer_given_master_and_slave_follows_a_failover_without_loss_o
     panic!("{RUNS} runs and no re-send was ever a duplicate: the drill does not test idempotence");
 }
 
-/// One producer drill (see the test above); returns how many acks were of re-sends the new
+/// A master that stops taking bytes and never resets its connections (a cable pulled, a
+/// frozen host) must not hold a pipelined producer: its writes fill the socket buffers and
+/// block, and only closing the connection (the request timeout presumes the broker dead)
+/// frees them, so the producer can fail over to the promoted slave.
+#[test]
+fn a_pipelined_producer_fails_over_from_a_master_that_stops_taking_bytes() {
+    let _watchdog = watchdog(Duration::from_secs(240));
+    producer_drill(MasterEnd::Silent);
+}
+
+/// How the drill's master goes.
+#[derive(Clone, Copy, PartialEq)]
+enum MasterEnd {
+    /// Frozen, then SIGKILLed: its connections are reset at once.
+    Killed,
+    /// Frozen (SIGSTOP) to the end: its kernel keeps the connections open and takes bytes
+    /// until the socket buffers are full, then nothing; it never answers or resets.
+    Silent,
+}
+
+/// One producer drill (see the tests above); returns how many acks were of re-sends the new
 /// master had stored already.
-fn producer_drill() -> usize {
-    const TOTAL: usize = 3_000;
+fn producer_drill(end: MasterEnd) -> usize {
     const KILL_AFTER: usize = 1_000;
     const QUEUES: u32 = 4;
     const BURST: usize = 150;
+    // A silent master gets 16 KiB messages, and many after it went silent: the batches
+    // written to it are then several times the loopback socket buffers (a few MiB), so the
+    // producer's writes do block.
+    let (pad, total) = match end {
+        MasterEnd::Killed => ("m".to_string(), 3_000),
+        MasterEnd::Silent => ("x".repeat(16 << 10), 8_000),
+    };
     let (mdir, sdir) = (common::data_dir(), common::data_dir());
     let (mut master, slave) = start_pair(mdir.path(), sdir.path());
     Admin::connect(master.addr())
@@ -128,20 +154,25 @@ fn producer_drill() -> usize {
     let slave_addr = slave.addr().to_string();
 
     let list = format!("{},{}", master.addr(), slave.addr());
-    let results: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new((0..TOTAL).map(|_| None).collect()));
+    let results: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new((0..total).map(|_| None).collect()));
     let acked = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
     let sender = {
         let (results, acked, sent) = (results.clone(), acked.clone(), sent.clone());
         std::thread::spawn(move || {
-            let producer = Producer::with_config(ProducerConfig::new(list)).unwrap();
-            for i in 0..TOTAL {
+            let mut config = ProducerConfig::new(list);
+            if end == MasterEnd::Silent {
+                // Only the request timeout tells a silent master from a slow one.
+                config.request_timeout = Duration::from_secs(2);
+            }
+            let producer = Producer::with_config(config).unwrap();
+            for i in 0..total {
                 let (results, acked) = (results.clone(), acked.clone());
                 producer
                     .send_async(
                         "f",
                         QueueSelector::RoundRobin,
-                        &Message::new(format!("m-{i}").into_bytes()),
+                        &Message::new(format!("{pad}-{i}").into_bytes()),
                         move |r| {
                             let r = r.map(|r| Ack {
                                 at: Instant::now(),
@@ -187,18 +218,37 @@ fn producer_drill() -> usize {
     // acks for it never leave, so the producer re-sends batches the new master already has.
     let killed_at = Instant::now();
     master.freeze();
-    std::thread::sleep(Duration::from_millis(20));
-    master.kill9();
+    let frozen = match end {
+        MasterEnd::Killed => {
+            std::thread::sleep(Duration::from_millis(20));
+            master.kill9();
+            None
+        }
+        MasterEnd::Silent => Some(master),
+    };
     let new_epoch = Admin::connect(&slave_addr)
         .unwrap()
         .promote()
         .expect("promote");
     let promoted_after = killed_at.elapsed();
     assert!(new_epoch > old_epoch, "{new_epoch} after {old_epoch}");
+    // A producer blocked in a write to the silent master would wait for TCP to give up on
+    // it (many minutes): the drill gives it a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sender.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the producer is stuck: {} of {total} sent, {} acked, 60 s after the master went silent",
+            sent.load(Ordering::Relaxed),
+            acked.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     sender.join().expect("the producer thread");
+    drop(frozen);
 
     let results = std::mem::take(&mut *results.lock().unwrap());
-    let mut acks = Vec::with_capacity(TOTAL);
+    let mut acks = Vec::with_capacity(total);
     for (i, r) in results.into_iter().enumerate() {
         match r {
             Some(Ok(a)) => acks.push(a),
@@ -216,9 +266,13 @@ fn producer_drill() -> usize {
     let from_new = acks.iter().filter(|a| a.epoch == new_epoch).count();
     let duplicates = acks.iter().filter(|a| a.duplicate).count();
     eprintln!(
-        "killed the master after {acked_at_kill} acks ({sent_at_kill} sent); promoted {promoted_after:?} later; \
+        "{} the master after {acked_at_kill} acks ({sent_at_kill} sent); promoted {promoted_after:?} later; \
          first ack from the new master (epoch {new_epoch}) {failover:?} after the kill; \
-         {from_new} of {TOTAL} acked by it, {duplicates} of them re-sends it de-duplicated"
+         {from_new} of {total} acked by it, {duplicates} of them re-sends it de-duplicated",
+        match end {
+            MasterEnd::Killed => "killed",
+            MasterEnd::Silent => "silenced",
+        }
     );
 
     // Every acked message is on the new master exactly once, where its ack said, and each
@@ -248,7 +302,7 @@ fn producer_drill() -> usize {
             a.offset
         );
     }
-    assert_eq!(seen.len(), TOTAL, "stored messages that were never sent");
+    assert_eq!(seen.len(), total, "stored messages that were never sent");
     duplicates
 }
 

@@ -504,20 +504,10 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
     }
 
     // 3. g3's master has its cable pulled: off etcd, its slave and host 0. g3's pipelined
-    // producer is done first (see the note below); two sync clients take over: one on host 0
-    // given both brokers, one on the master's own host keeping to it. The master must stop
-    // acking before b's first ack.
-    //
-    // Not g3's pipelined producer: with up to 128 batches per queue in flight to a master
-    // that went silent, its writes can fill the socket's send buffer (the peer's TCP acks
-    // nothing), and `Connection::write_frame` then blocks in `write_all`, which has no
-    // timeout, holding the lane: the producer stalled instead of failing over in some runs.
-    // Sync sends keep one small request in flight, and the clients stop before the heal, so
-    // no ack the old master sent before the cut is heard (retransmitted) after b's first.
-    stops[2].store(true, Ordering::Release);
-    if let Some(p) = producers[2].take() {
-        p.join().expect("g3's producer ends without a panic");
-    }
+    // producer goes on through it (its writes to the silent master block once the socket
+    // buffers are full, until its request timeout closes the connection; then it fails
+    // over); two sync clients join it: one on host 0 given both brokers, one on the master's
+    // own host keeping to it. The master must stop acking before b's first ack.
     let g3 = &groups[2];
     let (ns_a3, host_a3) = (net.ns(g3.a.host).to_string(), g3.a.host);
     wait_until("b in g3's in-sync set", ELECTION_WITHIN, || {
@@ -557,6 +547,15 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
         first_new.is_some()
     });
     let first_new = first_new.expect("waited for it");
+    wait_until(
+        "g3's pipelined producer to follow b",
+        FAILOVER_WITHIN,
+        || {
+            g3.acks()
+                .iter()
+                .any(|x| x.n < LOCAL_BASE && x.epoch != g3.first_epoch)
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     sync_stop.store(true, Ordering::Release);
     for c in clients {

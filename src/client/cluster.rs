@@ -131,6 +131,11 @@ impl Cluster {
     /// `forget` (a broker killed with requests in flight on two connections deadlocked here).
     pub fn forget(&self, addr: &str) {
         let removed = self.connections.lock().expect("conn lock").remove(addr);
+        // Closed, not only dropped: another thread may hold it, blocked in a write to a
+        // broker that takes no bytes (a cable pulled), and would stay blocked for minutes.
+        if let Some(c) = &removed {
+            c.close("forgotten after a failure (presumed dead)");
+        }
         drop(removed);
     }
 

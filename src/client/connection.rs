@@ -22,6 +22,10 @@ use crate::protocol::{Frame, FrameFlags, Opcode, RemoteError, Request, Response}
 /// slow flush reaches the client as FLUSH_DISK_TIMEOUT rather than a client-side timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one write may block on a broker that takes no bytes (its socket buffer full: a
+/// peer that is gone without a reset, a cable pulled). The connection is closed then, as a
+/// write that stopped part-way leaves the stream unusable.
+pub const WRITE_TIMEOUT: Duration = DEFAULT_REQUEST_TIMEOUT;
 
 /// What a response is delivered to.
 type Callback = Box<dyn FnOnce(Result<(Response, Bytes), ClientError>) + Send>;
@@ -67,6 +71,8 @@ struct Pendings {
 /// A pipelined connection. Cheap to share by reference across threads.
 pub struct Connection {
     writer: Mutex<TcpStream>,
+    /// The same socket, for [`Connection::close`]: a writer blocked in a write holds `writer`.
+    control: TcpStream,
     shared: Arc<Shared>,
     next_request_id: AtomicU64,
     peer: String,
@@ -107,7 +113,9 @@ impl Connection {
             .ok_or_else(|| io(std::io::Error::other("address resolves to nothing")))?;
         let stream = TcpStream::connect_timeout(&sockaddr, timeout).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
         let read_half = stream.try_clone().map_err(io)?;
+        let control = stream.try_clone().map_err(io)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pendings {
                 waiters: HashMap::new(),
@@ -121,6 +129,7 @@ impl Connection {
             .map_err(io)?;
         Ok(Connection {
             writer: Mutex::new(stream),
+            control,
             shared,
             next_request_id: AtomicU64::new(1),
             peer: addr.to_string(),
@@ -130,6 +139,18 @@ impl Connection {
 
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Closes the connection: a write blocked on it returns, every request in flight fails
+    /// with `reason` (as later ones do). For a broker presumed dead, which may never answer
+    /// nor reset the connection (a partition): waiting for TCP to give up takes many minutes.
+    pub fn close(&self, reason: &str) {
+        {
+            let mut p = self.shared.pending.lock().expect("pending lock");
+            p.closed.get_or_insert_with(|| reason.to_string());
+        }
+        // Wakes the reader (its read returns 0) and any blocked writer (EPIPE).
+        let _ = self.control.shutdown(Shutdown::Both);
     }
 
     /// Sends a request and returns a handle to wait for its response.
@@ -213,9 +234,19 @@ impl Connection {
     fn write_frame(&self, frame: &Frame) -> Result<(), ClientError> {
         let mut buf = BytesMut::with_capacity(frame.encoded_len());
         frame.encode(&mut buf);
-        let mut w = self.writer.lock().expect("writer lock");
-        w.write_all(&buf)
-            .map_err(|e| ClientError::ConnectionClosed(format!("write to {}: {e}", self.peer)))
+        let written = self.writer.lock().expect("writer lock").write_all(&buf);
+        written.map_err(|e| {
+            let reason = match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "write to {}: the broker took no bytes for {:?}",
+                    self.peer, WRITE_TIMEOUT
+                ),
+                _ => format!("write to {}: {e}", self.peer),
+            };
+            // Part of the frame may be on the wire: nothing more can be sent after it.
+            self.close(&reason);
+            ClientError::ConnectionClosed(reason)
+        })
     }
 
     /// Requests sent and not yet answered.
@@ -231,9 +262,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Ok(w) = self.writer.lock() {
-            let _ = w.shutdown(Shutdown::Both);
-        }
+        let _ = self.control.shutdown(Shutdown::Both);
         if let Some(r) = self.reader.take() {
             // The last reference can be dropped from a response callback, on the reader
             // thread itself: it must not wait for itself.
@@ -277,10 +306,11 @@ fn read_loop(mut stream: TcpStream, shared: Arc<Shared>) {
     // left half-closed keeps the dead broker's end of it (and so its port) alive, and the
     // restarted broker cannot bind it.
     let _ = stream.shutdown(Shutdown::Both);
-    let waiters: Vec<Waiter> = {
+    let (reason, waiters): (String, Vec<Waiter>) = {
         let mut p = shared.pending.lock().expect("pending lock");
-        p.closed = Some(reason.clone());
-        p.waiters.drain().map(|(_, w)| w).collect()
+        // A close by the user (`Connection::close`) names the cause, not its effect.
+        let reason = p.closed.get_or_insert(reason).clone();
+        (reason, p.waiters.drain().map(|(_, w)| w).collect())
     };
     for w in waiters {
         w.complete(Err(ClientError::ConnectionClosed(reason.clone())));
