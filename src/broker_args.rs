@@ -146,6 +146,9 @@ section_args! {
         /// How a new segment is prepared: zero (write zeros), allocate (fallocate) or auto
         /// (zero under sync_flush, allocate under async_flush) [default: auto]
         segment_prepare: SegmentPrepare,
+        /// Segments dropped by retention kept to be reused as new ones (no zeros to write);
+        /// none above --disk-clean-ratio [default: 2]
+        recycle_segments: u32,
     } flags {
         /// Delete unexpired segments (unconsumed messages!) while the disk is used above
         /// --disk-force-clean-ratio; each deletion is logged with the queues it cut

@@ -6,8 +6,10 @@
 //! 1 MiB O_DIRECT sequential writes with several in flight; (b) SYNC_FLUSH appends of 256 B and
 //! 1 KiB records with 1/8/64/256 concurrent appenders (append + wait_durable, closed loop);
 //! (c) ASYNC_FLUSH 1 KiB appends, with segments prepared as the broker does by default
-//! (fallocated) and with written zeros (the SYNC_FLUSH default), so the cost of the zeros to
-//! the bandwidth shows in one run. Latencies in µs with HdrHistogram.
+//! (fallocated), with written zeros (the SYNC_FLUSH default), and recycled (retention dropping
+//! every sealed segment as soon as it is durable, so new segments are the dropped ones: the
+//! steady state of a log at its retention bound), so the cost of the zeros and of the extent
+//! conversion to the bandwidth shows in one run. Latencies in µs with HdrHistogram.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,18 @@ pub struct StorageArgs {
     /// Short run: 1 s per case, fewer cases.
     #[arg(long)]
     pub quick: bool,
+    /// Only the bandwidth cases: raw sequential writes and the ASYNC_FLUSH ones, each round
+    /// in that order (the disk's speed drifts: compare within a round).
+    #[arg(long)]
+    pub bandwidth_only: bool,
+    /// Rounds of the bandwidth cases (each row's ratio is to its own round's raw case).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Record size of the ASYNC_FLUSH cases, in bytes: 1 KiB records keep the one appender's
+    /// core busy (about 1 µs each) before the disk is; larger ones (a producer's batch)
+    /// measure the disk.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..=4_194_304))]
+    pub async_record_bytes: u64,
 }
 
 const TOPIC: &str = "bench";
@@ -41,6 +55,9 @@ const FLOOR_FILE_BYTES: u64 = 64 << 20;
 const SEQ_FILE_BYTES: u64 = 1 << 30;
 const SEQ_WRITE_BYTES: usize = 1 << 20;
 const SEQ_IN_FLIGHT: usize = 16;
+/// The raw rows' names (the table's ratios find them by these).
+const FLOOR_CASE: &str = "raw 4 KiB pwrite+fdatasync";
+const SEQ_CASE: &str = "raw O_DIRECT 1 MiB seq write";
 
 struct Row {
     case: String,
@@ -70,11 +87,22 @@ pub fn run(args: StorageArgs) -> Result<(), String> {
             .join(format!("ringmq-bench-storage-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let quick = args.quick;
+    let (quick, bandwidth_only, rounds) = (args.quick, args.bandwidth_only, args.rounds);
+    let async_bytes = args.async_record_bytes as usize;
     let d2 = dir.clone();
     let result = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
         .name("bench-storage")
-        .spawn(move || async move { run_cases(&d2, Duration::from_secs(secs), quick).await })
+        .spawn(move || async move {
+            run_cases(
+                &d2,
+                Duration::from_secs(secs),
+                quick,
+                bandwidth_only,
+                rounds,
+                async_bytes,
+            )
+            .await
+        })
         .map_err(|e| e.to_string())?
         .join()
         .map_err(|e| e.to_string())?;
@@ -84,11 +112,26 @@ pub fn run(args: StorageArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, String> {
+async fn run_cases(
+    dir: &Path,
+    dur: Duration,
+    quick: bool,
+    bandwidth_only: bool,
+    rounds: u32,
+    async_bytes: usize,
+) -> Result<Vec<Row>, String> {
     ringmq::storage::prime_dma_probe(dir)
         .await
         .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
+    if bandwidth_only {
+        for round in 1..=rounds {
+            eprintln!("round {round} of {rounds}: raw sequential 1 MiB x {SEQ_IN_FLIGHT} ...");
+            rows.push(raw_seq(dir, dur).await?);
+            async_cases(dir, dur, async_bytes, &mut rows).await?;
+        }
+        return Ok(rows);
+    }
     eprintln!("raw floor: 4 KiB write + fdatasync ...");
     rows.push(raw_floor(dir, dur).await?);
     eprintln!("raw sequential 1 MiB x {SEQ_IN_FLIGHT} in flight ...");
@@ -103,6 +146,7 @@ async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, S
                     dir,
                     FlushMode::SyncFlush,
                     SegmentPrepare::Auto,
+                    false,
                     size,
                     c,
                     dur,
@@ -111,11 +155,38 @@ async fn run_cases(dir: &Path, dur: Duration, quick: bool) -> Result<Vec<Row>, S
             );
         }
     }
-    for prepare in [SegmentPrepare::Auto, SegmentPrepare::Zero] {
-        eprintln!("ASYNC_FLUSH 1 KiB, segment_prepare {prepare} ...");
-        rows.push(appends(dir, FlushMode::AsyncFlush, prepare, 1024, 1, dur).await?);
-    }
+    async_cases(dir, dur, async_bytes, &mut rows).await?;
     Ok(rows)
+}
+
+/// The ASYNC_FLUSH bandwidth cases: fallocated, zeroed and recycled segments.
+async fn async_cases(
+    dir: &Path,
+    dur: Duration,
+    record_bytes: usize,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    for (prepare, recycle) in [
+        (SegmentPrepare::Auto, false),
+        (SegmentPrepare::Zero, false),
+        (SegmentPrepare::Auto, true),
+    ] {
+        let how = if recycle { ", recycled" } else { "" };
+        eprintln!("ASYNC_FLUSH {record_bytes} B, segment_prepare {prepare}{how} ...");
+        rows.push(
+            appends(
+                dir,
+                FlushMode::AsyncFlush,
+                prepare,
+                recycle,
+                record_bytes,
+                1,
+                dur,
+            )
+            .await?,
+        );
+    }
+    Ok(())
 }
 
 async fn prepared_file(path: &Path, bytes: u64) -> Result<Rc<DmaFile>, String> {
@@ -170,7 +241,7 @@ async fn raw_floor(dir: &Path, dur: Duration) -> Result<Row, String> {
     let secs = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
     Ok(Row {
-        case: "raw 4 KiB pwrite+fdatasync (floor)".into(),
+        case: format!("{FLOOR_CASE} (floor)"),
         appends_per_s: n as f64 / secs,
         mb_per_s: n as f64 * 4096.0 / secs / 1e6,
         p50_us: h.value_at_quantile(0.5),
@@ -229,7 +300,7 @@ async fn raw_seq(dir: &Path, dur: Duration) -> Result<Row, String> {
     let h = h.borrow();
     let _ = std::fs::remove_file(&path);
     Ok(Row {
-        case: format!("raw O_DIRECT 1 MiB seq write x{SEQ_IN_FLIGHT} (bandwidth floor)"),
+        case: format!("{SEQ_CASE} x{SEQ_IN_FLIGHT} (bandwidth floor)"),
         appends_per_s: bytes / SEQ_WRITE_BYTES as f64 / secs,
         mb_per_s: bytes / secs / 1e6,
         p50_us: h.value_at_quantile(0.5),
@@ -251,26 +322,75 @@ fn body_for(record_bytes: usize) -> Vec<u8> {
     b.to_vec()
 }
 
+/// Recycled segments kept by the recycling case (`recycle_segments`), and made before it
+/// measures: dropped as soon as they are durable, they come back while it runs.
+const RECYCLED_POOL: u32 = 3;
+
+#[allow(clippy::too_many_arguments)]
 async fn appends(
     dir: &Path,
     mode: FlushMode,
     prepare: SegmentPrepare,
+    recycle: bool,
     record_bytes: usize,
     appenders: u32,
     dur: Duration,
 ) -> Result<Row, String> {
-    let case_dir = dir.join(format!("{mode}-{prepare}-{record_bytes}-{appenders}"));
+    let case_dir = dir.join(format!(
+        "{mode}-{prepare}-{record_bytes}-{appenders}{}",
+        if recycle { "-recycled" } else { "" }
+    ));
     let cfg = StorageConfig {
         flush_mode: mode,
         segment_prepare: prepare,
+        recycle_segments: if recycle { RECYCLED_POOL } else { 0 },
         ..StorageConfig::default()
     };
+    let segment_bytes = cfg.segment_bytes;
     let (store, _) = ShardStore::open(&case_dir, cfg)
         .await
         .map_err(|e| e.to_string())?;
+    let body = Rc::new(body_for(record_bytes));
+    let mut retention = None;
+    if recycle {
+        // Fill the pool: write the pool's worth of segments and more, drop them.
+        eprintln!("  writing {RECYCLED_POOL} segments to recycle ...");
+        let target = (u64::from(RECYCLED_POOL) + 1) * segment_bytes;
+        while store.watermarks().appended.0 < target {
+            store
+                .append(AppendRequest {
+                    topic: TOPIC,
+                    queue_id: 0,
+                    message_count: 1,
+                    producer: None,
+                    body: &body,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            glommio::yield_if_needed().await;
+        }
+        let upto = store.watermarks().appended;
+        store.wait_durable(upto).await.map_err(|e| e.to_string())?;
+        store
+            .drop_segments_before(ringmq::storage::LogPosition(u64::MAX))
+            .map_err(|e| e.to_string())?;
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        // Retention at its bound: every sealed segment goes once it is durable.
+        let s = store.clone();
+        retention = Some(glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                if s.drop_segments_before(ringmq::storage::LogPosition(u64::MAX))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
     // Steady state: the next segment was prepared long ago; do not measure its preparation.
     store.wait_spare_segment().await;
-    let body = Rc::new(body_for(record_bytes));
+    let recycled_before = store.metrics().segments_recycled;
     let h = Rc::new(RefCell::new(hist()));
     let count = Rc::new(RefCell::new(0u64));
     let start = Instant::now();
@@ -308,10 +428,14 @@ async fn appends(
     for t in tasks {
         t.await?;
     }
+    if let Some(r) = retention {
+        r.cancel().await;
+    }
     // ASYNC: the bytes count once they are durable, so the final flush is inside the timing.
     store.close().await.map_err(|e| e.to_string())?;
     let secs = start.elapsed().as_secs_f64();
     let m = store.metrics();
+    let recycled = m.segments_recycled - recycled_before;
     drop(store);
     let _ = std::fs::remove_dir_all(&case_dir);
     let n = *count.borrow() as f64;
@@ -319,12 +443,14 @@ async fn appends(
     let label = match mode {
         FlushMode::SyncFlush => format!("SYNC_FLUSH {record_bytes} B x {appenders} appenders"),
         FlushMode::AsyncFlush => {
-            let how = if prepare.allocates(mode) {
-                "fallocated"
+            let how = if recycle {
+                format!("recycled segments ({recycled} while measured)")
+            } else if prepare.allocates(mode) {
+                "fallocated segments".to_string()
             } else {
-                "zeroed"
+                "zeroed segments".to_string()
             };
-            format!("ASYNC_FLUSH {record_bytes} B x {appenders} appender, {how} segments")
+            format!("ASYNC_FLUSH {record_bytes} B x {appenders} appender, {how}")
         }
     };
     Ok(Row {
@@ -340,16 +466,23 @@ async fn appends(
 }
 
 fn print_table(rows: &[Row], secs: u64) {
-    let floor = &rows[0];
-    let seq = &rows[1];
     println!(
         "\nstorage bench: {secs} s per case, one glommio executor pinned to CPU 0 (appenders and storage share it)\n"
     );
     println!("| case | appends/s | MB/s | p50 µs | p99 µs | p99.9 µs | fsyncs/s | appends/fsync | p50 / floor p50 | MB/s / raw seq |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // Each ratio is to the latest raw row above it (with --rounds: its own round's).
+    let (mut floor, mut seq): (Option<&Row>, Option<&Row>) = (None, None);
+    let ratio =
+        |x: f64, base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.2}", x / b));
     for r in rows {
+        if r.case.starts_with(FLOOR_CASE) {
+            floor = Some(r);
+        } else if r.case.starts_with(SEQ_CASE) {
+            seq = Some(r);
+        }
         println!(
-            "| {} | {:.0} | {:.1} | {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {:.1} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
             r.case,
             r.appends_per_s,
             r.mb_per_s,
@@ -358,8 +491,8 @@ fn print_table(rows: &[Row], secs: u64) {
             r.p999_us,
             r.fsyncs_per_s,
             r.appends_per_fsync,
-            r.p50_us as f64 / floor.p50_us.max(1) as f64,
-            r.mb_per_s / seq.mb_per_s.max(1e-9),
+            ratio(r.p50_us as f64, floor.map(|f| f.p50_us.max(1) as f64)),
+            ratio(r.mb_per_s, seq.map(|s| s.mb_per_s.max(1e-9))),
         );
     }
 }

@@ -157,6 +157,14 @@ pub fn shard_families(s: &Services, refusals: &[(&'static str, u64)]) -> Vec<Fam
         .with(sh, m.checkpoints as f64),
     );
     out.push(
+        Family::counter(
+            "ringmq_segments_recycled_total",
+            "New CommitLog segments that were segments dropped by retention, reused as they \
+             are (no zeros written).",
+        )
+        .with(sh, m.segments_recycled as f64),
+    );
+    out.push(
         Family::gauge(
             "ringmq_quarantined_records",
             "Corrupt records quarantined by recovery at the last open (skip-corrupt).",

@@ -3,7 +3,8 @@
 //!
 //! Contract of an implementation: `write_at` positions and lengths are multiples of
 //! [`BLOCK_BYTES`]; a completed `sync` makes every write that completed before it was issued
-//! durable; directory operations (`create_zeroed`, `remove`) are durable when they return.
+//! durable; directory operations (`create_zeroed`, `remove`, `rename`) are durable when they
+//! return.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,10 @@ pub trait StorageBackend: Clone + 'static {
     /// Names of the files in `dir` (not recursive), unsorted.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Renames `from` to `to` (replacing it), content and all, durably (the directory is
+    /// synced before it returns): how a dropped segment is recycled. No handle of `from` may
+    /// be open.
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
 }
 
@@ -333,6 +338,17 @@ impl StorageBackend for DmaBackend {
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))
+    }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        // A directory fsync waits for a journal commit: on the blocking pool, off the shard.
+        let (from, to) = (from.to_path_buf(), to.to_path_buf());
+        glommio::executor()
+            .spawn_blocking(move || {
+                std::fs::rename(&from, &to)?;
+                sync_dir(to.parent().unwrap_or(Path::new(".")))
+            })
+            .await
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {

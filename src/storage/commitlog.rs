@@ -53,7 +53,7 @@ use crate::storage::backend::{
 use crate::storage::counters::{Counters, FlushCycle};
 use crate::storage::error::StorageError;
 use crate::storage::recovery::RecoveredLog;
-use crate::storage::segment::{segment_path, zeroing_wait, Seg, Segment};
+use crate::storage::segment::{recycled_path, segment_path, zeroing_wait, Seg, Segment};
 use crate::storage::signal::Signal;
 use crate::storage::space::{fs_space, is_disk_full, over_ratio_reason};
 use crate::storage::{FlushMode, LogPosition, StorageConfig};
@@ -134,6 +134,10 @@ struct LogState<B: StorageBackend> {
     inflight_writes: usize,
     poisoned: Option<String>,
     spare: Option<Seg<B>>,
+    /// Dropped segments kept for reuse as the next spare (`<base>.recycled` files).
+    recyclable: Vec<PathBuf>,
+    /// Dropped segments on their way to `recyclable` (renames under way).
+    recycling: usize,
     preparing: bool,
     /// Why the next segment cannot be prepared (a full disk, or usage above the reject ratio);
     /// cleared when a preparation succeeds.
@@ -265,6 +269,7 @@ impl<B: StorageBackend> CommitLog<B> {
             record_end,
             tail,
             spare,
+            recyclable,
             ..
         } = rec;
         let mut st = LogState {
@@ -284,6 +289,8 @@ impl<B: StorageBackend> CommitLog<B> {
             inflight_writes: 0,
             poisoned: None,
             spare,
+            recyclable,
+            recycling: 0,
             preparing: false,
             prepare_blocked: None,
             stalled_writes: 0,
@@ -351,12 +358,14 @@ impl<B: StorageBackend> CommitLog<B> {
     /// A preparation the disk refuses blocks rolls until a later call succeeds; it never
     /// poisons the log.
     pub fn ensure_spare(self: &Rc<Self>) {
-        let base = {
+        let (base, reuse) = {
             let mut st = self.st.borrow_mut();
             if st.spare.is_some() || st.preparing || st.poisoned.is_some() || st.closing {
                 return;
             }
-            if let Ok(space) = fs_space(&self.dir) {
+            // A recycled segment takes no new space: it is used above the reject ratio too.
+            let reuse = st.recyclable.pop();
+            if let (None, Ok(space)) = (&reuse, fs_space(&self.dir)) {
                 let over = over_ratio_reason(&space, self.cfg.disk_reject_ratio, &self.dir);
                 st.set_over_ratio(over.clone());
                 if let Some(why) = over {
@@ -367,7 +376,7 @@ impl<B: StorageBackend> CommitLog<B> {
                 }
             }
             st.preparing = true;
-            st.active.end()
+            (st.active.end(), reuse)
         };
         let log = self.clone();
         glommio::spawn_local(async move {
@@ -392,7 +401,9 @@ impl<B: StorageBackend> CommitLog<B> {
             };
             let allocate = log.cfg.segment_prepare.allocates(log.cfg.flush_mode);
             let r = async {
-                let prepared = if allocate {
+                let prepared = if let Some(from) = &reuse {
+                    log.backend.rename(from, &path).await
+                } else if allocate {
                     log.backend.create_allocated(&path, seg_bytes).await
                 } else {
                     log.backend
@@ -408,6 +419,9 @@ impl<B: StorageBackend> CommitLog<B> {
                 st.preparing = false;
                 match r {
                     Ok(file) => {
+                        if reuse.is_some() {
+                            st.counters.segments_recycled += 1;
+                        }
                         if st.prepare_blocked.take().is_some() {
                             log::info!(
                                 "storage: segment {} prepared: there is space again, appends \
@@ -551,23 +565,39 @@ impl<B: StorageBackend> CommitLog<B> {
         }
     }
 
-    /// Moves to the spare segment; the rest of the active segment stays zero.
+    /// Moves to the spare segment. The rest of the active segment is skipped, and written
+    /// with zeros: a recycled segment holds its previous life there, and recovery takes a
+    /// sealed segment's end for a roll only when zeros follow its last record. (At most a
+    /// record's size: the rest is smaller than the record that did not fit.)
     fn roll(self: &Rc<Self>, st: &mut LogState<B>) {
         let seg_end = st.active.end();
         let has_new_bytes = st.write_from < st.append_pos;
-        // The rest of the segment is skipped: it stays zero.
+        // The zeros start after the block holding the last record's end: that block is (or
+        // was) written whole, zeros after the end included.
+        let zeros_from = align_up(st.append_pos).min(seg_end);
         st.append_pos = seg_end;
         match st.chunk.take() {
             // Only when it holds bytes not yet handed to a write: rewriting an already written
             // tail block for nothing would just widen the window a crash can tear.
-            Some(chunk) if has_new_bytes => self.hand_off(st, chunk, seg_end),
+            Some(chunk) if has_new_bytes => self.hand_off(st, chunk, zeros_from),
             _ => {
                 let from = st.write_from;
-                st.write_from = seg_end;
-                if from < seg_end {
-                    st.complete(from, seg_end, None);
+                st.write_from = zeros_from.max(from);
+                if from < st.write_from {
+                    st.complete(from, st.write_from, None);
                 }
             }
+        }
+        if st.write_from < seg_end {
+            let len = (seg_end - zeros_from) as usize;
+            let zeros = Chunk {
+                seg: st.active.clone(),
+                base: zeros_from,
+                buf: st.active.file.alloc_buf(len),
+                used: len,
+                cap: len,
+            };
+            self.hand_off(st, zeros, seg_end);
         }
         let next = st.spare.take().expect("roll needs a spare");
         assert_eq!(
@@ -1030,5 +1060,49 @@ impl<B: StorageBackend> CommitLog<B> {
     /// Forgets a segment whose file was removed.
     pub fn forget_segment(&self, base: u64) {
         self.st.borrow_mut().segments.remove(&base);
+    }
+
+    /// Keeps a dropped (already forgotten) segment to be reused as a later spare, if it can
+    /// be: `recycle_segments` not reached, the file system not above `disk_clean_ratio`, the
+    /// segment of today's size, and nothing else holding it (`seg` is the last reference: no
+    /// read or write of it is under way, none can start, and no fdatasync of it is pending).
+    /// Returns it when it cannot be kept (the caller removes the file). The rename runs in the
+    /// background; until it is durable the file still has its segment name, and an open after
+    /// a crash finds it as the log's first segment again (retention then drops it again).
+    pub fn recycle(self: &Rc<Self>, seg: Seg<B>) -> Option<Seg<B>> {
+        {
+            let mut st = self.st.borrow_mut();
+            let room = (st.recyclable.len() + st.recycling) < self.cfg.recycle_segments as usize;
+            let alone = Rc::strong_count(&seg) == 1;
+            // Unreadable usage does not stop it (as it does not stop a preparation).
+            let roomy_disk =
+                fs_space(&self.dir).map_or(true, |s| s.used_ratio() <= self.cfg.disk_clean_ratio);
+            let stopped = st.closing || st.poisoned.is_some();
+            if !room || !alone || !roomy_disk || stopped || seg.bytes != self.cfg.segment_bytes {
+                return Some(seg);
+            }
+            st.recycling += 1;
+        }
+        let (from, base) = (seg.path.clone(), seg.base);
+        drop(seg);
+        let to = recycled_path(&self.dir, base);
+        let log = self.clone();
+        glommio::spawn_local(async move {
+            let r = log.backend.rename(&from, &to).await;
+            let mut st = log.st.borrow_mut();
+            st.recycling -= 1;
+            match r {
+                Ok(()) => st.recyclable.push(to),
+                Err(e) => {
+                    log::warn!(
+                        "storage: keeping dropped segment {} for reuse failed ({e}); removed",
+                        from.display()
+                    );
+                    let _ = log.backend.remove(&from);
+                }
+            }
+        })
+        .detach();
+        None
     }
 }

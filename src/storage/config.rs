@@ -104,6 +104,13 @@ pub struct StorageConfig {
     /// whose fdatasyncs are cheaper over written blocks; `allocate` under ASYNC_FLUSH, whose
     /// bandwidth the zeros halved). See [`SegmentPrepare`].
     pub segment_prepare: SegmentPrepare,
+    /// Segments dropped by retention that are kept (renamed `<base>.recycled`) to become later
+    /// segments as they are, their blocks already written: no zeros to write and no extents
+    /// to convert, so the log writes at the disk's overwrite speed. What a previous life left
+    /// in them is never read as a record (every record carries its own log position). At most
+    /// this many are kept; none while the file system is used above `disk_clean_ratio`.
+    /// 0: dropped segments are deleted. Default 2.
+    pub recycle_segments: u32,
 }
 
 impl Default for StorageConfig {
@@ -127,6 +134,7 @@ impl Default for StorageConfig {
             index_snapshot: true,
             prepare_bytes_per_sec: PREPARE_BYTES_PER_SEC_DEFAULT,
             segment_prepare: SegmentPrepare::Auto,
+            recycle_segments: 2,
         }
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Counters {
     pub group_commit_bytes: Histogram,
     /// Appends each flush cycle made durable.
     pub group_commit_records: Histogram,
+    /// Segments made from a recycled one (no zeros written, no extents to convert).
+    pub segments_recycled: u64,
     /// `appends` as counted at the hand-off of the last completed flush cycle.
     appends_covered: u64,
 }
@@ -61,6 +63,7 @@ impl Default for Counters {
             fsync_latency_us: Histogram::new(FSYNC_LATENCY_BOUNDS_US),
             group_commit_bytes: Histogram::new(GROUP_COMMIT_BYTES_BOUNDS),
             group_commit_records: Histogram::new(GROUP_COMMIT_RECORDS_BOUNDS),
+            segments_recycled: 0,
             appends_covered: 0,
         }
     }

@@ -320,6 +320,8 @@ pub struct StorageMetrics {
     pub quarantined_records: u64,
     /// Durable checkpoints written since open.
     pub checkpoints: u64,
+    /// New segments that were recycled ones since open (`recycle_segments`).
+    pub segments_recycled: u64,
 }
 
 impl StorageMetrics {

@@ -57,7 +57,9 @@ use crate::format::record::{
 use crate::storage::backend::{align_down, align_up, BackendFile, IoBuf, StorageBackend};
 use crate::storage::checkpoint::{Checkpoint, CHECKPOINT_FILE};
 use crate::storage::error::StorageError;
-use crate::storage::segment::{create_segment, parse_segment_name, segment_path, Seg, Segment};
+use crate::storage::segment::{
+    create_segment, is_recycled_name, parse_segment_name, segment_path, Seg, Segment,
+};
 use crate::storage::{RecoveryMode, StorageConfig};
 
 /// What recovery saw at one decision point.
@@ -246,6 +248,8 @@ pub(crate) struct RecoveredLog<B: StorageBackend> {
     pub record_end: u64,
     pub tail: Vec<u8>,
     pub spare: Option<Seg<B>>,
+    /// Dropped segments kept for reuse (`<base>.recycled`, `segment_bytes` long).
+    pub recyclable: Vec<PathBuf>,
     pub checkpoint: Option<Checkpoint<<B as StorageBackend>::File>>,
     pub report: RecoveryReport,
 }
@@ -414,6 +418,7 @@ pub(crate) struct OpenedLog<B: StorageBackend> {
     ckpt: Checkpoint<<B as StorageBackend>::File>,
     /// The log had no segment: this open created the first one (all zeros).
     fresh: bool,
+    recyclable: Vec<PathBuf>,
 }
 
 impl<B: StorageBackend> OpenedLog<B> {
@@ -447,7 +452,8 @@ pub fn log_has_segments(log_dir: &Path) -> bool {
 }
 
 /// Opens the segments (creating the first when there is none) and the checkpoint in `dir`,
-/// and removes leftover `.tmp` files. Reads no record.
+/// and removes leftover `.tmp` files and recycled segments it cannot reuse (another size, or
+/// more than `recycle_segments`). Reads no record.
 pub(crate) async fn open_log<B: StorageBackend>(
     backend: &B,
     dir: &Path,
@@ -461,6 +467,21 @@ pub(crate) async fn open_log<B: StorageBackend>(
         .map_err(|e| StorageError::io("list", dir, e))?;
     for n in names.iter().filter(|n| n.ends_with(".tmp")) {
         let _ = backend.remove(&dir.join(n));
+    }
+    let mut recyclable = Vec::new();
+    for n in names.iter().filter(|n| is_recycled_name(n)) {
+        let p = dir.join(n);
+        let fits = match backend.open(&p).await {
+            Ok(f) => f.file_len().await.ok() == Some(cfg.segment_bytes),
+            Err(_) => false,
+        };
+        if fits && recyclable.len() < cfg.recycle_segments as usize {
+            recyclable.push(p);
+        } else {
+            backend
+                .remove(&p)
+                .map_err(|e| StorageError::io("remove recycled segment", &p, e))?;
+        }
     }
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     bases.sort_unstable();
@@ -506,7 +527,12 @@ pub(crate) async fn open_log<B: StorageBackend>(
     let ckpt = Checkpoint::open(backend, dir)
         .await
         .map_err(|e| StorageError::io("open checkpoint", &ckpt_path, e))?;
-    Ok(OpenedLog { segs, ckpt, fresh })
+    Ok(OpenedLog {
+        segs,
+        ckpt,
+        fresh,
+        recyclable,
+    })
 }
 
 /// Scans, truncates and prepares the opened log in `dir`. `on_record(view)` is called for
@@ -522,7 +548,12 @@ pub(crate) async fn recover_log<B: StorageBackend>(
     start: Option<ScanStart>,
     mut on_record: impl FnMut(&RecordView<'_>),
 ) -> Result<RecoveredLog<B>, StorageError> {
-    let OpenedLog { segs, ckpt, fresh } = opened;
+    let OpenedLog {
+        segs,
+        ckpt,
+        fresh,
+        recyclable,
+    } = opened;
     // Past this every byte is zero: the writer's reservation (see `checkpoint.rs`).
     let zero_from = if fresh { 0 } else { ckpt.reserved() };
     // `last_nonzero(base)` of whole segments already read (the spare is looked at twice).
@@ -794,6 +825,7 @@ pub(crate) async fn recover_log<B: StorageBackend>(
         record_end,
         tail,
         spare,
+        recyclable,
         checkpoint: Some(ckpt),
         report,
     })

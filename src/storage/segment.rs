@@ -1,9 +1,17 @@
 //! CommitLog segments: files named by the 20-digit zero-padded log position of their first
 //! byte, each `segment_bytes` long. Position space is global; a segment covers
 //! `[base, base + bytes)`. A record never spans two segments: when it does not fit, the rest of
-//! the segment stays zero and the log continues at the next segment's base.
+//! the segment is zero (the roll writes zeros there) and the log continues at the next segment's base.
 //!
-//! A new segment is *prepared* off the hot path by writing zeros to all of it (and syncing),
+//! A segment dropped by retention may be *recycled* instead of deleted (see
+//! `StorageConfig::recycle_segments`): renamed to become a later segment with its old bytes in
+//! it. Nothing of its previous life can pass for a record (each record carries its own log
+//! position, the old ones are all from lower positions); recovery reads only up to the write
+//! reservation (`checkpoint.rs`), and what it finds there that is not a record is a torn
+//! tail it zeroes; and a roll writes zeros over the rest of the segment it leaves, so a
+//! sealed segment ends in zeros as a prepared one does.
+//!
+//! A new segment is otherwise *prepared* off the hot path by writing zeros to all of it (and syncing),
 //! so the write path only overwrites already-written blocks: fdatasync into fallocated but
 //! unwritten extents costs 2x, appending past EOF 1.5x (NOTES.md). The zeros are written at a
 //! pace ([`zeroing_wait`]): every fdatasync of the active segment also flushes the zeros the
@@ -86,6 +94,18 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(segment_name(base))
 }
 
+/// Where a dropped segment waits to be reused: `<name>.recycled` in the log's directory (a
+/// name no open takes for a segment).
+pub(crate) fn recycled_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{}.recycled", segment_name(base)))
+}
+
+/// A recycled segment's file name (see [`recycled_path`]).
+pub(crate) fn is_recycled_name(name: &str) -> bool {
+    name.strip_suffix(".recycled")
+        .is_some_and(|n| parse_segment_name(n).is_some())
+}
+
 /// The base of a segment file name, or None for any other file.
 pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     if name.len() != NAME_DIGITS || !name.bytes().all(|b| b.is_ascii_digit()) {
@@ -142,5 +162,10 @@ mod tests {
         assert_eq!(parse_segment_name("00000000000001048576.tmp"), None);
         assert_eq!(parse_segment_name(".dma-probe"), None);
         assert_eq!(parse_segment_name("0000000000000104857x"), None);
+        let p = recycled_path(Path::new("/d"), 65536);
+        assert_eq!(p, Path::new("/d/00000000000000065536.recycled"));
+        assert!(is_recycled_name("00000000000000065536.recycled"));
+        assert!(!is_recycled_name("00000000000000065536"));
+        assert!(!is_recycled_name("x.recycled"));
     }
 }

@@ -25,6 +25,9 @@ struct Image {
     written: Vec<u8>,
     durable: Vec<u8>,
     dirty_blocks: BTreeSet<u64>,
+    /// What the file held when it got its present name by [`StorageBackend::rename`] (a
+    /// recycled segment's previous life); `None` for a file created under it.
+    renamed_with: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -37,6 +40,7 @@ struct Disk {
     full: bool,
     writes: u64,
     syncs: u64,
+    renames: u64,
 }
 
 /// The simulated disk; clones share it. A clone binds to the disk's current generation on its
@@ -170,6 +174,21 @@ impl SimBackend {
             .files
             .get(path)
             .map(|i| i.written.clone())
+    }
+
+    /// What a file held when it was renamed to `path` (see `Image::renamed_with`): `None`
+    /// when it was created under that name, or there is no such file (tests).
+    pub fn renamed_with(&self, path: &Path) -> Option<Vec<u8>> {
+        self.disk
+            .borrow()
+            .files
+            .get(path)
+            .and_then(|i| i.renamed_with.clone())
+    }
+
+    /// Number of completed renames so far (tests: segments recycled).
+    pub fn renames(&self) -> u64 {
+        self.disk.borrow().renames
     }
 
     /// Overwrites bytes of a file durably (tests that plant corruption).
@@ -318,6 +337,7 @@ impl StorageBackend for SimBackend {
                 written: vec![0; len as usize],
                 durable: vec![0; len as usize],
                 dirty_blocks: BTreeSet::new(),
+                renamed_with: None,
             },
         );
         Ok(())
@@ -335,6 +355,21 @@ impl StorageBackend for SimBackend {
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.check_generation()?;
         self.disk.borrow_mut().files.remove(path);
+        Ok(())
+    }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        self.check_generation()?;
+        let mut d = self.disk.borrow_mut();
+        let Some(mut img) = d.files.remove(from) else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no such sim file"));
+        };
+        // A directory operation is durable at once; the content is what a crash would leave
+        // (unsynced blocks of it are kept as written: the caller syncs before it renames).
+        img.renamed_with = Some(img.written.clone());
+        d.files.insert(to.to_path_buf(), img);
+        d.renames += 1;
         Ok(())
     }
 

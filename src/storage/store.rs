@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::format::record::{RecordHeader, RecordView, FLAG_IDEMPOTENT, HEADER_BYTES};
 use crate::storage::append_order::AppendOrder;
-use crate::storage::backend::{DmaBackend, StorageBackend};
+use crate::storage::backend::{align_up, DmaBackend, StorageBackend};
 use crate::storage::checkpoint::{
     Checkpoint, CHECKPOINT_FILE, CHECKPOINT_INTERVAL_MS, WRITE_RESERVATION_BYTES,
 };
@@ -229,7 +229,7 @@ impl<B: StorageBackend> ShardStore<B> {
                 .expect("recovery opens the checkpoint"),
         );
         let t_scanned = t0.elapsed();
-        reconcile_index_files(dir, &mut idx, &mut report, queue_files)?;
+        reconcile_index_files(dir, first_segment, &mut idx, &mut report, queue_files)?;
         let t_reconciled = t0.elapsed();
         report.producers = idx.producers.len() as u64;
         // Records below the snapshot were not scanned: the background check reads them.
@@ -628,6 +628,7 @@ impl<B: StorageBackend> ShardStore<B> {
             poisoned: m.poisoned,
             quarantined_records: self.inner.quarantined,
             checkpoints: self.inner.checkpoints.get(),
+            segments_recycled: c.segments_recycled,
         }
     }
 
@@ -646,20 +647,33 @@ impl<B: StorageBackend> ShardStore<B> {
             .collect()
     }
 
-    /// Deletes every segment that ends at or below `position` (never the active one) and drops
-    /// their index entries. Returns how many segments were removed.
+    /// Deletes every segment that ends at or below `position` and the durable watermark (never
+    /// the active one), or keeps
+    /// it for reuse (`recycle_segments`), and drops their index entries. Returns how many
+    /// segments were dropped.
     pub fn drop_segments_before(&self, position: LogPosition) -> Result<u64, StorageError> {
         let log = &self.inner.log;
+        // Never a segment with writes or an fdatasync still to come: removing it would fail
+        // them and poison the log.
+        let position = position.min(log.marks().durable);
         let victims = log.sealed_segments_before(position);
+        let count = victims.len() as u64;
+        if count > 0 {
+            // The consume-queue files keep the dropped records' entries: a queue whose every
+            // record goes must find where its offsets go on there after a restart.
+            self.inner.persist_indexes(log.marks().durable.0);
+        }
         let mut first_kept = 0;
-        for s in &victims {
-            log.backend
-                .remove(&s.path)
-                .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
+        for s in victims {
             log.forget_segment(s.base);
             first_kept = s.end();
+            if let Some(s) = log.recycle(s) {
+                log.backend
+                    .remove(&s.path)
+                    .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
+            }
         }
-        if !victims.is_empty() {
+        if count > 0 {
             let mut idx = self.inner.idx.borrow_mut();
             for qs in idx.topics.values_mut() {
                 for q in qs.values_mut() {
@@ -668,7 +682,7 @@ impl<B: StorageBackend> ShardStore<B> {
             }
             idx.keys.prune_below(first_kept);
         }
-        Ok(victims.len() as u64)
+        Ok(count)
     }
 
     /// Retention by age: deletes the oldest sealed segments whose file was last modified more
@@ -809,10 +823,19 @@ impl<B: StorageBackend> ShardStore<B> {
         if let Some(h) = handle {
             h.await;
         }
-        // A clean stop leaves a checkpoint covering the whole log.
+        // A clean stop leaves a checkpoint covering the whole log, and with no write left its
+        // reservation at the log's last written block: the next open reads nothing past it
+        // (a recycled segment holds its previous life there, which a scan would take for a
+        // torn tail and zero).
         let ckpt = &self.inner.checkpoint;
-        if record_end > ckpt.position() {
-            match ckpt.store(record_end, ckpt.reserved()).await {
+        let m = log.marks();
+        let reserved = if m.inflight_writes == 0 {
+            align_up(m.appended.0).min(ckpt.reserved())
+        } else {
+            ckpt.reserved()
+        };
+        if record_end > ckpt.position() || reserved < ckpt.reserved() {
+            match ckpt.store(record_end.max(ckpt.position()), reserved).await {
                 Ok(()) => self.inner.checkpoints.set(self.inner.checkpoints.get() + 1),
                 // An older checkpoint is always safe (recovery only treats more of the tail as
                 // maybe torn): a full disk does not make the close unclean.
@@ -1288,15 +1311,25 @@ async fn run_background_check<B: StorageBackend>(
     *inner.check.borrow_mut() = state;
 }
 
-/// Makes every consume-queue file match the log (the log is the truth).
+/// Makes every consume-queue file match the log (the log is the truth) from `log_start` (the
+/// first segment's base) on. A file's entries of records below it (dropped by retention) are
+/// kept: they are all that is left of where the queue's offsets go on when retention dropped
+/// every record of it (without them a restart gave such a queue offset 0 again).
 fn reconcile_index_files(
     dir: &Path,
+    log_start: u64,
     idx: &mut Indexes,
     report: &mut RecoveryReport,
     mut already_read: HashMap<PathBuf, Vec<CqEntry>>,
 ) -> Result<(), StorageError> {
     let cq_dir = dir.join("consumequeue");
-    // Files of queues the log no longer has anything for are ahead of it.
+    let dropped = |f: &[CqEntry]| {
+        f.iter()
+            .take_while(|e| e.end_position() <= log_start)
+            .count()
+    };
+    // Files of queues the log no longer has anything for: a queue retention emptied goes on
+    // after its last dropped record; anything else there is ahead of the log.
     if let Ok(topics) = std::fs::read_dir(&cq_dir) {
         for t in topics.flatten() {
             let topic = t.file_name().to_string_lossy().into_owned();
@@ -1305,6 +1338,19 @@ fn reconcile_index_files(
                     continue;
                 };
                 if idx.queue(&topic, qid).is_none() {
+                    let path = f.path();
+                    let entries = match already_read.get(&path) {
+                        Some(e) => Some(e.clone()),
+                        None => read_cq_file(&path)
+                            .map_err(|e| StorageError::io("read index", &path, e))?,
+                    }
+                    .unwrap_or_default();
+                    let n = dropped(&entries);
+                    if n > 0 {
+                        idx.queue_mut(&topic, qid).next_offset = entries[n - 1].end_offset();
+                        already_read.insert(path, entries);
+                        continue;
+                    }
                     let n = f.metadata().map_or(0, |m| m.len())
                         / crate::storage::index::consume_queue::CQ_ENTRY_BYTES as u64;
                     if decide(Observation::IndexAhead, RecoveryMode::Strict)
@@ -1328,12 +1374,17 @@ fn reconcile_index_files(
                 }
             };
             let mut keep = 0usize;
+            let skip = file.as_deref().map_or(0, dropped);
             let mut observations = Vec::new();
             match &file {
                 None => observations.push(Observation::IndexMissing),
                 Some(f) => {
-                    keep = f.iter().zip(&q.entries).take_while(|(a, b)| a == b).count();
-                    if f.len() > keep {
+                    keep = f[skip..]
+                        .iter()
+                        .zip(&q.entries)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    if f.len() - skip > keep {
                         observations.push(Observation::IndexAhead);
                     }
                     if q.entries.len() > keep {
@@ -1349,7 +1400,7 @@ fn reconcile_index_files(
                 match decide(o, RecoveryMode::Strict) {
                     Action::TruncateIndex => {
                         report.index_entries_truncated +=
-                            (file.as_ref().map_or(0, |f| f.len()) - keep) as u64;
+                            (file.as_ref().map_or(0, |f| f.len()) - skip - keep) as u64;
                         rewrite = true;
                     }
                     Action::ExtendIndex => {
@@ -1366,7 +1417,7 @@ fn reconcile_index_files(
                 }
             }
             if rewrite {
-                rewrite_cq_file(&path, keep, &q.entries[keep..])
+                rewrite_cq_file(&path, skip + keep, &q.entries[keep..])
                     .map_err(|e| StorageError::io("rewrite index", &path, e))?;
             }
             q.persisted = q.entries.len();
