@@ -568,6 +568,13 @@ fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_
             Box::new(move || segments(&p).len() == before.len() - 2),
         )
         .await;
+        // Above the clean ratio the space matters more than recycling: deleted, not kept.
+        let kept = std::fs::read_dir(path.join("commitlog"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".recycled"))
+            .count();
+        assert_eq!(kept, 0, "segments kept for reuse above the clean ratio");
         s.close().await.unwrap();
         drop(s);
         std::fs::remove_file(&filler).unwrap();

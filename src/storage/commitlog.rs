@@ -484,7 +484,22 @@ impl<B: StorageBackend> CommitLog<B> {
             return;
         };
         let over = over_ratio_reason(&space, self.cfg.disk_reject_ratio, &self.dir);
-        self.st.borrow_mut().set_over_ratio(over);
+        let mut st = self.st.borrow_mut();
+        st.set_over_ratio(over);
+        // Kept segments are free space in waiting: above the clean ratio it is needed now.
+        if space.used_ratio() > self.cfg.disk_clean_ratio && !st.recyclable.is_empty() {
+            for p in std::mem::take(&mut st.recyclable) {
+                match self.backend.remove(&p) {
+                    Ok(()) => log::info!(
+                        "storage: removed recycled segment {} (the disk is used above \
+                         disk_clean_ratio {})",
+                        p.display(),
+                        self.cfg.disk_clean_ratio
+                    ),
+                    Err(e) => log::warn!("storage: removing {}: {e}", p.display()),
+                }
+            }
+        }
     }
 
     /// Why a client append must be refused now because of the disk, if it must: writes

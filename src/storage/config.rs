@@ -108,7 +108,8 @@ pub struct StorageConfig {
     /// segments as they are, their blocks already written: no zeros to write and no extents
     /// to convert, so the log writes at the disk's overwrite speed. What a previous life left
     /// in them is never read as a record (every record carries its own log position). At most
-    /// this many are kept; none while the file system is used above `disk_clean_ratio`.
+    /// this many are kept; none while the file system is used above `disk_clean_ratio` (the
+    /// space watch then removes those there are).
     /// 0: dropped segments are deleted. Default 2.
     pub recycle_segments: u32,
 }
