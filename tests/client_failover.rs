@@ -113,6 +113,45 @@ fn a_pipelined_producer_fails_over_from_a_master_that_stops_taking_bytes() {
     producer_drill(MasterEnd::Silent);
 }
 
+/// A new producer given a list whose first broker is a frozen master (it takes the
+/// connection and the request, and never answers) reaches the promoted slave: the route it
+/// asks the frozen one for times out, and the timeout fails it over to the next broker of the
+/// list (it failed the send instead once, in a CI run of the drill above).
+#[test]
+fn a_producer_whose_first_broker_is_frozen_asks_the_next_one() {
+    let _watchdog = watchdog(Duration::from_secs(120));
+    let (mdir, sdir) = (common::data_dir(), common::data_dir());
+    let (mut master, slave) = start_pair(mdir.path(), sdir.path());
+    Admin::connect(master.addr())
+        .unwrap()
+        .create_topic("z", 2)
+        .unwrap();
+    common::wait_caught_up(
+        &Admin::connect(master.addr()).unwrap(),
+        Duration::from_secs(20),
+    );
+    master.freeze();
+    Admin::connect(slave.addr())
+        .unwrap()
+        .promote()
+        .expect("promote");
+    let mut config = ProducerConfig::new(format!("{},{}", master.addr(), slave.addr()));
+    config.request_timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let producer = Producer::with_config(config).expect("a producer");
+    let r = producer
+        .send("z", QueueSelector::Queue(0), &Message::new(b"z-1".to_vec()))
+        .expect("sent to the promoted slave");
+    eprintln!(
+        "acked at offset {} by epoch {} after {:?}",
+        r.offset,
+        r.epoch,
+        started.elapsed()
+    );
+    drop(producer);
+    drop(master);
+}
+
 /// How the drill's master goes.
 #[derive(Clone, Copy, PartialEq)]
 enum MasterEnd {

@@ -182,14 +182,23 @@ impl Cluster {
     /// After a request to `peer`, sent at generation `seen`, failed with `e`: forgets a lost
     /// connection and, when `e` is a fail-over error and the list has another broker, fails
     /// over. Returns whether the caller should retry on the next broker.
+    ///
+    /// No answer within the request timeout counts as a lost connection here: the broker is
+    /// presumed dead (a frozen host, a pulled cable: its kernel may still take the connection
+    /// and the bytes), so the connection is closed and, with a list, the next broker asked. (A
+    /// route asked of a frozen master otherwise failed the send that needed it, since a
+    /// timeout alone is no reason to fail over.)
     pub fn note_failure(&self, peer: &str, seen: u64, e: &ClientError) -> bool {
-        if matches!(
+        let lost = matches!(
             e,
-            ClientError::ConnectionClosed(_) | ClientError::Connect { .. }
-        ) {
+            ClientError::ConnectionClosed(_)
+                | ClientError::Connect { .. }
+                | ClientError::Timeout(_)
+        );
+        if lost {
             self.forget(peer);
         }
-        if self.can_fail_over() && e.is_failover() {
+        if self.can_fail_over() && (e.is_failover() || lost) {
             self.fail_over(peer, seen);
             return true;
         }
