@@ -829,6 +829,41 @@ fn drop_segments_before_removes_old_segments_and_their_offsets() {
     });
 }
 
+/// A kept segment that cannot be reused (here: gone behind the log's back) costs a new
+/// segment, not the log: appends go on across the rolls that would have reused it.
+#[test]
+fn a_recycled_segment_that_cannot_be_reused_is_replaced_by_a_new_one() {
+    use ringmq::storage::StorageBackend;
+    on_executor(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBackend::new();
+        let (s, _) = open(&sim, dir.path(), FlushMode::SyncFlush).await;
+        for i in 0..20u32 {
+            append_durable(&s, "d", 0, &vec![i as u8; 10_000]).await;
+        }
+        assert_eq!(
+            s.drop_segments_before(LogPosition(2 * 64 * 1024)).unwrap(),
+            2
+        );
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        for base in [0u64, 64 * 1024] {
+            let kept = dir
+                .path()
+                .join("commitlog")
+                .join(format!("{base:020}.recycled"));
+            sim.remove(&kept).unwrap();
+        }
+        for i in 20..40u32 {
+            append_durable(&s, "d", 0, &vec![i as u8; 10_000]).await;
+        }
+        assert!(!s.metrics().poisoned);
+        assert_eq!(s.metrics().segments_recycled, 0);
+        let all = read_all(&s, "d", 0).await;
+        assert_eq!(all.last().unwrap().0, 39);
+        s.close().await.unwrap();
+    });
+}
+
 // ---- The index snapshot (fast restart) ----
 
 /// Everything a reader and a retrying producer can see of the store, for comparing opens.

@@ -414,6 +414,7 @@ impl<B: StorageBackend> CommitLog<B> {
                 log.backend.open(&path).await.map_err(|e| ("opening", e))
             }
             .await;
+            let mut retry = false;
             {
                 let mut st = log.st.borrow_mut();
                 st.preparing = false;
@@ -444,10 +445,30 @@ impl<B: StorageBackend> CommitLog<B> {
                         let _ = log.backend.remove(&path);
                         st.block_prepare(format!("{what} segment {} failed: {e}", path.display()));
                     }
+                    // A kept segment that cannot be reused is no reason to stop the log:
+                    // it goes, and the next preparation makes a new one.
+                    Err((what, e)) if reuse.is_some() => {
+                        log::warn!(
+                            "storage: {what} recycled segment {} as {} failed ({e}); \
+                             preparing a new one",
+                            reuse
+                                .as_ref()
+                                .map_or(String::new(), |p| p.display().to_string()),
+                            path.display()
+                        );
+                        if let Some(p) = &reuse {
+                            let _ = log.backend.remove(p);
+                        }
+                        let _ = log.backend.remove(&path);
+                        retry = true;
+                    }
                     Err((what, e)) => st.poison(format!("{what} segment {}: {e}", path.display())),
                 }
             }
             log.notify_all();
+            if retry {
+                log.ensure_spare();
+            }
         })
         .detach();
     }
