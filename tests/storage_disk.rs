@@ -115,6 +115,33 @@ async fn append_many(s: &ShardStore, tag: u8, n: u32, concurrent: u32) -> Vec<(u
     all
 }
 
+/// The segment files of a shard's log (names all digits), sorted.
+fn segment_files(shard: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(shard.join("commitlog"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// How many dropped segments a shard keeps for reuse (`<base>.recycled`).
+fn recycled_count(shard: &std::path::Path) -> usize {
+    std::fs::read_dir(shard.join("commitlog"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".recycled"))
+        .count()
+}
+
 async fn check_all(s: &ShardStore, expect: &[(u32, u64, usize)]) {
     for &(q, off, len) in expect {
         let b = s.read("disk", q, QueueOffset(off), 1).await.unwrap();
@@ -385,22 +412,7 @@ fn retention_deletes_only_the_expired_prefix_of_sealed_segments() {
             .await
             .unwrap();
         let expect = append_many(&s, 1, 60, 8).await; // ~5 MiB: several 1 MiB segments
-        let segs = |p: &std::path::Path| {
-            let mut v: Vec<_> = std::fs::read_dir(p.join("commitlog"))
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .chars()
-                        .all(|c| c.is_ascii_digit())
-                })
-                .collect();
-            v.sort();
-            v
-        };
+        let segs = segment_files;
         let before = segs(&path);
         assert!(before.len() >= 5, "{before:?}");
         let old = SystemTime::now() - Duration::from_secs(100 * 3600);
@@ -513,22 +525,7 @@ fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_
     let path = mount.join("shard-0");
     let filler = mount.join("filler");
     on_executor(move || async move {
-        let segments = |p: &std::path::Path| {
-            let mut v: Vec<_> = std::fs::read_dir(p.join("commitlog"))
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .chars()
-                        .all(|c| c.is_ascii_digit())
-                })
-                .collect();
-            v.sort();
-            v
-        };
+        let segments = segment_files;
         let wait_until = |what: &str, mut done: Box<dyn FnMut() -> bool>| {
             let what = what.to_string();
             async move {
@@ -569,11 +566,7 @@ fn above_the_clean_ratio_expired_segments_go_at_once_and_forced_deletion_is_opt_
         )
         .await;
         // Above the clean ratio the space matters more than recycling: deleted, not kept.
-        let kept = std::fs::read_dir(path.join("commitlog"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".recycled"))
-            .count();
+        let kept = recycled_count(&path);
         assert_eq!(kept, 0, "segments kept for reuse above the clean ratio");
         s.close().await.unwrap();
         drop(s);
@@ -653,13 +646,7 @@ fn dropped_segments_are_recycled_into_new_ones_and_their_old_bytes_never_read() 
             .drop_segments_before(ringmq::storage::LogPosition(2 << 20))
             .unwrap();
         assert_eq!(dropped, 2);
-        let recycled = |p: &std::path::Path| {
-            std::fs::read_dir(p.join("commitlog"))
-                .unwrap()
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".recycled"))
-                .count()
-        };
+        let recycled = recycled_count;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while recycled(&path) < 2 {
             assert!(std::time::Instant::now() < deadline, "no .recycled files");

@@ -94,6 +94,25 @@ fn seg_path(dir: &Path, base: u64) -> std::path::PathBuf {
     dir.join("commitlog").join(format!("{base:020}"))
 }
 
+/// Where a dropped segment waits to be reused.
+fn recycled_path(dir: &Path, base: u64) -> std::path::PathBuf {
+    dir.join("commitlog").join(format!("{base:020}.recycled"))
+}
+
+/// The crash drill's seeds: `RINGMQ_CRASH_SEED` and `RINGMQ_CRASH_ITERS`, or these defaults.
+fn crash_seeds(base: u64, iterations: u64) -> (u64, u64) {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    (
+        var("RINGMQ_CRASH_SEED", base),
+        var("RINGMQ_CRASH_ITERS", iterations),
+    )
+}
+
 #[test]
 fn sync_appends_are_durable_and_read_back_in_order() {
     on_executor(|| async {
@@ -808,10 +827,7 @@ fn drop_segments_before_removes_old_segments_and_their_offsets() {
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
         for base in [0, 64 * 1024] {
             assert!(sim.file_bytes(&seg_path(dir.path(), base)).is_none());
-            let kept = dir
-                .path()
-                .join("commitlog")
-                .join(format!("{base:020}.recycled"));
+            let kept = recycled_path(dir.path(), base);
             assert!(sim.file_bytes(&kept).is_some(), "{}", kept.display());
         }
         let st = s.queue_stats("d", 0);
@@ -847,11 +863,7 @@ fn a_recycled_segment_that_cannot_be_reused_is_replaced_by_a_new_one() {
         );
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
         for base in [0u64, 64 * 1024] {
-            let kept = dir
-                .path()
-                .join("commitlog")
-                .join(format!("{base:020}.recycled"));
-            sim.remove(&kept).unwrap();
+            sim.remove(&recycled_path(dir.path(), base)).unwrap();
         }
         for i in 20..40u32 {
             append_durable(&s, "d", 0, &vec![i as u8; 10_000]).await;
@@ -1300,14 +1312,7 @@ impl Drop for SeedGuard {
 
 #[test]
 fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
-    let base: u64 = std::env::var("RINGMQ_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5EED);
-    let iterations: u64 = std::env::var("RINGMQ_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let (base, iterations) = crash_seeds(0x5EED, 300);
     on_executor(move || async move {
         for i in 0..iterations {
             let seed = base + i;
@@ -1322,14 +1327,7 @@ fn random_operations_with_crashes_never_lose_acked_or_return_torn_records() {
 /// acked record for corruption, nor hide a torn tail.
 #[test]
 fn random_operations_with_crashes_on_recycled_segments_never_lose_acked_or_return_stale_records() {
-    let base: u64 = std::env::var("RINGMQ_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0xEC0);
-    let iterations: u64 = std::env::var("RINGMQ_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120);
+    let (base, iterations) = crash_seeds(0xEC0, 120);
     on_executor(move || async move {
         let mut renames = 0;
         for i in 0..iterations {

@@ -195,6 +195,21 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Renames `from` to `to` and syncs the directory, so the rename survives a crash (blocking).
+fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// [`rename_durable`] on glommio's blocking thread pool: a directory fsync waits for a
+/// journal commit (milliseconds here), which must not stall the shard's appends and acks.
+async fn rename_off_shard(from: &Path, to: &Path) -> io::Result<()> {
+    let (from, to) = (from.to_path_buf(), to.to_path_buf());
+    glommio::executor()
+        .spawn_blocking(move || rename_durable(&from, &to))
+        .await
+}
+
 /// Writes `len` zero bytes to `tmp` with O_DIRECT, syncs it and renames it to `path` (durably).
 async fn write_zeroed(tmp: &Path, path: &Path, len: u64, pace: Pace<'_>) -> io::Result<()> {
     // Written, not fallocated: fdatasync into unwritten extents costs 2x (NOTES.md).
@@ -244,16 +259,7 @@ async fn write_zeroed(tmp: &Path, path: &Path, len: u64, pace: Pace<'_>) -> io::
     .await;
     let _ = f.close_rc().await;
     written?;
-    // The rename and the directory fsync are blocking system calls (a directory fsync
-    // waits for a journal commit, milliseconds here): on glommio's blocking thread pool
-    // they do not stall this shard's appends and acks while a segment is prepared.
-    let (tmp, path) = (tmp.to_path_buf(), path.to_path_buf());
-    glommio::executor()
-        .spawn_blocking(move || {
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(path.parent().unwrap_or(Path::new(".")))
-        })
-        .await
+    rename_off_shard(tmp, path).await
 }
 
 impl StorageBackend for DmaBackend {
@@ -314,8 +320,7 @@ impl StorageBackend for DmaBackend {
                 }
                 f.sync_all()?;
                 drop(f);
-                std::fs::rename(&t, &p)?;
-                sync_dir(p.parent().unwrap_or(Path::new(".")))
+                rename_durable(&t, &p)
             })
             .await;
         if r.is_err() {
@@ -341,14 +346,7 @@ impl StorageBackend for DmaBackend {
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        // A directory fsync waits for a journal commit: on the blocking pool, off the shard.
-        let (from, to) = (from.to_path_buf(), to.to_path_buf());
-        glommio::executor()
-            .spawn_blocking(move || {
-                std::fs::rename(&from, &to)?;
-                sync_dir(to.parent().unwrap_or(Path::new(".")))
-            })
-            .await
+        rename_off_shard(from, to).await
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
