@@ -82,6 +82,7 @@ fn serve(mut s: TcpStream, addr: &str, queues: u32, count: &AtomicUsize, stop: &
                                 queue: q,
                                 shard: 0,
                                 address: addr.to_string(),
+                                group: None,
                             })
                             .collect(),
                     };

@@ -174,6 +174,8 @@ fn all_responses() -> Vec<Response> {
                     queue: q,
                     shard: q % 2,
                     address: format!("127.0.0.1:{}", 9000 + q),
+                    // Both: a queue of a cluster topic and one of a single broker.
+                    group: (q % 2 == 0).then(|| format!("g{q}")),
                 })
                 .collect(),
         }),

@@ -4,7 +4,7 @@
 //! groups breaks first. Each simulated member does exactly what a member's control thread and
 //! lease thread do (`src/cluster/node.rs`), with the same client (`cluster::etcd::Etcd`):
 //!
-//! - a watch on the group's master key (the broker's own `MasterWatch` thread); every 100 ms
+//! - a watch on the group's master key (the broker's own `Watcher` thread); every 100 ms
 //!   (the control tick) read that key when the rule of `Node::master_key_due` says so: the
 //!   watch saw a change, no watch is open, or no master holds the key; else once a second;
 //! - every 500 ms (the publish interval): put its member record (a real `MemberRecord`'s size)
@@ -33,10 +33,10 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use ringmq::cluster::etcd::Etcd;
 use ringmq::cluster::node::{
-    master_key_due, member_record_due, member_refresh, MasterWatch, IN_SYNC_REFRESH,
-    WATCHED_READ_INTERVAL,
+    master_key_due, member_record_due, member_refresh, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL,
 };
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
+use ringmq::cluster::watcher::Watcher;
 
 use crate::drill_failover::EtcdCluster;
 
@@ -394,7 +394,7 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
     let mut last_publish = Instant::now() - PUBLISH;
     let mut master = first && term != 0;
     let mut gave_up = false;
-    let watch = MasterWatch::start(etcd.clone(), keys.master()).expect("a watch thread");
+    let watch = Watcher::start(etcd.clone(), keys.master()).expect("a watch thread");
     let mut last_read: Option<Instant> = None;
     let mut masterless = false;
     let mut last_in_sync: Option<Instant> = None;

@@ -15,6 +15,7 @@ pub const MAX_LONG_POLL_MS: u32 = 30_000;
 
 pub async fn fetch(s: &Services, f: FetchRequest) -> Result<(Response, Bytes)> {
     topics::check_queue(s, &f.topic, f.queue)?;
+    topics::check_served_here(s, &f.topic, f.queue)?;
     if let Some(who) = &f.group {
         groups::check_member(s, who, &f.topic, f.queue).await?;
     }

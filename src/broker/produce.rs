@@ -23,6 +23,7 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
         }
         None => s.shard.pick_local_queue(&p.topic, queues),
     };
+    topics::check_served_here(s, &p.topic, queue)?;
     let count = validate_batch(&body, MAX_BATCH_MESSAGES)
         .map_err(|e| ServiceError::new(ErrorCode::InvalidBatch, e.to_string()))?;
     if count != p.message_count {

@@ -33,6 +33,32 @@ pub fn check_queue(s: &Services, topic: &str, queue: u32) -> Result<()> {
     Ok(())
 }
 
+/// NOT_MASTER unless this broker's group serves `queue` of `topic` (always so for a topic
+/// that is not a cluster topic, or without a cluster). A client with an old route hears whom
+/// to ask; a message for another group's queue stored here would never reach its consumers.
+pub fn check_served_here(s: &Services, topic: &str, queue: u32) -> Result<()> {
+    let Some(view) = s.shard.cluster_routes() else {
+        return Ok(());
+    };
+    if view.served_here(topic, queue) {
+        return Ok(());
+    }
+    let owner = view
+        .owner(topic, queue)
+        .expect("a cluster topic has an owner");
+    let at = owner.at.map_or("no master now".to_string(), |(_, addr)| {
+        format!("master at {addr}")
+    });
+    Err(ServiceError::new(
+        ErrorCode::NotMaster,
+        format!(
+            "queue {queue} of cluster topic {topic:?} is served by broker group {} ({at}), \
+             not by group {}: ask for routes again",
+            owner.group, view.group
+        ),
+    ))
+}
+
 /// INVALID_TOPIC for the broker's own topics (`%RETRY%<group>`, `%DLQ%<group>`, `%SYS%...`):
 /// clients neither create nor produce to them.
 pub fn check_not_reserved(topic: &str) -> Result<()> {
@@ -112,7 +138,29 @@ pub fn list(s: &Services) -> Response {
     )
 }
 
+/// The route of `topic`: for a cluster topic from the cluster's routes (every broker of the
+/// cluster answers it, whichever groups serve the topic), else this broker's shards.
 pub fn route(s: &Services, topic: &str) -> Result<Response> {
+    if let Some(view) = s.shard.cluster_routes() {
+        if let Some(placement) = view.placement(topic) {
+            let queues = (0..placement.queues)
+                .map(|queue| {
+                    let owner = view.owner(topic, queue).expect("a placed topic");
+                    let (shard, address) = owner.at.unwrap_or((0, ""));
+                    QueueRoute {
+                        queue,
+                        shard: shard as u32,
+                        address: address.to_string(),
+                        group: Some(owner.group.to_string()),
+                    }
+                })
+                .collect();
+            return Ok(Response::Route(RouteTable {
+                topic: topic.to_string(),
+                queues,
+            }));
+        }
+    }
     let queues = queue_count(s, topic)?;
     Ok(Response::Route(RouteTable {
         topic: topic.to_string(),
@@ -123,6 +171,7 @@ pub fn route(s: &Services, topic: &str) -> Result<Response> {
                     queue,
                     shard: shard as u32,
                     address: s.shard.addresses[shard].clone(),
+                    group: None,
                 }
             })
             .collect(),

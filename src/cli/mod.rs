@@ -63,12 +63,15 @@ pub enum AdminCommand {
     /// addr=<a> term=<t> lease=<id> lease_ttl=<left>/<granted>s in_sync=<n,..>` then `  member=<node> addr=<a>
     /// role=<r> epoch=<e> log_end=<n> following=<a> streaming=<bool> lag_bytes=<n>
     /// lag_ms=<n> updated_ms_ago=<n>` per member.
+    /// Then `topic=<t> queues=<n> groups=<g,..>` per cluster topic.
     Cluster {
         /// etcd client endpoints `HOST:PORT[,...]` (an `etcd=` prefix is accepted)
         #[arg(long)]
         etcd: String,
         #[arg(long, default_value = "ringmq")]
         cluster_name: String,
+        #[command(subcommand)]
+        command: Option<cluster::ClusterCommand>,
     },
     /// Offline (the broker must be stopped): open every shard of a data directory with
     /// `recovery = skip-corrupt`, quarantining each corrupt record before the durable
@@ -246,9 +249,17 @@ pub fn admin(broker: &str, command: AdminCommand) -> Result<(), String> {
         // Offline: works on the files, talks to no broker.
         return repair(data_dir, config.as_deref());
     }
-    if let AdminCommand::Cluster { etcd, cluster_name } = &command {
+    if let AdminCommand::Cluster {
+        etcd,
+        cluster_name,
+        command,
+    } = &command
+    {
         // From etcd: the brokers may be down.
-        return cluster::show(etcd, cluster_name);
+        return match command {
+            None => cluster::show(etcd, cluster_name),
+            Some(c) => cluster::run(etcd, cluster_name, c),
+        };
     }
     let admin = Admin::connect(broker).map_err(|e| e.to_string())?;
     let e = |e: ringmq::client::ClientError| e.to_string();

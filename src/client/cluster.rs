@@ -11,13 +11,19 @@
 //! of the list. Callers retry (with their own backoff), and the next [`Cluster::route`] asks
 //! the new bootstrap. With one address nothing changes: there is nothing else to try.
 //!
+//! A cluster topic (its route names a broker group per queue: a cluster on etcd) is routed by
+//! whichever broker is asked, and its queues are served by other brokers than the bootstrap.
+//! Once such a route was seen the same fail-over applies with a single address too: routes
+//! are dropped and asked for again (the bootstrap broker follows the cluster's masters), and
+//! a queue whose group has no master now fails as NOT_MASTER and its route is asked again.
+//!
 //! Every fail-over bumps a generation. A request remembers the generation it was sent at, and
 //! a failure reported for an older one is not acted on again: the many requests in flight on a
 //! dead connection all fail, and only the first may move the bootstrap (the others would move
 //! it on again, past the broker that just took over).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +31,7 @@ use bytes::Bytes;
 
 use crate::client::connection::Connection;
 use crate::client::ClientError;
-use crate::protocol::{Request, Response, RouteTable};
+use crate::protocol::{ErrorCode, RemoteError, Request, Response, RouteTable};
 
 /// The addresses of a broker address string: comma-separated, blanks around them ignored.
 /// Never empty (an empty string stays one empty address, so the connect error names it).
@@ -53,6 +59,9 @@ pub struct Cluster {
     request_timeout: Duration,
     routes: Mutex<HashMap<String, Arc<RouteTable>>>,
     connections: Mutex<HashMap<String, Arc<Connection>>>,
+    /// A route of a cluster topic was seen: its queues live on other brokers than the
+    /// bootstrap, so failing over (dropping routes) pays even with one address.
+    spans_groups: AtomicBool,
 }
 
 impl Cluster {
@@ -83,6 +92,7 @@ impl Cluster {
             request_timeout,
             routes: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            spans_groups: AtomicBool::new(false),
         }
     }
 
@@ -91,9 +101,10 @@ impl Cluster {
         &self.bootstraps
     }
 
-    /// Whether there is another broker to fail over to (the list has more than one address).
+    /// Whether there is another broker to fail over to: the list has more than one address,
+    /// or a cluster topic's route named other brokers.
     pub fn can_fail_over(&self) -> bool {
-        self.bootstraps.len() > 1
+        self.bootstraps.len() > 1 || self.spans_groups.load(Ordering::Acquire)
     }
 
     /// The broker routes are asked of now.
@@ -256,6 +267,9 @@ impl Cluster {
             (Response::Route(r), _) => Arc::new(r),
             (other, _) => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
+        if route.queues.iter().any(|q| q.group.is_some()) {
+            self.spans_groups.store(true, Ordering::Release);
+        }
         let current = self.current.lock().expect("bootstrap lock");
         // Not cached when a fail-over happened meanwhile: it may be the old master's.
         if current.1 == seen {
@@ -280,6 +294,17 @@ impl Cluster {
                     route.queues.len()
                 ))
             })?;
+        if owner.address.is_empty() {
+            // Asked again next time: the group may have elected a master meanwhile.
+            self.routes.lock().expect("routes lock").remove(topic);
+            return Err(ClientError::Remote(RemoteError {
+                code: ErrorCode::NotMaster,
+                message: format!(
+                    "queue {queue} of topic {topic}: its broker group {} has no master now",
+                    owner.group.as_deref().unwrap_or("?")
+                ),
+            }));
+        }
         Ok(owner.address.clone())
     }
 

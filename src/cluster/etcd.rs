@@ -394,12 +394,26 @@ impl Etcd {
     /// message per event batch; read them with [`KeyWatch::next`].
     pub fn watch(&self, key: &str) -> Result<KeyWatch, EtcdError> {
         let body = json!({ "create_request": { "key": encode(key.as_bytes()) } }).to_string();
+        self.open_watch(&body)
+    }
+
+    /// Like [`Etcd::watch`], on every key that starts with `prefix`.
+    pub fn watch_prefix(&self, prefix: &str) -> Result<KeyWatch, EtcdError> {
+        let body = json!({ "create_request": {
+            "key": encode(prefix.as_bytes()),
+            "range_end": encode(&prefix_end(prefix.as_bytes())),
+        } })
+        .to_string();
+        self.open_watch(&body)
+    }
+
+    fn open_watch(&self, body: &str) -> Result<KeyWatch, EtcdError> {
         let n = self.endpoints.len();
         let start = self.last.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
         for k in 0..n {
             let endpoint = &self.endpoints[(start + k) % n];
-            match self.send(endpoint, "/v3/watch", &body) {
+            match self.send(endpoint, "/v3/watch", body) {
                 Ok(stream) => {
                     return Ok(KeyWatch {
                         stream,

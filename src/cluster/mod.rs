@@ -11,11 +11,16 @@
 //! - [`etcd`]: a small blocking etcd v3 client over its JSON gateway (HTTP/1.1, no runtime):
 //!   leases, put/get, prefix reads, and the three transactions elections need.
 //! - [`records`]: the group's keys in etcd and their JSON values.
+//! - [`watcher`]: a watch on a key or prefix on a thread of its own.
+//! - [`routes`]: the cluster's routes (cluster topics, masters' shard addresses) followed
+//!   with a prefix watch and published to the broker's shards.
 //! - [`node`]: the control thread of one broker in a group: session lease, election,
 //!   following, stepping down, the in-sync set.
 
 pub mod etcd;
 pub mod node;
 pub mod records;
+pub mod routes;
+pub mod watcher;
 
 pub use node::{run_until_signalled, ClusterConfig, ClusterError};

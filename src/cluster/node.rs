@@ -37,13 +37,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::Admin;
-use crate::cluster::etcd::{Etcd, EtcdError, KeyValue, WatchNews};
-use crate::cluster::records::{unix_ms, GroupKeys, InSyncRecord, MasterRecord, MemberRecord};
+use crate::cluster::etcd::{Etcd, EtcdError, KeyValue};
+use crate::cluster::records::{
+    master_route_key, unix_ms, GroupKeys, InSyncRecord, MasterRecord, MasterRoute, MemberRecord,
+};
+use crate::cluster::routes::RouteFollower;
+use crate::cluster::watcher::Watcher;
 use crate::config::Config;
 use crate::protocol::{ReplicaStats, ShardStats};
 use crate::replication::lease::{Lease, LeaseState};
 use crate::replication::{ReplicationMode, Role};
-use crate::server::Broker;
+use crate::server::{Broker, GroupHooks};
 
 /// Of the lease TTL, how long after a renewal was sent a master may still ack.
 pub const ACK_WINDOW: f64 = 0.75;
@@ -265,109 +269,15 @@ impl Drop for Session {
     }
 }
 
-/// The watch on the group's master key, kept open by a thread of its own (`ringmq-bench
-/// etcd-load` runs the same one per simulated member).
-pub struct MasterWatch {
-    shared: Arc<WatchShared>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct WatchShared {
-    stop: AtomicBool,
-    /// A watch is open (etcd confirmed it).
-    live: AtomicBool,
-    /// The key changed (or the watch was just opened or lost) since the control thread last
-    /// looked.
-    changed: AtomicBool,
-}
-
-impl MasterWatch {
-    pub fn start(etcd: Arc<Etcd>, key: String) -> std::io::Result<MasterWatch> {
-        let shared = Arc::new(WatchShared::default());
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("ringmq-watch".into())
-                .spawn(move || watch_loop(&etcd, &key, &shared))?
-        };
-        Ok(MasterWatch {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn live(&self) -> bool {
-        self.shared.live.load(Ordering::Acquire)
-    }
-
-    /// Whether the key changed since the last call.
-    pub fn take_changed(&self) -> bool {
-        self.shared.changed.swap(false, Ordering::AcqRel)
-    }
-}
-
-impl Drop for MasterWatch {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The read rule behind a [`MasterWatch`]: read the master key when the watch saw a change (or
+/// The read rule behind a [`Watcher`]: read the master key when the watch saw a change (or
 /// just opened), when no watch is open, when no master holds the key, and otherwise once per
 /// [`WATCHED_READ_INTERVAL`] since `last_read`. Takes the watch's change flag.
-pub fn master_key_due(watch: &MasterWatch, masterless: bool, last_read: Option<Instant>) -> bool {
+pub fn master_key_due(watch: &Watcher, masterless: bool, last_read: Option<Instant>) -> bool {
     let changed = watch.take_changed();
     changed
         || !watch.live()
         || masterless
         || last_read.map_or(true, |t| t.elapsed() >= WATCHED_READ_INTERVAL)
-}
-
-/// Keeps a watch open on `key` until told to stop; reopens a lost one after a pause.
-fn watch_loop(etcd: &Etcd, key: &str, shared: &WatchShared) {
-    let stopped = || shared.stop.load(Ordering::Acquire);
-    let lost = |why: &str| {
-        if shared.live.swap(false, Ordering::AcqRel) {
-            log::info!("cluster: the watch on {key} is gone ({why}); reading it every tick");
-        }
-        // What happened while it was open and gone is read at the next tick.
-        shared.changed.store(true, Ordering::Release);
-        for _ in 0..10 {
-            if stopped() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    while !stopped() {
-        let mut watch = match etcd.watch(key) {
-            Ok(w) => w,
-            Err(e) => {
-                lost(&e.to_string());
-                continue;
-            }
-        };
-        while !stopped() {
-            match watch.next(Duration::from_millis(200)) {
-                Ok(Some(WatchNews::Created)) => {
-                    // A change between the last read and now is not in the watch: read once.
-                    shared.changed.store(true, Ordering::Release);
-                    shared.live.store(true, Ordering::Release);
-                }
-                Ok(Some(WatchNews::Changed)) => shared.changed.store(true, Ordering::Release),
-                Ok(Some(WatchNews::Progress)) | Ok(None) => {}
-                Err(e) => {
-                    lost(&e.to_string());
-                    break;
-                }
-            }
-        }
-    }
-    shared.live.store(false, Ordering::Release);
 }
 
 fn keep_alive_loop(etcd: &Etcd, id: u64, ttl: Duration, shared: &SessionShared) {
@@ -441,7 +351,7 @@ struct Node {
     rejoin_at: Option<Vec<u64>>,
     /// Our lease as master lapsed (said once, see [`Node::note_lapse`]).
     lapsed: bool,
-    watch: MasterWatch,
+    watch: Watcher,
     /// The in-sync set last written (its term and nodes) and when.
     in_sync_written: Option<(u64, Vec<String>, Instant)>,
     /// Our member record as last written, and when.
@@ -450,6 +360,12 @@ struct Node {
     /// error cut the last look short).
     last_read: Option<Instant>,
     read_again: bool,
+    /// The cluster's routes, followed in etcd and read by the broker's shards.
+    routes: RouteFollower,
+    /// As master: the term whose master route (our shard addresses) is in etcd, and the term
+    /// and routes version whose cluster topics our broker has.
+    route_written: Option<u64>,
+    topics_made: Option<(u64, u64)>,
 }
 
 impl Node {
@@ -483,7 +399,9 @@ impl Node {
             cluster.lease_ttl
         );
         let keys = GroupKeys::new(&cluster.cluster, &cluster.group);
-        let watch = MasterWatch::start(etcd.clone(), keys.master())
+        let watch = Watcher::start(etcd.clone(), keys.master())
+            .map_err(|e| ClusterError::Config(format!("cannot start the watch thread: {e}")))?;
+        let routes = RouteFollower::start(etcd.clone(), &cluster.cluster, &cluster.group)
             .map_err(|e| ClusterError::Config(format!("cannot start the watch thread: {e}")))?;
         Ok(Node {
             keys,
@@ -506,6 +424,9 @@ impl Node {
             member_written: None,
             last_read: None,
             read_again: false,
+            routes,
+            route_written: None,
+            topics_made: None,
         })
     }
 
@@ -538,6 +459,8 @@ impl Node {
                 self.publish();
                 self.last_publish = Some(Instant::now());
             }
+            self.routes.tick(&self.etcd);
+            self.serve_routes();
             std::thread::sleep(TICK);
         }
         Ok(())
@@ -757,7 +680,11 @@ impl Node {
         config.replication.force_master = true;
         config.replication.followers_from_any_host = true;
         let stop = Arc::new(AtomicBool::new(false));
-        let broker = Broker::start_with_lease(config, stop.clone(), Some(self.lease.clone()))
+        let hooks = GroupHooks {
+            lease: self.lease.clone(),
+            routes: self.routes.routes(),
+        };
+        let broker = Broker::start_in_group(config, stop.clone(), Some(hooks))
             .map_err(|e| ClusterError::Broker(e.to_string()))?;
         for (i, a) in broker.addresses().iter().enumerate() {
             eprintln!("shard {i} listening on {a}");
@@ -776,6 +703,102 @@ impl Node {
         });
         self.admin = None;
         self.publish();
+        Ok(())
+    }
+
+    /// As master, serving: first makes sure our broker has every cluster topic our group
+    /// serves (a new master of an old group has them from its log; a topic created in etcd
+    /// since is created here), then says in etcd where we serve (once per term, guarded by
+    /// our election key and bound to our lease, so it goes when we do). In that order: a
+    /// client routed here finds the topic.
+    fn serve_routes(&mut self) {
+        let Some(term) = self.term else {
+            return;
+        };
+        if self.running.as_ref().map(|r| r.role) != Some(Role::Master) {
+            return;
+        }
+        let (version, view) = self.routes.routes().current();
+        if self.topics_made != Some((term, version)) {
+            let wanted: Vec<(String, u32)> = view
+                .topics
+                .iter()
+                .filter(|(_, p)| p.groups.contains(&self.cluster.group))
+                .map(|(t, p)| (t.clone(), p.queues))
+                .collect();
+            match self.make_topics(&wanted) {
+                Ok(()) => self.topics_made = Some((term, version)),
+                Err(e) => {
+                    log::warn!("cluster: creating the group's cluster topics: {e}; trying again");
+                    self.admin = None;
+                    return;
+                }
+            }
+        }
+        if self.route_written == Some(term) {
+            return;
+        }
+        let Some(running) = self.running.as_ref() else {
+            return;
+        };
+        let host = self.base.server.advertised_host().to_string();
+        let record = MasterRoute {
+            node: self.cluster.node.clone(),
+            shards: running
+                .broker
+                .addresses()
+                .iter()
+                .map(|a| format!("{host}:{}", a.port()))
+                .collect(),
+            term,
+        };
+        let value = serde_json::to_vec(&record).expect("a record serializes");
+        let key = master_route_key(&self.cluster.cluster, &self.cluster.group);
+        match self.etcd.put_if_guard(
+            &self.keys.master(),
+            term,
+            &key,
+            &value,
+            Some(self.session.id),
+        ) {
+            Ok(true) => {
+                log::info!(
+                    "cluster: routes say group {} is served at {:?}",
+                    self.cluster.group,
+                    record.shards
+                );
+                self.route_written = Some(term);
+            }
+            // Our election key is gone: the next look at it steps down.
+            Ok(false) => {
+                log::debug!("cluster: not writing our master route: the election key moved")
+            }
+            Err(e) => log::debug!("cluster: writing our master route: {e}; trying again"),
+        }
+    }
+
+    /// Creates each of `wanted` (name, queues) our broker lacks.
+    fn make_topics(&mut self, wanted: &[(String, u32)]) -> Result<(), String> {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let admin = self.admin()?;
+        let have = admin.list_topics().map_err(|e| e.to_string())?;
+        for (name, queues) in wanted {
+            match have.iter().find(|t| &t.name == name) {
+                Some(t) if t.queues != *queues => log::warn!(
+                    "cluster: topic {name} has {} queue(s) here, {queues} in etcd; routing by etcd",
+                    t.queues
+                ),
+                Some(_) => {}
+                None => {
+                    admin
+                        .create_topic(name, *queues)
+                        .map_err(|e| format!("topic {name}: {e}"))?;
+                    log::info!("cluster: created cluster topic {name} ({queues} queue(s))");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -10,6 +10,14 @@
 //! - `in_sync`: [`InSyncRecord`], written by the master only while it holds `master` (a
 //!   guarded put): the members caught up with it. It outlives the master's lease, so after
 //!   the master is gone its slaves know which of them may take over.
+//!
+//! And the cluster's routes, under `/ringmq/<cluster>/routes/` (one prefix, so a broker
+//! watches them all with one watch, and a member record's rewrite is no news to it):
+//!
+//! - `topics/<topic>`: a cluster topic's [`TopicRecord`], queue count and the groups its
+//!   queues go to, written once by `ringmq admin cluster topic-create` (create if absent).
+//! - `masters/<group>`: [`MasterRoute`], every shard address of the group's master, written
+//!   by the master under its lease (guarded by its election key) once it serves.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +49,43 @@ impl GroupKeys {
     pub fn member(&self, node: &str) -> String {
         format!("{}{node}", self.members())
     }
+}
+
+/// Where the routes of `cluster` live: cluster topics and masters' shard addresses.
+pub fn routes_prefix(cluster: &str) -> String {
+    format!("/ringmq/{cluster}/routes/")
+}
+
+pub fn topics_prefix(cluster: &str) -> String {
+    format!("{}topics/", routes_prefix(cluster))
+}
+
+pub fn topic_key(cluster: &str, topic: &str) -> String {
+    format!("{}{topic}", topics_prefix(cluster))
+}
+
+pub fn master_routes_prefix(cluster: &str) -> String {
+    format!("{}masters/", routes_prefix(cluster))
+}
+
+pub fn master_route_key(cluster: &str, group: &str) -> String {
+    format!("{}{group}", master_routes_prefix(cluster))
+}
+
+/// A cluster topic: queue `q` is served by group `groups[q % groups.len()]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub queues: u32,
+    pub groups: Vec<String>,
+}
+
+/// Where a group's master serves: every shard's `host:port`, shard 0 first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterRoute {
+    pub node: String,
+    pub shards: Vec<String>,
+    /// The master's term (its election key's create revision).
+    pub term: u64,
 }
 
 /// Where every group of `cluster` lives.

@@ -27,6 +27,7 @@ use crate::replication::lease::Lease;
 use crate::replication::state::Replication;
 use crate::replication::Role;
 use crate::server::metrics_http::{MetricsServer, MetricsSlots};
+use crate::shard::cluster_routes::ClusterRoutes;
 use crate::shard::context::ShardContext;
 use crate::shard::mesh::{Mesh, MeshMsg, MESH_CHANNEL_CAPACITY};
 use crate::shard::preflight::{self, PreflightError};
@@ -71,6 +72,14 @@ pub struct Broker {
     metrics: Option<MetricsServer>,
 }
 
+/// What a member of a broker group on etcd shares with its control thread.
+pub struct GroupHooks {
+    /// The lease a master acks under.
+    pub lease: Arc<Lease>,
+    /// The cluster's routes, kept up to date by the control thread.
+    pub routes: Arc<ClusterRoutes>,
+}
+
 impl Broker {
     /// Starts a broker and returns once every shard serves.
     pub fn start(config: Config) -> Result<Broker, BrokerError> {
@@ -82,16 +91,21 @@ impl Broker {
         config: Config,
         shutdown: Arc<AtomicBool>,
     ) -> Result<Broker, BrokerError> {
-        Self::start_with_lease(config, shutdown, None)
+        Self::start_in_group(config, shutdown, None)
     }
 
     /// Like [`Broker::start_with_shutdown`], for a member of a broker group on etcd: as a
-    /// master it acks only while `lease` holds (see `replication/lease.rs`).
-    pub fn start_with_lease(
+    /// master it acks only while the group's lease holds (see `replication/lease.rs`), and
+    /// it routes cluster topics as the group's routes say.
+    pub fn start_in_group(
         mut config: Config,
         shutdown: Arc<AtomicBool>,
-        lease: Option<Arc<Lease>>,
+        group: Option<GroupHooks>,
     ) -> Result<Broker, BrokerError> {
+        let (lease, routes) = match group {
+            Some(g) => (Some(g.lease), Some(g.routes)),
+            None => (None, None),
+        };
         config.validate()?;
         let available: Vec<usize> = core_affinity::get_core_ids()
             .ok_or_else(|| BrokerError::Cores("cannot list the cores of this process".into()))?
@@ -183,6 +197,7 @@ impl Broker {
                 start_fenced,
                 metrics: metrics_slots.clone(),
                 lease: lease.clone(),
+                routes: routes.clone(),
             };
             let mut builder =
                 LocalExecutorBuilder::new(Placement::Fixed(*core)).name(&format!("shard-{shard}"));
@@ -412,6 +427,8 @@ struct ShardArgs {
     metrics: Option<Arc<MetricsSlots>>,
     /// In a broker group on etcd: the lease a master acks under.
     lease: Option<Arc<Lease>>,
+    /// In a broker group on etcd: the cluster's routes.
+    routes: Option<Arc<ClusterRoutes>>,
 }
 
 async fn run_shard(args: ShardArgs) -> Result<(), String> {
@@ -444,16 +461,19 @@ async fn run_shard(args: ShardArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
-    let ctx = Rc::new(ShardContext::new(
-        shard,
-        args.shards,
-        args.config.clone(),
-        store,
-        Mesh::new(shard, senders),
-        args.addresses,
-        args.shutdown,
-        args.topics,
-    ));
+    let ctx = Rc::new(
+        ShardContext::new(
+            shard,
+            args.shards,
+            args.config.clone(),
+            store,
+            Mesh::new(shard, senders),
+            args.addresses,
+            args.shutdown,
+            args.topics,
+        )
+        .with_cluster_routes(args.routes),
+    );
     let repl = Rc::new(Replication::new(ctx.clone()));
     repl.load_epochs(epochs);
     repl.set_lease(args.lease.clone());

@@ -21,4 +21,4 @@ pub mod handlers;
 pub mod listener;
 pub mod metrics_http;
 
-pub use executor::{run_until_signalled, Broker, BrokerError};
+pub use executor::{run_until_signalled, Broker, BrokerError, GroupHooks};

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
+use crate::shard::cluster_routes::{ClusterRoutes, RouteCache, RouteView};
 use crate::shard::mesh::Mesh;
 use crate::shard::router::shard_of;
 use crate::shard::topics::{TopicMeta, TopicTable};
@@ -40,6 +41,8 @@ pub struct ShardContext {
     /// This shard's request counters (per topic, by status, refusals); published by
     /// `server::metrics_http`.
     pub metrics: ShardMetrics,
+    /// In a cluster on etcd: the routes of its cluster topics (`None` for a broker alone).
+    routes: Option<RouteCache>,
 }
 
 /// How often a shard looks at the shutdown flag. Shutdown is rare; 20 ms keeps it snappy
@@ -71,7 +74,19 @@ impl ShardContext {
             next_queue: Cell::new(shard as u32),
             connections: Cell::new(0),
             metrics: ShardMetrics::default(),
+            routes: None,
         }
+    }
+
+    /// A broker of a cluster on etcd: reads its cluster topics' routes from `routes`.
+    pub fn with_cluster_routes(mut self, routes: Option<Arc<ClusterRoutes>>) -> ShardContext {
+        self.routes = routes.map(RouteCache::new);
+        self
+    }
+
+    /// The cluster's routes as last published; `None` for a broker alone.
+    pub fn cluster_routes(&self) -> Option<Arc<RouteView>> {
+        self.routes.as_ref().map(RouteCache::view)
     }
 
     /// The shard's store (a cheap handle).
@@ -111,18 +126,26 @@ impl ShardContext {
     }
 
     /// A queue of `topic` owned by this shard, rotating, so a producer that lets the broker
-    /// choose never pays a cross-core hop. Falls back to any queue when this shard owns none.
+    /// choose never pays a cross-core hop. Falls back to any queue (of a cluster topic: of this
+    /// broker's group) when this shard owns none.
     pub fn pick_local_queue(&self, topic: &str, queues: u32) -> u32 {
         let start = self.next_queue.get();
         self.next_queue.set(start.wrapping_add(1));
+        // A cluster topic: only the queues of this broker's group.
+        let view = self.cluster_routes();
+        let ours = |q: u32| view.as_ref().map_or(true, |v| v.served_here(topic, q));
         for i in 0..queues {
             let q = start.wrapping_add(i) % queues;
-            if self.owner_of(topic, q) == self.shard {
+            if self.owner_of(topic, q) == self.shard && ours(q) {
                 self.next_queue.set(q.wrapping_add(1));
                 return q;
             }
         }
-        start % queues
+        // No queue on this shard: one of the group's (the produce is forwarded to its shard).
+        (0..queues)
+            .map(|i| start.wrapping_add(i) % queues)
+            .find(|&q| ours(q))
+            .unwrap_or(start % queues)
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -3714,6 +3714,7 @@ impl<'a> QueueRoute<'a> {
   pub const VT_QUEUE: ::flatbuffers::VOffsetT = 4;
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
   pub const VT_ADDRESS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3725,6 +3726,7 @@ impl<'a> QueueRoute<'a> {
     args: &'args QueueRouteArgs<'args>
   ) -> ::flatbuffers::WIPOffset<QueueRoute<'bldr>> {
     let mut builder = QueueRouteBuilder::new(_fbb);
+    if let Some(x) = args.group { builder.add_group(x); }
     if let Some(x) = args.address { builder.add_address(x); }
     builder.add_shard(args.shard);
     builder.add_queue(args.queue);
@@ -3746,13 +3748,23 @@ impl<'a> QueueRoute<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(QueueRoute::VT_SHARD, Some(0)).unwrap()}
   }
-  /// host:port of the listener of the shard that owns the queue.
+  /// host:port of the listener of the shard that owns the queue. Empty for a queue of a
+  /// cluster topic whose broker group has no master now (ask again).
   #[inline]
   pub fn address(&self) -> &'a str {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueRoute::VT_ADDRESS, None).unwrap()}
+  }
+  /// A topic spread over the broker groups of a cluster on etcd: the group that serves the
+  /// queue. Absent for a topic of this broker alone.
+  #[inline]
+  pub fn group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueRoute::VT_GROUP, None)}
   }
 }
 
@@ -3765,6 +3777,7 @@ impl ::flatbuffers::Verifiable for QueueRoute<'_> {
      .visit_field::<u32>("queue", Self::VT_QUEUE, false)?
      .visit_field::<u32>("shard", Self::VT_SHARD, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("address", Self::VT_ADDRESS, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
      .finish();
     Ok(())
   }
@@ -3773,6 +3786,7 @@ pub struct QueueRouteArgs<'a> {
     pub queue: u32,
     pub shard: u32,
     pub address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for QueueRouteArgs<'a> {
   #[inline]
@@ -3781,6 +3795,7 @@ impl<'a> Default for QueueRouteArgs<'a> {
       queue: 0,
       shard: 0,
       address: None, // required field
+      group: None,
     }
   }
 }
@@ -3801,6 +3816,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueRouteBuilder<'a, 'b, A> 
   #[inline]
   pub fn add_address(&mut self, address: ::flatbuffers::WIPOffset<&'b  str>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueRoute::VT_ADDRESS, address);
+  }
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueRoute::VT_GROUP, group);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueRouteBuilder<'a, 'b, A> {
@@ -3824,6 +3843,7 @@ impl ::core::fmt::Debug for QueueRoute<'_> {
       ds.field("queue", &self.queue());
       ds.field("shard", &self.shard());
       ds.field("address", &self.address());
+      ds.field("group", &self.group());
       ds.finish()
   }
 }

@@ -18,8 +18,12 @@ pub struct TopicInfo {
 pub struct QueueRoute {
     pub queue: u32,
     pub shard: u32,
-    /// `host:port` of the owning shard's listener.
+    /// `host:port` of the owning shard's listener; empty for a queue of a cluster topic whose
+    /// broker group has no master now.
     pub address: String,
+    /// A topic spread over the broker groups of a cluster on etcd: the group that serves the
+    /// queue (`None` for a topic of one broker).
+    pub group: Option<String>,
 }
 
 /// The route table of a topic.
@@ -120,10 +124,12 @@ impl<'a> fb::RouteResponse<'a> {
             .iter()
             .map(|q| {
                 let address = fbb.create_string(&q.address);
+                let group = q.group.as_deref().map(|g| fbb.create_string(g));
                 let args = fb::QueueRouteArgs {
                     queue: q.queue,
                     shard: q.shard,
                     address: Some(address),
+                    group,
                 };
                 fb::QueueRoute::create(fbb, &args)
             })
@@ -146,6 +152,7 @@ impl<'a> fb::RouteResponse<'a> {
                     queue: q.queue(),
                     shard: q.shard(),
                     address: q.address().to_owned(),
+                    group: q.group().map(str::to_owned),
                 })
                 .collect(),
         })
