@@ -3,7 +3,7 @@
 //! too), each group's master serves only its own queues and refuses the others' with
 //! NOT_MASTER naming their group, and a producer given a single broker follows a failover of
 //! the other group by itself, every acked message stored once in the group that serves its
-//! queue.
+//! queue. Consumer groups on such a topic are refused (not built yet).
 
 mod common;
 
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::etcd::EtcdCluster;
 use common::process::BrokerProcess;
-use ringmq::client::{Admin, Consumer, Producer, ProducerConfig, QueueSelector};
+use ringmq::client::{
+    Admin, Consumer, GroupConfig, GroupConsumer, Producer, ProducerConfig, QueueSelector,
+};
 use ringmq::cluster::etcd::Etcd;
 use ringmq::format::batch::{BatchBuilder, Message};
 use ringmq::protocol::{ErrorCode, ProduceRequest, Request};
@@ -194,6 +196,15 @@ fn a_cluster_topic_is_served_by_each_groups_master_and_its_producer_follows_a_fa
     assert_eq!(refused.code(), Some(ErrorCode::NotMaster), "{refused}");
     assert!(refused.to_string().contains("group g2"), "{refused}");
     produce_at(&addr(2), 1).expect("g2's master takes its own queue");
+    // Consumer groups are coordinated per broker: refused on a topic that spans groups.
+    let refused = GroupConsumer::join(&addr(0), GroupConfig::new("cg", &[TOPIC]))
+        .err()
+        .expect("a consumer group joined a topic of two groups");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::InvalidArgument),
+        "{refused}"
+    );
 
     // A pipelined producer given one broker only (a slave of g1): its routes come from it.
     let mut config = ProducerConfig::new(addr(1));

@@ -36,6 +36,7 @@ pub async fn produce(s: &Services, p: ProduceRequest, body: Bytes) -> Result<Res
         ));
     }
     if let Some(txn) = p.transaction {
+        topics::check_one_group(s, &p.topic, "transactions")?;
         if p.delay.is_some() {
             return Err(ServiceError::new(
                 ErrorCode::InvalidArgument,

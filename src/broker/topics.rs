@@ -59,6 +59,25 @@ pub fn check_served_here(s: &Services, topic: &str, queue: u32) -> Result<()> {
     ))
 }
 
+/// INVALID_ARGUMENT for a cluster topic whose queues other broker groups serve too: `what`
+/// (consumer groups, transactions) is coordinated on one broker and cannot span groups yet.
+pub fn check_one_group(s: &Services, topic: &str, what: &str) -> Result<()> {
+    let Some(view) = s.shard.cluster_routes() else {
+        return Ok(());
+    };
+    match view.placement(topic) {
+        Some(p) if p.groups.iter().any(|g| *g != view.group) => Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{what} on cluster topic {topic:?}, spread over broker groups {}, are not \
+                 built yet (their coordinators are per broker); use a topic of one group",
+                p.groups.join(",")
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// INVALID_TOPIC for the broker's own topics (`%RETRY%<group>`, `%DLQ%<group>`, `%SYS%...`):
 /// clients neither create nor produce to them.
 pub fn check_not_reserved(topic: &str) -> Result<()> {

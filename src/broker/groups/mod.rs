@@ -530,6 +530,7 @@ pub async fn join(s: &Services, j: JoinGroupRequest) -> Result<Response> {
             ));
         }
         topics::queue_count(s, t)?;
+        topics::check_one_group(s, t, "consumer groups")?;
     }
     let timeout_ms = setting(
         "session_timeout_ms",
