@@ -9,7 +9,10 @@
 //! Then g3's master has its cable pulled (cut off from etcd, its slave and the clients): it
 //! stops acking, its slave takes over, and once plugged in again it rejoins as a slave. In
 //! every group no ack of an older master comes after one of a newer, and every acked message
-//! is on the group's master once (and on its slave, which has the same queues).
+//! is on the group's master once (and on its slave, which has the same queues). A cluster
+//! topic spread over the three groups has a producer of its own through all of it, given
+//! every broker: each of its acks is once on the master of the group that serves its queue,
+//! and no other group stored any of that queue.
 
 mod common;
 
@@ -34,6 +37,9 @@ const GROUPS: [&str; 3] = ["g1", "g2", "g3"];
 const CLIENT_HOST: usize = 0;
 const HOSTS: usize = 1 + 2 * GROUPS.len();
 const QUEUES: u32 = 2;
+/// The cluster topic: its queues spread over the three groups (queue q to GROUPS[q % 3]).
+const SPREAD_TOPIC: &str = "spread";
+const SPREAD_QUEUES: u32 = 6;
 const LEASE_TTL_SECS: &str = "2";
 /// Generous bounds for a 2-core machine running 6 brokers and 3 etcd members.
 const ELECTION_WITHIN: Duration = Duration::from_secs(20);
@@ -171,12 +177,12 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// Every message of `topic` at `addr` (read from `ns`): how many times each number is there.
-fn stored(ns: &str, addr: &str, topic: &str) -> Result<HashMap<u64, usize>, String> {
+fn stored(ns: &str, addr: &str, topic: &str, queues: u32) -> Result<HashMap<u64, usize>, String> {
     let (addr, topic) = (addr.to_string(), topic.to_string());
     in_ns(ns, move || {
         let consumer = Consumer::connect(&addr).map_err(|e| format!("consumer of {addr}: {e}"))?;
         let mut out = HashMap::new();
-        for (q, offset, payload) in common::read_all(&consumer, &topic, QUEUES) {
+        for (q, offset, payload) in common::read_all(&consumer, &topic, queues) {
             let n: u64 = String::from_utf8_lossy(&payload)
                 .parse()
                 .map_err(|e| format!("{topic} queue {q} offset {offset} on {addr}: {e}"))?;
@@ -186,18 +192,24 @@ fn stored(ns: &str, addr: &str, topic: &str) -> Result<HashMap<u64, usize>, Stri
     })
 }
 
-/// A pipelined producer from host 0, given the group's two brokers (so it follows a failover
-/// by itself), sending numbers 1, 2, ... until `stop`; every ack into the group's, every
-/// failure into `failures`. It flushes before it ends.
+/// A pipelined producer from host 0 to the `queues` of `topic`, given `brokers` (a group's
+/// two, so it follows a failover by itself; or every broker, for the cluster topic), sending
+/// numbers 1, 2, ... (to queue n % queues) until `stop`; every ack into `acks`, every failure
+/// into `failures`. It flushes before it ends.
+#[allow(clippy::too_many_arguments)]
 fn producer(
     net: &Hosts,
-    group: &Group,
+    name: &'static str,
+    topic: &str,
+    queues: u32,
+    brokers: String,
+    acks: &Acks,
     stop: &Arc<AtomicBool>,
     failures: &Arc<Mutex<Vec<String>>>,
 ) -> JoinHandle<()> {
     let ns = net.ns(CLIENT_HOST).to_string();
-    let (stop, acks, failures) = (stop.clone(), group.acks.clone(), failures.clone());
-    let (name, topic, brokers) = (group.name, group.topic.clone(), group.brokers());
+    let (stop, acks, failures) = (stop.clone(), acks.clone(), failures.clone());
+    let topic = topic.to_string();
     std::thread::spawn(move || {
         in_ns(&ns, move || {
             let mut config = ProducerConfig::new(brokers);
@@ -220,7 +232,7 @@ fn producer(
                 let (acks, failed) = (acks.clone(), failures.clone());
                 let sent = producer.send_async(
                     &topic,
-                    QueueSelector::Queue((n % u64::from(QUEUES)) as u32),
+                    QueueSelector::Queue((n % u64::from(queues)) as u32),
                     &Message::new(n.to_string().into_bytes()),
                     move |r| match r {
                         Ok(r) => acks.lock().unwrap().push(Ack {
@@ -404,6 +416,33 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
             || kv.in_sync(group.name).contains("\"b\""),
         );
     }
+    // The cluster topic, created through etcd from host 0: each group's master creates it.
+    let (bin, endpoints) = (env!("CARGO_BIN_EXE_ringmq"), etcd_list.clone());
+    let out = in_ns(&client_ns, move || {
+        std::process::Command::new(bin)
+            .args([
+                "admin",
+                "cluster",
+                "--etcd",
+                &endpoints,
+                "topic-create",
+                SPREAD_TOPIC,
+            ])
+            .args([
+                "--queues",
+                &SPREAD_QUEUES.to_string(),
+                "--groups",
+                &GROUPS.join(","),
+            ])
+            .output()
+    })
+    .expect("ringmq admin cluster topic-create runs");
+    assert!(
+        out.status.success(),
+        "topic-create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let g3_term = kv.master("g3").expect("g3 has a master key");
     assert_eq!(g3_term.0, "a", "g3's master key");
     eprintln!("three groups ready after {:?}", t0.elapsed());
@@ -414,8 +453,27 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
     let mut producers: Vec<Option<JoinHandle<()>>> = groups
         .iter()
         .zip(&stops)
-        .map(|(g, stop)| Some(producer(&net, g, stop, &failures)))
+        .map(|(g, stop)| {
+            let brokers = g.brokers();
+            Some(producer(
+                &net, g.name, &g.topic, QUEUES, brokers, &g.acks, stop, &failures,
+            ))
+        })
         .collect();
+    // And one to the cluster topic, given every broker: its queues go to all three groups.
+    let every_broker: Vec<String> = groups.iter().map(|g| g.brokers()).collect();
+    let spread_acks: Acks = Arc::default();
+    let spread_stop: Arc<AtomicBool> = Arc::default();
+    let spread_producer = producer(
+        &net,
+        "spread",
+        SPREAD_TOPIC,
+        SPREAD_QUEUES,
+        every_broker.join(","),
+        &spread_acks,
+        &spread_stop,
+        &failures,
+    );
     wait_until("200 acks in every group", ELECTION_WITHIN, || {
         groups.iter().all(|g| g.acks().len() >= 200)
     });
@@ -600,6 +658,10 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
             p.join().expect("a producer ends without a panic");
         }
     }
+    spread_stop.store(true, Ordering::Release);
+    spread_producer
+        .join()
+        .expect("the cluster topic's producer ends without a panic");
     let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "sends failed: {failures:?}");
     for group in &groups {
@@ -623,7 +685,8 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
             .filter(|t| t.starts_with("orders-"))
             .collect();
         assert_eq!(ours, [group.topic.as_str()], "{}'s topics", group.name);
-        let on_master = stored(&client_ns, master, &group.topic).unwrap_or_else(|e| panic!("{e}"));
+        let on_master =
+            stored(&client_ns, master, &group.topic, QUEUES).unwrap_or_else(|e| panic!("{e}"));
         for x in &acks {
             assert_eq!(
                 on_master.get(&x.n),
@@ -634,7 +697,8 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
                 x.epoch
             );
         }
-        let on_slave = stored(&client_ns, slave, &group.topic).unwrap_or_else(|e| panic!("{e}"));
+        let on_slave =
+            stored(&client_ns, slave, &group.topic, QUEUES).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             on_slave == on_master,
             "{}: the slave {slave} holds {} messages, the master {master} {}",
@@ -649,6 +713,43 @@ fn three_groups_on_seven_hosts_fail_over_on_kills_and_on_a_partition_without_two
             on_master.len()
         );
     }
+    // The cluster topic: each queue on the master of the group that serves it, nowhere else,
+    // and every ack there once (read through any broker: the routes lead to each master).
+    let spread = spread_acks.lock().unwrap().clone();
+    let on_masters = stored(&client_ns, &groups[0].a.addr, SPREAD_TOPIC, SPREAD_QUEUES)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for x in &spread {
+        assert_eq!(
+            on_masters.get(&x.n),
+            Some(&1),
+            "cluster topic: acked message {} (epoch {})",
+            x.n,
+            x.epoch
+        );
+    }
+    for (g, group) in groups.iter().enumerate() {
+        let addr = group.b.addr.clone();
+        let ends = in_ns(&client_ns, move || {
+            Admin::connect(&addr).and_then(|a| a.queue_stats(SPREAD_TOPIC))
+        })
+        .unwrap_or_else(|e| panic!("{}'s queue stats: {e}", group.name));
+        for s in ends {
+            let served = s.queue as usize % GROUPS.len() == g;
+            assert!(
+                served || s.end_offset == 0,
+                "{} stored {} message(s) in queue {} of the cluster topic, served by {}",
+                group.name,
+                s.end_offset,
+                s.queue,
+                GROUPS[s.queue as usize % GROUPS.len()]
+            );
+        }
+    }
+    eprintln!(
+        "cluster topic: {} acks over {SPREAD_QUEUES} queues of three groups, all once on the \
+         masters that serve them",
+        spread.len()
+    );
     eprintln!(
         "failover after SIGKILL: g1 {:?}, g2 {:?}; after the partition: g3 {partition_took:?}; \
          drill took {:?}",

@@ -508,6 +508,9 @@ fn consumer_group_series_show_members_the_schedule_and_dead_letters() {
     patient.nack(&m[0], 18, "later").unwrap();
     let m = take(&fragile);
     fragile.nack(&m[0], 0, "never").unwrap();
+    // Every condition in the wait: each shard's series are as of its last snapshot (up to
+    // 0.5 s old), and the coordinator's shard may be another than the schedule's: a scrape
+    // that already showed the retry once showed the coordinator from before the join.
     let text = scrape_until(metrics, |s| {
         sum_of(
             s,
@@ -515,6 +518,7 @@ fn consumer_group_series_show_members_the_schedule_and_dead_letters() {
             &["topic=\"%DLQ%fragile\""],
         ) == 1.0
             && sum_of(s, "ringmq_scheduled_messages", &["level=\"18\""]) == 1.0
+            && sum_of(s, "ringmq_consumer_group_members", &["group=\"patient\""]) == 1.0
     });
     let s = samples(&text);
     assert_eq!(
