@@ -281,6 +281,24 @@ impl Cluster {
         Ok(route)
     }
 
+    /// Whether a route of a cluster topic (spread over broker groups) was seen.
+    pub fn spans_groups(&self) -> bool {
+        self.spans_groups.load(Ordering::Acquire)
+    }
+
+    /// The broker group that serves `queue` of `topic`, as the cached route says (`None` for
+    /// a topic of one broker, or when no route is cached now).
+    pub fn group_of(&self, topic: &str, queue: u32) -> Option<String> {
+        let routes = self.routes.lock().expect("routes lock");
+        routes
+            .get(topic)?
+            .queues
+            .iter()
+            .find(|r| r.queue == queue)?
+            .group
+            .clone()
+    }
+
     /// The address of the shard that owns `queue` of `topic`.
     pub fn owner_address(&self, topic: &str, queue: u32) -> Result<String, ClientError> {
         let route = self.route(topic)?;

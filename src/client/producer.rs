@@ -190,9 +190,10 @@ struct Inner {
     /// their messages were given.
     fill_order: Mutex<()>,
     next_slot_id: AtomicU64,
-    /// The newest master epoch seen in an ack, sent with every produce: a master older than
-    /// it learns from us that it may have been superseded.
-    known_epoch: AtomicU64,
+    /// The newest master epoch seen in an ack (per broker group for a cluster topic), sent
+    /// with every produce: a master older than it learns from us that it may have been
+    /// superseded.
+    known_epoch: KnownEpochs,
     /// The spool, if configured; then `producer_id` is the spool's and every lane starts at
     /// `base_epoch`, the epoch this run took from it.
     spool: Option<Arc<Spool>>,
@@ -309,7 +310,7 @@ impl Producer {
             stopping: AtomicBool::new(false),
             fill_order: Mutex::new(()),
             next_slot_id: AtomicU64::new(1),
-            known_epoch: AtomicU64::new(0),
+            known_epoch: KnownEpochs::default(),
             spool,
             base_epoch,
             drain_lock: Mutex::new(()),
@@ -725,7 +726,7 @@ impl Inner {
                 .request_timeout
                 .as_millis()
                 .min(u32::MAX as u128) as u32,
-            known_epoch: self.known_epoch.load(Ordering::Relaxed),
+            known_epoch: self.known_epoch.get(&self.cluster, topic, queue),
             delay: None,
             transaction: None,
         })
@@ -932,7 +933,8 @@ impl Inner {
         outcome: Result<ProduceAck, ClientError>,
     ) {
         if let Ok(ack) = &outcome {
-            self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
+            self.known_epoch
+                .note(&self.cluster, &lane.topic, lane.queue, ack.epoch);
         }
         let mut finished: Vec<(BatchCallback, Result<ProduceAck, ClientError>, Assigned)> =
             Vec::new();
@@ -1327,7 +1329,8 @@ impl Inner {
                 }
                 match self.after_attempt(&peer, seen, outcome) {
                     Ok(ack) => {
-                        self.known_epoch.fetch_max(ack.epoch, Ordering::Relaxed);
+                        self.known_epoch
+                            .note(&self.cluster, topic, queue, ack.epoch);
                         acked.push(id);
                         report.acked_entries += 1;
                         report.acked_messages += u64::from(count);
@@ -1549,4 +1552,37 @@ pub(crate) fn random_u64() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
+}
+
+/// The newest master epoch a producer saw acked. Epochs of different broker groups are not
+/// comparable (each group's terms come from the one etcd revision counter, so another group's
+/// newer election says nothing about this one's master): for a cluster topic they are kept
+/// per group, and a queue whose group is not known now reports none (0, which fences no one).
+#[derive(Default)]
+struct KnownEpochs {
+    /// Every ack while no cluster route was seen: one master (or a master and its slave).
+    alone: AtomicU64,
+    by_group: Mutex<HashMap<String, u64>>,
+}
+
+impl KnownEpochs {
+    fn note(&self, cluster: &Cluster, topic: &str, queue: u32, epoch: u64) {
+        if !cluster.spans_groups() {
+            self.alone.fetch_max(epoch, Ordering::Relaxed);
+        } else if let Some(group) = cluster.group_of(topic, queue) {
+            let mut by_group = self.by_group.lock().expect("epochs lock");
+            let known = by_group.entry(group).or_default();
+            *known = (*known).max(epoch);
+        }
+    }
+
+    fn get(&self, cluster: &Cluster, topic: &str, queue: u32) -> u64 {
+        if !cluster.spans_groups() {
+            return self.alone.load(Ordering::Relaxed);
+        }
+        cluster.group_of(topic, queue).map_or(0, |g| {
+            let by_group = self.by_group.lock().expect("epochs lock");
+            by_group.get(&g).copied().unwrap_or(0)
+        })
+    }
 }
