@@ -329,11 +329,12 @@ fn a_killed_master_is_replaced_by_its_in_sync_slave_and_nothing_acked_is_lost() 
     wait_until("a to rejoin as a slave", Duration::from_secs(20), || {
         role(&addr_a).as_deref() == Some("slave")
     });
-    assert!(
-        a.log().contains(&format!("as Slave of {addr_b}")),
-        "{}",
-        a.log()
-    );
+    // Its broker answers as a slave before the control thread's line about it is printed
+    // (and read from its stderr): wait for the line too.
+    let following = format!("as Slave of {addr_b}");
+    wait_until("a to say whom it follows", Duration::from_secs(5), || {
+        a.log().contains(&following)
+    });
     common::wait_caught_up(&Admin::connect(&addr_b).unwrap(), Duration::from_secs(20));
 
     // What a person sees: b the master, a its slave, a in sync.
