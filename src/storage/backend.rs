@@ -66,6 +66,12 @@ pub trait BackendFile: 'static {
     type Buf: IoBuf;
     /// An aligned, zeroed buffer of `len` bytes (a multiple of [`BLOCK_BYTES`]).
     fn alloc_buf(&self, len: usize) -> Self::Buf;
+    /// An aligned buffer of `len` bytes whose contents are unspecified: for a caller that
+    /// writes every byte it hands to a write (the log's write chunks, which zero only their
+    /// last block's tail). Zeroing a 1 MiB chunk per chunk was 13 % of an ASYNC append's CPU.
+    fn alloc_write_buf(&self, len: usize) -> Self::Buf {
+        self.alloc_buf(len)
+    }
     /// Writes the whole buffer at `pos` (both aligned).
     async fn write_at(&self, buf: Self::Buf, pos: u64) -> io::Result<()>;
     /// [`Self::write_at`] from a buffer the caller keeps, so a write that failed because the
@@ -147,6 +153,10 @@ impl BackendFile for DmaBackendFile {
         let mut b = self.file.alloc_dma_buffer(len);
         b.as_bytes_mut().fill(0);
         b
+    }
+
+    fn alloc_write_buf(&self, len: usize) -> DmaBuffer {
+        self.file.alloc_dma_buffer(len)
     }
 
     async fn write_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<()> {

@@ -336,7 +336,9 @@ impl<B: StorageBackend> CommitLog<B> {
         Chunk {
             seg: seg.clone(),
             base,
-            buf: seg.file.alloc_buf(cap),
+            // Not zeroed: every byte below `used` is copied in, and `hand_off` zeroes the
+            // rest of the last block it writes.
+            buf: seg.file.alloc_write_buf(cap),
             used: 0,
             cap,
         }
@@ -746,6 +748,8 @@ impl<B: StorageBackend> CommitLog<B> {
         let from = st.write_from;
         st.write_from = to;
         let phys_len = align_up(chunk.used as u64) as usize;
+        // A partial last block ends in zeros on disk (recovery's zero-tail rule).
+        chunk.buf.bytes_mut()[chunk.used..phys_len].fill(0);
         chunk.buf.trim(phys_len);
         let seg = chunk.seg.clone();
         let file_pos = chunk.base - seg.base;

@@ -20,6 +20,9 @@ use std::rc::Rc;
 
 use crate::storage::backend::{BackendFile, Pace, StorageBackend, BLOCK_BYTES};
 
+/// What [`BackendFile::alloc_write_buf`] fills its buffers with here.
+const GARBAGE: u8 = 0xA5;
+
 #[derive(Default)]
 struct Image {
     written: Vec<u8>,
@@ -218,6 +221,12 @@ impl BackendFile for SimFile {
 
     fn alloc_buf(&self, len: usize) -> Vec<u8> {
         vec![0; len]
+    }
+
+    /// Not zeros: a byte the log forgot to write (or to zero) shows up as garbage in the
+    /// crash drills.
+    fn alloc_write_buf(&self, len: usize) -> Vec<u8> {
+        vec![GARBAGE; len]
     }
 
     async fn write_at(&self, buf: Vec<u8>, pos: u64) -> io::Result<()> {
