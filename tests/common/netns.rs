@@ -103,6 +103,32 @@ fn skip<T>(why: &str) -> Option<T> {
     None
 }
 
+/// Why this machine cannot make network namespaces here, if it cannot: not root, or no
+/// iproute2 (a namespace operation refused comes later, from `ip netns add`).
+fn can_make_namespaces() -> Result<(), &'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root");
+    }
+    if ip(&["-V"]).is_err() {
+        return Err("`ip` (iproute2) is not installed");
+    }
+    Ok(())
+}
+
+/// A host's side of its veth end `VETH` in namespace `ns`: address `addr`/24, loopback up
+/// with only 127.0.0.1/32 (so the rest of 127/8 routes out of the veth), and
+/// `route_localnet=1` so loopback-range addresses may cross it; then the link up.
+fn configure_host(ns: &str, addr: &str) {
+    ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
+    ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
+    ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
+    ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
+    sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
+    sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
+    ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+}
+
 /// `sysctl -w setting` inside namespace `ns`.
 fn sysctl_or_panic(ns: &str, setting: &str) {
     if let Err(e) = sysctl(Some(ns), setting) {
@@ -124,12 +150,8 @@ impl TwoHosts {
     /// instead: CI runs as root, so a test that cannot run there is a failure, not a pass.
     /// Panics on any other failure.
     pub fn create() -> Option<TwoHosts> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return skip("not running as root");
-        }
-        if ip(&["-V"]).is_err() {
-            return skip("`ip` (iproute2) is not installed");
+        if let Err(why) = can_make_namespaces() {
+            return skip(why);
         }
         remove_stale_namespaces();
         let pid = std::process::id();
@@ -174,13 +196,7 @@ impl TwoHosts {
             "peer", "name", VETH, "netns", &self.ns_b,
         ]);
         for (ns, addr) in [(&self.ns_a, &self.addr_a), (&self.ns_b, &self.addr_b)] {
-            ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
-            ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
-            ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
-            ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
-            sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
-            sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
-            ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+            configure_host(ns, addr);
         }
         self.wait_until_connected();
     }
@@ -262,12 +278,8 @@ impl Hosts {
             (1..=HOSTS_MAX).contains(&n),
             "{n} hosts: one switch takes 1 to {HOSTS_MAX}"
         );
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return skip("not running as root");
-        }
-        if ip(&["-V"]).is_err() {
-            return skip("`ip` (iproute2) is not installed");
+        if let Err(why) = can_make_namespaces() {
+            return skip(why);
         }
         remove_stale_namespaces();
         let pid = std::process::id();
@@ -317,13 +329,7 @@ impl Hosts {
             ]);
             ip_or_panic(&["-n", hub, "link", "set", &port, "master", BRIDGE]);
             ip_or_panic(&["-n", hub, "link", "set", &port, "up"]);
-            ip_or_panic(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", VETH]);
-            ip_or_panic(&["-n", ns, "link", "set", "lo", "up"]);
-            ip_or_panic(&["-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
-            ip_or_panic(&["-n", ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
-            sysctl_or_panic(ns, "net.ipv4.conf.all.route_localnet=1");
-            sysctl_or_panic(ns, &format!("net.ipv4.conf.{VETH}.route_localnet=1"));
-            ip_or_panic(&["-n", ns, "link", "set", VETH, "up"]);
+            configure_host(ns, addr);
         }
         for i in 1..self.hosts.len() {
             self.wait_reachable(0, i);
