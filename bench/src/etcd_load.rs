@@ -12,7 +12,12 @@
 //!   the refresh, under half the TTL, is due); the master also reads the members (prefix), and writes the in-sync set
 //!   guarded by its election key when it changes (never, in steady state) and every
 //!   `IN_SYNC_REFRESH` (10 s);
-//! - every TTL/4: renew its lease (a thread of its own, as in the broker).
+//! - every TTL/4: renew its lease (a thread of its own, as in the broker);
+//! - the route follower of `cluster::routes`: a prefix watch on the cluster's `routes/` and a
+//!   read of that prefix when `routes::ReadRule` says so (a change, at most once a second,
+//!   else every 10 s); a master
+//!   writes its route (a guarded txn) once per term, so the storm's new masters wake every
+//!   member's route watch.
 //!
 //! Member 0 of every group creates the election key first. After `--duration-secs` of steady
 //! load, a **failover storm**: every master revokes its lease at once (as if all masters died
@@ -35,7 +40,9 @@ use ringmq::cluster::etcd::Etcd;
 use ringmq::cluster::node::{
     master_key_due, member_record_due, member_refresh, IN_SYNC_REFRESH, WATCHED_READ_INTERVAL,
 };
+use ringmq::cluster::records::{master_route_key, routes_prefix};
 use ringmq::cluster::records::{unix_ms, GroupKeys, MemberRecord};
+use ringmq::cluster::routes::{ReadRule, CHECK_INTERVAL as ROUTES_CHECK_INTERVAL};
 use ringmq::cluster::watcher::Watcher;
 
 use crate::drill_failover::EtcdCluster;
@@ -44,6 +51,8 @@ const TICK: Duration = Duration::from_millis(100);
 const PUBLISH: Duration = Duration::from_millis(500);
 /// How long the storm may take before the run gives up on it.
 const STORM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Before the measured window: the start-up wave of route writes and reads (see `one_run`).
+const WARMUP: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Args)]
 pub struct EtcdLoadArgs {
@@ -72,17 +81,23 @@ enum Op {
     GetMembers,
     PutInSync,
     KeepAlive,
+    GetRoutes,
+    PutRoute,
     Campaign,
 }
 
-const OPS: [(&str, Op); 6] = [
+const OPS: [(&str, Op); 8] = [
     ("get master key", Op::GetMaster),
     ("put member record", Op::PutMember),
     ("get members (master)", Op::GetMembers),
     ("put in-sync (master, txn)", Op::PutInSync),
     ("lease keep-alive", Op::KeepAlive),
+    ("get routes (prefix)", Op::GetRoutes),
+    ("put master route (txn)", Op::PutRoute),
     ("campaign (storm, txn)", Op::Campaign),
 ];
+/// The steady-state rows of the table: every kind but the campaign.
+const STEADY_OPS: usize = OPS.len() - 1;
 
 /// Latencies and errors of one kind of call.
 struct Tally {
@@ -188,7 +203,9 @@ fn one_run(
     let mut threads = Vec::new();
     for g in 0..groups {
         for m in 0..2 {
-            let keys = GroupKeys::new(&cluster, &format!("g{g}"));
+            let group = format!("g{g}");
+            let keys = GroupKeys::new(&cluster, &group);
+            let cluster = cluster.clone();
             let endpoints = endpoints.to_vec();
             let (stats, stop_steady, stop_all, lapses, new_masters, ready) = (
                 stats.clone(),
@@ -201,6 +218,7 @@ fn one_run(
             threads.push(std::thread::spawn(move || {
                 member(
                     &endpoints,
+                    (&cluster, &group),
                     keys,
                     m == 0,
                     ttl,
@@ -217,6 +235,17 @@ fn one_run(
         }
     }
     ready.wait();
+    // Every master writes its route as it starts, and every member's route watch fires on
+    // each: a wave that is over before the measured window (counts start after it; latencies
+    // include it).
+    std::thread::sleep(WARMUP);
+    let counted_before: Vec<u64> = stats
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|x| x.hist.len())
+        .collect();
     let cpu_before = cpu_seconds(etcd_pids);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(args.duration_secs));
@@ -225,9 +254,10 @@ fn one_run(
     let steady_stats: Vec<(u64, u64, u64, u64, u64)> = {
         let t = stats.0.lock().unwrap();
         t.iter()
-            .map(|x| {
+            .zip(&counted_before)
+            .map(|(x, before)| {
                 (
-                    x.hist.len(),
+                    x.hist.len() - before,
                     x.hist.value_at_quantile(0.5),
                     x.hist.value_at_quantile(0.99),
                     x.hist.max(),
@@ -249,10 +279,16 @@ fn one_run(
     for t in threads {
         let _ = t.join();
     }
-    let campaign = {
+    let (campaign, storm_route_reads) = {
         let t = stats.0.lock().unwrap();
         let c = &t[Op::Campaign as usize];
-        (c.hist.len(), c.hist.value_at_quantile(0.99), c.errors)
+        let reads = t[Op::GetRoutes as usize].hist.len()
+            - counted_before[Op::GetRoutes as usize]
+            - steady_stats[Op::GetRoutes as usize].0;
+        (
+            (c.hist.len(), c.hist.value_at_quantile(0.99), c.errors),
+            reads,
+        )
     };
 
     let secs = steady.as_secs_f64();
@@ -267,7 +303,9 @@ fn one_run(
             Op::GetMembers => groups as f64 * per(PUBLISH),
             Op::PutInSync => groups as f64 * per(IN_SYNC_REFRESH),
             Op::KeepAlive => members as f64 * per(ttl / 4),
-            Op::Campaign => 0.0,
+            // Behind the watch, the check read; the routes do not change in steady state.
+            Op::GetRoutes => members as f64 * per(ROUTES_CHECK_INTERVAL),
+            Op::PutRoute | Op::Campaign => 0.0,
         }
     };
     let mut out = format!(
@@ -276,7 +314,7 @@ fn one_run(
         secs
     );
     let mut total = 0.0;
-    for (i, (name, op)) in OPS.iter().enumerate().take(5) {
+    for (i, (name, op)) in OPS.iter().enumerate().take(STEADY_OPS) {
         let (n, p50, p99, max, errors) = steady_stats[i];
         total += n as f64 / secs;
         out.push_str(&format!(
@@ -303,7 +341,8 @@ fn one_run(
     out.push_str(&format!(
         "\ncalls/s in all: {total:.0}; lapses (renewal gap > 3/4 TTL): {lapsed}; etcd CPU: {}; \
          storm (every master gone at once): all {groups} groups re-elected in {storm} ({} \
-         campaigns, p99 {}, {} errors)\n",
+         campaigns, p99 {}, {} errors; {storm_route_reads} route reads after it began, {:.1} \
+         per member)\n",
         if etcd_pids.is_empty() {
             "not measured".to_string()
         } else {
@@ -311,7 +350,8 @@ fn one_run(
         },
         campaign.0,
         ms(campaign.1),
-        campaign.2
+        campaign.2,
+        storm_route_reads as f64 / members as f64
     ));
     Ok(out)
 }
@@ -329,8 +369,16 @@ struct Shared {
     ready: Arc<Barrier>,
 }
 
-/// One simulated member until `stop_all`; the master gives up at `stop_steady`.
-fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: Shared) {
+/// One simulated member of `(cluster, group)` until `stop_all`; the master gives up at
+/// `stop_steady`.
+fn member(
+    endpoints: &[String],
+    (cluster, group): (&str, &str),
+    keys: GroupKeys,
+    first: bool,
+    ttl: Duration,
+    s: Shared,
+) {
     let node = if first { "a" } else { "b" };
     let timeout = (ttl / 5).max(Duration::from_millis(200));
     let setup = Etcd::new(endpoints, timeout)
@@ -395,6 +443,23 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
     let mut master = first && term != 0;
     let mut gave_up = false;
     let watch = Watcher::start(etcd.clone(), keys.master()).expect("a watch thread");
+    // The route follower of `cluster::routes`, and the master's route, written once per term.
+    let routes = Watcher::start_prefix(etcd.clone(), routes_prefix(cluster)).expect("a watch");
+    let mut route_rule = ReadRule::default();
+    let mut route_written = 0;
+    let put_route = |term: u64| {
+        let value =
+            format!("{{\"node\":\"{node}\",\"shards\":[\"127.0.0.1:10911\"],\"term\":{term}}}");
+        s.stats.time(Op::PutRoute, || {
+            etcd.put_if_guard(
+                &keys.master(),
+                term,
+                &master_route_key(cluster, group),
+                value.as_bytes(),
+                Some(lease),
+            )
+        })
+    };
     let mut last_read: Option<Instant> = None;
     let mut masterless = false;
     let mut last_in_sync: Option<Instant> = None;
@@ -421,12 +486,22 @@ fn member(endpoints: &[String], keys: GroupKeys, first: bool, ttl: Duration, s: 
         masterless = matches!(current, Some(Ok(None)));
         if masterless && !master && s.stop_steady.load(Ordering::Acquire) {
             let value = format!("{{\"node\":\"{node}\",\"addr\":\"127.0.0.1:10921\"}}");
-            if let Ok(Ok(_)) = s.stats.time(Op::Campaign, || {
+            if let Ok(Ok(kv)) = s.stats.time(Op::Campaign, || {
                 etcd.create_if_absent(&keys.master(), value.as_bytes(), Some(lease))
             }) {
                 s.new_masters.lock().unwrap().push(Instant::now());
                 master = true;
+                term = kv.create_revision;
             }
+        }
+        if master && route_written != term && matches!(put_route(term), Ok(true)) {
+            route_written = term;
+        }
+        if route_rule.due(&routes) {
+            let read = s
+                .stats
+                .time(Op::GetRoutes, || etcd.get_prefix(&routes_prefix(cluster)));
+            route_rule.read_done(read.is_ok());
         }
         if last_publish.elapsed() >= PUBLISH {
             last_publish = Instant::now();
