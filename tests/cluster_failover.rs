@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::etcd::EtcdCluster;
 use common::process::BrokerProcess;
 use common::tcp_proxy::TcpProxy;
+use common::{free_port, wait_until};
 use ringmq::client::{
     Admin, Consumer, GroupConfig, GroupConsumer, Producer, ProducerConfig, QueueSelector,
 };
@@ -30,14 +30,6 @@ const GROUP: &str = "g1";
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A member of group g1 on core `core`, one shard, etcd at `etcd`.
@@ -105,14 +97,6 @@ fn metric(port: u16, series: &str) -> Option<f64> {
 /// The lease TTL of the drills: 2 s, or `RINGMQ_TEST_LEASE_TTL_SECS` to measure another.
 fn lease_ttl_secs() -> String {
     std::env::var("RINGMQ_TEST_LEASE_TTL_SECS").unwrap_or_else(|_| "2".into())
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The in-sync set the master published, as JSON text.

@@ -8,31 +8,22 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use common::etcd::EtcdCluster;
 use common::process::BrokerProcess;
+use common::{free_port, wait_until};
 use ringmq::client::{
     Admin, Consumer, GroupConfig, GroupConsumer, Producer, ProducerConfig, QueueSelector,
 };
 use ringmq::cluster::etcd::Etcd;
-use ringmq::format::batch::{BatchBuilder, Message};
-use ringmq::protocol::{ErrorCode, ProduceRequest, Request};
+use ringmq::format::batch::Message;
+use ringmq::protocol::ErrorCode;
 
 const TOPIC: &str = "orders";
 const QUEUES: u32 = 4;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A SYNC_MASTER member `node` of broker group `group` on core `core`, one shard.
 fn member(
@@ -59,14 +50,6 @@ fn member(
     BrokerProcess::start_on_port(dir, &format!("{core},"), port, &extra, &[])
 }
 
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn in_sync(etcd: &Etcd, group: &str) -> String {
     etcd.get(&format!("/ringmq/ringmq/groups/{group}/in_sync"))
         .ok()
@@ -89,26 +72,7 @@ fn route_of(addr: &str) -> Option<Vec<(String, String)>> {
 
 /// One message to `queue` of the topic, sent straight to `addr` (no routes asked).
 fn produce_at(addr: &str, queue: u32) -> Result<(), ringmq::client::ClientError> {
-    let mut buf = BytesMut::new();
-    BatchBuilder::new(&mut buf)
-        .push(&Message::new(&b"misrouted"[..]))
-        .unwrap();
-    let req = Request::Produce(ProduceRequest {
-        topic: TOPIC.into(),
-        queue: Some(queue),
-        producer_id: 0,
-        producer_epoch: 0,
-        base_sequence: 0,
-        message_count: 1,
-        timeout_ms: 5000,
-        known_epoch: 0,
-        delay: None,
-        transaction: None,
-    });
-    let conn =
-        ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))?;
-    conn.call(&req, buf.freeze(), Duration::from_secs(10))
-        .map(|_| ())
+    common::produce_one(addr, TOPIC, queue, 0)
 }
 
 /// Messages in each queue of the topic on the broker at `addr` itself.

@@ -15,10 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{data_dir, read_all, test_config, TestBroker};
-use ringmq::client::{Connection, Consumer, Producer, QueueSelector};
+use ringmq::client::{Consumer, Producer, QueueSelector};
 use ringmq::config::MetricsListen;
-use ringmq::format::batch::{BatchBuilder, Message};
-use ringmq::protocol::{ProduceRequest, Request};
+use ringmq::format::batch::Message;
 
 /// A broker on free ports with its metrics endpoint on a free port too.
 fn broker_with_metrics() -> (TestBroker, SocketAddr) {
@@ -240,25 +239,7 @@ fn failed_produces_count_by_code_and_refusals_by_reason_and_unknown_topics_get_n
     b.create_topic("known", 2);
     produce(&b.addr(), "known", 3);
     // A raw produce (the client library would stop at the route lookup).
-    let mut body = bytes::BytesMut::new();
-    BatchBuilder::new(&mut body)
-        .push(&Message::new("x"))
-        .unwrap();
-    let request = Request::Produce(ProduceRequest {
-        topic: "no-such-topic".into(),
-        queue: Some(0),
-        producer_id: 0,
-        producer_epoch: 0,
-        base_sequence: 0,
-        message_count: 1,
-        timeout_ms: 5000,
-        known_epoch: 0,
-        delay: None,
-        transaction: None,
-    });
-    let err = Connection::connect(&b.addr())
-        .unwrap()
-        .call(&request, body.freeze(), Duration::from_secs(10))
+    let err = common::produce_one(&b.addr(), "no-such-topic", 0, 0)
         .expect_err("an unknown topic is refused");
     assert!(err.to_string().contains("TOPIC_NOT_FOUND"), "{err}");
     // Half a frame, then silence: closed after partial_frame_timeout_ms (300 ms in tests).

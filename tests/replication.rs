@@ -930,28 +930,7 @@ fn a_gone_slave_shows_a_lag_as_old_as_the_first_record_it_missed() {
 
 /// One produce of one message on queue 0 of `topic`, saying the client has seen `known_epoch`.
 fn produce_reporting(addr: &str, topic: &str, known_epoch: u64) -> Result<(), ClientError> {
-    use ringmq::format::batch::BatchBuilder;
-    use ringmq::protocol::{ProduceRequest, Request};
-    let mut buf = bytes::BytesMut::new();
-    BatchBuilder::new(&mut buf)
-        .push(&Message::new(&b"m"[..]))
-        .unwrap();
-    let req = Request::Produce(ProduceRequest {
-        topic: topic.into(),
-        queue: Some(0),
-        producer_id: 0,
-        producer_epoch: 0,
-        base_sequence: 0,
-        message_count: 1,
-        timeout_ms: 5000,
-        known_epoch,
-        delay: None,
-        transaction: None,
-    });
-    let conn =
-        ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))?;
-    conn.call(&req, buf.freeze(), Duration::from_secs(10))
-        .map(|_| ())
+    common::produce_one(addr, topic, 0, known_epoch)
 }
 
 /// Issue 11 item 2, a client's report: a produce saying the client has seen a newer master's

@@ -205,3 +205,53 @@ pub fn watchdog(limit: Duration) -> std::sync::mpsc::Sender<()> {
     });
     tx
 }
+
+/// A free TCP port on 127.0.0.1 (for a broker that must listen on a known port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `done` every 50 ms; panics naming `what` if it is not true within `within`.
+pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One message to `queue` of `topic`, sent straight to `addr` as a raw Produce (no route
+/// asked, no retry), saying the client has seen `known_epoch`.
+pub fn produce_one(
+    addr: &str,
+    topic: &str,
+    queue: u32,
+    known_epoch: u64,
+) -> Result<(), ringmq::client::ClientError> {
+    use ringmq::format::batch::{BatchBuilder, Message};
+    use ringmq::protocol::{ProduceRequest, Request};
+    let mut body = bytes::BytesMut::new();
+    BatchBuilder::new(&mut body)
+        .push(&Message::new(&b"m"[..]))
+        .unwrap();
+    let request = Request::Produce(ProduceRequest {
+        topic: topic.into(),
+        queue: Some(queue),
+        producer_id: 0,
+        producer_epoch: 0,
+        base_sequence: 0,
+        message_count: 1,
+        timeout_ms: 5000,
+        known_epoch,
+        delay: None,
+        transaction: None,
+    });
+    let conn =
+        ringmq::client::connection::Connection::connect_timeout(addr, Duration::from_secs(2))?;
+    conn.call(&request, body.freeze(), Duration::from_secs(10))
+        .map(|_| ())
+}
