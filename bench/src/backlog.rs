@@ -18,10 +18,10 @@ use ringmq::client::{
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{
-    join_member, make_message, message_id, read_payload, write_file, BrokerArgs, CpuSnapshot,
-    CpuUse, EmbeddedBroker, Tally, PAYLOAD_HEADER_BYTES,
+    join_member, make_message, message_id, read_payload, write_file, BrokerArgs, EmbeddedBroker,
+    Tally, PAYLOAD_HEADER_BYTES,
 };
-use crate::machine::{self, CoreSplit, MachineFacts};
+use crate::machine::{self, CoreSplit, CpuSnapshot, CpuUse, MachineFacts};
 use crate::runner::lock;
 use crate::runner::{error_kind, interrupted};
 

@@ -23,11 +23,11 @@ use ringmq::client::{Admin, GroupConfig, GroupConsumer, Producer, ProducerConfig
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{
-    join_member, make_message, message_id, read_payload, write_file, BrokerArgs, CpuSnapshot,
-    CpuUse, EmbeddedBroker, Tally, PAYLOAD_HEADER_BYTES,
+    join_member, make_message, message_id, read_payload, write_file, BrokerArgs, EmbeddedBroker,
+    Tally, PAYLOAD_HEADER_BYTES,
 };
 use crate::hist::{as_us, merge_all, new_hist, Hist, LatencySummary, SharedStats, ThreadStats};
-use crate::machine::{self, CoreSplit, MachineFacts};
+use crate::machine::{self, CoreSplit, CpuSnapshot, CpuUse, MachineFacts};
 use crate::report::{fmt_us, hgrm};
 use crate::runner::lock;
 use crate::runner::{error_kind, interrupted};

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -271,6 +272,12 @@ impl CoreSplit {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stat_line_with_spaces_in_comm_parses() {
+        let line = "42 (shard 0) S 1 2 3 4 5 6 7 8 9 10 100 50 0 0";
+        assert_eq!(task_ticks(line), Some(("shard 0", 150)));
+    }
+
     use super::*;
 
     #[test]
@@ -325,5 +332,108 @@ mod tests {
         assert!(!f.allowed_cores.is_empty());
         assert!(!f.kernel.is_empty());
         assert!(f.data_fs.is_some());
+    }
+}
+
+/// CPU seconds of this process split into the broker's shard threads (and their io_uring
+/// workers) and the rest (the load threads and the clients' own threads), from
+/// `/proc/self/task/*/stat` and getrusage. A worker that exited within the interval is counted
+/// as load (its ticks are in the process' total only).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSnapshot {
+    process_secs: f64,
+    broker_secs: f64,
+    at: Option<Instant>,
+}
+
+/// CPU use over an interval, in % of one core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuUse {
+    pub wall_secs: f64,
+    /// Everything but the broker's shard threads: load threads and client threads.
+    pub load_cpu_secs: f64,
+    pub load_cpu_pct: f64,
+    /// The broker's shard threads (`shard-N`) and their io_uring workers (`iou-wrk-N`).
+    pub broker_cpu_secs: f64,
+    pub broker_cpu_pct: f64,
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a `stat` line, in clock ticks, with its comm.
+fn task_ticks(stat: &str) -> Option<(&str, u64)> {
+    // comm is in parentheses and may hold spaces; the fields after it are space separated.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = &stat[open + 1..close];
+    let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // After comm: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+impl CpuSnapshot {
+    pub fn take() -> CpuSnapshot {
+        // SAFETY: getrusage fills the zeroed struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let process_secs = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            tv(ru.ru_utime) + tv(ru.ru_stime)
+        } else {
+            0.0
+        };
+        let mut broker_ticks = 0u64;
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for t in tasks.flatten() {
+                let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                    continue;
+                };
+                if let Some((comm, ticks)) = task_ticks(&stat) {
+                    // io_uring's workers (`iou-wrk-N`) run the shards' punted I/O (fdatasync);
+                    // the clients use no io_uring.
+                    if comm.starts_with("shard-") || comm.starts_with("iou-wrk") {
+                        broker_ticks += ticks;
+                    }
+                }
+            }
+        }
+        CpuSnapshot {
+            process_secs,
+            broker_secs: broker_ticks as f64 / clock_ticks(),
+            at: Some(Instant::now()),
+        }
+    }
+
+    /// From `self` to `later`.
+    pub fn until(&self, later: &CpuSnapshot) -> CpuUse {
+        let wall_secs = match (self.at, later.at) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let broker = (later.broker_secs - self.broker_secs).max(0.0);
+        let load = (later.process_secs - self.process_secs - broker).max(0.0);
+        let pct = |s: f64| {
+            if wall_secs > 0.0 {
+                100.0 * s / wall_secs
+            } else {
+                0.0
+            }
+        };
+        CpuUse {
+            wall_secs,
+            load_cpu_secs: load,
+            load_cpu_pct: pct(load),
+            broker_cpu_secs: broker,
+            broker_cpu_pct: pct(broker),
+        }
     }
 }

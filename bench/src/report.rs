@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker_stats::{fmt_opt, BrokerStats, ReplicationFigures, LAG_POLL_INTERVAL};
 use crate::hist::{Hist, LatencySummary};
-use crate::machine::{CoreSplit, MachineFacts};
+use crate::machine::{CoreSplit, CpuUse, MachineFacts};
 use crate::runner::ModeRun;
 use crate::slave::SlaveInfo;
 use crate::svg;
@@ -75,6 +75,10 @@ pub struct ModeResult {
     #[serde(default)]
     pub replica_lag: Option<ReplicationFigures>,
     pub timeline: Vec<TimelinePoint>,
+    /// CPU of this process from the end of the warm-up to the last producer's end, in % of one
+    /// core: the load (bench and client threads) and, with an embedded broker, its shards.
+    #[serde(default)]
+    pub cpu: Option<CpuUse>,
     /// Files written next to report.json (with --out).
     pub hgrm_file: Option<String>,
     pub e2e_hgrm_file: Option<String>,
@@ -160,6 +164,19 @@ fn fmt_errors(e: &BTreeMap<String, u64>) -> String {
     format!("{total} ({})", parts.join(", "))
 }
 
+/// The CPU columns: load and broker, % of one core; the broker's `-` when it is remote.
+fn fmt_cpu(m: &ModeResult) -> [String; 2] {
+    let Some(c) = &m.cpu else {
+        return ["-".into(), "-".into()];
+    };
+    let broker = if m.broker.starts_with("remote") {
+        "-".to_string()
+    } else {
+        format!("{:.0}", c.broker_cpu_pct)
+    };
+    [format!("{:.0}", c.load_cpu_pct), broker]
+}
+
 /// The replication columns: max lag bytes, max lag ms, link; `-` without a slave.
 fn fmt_replica(r: Option<&ReplicationFigures>) -> [String; 3] {
     let Some(r) = r else {
@@ -217,7 +234,9 @@ impl Report {
             s,
             "appends/fsync: records (produce requests) appended per fdatasync in the measured \
              window; unflushed max: the largest unflushed byte count the broker's BrokerStats \
-             showed, polled every {} ms in the measured window.",
+             showed, polled every {} ms in the measured window; load CPU: the bench's and its \
+             clients' threads, broker CPU: the embedded broker's shard threads (a slave process \
+             is not counted), each in % of one core over the measured window.",
             LAG_POLL_INTERVAL.as_millis()
         );
         if self.modes.iter().any(|m| m.replica_lag.is_some()) {
@@ -268,19 +287,20 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\n| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | fsyncs/s | appends/fsync | unflushed max bytes | replication | slave max lag bytes | slave max lag ms | link |"
+            "\n| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | load CPU % | broker CPU % | fsyncs/s | appends/fsync | unflushed max bytes | replication | slave max lag bytes | slave max lag ms | link |"
         );
         let _ = writeln!(
             s,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"
         );
         for m in &self.modes {
             let l = &m.latency;
             let b = &m.broker_stats;
             let [lag_bytes, lag_ms, link] = fmt_replica(m.replica_lag.as_ref());
+            let [load_cpu, broker_cpu] = fmt_cpu(m);
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.mode,
                 m.msgs_per_sec,
                 m.mb_per_sec,
@@ -291,6 +311,8 @@ impl Report {
                 l.p9999_us,
                 l.max_us,
                 fmt_errors(&m.errors),
+                load_cpu,
+                broker_cpu,
                 fmt_opt(b.fsyncs_per_sec, 0),
                 fmt_opt(b.appends_per_fsync, 1),
                 fmt_opt(b.unflushed_max_bytes, 0),
@@ -527,6 +549,7 @@ pub(crate) mod tests {
             broker_replication: "ASYNC_MASTER".into(),
             slave: None,
             replica_lag: None,
+            cpu: None,
             timeline: (1..=10)
                 .map(|s| TimelinePoint {
                     second: s,

@@ -19,7 +19,7 @@ use crate::broker_stats::{self, BrokerCounters, BrokerStats, ReplicationWatch};
 use crate::hist::{
     as_us, merge_all, Clock, Hist, LatencySummary, Pacer, RealClock, SharedStats, ThreadStats,
 };
-use crate::machine::{self, CoreSplit};
+use crate::machine::{self, CoreSplit, CpuSnapshot, CpuUse};
 use crate::report::{fmt_us, ModeResult, TimelinePoint};
 use crate::slave::{SlaveHost, SlaveInfo, SlaveProcess};
 use crate::workload::{Mode, SendMode, Workload};
@@ -465,6 +465,8 @@ fn drive(
                 .err()
         })
         .collect();
+    // The load is over once the producers are (a consumer's drain below is not load).
+    let cpu_after = CpuSnapshot::take();
     let acked: u64 = producer_stats.iter().map(|s| lock(s).ok_msgs).sum();
     let drain_until = Instant::now() + CONSUMER_DRAIN;
     while consumers > 0
@@ -480,7 +482,12 @@ fn drive(
             .err()
     }));
     done.store(true, Ordering::Relaxed);
-    let (timeline, stats_before) = progress.join().expect("progress thread");
+    let Progress {
+        timeline,
+        stats_before,
+        cpu_before,
+    } = progress.join().expect("progress thread");
+    let cpu: CpuUse = cpu_before.until(&cpu_after);
     let stats_after = broker_stats::snapshot(&admin);
     let (lag, unflushed_max) = watch.finish();
     let replica_lag = replicated.then_some(lag);
@@ -547,6 +554,7 @@ fn drive(
         slave: None,
         replica_lag,
         timeline,
+        cpu: Some(cpu),
         hgrm_file: None,
         e2e_hgrm_file: None,
     };
@@ -583,8 +591,9 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
     let w = &ctx.w;
     let mut config = ProducerConfig::new(ctx.addr.clone());
     config.linger = Duration::from_millis(w.linger_ms);
-    // Full after `batch` messages: each encodes to more than its payload bytes.
-    config.batch_bytes = (w.batch * w.message_bytes).max(1);
+    // Sync sends make their own batches; async ones fill the client's (with --batch N, full
+    // after N messages: each encodes to more than its payload bytes).
+    config.batch_bytes = w.async_batch_bytes().max(1);
     let producer =
         Producer::with_config(config).map_err(|e| format!("producer {idx} cannot start: {e}"))?;
     let clock = RealClock { base: ctx.base };
@@ -721,19 +730,28 @@ fn consumer_thread(
     Ok(())
 }
 
+/// What the progress thread saw: the timeline, and the broker's counters and this process'
+/// CPU times when the warm-up ended.
+struct Progress {
+    timeline: Vec<TimelinePoint>,
+    stats_before: Option<BrokerCounters>,
+    cpu_before: CpuSnapshot,
+}
+
 /// Prints one line per second to stderr and records the timeline; takes the "before" broker
-/// counters when the warm-up ends.
+/// counters and CPU times when the warm-up ends.
 fn progress_thread(
     label: &str,
     ctx: &Ctx,
     producers: &[SharedStats],
     consumers: &[SharedStats],
     done: &AtomicBool,
-) -> (Vec<TimelinePoint>, Option<BrokerCounters>) {
+) -> Progress {
     let admin = Admin::connect(&ctx.addr).ok();
     let snap = || admin.as_ref().and_then(broker_stats::snapshot);
     let warmup_secs = ctx.warmup.as_secs();
     let mut before = if warmup_secs == 0 { snap() } else { None };
+    let mut cpu_before = CpuSnapshot::take();
     let mut timeline = Vec::new();
     let interval = |stats: &[SharedStats]| -> (Hist, u64, u64) {
         let mut parts = Vec::with_capacity(stats.len());
@@ -789,8 +807,13 @@ fn progress_thread(
         });
         if second == warmup_secs {
             before = snap();
+            cpu_before = CpuSnapshot::take();
         }
         second += 1;
     }
-    (timeline, before)
+    Progress {
+        timeline,
+        stats_before: before,
+        cpu_before,
+    }
 }

@@ -39,11 +39,11 @@ use ringmq::protocol::{TransactionOutcome, TransactionState};
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{
-    make_message, message_id, read_payload, write_file, BrokerArgs, CpuSnapshot, CpuUse,
-    EmbeddedBroker, PAYLOAD_HEADER_BYTES,
+    make_message, message_id, read_payload, write_file, BrokerArgs, EmbeddedBroker,
+    PAYLOAD_HEADER_BYTES,
 };
 use crate::hist::{as_us, merge_all, new_hist, Hist, LatencySummary, ThreadStats};
-use crate::machine::{self, CoreSplit, MachineFacts};
+use crate::machine::{self, CoreSplit, CpuSnapshot, CpuUse, MachineFacts};
 use crate::report::{fmt_us, hgrm};
 use crate::runner::{error_kind, interrupted, lock};
 

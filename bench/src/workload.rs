@@ -261,7 +261,8 @@ pub struct Workload {
     pub message_bytes: usize,
 
     /// Messages per send (sync: one batch of N messages per request; async: the client's batch
-    /// size is N messages' worth of bytes; oneway: ignored, one message per send).
+    /// size is N messages' worth of bytes, and 1 leaves the client's default of 64 KiB, as
+    /// `ringmq produce --mode async` has it; oneway: ignored, one message per send).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
 
@@ -383,6 +384,15 @@ impl Workload {
     }
 
     /// Messages per send call.
+    /// Async sends: the client's batch size in bytes (see `--batch`).
+    pub fn async_batch_bytes(&self) -> usize {
+        if self.batch > 1 {
+            self.batch * self.message_bytes
+        } else {
+            ringmq::client::ProducerConfig::new("").batch_bytes
+        }
+    }
+
     pub fn unit(&self) -> usize {
         match self.send_mode {
             SendMode::Sync => self.batch,
@@ -402,7 +412,11 @@ impl Workload {
         };
         let batching = match self.send_mode {
             SendMode::Sync => format!("batch {}", self.batch),
-            SendMode::Async => format!("batch {} / linger {} ms", self.batch, self.linger_ms),
+            SendMode::Async => format!(
+                "batches of {} B / linger {} ms",
+                self.async_batch_bytes(),
+                self.linger_ms
+            ),
             SendMode::Oneway => "no batching".to_string(),
         };
         format!(
