@@ -213,6 +213,11 @@ impl Pacer {
         }
     }
 
+    /// Moves on to the next send without waiting (for a caller that waits on its own).
+    pub fn advance(&mut self) {
+        self.next += 1;
+    }
+
     /// Waits until `intended` (a no-op when already late or closed loop) and moves on.
     pub fn wait<C: Clock>(&mut self, clock: &C, intended: Duration) {
         if self.interval.is_some() {

@@ -58,6 +58,7 @@ mod drill_load;
 mod drill_partition;
 mod embedded;
 mod etcd_load;
+mod event_loop;
 mod groups;
 mod hist;
 mod machine;

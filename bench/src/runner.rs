@@ -16,13 +16,14 @@ use ringmq::replication::Role;
 use ringmq::server::Broker;
 
 use crate::broker_stats::{self, BrokerCounters, BrokerStats, ReplicationWatch};
+use crate::event_loop;
 use crate::hist::{
     as_us, merge_all, Clock, Hist, LatencySummary, Pacer, RealClock, SharedStats, ThreadStats,
 };
 use crate::machine::{self, CoreSplit, CpuSnapshot, CpuUse};
 use crate::report::{fmt_us, ModeResult, TimelinePoint};
 use crate::slave::{SlaveHost, SlaveInfo, SlaveProcess};
-use crate::workload::{Mode, SendMode, Workload};
+use crate::workload::{Driver, Mode, SendMode, Workload};
 
 /// How long consumers may take, after the last producer finished, to read what was acked.
 const CONSUMER_DRAIN: Duration = Duration::from_secs(5);
@@ -430,15 +431,38 @@ fn drive(
                 .expect("spawn consumer")
         })
         .collect();
+    // Threads: one per producer. Event loop: one per load core, each with its share of them.
+    let (load_threads, routes) = match w.driver {
+        Driver::Threads => (w.producers, Vec::new()),
+        Driver::EventLoop => {
+            let route = admin
+                .route(&topic)
+                .map_err(|e| format!("route of {topic}: {e}"))?;
+            let routes: Vec<(u32, String)> = route
+                .queues
+                .into_iter()
+                .map(|q| (q.queue, q.address))
+                .collect();
+            (split.load_cores.len().clamp(1, w.producers), routes)
+        }
+    };
     let producer_stats: Vec<SharedStats> =
-        (0..w.producers).map(|_| ThreadStats::shared()).collect();
-    let producer_threads: Vec<JoinHandle<Result<(), String>>> = (0..w.producers)
+        (0..load_threads).map(|_| ThreadStats::shared()).collect();
+    let producer_threads: Vec<JoinHandle<Result<(), String>>> = (0..load_threads)
         .map(|i| {
             let (ctx, stats) = (ctx.clone(), producer_stats[i].clone());
+            let routes = routes.clone();
+            let (name, threads) = match ctx.w.driver {
+                Driver::Threads => (format!("bench-producer-{i}"), None),
+                Driver::EventLoop => (format!("bench-loop-{i}"), Some(load_threads)),
+            };
             std::thread::Builder::new()
-                .name(format!("bench-producer-{i}"))
+                .name(name)
                 .spawn(move || {
-                    let r = producer_thread(i, &ctx, &stats);
+                    let r = match threads {
+                        None => producer_thread(i, &ctx, &stats),
+                        Some(n) => event_loop_thread(i, n, &ctx, &stats, routes),
+                    };
                     if r.is_err() {
                         ctx.abort.store(true, Ordering::Relaxed);
                     }
@@ -585,6 +609,62 @@ fn make_message(template: &[u8], intended: Duration) -> Message {
     Message::new(buf.freeze()).with_born_timestamp_ms(unix_ms())
 }
 
+/// Producer `idx`'s schedule: closed loop, or its share of `--rate`.
+fn pacer_of(idx: usize, w: &Workload) -> Pacer {
+    match w.rate {
+        None => Pacer::closed(),
+        Some(rate) => {
+            let per_producer = rate as f64 / w.producers as f64;
+            let interval = Duration::from_secs_f64(w.unit() as f64 / per_producer);
+            // Spread the producers' schedules over one interval.
+            Pacer::open(interval, interval.mul_f64(idx as f64 / w.producers as f64))
+        }
+    }
+}
+
+/// Producer `idx`'s share of `--messages` (`None`: it runs for the duration).
+fn quota_of(idx: usize, w: &Workload) -> Option<u64> {
+    let producers = w.producers as u64;
+    w.messages
+        .map(|n| n / producers + u64::from((idx as u64) < n % producers))
+}
+
+/// Event-loop thread `idx` of `threads`: drives producers idx, idx + threads, ... on one load
+/// core (see [`event_loop`]).
+fn event_loop_thread(
+    idx: usize,
+    threads: usize,
+    ctx: &Ctx,
+    stats: &SharedStats,
+    routes: Vec<(u32, String)>,
+) -> Result<(), String> {
+    let core = ctx.load_cores[idx % ctx.load_cores.len()];
+    machine::pin_current_thread(&[core])?;
+    let w = &ctx.w;
+    let load = event_loop::LoopLoad {
+        topic: &ctx.topic,
+        routes,
+        producers: (idx..w.producers)
+            .step_by(threads)
+            .map(|p| (p, pacer_of(p, w), quota_of(p, w)))
+            .collect(),
+        batch: w.batch,
+        message_bytes: w.message_bytes,
+        base: ctx.base,
+        warmup: ctx.warmup,
+        end: ctx.end,
+        abort: &ctx.abort,
+    };
+    let template = vec![0xA5u8; w.message_bytes];
+    event_loop::run(
+        load,
+        stats,
+        |intended| make_message(&template, intended),
+        interrupted,
+    )
+    .map_err(|e| format!("event loop {idx}: {e}"))
+}
+
 fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), String> {
     // Pin first: the client's own threads (connection readers, linger, retry) inherit it.
     machine::pin_current_thread(&ctx.load_cores)?;
@@ -598,19 +678,8 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
         Producer::with_config(config).map_err(|e| format!("producer {idx} cannot start: {e}"))?;
     let clock = RealClock { base: ctx.base };
     let unit = w.unit() as u64;
-    let mut pacer = match w.rate {
-        None => Pacer::closed(),
-        Some(rate) => {
-            let per_producer = rate as f64 / w.producers as f64;
-            let interval = Duration::from_secs_f64(unit as f64 / per_producer);
-            // Spread the producers' schedules over one interval.
-            Pacer::open(interval, interval.mul_f64(idx as f64 / w.producers as f64))
-        }
-    };
-    let producers = w.producers as u64;
-    let quota = w
-        .messages
-        .map(|n| n / producers + u64::from((idx as u64) < n % producers));
+    let mut pacer = pacer_of(idx, w);
+    let quota = quota_of(idx, w);
     let template = vec![0xA5u8; w.message_bytes];
     let selector = QueueSelector::RoundRobin;
     let mut measured_sent = 0u64;

@@ -162,6 +162,24 @@ impl fmt::Display for SendMode {
     }
 }
 
+/// How the producers of a run are driven (see `--driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Driver {
+    #[default]
+    Threads,
+    EventLoop,
+}
+
+impl fmt::Display for Driver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Driver::Threads => "threads",
+            Driver::EventLoop => "event-loop",
+        })
+    }
+}
+
 /// Where a replication mode's slave process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -273,6 +291,14 @@ pub struct Workload {
     #[arg(long, value_enum, default_value_t = SendMode::Sync)]
     pub send_mode: SendMode,
 
+    /// How the producers are driven: an OS thread each with its own `Producer` (and the
+    /// client's reader, linger and retry threads), or `event-loop`: one thread per load core
+    /// drives all its producers' connections with non-blocking sockets, as redis-benchmark
+    /// does (SYNC batches only; see bench/src/event_loop.rs).
+    #[arg(long, value_enum, default_value_t = Driver::Threads)]
+    #[serde(default)]
+    pub driver: Driver,
+
     /// Measured time in seconds (after the warm-up). Ignored when --messages is given.
     #[arg(long, default_value_t = 6)]
     pub duration_secs: u64,
@@ -376,6 +402,12 @@ impl Workload {
         if self.flush_interval_ms == 0 {
             problems.push("--flush-interval-ms must be at least 1".to_string());
         }
+        if self.driver == Driver::EventLoop && self.send_mode != SendMode::Sync {
+            problems.push(format!(
+                "--driver event-loop sends SYNC batches only (not --send-mode {})",
+                self.send_mode
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -383,7 +415,6 @@ impl Workload {
         }
     }
 
-    /// Messages per send call.
     /// Async sends: the client's batch size in bytes (see `--batch`).
     pub fn async_batch_bytes(&self) -> usize {
         if self.batch > 1 {
@@ -393,6 +424,7 @@ impl Workload {
         }
     }
 
+    /// Messages per send call.
     pub fn unit(&self) -> usize {
         match self.send_mode {
             SendMode::Sync => self.batch,
@@ -420,8 +452,9 @@ impl Workload {
             SendMode::Oneway => "no batching".to_string(),
         };
         format!(
-            "{} sends, {load}, {} producers, {} consumers, {} queues, {} B msgs, {batching}, {} s warm-up + {length}",
+            "{} sends ({} driver), {load}, {} producers, {} consumers, {} queues, {} B msgs, {batching}, {} s warm-up + {length}",
             self.send_mode,
+            self.driver,
             self.producers,
             self.consumers,
             self.queues,

@@ -310,6 +310,59 @@ fn run_open_loop_with_async_sends() {
 }
 
 #[test]
+fn the_event_loop_driver_sends_every_message_once_over_two_shards() {
+    let dir = temp_dir("event-loop");
+    let out = dir.join("out");
+    let output = bench()
+        .args([
+            "run",
+            "--driver",
+            "event-loop",
+            "--broker-cores",
+            "2",
+            "--producers",
+            "20",
+            "--batch",
+            "3",
+            "--messages",
+            "3000",
+            "--warmup-secs",
+            "0",
+            "--queues",
+            "4",
+            "--consumers",
+            "4",
+            "--message-bytes",
+            "64",
+            "--segment-mib",
+            "32",
+        ])
+        .arg("--data-root")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run ringmq-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stderr.contains("event-loop driver"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let m = &report["modes"][0];
+    // Every message acked, none failed, and the consumers of all four queues (on both shards)
+    // read each exactly as often as it was acked.
+    assert_eq!(m["messages"], 3000, "{m}");
+    assert_eq!(m["errors"], serde_json::json!({}), "{m}");
+    assert_eq!(m["e2e_latency"]["count"], 3000, "{m}");
+    assert!(m["cpu"]["load_cpu_pct"].as_f64().unwrap() > 0.0, "{m}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_flags_are_refused_with_a_message() {
     let output = bench()
         .args(["run", "--message-bytes", "4", "--producers", "0"])
