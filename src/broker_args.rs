@@ -79,6 +79,9 @@ section_args! {
         partial_frame_timeout_ms: u64,
         /// io_uring registered memory per shard, 0 = glommio default [default: 0]
         io_memory_bytes: u64,
+        /// Keep polling for completions this long after running out of work before parking the
+        /// shard's thread, 0 = park at once [default: 0]
+        spin_before_park_us: u64,
         /// Prometheus text endpoint (GET /metrics over HTTP, served by its own thread, never a
         /// shard): HOST:PORT, or `off` to serve none [default: 127.0.0.1:9400]
         metrics_listen: MetricsListen,

@@ -32,6 +32,8 @@ pub struct BrokerCounters {
     pub fsyncs: u64,
     /// Records appended since start: one per produce request (batch).
     pub appends: u64,
+    /// Time spent in flush cycles (hand-off, write, fdatasync) since start, µs.
+    pub flush_us: u64,
 }
 
 /// Reads the broker's counters, summed over its shards.
@@ -43,6 +45,7 @@ pub fn snapshot(admin: &Admin) -> Option<BrokerCounters> {
             .fold(BrokerCounters::default(), |acc, s| BrokerCounters {
                 fsyncs: acc.fsyncs + s.fsyncs,
                 appends: acc.appends + s.appends,
+                flush_us: acc.flush_us + s.flush_latency_us_total,
             }),
     )
 }
@@ -57,6 +60,11 @@ pub struct BrokerStats {
     /// The largest unflushed byte count (summed over shards) the polls saw in the measured
     /// window; sampled every [`LAG_POLL_INTERVAL`], so a shorter peak may be missed.
     pub unflushed_max_bytes: Option<f64>,
+    /// Mean flush cycle in the measured window, µs: from handing the log's tail to a write to
+    /// the end of its fdatasync (per fsync: a cycle syncs one segment unless it crossed a
+    /// roll). Against a request's latency it says how much of it the disk took.
+    #[serde(default)]
+    pub flush_cycle_mean_us: Option<f64>,
 }
 
 impl BrokerStats {
@@ -76,6 +84,8 @@ impl BrokerStats {
             fsyncs_per_sec: (secs > 0.0).then(|| fsyncs as f64 / secs),
             appends_per_fsync: (fsyncs > 0).then(|| appends as f64 / fsyncs as f64),
             unflushed_max_bytes: unflushed_max.map(|b| b as f64),
+            flush_cycle_mean_us: (fsyncs > 0)
+                .then(|| a.flush_us.saturating_sub(b.flush_us) as f64 / fsyncs as f64),
         }
     }
 }

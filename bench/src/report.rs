@@ -233,7 +233,8 @@ impl Report {
         let _ = writeln!(
             s,
             "appends/fsync: records (produce requests) appended per fdatasync in the measured \
-             window; unflushed max: the largest unflushed byte count the broker's BrokerStats \
+             window; flush cycle: the broker's mean time from handing the log's tail to a write to the \
+             end of its fdatasync; unflushed max: the largest unflushed byte count the broker's BrokerStats \
              showed, polled every {} ms in the measured window; load CPU: the bench's and its \
              clients' threads, broker CPU: the embedded broker's shard threads (a slave process \
              is not counted), each in % of one core over the measured window.",
@@ -287,11 +288,11 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\n| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | load CPU % | broker CPU % | fsyncs/s | appends/fsync | unflushed max bytes | replication | slave max lag bytes | slave max lag ms | link |"
+            "\n| mode | msgs/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | errors | load CPU % | broker CPU % | fsyncs/s | appends/fsync | flush cycle µs | unflushed max bytes | replication | slave max lag bytes | slave max lag ms | link |"
         );
         let _ = writeln!(
             s,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"
         );
         for m in &self.modes {
             let l = &m.latency;
@@ -300,7 +301,7 @@ impl Report {
             let [load_cpu, broker_cpu] = fmt_cpu(m);
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.mode,
                 m.msgs_per_sec,
                 m.mb_per_sec,
@@ -315,6 +316,7 @@ impl Report {
                 broker_cpu,
                 fmt_opt(b.fsyncs_per_sec, 0),
                 fmt_opt(b.appends_per_fsync, 1),
+                fmt_opt(b.flush_cycle_mean_us, 0),
                 fmt_opt(b.unflushed_max_bytes, 0),
                 m.replication,
                 lag_bytes,

@@ -271,6 +271,7 @@ pub fn run_embedded(mode: Mode, w: &Workload) -> Result<ModeRun, String> {
             port: 0,
             cores: CoreSelection::Count(w.broker_cores),
             io_memory_bytes: io_memory_bytes(),
+            spin_before_park_us: w.spin_before_park_us,
             // Brokers of a bench run side by side (master and slave): no metrics port.
             metrics_listen: ringmq::config::MetricsListen::Off,
             ..ServerConfig::default()

@@ -346,6 +346,12 @@ pub struct Workload {
     #[serde(default = "default_prepare_bytes_per_sec")]
     pub prepare_bytes_per_sec: u64,
 
+    /// Embedded broker: how long a shard polls for completions before parking its thread
+    /// (the broker's `spin_before_park_us`; 0 = park at once).
+    #[arg(long, default_value_t = ringmq::config::ServerConfig::default().spin_before_park_us)]
+    #[serde(default)]
+    pub spin_before_park_us: u64,
+
     /// Embedded broker: the temporary data dir `.ringmq-bench-<pid>-<mode>` is created in this
     /// directory (must be on a real disk with O_DIRECT, not tmpfs) and removed afterwards.
     #[arg(long, default_value = ".", value_name = "DIR")]

@@ -256,6 +256,12 @@ pub struct ServerConfig {
     /// Bytes of io_uring registered buffer memory per shard. Default 0 = glommio's default
     /// (10 MiB); when not root, memlock (often 8 MiB) must cover all shards together.
     pub io_memory_bytes: u64,
+    /// How long a shard's executor keeps polling its io_uring rings for completions after it
+    /// ran out of work, before it parks its thread in the kernel. Waking a parked vCPU costs
+    /// tens of µs on a VM, on every disk completion and every request that arrives; spinning
+    /// keeps the core busy instead (at most this long after each burst of work). 0 = park at
+    /// once. Default 0.
+    pub spin_before_park_us: u64,
     /// The Prometheus endpoint: `off` or `host:port`. Served by a thread of its own, never by
     /// a shard. Default `127.0.0.1:9400`.
     pub metrics_listen: MetricsListen,
@@ -292,6 +298,7 @@ impl Default for ServerConfig {
             partial_frame_timeout_ms: 10_000,
             allow_non_direct_io: false,
             io_memory_bytes: 0,
+            spin_before_park_us: 0,
             metrics_listen: MetricsListen::default(),
             transaction_timeout_ms: 6_000,
             transaction_check_interval_ms: 6_000,

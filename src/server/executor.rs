@@ -204,6 +204,10 @@ impl Broker {
             if config.server.io_memory_bytes > 0 {
                 builder = builder.io_memory(config.server.io_memory_bytes as usize);
             }
+            if config.server.spin_before_park_us > 0 {
+                builder = builder
+                    .spin_before_park(Duration::from_micros(config.server.spin_before_park_us));
+            }
             match builder.spawn(move || run_shard(args)) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
