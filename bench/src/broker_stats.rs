@@ -225,15 +225,18 @@ mod tests {
         let b = BrokerCounters {
             fsyncs: 100,
             appends: 1000,
+            flush_us: 50_000,
         };
         let a = BrokerCounters {
             fsyncs: 300,
             appends: 3000,
+            flush_us: 130_000,
         };
         let s = BrokerStats::between(Some(b), Some(a), 2.0, Some(4096));
         assert_eq!(s.fsyncs_per_sec, Some(100.0));
         assert_eq!(s.appends_per_fsync, Some(10.0));
         assert_eq!(s.unflushed_max_bytes, Some(4096.0));
+        assert_eq!(s.flush_cycle_mean_us, Some(400.0));
         assert_eq!(
             BrokerStats::between(None, Some(a), 2.0, None),
             BrokerStats::default()
