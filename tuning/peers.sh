@@ -7,8 +7,8 @@
 #
 #   tuning/peers.sh [OUT]        (needs: redis-server redis-benchmark, a release build)
 #
-# RingMQ runs with both load drivers where the load generator decides the figure (W2, W3b:
-# 50 producers); the load core's CPU is in RingMQ's rows (`load CPU %`), and `top` shows
+# RingMQ runs with both load drivers where the load generator decides the figure (W1's client
+# wake-ups, W2 and W3b's 50 producers); the load core's CPU is in RingMQ's rows (`load CPU %`), and `top` shows
 # redis-benchmark's. Figures move 10-30 % between runs on a shared VM: run it three times and
 # take medians.
 set -euo pipefail
@@ -83,6 +83,7 @@ ring_row() { # name args...
     > "$out/ringmq-$name.txt" 2>&1
 }
 ring_row w1 --workload w1
+ring_row w1-event-loop --workload w1 --driver event-loop
 ring_row w2 --workload w2
 ring_row w2-event-loop --workload w2 --driver event-loop
 ring_row w3a --workload w3a
@@ -132,7 +133,7 @@ except OSError:
 redis_ping = redis("ping")
 
 rows = [
-    ("W1: 1 producer, 1 msg/request, durable", "w1 always c1", "w1", ["w1"]),
+    ("W1: 1 producer, 1 msg/request, durable", "w1 always c1", "w1", ["w1", "w1-event-loop"]),
     ("W2: 50 producers, 1 msg/request, durable", "w2 always c50", "w2", ["w2", "w2-event-loop"]),
     ("W3a: 1 producer, 1000-msg batches, durable", "w3a always P1000", "w3a", ["w3a"]),
     ("W3b: 50 producers, 16-msg batches, durable", "w3b always c50 P16", "w3b", ["w3b", "w3b-event-loop"]),
