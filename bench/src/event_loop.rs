@@ -270,24 +270,7 @@ pub fn run(
                 continue;
             }
             let ci = polled[k];
-            if pfd.revents & libc::POLLOUT != 0 {
-                if let Err(e) = flush(&mut connections[ci]) {
-                    drop_connection(
-                        &mut connections,
-                        &mut producers,
-                        ci,
-                        stats,
-                        "ConnectionClosed",
-                    );
-                    consecutive_errors += 1;
-                    last_error = e;
-                    continue;
-                }
-            }
-            if pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) == 0 {
-                continue;
-            }
-            let frames = match receive(&mut connections[ci], &mut read_buf) {
+            let frames = match service(&mut connections[ci], pfd.revents, &mut read_buf) {
                 Ok(frames) => frames,
                 Err(e) => {
                     drop_connection(
@@ -375,6 +358,17 @@ fn connection_for(
         c.inbound.clear();
     }
     Ok(ci)
+}
+
+/// What poll reported for a connection: writes what it can take, then reads what arrived.
+fn service(c: &mut LoopConnection, revents: i16, buf: &mut [u8]) -> Result<Vec<Frame>, String> {
+    if revents & libc::POLLOUT != 0 {
+        flush(c)?;
+    }
+    if revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) == 0 {
+        return Ok(Vec::new());
+    }
+    receive(c, buf)
 }
 
 /// Writes what the socket takes of the connection's output.

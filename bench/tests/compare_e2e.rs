@@ -9,6 +9,20 @@ fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringmq-bench"))
 }
 
+/// Runs the bench; its stdout and stderr once it exited successfully (both in the panic
+/// message otherwise).
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let output = cmd.output().expect("run ringmq-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    (stdout, stderr)
+}
+
 /// The cell of `row` under the column named `name` in the closed-loop table of `stdout` (the
 /// one with a `replication` column), so a column added to the table moves no assertion.
 fn column<'a>(stdout: &str, row: &'a str, name: &str) -> &'a str {
@@ -37,36 +51,29 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 fn compare_writes_a_row_per_mode_and_all_files() {
     let dir = temp_dir("compare");
     let out = dir.join("out");
-    let output = bench()
-        .args([
-            "compare",
-            "--modes",
-            "sync-flush,async-flush",
-            "--duration-secs",
-            "1",
-            "--warmup-secs",
-            "0",
-            "--producers",
-            "2",
-            "--consumers",
-            "1",
-            "--message-bytes",
-            "100",
-            "--segment-mib",
-            "32",
-        ])
-        .arg("--data-root")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
+    let (stdout, stderr) = run_ok(
+        bench()
+            .args([
+                "compare",
+                "--modes",
+                "sync-flush,async-flush",
+                "--duration-secs",
+                "1",
+                "--warmup-secs",
+                "0",
+                "--producers",
+                "2",
+                "--consumers",
+                "1",
+                "--message-bytes",
+                "100",
+                "--segment-mib",
+                "32",
+            ])
+            .arg("--data-root")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out),
     );
 
     // The tables: one row per mode in the open-loop (headline) table, the closed-loop one, the
@@ -155,39 +162,32 @@ fn compare_writes_a_row_per_mode_and_all_files() {
 fn replication_mode_leaves_nothing_behind(net: &str) {
     let dir = temp_dir(&format!("replication-{net}"));
     let out = dir.join("out");
-    let output = bench()
-        .args([
-            "compare",
-            "--modes",
-            "sync-master-received",
-            "--slave-net",
-            net,
-            // The closed-loop run only: the replication columns are what is checked here.
-            "--open-loop-share",
-            "0",
-            "--duration-secs",
-            "1",
-            "--warmup-secs",
-            "0",
-            "--producers",
-            "2",
-            "--message-bytes",
-            "100",
-            "--segment-mib",
-            "32",
-        ])
-        .arg("--data-root")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
+    let (stdout, _) = run_ok(
+        bench()
+            .args([
+                "compare",
+                "--modes",
+                "sync-master-received",
+                "--slave-net",
+                net,
+                // The closed-loop run only: the replication columns are what is checked here.
+                "--open-loop-share",
+                "0",
+                "--duration-secs",
+                "1",
+                "--warmup-secs",
+                "0",
+                "--producers",
+                "2",
+                "--message-bytes",
+                "100",
+                "--segment-mib",
+                "32",
+            ])
+            .arg("--data-root")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out),
     );
 
     // The row: throughput, no errors, and the replication columns.
@@ -285,35 +285,29 @@ fn a_replication_mode_runs_with_the_slave_on_loopback() {
 #[test]
 fn run_open_loop_with_async_sends() {
     let dir = temp_dir("run");
-    let output = bench()
-        .args([
-            "run",
-            "--mode",
-            "async-flush",
-            "--send-mode",
-            "async",
-            "--rate",
-            "2000",
-            "--messages",
-            "1000",
-            "--warmup-secs",
-            "0",
-            "--producers",
-            "2",
-            "--message-bytes",
-            "64",
-            "--segment-mib",
-            "32",
-        ])
-        .arg("--data-root")
-        .arg(&dir)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    let (stdout, _) = run_ok(
+        bench()
+            .args([
+                "run",
+                "--mode",
+                "async-flush",
+                "--send-mode",
+                "async",
+                "--rate",
+                "2000",
+                "--messages",
+                "1000",
+                "--warmup-secs",
+                "0",
+                "--producers",
+                "2",
+                "--message-bytes",
+                "64",
+                "--segment-mib",
+                "32",
+            ])
+            .arg("--data-root")
+            .arg(&dir),
     );
     let row = stdout
         .lines()
@@ -332,41 +326,35 @@ fn run_open_loop_with_async_sends() {
 fn the_event_loop_driver_sends_every_message_once_over_two_shards() {
     let dir = temp_dir("event-loop");
     let out = dir.join("out");
-    let output = bench()
-        .args([
-            "run",
-            "--driver",
-            "event-loop",
-            "--broker-cores",
-            "2",
-            "--producers",
-            "20",
-            "--batch",
-            "3",
-            "--messages",
-            "3000",
-            "--warmup-secs",
-            "0",
-            "--queues",
-            "4",
-            "--consumers",
-            "4",
-            "--message-bytes",
-            "64",
-            "--segment-mib",
-            "32",
-        ])
-        .arg("--data-root")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    let (_, stderr) = run_ok(
+        bench()
+            .args([
+                "run",
+                "--driver",
+                "event-loop",
+                "--broker-cores",
+                "2",
+                "--producers",
+                "20",
+                "--batch",
+                "3",
+                "--messages",
+                "3000",
+                "--warmup-secs",
+                "0",
+                "--queues",
+                "4",
+                "--consumers",
+                "4",
+                "--message-bytes",
+                "64",
+                "--segment-mib",
+                "32",
+            ])
+            .arg("--data-root")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out),
     );
     assert!(stderr.contains("event-loop driver"), "{stderr}");
     let report: serde_json::Value =
@@ -404,28 +392,21 @@ fn bad_flags_are_refused_with_a_message() {
 fn sweep_runs_each_rate_and_writes_its_table_json_and_chart() {
     let dir = temp_dir("sweep");
     let out = dir.join("out");
-    let output = bench()
-        .args(["sweep", "--mode", "async-flush", "--rates", "200,400"])
-        .args([
-            "--duration-secs",
-            "1",
-            "--warmup-secs",
-            "0",
-            "--segment-mib",
-            "32",
-        ])
-        .arg("--data-root")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
+    let (stdout, _) = run_ok(
+        bench()
+            .args(["sweep", "--mode", "async-flush", "--rates", "200,400"])
+            .args([
+                "--duration-secs",
+                "1",
+                "--warmup-secs",
+                "0",
+                "--segment-mib",
+                "32",
+            ])
+            .arg("--data-root")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out),
     );
     for rate in ["200", "400"] {
         assert!(
@@ -463,31 +444,24 @@ fn sweep_runs_each_rate_and_writes_its_table_json_and_chart() {
 fn stalls_measures_start_up_and_rolls_against_the_steady_state() {
     let dir = temp_dir("stalls");
     let out = dir.join("out");
-    let output = bench()
-        .args([
-            "stalls",
-            "--startup-segment-mib",
-            "8",
-            "--startup-secs",
-            "1",
-        ])
-        .args(["--steady-after-secs", "1", "--startup-duration-secs", "2"])
-        .args(["--startup-rate", "500"])
-        .args(["--segment-mib", "1", "--roll-rate", "1000"])
-        .args(["--roll-message-bytes", "2048", "--roll-producers", "2"])
-        .args(["--roll-duration-secs", "3", "--roll-warmup-secs", "0"])
-        .arg("--data-root")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run ringmq-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
+    let (stdout, _) = run_ok(
+        bench()
+            .args([
+                "stalls",
+                "--startup-segment-mib",
+                "8",
+                "--startup-secs",
+                "1",
+            ])
+            .args(["--steady-after-secs", "1", "--startup-duration-secs", "2"])
+            .args(["--startup-rate", "500"])
+            .args(["--segment-mib", "1", "--roll-rate", "1000"])
+            .args(["--roll-message-bytes", "2048", "--roll-producers", "2"])
+            .args(["--roll-duration-secs", "3", "--roll-warmup-secs", "0"])
+            .arg("--data-root")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out),
     );
     for phase in ["startup", "roll"] {
         let rows = stdout
