@@ -21,11 +21,16 @@
 //! ~0.9–1.6 GB, 460 MiB with a 256 MiB shard budget and 250 MiB with 128 MiB, which is 8
 //! max-size frames or ~50 ms of the disk's sequential write rate):
 //! every charge to a connection's budget is charged to it too, and so are the connections'
-//! read buffers. Past it, a produce is answered SYSTEM_BUSY (retriable) at once, without
-//! waiting, and any other request waits (its reader stops) until the shard's charge is below
-//! [`ShardBudget::non_produce_limit`] (three quarters: the last quarter is kept for produce
-//! requests, so clients that never read their fetch answers cannot starve producers); a
-//! reader between frames waits before it reads a new one.
+//! read buffers. Each kind of request is admitted below its own line of it ([`Admission`]):
+//! a request with a large answer (a fetch) waits (its reader stops) while the charge is past
+//! three quarters, one with a small answer (a route, a listing, an offset commit) past seven
+//! eighths, and a produce is answered SYSTEM_BUSY (retriable) at once past the whole budget.
+//! So clients that never read their fetch answers can fill at most three quarters, and a
+//! producer still gets its route and its acks; clients that spam small requests and never
+//! read them still leave an eighth to producers. A reader between frames waits only when the
+//! whole budget is spent: it must read a frame to know what kind it is (seen in CI: a
+//! producer's first request waited forever behind non-readers that had filled the fetch line,
+//! when the between-frames wait and every non-produce request waited at three quarters).
 //! A reader in the middle of a frame always reads on, so every frame can be finished (or is
 //! cut off by its deadline): nothing waits for something that itself waits.
 //!
@@ -85,6 +90,31 @@ pub fn response_reserve_bytes(request: &Request, max_record_bytes: u64) -> u64 {
         | Request::SendBack(_)
         | Request::CreateGroup(_)
         | Request::EndTransaction(_) => SMALL_RESPONSE_BYTES,
+    }
+}
+
+/// Which line of the shard's budget a request is admitted below ([`ShardBudget::limit`]):
+/// the lines rise from requests whose unread answers can pin the most memory to those that
+/// must get through for the broker to be of use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Fetches and check-backs: up to [`MAX_FETCH_BYTES`] each.
+    LargeAnswer,
+    /// Routes, listings, admin and group requests: a header at most.
+    SmallAnswer,
+    /// Refused (SYSTEM_BUSY), never waits.
+    Produce,
+    /// A reader between frames, before it reads the next one.
+    NewFrame,
+}
+
+impl Admission {
+    pub fn of(request: &Request) -> Admission {
+        match request {
+            Request::Fetch(_) | Request::CheckTransactions(_) => Admission::LargeAnswer,
+            Request::Produce(_) => Admission::Produce,
+            _ => Admission::SmallAnswer,
+        }
     }
 }
 
@@ -189,10 +219,13 @@ impl ShardBudget {
         self.max
     }
 
-    /// What requests other than produce (fetches, listings) and new frames may fill before
-    /// their readers wait: three quarters of the budget, the rest is kept for produce.
-    pub fn non_produce_limit(&self) -> u64 {
-        self.max / 4 * 3
+    /// The charge up to which requests of kind `admission` are admitted.
+    pub fn limit(&self, admission: Admission) -> u64 {
+        match admission {
+            Admission::LargeAnswer => self.max / 4 * 3,
+            Admission::SmallAnswer => self.max / 8 * 7,
+            Admission::Produce | Admission::NewFrame => self.max,
+        }
     }
 
     pub fn used(&self) -> u64 {
@@ -466,5 +499,44 @@ mod tests {
         );
         assert!(huge >= 8 << 20 && huge >= u64::from(MAX_FETCH_BYTES));
         assert!(huge < u64::from(MAX_FETCH_BYTES) + (8 << 20) + 64 * 1024);
+    }
+
+    #[test]
+    fn a_shard_filled_by_fetches_to_their_line_still_reads_and_admits_a_producers_requests() {
+        use crate::protocol::FetchRequest;
+        let shard = ShardBudget::new(128 << 20, Arc::new(ServerStats::default()));
+        let fetch = Request::Fetch(FetchRequest {
+            topic: "t".into(),
+            queue: 0,
+            offset: 0,
+            max_bytes: u32::MAX,
+            max_wait_ms: 0,
+            group: None,
+        });
+        let route = Request::GetRoute { topic: "t".into() };
+        let fetch_bytes = response_reserve_bytes(&fetch, 8 << 20);
+        let route_bytes = response_reserve_bytes(&route, 8 << 20);
+        // Non-readers' fetches, each admitted while it fits below the fetch line, leave less
+        // room there than a route's answer; and their read buffers add a little on top.
+        let line = shard.limit(Admission::of(&fetch));
+        while shard.has_room(fetch_bytes, line) {
+            shard.charge(fetch_bytes);
+        }
+        shard.charge(line - shard.used() - route_bytes / 2);
+        assert!(!shard.has_room(fetch_bytes, line), "fetches wait");
+        shard.charge(256 << 10);
+        assert!(
+            shard.has_room(0, shard.limit(Admission::NewFrame)),
+            "a new connection's first frame is read"
+        );
+        assert!(
+            shard.has_room(route_bytes, shard.limit(Admission::of(&route))),
+            "a producer gets its route"
+        );
+        assert!(shard.has_room(SMALL_RESPONSE_BYTES + 1024, shard.limit(Admission::Produce)));
+        assert!(
+            shard.limit(Admission::SmallAnswer) < shard.limit(Admission::Produce),
+            "small requests that are never read cannot take the produce line's room"
+        );
     }
 }

@@ -38,7 +38,7 @@ use glommio::sync::Semaphore;
 
 use crate::broker::Services;
 use crate::protocol::{self, ErrorCode, Frame, Request, WireError};
-use crate::server::bounds::{self, ByteBudget, ServerStats, ShardBudget};
+use crate::server::bounds::{self, Admission, ByteBudget, ServerStats, ShardBudget};
 use crate::server::handlers;
 use crate::shard::ShardContext;
 
@@ -220,10 +220,11 @@ impl Conn<'_> {
         }
     }
 
-    /// Between frames: waits until the shard has room for new frames. Never inside a frame,
-    /// so a frame being read can always be finished.
-    async fn wait_for_shard_room(&self, bytes: u64) -> Result<(), Closed> {
-        let limit = self.shard.non_produce_limit();
+    /// Waits until the shard's charge leaves room for `bytes` below the line of `admission`.
+    /// Between frames ([`Admission::NewFrame`]) and at dispatch; never inside a frame, so a
+    /// frame being read can always be finished.
+    async fn wait_for_shard_room(&self, bytes: u64, admission: Admission) -> Result<(), Closed> {
+        let limit = self.shard.limit(admission);
         if self.shard.has_room(bytes, limit) {
             return Ok(());
         }
@@ -303,7 +304,7 @@ impl Conn<'_> {
                     *buf = BytesMut::new();
                     self.charge_read_buffer(buf);
                 }
-                self.wait_for_shard_room(0).await?;
+                self.wait_for_shard_room(0, Admission::NewFrame).await?;
             }
             let n = self.read(reader, &mut chunk, frame_deadline).await?;
             buf.extend_from_slice(&chunk[..n]);
@@ -356,19 +357,20 @@ impl Conn<'_> {
 
     /// Whether the shard's budget takes `reserved` bytes for this request. A produce never
     /// waits: past the whole budget it is answered SYSTEM_BUSY (retriable; the producer backs
-    /// off and re-sends) and dropped. Anything else waits while the shard is past
-    /// [`bounds::ShardBudget::non_produce_limit`], which keeps the rest for produce requests.
+    /// off and re-sends) and dropped. Anything else waits while the shard is past the line of
+    /// its [`Admission`], below the produce line.
     async fn shard_admits(
         &self,
         frame: &Frame,
         request: &Request,
         reserved: u64,
     ) -> Result<bool, Closed> {
-        if !matches!(request, Request::Produce(_)) {
-            self.wait_for_shard_room(reserved).await?;
+        let admission = Admission::of(request);
+        if admission != Admission::Produce {
+            self.wait_for_shard_room(reserved, admission).await?;
             return Ok(true);
         }
-        if self.shard.has_room(reserved, self.shard.max()) {
+        if self.shard.has_room(reserved, self.shard.limit(admission)) {
             return Ok(true);
         }
         // The refusal itself is counted once, in the listener's stats (reason `shard_budget`);
