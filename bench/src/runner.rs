@@ -675,6 +675,9 @@ fn producer_thread(idx: usize, ctx: &Ctx, stats: &SharedStats) -> Result<(), Str
     // Sync sends make their own batches; async ones fill the client's (with --batch N, full
     // after N messages: each encodes to more than its payload bytes).
     config.batch_bytes = w.async_batch_bytes().max(1);
+    if let Some(n) = w.max_in_flight_batches {
+        config.max_in_flight_batches = n.max(1);
+    }
     let producer =
         Producer::with_config(config).map_err(|e| format!("producer {idx} cannot start: {e}"))?;
     let clock = RealClock { base: ctx.base };

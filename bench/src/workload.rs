@@ -288,6 +288,12 @@ pub struct Workload {
     #[arg(long, default_value_t = 2)]
     pub linger_ms: u64,
 
+    /// Async sends: batches the client keeps in flight (all queues) before a send blocks
+    /// (the client's `max_in_flight_batches`; default: the client's default).
+    #[arg(long)]
+    #[serde(default)]
+    pub max_in_flight_batches: Option<usize>,
+
     #[arg(long, value_enum, default_value_t = SendMode::Sync)]
     pub send_mode: SendMode,
 
