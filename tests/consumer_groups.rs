@@ -65,6 +65,34 @@ fn run_cli(args: &[&str]) -> String {
 }
 
 #[test]
+fn a_plain_consume_of_every_queue_prints_each_message_once_with_its_offset() {
+    let b = TestBroker::start();
+    b.create_topic("orders", 4);
+    let addr = b.addr();
+    produce(&addr, "orders", (0..40).map(|i| format!("m{i}")));
+    let out = run_cli(&[
+        "consume",
+        "--broker",
+        &addr,
+        "--topic",
+        "orders",
+        "--from",
+        "beginning",
+        "--exit-at-end",
+        "--print-offsets",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 40, "{out}");
+    let mut seen = BTreeSet::new();
+    for l in &lines {
+        let (at, payload) = l.split_once('\t').expect("queue offset<TAB>payload");
+        assert!(seen.insert(payload.to_string()), "{payload} printed twice");
+        assert_eq!(at.split(' ').count(), 2, "{l}");
+    }
+    assert_eq!(seen, (0..40).map(|i| format!("m{i}")).collect());
+}
+
+#[test]
 fn a_second_run_of_the_same_group_prints_only_what_is_new() {
     let b = TestBroker::start();
     b.create_topic("orders", 4);

@@ -243,6 +243,64 @@ fn fetch_past_the_end_waits_and_then_returns_empty() {
 }
 
 #[test]
+fn fetch_all_answers_every_queue_in_the_order_asked_and_keeps_a_bad_fetchs_error_its_own() {
+    let b = TestBroker::start();
+    b.create_topic("t", 4);
+    let p = Producer::connect(&b.addr()).unwrap();
+    // One record per message (sync sends), so a small max_bytes makes small answers.
+    for i in 0..400u32 {
+        p.send(
+            "t",
+            QueueSelector::RoundRobin,
+            &Message::new(format!("{i:>200}")),
+        )
+        .unwrap();
+    }
+    let mut c = Consumer::connect(&b.addr()).unwrap();
+    // Small answers: many rounds, each with every fetch in flight.
+    c.max_bytes = 1 << 10;
+    // Queue 7 does not exist: its fetch fails alone.
+    let mut wanted: Vec<(u32, u64)> = vec![(3, 0), (7, 0), (1, 0), (0, 0), (2, 0)];
+    let mut seen: BTreeMap<(u32, u64), Bytes> = BTreeMap::new();
+    let mut rounds = 0;
+    while seen.len() < 400 {
+        rounds += 1;
+        assert!(rounds < 1_000, "no progress: {} read", seen.len());
+        let fetched = c.fetch_all("t", &wanted, Duration::ZERO);
+        assert_eq!(fetched.len(), wanted.len());
+        for ((queue, offset), f) in wanted.iter_mut().zip(fetched) {
+            if *queue == 7 {
+                // Refused by the client's route table, before any request.
+                let err = f.unwrap_err().to_string();
+                assert!(err.contains("no queue 7"), "{err}");
+                continue;
+            }
+            let f = f.unwrap();
+            for m in f.messages {
+                assert_eq!(m.queue, *queue, "an answer given to another queue's fetch");
+                assert_eq!(m.offset, *offset, "queue {queue}: gap or reorder");
+                assert!(seen.insert((m.queue, m.offset), m.payload).is_none());
+                *offset += 1;
+            }
+            assert_eq!(f.next_offset, *offset);
+        }
+    }
+    assert!(
+        rounds > 10,
+        "the small max_bytes made several rounds: {rounds}"
+    );
+    // Every message once, round robin over the queues.
+    for (q, o) in seen.keys() {
+        let i: u32 = std::str::from_utf8(&seen[&(*q, *o)])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!((i % 4, u64::from(i / 4)), (*q, *o));
+    }
+}
+
+#[test]
 fn offsets_out_of_range_and_unknown_queues_error_clearly() {
     let b = TestBroker::start();
     let admin = Admin::connect(&b.addr()).unwrap();

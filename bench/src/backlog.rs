@@ -48,7 +48,8 @@ pub struct BacklogArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 5)]
     pub linger_ms: u64,
-    /// Plain-consumer threads (queues dealt round-robin; each fetches its queues in turn).
+    /// Plain-consumer threads (queues dealt round-robin; each fetches all its queues at once,
+    /// round after round: `Consumer::fetch_all`).
     #[arg(long, default_value_t = 1)]
     pub plain_threads: usize,
     /// Group sizes to read the backlog with, each a fresh group; empty: none.
@@ -529,8 +530,10 @@ fn plain_reader(
     // acked (ASYNC_FLUSH readers see only flushed bytes), so an empty fetch is not the end.
     while !shared.stop.load(Ordering::Relaxed) {
         let mut idle_round = true;
-        for (q, offset) in offsets.iter_mut() {
-            match consumer.fetch(topic, *q, *offset, Duration::ZERO) {
+        // One fetch per queue, all in flight at once (what `ringmq consume` does).
+        let fetched = consumer.fetch_all(topic, &offsets, Duration::ZERO);
+        for ((_, offset), f) in offsets.iter_mut().zip(fetched) {
+            match f {
                 Ok(f) => {
                     idle_round &= f.messages.is_empty();
                     shared.see(

@@ -494,23 +494,21 @@ pub fn consume(args: ConsumeArgs) -> Result<(), String> {
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    // Round robin over the queues; a single queue long-polls, several poll briefly each.
-    let wait = if queues.len() == 1 {
+    // Rounds of one fetch per queue, all in flight at once; a single queue long-polls,
+    // several poll briefly (a round ends when its slowest fetch does).
+    let wait = if args.exit_at_end {
+        Duration::ZERO
+    } else if queues.len() == 1 {
         Duration::from_millis(1000)
     } else {
         Duration::from_millis(50)
     };
     loop {
         let mut all_at_end = true;
-        for (i, q) in queues.iter().enumerate() {
-            let fetch_wait = if args.exit_at_end {
-                Duration::ZERO
-            } else {
-                wait
-            };
-            let f = consumer
-                .fetch(&args.topic, *q, offsets[i], fetch_wait)
-                .map_err(e)?;
+        let round: Vec<(u32, u64)> = queues.iter().copied().zip(offsets.clone()).collect();
+        let fetched = consumer.fetch_all(&args.topic, &round, wait);
+        for (i, f) in fetched.into_iter().enumerate() {
+            let f = f.map_err(e)?;
             for m in &f.messages {
                 if args.print_offsets {
                     let _ = write!(out, "{} {}\t", m.queue, m.offset);

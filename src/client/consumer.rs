@@ -207,6 +207,41 @@ impl Consumer {
         }
     }
 
+    /// One fetch of each `(queue, offset)` of `topic`, all in flight at once (pipelined on
+    /// each queue's connection), answered in the order asked: a reader of several queues
+    /// waits one round trip per round instead of one per queue, and the broker prepares the
+    /// next answer while this one is being read. A fetch that fails is asked again on its
+    /// own through [`Consumer::fetch`] (fail-over included): a read can always be repeated.
+    pub fn fetch_all(
+        &self,
+        topic: &str,
+        fetches: &[(u32, u64)],
+        max_wait: Duration,
+    ) -> Vec<Result<Fetched, ClientError>> {
+        let sent: Vec<_> = fetches
+            .iter()
+            .map(|&(queue, offset)| {
+                let conn = self.cluster.connection_for(topic, queue).ok()?;
+                let request = fetch_request(topic, queue, offset, self.max_bytes, max_wait, None);
+                conn.send(&request, Bytes::new()).ok()
+            })
+            .collect();
+        fetches
+            .iter()
+            .zip(sent)
+            .map(|(&(queue, offset), pending)| {
+                let answer = pending
+                    .map(|p| p.wait(DEFAULT_REQUEST_TIMEOUT + max_wait))
+                    .and_then(|r| r.ok())
+                    .map(|r| parse_fetched(r, queue, offset));
+                match answer {
+                    Some(Ok(f)) => Ok(f),
+                    _ => self.fetch(topic, queue, offset, max_wait),
+                }
+            })
+            .collect()
+    }
+
     /// One attempt of [`Consumer::fetch`], with the peer it went to (if it got one).
     fn fetch_once(
         &self,
