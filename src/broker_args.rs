@@ -13,7 +13,7 @@ use ringmq::config::{
     Config, CoreSelection, MetricsListen, ReplicationConfig, ServerConfig, StorageConfig,
 };
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::storage::{FlushMode, RecoveryMode, SegmentPrepare};
+use ringmq::storage::{FlushMode, RecoveryMode, SegmentPrepare, SyncFlushIo};
 
 /// Declares a clap args struct for one config section and its `apply`. A setting is
 /// `field: T`, the flag `--<field>` taking a `T` that replaces the section's field (of type
@@ -152,6 +152,10 @@ section_args! {
         /// Segments dropped by retention kept to be reused as new ones (no zeros to write);
         /// none above --disk-clean-ratio [default: 2]
         recycle_segments: u32,
+        /// How a sync_flush cycle writes its tail and fdatasyncs: inline (plain syscalls on
+        /// the shard's thread: fewer hand-offs, lower ack latency) or ring (io_uring: the
+        /// shard serves other connections meanwhile) [default: inline]
+        sync_flush_io: SyncFlushIo,
     } flags {
         /// Delete unexpired segments (unconsumed messages!) while the disk is used above
         /// --disk-force-clean-ratio; each deletion is logged with the queues it cut

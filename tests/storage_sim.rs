@@ -15,6 +15,7 @@ use ringmq::storage::sim::SimBackend;
 use ringmq::storage::{
     AppendRequest, Appended, BackgroundCheck, FlushMode, LogPosition, ProducerSeq, QueueOffset,
     RecoveryMode, RecoveryReport, ShardStore, StorageConfig, StorageError, StorageFault,
+    SyncFlushIo,
 };
 
 use common::on_executor;
@@ -1110,13 +1111,20 @@ async fn crash_iteration_with(seed: u64, fault: Option<StorageFault>, retention:
     } else {
         FlushMode::AsyncFlush
     };
-    // Even seeds run with the index snapshot (the broker's default), odd ones scan all.
+    // Even seeds run with the index snapshot (the broker's default), odd ones scan all; seeds
+    // 0 and 1 mod 4 issue SYNC_FLUSH cycles inline (the default), 2 and 3 through io_uring.
+    let io = if seed % 4 < 2 {
+        SyncFlushIo::Inline
+    } else {
+        SyncFlushIo::Ring
+    };
     let opener = |sim: SimBackend, dir: std::path::PathBuf| async move {
-        if seed % 2 == 0 {
-            open_snap(&sim, &dir, mode).await
-        } else {
-            open(&sim, &dir, mode).await
-        }
+        let cfg = StorageConfig {
+            index_snapshot: seed % 2 == 0,
+            sync_flush_io: io,
+            ..cfg(mode)
+        };
+        ShardStore::open_with(sim, &dir, cfg).await.unwrap()
     };
     let (mut s, _) = opener(sim.clone(), dir.path().to_path_buf()).await;
     if let Some(f) = fault {

@@ -141,6 +141,7 @@ fn storage_config(mode: Mode, w: &Workload) -> StorageConfig {
         flush_interval_ms: w.flush_interval_ms,
         segment_bytes: w.segment_mib << 20,
         prepare_bytes_per_sec: w.prepare_bytes_per_sec,
+        sync_flush_io: w.sync_flush_io,
         ..StorageConfig::default()
     }
 }

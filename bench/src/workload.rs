@@ -352,6 +352,13 @@ pub struct Workload {
     #[serde(default = "default_prepare_bytes_per_sec")]
     pub prepare_bytes_per_sec: u64,
 
+    /// Embedded broker: how a SYNC_FLUSH cycle issues its tail write and fdatasync: `inline`
+    /// (blocking syscalls on the shard's thread) or `ring` (io_uring); the broker's
+    /// `sync_flush_io`.
+    #[arg(long, default_value_t = ringmq::storage::SyncFlushIo::default())]
+    #[serde(default)]
+    pub sync_flush_io: ringmq::storage::SyncFlushIo,
+
     /// Embedded broker: how long a shard polls for completions before parking its thread
     /// (the broker's `spin_before_park_us`; 0 = park at once).
     #[arg(long, default_value_t = ringmq::config::ServerConfig::default().spin_before_park_us)]

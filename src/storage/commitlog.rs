@@ -722,7 +722,12 @@ impl<B: StorageBackend> CommitLog<B> {
 
     /// Hands the dirty part of the active chunk to a write, keeping the partial tail block in a
     /// fresh chunk. Returns the position everything below which will be written.
-    pub fn hand_off_partial(self: &Rc<Self>) -> LogPosition {
+    ///
+    /// `inline`: the write of the tail is tried first as a blocking syscall on this thread
+    /// ([`BackendFile::write_blocking`]) when nothing orders it behind another write; it is
+    /// complete when this returns. Otherwise (or when that write fails: a full disk is
+    /// retried, an error poisons) it goes to a spawned write task as without `inline`.
+    pub fn hand_off_partial(self: &Rc<Self>, inline: bool) -> LogPosition {
         let mut st = self.st.borrow_mut();
         let end = st.append_pos;
         if st.write_from >= end {
@@ -739,12 +744,22 @@ impl<B: StorageBackend> CommitLog<B> {
             fresh.used = tail_len;
             st.chunk = Some(fresh);
         }
-        self.hand_off(&mut st, chunk, end);
+        self.hand_off_with(&mut st, chunk, end, inline);
         LogPosition(end)
     }
 
     /// Spawns the write of `chunk`, which covers the log range `[write_from, to)`.
-    fn hand_off(self: &Rc<Self>, st: &mut LogState<B>, mut chunk: Chunk<B>, to: u64) {
+    fn hand_off(self: &Rc<Self>, st: &mut LogState<B>, chunk: Chunk<B>, to: u64) {
+        self.hand_off_with(st, chunk, to, false)
+    }
+
+    fn hand_off_with(
+        self: &Rc<Self>,
+        st: &mut LogState<B>,
+        mut chunk: Chunk<B>,
+        to: u64,
+        inline: bool,
+    ) {
         let from = st.write_from;
         st.write_from = to;
         let phys_len = align_up(chunk.used as u64) as usize;
@@ -767,18 +782,37 @@ impl<B: StorageBackend> CommitLog<B> {
                 done.clone(),
             ));
         }
-        st.inflight_writes += 1;
         st.counters.writes += 1;
         st.counters.written_bytes += phys_len as u64;
-        let log = self.clone();
         let buf = chunk.buf;
+        let write_end = seg.base + file_pos + phys_len as u64;
+        let ordered = wait_for.as_ref().map_or(true, |prev| prev.get());
+        if inline && ordered && st.write_limit >= write_end && st.poisoned.is_none() {
+            match seg.file.write_blocking(&buf, file_pos) {
+                // A full disk: the spawned write below keeps the bytes and retries them.
+                Err(e) if is_disk_full(&e) => {}
+                r => {
+                    match r {
+                        Ok(()) => st.complete(from, to, Some(seg)),
+                        Err(e) => st.poison(format!(
+                            "write of {phys_len} bytes at {file_pos} in segment {}: {e}",
+                            seg.base
+                        )),
+                    }
+                    done.set(true);
+                    self.notify_all();
+                    return;
+                }
+            }
+        }
+        st.inflight_writes += 1;
+        let log = self.clone();
         glommio::spawn_local(async move {
             // glommio may poll a new task right away, while our caller still holds `st`.
             futures_lite::future::yield_now().await;
             if let Some(prev) = wait_for {
                 log.changed.wait_until(|| prev.get()).await;
             }
-            let write_end = seg.base + file_pos + phys_len as u64;
             if log.st.borrow().write_limit < write_end {
                 log.st.borrow_mut().reserve_waiting = true;
                 log.reserve_wanted.notify_all();

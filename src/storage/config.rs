@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::backend::BLOCK_BYTES;
-use super::{FlushMode, RecoveryMode, SegmentPrepare, StorageError};
+use super::{FlushMode, RecoveryMode, SegmentPrepare, StorageError, SyncFlushIo};
 use crate::format::record::MAX_RECORD_BYTES;
 
 /// Smallest segment file. The store caps a record at `min(max_record_bytes, segment_bytes)`,
@@ -112,6 +112,9 @@ pub struct StorageConfig {
     /// space watch then removes those there are).
     /// 0: dropped segments are deleted. Default 2.
     pub recycle_segments: u32,
+    /// How a SYNC_FLUSH cycle issues its tail write and fdatasync: `inline` (plain syscalls on
+    /// the shard's thread, the default) or `ring` (io_uring). See [`SyncFlushIo`].
+    pub sync_flush_io: SyncFlushIo,
 }
 
 impl Default for StorageConfig {
@@ -136,6 +139,7 @@ impl Default for StorageConfig {
             prepare_bytes_per_sec: PREPARE_BYTES_PER_SEC_DEFAULT,
             segment_prepare: SegmentPrepare::Auto,
             recycle_segments: 2,
+            sync_flush_io: SyncFlushIo::Inline,
         }
     }
 }

@@ -249,6 +249,14 @@ impl BackendFile for SimFile {
 
     async fn sync(&self) -> io::Result<()> {
         futures_lite::future::yield_now().await;
+        self.sync_blocking()
+    }
+
+    fn write_blocking(&self, buf: &Vec<u8>, pos: u64) -> io::Result<()> {
+        self.write_now(buf, pos)
+    }
+
+    fn sync_blocking(&self) -> io::Result<()> {
         let mut d = self.disk.borrow_mut();
         self.check(&d)?;
         if std::mem::take(&mut d.fail_next_sync) {
@@ -271,6 +279,10 @@ impl BackendFile for SimFile {
 impl SimFile {
     async fn write_bytes(&self, buf: &[u8], pos: u64) -> io::Result<()> {
         futures_lite::future::yield_now().await;
+        self.write_now(buf, pos)
+    }
+
+    fn write_now(&self, buf: &[u8], pos: u64) -> io::Result<()> {
         let mut d = self.disk.borrow_mut();
         self.check(&d)?;
         assert_eq!(pos % BLOCK_BYTES, 0, "unaligned write position");

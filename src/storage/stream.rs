@@ -76,7 +76,7 @@ impl<B: StorageBackend> ShardStore<B> {
     pub async fn wait_written_beyond(&self, pos: LogPosition) {
         let log = &self.inner.log;
         if log.marks().written <= pos {
-            log.hand_off_partial();
+            log.hand_off_partial(false);
         }
         log.changed
             .wait_until(|| {
