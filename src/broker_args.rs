@@ -13,7 +13,7 @@ use ringmq::config::{
     Config, CoreSelection, MetricsListen, ReplicationConfig, ServerConfig, StorageConfig,
 };
 use ringmq::replication::{ReplicaAck, ReplicationMode, Role};
-use ringmq::storage::{FlushMode, RecoveryMode, SegmentPrepare, SyncFlushIo};
+use ringmq::storage::{FetchVerify, FlushMode, RecoveryMode, SegmentPrepare, SyncFlushIo};
 
 /// Declares a clap args struct for one config section and its `apply`. A setting is
 /// `field: T`, the flag `--<field>` taking a `T` that replaces the section's field (of type
@@ -156,6 +156,10 @@ section_args! {
         /// the shard's thread: fewer hand-offs, lower ack latency) or ring (io_uring: the
         /// shard serves other connections meanwhile) [default: inline]
         sync_flush_io: SyncFlushIo,
+        /// Fetches check record CRCs: once (until every record of the log was checked once
+        /// in this broker's life: at open, by the background check or as appended) or
+        /// always (every record of every fetch); clients check them all anyway [default: once]
+        fetch_verify: FetchVerify,
     } flags {
         /// Delete unexpired segments (unconsumed messages!) while the disk is used above
         /// --disk-force-clean-ratio; each deletion is logged with the queues it cut

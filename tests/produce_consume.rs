@@ -242,6 +242,117 @@ fn fetch_past_the_end_waits_and_then_returns_empty() {
     assert!(start.elapsed() >= Duration::from_millis(250));
 }
 
+/// A response body of 64 KiB or more leaves the broker from its own buffer, behind the
+/// responses encoded before it and ahead of those after: pipelined large and small answers on
+/// one connection all arrive whole, each to its own request.
+#[test]
+fn large_and_small_answers_pipelined_on_one_connection_arrive_whole() {
+    let b = TestBroker::start();
+    b.create_topic("t", 2);
+    let p = Producer::connect(&b.addr()).unwrap();
+    for i in 0..400u32 {
+        let q = u32::from(i % 40 == 0);
+        p.send(
+            "t",
+            QueueSelector::Queue(q),
+            &Message::new(format!("{i:>1000}")),
+        )
+        .unwrap();
+    }
+    let mut c = Consumer::connect(&b.addr()).unwrap();
+    c.max_bytes = 256 << 10;
+    c.read_ahead = false;
+    let wanted = [(0, 0), (1, 0), (0, 100), (1, 3), (0, 200), (1, 0)];
+    for _ in 0..5 {
+        let fetched = c.fetch_all("t", &wanted, Duration::ZERO);
+        for (&(queue, offset), f) in wanted.iter().zip(fetched) {
+            let f = f.unwrap();
+            let expect = if queue == 0 { 390 } else { 10 };
+            assert!(!f.messages.is_empty());
+            assert!(
+                queue == 1 || f.messages.len() > 64,
+                "{} messages",
+                f.messages.len()
+            );
+            for (k, m) in f.messages.iter().enumerate() {
+                assert_eq!((m.queue, m.offset), (queue, offset + k as u64));
+                let i: u32 = std::str::from_utf8(&m.payload)
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert_eq!(u32::from(i % 40 == 0), queue);
+            }
+            assert_eq!(f.end_offset, expect);
+        }
+    }
+}
+
+/// `Consumer::read_ahead` (the default) sends a queue's next fetch while the caller reads an
+/// answer. A caller that then asks for another offset (back to an earlier one, or past the
+/// next) gets what it asked for, never the answer read ahead; reading on gives every message
+/// once, in order.
+#[test]
+fn fetch_all_reading_ahead_answers_the_offset_asked_after_a_seek() {
+    let b = TestBroker::start();
+    b.create_topic("t", 2);
+    let p = Producer::connect(&b.addr()).unwrap();
+    for i in 0..200u32 {
+        p.send(
+            "t",
+            QueueSelector::Queue(i % 2),
+            &Message::new(format!("{i:>200}")),
+        )
+        .unwrap();
+    }
+    let mut c = Consumer::connect(&b.addr()).unwrap();
+    assert!(c.read_ahead, "on by default");
+    c.max_bytes = 1 << 10; // a few messages per answer, more behind each
+    let first = |f: &ringmq::client::consumer::Fetched| f.messages.first().map(|m| m.offset);
+    let round = c.fetch_all("t", &[(0, 0), (1, 0)], Duration::ZERO);
+    let n0 = round[0].as_ref().unwrap().next_offset;
+    let n1 = round[1].as_ref().unwrap().next_offset;
+    assert!(n0 > 0 && n0 < 100 && n1 > 0 && n1 < 100, "{n0} {n1}");
+    // Read ahead: (0, n0) and (1, n1). Ask for queue 0 from the start again and skip queue 1
+    // past its next answer.
+    let skip = n1 + 3;
+    let round = c.fetch_all("t", &[(0, 0), (1, skip)], Duration::ZERO);
+    assert_eq!(
+        first(round[0].as_ref().unwrap()),
+        Some(0),
+        "queue 0 seeks back"
+    );
+    assert_eq!(
+        first(round[1].as_ref().unwrap()),
+        Some(skip),
+        "queue 1 skips"
+    );
+    let mut wanted = vec![(0u32, 0u64), (1, skip)];
+    let mut seen: BTreeMap<(u32, u64), Bytes> = BTreeMap::new();
+    let mut rounds = 0;
+    while wanted.iter().any(|&(_, o)| o < 100) {
+        rounds += 1;
+        assert!(rounds < 1_000, "no progress: {wanted:?}");
+        let fetched = c.fetch_all("t", &wanted, Duration::ZERO);
+        for ((queue, offset), f) in wanted.iter_mut().zip(fetched) {
+            for m in f.unwrap().messages {
+                assert_eq!(m.offset, *offset, "queue {queue}: gap or reorder");
+                assert!(seen.insert((m.queue, m.offset), m.payload).is_none());
+                *offset += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), 100 + (100 - skip as usize));
+    for ((q, o), payload) in &seen {
+        let i: u64 = std::str::from_utf8(payload)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!((i % 2, i / 2), (u64::from(*q), *o));
+    }
+}
+
 #[test]
 fn fetch_all_answers_every_queue_in_the_order_asked_and_keeps_a_bad_fetchs_error_its_own() {
     let b = TestBroker::start();

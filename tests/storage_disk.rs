@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use glommio::io::OpenOptions;
 use ringmq::format::record::RecordIter;
 use ringmq::storage::{
-    prime_dma_probe, AppendRequest, BackgroundCheck, FlushMode, QueueOffset, ShardStore,
-    StorageConfig,
+    prime_dma_probe, AppendRequest, BackgroundCheck, FetchVerify, FlushMode, QueueOffset,
+    ShardStore, StorageConfig, StorageError,
 };
 
 use common::{data_dir, on_executor};
@@ -316,10 +316,12 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
         s.wait_background_check().await;
         let check = s.background_check();
         let read = s.read("disk", hit_q, QueueOffset(hit_off), 1).await;
+        let fetch = s.fetch("disk", hit_q, QueueOffset(hit_off), 1).await;
         s.close().await.unwrap();
-        tx.send((check, read.err().map(|e| e.to_string()))).unwrap();
+        let err = |r: Result<_, StorageError>| r.err().map(|e| e.to_string());
+        tx.send((check, err(read), err(fetch))).unwrap();
     });
-    let (check, read_err) = rx.recv().unwrap();
+    let (check, read_err, fetch_err) = rx.recv().unwrap();
     let BackgroundCheck::Corrupt(line) = check else {
         panic!("the background check missed the flipped bit: {check:?}");
     };
@@ -328,6 +330,10 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
     }
     let read_err = read_err.expect("a corrupt record must not be served");
     assert!(read_err.contains("corrupt"), "{read_err}");
+    // A consumer's fetch too: the background check found a corrupt record, so fetches check
+    // every CRC (fetch_verify = once skips them only once the whole log checked out).
+    let fetch_err = fetch_err.expect("a corrupt record must not be fetched");
+    assert!(fetch_err.contains("corrupt"), "{fetch_err}");
     assert!(!shard.join("index.snapshot").exists());
 
     // Strict (the default) refuses, in one line naming the file, the byte and what to run.
@@ -396,6 +402,70 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
         assert_eq!(r.header.base_queue_offset, hit_off + 1);
         s.close().await.unwrap();
     });
+}
+
+/// `fetch_verify`: with `once` (the default) a fetch sends records as read once the whole log
+/// was checked (here: a fresh log, every record built by this store), so a bit flipped on the
+/// disk afterwards leaves the broker; the client's parse of the answer refuses it, so no
+/// application ever gets it. With `always` the fetch itself answers CORRUPT. `read` (what
+/// retries and transactions copy records with) checks always.
+#[test]
+fn a_bit_flipped_after_the_check_is_refused_by_the_client_or_by_an_always_verifying_fetch() {
+    for verify in [FetchVerify::Once, FetchVerify::Always] {
+        let dir = data_dir();
+        let shard = dir.path().join("shard-0");
+        let (tx, rx) = std::sync::mpsc::channel();
+        on_executor(move || async move {
+            let config = StorageConfig {
+                fetch_verify: verify,
+                ..cfg(FlushMode::SyncFlush)
+            };
+            let (s, _) = ShardStore::open(&shard, config).await.unwrap();
+            assert_eq!(s.background_check(), BackgroundCheck::NotNeeded);
+            let expect = append_many(&s, 7, 20, 1).await;
+            let (q, off, _) = expect[3];
+            let clean = s.fetch("disk", q, QueueOffset(off), 1).await.unwrap();
+            let pos = RecordIter::new(&clean.records)
+                .next()
+                .unwrap()
+                .unwrap()
+                .header
+                .log_position;
+            {
+                use std::os::unix::fs::FileExt;
+                let seg = shard.join("commitlog").join("00000000000000000000");
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(seg)
+                    .unwrap();
+                let at = pos + 64 + 4 + 10; // header, topic "disk", then the body
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, at).unwrap();
+                f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+                f.sync_all().unwrap();
+            }
+            let fetched = s.fetch("disk", q, QueueOffset(off), 1).await;
+            let read = s.read("disk", q, QueueOffset(off), 1).await;
+            s.close().await.unwrap();
+            tx.send((fetched, read.err().map(|e| e.to_string())))
+                .unwrap();
+        });
+        let (fetched, read_err) = rx.recv().unwrap();
+        let read_err = read_err.expect("read checks every CRC");
+        assert!(read_err.contains("corrupt"), "{read_err}");
+        match (verify, fetched) {
+            (FetchVerify::Once, Ok(batch)) => {
+                let parsed: Result<Vec<_>, _> = RecordIter::new(&batch.records).collect();
+                let e = parsed.expect_err("the client's parse must refuse the flipped bit");
+                assert!(e.to_string().contains("crc mismatch"), "{e}");
+            }
+            (FetchVerify::Always, Err(e)) => {
+                assert!(e.to_string().contains("corrupt"), "{e}");
+            }
+            (verify, other) => panic!("fetch_verify = {verify}: {other:?}"),
+        }
+    }
 }
 
 /// Issue 14, retention by age on the real disk: the sealed segments last written more than

@@ -52,12 +52,20 @@ pub struct BacklogArgs {
     /// round after round: `Consumer::fetch_all`).
     #[arg(long, default_value_t = 1)]
     pub plain_threads: usize,
-    /// Group sizes to read the backlog with, each a fresh group; empty: none.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    /// Group sizes to read the backlog with, each a fresh group; `--members` alone: none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,2")]
     pub members: Vec<usize>,
     /// Most bytes per fetch (plain consumer and group members alike).
     #[arg(long, default_value_t = 1 << 20)]
     pub fetch_max_bytes: u32,
+    /// The plain consumer asks for a queue's next records while it reads the last answer
+    /// (`Consumer::read_ahead`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub read_ahead: bool,
+    /// The embedded broker's `fetch_verify`: once (CRCs checked once per record in the
+    /// broker's life) or always (every fetch checks every record).
+    #[arg(long, default_value_t = ringmq::storage::FetchVerify::default())]
+    pub fetch_verify: ringmq::storage::FetchVerify,
     /// A phase that takes longer than this is stopped and reported as incomplete.
     #[arg(long, default_value_t = 300)]
     pub phase_timeout_secs: u64,
@@ -134,7 +142,10 @@ pub fn run(a: BacklogArgs) -> Result<(), String> {
     a.validate()?;
     crate::runner::install_interrupt_handler();
     let started_unix_ms = crate::runner::unix_ms();
-    let broker = EmbeddedBroker::start(&a.broker, &format!("backlog-{}", a.broker.mode))?;
+    let broker =
+        EmbeddedBroker::start_with(&a.broker, &format!("backlog-{}", a.broker.mode), |c| {
+            c.storage.fetch_verify = a.fetch_verify;
+        })?;
     let outcome = drive(&a, &broker);
     let report = outcome.map(|(flush_mode, topic, phases)| BacklogReport {
         tool: format!("ringmq-bench {}", env!("CARGO_PKG_VERSION")),
@@ -516,6 +527,7 @@ fn plain_reader(
 ) -> Result<(), String> {
     let mut consumer = Consumer::connect(addr).map_err(|e| format!("consumer: {e}"))?;
     consumer.max_bytes = a.fetch_max_bytes;
+    consumer.read_ahead = a.read_ahead;
     let mut offsets = Vec::new();
     for &q in queues {
         let o = consumer

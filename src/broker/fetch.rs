@@ -56,7 +56,7 @@ pub async fn fetch(s: &Services, f: FetchRequest) -> Result<(Response, Bytes)> {
     let batch = ctx
         .store()
         // Capped, not refused: the connection reserves room for at most this much.
-        .read(
+        .fetch(
             &f.topic,
             f.queue,
             QueueOffset(f.offset),

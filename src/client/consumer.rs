@@ -10,13 +10,14 @@
 //! with backoff, for up to [`Consumer::failover_timeout`]. A slave holds the same records at
 //! the same offsets as its master, so the reader goes on where it was: no gap, no repeat.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::client::cluster::Cluster;
-use crate::client::connection::DEFAULT_REQUEST_TIMEOUT;
+use crate::client::connection::{Pending, DEFAULT_REQUEST_TIMEOUT};
 use crate::client::ClientError;
 use crate::format::batch::BatchIter;
 use crate::format::record::RecordIter;
@@ -148,6 +149,13 @@ pub struct Consumer {
     /// With a broker list: how long one fetch keeps failing over and asking again before it
     /// returns the error. Default [`DEFAULT_FAILOVER_TIMEOUT`]. Ignored with one address.
     pub failover_timeout: Duration,
+    /// [`Consumer::fetch_all`] asks for a queue's next records as soon as an answer says more
+    /// are there, before the caller has read this answer: the broker reads the log while the
+    /// caller parses (a backlog read goes at the pace of the slower side, not of both one
+    /// after the other). Costs up to `max_bytes` more per queue in flight. Default true.
+    pub read_ahead: bool,
+    /// Fetches sent ahead by `fetch_all`, by (topic, queue, offset).
+    ahead: Mutex<HashMap<(String, u32, u64), Pending>>,
 }
 
 impl Consumer {
@@ -159,6 +167,8 @@ impl Consumer {
             max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_wait: DEFAULT_MAX_WAIT,
             failover_timeout: DEFAULT_FAILOVER_TIMEOUT,
+            read_ahead: true,
+            ahead: Mutex::new(HashMap::new()),
         })
     }
 
@@ -218,13 +228,16 @@ impl Consumer {
         fetches: &[(u32, u64)],
         max_wait: Duration,
     ) -> Vec<Result<Fetched, ClientError>> {
+        let mut sent_ahead = self.take_ahead(topic, fetches);
+        let send = |queue: u32, offset: u64| {
+            let conn = self.cluster.connection_for(topic, queue).ok()?;
+            let request = fetch_request(topic, queue, offset, self.max_bytes, max_wait, None);
+            conn.send(&request, Bytes::new()).ok()
+        };
         let sent: Vec<_> = fetches
             .iter()
-            .map(|&(queue, offset)| {
-                let conn = self.cluster.connection_for(topic, queue).ok()?;
-                let request = fetch_request(topic, queue, offset, self.max_bytes, max_wait, None);
-                conn.send(&request, Bytes::new()).ok()
-            })
+            .zip(sent_ahead.iter_mut())
+            .map(|(&(queue, offset), ahead)| ahead.take().or_else(|| send(queue, offset)))
             .collect();
         fetches
             .iter()
@@ -232,14 +245,37 @@ impl Consumer {
             .map(|(&(queue, offset), pending)| {
                 let answer = pending
                     .map(|p| p.wait(DEFAULT_REQUEST_TIMEOUT + max_wait))
-                    .and_then(|r| r.ok())
-                    .map(|r| parse_fetched(r, queue, offset));
-                match answer {
+                    .and_then(|r| r.ok());
+                if let Some((Response::Fetched(h), _)) = &answer {
+                    // More is there already: ask for it before parsing this answer.
+                    if self.read_ahead && offset < h.next_offset && h.next_offset < h.end_offset {
+                        if let Some(p) = send(queue, h.next_offset) {
+                            let key = (topic.to_string(), queue, h.next_offset);
+                            self.ahead.lock().expect("ahead lock").insert(key, p);
+                        }
+                    }
+                }
+                match answer.map(|r| parse_fetched(r, queue, offset)) {
                     Some(Ok(f)) => Ok(f),
                     _ => self.fetch(topic, queue, offset, max_wait),
                 }
             })
             .collect()
+    }
+
+    /// The fetches sent ahead for `fetches` (one slot each); those of `topic` asked for no
+    /// more (the caller moved on elsewhere) are dropped: their answers are discarded.
+    fn take_ahead(&self, topic: &str, fetches: &[(u32, u64)]) -> Vec<Option<Pending>> {
+        let mut ahead = self.ahead.lock().expect("ahead lock");
+        if ahead.is_empty() {
+            return fetches.iter().map(|_| None).collect();
+        }
+        let taken = fetches
+            .iter()
+            .map(|&(queue, offset)| ahead.remove(&(topic.to_string(), queue, offset)))
+            .collect();
+        ahead.retain(|(t, _, _), _| t != topic);
+        taken
     }
 
     /// One attempt of [`Consumer::fetch`], with the peer it went to (if it got one).

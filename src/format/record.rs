@@ -270,19 +270,40 @@ impl<'a> RecordView<'a> {
     /// Like [`RecordView::parse`], and also checks that the record claims position `expected`.
     pub fn parse_at(b: &'a [u8], expected: u64) -> Result<RecordView<'a>, RecordError> {
         let v = Self::parse(b)?;
-        if v.header.log_position != expected {
-            return Err(RecordError::WrongPosition {
-                expected,
-                found: v.header.log_position,
+        check_position(&v.header, expected)?;
+        Ok(v)
+    }
+
+    /// The length of the record at the start of `b` that claims position `expected`, from its
+    /// header alone: magic, length and position are checked, the CRC is not (a reader that
+    /// knows the bytes were checked before, or leaves that to its own reader).
+    pub fn frame_at(b: &[u8], expected: u64) -> Result<usize, RecordError> {
+        let header = RecordHeader::decode(b)?;
+        check_position(&header, expected)?;
+        let total = header.total_len as usize;
+        if b.len() < total {
+            return Err(RecordError::UnexpectedEof {
+                need: total as u64,
+                have: b.len() as u64,
             });
         }
-        Ok(v)
+        Ok(total)
     }
 
     /// Queue offset one past the last message of this record.
     pub fn end_offset(&self) -> u64 {
         self.header.base_queue_offset + u64::from(self.header.message_count)
     }
+}
+
+fn check_position(header: &RecordHeader, expected: u64) -> Result<(), RecordError> {
+    if header.log_position != expected {
+        return Err(RecordError::WrongPosition {
+            expected,
+            found: header.log_position,
+        });
+    }
+    Ok(())
 }
 
 /// Iterates over records concatenated back to back (a fetch response). Yields an error once and
@@ -346,6 +367,26 @@ mod tests {
         assert_eq!(v.header.queue_id, 3);
         assert_eq!(v.end_offset(), 12);
         assert_eq!(v.header.body_len(), 11);
+    }
+
+    #[test]
+    fn frame_at_checks_the_header_and_leaves_the_crc_alone() {
+        let mut b = sample(128);
+        assert_eq!(RecordView::frame_at(&b, 128).unwrap(), b.len());
+        let body_byte = b.len() - 1;
+        b[body_byte] ^= 0x01;
+        assert_eq!(RecordView::frame_at(&b, 128).unwrap(), b.len());
+        assert!(RecordView::parse_at(&b, 128).is_err());
+        assert!(matches!(
+            RecordView::frame_at(&b, 64),
+            Err(RecordError::WrongPosition {
+                expected: 64,
+                found: 128
+            })
+        ));
+        assert!(RecordView::frame_at(&b[..b.len() - 1], 128).is_err());
+        b[0] ^= 0x01;
+        assert!(RecordView::frame_at(&b, 128).is_err(), "bad magic");
     }
 
     #[test]

@@ -282,12 +282,20 @@ impl Frame {
     /// Appends the encoded frame to `out`. The frame must be within the limits (see
     /// [`Frame::check_limits`]); that is asserted in debug builds.
     pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        self.encode_head(out);
+        out.put_slice(&self.body);
+    }
+
+    /// [`Frame::encode`] without the body: the preamble (its CRC covers the body too) and the
+    /// header. The body follows as it is, for a writer that sends it without copying it.
+    pub fn encode_head(&self, out: &mut BytesMut) {
         debug_assert!(self.check_limits().is_ok(), "frame over the wire limits");
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.header);
         crc.update(&self.body);
 
-        out.reserve(self.encoded_len());
+        out.reserve(PREAMBLE_BYTES + self.header.len());
         out.put_u32_le(MAGIC);
         out.put_u8(VERSION);
         out.put_u8(self.flags.bits());
@@ -300,7 +308,6 @@ impl Frame {
         out.put_u16_le(self.status);
         out.put_u16_le(0);
         out.put_slice(&self.header);
-        out.put_slice(&self.body);
     }
 }
 

@@ -25,11 +25,12 @@
 //! trusted. Other connections are untouched.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -472,10 +473,18 @@ impl Conn<'_> {
     }
 }
 
+/// A response body at least this long is written from its own buffer rather than copied
+/// into the outbox's (a fetch's records: one copy fewer per fetched byte, and no regrowing of
+/// the outbox's buffer to hold it).
+const UNCOPIED_BODY_BYTES: usize = 64 << 10;
+
 /// Encoded responses waiting for the writer. Handlers encode straight into one buffer, so
-/// responses that complete together leave in one write. Every byte in it is charged to the
-/// connection's byte budget until the writer has written it.
+/// responses that complete together leave in one write; a long body goes into `sealed`
+/// as it is, behind what `buf` held. Every byte in them is charged to the connection's byte
+/// budget until the writer has written it.
 struct Outbox {
+    /// Parts to write before `buf`, in order.
+    sealed: RefCell<VecDeque<Bytes>>,
     buf: RefCell<BytesMut>,
     /// Bytes encoded and not yet written (including a write in progress). Counted here, apart
     /// from the budget, for [`ServerStats`].
@@ -493,6 +502,7 @@ impl Outbox {
     fn new(budget: Rc<Budget>, stats: Arc<ServerStats>) -> Outbox {
         let (wake_tx, wake_rx) = local_channel::new_bounded(1);
         Outbox {
+            sealed: RefCell::new(VecDeque::new()),
             buf: RefCell::new(BytesMut::new()),
             queued: Cell::new(0),
             budget,
@@ -508,7 +518,17 @@ impl Outbox {
         if self.broken.get() {
             return;
         }
-        frame.encode(&mut self.buf.borrow_mut());
+        {
+            let mut buf = self.buf.borrow_mut();
+            if frame.body.len() >= UNCOPIED_BODY_BYTES {
+                frame.encode_head(&mut buf);
+                let mut sealed = self.sealed.borrow_mut();
+                sealed.push_back(buf.split().freeze());
+                sealed.push_back(frame.body.clone());
+            } else {
+                frame.encode(&mut buf);
+            }
+        }
         let len = frame.encoded_len() as u64;
         self.queued.set(self.queued.get() + len);
         self.stats.note_outbox_total(len as i64);
@@ -529,6 +549,7 @@ impl Outbox {
     /// The peer cannot be written to: drop what waits and release its charge.
     fn set_broken(&self) {
         self.broken.set(true);
+        self.sealed.borrow_mut().clear();
         *self.buf.borrow_mut() = BytesMut::new();
         let queued = self.queued.replace(0);
         self.stats.note_outbox_total(-(queued as i64));
@@ -553,7 +574,11 @@ async fn write_loop(
     loop {
         // Take the buffer itself, not a split of it, so a large response's allocation is freed
         // once written instead of lingering as spare capacity behind the next small one.
-        let pending = std::mem::take(&mut *outbox.buf.borrow_mut());
+        let sealed = outbox.sealed.borrow_mut().pop_front();
+        let pending = match sealed {
+            Some(part) => part,
+            None => std::mem::take(&mut *outbox.buf.borrow_mut()).freeze(),
+        };
         if !pending.is_empty() {
             if writer.write_all(&pending).await.is_err() {
                 // The peer is gone; responses still produced are dropped.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use crate::storage::space::{describe_bytes, disk_full_error, fs_space};
 
@@ -77,8 +77,16 @@ pub trait BackendFile: 'static {
     /// [`Self::write_at`] from a buffer the caller keeps, so a write that failed because the
     /// disk was full can be issued again with the same bytes (the log's write path does).
     async fn write_shared(&self, buf: Rc<Self::Buf>, pos: u64) -> io::Result<()>;
-    /// Reads up to `len` bytes at `pos` (any alignment) and appends them to `out`; fewer at EOF.
-    async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()>;
+    /// Bytes as a read returns them, in the backend's own buffer: a reader that checks them
+    /// and copies them on (a fetch) copies once, not twice.
+    type ReadBuf: std::ops::Deref<Target = [u8]>;
+    /// Reads up to `len` bytes at `pos` (any alignment); fewer at EOF.
+    async fn read_buf(&self, pos: u64, len: usize) -> io::Result<Self::ReadBuf>;
+    /// [`Self::read_buf`], appended to `out`.
+    async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        out.extend_from_slice(&self.read_buf(pos, len).await?);
+        Ok(())
+    }
     /// fdatasync.
     async fn sync(&self) -> io::Result<()>;
     /// [`Self::write_shared`] as a plain blocking syscall on the calling thread, which sleeps
@@ -156,6 +164,7 @@ pub const PACED_WRITE_BYTES: usize = 256 << 10;
 
 impl BackendFile for DmaBackendFile {
     type Buf = DmaBuffer;
+    type ReadBuf = ReadResult;
 
     fn alloc_buf(&self, len: usize) -> DmaBuffer {
         let mut b = self.file.alloc_dma_buffer(len);
@@ -187,10 +196,8 @@ impl BackendFile for DmaBackendFile {
         whole_write(n, want, pos)
     }
 
-    async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        let r = self.file.read_at(pos, len).await.map_err(io::Error::from)?;
-        out.extend_from_slice(&r);
-        Ok(())
+    async fn read_buf(&self, pos: u64, len: usize) -> io::Result<ReadResult> {
+        self.file.read_at(pos, len).await.map_err(io::Error::from)
     }
 
     async fn sync(&self) -> io::Result<()> {

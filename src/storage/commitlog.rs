@@ -908,8 +908,13 @@ impl<B: StorageBackend> CommitLog<B> {
         self.durable_changed.notify_all();
     }
 
-    /// Reads `len` bytes at log position `pos` (must lie in one segment).
-    pub async fn read_range(&self, pos: LogPosition, len: u32) -> Result<Vec<u8>, StorageError> {
+    /// Reads `len` bytes at log position `pos` (must lie in one segment), in the backend's
+    /// read buffer.
+    pub async fn read_range(
+        &self,
+        pos: LogPosition,
+        len: u32,
+    ) -> Result<<B::File as BackendFile>::ReadBuf, StorageError> {
         let pos = pos.0;
         let seg = {
             let st = self.st.borrow();
@@ -924,9 +929,9 @@ impl<B: StorageBackend> CommitLog<B> {
                 detail: format!("{len} bytes at {pos} are not inside a segment"),
             });
         };
-        let mut out = Vec::with_capacity(len as usize);
-        seg.file
-            .read_into(pos - seg.base, len as usize, &mut out)
+        let out = seg
+            .file
+            .read_buf(pos - seg.base, len as usize)
             .await
             .map_err(|e| StorageError::io("read", seg.path.clone(), e))?;
         if out.len() != len as usize {

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::backend::BLOCK_BYTES;
-use super::{FlushMode, RecoveryMode, SegmentPrepare, StorageError, SyncFlushIo};
+use super::{FetchVerify, FlushMode, RecoveryMode, SegmentPrepare, StorageError, SyncFlushIo};
 use crate::format::record::MAX_RECORD_BYTES;
 
 /// Smallest segment file. The store caps a record at `min(max_record_bytes, segment_bytes)`,
@@ -115,6 +115,10 @@ pub struct StorageConfig {
     /// How a SYNC_FLUSH cycle issues its tail write and fdatasync: `inline` (plain syscalls on
     /// the shard's thread, the default) or `ring` (io_uring). See [`SyncFlushIo`].
     pub sync_flush_io: SyncFlushIo,
+    /// Whether fetches check every record's CRC (`always`) or only until every record of the
+    /// log has been checked once in this broker's life (`once`, the default). See
+    /// [`FetchVerify`].
+    pub fetch_verify: FetchVerify,
 }
 
 impl Default for StorageConfig {
@@ -140,6 +144,7 @@ impl Default for StorageConfig {
             segment_prepare: SegmentPrepare::Auto,
             recycle_segments: 2,
             sync_flush_io: SyncFlushIo::Inline,
+            fetch_verify: FetchVerify::Once,
         }
     }
 }

@@ -83,28 +83,6 @@ pub enum FlushMode {
     AsyncFlush,
 }
 
-impl fmt::Display for FlushMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FlushMode::SyncFlush => "sync_flush",
-            FlushMode::AsyncFlush => "async_flush",
-        })
-    }
-}
-
-impl FromStr for FlushMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().replace('-', "_").as_str() {
-            "sync_flush" | "sync" => Ok(FlushMode::SyncFlush),
-            "async_flush" | "async" => Ok(FlushMode::AsyncFlush),
-            _ => Err(format!(
-                "unknown flush mode {s:?} (sync_flush | async_flush)"
-            )),
-        }
-    }
-}
-
 /// How a new segment is prepared before the log writes into it.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
@@ -135,30 +113,6 @@ impl SegmentPrepare {
     }
 }
 
-impl fmt::Display for SegmentPrepare {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SegmentPrepare::Auto => "auto",
-            SegmentPrepare::Zero => "zero",
-            SegmentPrepare::Allocate => "allocate",
-        })
-    }
-}
-
-impl FromStr for SegmentPrepare {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(SegmentPrepare::Auto),
-            "zero" => Ok(SegmentPrepare::Zero),
-            "allocate" => Ok(SegmentPrepare::Allocate),
-            _ => Err(format!(
-                "unknown segment preparation {s:?} (auto | zero | allocate)"
-            )),
-        }
-    }
-}
-
 /// How a SYNC_FLUSH flush cycle issues its tail write and its fdatasync (ASYNC_FLUSH cycles,
 /// and writes of full chunks, always go through io_uring).
 #[derive(
@@ -179,26 +133,6 @@ pub enum SyncFlushIo {
     Ring,
 }
 
-impl fmt::Display for SyncFlushIo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SyncFlushIo::Inline => "inline",
-            SyncFlushIo::Ring => "ring",
-        })
-    }
-}
-
-impl FromStr for SyncFlushIo {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "inline" => Ok(SyncFlushIo::Inline),
-            "ring" => Ok(SyncFlushIo::Ring),
-            _ => Err(format!("unknown sync flush io {s:?} (inline | ring)")),
-        }
-    }
-}
-
 /// What recovery does with a bad record *before* the durable checkpoint (bytes that were once
 /// durable, so not a torn write). A bad tail past the checkpoint is always truncated.
 #[derive(
@@ -215,26 +149,64 @@ pub enum RecoveryMode {
     SkipCorrupt,
 }
 
-impl fmt::Display for RecoveryMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RecoveryMode::Strict => "strict",
-            RecoveryMode::SkipCorrupt => "skip-corrupt",
-        })
-    }
+/// `Display` and `FromStr` of a settings enum from one table: a variant prints as its first
+/// name and parses from any of its names, case-insensitive, `-` and `_` alike.
+macro_rules! setting_names {
+    ($ty:ident, $what:literal, $($variant:ident => $name:literal $(| $alias:literal)*),+ $(,)?) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    $($ty::$variant => $name),+
+                })
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let norm = |n: &str| n.to_ascii_lowercase().replace('-', "_");
+                let given = norm(s);
+                $(
+                    if given == norm($name) $(|| given == norm($alias))* {
+                        return Ok($ty::$variant);
+                    }
+                )+
+                let names = [$($name),+].join(" | ");
+                Err(format!(concat!("unknown ", $what, " {:?} ({})"), s, names))
+            }
+        }
+    };
 }
 
-impl FromStr for RecoveryMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().replace('_', "-").as_str() {
-            "strict" => Ok(RecoveryMode::Strict),
-            "skip-corrupt" => Ok(RecoveryMode::SkipCorrupt),
-            _ => Err(format!(
-                "unknown recovery mode {s:?} (strict | skip-corrupt)"
-            )),
-        }
-    }
+setting_names!(FlushMode, "flush mode",
+    SyncFlush => "sync_flush" | "sync",
+    AsyncFlush => "async_flush" | "async",
+);
+setting_names!(SegmentPrepare, "segment preparation",
+    Auto => "auto",
+    Zero => "zero",
+    Allocate => "allocate",
+);
+setting_names!(SyncFlushIo, "sync flush io", Inline => "inline", Ring => "ring");
+setting_names!(RecoveryMode, "recovery mode", Strict => "strict", SkipCorrupt => "skip-corrupt");
+setting_names!(FetchVerify, "fetch verify", Once => "once", Always => "always");
+
+/// Whether a fetch checks the CRC of every record it reads from the log files.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchVerify {
+    /// Once per record in a broker's life (the default): the open checks every record it
+    /// scans, the background check every record below the index snapshot, an append the
+    /// records it builds or receives. Fetches check CRCs only until that covers the whole log
+    /// (while the background check runs, or after it found a corrupt record), then send what
+    /// they read. A bit flipped on the disk later still reaches no application: the client
+    /// library checks every record's CRC as it parses a fetch, and refuses the response.
+    #[default]
+    Once,
+    /// Every record of every fetch, on the broker (the client still checks them too).
+    Always,
 }
 
 /// A byte position in a shard's CommitLog.
@@ -368,5 +340,38 @@ impl StorageMetrics {
     /// Appends per fdatasync so far.
     pub fn appends_per_fsync(&self) -> f64 {
         self.appends as f64 / self.fsyncs.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_from_any_of_their_names_and_print_the_first() {
+        assert_eq!("SYNC".parse::<FlushMode>(), Ok(FlushMode::SyncFlush));
+        assert_eq!(
+            "async-flush".parse::<FlushMode>(),
+            Ok(FlushMode::AsyncFlush)
+        );
+        assert_eq!(FlushMode::AsyncFlush.to_string(), "async_flush");
+        assert_eq!(
+            "skip_corrupt".parse::<RecoveryMode>(),
+            Ok(RecoveryMode::SkipCorrupt)
+        );
+        assert_eq!(RecoveryMode::SkipCorrupt.to_string(), "skip-corrupt");
+        assert_eq!("always".parse::<FetchVerify>(), Ok(FetchVerify::Always));
+        assert_eq!(
+            "sometimes".parse::<FetchVerify>(),
+            Err("unknown fetch verify \"sometimes\" (once | always)".to_string())
+        );
+        for p in [
+            SegmentPrepare::Auto,
+            SegmentPrepare::Zero,
+            SegmentPrepare::Allocate,
+        ] {
+            assert_eq!(p.to_string().parse::<SegmentPrepare>(), Ok(p));
+        }
+        assert_eq!("ring".parse::<SyncFlushIo>(), Ok(SyncFlushIo::Ring));
     }
 }

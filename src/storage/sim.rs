@@ -218,6 +218,7 @@ impl SimFile {
 
 impl BackendFile for SimFile {
     type Buf = Vec<u8>;
+    type ReadBuf = Vec<u8>;
 
     fn alloc_buf(&self, len: usize) -> Vec<u8> {
         vec![0; len]
@@ -237,14 +238,13 @@ impl BackendFile for SimFile {
         self.write_bytes(&buf, pos).await
     }
 
-    async fn read_into(&self, pos: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    async fn read_buf(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
         let d = self.disk.borrow();
         self.check(&d)?;
         let img = &d.files[&self.path];
         let start = (pos as usize).min(img.written.len());
         let end = (pos as usize + len).min(img.written.len());
-        out.extend_from_slice(&img.written[start..end]);
-        Ok(())
+        Ok(img.written[start..end].to_vec())
     }
 
     async fn sync(&self) -> io::Result<()> {

@@ -34,8 +34,8 @@ use crate::storage::signal::Signal;
 use crate::storage::space::is_disk_full;
 use crate::storage::tail_feed::TailFeed;
 use crate::storage::{
-    AppendRequest, Appended, LogPosition, QueueOffset, QueueStats, ReadBatch, RecoveryMode,
-    StorageConfig, StorageMetrics, Watermarks,
+    AppendRequest, Appended, FetchVerify, LogPosition, QueueOffset, QueueStats, ReadBatch,
+    RecoveryMode, StorageConfig, StorageMetrics, Watermarks,
 };
 
 pub(super) struct Inner<B: StorageBackend> {
@@ -53,6 +53,8 @@ pub(super) struct Inner<B: StorageBackend> {
     /// The index snapshot (see `index/snapshot.rs`): position of the last one written, when,
     /// whether one is being written, and whether writing is off (corruption was found).
     snapshot: Cell<SnapshotState>,
+    /// Whether [`ShardStore::fetch`] checks CRCs once the whole log has been checked.
+    fetch_verify: FetchVerify,
     /// The background check of the records an open from a snapshot did not scan.
     check: RefCell<BackgroundCheck>,
     /// Recently appended records kept in memory for a replication stream (see `stream.rs`).
@@ -242,6 +244,7 @@ impl<B: StorageBackend> ShardStore<B> {
                 .collect(),
             _ => Vec::new(),
         };
+        let fetch_verify = cfg.fetch_verify;
         let log = CommitLog::new(backend, log_dir, cfg, rec);
         log.watch_space();
         let checkpoints = Rc::new(Cell::new(0));
@@ -256,6 +259,7 @@ impl<B: StorageBackend> ShardStore<B> {
             checkpoints,
             quarantined: report.quarantined.len() as u64,
             snapshot: Cell::new(SnapshotState::default()),
+            fetch_verify,
             check: RefCell::new(if unchecked.is_empty() {
                 BackgroundCheck::NotNeeded
             } else {
@@ -446,13 +450,53 @@ impl<B: StorageBackend> ShardStore<B> {
     }
 
     /// Whole records starting at the one containing `offset`, up to `max_bytes` (at least one
-    /// record), never past the visible watermark. `offset == end` gives an empty batch.
+    /// record), never past the visible watermark. `offset == end` gives an empty batch. Every
+    /// record's CRC is checked: for readers that copy records on (retries, transactions).
     pub async fn read(
         &self,
         topic: &str,
         queue_id: u32,
         offset: QueueOffset,
         max_bytes: u32,
+    ) -> Result<ReadBatch, StorageError> {
+        self.read_checked(topic, queue_id, offset, max_bytes, true)
+            .await
+    }
+
+    /// [`Self::read`] for a consumer's fetch: CRCs are checked as `fetch_verify` says (see
+    /// [`FetchVerify`]); record framing and positions always are.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: QueueOffset,
+        max_bytes: u32,
+    ) -> Result<ReadBatch, StorageError> {
+        let crc = match self.inner.fetch_verify {
+            FetchVerify::Always => true,
+            FetchVerify::Once => !self.log_checked(),
+        };
+        self.read_checked(topic, queue_id, offset, max_bytes, crc)
+            .await
+    }
+
+    /// Whether every record of the log has had its CRC checked once since the open: the open
+    /// scanned what it did not take from the snapshot, and the background check the rest
+    /// without finding a corrupt record. Appends check (or build) what they add.
+    fn log_checked(&self) -> bool {
+        matches!(
+            *self.inner.check.borrow(),
+            BackgroundCheck::NotNeeded | BackgroundCheck::Clean { .. }
+        )
+    }
+
+    async fn read_checked(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: QueueOffset,
+        max_bytes: u32,
+        crc: bool,
     ) -> Result<ReadBatch, StorageError> {
         let visible = self.inner.log.marks().visible.0;
         let (ranges, min, end) = {
@@ -507,19 +551,24 @@ impl<B: StorageBackend> ShardStore<B> {
             .iter()
             .map(|&(pos, len, _)| self.inner.log.read_range(LogPosition(pos), len));
         let read = futures::future::try_join_all(reads).await?;
-        let mut out = Vec::with_capacity(read.iter().map(Vec::len).sum());
+        // Checked in the read buffers, then copied once into the response's body.
+        let mut out = Vec::with_capacity(read.iter().map(|b| b.len()).sum());
         let mut next = offset.0;
         for ((pos, _, end_off), bytes) in ranges.into_iter().zip(read) {
             let mut at = 0usize;
             let mut p = pos;
             while at < bytes.len() {
-                let v =
-                    RecordView::parse_at(&bytes[at..], p).map_err(|e| StorageError::Corrupt {
-                        position: p,
-                        detail: e.to_string(),
-                    })?;
-                at += v.bytes.len();
-                p += v.bytes.len() as u64;
+                let parsed = if crc {
+                    RecordView::parse_at(&bytes[at..], p).map(|v| v.bytes.len())
+                } else {
+                    RecordView::frame_at(&bytes[at..], p)
+                };
+                let len = parsed.map_err(|e| StorageError::Corrupt {
+                    position: p,
+                    detail: e.to_string(),
+                })?;
+                at += len;
+                p += len as u64;
             }
             out.extend_from_slice(&bytes);
             next = end_off;

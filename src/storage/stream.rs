@@ -134,11 +134,9 @@ impl<B: StorageBackend> ShardStore<B> {
                 }
             }
             if at > 0 {
-                let mut bytes = bytes;
-                bytes.truncate(at);
                 return Ok(LogChunk {
                     position: from,
-                    bytes: Bytes::from(bytes),
+                    bytes: Bytes::copy_from_slice(&bytes[..at]),
                     next: LogPosition(pos),
                 });
             }
