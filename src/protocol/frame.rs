@@ -227,6 +227,13 @@ impl Frame {
         }))
     }
 
+    /// The length of the frame at the front of `buf` as its preamble announces it (within the
+    /// wire limits), once the preamble is there. For a reader that trusts its peer enough to
+    /// make room for the whole frame at once (the client, of its broker's answers).
+    pub fn announced_len(buf: &[u8]) -> Option<usize> {
+        parse_preamble(buf).ok().flatten().map(|p| p.frame_len())
+    }
+
     /// Like [`Frame::decode`] over a borrowed slice: returns the frame (header and body copied)
     /// and how many bytes it used. Handy for tests and for callers without a `BytesMut`.
     pub fn decode_slice(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
