@@ -224,6 +224,26 @@ impl<B: StorageBackend> LogState<B> {
         self.over_ratio = over;
     }
 
+    /// A chunk's write of `[from, to)` (`phys_len` bytes at `file_pos` of `seg`) ended, inline
+    /// or on io_uring: written, so the positions move on, or failed, which poisons the log.
+    fn finish_write(
+        &mut self,
+        from: u64,
+        to: u64,
+        seg: Seg<B>,
+        r: std::io::Result<()>,
+        phys_len: usize,
+        file_pos: u64,
+    ) {
+        match r {
+            Ok(()) => self.complete(from, to, Some(seg)),
+            Err(e) => self.poison(format!(
+                "write of {phys_len} bytes at {file_pos} in segment {}: {e}",
+                seg.base
+            )),
+        }
+    }
+
     fn complete(&mut self, from: u64, to: u64, seg: Option<Seg<B>>) {
         self.completed.insert(from, to);
         while let Some(end) = self.completed.remove(&self.written) {
@@ -792,13 +812,7 @@ impl<B: StorageBackend> CommitLog<B> {
                 // A full disk: the spawned write below keeps the bytes and retries them.
                 Err(e) if is_disk_full(&e) => {}
                 r => {
-                    match r {
-                        Ok(()) => st.complete(from, to, Some(seg)),
-                        Err(e) => st.poison(format!(
-                            "write of {phys_len} bytes at {file_pos} in segment {}: {e}",
-                            seg.base
-                        )),
-                    }
+                    st.finish_write(from, to, seg, r, phys_len, file_pos);
                     done.set(true);
                     self.notify_all();
                     return;
@@ -865,13 +879,7 @@ impl<B: StorageBackend> CommitLog<B> {
                         );
                     }
                 }
-                match r {
-                    Ok(()) => st.complete(from, to, Some(seg)),
-                    Err(e) => st.poison(format!(
-                        "write of {phys_len} bytes at {file_pos} in segment {}: {e}",
-                        seg.base
-                    )),
-                }
+                st.finish_write(from, to, seg, r, phys_len, file_pos);
             }
             done.set(true);
             log.notify_all();
