@@ -273,8 +273,12 @@ impl Drop for Connection {
     }
 }
 
-/// Room a socket read asks for at least.
-const READ_BYTES: usize = 64 << 10;
+/// A connection's first frame buffer: small answers share it until it is used up.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+/// Room a socket read asks for at least. Small, so that reads go on filling the buffer's
+/// rest rather than each taking a fresh one while answers read before still hold the old one
+/// (a kept message keeps its whole buffer).
+const MIN_READ_ROOM: usize = 4 << 10;
 
 /// One `recv(2)` straight into `buf`'s spare room, made as large as the frame being received
 /// (its preamble announces it): a fetch's answer of 1 MiB lands in place, with no copy out of
@@ -283,7 +287,7 @@ fn recv_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let want = Frame::announced_len(buf)
         .unwrap_or(0)
-        .max(buf.len() + READ_BYTES);
+        .max(buf.len() + MIN_READ_ROOM);
     buf.reserve(want - buf.len());
     let spare = buf.spare_capacity_mut();
     // SAFETY: recv(2) writes at most `spare.len()` bytes at the start of the spare room, and
@@ -306,7 +310,7 @@ fn recv_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
 }
 
 fn read_loop(stream: TcpStream, shared: Arc<Shared>) {
-    let mut buf = BytesMut::with_capacity(READ_BYTES);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let reason = 'outer: loop {
         loop {
             match Frame::decode(&mut buf) {
