@@ -31,6 +31,20 @@ fn drain_all(consumer: &Consumer, topic: &str, queues: u32) -> BTreeMap<(u32, u6
     seen
 }
 
+/// A broker with topic "t" of `queues` queues holding messages 0..count, message i (its
+/// number right-aligned in 200 bytes) at queue i % queues, offset i / queues. One record per
+/// message (sync sends), so a small max_bytes makes small answers.
+fn broker_with_numbered_messages(queues: u32, count: u32) -> TestBroker {
+    let b = TestBroker::start();
+    b.create_topic("t", queues);
+    let p = Producer::connect(&b.addr()).unwrap();
+    for i in 0..count {
+        let m = Message::new(format!("{i:>200}"));
+        p.send("t", QueueSelector::Queue(i % queues), &m).unwrap();
+    }
+    b
+}
+
 #[test]
 fn sync_send_is_readable_at_its_acked_offset() {
     let b = TestBroker::start();
@@ -294,17 +308,7 @@ fn large_and_small_answers_pipelined_on_one_connection_arrive_whole() {
 /// once, in order.
 #[test]
 fn fetch_all_reading_ahead_answers_the_offset_asked_after_a_seek() {
-    let b = TestBroker::start();
-    b.create_topic("t", 2);
-    let p = Producer::connect(&b.addr()).unwrap();
-    for i in 0..200u32 {
-        p.send(
-            "t",
-            QueueSelector::Queue(i % 2),
-            &Message::new(format!("{i:>200}")),
-        )
-        .unwrap();
-    }
+    let b = broker_with_numbered_messages(2, 200);
     let mut c = Consumer::connect(&b.addr()).unwrap();
     assert!(c.read_ahead, "on by default");
     c.max_bytes = 1 << 10; // a few messages per answer, more behind each
@@ -355,18 +359,7 @@ fn fetch_all_reading_ahead_answers_the_offset_asked_after_a_seek() {
 
 #[test]
 fn fetch_all_answers_every_queue_in_the_order_asked_and_keeps_a_bad_fetchs_error_its_own() {
-    let b = TestBroker::start();
-    b.create_topic("t", 4);
-    let p = Producer::connect(&b.addr()).unwrap();
-    // One record per message (sync sends), so a small max_bytes makes small answers.
-    for i in 0..400u32 {
-        p.send(
-            "t",
-            QueueSelector::RoundRobin,
-            &Message::new(format!("{i:>200}")),
-        )
-        .unwrap();
-    }
+    let b = broker_with_numbered_messages(4, 400);
     let mut c = Consumer::connect(&b.addr()).unwrap();
     // Small answers: many rounds, each with every fetch in flight.
     c.max_bytes = 1 << 10;

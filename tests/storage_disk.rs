@@ -83,6 +83,20 @@ fn store_on_a_fresh_dir_writes_and_reads_back_with_dma() {
     });
 }
 
+/// Flips the bits of `mask` in the byte at `at` of `file`, durably: a disk's bit rot.
+fn flip_bits(file: &std::path::Path, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+    f.sync_all().unwrap();
+}
+
 async fn append_many(s: &ShardStore, tag: u8, n: u32, concurrent: u32) -> Vec<(u32, u64, usize)> {
     let mut tasks = Vec::new();
     for t in 0..concurrent {
@@ -282,19 +296,7 @@ fn a_flipped_byte_in_acked_data_refuses_to_open_and_repair_keeps_every_other_rec
     let (hit_q, hit_off, _, hit_pos) = hit;
     assert!(hit_pos < 1 << 20, "the hit record is in the first segment");
     let seg0 = shard.join("commitlog").join("00000000000000000000");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&seg0)
-            .unwrap();
-        let at = hit_pos + 64 + 4 + 50; // header, topic "disk", then the body
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x04], at).unwrap();
-        f.sync_all().unwrap();
-    }
+    flip_bits(&seg0, hit_pos + 64 + 4 + 50, 0x04); // header, topic "disk", then the body
     let segments_before = std::fs::read_dir(shard.join("commitlog")).unwrap().count();
     let needles = [
         seg0.display().to_string(),
@@ -431,20 +433,8 @@ fn a_bit_flipped_after_the_check_is_refused_by_the_client_or_by_an_always_verify
                 .unwrap()
                 .header
                 .log_position;
-            {
-                use std::os::unix::fs::FileExt;
-                let seg = shard.join("commitlog").join("00000000000000000000");
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(seg)
-                    .unwrap();
-                let at = pos + 64 + 4 + 10; // header, topic "disk", then the body
-                let mut b = [0u8; 1];
-                f.read_exact_at(&mut b, at).unwrap();
-                f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-                f.sync_all().unwrap();
-            }
+            let seg0 = shard.join("commitlog").join("00000000000000000000");
+            flip_bits(&seg0, pos + 64 + 4 + 10, 0x10); // header, topic "disk", then the body
             let fetched = s.fetch("disk", q, QueueOffset(off), 1).await;
             let read = s.read("disk", q, QueueOffset(off), 1).await;
             s.close().await.unwrap();
